@@ -1,0 +1,258 @@
+"""The artifact catalog (SciDEX `artifact_catalog`): the only code that writes `artifacts` and
+`model_versions`. Every registration validates first and writes all its rows in one
+transaction, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import uuid
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+import sqlalchemy as sa
+
+from runner import db
+from runner.errors import (Conflict, InvalidArtifactId, NotFound, SchemaViolation,
+                           WrongArtifactType)
+from runner.schema import artifact_links, artifacts, model_versions
+
+ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def validate_artifact_id(value: Any, field: str = "artifact_id") -> str:
+    """Check an id before it touches a path or a query."""
+    if not isinstance(value, str) or not ARTIFACT_ID.match(value):
+        shown = repr(value)[:60]
+        raise InvalidArtifactId(
+            f"{field} {shown} is not a valid artifact id",
+            field=field,
+            fix="use 1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit "
+                "(no slashes, quotes, spaces or '..' prefixes)",
+        )
+    return value
+
+
+@functools.cache
+def _schema(name: str) -> dict:
+    return json.loads(resources.files("runner").joinpath("schemas", name).read_text())
+
+
+def validate_json(document: Any, schema_name: str, field: str) -> None:
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(_schema(schema_name)).iter_errors(document),
+                    key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        where = ".".join([field, *map(str, err.absolute_path)])
+        if err.validator == "required":
+            missing = [k for k in err.validator_value if k not in (err.instance or {})]
+            where = ".".join([field, *map(str, err.absolute_path), missing[0]])
+        raise SchemaViolation(f"{where}: {err.message}", field=where,
+                              fix=f"make {where} satisfy runner/schemas/{schema_name}")
+
+
+def _row(result) -> dict | None:
+    row = result.mappings().first()
+    return dict(row) if row else None
+
+
+def _connection(conn):
+    """Use the caller's transaction when given one, else open our own."""
+    if conn is not None:
+        from contextlib import nullcontext
+
+        return nullcontext(conn)
+    return db.get_engine().begin()
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+def get_artifact(artifact_id: str, *, conn=None) -> dict:
+    validate_artifact_id(artifact_id)
+    with _connection(conn) as c:
+        row = _row(c.execute(sa.select(artifacts).where(artifacts.c.id == artifact_id)))
+    if row is None:
+        raise NotFound(f"artifact {artifact_id!r} does not exist", field="artifact_id",
+                       fix="register it first (forge datasets list / forge models show)")
+    return row
+
+
+def get_model_version(artifact_id: str, *, conn=None) -> dict:
+    """The artifact row and its model_versions row, merged under `version`."""
+    with _connection(conn) as c:
+        art = get_artifact(artifact_id, conn=c)
+        _require_type(art, "model", "artifact_id")
+        mv = _row(c.execute(sa.select(model_versions)
+                            .where(model_versions.c.artifact_id == artifact_id)))
+    return {**art, "version": mv}
+
+
+def lineage(artifact_id: str, *, conn=None) -> list[dict]:
+    """Ancestors of `artifact_id` and itself, root first, in one recursive query."""
+    validate_artifact_id(artifact_id)
+    chain = sa.select(artifacts.c.id, artifacts.c.parent_version_id, sa.literal(0).label("depth")) \
+        .where(artifacts.c.id == artifact_id).cte("chain", recursive=True)
+    up = artifacts.alias("up")
+    chain = chain.union_all(
+        sa.select(up.c.id, up.c.parent_version_id, (chain.c.depth + 1).label("depth"))
+        .join(chain, up.c.id == chain.c.parent_version_id))
+    query = (sa.select(artifacts.c.id, artifacts.c.title, artifacts.c.artifact_type,
+                       artifacts.c.version_number, artifacts.c.lifecycle_state,
+                       artifacts.c.parent_version_id, artifacts.c.origin_type, chain.c.depth)
+             .join(chain, chain.c.id == artifacts.c.id).order_by(chain.c.depth.desc()))
+    with _connection(conn) as c:
+        rows = [dict(r) for r in c.execute(query).mappings()]
+    if not rows:
+        get_artifact(artifact_id)  # raises NotFound
+    return rows
+
+
+def list_artifacts(artifact_type: str, *, conn=None) -> list[dict]:
+    with _connection(conn) as c:
+        return [dict(r) for r in c.execute(
+            sa.select(artifacts).where(artifacts.c.artifact_type == artifact_type)
+            .order_by(artifacts.c.created_at, artifacts.c.id)).mappings()]
+
+
+def children(artifact_id: str, *, conn=None) -> list[dict]:
+    with _connection(conn) as c:
+        return [dict(r) for r in c.execute(
+            sa.select(artifacts).where(artifacts.c.parent_version_id == artifact_id)
+            .order_by(artifacts.c.created_at)).mappings()]
+
+
+def _require_type(row: dict, expected: str, field: str) -> None:
+    if row["artifact_type"] != expected:
+        raise WrongArtifactType(
+            f"{field} {row['id']!r} is a {row['artifact_type']}, not a {expected}", field=field,
+            fix=f"pass the id of a {expected} artifact")
+
+
+# --- writes -----------------------------------------------------------------------------------
+
+def register_dataset(artifact_id: str, title: str, citation: dict, *, created_by: str = "forge",
+                     metadata: dict | None = None, conn=None) -> dict:
+    """Register a dataset artifact with its citation. Re-registering the same content is a no-op."""
+    validate_artifact_id(artifact_id)
+    validate_json(citation, "dataset_citation.schema.json", "citation")
+    with _connection(conn) as c:
+        existing = _row(c.execute(sa.select(artifacts).where(artifacts.c.id == artifact_id)))
+        if existing:
+            if existing["content_hash"] != citation["sha256"]:
+                raise Conflict(f"dataset {artifact_id!r} is already registered with other content",
+                               field="citation.sha256",
+                               fix="register the new data under a new id")
+            return existing
+        row = dict(id=artifact_id, artifact_type="dataset", title=title, version_number=1,
+                   is_latest=True, lifecycle_state="active", lifecycle_changed_at=now(),
+                   origin_type="external", origin_url=citation["url"],
+                   content_hash=citation["sha256"],
+                   metadata={**(metadata or {}), "citation": citation},
+                   created_by=created_by, created_at=now())
+        c.execute(artifacts.insert().values(**row))
+    return row
+
+
+def register_model(*, title: str, metadata: dict, created_by: str,
+                   artifact_id: str | None = None,
+                   parent_artifact_id: str | None = None,
+                   training_dataset_artifact_id: str | None = None,
+                   eval_dataset_artifact_id: str | None = None,
+                   origin_type: str = "internal", origin_url: str | None = None,
+                   content_hash: str | None = None, changelog: str | None = None,
+                   version: dict | None = None, conn=None) -> dict:
+    """Register a model artifact and its model_versions row.
+
+    Without a parent: a base model, version 1, `active` and latest (external models carry
+    `origin_url` and the sha256 of their weights). With a parent: a trained version,
+    version_number = parent + 1, `candidate`, not latest, linked `derives_from` the parent and
+    `trained_on` the training dataset. `version` holds the model_versions columns
+    (code_commit_sha, gpu_allocation_id, eval_metrics_json, mlflow_run_id, ...).
+    Pass `conn` to make this part of a larger transaction.
+    """
+    if artifact_id is not None:
+        validate_artifact_id(artifact_id)
+    for field, value in (("parent_artifact_id", parent_artifact_id),
+                         ("training_dataset_artifact_id", training_dataset_artifact_id),
+                         ("eval_dataset_artifact_id", eval_dataset_artifact_id)):
+        if value is not None:
+            validate_artifact_id(value, field)
+    if origin_type not in ("internal", "external"):
+        raise SchemaViolation(f"origin_type {origin_type!r} is not internal or external",
+                              field="origin_type", fix="use 'internal' or 'external'")
+    if origin_type == "external" and not origin_url:
+        raise SchemaViolation("an external model needs origin_url", field="origin_url",
+                              fix="pass the file:// or https:// URL its weights come from")
+    if content_hash is not None and not SHA256.match(content_hash):
+        raise SchemaViolation("content_hash is not a lowercase sha256 hex digest",
+                              field="content_hash", fix="pass hashlib.sha256(weights).hexdigest()")
+    validate_json(metadata, "model_metadata.schema.json", "metadata")
+    version = dict(version or {})
+    unknown = set(version) - set(model_versions.c.keys())
+    if unknown:
+        raise SchemaViolation(f"unknown model_versions fields {sorted(unknown)}",
+                              field=f"version.{sorted(unknown)[0]}",
+                              fix=f"use only {sorted(model_versions.c.keys())}")
+
+    with _connection(conn) as c:
+        parent = None
+        if parent_artifact_id is not None:
+            parent = get_artifact(parent_artifact_id, conn=c)
+            _require_type(parent, "model", "parent_artifact_id")
+        for field, value in (("training_dataset_artifact_id", training_dataset_artifact_id),
+                             ("eval_dataset_artifact_id", eval_dataset_artifact_id)):
+            if value is not None:
+                _require_type(get_artifact(value, conn=c), "dataset", field)
+
+        number = parent["version_number"] + 1 if parent else 1
+        new_id = artifact_id or f"{metadata['family']}-v{number}-{uuid.uuid4().hex[:8]}"
+        if _row(c.execute(sa.select(artifacts.c.id).where(artifacts.c.id == new_id))):
+            raise Conflict(f"artifact {new_id!r} already exists", field="artifact_id",
+                           fix="choose another id, or read the existing one")
+        stamp = now()
+        trained = parent is not None
+        row = dict(id=new_id, artifact_type="model", title=title, version_number=number,
+                   parent_version_id=parent_artifact_id, version_tag=f"v{number}",
+                   changelog=changelog, is_latest=not trained,
+                   lifecycle_state="candidate" if trained else "active",
+                   lifecycle_changed_at=stamp, origin_type=origin_type, origin_url=origin_url,
+                   content_hash=content_hash, metadata=metadata, created_by=created_by,
+                   created_at=stamp)
+        c.execute(artifacts.insert().values(**row))
+        mv = dict(artifact_id=new_id, is_external=origin_type == "external",
+                  external_source_url=origin_url if origin_type == "external" else None,
+                  base_model_id=parent_artifact_id,
+                  training_dataset_artifact_id=training_dataset_artifact_id,
+                  eval_dataset_artifact_id=eval_dataset_artifact_id,
+                  promotion_state="candidate" if trained else "promoted",
+                  trained_by=created_by if trained else None, created_at=stamp)
+        mv.update(version)
+        c.execute(model_versions.insert().values(**mv))
+        _write_links(c, new_id, parent_artifact_id, training_dataset_artifact_id, stamp)
+    return {**row, "version": mv}
+
+
+def _write_links(conn, new_id: str, parent_id: str | None, dataset_id: str | None,
+                 stamp: datetime) -> None:
+    links = [(parent_id, "derives_from"), (dataset_id, "trained_on")]
+    rows = [dict(source_id=new_id, target_id=target, link_type=kind, created_at=stamp)
+            for target, kind in links if target is not None]
+    if rows:
+        conn.execute(artifact_links.insert(), rows)
+
+
+def links(artifact_id: str, *, conn=None) -> list[dict]:
+    with _connection(conn) as c:
+        return [dict(r) for r in c.execute(
+            sa.select(artifact_links).where(artifact_links.c.source_id == artifact_id)
+            .order_by(artifact_links.c.link_type)).mappings()]

@@ -1,0 +1,99 @@
+"""Typed errors. Every failure an agent can hit carries a machine-readable `reason`,
+the offending `field` where there is one, and a `fix` a person or an agent can apply."""
+
+from __future__ import annotations
+
+
+class ForgeError(Exception):
+    """Base class of every error forge-runner raises on purpose."""
+
+    reason = "error"
+
+    def __init__(self, message: str, *, field: str | None = None, fix: str | None = None,
+                 reason: str | None = None, **details):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.fix = fix
+        if reason:
+            self.reason = reason
+        self.details = details
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.fix:
+            text += f" (fix: {self.fix})"
+        return text
+
+    def to_dict(self) -> dict:
+        out = {"error": type(self).__name__, "reason": self.reason, "message": self.message}
+        if self.field:
+            out["field"] = self.field
+        if self.fix:
+            out["fix"] = self.fix
+        out.update({k: v for k, v in self.details.items() if v is not None})
+        return out
+
+
+class InvalidInput(ForgeError):
+    reason = "invalid_input"
+
+
+class InvalidArtifactId(InvalidInput):
+    reason = "invalid_artifact_id"
+
+
+class NotFound(ForgeError):
+    reason = "not_found"
+
+
+class WrongArtifactType(InvalidInput):
+    reason = "wrong_artifact_type"
+
+
+class SchemaViolation(InvalidInput):
+    reason = "schema_violation"
+
+
+class Conflict(ForgeError):
+    reason = "conflict"
+
+
+class InvalidOverride(InvalidInput):
+    reason = "invalid_override"
+
+
+class BudgetExceeded(ForgeError):
+    reason = "insufficient_balance"
+
+
+class UnknownAgent(NotFound):
+    reason = "unknown_agent"
+
+
+class CapOutOfPolicy(InvalidInput):
+    reason = "cap_out_of_policy"
+
+
+class LedgerError(ForgeError):
+    reason = "ledger_error"
+
+
+class SandboxUnavailable(ForgeError):
+    reason = "sandbox_unavailable"
+
+
+class CodePinError(ForgeError):
+    reason = "code_pin"
+
+
+class WeightsIntegrityError(ForgeError):
+    reason = "weights_integrity"
+
+
+class TrainingFailed(ForgeError):
+    reason = "training_failed"
+
+
+class RegistrationFailed(ForgeError):
+    reason = "registration_failed"

@@ -1,0 +1,201 @@
+"""The registry on SQLite and PostgreSQL: migrations, catalog semantics, bad input."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from conftest import count_rows
+from runner import catalog, db, schema
+from runner.cli import main as forge
+from runner.errors import (ForgeError, InvalidArtifactId, NotFound, SchemaViolation,
+                           WrongArtifactType)
+
+SHA = "a" * 64
+CITATION = {
+    "source": "GEO", "external_id": "GSE100866",
+    "url": "https://www.ncbi.nlm.nih.gov/geo/query/acc.cgi?acc=GSE100866",
+    "license": "public domain", "format": "mat", "row_count": 8617,
+    "schema_summary": "cells x 500 genes, UMI counts, 13 labels", "sha256": SHA,
+    "doi": "10.1038/nmeth.4380",
+}
+META = {"family": "scgpt-test", "framework": "scgpt", "task": "external",
+        "architecture": {"n_layers": 2, "d_model": 32}}
+
+
+def _base(**kw):
+    args = dict(artifact_id="model-base", title="base", metadata=META, created_by="test",
+                origin_type="external", origin_url="file:///weights/base", content_hash=SHA)
+    args.update(kw)
+    return catalog.register_model(**args)
+
+
+def _dataset():
+    return catalog.register_dataset("dataset-geo-GSE100866", "CBMC CITE-seq", CITATION)
+
+
+def test_upgrade_creates_every_table_and_is_idempotent(db_url):
+    engine = db.get_engine(db_url)
+    names = set(sa.inspect(engine).get_table_names())
+    assert {t.name for t in schema.ALL_TABLES} <= names
+    before = {t: sa.inspect(engine).get_columns(t) for t in sorted(names)}
+    assert db.upgrade(db_url) == "0001"
+    after = {t: sa.inspect(db.get_engine(db_url)).get_columns(t) for t in sorted(names)}
+    assert [c["name"] for t in before for c in before[t]] == \
+        [c["name"] for t in after for c in after[t]]
+
+
+def test_migrations_match_the_metadata(db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with db.get_engine(db_url).connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), schema.metadata)
+    assert diff == []
+
+
+def test_money_round_trips_exactly(db_url):
+    amount = Decimal("0.000001") * 3 + Decimal("1234567.1")
+    with db.get_engine(db_url).begin() as conn:
+        conn.execute(schema.token_accounts.insert().values(
+            account_id="a1", balance=amount, created_at=catalog.now(), updated_at=catalog.now()))
+        got = conn.execute(sa.select(schema.token_accounts.c.balance)).scalar_one()
+    assert got == amount and isinstance(got, Decimal)
+
+
+def test_trained_version_semantics_and_lineage(db_url):
+    _dataset()
+    base = _base()
+    assert (base["version_number"], base["lifecycle_state"], base["is_latest"]) == (1, "active", True)
+    child = catalog.register_model(
+        title="ft", metadata={**META, "task": "finetune_celltype"}, created_by="agent-1",
+        parent_artifact_id="model-base", training_dataset_artifact_id="dataset-geo-GSE100866",
+        origin_type="internal", content_hash="b" * 64,
+        version={"code_commit_sha": "c" * 40, "eval_metrics_json": {"test_accuracy": 0.9}})
+    got = catalog.get_model_version(child["id"])
+    assert got["version_number"] == 2 and got["parent_version_id"] == "model-base"
+    assert got["lifecycle_state"] == "candidate" and got["is_latest"] is False
+    assert got["version"]["promotion_state"] == "candidate"
+    assert got["version"]["eval_metrics_json"] == {"test_accuracy": 0.9}
+    assert {(link["link_type"], link["target_id"]) for link in catalog.links(child["id"])} == {
+        ("derives_from", "model-base"), ("trained_on", "dataset-geo-GSE100866")}
+    grandchild = catalog.register_model(title="ft2", metadata=META, created_by="a",
+                                        parent_artifact_id=child["id"])
+    assert [r["id"] for r in catalog.lineage(grandchild["id"])] == \
+        ["model-base", child["id"], grandchild["id"]]
+    assert grandchild["version_number"] == 3
+
+
+BAD_IDS = ["../x", "", "a" * 200, "it's", 'say"hi"', "a/b", "a\\b", "nul\x00byte", ".hidden",
+           "-flag", "sp ace", 42]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_invalid_ids_are_refused_before_any_write(db_url, bad):
+    _base()
+    before = count_rows(db_url)
+    with pytest.raises(InvalidArtifactId) as err:
+        catalog.register_model(title="x", metadata=META, created_by="t", artifact_id=bad)
+    assert err.value.field == "artifact_id" and "A-Z" in err.value.fix
+    with pytest.raises(InvalidArtifactId) as err:
+        catalog.register_model(title="x", metadata=META, created_by="t", parent_artifact_id=bad)
+    assert err.value.field == "parent_artifact_id"
+    with pytest.raises(InvalidArtifactId):
+        catalog.register_dataset(bad, "d", CITATION)
+    with pytest.raises(InvalidArtifactId):
+        catalog.lineage(bad)
+    assert count_rows(db_url) == before
+
+
+@pytest.mark.parametrize("case", ["unknown_parent", "parent_not_model", "dataset_not_dataset",
+                                  "bad_metadata", "missing_family", "bad_hash", "no_origin"])
+def test_bad_registrations_write_nothing(db_url, case):
+    _dataset()
+    _base()
+    before = count_rows(db_url)
+    kw = dict(title="x", metadata=META, created_by="t", parent_artifact_id="model-base")
+    expected = {"unknown_parent": (NotFound, "artifact_id"),
+                "parent_not_model": (WrongArtifactType, "parent_artifact_id"),
+                "dataset_not_dataset": (WrongArtifactType, "training_dataset_artifact_id"),
+                "bad_metadata": (SchemaViolation, "metadata.architecture.n_layers"),
+                "missing_family": (SchemaViolation, "metadata.family"),
+                "bad_hash": (SchemaViolation, "content_hash"),
+                "no_origin": (SchemaViolation, "origin_url")}[case]
+    if case == "unknown_parent":
+        kw["parent_artifact_id"] = "model-nope"
+    elif case == "parent_not_model":
+        kw["parent_artifact_id"] = "dataset-geo-GSE100866"
+    elif case == "dataset_not_dataset":
+        kw["training_dataset_artifact_id"] = "model-base"
+    elif case == "bad_metadata":
+        kw["metadata"] = {**META, "architecture": {"n_layers": "four"}}
+    elif case == "missing_family":
+        kw["metadata"] = {"framework": "scgpt"}
+    elif case == "bad_hash":
+        kw["content_hash"] = "not-a-hash"
+    elif case == "no_origin":
+        kw.update(origin_type="external", parent_artifact_id=None)
+    with pytest.raises(expected[0]) as err:
+        catalog.register_model(**kw)
+    assert err.value.field == expected[1] and err.value.fix
+    assert isinstance(err.value, ForgeError)
+    assert count_rows(db_url) == before
+
+
+@pytest.mark.parametrize("missing", ["source", "license", "sha256", "row_count"])
+def test_dataset_without_citation_fields_is_refused(db_url, missing):
+    before = count_rows(db_url)
+    citation = {k: v for k, v in CITATION.items() if k != missing}
+    with pytest.raises(SchemaViolation) as err:
+        catalog.register_dataset("dataset-x", "x", citation)
+    assert err.value.field == f"citation.{missing}"
+    assert count_rows(db_url) == before
+
+
+def test_dataset_registration_is_idempotent(db_url):
+    _dataset()
+    before = count_rows(db_url)
+    _dataset()
+    assert count_rows(db_url) == before
+    with pytest.raises(ForgeError):
+        catalog.register_dataset("dataset-geo-GSE100866", "x", {**CITATION, "sha256": "b" * 64})
+
+
+def test_failure_after_first_insert_leaves_no_row(db_url, monkeypatch):
+    _dataset()
+    _base()
+    before = count_rows(db_url)
+
+    def explode(*_a, **_k):
+        raise RuntimeError("injected failure after the artifacts and model_versions inserts")
+
+    monkeypatch.setattr(catalog, "_write_links", explode)
+    with pytest.raises(RuntimeError, match="injected"):
+        catalog.register_model(title="x", metadata=META, created_by="t",
+                               parent_artifact_id="model-base",
+                               training_dataset_artifact_id="dataset-geo-GSE100866")
+    assert count_rows(db_url) == before
+
+
+def test_cli(db_url):
+    _dataset()
+    _base()
+    child = catalog.register_model(title="ft", metadata=META, created_by="t",
+                                   parent_artifact_id="model-base")
+    runner = CliRunner()
+    result = runner.invoke(forge, ["db", "upgrade"])
+    assert result.exit_code == 0 and "0001" in result.output
+    result = runner.invoke(forge, ["models", "show", child["id"]])
+    assert result.exit_code == 0 and '"version_number": 2' in result.output
+    result = runner.invoke(forge, ["lineage", child["id"]])
+    assert result.exit_code == 0
+    assert result.output.index("model-base") < result.output.index(child["id"])
+    result = runner.invoke(forge, ["datasets", "list"])
+    assert result.exit_code == 0 and "GEO" in result.output
+    result = runner.invoke(forge, ["datasets", "list", "--json"])
+    assert result.exit_code == 0 and '"id": "dataset-geo-GSE100866"' in result.output
+    result = runner.invoke(forge, ["models", "show", "../etc"])
+    assert result.exit_code == 2 and "InvalidArtifactId" in result.output
