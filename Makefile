@@ -1,0 +1,24 @@
+# Two entry points: `make demo` runs the main job, `make test` runs the whole suite.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export MLFLOW_DISABLE_TELEMETRY := true
+export MLFLOW_ALLOW_FILE_STORE := true
+
+.PHONY: demo test install
+
+install: $(STAMP)
+
+# torch goes in first and pinned: pip then takes the CPU wheel on disk instead of a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m runner.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
