@@ -1,0 +1,309 @@
+"""The real launch, after the dry-run steps: reserve -> inputs -> MLflow run -> sandbox ->
+post-run hook -> settle. Every exit path settles the allocation exactly once and leaves the
+MLflow run FINISHED or FAILED with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from runner import catalog, codepin, hook, ledger, settings, weights
+from runner.errors import (Conflict, ForgeError, RegistrationFailed, TrainingFailed)
+
+ENTRYPOINT = "trainers.entrypoint"
+PRIMARY_METRIC = {"finetune_celltype": "test_macro_f1", "pretrain_mgm": "test_mse"}
+# Exit codes of trainers.entrypoint (see trainers/manifest.py).
+TRAINER_REASONS = {2: "invalid_manifest", 3: "nan_loss", 4: "oom"}
+RUN_OUTPUTS = ("result.json", "confusion_matrix.png", "learning_curves.png")
+
+
+@dataclass
+class LaunchPlan:
+    """What the dry-run steps settled: the request, fully resolved."""
+
+    config: dict  # resolved config, plain
+    agent_id: str
+    parent: dict  # artifacts row
+    dataset: dict  # artifacts row
+    code: Any  # codepin.CodePin
+    estimate: dict  # {amount, currency, price_per_hour, hours, devices}
+    request_key: str
+    device: str  # "cpu" or "cuda:N"
+    parent_run_id: str | None = None  # MLflow parent run (sweeps)
+    on_line: Callable[[str], None] | None = None
+
+
+def launch(plan: LaunchPlan) -> dict:
+    cfg = plan.config
+    alloc = ledger.reserve(
+        plan.agent_id, plan.estimate["amount"], request_key=plan.request_key,
+        price_per_hour=plan.estimate["price_per_hour"], currency=plan.estimate["currency"],
+        wall_time_cap_min=cfg["wall_time_cap_min"], vram_cap_gb=cfg["vram_cap_gb"],
+        devices=plan.estimate["devices"], device=plan.device,
+        resource_type="cpu" if plan.device == "cpu" else "gpu")
+    if alloc.get("existing"):
+        return _earlier(alloc, cfg["tracking"]["detail_url"])
+
+    job = _Job(plan, alloc)
+    try:
+        return job.run()
+    except BaseException as exc:
+        job.fail(exc)
+        raise
+
+
+def _earlier(alloc: dict, detail_template: str | None) -> dict:
+    """The same request again: return what it produced; never debit or register twice."""
+    if alloc["status"] == "settled" and alloc.get("artifact_id"):
+        return result_for(alloc["artifact_id"], detail_template=detail_template)
+    raise Conflict(f"request {alloc['request_key'][:12]}... is already {alloc['status']} "
+                   f"as allocation {alloc['id']}", field="request_key",
+                   fix="wait for it to finish, then call again to get its result")
+
+
+class _Job:
+    def __init__(self, plan: LaunchPlan, alloc: dict):
+        self.plan = plan
+        self.cfg = plan.config
+        self.alloc = alloc
+        self.artifact_id = f"{plan.config['parent']['family']}-{uuid.uuid4().hex[:12]}"
+        self.run_dir = settings.forge_home() / "runs" / alloc["id"]
+        self.mlflow = None
+        self.run_id = None
+        self.seconds = 0.0
+        self.stored = False
+        self.registered: dict | None = None
+
+    # --- the happy path --------------------------------------------------------------------
+
+    def run(self) -> dict:
+        from runner import sandbox, tracking
+
+        plan, cfg = self.plan, self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        inputs = self._inputs()
+        track = cfg["tracking"]
+        self.mlflow = tracking.client(track["tracking_uri"])
+        exp_id, self.run_id = tracking.open_run(
+            self.mlflow, experiment=track["experiment_name"],
+            artifact_root=Path(track["artifact_root"]), run_name=self.artifact_id,
+            tags=self._tags(), params=tracking.flatten(_trainable(cfg)),
+            config_yaml=_yaml(cfg), parent_run_id=plan.parent_run_id)
+        ledger.mark_running(self.alloc["id"], self.run_id)
+        manifest = self._manifest()
+        (self.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        inputs["manifest.json"] = self.run_dir / "manifest.json"
+        out = self.run_dir / "out"
+        box = cfg["sandbox"]
+        job = sandbox.SandboxJob(
+            module=ENTRYPOINT, args=["/job/in/manifest.json"], code_dir=inputs.pop("code"),
+            inputs=inputs, output_dir=out, wall_time_cap_s=cfg["wall_time_cap_min"] * 60,
+            vram_cap_gb=cfg["vram_cap_gb"], device=plan.device, log_path=self.run_dir / "job.log",
+            on_line=plan.on_line, grace_s=box["grace_s"], max_processes=box["max_processes"],
+            tmp_size_bytes=int(box["tmp_size_gb"] * 1024**3), env=_env(box["env_allowlist"]))
+        started = datetime.now(timezone.utc)
+        with tracking.MetricRelay(self.mlflow, self.run_id, out / "mlruns"):
+            launched = sandbox.gpu_launch(job)
+        self.seconds = launched.device_seconds
+        self.mlflow.log_artifact(self.run_id, str(launched.log_path))
+        result = _read_result(out, launched)
+        primary = PRIMARY_METRIC[cfg["training"]["task"]]
+        hook.check_metrics(result.get("metrics") or {}, primary)
+
+        checkpoint = out / result.get("checkpoint", {}).get("dir", "checkpoint")
+        stored = weights.store(self.artifact_id, checkpoint,
+                               cfg["registry"].get("blob_threshold_mb", 50))
+        self.stored = True
+        source = tracking.log_outputs(self.mlflow, self.run_id,
+                                      [out / name for name in RUN_OUTPUTS], checkpoint)
+        self.registered = tracking.register_candidate(
+            self.mlflow, name=cfg["parent"]["family"], run_id=self.run_id, source=source,
+            artifact_id=self.artifact_id)
+        record = hook.RunRecord(
+            artifact_id=self.artifact_id,
+            title=f"{cfg['parent']['family']} {cfg['training']['task']} on {plan.dataset['id']}",
+            metadata=self._metadata(result, stored, exp_id),
+            dataset_artifact_id=plan.dataset["id"], agent_id=plan.agent_id,
+            allocation_id=self.alloc["id"], actual_seconds=self.seconds,
+            code_repo_url=plan.code.repo_url, code_commit_sha=plan.code.sha,
+            code_entrypoint=ENTRYPOINT, training_started_at=started,
+            training_completed_at=launched.ended_at, training_params=_trainable(cfg),
+            eval_metrics=result["metrics"], primary_metric=primary,
+            content_hash=stored["sha256"], mlflow_run_id=self.run_id,
+            mlflow_model_uri=self.registered["model_uri"],
+            changelog=f"fine-tuned from {plan.parent['id']} ({cfg['training']['task']})")
+        try:
+            hook.register_model_version(plan.parent["id"], record)
+        except ForgeError:
+            raise
+        except Exception as exc:  # a database error: nothing of the registration landed
+            raise RegistrationFailed(f"registration failed: {exc}", reason="registration_failed",
+                                     fix="check the registry database, then retry") from exc
+        self.mlflow.set_tag(self.run_id, "forge.artifact_id", self.artifact_id)
+        tracking.finish(self.mlflow, self.run_id, ok=True, reason="ok")
+        return result_for(self.artifact_id, detail_template=cfg["tracking"]["detail_url"])
+
+    # --- inputs, manifest, metadata --------------------------------------------------------
+
+    def _inputs(self) -> dict[str, Path]:
+        from trainers.data import fetch
+
+        parent_dir = weights.materialize(self.plan.parent, self.run_dir / "parent")
+        data = self.cfg["dataset"]
+        expected = (self.plan.dataset.get("metadata") or {}).get("citation", {})
+        dataset_path = fetch.fetch(data["source"], cache=settings.cache_dir(),
+                                   sha256=expected.get("sha256"))
+        return {"code": codepin.snapshot(self.plan.code, settings.cache_dir() / "code"),
+                "parent": parent_dir, "dataset": dataset_path}
+
+    def _manifest(self) -> dict:
+        cfg, parent, data = self.cfg, self.cfg["parent"], self.cfg["dataset"]
+        training = {k: v for k, v in cfg["training"].items() if k not in ("task", "seed")}
+        return {
+            "manifest_version": 1, "task": cfg["training"]["task"],
+            "seed": cfg["training"]["seed"], "device": "cuda" if self.plan.device != "cpu" else "cpu",
+            "vram_cap_gb": cfg["vram_cap_gb"], "output_dir": "/job/out",
+            "tracking_uri": "file:///job/out/mlruns",
+            "experiment_name": cfg["tracking"]["experiment_name"], "run_name": self.artifact_id,
+            "parent": {"checkpoint_dir": "/job/in/parent"},
+            "dataset": {"name": data["source"], "path": "/job/in/dataset",
+                        "format": data["format"], "label_key": data["label_key"]},
+            "model": {k: v for k, v in parent.items() if k not in ("artifact_id", "family")},
+            "training": training,
+        }
+
+    def _tags(self) -> dict[str, str]:
+        plan = self.plan
+        return {"forge.parent_artifact_id": plan.parent["id"],
+                "forge.dataset_artifact_id": plan.dataset["id"],
+                "forge.agent_id": plan.agent_id, "forge.allocation_id": self.alloc["id"],
+                "forge.request_key": plan.request_key, "forge.new_artifact_id": self.artifact_id,
+                "mlflow.source.git.commit": plan.code.sha,
+                "mlflow.source.git.repoURL": plan.code.repo_url,
+                "mlflow.source.name": ENTRYPOINT, "mlflow.user": plan.agent_id}
+
+    def _metadata(self, result: dict, stored: dict, experiment_id: str) -> dict:
+        parent = self.cfg["parent"]
+        arch = {k: parent[k] for k in ("n_layers", "d_model", "n_heads", "d_hid", "n_bins",
+                                       "dropout", "input_emb_style") if k in parent}
+        meta = {"family": parent["family"], "framework": "scgpt",
+                "task": self.cfg["training"]["task"], "architecture": arch,
+                "weights": {k: stored[k] for k in ("sha256", "files", "size_bytes", "path", "blob")
+                            if k in stored},
+                "split": result.get("split"), "device": result.get("device"),
+                "baseline": result.get("baseline"), "per_class_f1": result.get("per_class_f1"),
+                "mlflow": {"experiment_id": experiment_id,
+                           "tracking_uri": self.cfg["tracking"]["tracking_uri"]}}
+        if result.get("class_names"):
+            meta["class_names"] = list(result["class_names"])
+        return {k: v for k, v in meta.items() if v is not None}
+
+    # --- the unhappy path ------------------------------------------------------------------
+
+    def fail(self, exc: BaseException) -> None:
+        """Settle once (charge what ran, refund the rest), undo files, mark the run FAILED."""
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        if self.registered and self.mlflow is not None:
+            from runner import tracking
+
+            tracking.unregister(self.mlflow, self.registered["registered_model"],
+                                self.registered["version"])
+        if self.stored:
+            weights.remove(self.artifact_id)
+        try:
+            ledger.settle(self.alloc["id"], self.seconds, status="failed",
+                          reason=f"{reason}: {exc}"[:500])
+        finally:
+            if self.mlflow is not None and self.run_id is not None:
+                from runner import tracking
+
+                try:
+                    self.mlflow.set_tag(self.run_id, "forge.error", str(exc)[:5000])
+                    tracking.finish(self.mlflow, self.run_id, ok=False, reason=reason)
+                except Exception as mlflow_exc:  # the books are already balanced
+                    print(f"warning: could not mark MLflow run {self.run_id} FAILED: "
+                          f"{mlflow_exc}", file=sys.stderr)
+
+
+def _read_result(out: Path, launched) -> dict:
+    """result.json, checked; a failed job becomes TrainingFailed with the trainer's reason."""
+    path = out / "result.json"
+    result: dict = {}
+    if path.is_file():
+        try:
+            result = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if launched.reason == "ok":
+                raise TrainingFailed(f"result.json is malformed: {exc}", reason="malformed_result",
+                                     fix="the trainer must write valid JSON") from exc
+    if launched.reason != "ok":
+        reason = TRAINER_REASONS.get(launched.exit_code, launched.reason)
+        if result.get("reason") and result.get("reason") != "ok":
+            reason = result["reason"]
+        raise TrainingFailed(
+            f"training {reason} (exit {launched.exit_code} after {launched.wall_seconds:.1f}s): "
+            f"{result.get('message') or 'see ' + str(launched.log_path)}", reason=reason,
+            fix={"timeout": "raise wall_time_cap_min or shorten training",
+                 "nan_loss": "lower training.lr", "oom": "lower training.batch_size or vram"}
+            .get(reason, f"read the job log {launched.log_path}"), log_path=str(launched.log_path))
+    if not path.is_file():
+        raise TrainingFailed("the trainer exited 0 but wrote no result.json",
+                             reason="missing_result", fix=f"read {launched.log_path}")
+    if not isinstance(result, dict) or result.get("status") != "ok":
+        raise TrainingFailed(f"result.json says {str(result)[:200]}", reason="malformed_result",
+                             fix="the trainer must write status ok with metrics")
+    return result
+
+
+def result_for(artifact_id: str, *, detail_template: str | None = None) -> dict:
+    """The call's return value, rebuilt from the registry (so a retry returns the same)."""
+    model = catalog.get_model_version(artifact_id)
+    version = model["version"]
+    alloc = ledger.get_allocation(version["gpu_allocation_id"])
+    meta = model.get("metadata") or {}
+    mlflow_uri = version.get("mlflow_model_uri") or ""
+    name, _, number = mlflow_uri.removeprefix("models:/").partition("/")
+    experiment_id = (meta.get("mlflow") or {}).get("experiment_id")
+    detail = None
+    if detail_template and experiment_id:
+        detail = detail_template.format(experiment_id=experiment_id, run_id=version["mlflow_run_id"])
+    return {
+        "artifact_id": artifact_id, "version_number": model["version_number"],
+        "parent_artifact_id": model["parent_version_id"],
+        "lifecycle_state": model["lifecycle_state"],
+        "cost": {"estimated": str(alloc["estimated_cost"]), "debited": str(alloc["debited"]),
+                 "actual": str(alloc["actual_cost"]), "refunded": str(alloc["refunded"]),
+                 "currency": alloc["currency"]},
+        "gpu_allocation_id": alloc["id"],
+        "eval_metrics": version["eval_metrics_json"],
+        "mlflow": {"run_id": version["mlflow_run_id"], "model_uri": mlflow_uri,
+                   "registered_model": name or None, "version": number or None},
+        "code_commit_sha": version["code_commit_sha"],
+        "device": meta.get("device"),
+        "detail_url": detail,
+    }
+
+
+def _trainable(cfg: dict) -> dict:
+    """The part of the config that decides the model (what goes to MLflow params)."""
+    keys = ("parent", "dataset", "training", "wall_time_cap_min", "vram_cap_gb", "devices", "device")
+    return {k: cfg[k] for k in keys if k in cfg}
+
+
+def _yaml(cfg: dict) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(cfg))
+
+
+def _env(allowlist) -> dict[str, str]:
+    import os
+
+    return {k: os.environ[k] for k in allowlist if k in os.environ}
+

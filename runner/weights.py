@@ -1,0 +1,178 @@
+"""Model weights on disk: resolve a parent's weights for a job, store a new version's weights.
+
+A model's weights are a folder in scGPT layout (args.json, vocab.json, best_model.pt). Its
+`content_hash` is a tree hash: sha256 over the sorted `sha256  relative/path` lines of its
+files, so the same bytes under the same names always give the same id.
+
+Internal weights live in `FORGE_HOME/artifacts/models/{id}/weights/`; files above a size
+threshold go to the content-addressed blob store `FORGE_HOME/blobs/sha256/ab/abcd...` and the
+weights folder keeps `blobs.json` naming them. External weights come from `origin_url`
+(`file://` folder or archive, `http(s)://` archive) into the cache and must match the
+registered hash before any job sees them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from runner import settings
+from runner.catalog import validate_artifact_id
+from runner.errors import NotFound, WeightsIntegrityError
+
+BLOB_INDEX = "blobs.json"
+CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): file_sha256(p)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tree_hash(files: dict[str, str]) -> str:
+    lines = "".join(f"{sha}  {name}\n" for name, sha in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def weights_dir(artifact_id: str) -> Path:
+    return settings.forge_home() / "artifacts" / "models" / validate_artifact_id(artifact_id) / "weights"
+
+
+def blob_path(sha: str) -> Path:
+    return settings.forge_home() / "blobs" / "sha256" / sha[:2] / sha
+
+
+def store(artifact_id: str, checkpoint: Path, blob_threshold_mb: float = 50) -> dict:
+    """Copy a finished checkpoint folder into the registry's weights store.
+
+    Returns the `weights` metadata: {sha256 (tree hash), files, size_bytes, path, blobs?}.
+    """
+    files = file_hashes(checkpoint)
+    if not files:
+        raise WeightsIntegrityError(f"checkpoint folder {checkpoint} is empty", field="checkpoint",
+                                    fix="the trainer must write its checkpoint before registration")
+    dest = weights_dir(artifact_id)
+    dest.mkdir(parents=True, exist_ok=True)
+    blobs, size = {}, 0
+    for name, sha in files.items():
+        src = checkpoint / name
+        size += src.stat().st_size
+        if src.stat().st_size > blob_threshold_mb * 1024 * 1024:
+            target = blob_path(sha)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_suffix(".tmp")
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, target)
+            blobs[name] = sha
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest / name)
+    if blobs:
+        (dest / BLOB_INDEX).write_text(json.dumps(blobs, indent=2, sort_keys=True))
+    out = {"sha256": tree_hash(files), "files": files, "size_bytes": size, "path": str(dest)}
+    if blobs:
+        out["blob"] = "sha256"
+    return out
+
+
+def remove(artifact_id: str) -> None:
+    """Undo store() when registration fails (blobs stay: they are shared by content)."""
+    shutil.rmtree(weights_dir(artifact_id).parent, ignore_errors=True)
+
+
+def materialize(artifact: dict, dest: Path) -> Path:
+    """Put a model's weights in `dest` (a fresh folder) as plain files, verified by hash."""
+    if artifact["origin_type"] == "external":
+        source = _fetch_external(artifact)
+    else:
+        source = weights_dir(artifact["id"])
+        if not source.is_dir():
+            raise NotFound(f"weights of {artifact['id']!r} are missing at {source}",
+                           field="parent_artifact_id",
+                           fix="restore FORGE_HOME/artifacts or re-register the model")
+    dest.mkdir(parents=True, exist_ok=True)
+    blobs = {}
+    if (source / BLOB_INDEX).exists():
+        blobs = json.loads((source / BLOB_INDEX).read_text())
+    for path in source.rglob("*"):
+        if path.is_file() and path.name != BLOB_INDEX:
+            target = dest / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(path, target)
+    for name, sha in blobs.items():
+        _link_or_copy(blob_path(sha), dest / name)
+    _verify(artifact, file_hashes(dest))
+    return dest
+
+
+def _verify(artifact: dict, files: dict[str, str]) -> None:
+    expected = artifact.get("content_hash")
+    actual = tree_hash(files)
+    if expected and actual != expected:
+        raise WeightsIntegrityError(
+            f"weights of {artifact['id']!r} hash to {actual[:12]}..., registry says "
+            f"{expected[:12]}...", field="content_hash",
+            fix="the weights changed since registration: restore them or register a new version")
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def _fetch_external(artifact: dict) -> Path:
+    """Download or locate an external model's weights; cached by its registered hash."""
+    url = artifact.get("origin_url") or ""
+    parsed = urllib.parse.urlparse(url)
+    key = artifact.get("content_hash") or hashlib.sha256(url.encode()).hexdigest()
+    cached = settings.cache_dir() / "weights" / key
+    if cached.is_dir():
+        return cached
+    if parsed.scheme == "file":
+        local = Path(urllib.request.url2pathname(parsed.path))
+        if local.is_dir():
+            return local  # verified after it is materialized
+        archive = local
+    elif parsed.scheme in ("http", "https"):
+        archive = Path(tempfile.mkdtemp()) / Path(parsed.path).name
+        urllib.request.urlretrieve(url, archive)  # noqa: S310 - scheme checked above
+    else:
+        raise WeightsIntegrityError(f"unsupported origin_url {url!r}", field="origin_url",
+                                    fix="use a file:// folder or archive, or an http(s):// archive")
+    if not archive.exists():
+        raise NotFound(f"origin_url {url} does not exist", field="origin_url",
+                       fix="point origin_url at the model's checkpoint folder or archive")
+    staging = cached.with_name(cached.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(staging)
+    else:
+        with tarfile.open(archive) as tf:
+            tf.extractall(staging, filter="data")
+    entries = list(staging.iterdir())
+    root = entries[0] if len(entries) == 1 and entries[0].is_dir() else staging
+    _verify(artifact, file_hashes(root))
+    os.replace(root, cached) if root != staging else os.replace(staging, cached)
+    shutil.rmtree(staging, ignore_errors=True)
+    return cached
