@@ -109,5 +109,70 @@ def datasets_list(as_json):
     Console().print(table)
 
 
+
+# --- ledger ---------------------------------------------------------------------------------
+
+@main.group("ledger")
+def ledger_group() -> None:
+    """Compute credits: grants, balances, the books."""
+
+
+@ledger_group.command("grant", context_settings={"ignore_unknown_options": True})
+@click.argument("agent")
+@click.argument("amount")
+@click.option("--memo", default=None, help="Why (kept in the ledger row).")
+def ledger_grant(agent, amount, memo):
+    """Credit AMOUNT (a decimal such as 10 or 2.50) to AGENT, opening its account."""
+    from runner import ledger as ledger_mod
+
+    new_balance = ledger_mod.grant(agent, amount, memo=memo)
+    click.echo(f"{agent}: balance {ledger_mod.fmt(new_balance)}")
+
+
+@ledger_group.command("balance")
+@click.argument("agent")
+@click.option("--json", "as_json", is_flag=True, help="Print the account row as JSON.")
+def ledger_balance(agent, as_json):
+    """Print AGENT's balance."""
+    from runner import ledger as ledger_mod
+
+    if as_json:
+        row = ledger_mod.account(ledger_mod._check_agent(agent))
+        if row is None:
+            raise ledger_mod._unknown(agent)
+        echo_json(row)
+        return
+    click.echo(ledger_mod.fmt(ledger_mod.balance(agent)))
+
+
+@ledger_group.command("check")
+def ledger_check():
+    """Verify the books balance; exit 1 and list the problems when they do not."""
+    from runner import ledger as ledger_mod
+
+    problems = ledger_mod.check()
+    for problem in problems:
+        click.echo(f"problem: {problem}", err=True)
+    if problems:
+        raise SystemExit(1)
+    click.echo("ledger ok")
+
+
+# --- tools ----------------------------------------------------------------------------------
+
+@main.group("tools")
+def tools_group() -> None:
+    """Skills agents can call, and their audit trail."""
+
+
+@tools_group.command("register")
+def tools_register():
+    """Write the skills rows (Train Model Version, ...); safe to re-run."""
+    from runner import tools as tools_mod
+
+    for skill in tools_mod.register_tools():
+        click.echo(f"{skill['id']}: {skill['name']} ({skill['skill_type']})")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -97,3 +97,11 @@ class TrainingFailed(ForgeError):
 
 class RegistrationFailed(ForgeError):
     reason = "registration_failed"
+
+
+class InvalidAmount(InvalidInput):
+    reason = "invalid_amount"
+
+
+class InvalidConfig(InvalidInput):
+    reason = "invalid_config"

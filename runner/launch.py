@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -23,39 +22,35 @@ TRAINER_REASONS = {2: "invalid_manifest", 3: "nan_loss", 4: "oom"}
 RUN_OUTPUTS = ("result.json", "confusion_matrix.png", "learning_curves.png")
 
 
-@dataclass
-class LaunchPlan:
-    """What the dry-run steps settled: the request, fully resolved."""
-
-    config: dict  # resolved config, plain
-    agent_id: str
-    parent: dict  # artifacts row
-    dataset: dict  # artifacts row
-    code: Any  # codepin.CodePin
-    estimate: dict  # {amount, currency, price_per_hour, hours, devices}
-    request_key: str
-    device: str  # "cpu" or "cuda:N"
-    parent_run_id: str | None = None  # MLflow parent run (sweeps)
-    on_line: Callable[[str], None] | None = None
-
-
-def launch(plan: LaunchPlan) -> dict:
-    cfg = plan.config
+def launch(plan, *, parent_run_id: str | None = None,
+           on_line: Callable[[str], None] | None = None) -> dict:
+    """Run a planned request (runner.api.Plan, dry-run checks passed) to a registered version."""
+    resolved = plan.resolved
+    device = sandbox_device(resolved["device"])
     alloc = ledger.reserve(
-        plan.agent_id, plan.estimate["amount"], request_key=plan.request_key,
-        price_per_hour=plan.estimate["price_per_hour"], currency=plan.estimate["currency"],
-        wall_time_cap_min=cfg["wall_time_cap_min"], vram_cap_gb=cfg["vram_cap_gb"],
-        devices=plan.estimate["devices"], device=plan.device,
-        resource_type="cpu" if plan.device == "cpu" else "gpu")
+        plan.agent_id, plan.estimate, plan.request_key,
+        wall_time_cap_min=resolved["wall_time_cap_min"], vram_cap_gb=resolved["vram_cap_gb"],
+        price_per_hour=plan.price_per_hour, devices=plan.devices, device=device,
+        resource_type="cpu" if device == "cpu" else "gpu", currency=plan.currency)
     if alloc.get("existing"):
-        return _earlier(alloc, cfg["tracking"]["detail_url"])
+        return _earlier(alloc, resolved["tracking"]["detail_url"])
 
-    job = _Job(plan, alloc)
+    job = _Job(plan, alloc, device, parent_run_id, on_line)
     try:
         return job.run()
     except BaseException as exc:
         job.fail(exc)
         raise
+
+
+def sandbox_device(device: str) -> str:
+    """Config device (auto, cpu, or a pricing key such as h200) -> the sandbox's device."""
+    if device == "cpu":
+        return "cpu"
+    import shutil as _shutil
+
+    has_gpu = _shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
+    return "cuda:0" if has_gpu else "cpu"
 
 
 def _earlier(alloc: dict, detail_template: str | None) -> dict:
@@ -68,11 +63,16 @@ def _earlier(alloc: dict, detail_template: str | None) -> dict:
 
 
 class _Job:
-    def __init__(self, plan: LaunchPlan, alloc: dict):
+    def __init__(self, plan, alloc: dict, device: str, parent_run_id: str | None, on_line):
         self.plan = plan
-        self.cfg = plan.config
+        self.cfg = plan.resolved
         self.alloc = alloc
-        self.artifact_id = f"{plan.config['parent']['family']}-{uuid.uuid4().hex[:12]}"
+        self.device = device
+        self.parent_run_id = parent_run_id
+        self.on_line = on_line
+        self.parent = catalog.get_artifact(plan.parent_artifact_id)
+        self.dataset = catalog.get_artifact(plan.dataset_artifact_id)
+        self.artifact_id = f"{self.cfg['parent']['family']}-{uuid.uuid4().hex[:12]}"
         self.run_dir = settings.forge_home() / "runs" / alloc["id"]
         self.mlflow = None
         self.run_id = None
@@ -94,7 +94,7 @@ class _Job:
             self.mlflow, experiment=track["experiment_name"],
             artifact_root=Path(track["artifact_root"]), run_name=self.artifact_id,
             tags=self._tags(), params=tracking.flatten(_trainable(cfg)),
-            config_yaml=_yaml(cfg), parent_run_id=plan.parent_run_id)
+            config_yaml=_yaml(cfg), parent_run_id=self.parent_run_id)
         ledger.mark_running(self.alloc["id"], self.run_id)
         manifest = self._manifest()
         (self.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -104,13 +104,13 @@ class _Job:
         job = sandbox.SandboxJob(
             module=ENTRYPOINT, args=["/job/in/manifest.json"], code_dir=inputs.pop("code"),
             inputs=inputs, output_dir=out, wall_time_cap_s=cfg["wall_time_cap_min"] * 60,
-            vram_cap_gb=cfg["vram_cap_gb"], device=plan.device, log_path=self.run_dir / "job.log",
-            on_line=plan.on_line, grace_s=box["grace_s"], max_processes=box["max_processes"],
+            vram_cap_gb=cfg["vram_cap_gb"], device=self.device, log_path=self.run_dir / "job.log",
+            on_line=self.on_line, grace_s=box["grace_s"], max_processes=box["max_processes"],
             tmp_size_bytes=int(box["tmp_size_gb"] * 1024**3), env=_env(box["env_allowlist"]))
         started = datetime.now(timezone.utc)
         with tracking.MetricRelay(self.mlflow, self.run_id, out / "mlruns"):
             launched = sandbox.gpu_launch(job)
-        self.seconds = launched.device_seconds
+        self.seconds = launched.wall_seconds  # the ledger multiplies by devices
         self.mlflow.log_artifact(self.run_id, str(launched.log_path))
         result = _read_result(out, launched)
         primary = PRIMARY_METRIC[cfg["training"]["task"]]
@@ -127,9 +127,9 @@ class _Job:
             artifact_id=self.artifact_id)
         record = hook.RunRecord(
             artifact_id=self.artifact_id,
-            title=f"{cfg['parent']['family']} {cfg['training']['task']} on {plan.dataset['id']}",
+            title=f"{cfg['parent']['family']} {cfg['training']['task']} on {self.dataset['id']}",
             metadata=self._metadata(result, stored, exp_id),
-            dataset_artifact_id=plan.dataset["id"], agent_id=plan.agent_id,
+            dataset_artifact_id=self.dataset["id"], agent_id=plan.agent_id,
             allocation_id=self.alloc["id"], actual_seconds=self.seconds,
             code_repo_url=plan.code.repo_url, code_commit_sha=plan.code.sha,
             code_entrypoint=ENTRYPOINT, training_started_at=started,
@@ -137,9 +137,9 @@ class _Job:
             eval_metrics=result["metrics"], primary_metric=primary,
             content_hash=stored["sha256"], mlflow_run_id=self.run_id,
             mlflow_model_uri=self.registered["model_uri"],
-            changelog=f"fine-tuned from {plan.parent['id']} ({cfg['training']['task']})")
+            changelog=f"fine-tuned from {self.parent['id']} ({cfg['training']['task']})")
         try:
-            hook.register_model_version(plan.parent["id"], record)
+            hook.register_model_version(self.parent["id"], record)
         except ForgeError:
             raise
         except Exception as exc:  # a database error: nothing of the registration landed
@@ -154,9 +154,9 @@ class _Job:
     def _inputs(self) -> dict[str, Path]:
         from trainers.data import fetch
 
-        parent_dir = weights.materialize(self.plan.parent, self.run_dir / "parent")
+        parent_dir = weights.materialize(self.parent, self.run_dir / "parent")
         data = self.cfg["dataset"]
-        expected = (self.plan.dataset.get("metadata") or {}).get("citation", {})
+        expected = (self.dataset.get("metadata") or {}).get("citation", {})
         dataset_path = fetch.fetch(data["source"], cache=settings.cache_dir(),
                                    sha256=expected.get("sha256"))
         return {"code": codepin.snapshot(self.plan.code, settings.cache_dir() / "code"),
@@ -167,7 +167,7 @@ class _Job:
         training = {k: v for k, v in cfg["training"].items() if k not in ("task", "seed")}
         return {
             "manifest_version": 1, "task": cfg["training"]["task"],
-            "seed": cfg["training"]["seed"], "device": "cuda" if self.plan.device != "cpu" else "cpu",
+            "seed": cfg["training"]["seed"], "device": "cpu" if self.device == "cpu" else "cuda",
             "vram_cap_gb": cfg["vram_cap_gb"], "output_dir": "/job/out",
             "tracking_uri": "file:///job/out/mlruns",
             "experiment_name": cfg["tracking"]["experiment_name"], "run_name": self.artifact_id,
@@ -180,8 +180,8 @@ class _Job:
 
     def _tags(self) -> dict[str, str]:
         plan = self.plan
-        return {"forge.parent_artifact_id": plan.parent["id"],
-                "forge.dataset_artifact_id": plan.dataset["id"],
+        return {"forge.parent_artifact_id": self.parent["id"],
+                "forge.dataset_artifact_id": self.dataset["id"],
                 "forge.agent_id": plan.agent_id, "forge.allocation_id": self.alloc["id"],
                 "forge.request_key": plan.request_key, "forge.new_artifact_id": self.artifact_id,
                 "mlflow.source.git.commit": plan.code.sha,

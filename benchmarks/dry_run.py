@@ -1,0 +1,100 @@
+"""Dry-run latency: a cold `forge-train ... dry_run=true` process, and a warm in-process call.
+
+    python benchmarks/dry_run.py [--cold 5] [--warm 20]
+
+Sets up a throwaway registry (SQLite under a temp FORGE_HOME) with the parent model, the
+dataset and a funded agent, then prints the median of the cold CLI runs (target <= 0.8 s)
+and of the warm train_model_version(dry_run=True) calls (target <= 30 ms). The code pinned
+is this checkout; allow_dirty=true keeps uncommitted work from turning it into a refusal
+(and times the dirty case, which also hashes the diff).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PARENT, DATASET = "model-scgpt-cbmc-base", "dataset-geo-GSE100866"
+ARGS = ["parent=scgpt_cbmc_base", "dataset=cbmc", "training=finetune_celltype",
+        "agent_id=bench", "dry_run=true", "allow_dirty=true"]
+
+
+def setup(home: Path) -> None:
+    os.environ["FORGE_HOME"] = str(home)
+    os.environ["FORGE_DB_URL"] = f"sqlite:///{home / 'forge.db'}"
+    from runner import catalog, db, ledger
+
+    db.upgrade()
+    catalog.register_model(artifact_id=PARENT, title="scGPT CBMC base", created_by="bench",
+                           metadata={"family": "scgpt", "framework": "scgpt"})
+    catalog.register_dataset(DATASET, "CBMC CITE-seq", {
+        "source": "geo", "external_id": "GSE100866", "url": "https://example.org/cbmc",
+        "license": "public", "format": "cbmc_mat", "row_count": 8617,
+        "schema_summary": "cells x genes", "sha256": "0" * 64})
+    ledger.grant("bench", "1000")
+
+
+def forge_train_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("forge-train")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "runner.train_app"]
+
+
+def cold(n: int) -> list[float]:
+    cmd = forge_train_cmd() + ARGS
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        times.append(time.perf_counter() - start)
+        if out.returncode != 0:
+            raise SystemExit(f"forge-train failed ({out.returncode}): {out.stderr}")
+    return times
+
+
+def warm(n: int) -> list[float]:
+    from runner.api import train_model_version
+
+    def call():
+        result = train_model_version(PARENT, DATASET, agent_id="bench", dry_run=True,
+                                     allow_dirty=True)
+        assert result["would_launch"], result["reasons"]
+
+    call()  # first call: imports, Hydra init, engine, git repo
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cold", type=int, default=5, help="cold CLI runs (default 5)")
+    parser.add_argument("--warm", type=int, default=20, help="warm in-process calls")
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="forge-bench-"))
+    try:
+        setup(home)
+        cold_times = cold(args.cold)
+        warm_times = warm(args.warm)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    c, w = statistics.median(cold_times), statistics.median(warm_times)
+    print(f"cold CLI dry run  (forge-train, {args.cold} processes): median {c:.3f} s "
+          f"[{', '.join(f'{t:.3f}' for t in cold_times)}]  target <= 0.8 s  "
+          f"{'ok' if c <= 0.8 else 'MISSED'}")
+    print(f"warm in-process dry run ({args.warm} calls): median {w * 1000:.1f} ms "
+          f"[min {min(warm_times) * 1000:.1f}, max {max(warm_times) * 1000:.1f}]  "
+          f"target <= 30 ms  {'ok' if w <= 0.030 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

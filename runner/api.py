@@ -1,0 +1,479 @@
+"""train_model_version(): the one call that turns "fine-tune X on Y" into a model version.
+
+Steps: validate -> compose -> pin code -> estimate. A dry run stops there and says whether
+the job would launch and why not, writing nothing but its tool-call audit row. A real run
+continues in `_launch()`: reserve/debit -> parent weights -> MLflow run -> sandbox -> post-run
+hook -> settle.
+
+Malformed input (a bad id, a non-integer or non-positive cap, an unknown override) raises a
+typed error. Well-formed requests that cannot run (unknown agent, balance short of the
+estimate, caps over policy, missing artifacts, a dirty tree) are `reasons` in a dry run and
+the first of them is raised by a real run. This module never imports torch, lightning or
+mlflow at import time; the dry run never imports them at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from runner.errors import (CapOutOfPolicy, ForgeError, InvalidInput, InvalidOverride, NotFound,
+                           WrongArtifactType)
+from runner.tools import define_skill, log_tool_call
+
+SKILL_NAME = "Train Model Version"
+# Keys of the resolved config that do not change what gets trained: left out of the
+# request key, so a retry from another machine or as a dry run maps to the same allocation.
+VOLATILE_KEYS = ("agent_id", "dry_run", "allow_dirty", "tracking", "registry", "policy",
+                 "pricing", "sandbox")
+# Config keys set from train_model_version's own arguments.
+ARGUMENT_KEYS = ("agent_id", "wall_time_cap_min", "vram_cap_gb", "dry_run", "allow_dirty",
+                 "devices", "device", "parent.artifact_id", "dataset.artifact_id")
+GIB = 1024**3
+
+
+# --- the request key ------------------------------------------------------------------------------
+
+def request_key(agent_id: str, parent_artifact_id: str, dataset_artifact_id: str,
+                config: dict, code_sha: str, diff_sha256: str | None = None) -> str:
+    """sha256 over who asks, what from, on what, how (the resolved config minus volatile
+    keys) and which code: the same request reserves and registers once."""
+    stable = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
+    payload = json.dumps(
+        {"agent": agent_id, "parent": parent_artifact_id, "dataset": dataset_artifact_id,
+         "config": stable, "code": code_sha, "diff": diff_sha256},
+        sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# --- the plan: everything validate -> compose -> pin -> estimate found out ---------------------------
+
+@dataclass
+class Plan:
+    agent_id: str
+    parent_artifact_id: str
+    dataset_artifact_id: str
+    config: Any  # the composed DictConfig
+    resolved: dict  # the same, resolved to plain data
+    db_url: str | None
+    currency: str
+    price_per_hour: Decimal
+    hours: Decimal
+    devices: int
+    estimate: Decimal
+    balance: Decimal | None = None
+    code: Any = None  # CodePin, or None when pinning failed
+    request_key: str | None = None
+    sandbox: dict | None = None
+    problems: list[ForgeError] = field(default_factory=list)
+
+    @property
+    def would_launch(self) -> bool:
+        return not self.problems
+
+    def dry_run_result(self) -> dict:
+        code = self.code
+        return {
+            "would_launch": self.would_launch,
+            "reasons": [p.to_dict() for p in self.problems],
+            "estimate": {"amount": self.estimate, "currency": self.currency,
+                         "price_per_hour": self.price_per_hour, "hours": self.hours,
+                         "devices": self.devices},
+            "config": self.resolved,
+            "code": None if code is None else {
+                "sha": code.sha, "dirty": code.dirty, "repo_url": code.repo_url,
+                "branch": code.branch, "diff_sha256": code.diff_sha256},
+            "sandbox": self.sandbox,
+            "balance": self.balance,
+            "agent_id": self.agent_id,
+            "parent_artifact_id": self.parent_artifact_id,
+            "dataset_artifact_id": self.dataset_artifact_id,
+            "request_key": self.request_key,
+        }
+
+
+# --- the call -----------------------------------------------------------------------------------------
+
+@log_tool_call(SKILL_NAME)
+def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
+                        training_config: dict | None = None, *, agent_id: str | None = None,
+                        wall_time_cap_min: int = 120, vram_cap_gb: int = 24,
+                        dry_run: bool = False, overrides: list[str] | None = None,
+                        allow_dirty: bool = False, devices: int | None = None,
+                        device: str | None = None, config=None, **kw) -> dict:
+    """Fine-tune `parent_artifact_id` on `dataset_artifact_id` as a new candidate version.
+
+    `training_config` is a nested dict merged at the config root; `overrides` are Hydra
+    override strings (`training.lr=1e-4`, `training=pretrain_mgm`). Caps, devices, the agent
+    and the flags come from the arguments. `config` is an already composed config (what
+    forge-train passes); it replaces the composition and must agree with the arguments.
+
+    With `dry_run=True`, returns {would_launch, reasons, estimate, config, code, sandbox,
+    balance, request_key, ...} and launches nothing.
+    """
+    if kw:
+        raise InvalidInput(f"unknown arguments: {', '.join(sorted(kw))}",
+                           field=sorted(kw)[0], fix="see the skill's input_schema")
+    plan = prepare(parent_artifact_id, dataset_artifact_id, training_config,
+                   agent_id=agent_id, wall_time_cap_min=wall_time_cap_min,
+                   vram_cap_gb=vram_cap_gb, dry_run=dry_run, overrides=overrides,
+                   allow_dirty=allow_dirty, devices=devices, device=device, config=config)
+    if dry_run:
+        return plan.dry_run_result()
+    if plan.problems:
+        raise plan.problems[0]
+    return _launch(plan)
+
+
+def prepare(parent_artifact_id, dataset_artifact_id, training_config=None, *, agent_id=None,
+            wall_time_cap_min=120, vram_cap_gb=24, dry_run=False, overrides=None,
+            allow_dirty=False, devices=None, device=None, config=None) -> Plan:
+    """validate -> compose -> pin code -> estimate; reads the registry, writes nothing."""
+    from runner import catalog, compose
+
+    # 1. validate what the caller passed (malformed input raises)
+    catalog.validate_artifact_id(parent_artifact_id, "parent_artifact_id")
+    catalog.validate_artifact_id(dataset_artifact_id, "dataset_artifact_id")
+    _check_agent_id(agent_id)
+    _check_cap(wall_time_cap_min, "wall_time_cap_min")
+    _check_cap(vram_cap_gb, "vram_cap_gb")
+    if devices is not None:
+        _check_cap(devices, "devices")
+    for name, flag in (("dry_run", dry_run), ("allow_dirty", allow_dirty)):
+        if not isinstance(flag, bool):
+            raise InvalidInput(f"{name} must be true or false, got {flag!r}", field=name,
+                               fix=f"pass {name}=True or {name}=False")
+    if device is not None and not isinstance(device, str):
+        raise InvalidInput(f"device must be a string, got {device!r}", field="device",
+                           fix="pass device='auto' or a key of pricing.per_device")
+
+    # 2. compose
+    if config is not None:
+        if overrides or training_config:
+            raise InvalidInput("pass either config or overrides/training_config, not both",
+                               field="config", fix="drop config to compose from overrides")
+        cfg = config
+        resolved = compose.validate_config(cfg)
+        _check_agrees(resolved, parent_artifact_id, dataset_artifact_id, agent_id,
+                      wall_time_cap_min, vram_cap_gb, dry_run, allow_dirty, devices, device)
+    else:
+        parsed = compose.parse_overrides(overrides)
+        _check_not_arguments(parsed, training_config)
+        lines = [_group_choice("parent", parent_artifact_id),
+                 _group_choice("dataset", dataset_artifact_id)]
+        lines = [line for line in lines if line] + [o.input_line for o in parsed]
+        lines += [f"agent_id='{agent_id}'", f"wall_time_cap_min={wall_time_cap_min}",
+                  f"vram_cap_gb={vram_cap_gb}", f"dry_run={str(dry_run).lower()}",
+                  f"allow_dirty={str(allow_dirty).lower()}",
+                  f"parent.artifact_id='{parent_artifact_id}'",
+                  f"dataset.artifact_id='{dataset_artifact_id}'"]
+        if devices is not None:
+            lines.append(f"devices={devices}")
+        if device is not None:
+            lines.append(f"device='{device}'" if "'" not in device else f'device="{device}"')
+        cfg, resolved = compose.compose_resolved(lines, training_config)
+
+    # 3. read the registry (parent, dataset, the agent's account) in one short transaction
+    from runner import db, ledger
+
+    db_url = resolved["registry"]["db_url"]
+    from runner.tools import audit_to
+
+    audit_to(db_url)
+    problems: list[ForgeError] = []
+    with db.get_engine(db_url).connect() as conn:
+        try:
+            parent = _artifact(catalog, parent_artifact_id, "model", "parent_artifact_id",
+                               conn, problems)
+            dataset = _artifact(catalog, dataset_artifact_id, "dataset", "dataset_artifact_id",
+                                conn, problems)
+            account = ledger.account(agent_id, conn=conn)
+        except Exception as exc:
+            _raise_db_error(exc)
+        conn.rollback()
+    derived = _registry_values(parent, dataset, overrides, training_config) \
+        if config is None else {}
+    if derived:
+        cfg, resolved = compose.merge_config(cfg, derived, "registry")
+
+    # 4. estimate, and check the request against policy and the balance
+    pricing = resolved["pricing"]
+    dev = resolved["device"]
+    price = ledger.to_price(pricing["per_device"].get(dev, pricing["price_per_hour"])
+                            if dev != "auto" else pricing["price_per_hour"],
+                            f"pricing.per_device.{dev}" if dev != "auto"
+                            else "pricing.price_per_hour")
+    n_devices = resolved["devices"]
+    amount = ledger.estimate(price, resolved["wall_time_cap_min"], n_devices)
+    plan = Plan(agent_id=agent_id, parent_artifact_id=parent_artifact_id,
+                dataset_artifact_id=dataset_artifact_id, config=cfg, resolved=resolved,
+                db_url=db_url, currency=pricing["currency"], price_per_hour=price,
+                hours=ledger._round(Decimal(resolved["wall_time_cap_min"]) / 60),
+                devices=n_devices, estimate=amount, problems=problems)
+    _check_policy(resolved, problems)
+    if account is None:
+        problems.append(ledger._unknown(agent_id))
+    else:
+        plan.balance = account["balance"]
+        if account["balance"] < amount:
+            problems.append(ledger.insufficient(agent_id, account["balance"], amount,
+                                                plan.currency))
+
+    # 5. pin the code, key the request, plan the sandbox
+    from runner import codepin
+    from runner.errors import CodePinError
+
+    try:
+        plan.code = codepin.pin_code()
+    except CodePinError as exc:
+        problems.append(exc)
+    else:
+        if plan.code.dirty and not resolved["allow_dirty"]:
+            problems.append(CodePinError(
+                f"the working tree {plan.code.repo_path} has uncommitted changes",
+                field="allow_dirty", reason="dirty_tree", diff_sha256=plan.code.diff_sha256,
+                fix="commit your changes (the sandbox runs the pinned commit), "
+                    "or pass allow_dirty=True"))
+        plan.request_key = request_key(agent_id, parent_artifact_id, dataset_artifact_id,
+                                       resolved, plan.code.sha, plan.code.diff_sha256)
+        plan.sandbox = _sandbox_plan(plan, problems)
+    return plan
+
+
+def _launch(plan: Plan) -> dict:
+    """reserve -> weights -> MLflow -> sandbox -> hook -> settle. Not written yet."""
+    raise NotImplementedError("train_model_version: only dry_run=True is implemented so far")
+
+
+def _reserve(plan: Plan) -> dict:
+    """The reserve step of `_launch`: debit the estimate under the request key."""
+    from runner import ledger
+
+    resolved = plan.resolved
+    return ledger.reserve(
+        plan.agent_id, plan.estimate, plan.request_key,
+        wall_time_cap_min=resolved["wall_time_cap_min"], vram_cap_gb=resolved["vram_cap_gb"],
+        price_per_hour=plan.price_per_hour, devices=plan.devices, device=resolved["device"],
+        resource_type="cpu" if resolved["device"] == "cpu" else "gpu",
+        currency=plan.currency)
+
+
+# --- steps ------------------------------------------------------------------------------------------
+
+def _check_agent_id(agent_id: Any) -> None:
+    from runner.compose import AGENT_ID
+
+    if not isinstance(agent_id, str) or not AGENT_ID.match(agent_id):
+        raise InvalidInput(f"agent_id {agent_id!r} is not a valid agent id", field="agent_id",
+                           fix=f"pass the paying agent's id, matching {AGENT_ID.pattern}")
+
+
+def _check_cap(value: Any, name: str) -> None:
+    from runner.compose import INT_MAX
+
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CapOutOfPolicy(f"{name} must be an integer, got {value!r}", field=name,
+                             fix=f"pass {name} as a positive whole number", value=repr(value))
+    if value < 1:
+        raise CapOutOfPolicy(f"{name} must be at least 1, got {value}", field=name,
+                             fix=f"pass a positive {name}", value=value)
+    if value > INT_MAX:
+        raise CapOutOfPolicy(f"{name} {value} is not a sane cap", field=name,
+                             fix=f"pass a {name} within the policy limits", value=value)
+
+
+def _check_policy(resolved: dict, problems: list[ForgeError]) -> None:
+    policy = resolved["policy"]
+    for name, limit_key in (("wall_time_cap_min", "max_wall_time_cap_min"),
+                            ("vram_cap_gb", "max_vram_gb"), ("devices", "max_devices")):
+        value, limit = resolved[name], policy[limit_key]
+        if value > limit:
+            problems.append(CapOutOfPolicy(
+                f"{name} {value} is over the policy limit {limit}", field=name, value=value,
+                limit=limit, fix=f"ask for {name} <= {limit}"))
+
+
+def _group_choice(group: str, artifact_id: str) -> str | None:
+    from runner.compose import option_for_artifact
+
+    option = option_for_artifact(group, artifact_id)
+    return f"{group}={option}" if option else None
+
+
+def _check_not_arguments(parsed: list, training_config: dict | None) -> None:
+    for o in parsed:
+        key = o.key_or_group
+        if key in ARGUMENT_KEYS or key in ("parent", "dataset"):
+            arg = {"parent": "parent_artifact_id", "dataset": "dataset_artifact_id",
+                   "parent.artifact_id": "parent_artifact_id",
+                   "dataset.artifact_id": "dataset_artifact_id"}.get(key, key)
+            raise InvalidOverride(f"{key} is set by the {arg} argument", override=o.input_line,
+                                  field=key, problem="argument",
+                                  fix=f"pass {arg}=... to train_model_version instead")
+    for key in ARGUMENT_KEYS:
+        node: Any = training_config or {}
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise InvalidOverride(f"training_config sets {key}, an argument", field=key,
+                                  problem="argument",
+                                  fix=f"pass it as the {key.split('.')[0]} argument instead")
+
+
+def _check_agrees(resolved: dict, parent_id, dataset_id, agent_id, wall, vram, dry_run,
+                  allow_dirty, devices, device) -> None:
+    pairs = {"parent.artifact_id": (resolved["parent"]["artifact_id"], parent_id),
+             "dataset.artifact_id": (resolved["dataset"]["artifact_id"], dataset_id),
+             "agent_id": (resolved["agent_id"], agent_id),
+             "wall_time_cap_min": (resolved["wall_time_cap_min"], wall),
+             "vram_cap_gb": (resolved["vram_cap_gb"], vram),
+             "dry_run": (resolved["dry_run"], dry_run),
+             "allow_dirty": (resolved["allow_dirty"], allow_dirty)}
+    if devices is not None:
+        pairs["devices"] = (resolved["devices"], devices)
+    if device is not None:
+        pairs["device"] = (resolved["device"], device)
+    for key, (in_config, given) in pairs.items():
+        if in_config != given:
+            raise InvalidInput(f"config has {key}={in_config!r} but the argument is {given!r}",
+                               field=key, fix="pass the same value, or drop config")
+
+
+def _artifact(catalog, artifact_id: str, kind: str, field: str, conn,
+              problems: list[ForgeError]) -> dict | None:
+    try:
+        row = catalog.get_artifact(artifact_id, conn=conn)
+    except NotFound as exc:
+        exc.field = field
+        problems.append(exc)
+        return None
+    if row["artifact_type"] != kind:
+        problems.append(WrongArtifactType(
+            f"{field} {artifact_id!r} is a {row['artifact_type']}, not a {kind}", field=field,
+            fix=f"pass the id of a {kind} artifact"))
+        return None
+    return row
+
+
+def _registry_values(parent: dict | None, dataset: dict | None, overrides, training_config
+                     ) -> dict:
+    """For artifacts no conf/ option describes: the architecture and loader the registry
+    records (the user's own overrides win)."""
+    from runner.compose import ParentConf, option_for_artifact
+
+    user = {o.split("=", 1)[0].lstrip("+~") for o in overrides or [] if isinstance(o, str)}
+    given = training_config or {}
+    out: dict[str, dict] = {}
+    if parent is not None and option_for_artifact("parent", parent["id"]) is None:
+        meta = parent.get("metadata") or {}
+        arch = {k: v for k, v in (meta.get("architecture") or {}).items()
+                if k in ParentConf.__dataclass_fields__ and k != "artifact_id"}
+        if meta.get("family"):
+            arch["family"] = meta["family"]
+        out["parent"] = arch
+    if dataset is not None and option_for_artifact("dataset", dataset["id"]) is None:
+        meta = dataset.get("metadata") or {}
+        cite = meta.get("citation") or {}
+        loader = {"source": dataset.get("origin_url"), "format": cite.get("format")}
+        label_key = (meta.get("load_options") or {}).get("label_key")
+        if label_key:
+            loader["label_key"] = label_key
+        out["dataset"] = {k: v for k, v in loader.items() if v is not None}
+    for group in list(out):
+        out[group] = {k: v for k, v in out[group].items()
+                      if f"{group}.{k}" not in user and k not in (given.get(group) or {})}
+    return {g: v for g, v in out.items() if v}
+
+
+def _raise_db_error(exc: Exception) -> None:
+    import sqlalchemy as sa
+
+    from runner.db import DatabaseError
+
+    if isinstance(exc, ForgeError):
+        raise exc
+    if isinstance(exc, (sa.exc.OperationalError, sa.exc.ProgrammingError)):
+        raise DatabaseError(f"cannot read the registry: {str(exc.orig).strip()}",
+                            fix="create or migrate it: forge db upgrade") from exc
+    raise exc
+
+
+def _sandbox_plan(plan: Plan, problems: list[ForgeError]) -> dict:
+    """What the sandbox would run, as plain data (runner.sandbox.sandbox_plan)."""
+    import os
+
+    from runner import sandbox, settings
+
+    resolved = plan.resolved
+    box = resolved["sandbox"]
+    env = {k: os.environ[k] for k in box["env_allowlist"] if k in os.environ}
+    job = sandbox.SandboxJob(
+        module="trainers.entrypoint", code_dir=plan.code.repo_path,
+        output_dir=settings.forge_home() / "runs" / (plan.request_key or "job")[:16] / "out",
+        args=[f"{sandbox.IN_DIR}/manifest.json"],
+        wall_time_cap_s=float(resolved["wall_time_cap_min"] * 60),
+        vram_cap_gb=float(resolved["vram_cap_gb"]),
+        device="cpu" if resolved["device"] == "cpu" else "cuda:0", env=env,
+        grace_s=float(box["grace_s"]), max_processes=box["max_processes"],
+        tmp_size_bytes=int(box["tmp_size_gb"] * GIB))
+    if plan.devices > 1:
+        problems.append(ForgeError(
+            f"devices={plan.devices}: the sandbox gives a job one GPU at most", field="devices",
+            reason="sandbox_unsupported", fix="ask for devices=1"))
+    try:
+        out = sandbox.sandbox_plan(job)
+    except ForgeError as exc:
+        problems.append(exc)
+        return {"error": exc.to_dict()}
+    out["inputs_planned"] = ["manifest.json", "parent", "dataset"]
+    return out
+
+
+# --- the skill ---------------------------------------------------------------------------------------
+
+_ID = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
+define_skill(
+    SKILL_NAME,
+    description=("Fine-tune a registered parent model on a registered dataset inside the "
+                 "sandbox; debits the estimate before launch and registers the result as a "
+                 "candidate model version. dry_run=true validates, composes the config, pins "
+                 "the code and estimates the cost without launching."),
+    skill_type="model_training",
+    code_path="runner.api:train_model_version",
+    input_schema={
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "required": ["parent_artifact_id", "dataset_artifact_id", "agent_id"],
+        "additionalProperties": False,
+        "properties": {
+            "parent_artifact_id": {**_ID, "description": "model artifact to start from"},
+            "dataset_artifact_id": {**_ID, "description": "dataset artifact to train on"},
+            "training_config": {"type": ["object", "null"],
+                                "description": "nested dict merged at the config root, "
+                                               "e.g. {\"training\": {\"lr\": 0.0001}}"},
+            "overrides": {"type": ["array", "null"], "items": {"type": "string"},
+                          "description": "Hydra override strings, e.g. training.lr=1e-4, "
+                                         "training=pretrain_mgm"},
+            "agent_id": {"type": "string",
+                         "pattern": r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"},
+            "wall_time_cap_min": {"type": "integer", "minimum": 1, "default": 120},
+            "vram_cap_gb": {"type": "integer", "minimum": 1, "default": 24},
+            "devices": {"type": ["integer", "null"], "minimum": 1},
+            "device": {"type": ["string", "null"], "description": "auto, cpu, h100, h200, ..."},
+            "dry_run": {"type": "boolean", "default": False},
+            "allow_dirty": {"type": "boolean", "default": False},
+        },
+    },
+    example_input={
+        "parent_artifact_id": "model-scgpt-cbmc-base",
+        "dataset_artifact_id": "dataset-geo-GSE100866",
+        "agent_id": "a1",
+        "overrides": ["training=finetune_celltype", "training.lr=1e-4"],
+        "wall_time_cap_min": 120,
+        "vram_cap_gb": 24,
+        "dry_run": True,
+    },
+)

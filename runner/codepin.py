@@ -1,0 +1,141 @@
+"""Pin the code a job runs: HEAD commit, remote, branch and dirty state (GitPython).
+
+The sandbox runs exactly the pinned commit. A dirty tree (uncommitted changes to tracked
+files, or untracked files that are not ignored) is refused unless the caller allows it; then
+`diff_sha256` fingerprints the changes so two runs from different dirty trees never look alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from runner.errors import CodePinError
+
+_repos: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CodePin:
+    sha: str
+    repo_url: str  # remote origin URL, or the repository path when there is no origin
+    dirty: bool
+    diff_sha256: str | None
+    branch: str | None  # None on a detached HEAD
+    repo_path: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_repo_path() -> Path:
+    """FORGE_CODE_REPO, else the checkout this package lives in."""
+    env = os.environ.get("FORGE_CODE_REPO")
+    return Path(env) if env else Path(__file__).resolve().parent.parent
+
+
+def _repo(path: Path):
+    """The GitPython Repo for `path`, cached per process (opening one reads config files)."""
+    import git
+
+    key = str(path.resolve())
+    with _lock:
+        repo = _repos.get(key)
+        if repo is None:
+            try:
+                repo = git.Repo(key, search_parent_directories=True)
+            except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
+                raise CodePinError(
+                    f"{key} is not inside a git repository", field="repo_path",
+                    reason="not_a_git_repo",
+                    fix="run from a git checkout of the training code (git init && git commit), "
+                        "or set FORGE_CODE_REPO") from exc
+            _repos[key] = repo
+        return repo
+
+
+def pin_code(repo_path: str | Path | None = None) -> CodePin:
+    """HEAD sha, origin URL (or repo path), branch, dirty flag and a digest of the changes."""
+    import git
+
+    repo = _repo(Path(repo_path) if repo_path is not None else default_repo_path())
+    root = repo.working_tree_dir or repo.git_dir
+    try:
+        sha = repo.head.commit.hexsha
+    except ValueError as exc:  # unborn HEAD: `git init` without a commit
+        raise CodePinError(f"{root} has no commit yet", field="repo_path", reason="no_commit",
+                           fix="commit the training code first (git add -A && git commit)") from exc
+    try:
+        status = repo.git.status("--porcelain=v1", "-z", "--untracked-files=all")
+        diff_sha256 = None
+        if status:
+            digest = hashlib.sha256()
+            digest.update(repo.git.diff("HEAD", "--binary", stdout_as_string=False))
+            for entry in status.split("\0"):
+                if entry.startswith("?? "):  # untracked: its name and content
+                    name = entry[3:]
+                    digest.update(b"\0untracked\0" + name.encode())
+                    file = Path(root) / name
+                    if file.is_file():
+                        digest.update(hashlib.sha256(file.read_bytes()).digest())
+            diff_sha256 = digest.hexdigest()
+    except git.GitCommandError as exc:
+        raise CodePinError(f"git failed in {root}: {exc.stderr.strip() or exc}",
+                           field="repo_path", reason="git_failed",
+                           fix="check the repository with `git status`") from exc
+    try:
+        branch = repo.active_branch.name
+    except TypeError:  # detached HEAD
+        branch = None
+    reader = repo.config_reader()  # plain file reads, no subprocess
+    repo_url = reader.get_value('remote "origin"', "url", default="") or str(root)
+    return CodePin(sha=sha, repo_url=repo_url, dirty=bool(status), diff_sha256=diff_sha256,
+                   branch=branch, repo_path=str(root))
+
+
+def snapshot(pin: CodePin, root: str | Path) -> Path:
+    """A directory holding exactly the pinned code, for the sandbox to mount read-only.
+
+    Clean pin: `git archive` of the commit. Dirty pin (allow_dirty): the tracked and untracked,
+    not ignored, files as they are now. Cached under `root` by sha (+ diff digest); built in a
+    temporary directory and renamed into place, so concurrent launches never see half a copy.
+    """
+    import io
+    import shutil
+    import tarfile
+    import tempfile
+
+    name = pin.sha if not pin.dirty else f"{pin.sha}-{(pin.diff_sha256 or 'dirty')[:16]}"
+    root = Path(root)
+    dest = root / name
+    if dest.is_dir():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    repo = _repo(Path(pin.repo_path))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name[:12]}-", dir=root))
+    try:
+        if not pin.dirty:
+            data = repo.git.archive(pin.sha, format="tar", stdout_as_string=False)
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                tar.extractall(tmp, filter="data")
+        else:
+            listed = repo.git.ls_files("-z", "--cached", "--others", "--exclude-standard")
+            for rel in filter(None, listed.split("\0")):
+                src = Path(pin.repo_path) / rel
+                if src.is_file() and not src.is_symlink():
+                    target = tmp / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, target)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another launch put the same snapshot in place first
+            if not dest.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest

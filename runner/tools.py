@@ -1,0 +1,198 @@
+"""Skills and their audit trail.
+
+`define_skill()` declares a callable an agent can use (name, type, JSON Schema of its input,
+an example); `register_tools()` writes those declarations to `skills`, idempotently.
+`@log_tool_call(name)` writes one `tool_calls` row per call, success, failure and dry run
+alike, in its own transaction, and never masks what the call raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import re
+import time
+import uuid
+from contextvars import ContextVar
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+SKILLS: dict[str, dict] = {}
+_audit_url: ContextVar[str | None] = ContextVar("forge_audit_url", default=None)
+_SUMMARY_OMIT = ("config", "sandbox")  # large; the call's input already pins them
+_MAX_TEXT = 4000
+
+
+def skill_id(name: str) -> str:
+    """A stable id from the skill's name: 'Train Model Version' -> 'skill-train-model-version'."""
+    return "skill-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def define_skill(name: str, *, description: str, skill_type: str, code_path: str,
+                 input_schema: dict, example_input: dict) -> dict:
+    skill = dict(id=skill_id(name), name=name, description=description, skill_type=skill_type,
+                 code_path=code_path, input_schema=input_schema, example_input=example_input)
+    SKILLS[name] = skill
+    return skill
+
+
+def register_tools(*, conn=None) -> list[dict]:
+    """Write every defined skill to `skills`; re-running updates them and keeps times_used."""
+    import sqlalchemy as sa
+
+    import runner.api  # noqa: F401 - defines the skills it exposes
+    from runner import db
+    from runner.schema import skills
+
+    def upsert(c) -> list[dict]:
+        out = []
+        for skill in SKILLS.values():
+            existing = c.execute(sa.select(skills.c.id).where(skills.c.name == skill["name"])
+                                 ).scalar_one_or_none()
+            fields = {k: v for k, v in skill.items() if k not in ("id", "name")}
+            if existing is None:
+                c.execute(skills.insert().values(**skill, times_used=0,
+                                                 created_at=datetime.now(timezone.utc)))
+            else:
+                c.execute(skills.update().where(skills.c.id == existing).values(**fields))
+            out.append({**skill, "id": existing or skill["id"]})
+        return out
+
+    if conn is not None:
+        return upsert(conn)
+    with db.get_engine().begin() as c:
+        return upsert(c)
+
+
+def audit_to(url: str | None) -> None:
+    """Called inside a logged call: write its audit row to this database, not the default."""
+    _audit_url.set(url)
+
+
+def log_tool_call(skill_name: str) -> Callable:
+    """Decorator: one `tool_calls` row per call of the wrapped function."""
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            token = _audit_url.set(None)
+            started = time.perf_counter()
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                _record(skill_name, signature, args, kwargs, started, error=exc)
+                raise
+            else:
+                _record(skill_name, signature, args, kwargs, started, result=result)
+                return result
+            finally:
+                _audit_url.reset(token)
+
+        wrapper.skill_name = skill_name  # type: ignore[attr-defined]
+        return wrapper
+    return decorate
+
+
+def _record(skill_name: str, signature: inspect.Signature, args: tuple, kwargs: dict,
+            started: float, result: Any = None, error: BaseException | None = None) -> None:
+    """Write the audit row; a failure here is logged, never raised over the call's outcome."""
+    duration_ms = int((time.perf_counter() - started) * 1000)
+    try:
+        params = _params(signature, args, kwargs)
+        row = dict(id=f"call-{uuid.uuid4().hex}", agent_id=_agent(params),
+                   input_params=jsonable(params), success=error is None,
+                   duration_ms=duration_ms, created_at=datetime.now(timezone.utc))
+        if error is None:
+            row["output_summary"] = summarize(result)
+        else:
+            row["error_code"] = getattr(error, "reason", None) or type(error).__name__
+            row["error_message"] = f"{type(error).__name__}: {error}"[:_MAX_TEXT]
+            to_dict = getattr(error, "to_dict", None)
+            if callable(to_dict):
+                row["output_summary"] = jsonable(to_dict())
+        _write(skill_name, row)
+    except Exception as exc:  # noqa: BLE001 - auditing must not change the call's outcome
+        log.warning("could not write the tool_calls row for %s: %s", skill_name, exc)
+
+
+def _write(skill_name: str, row: dict) -> None:
+    import sqlalchemy as sa
+
+    from runner import db
+    from runner.schema import skills, tool_calls
+
+    with db.get_engine(_audit_url.get()).begin() as c:
+        sid = c.execute(sa.select(skills.c.id).where(skills.c.name == skill_name)
+                        ).scalar_one_or_none()
+        c.execute(tool_calls.insert().values(skill_id=sid, **row))
+        if sid is not None:
+            c.execute(skills.update().where(skills.c.id == sid)
+                      .values(times_used=skills.c.times_used + 1))
+
+
+def _params(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return {"args": list(args), "kwargs": kwargs}
+    params = dict(bound.arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in params:
+            params.update(params.pop(name))
+    return params
+
+
+def _agent(params: dict) -> str | None:
+    agent = params.get("agent_id")
+    if agent is None and params.get("config") is not None:
+        try:
+            agent = params["config"].get("agent_id")
+        except Exception:  # noqa: BLE001
+            agent = None
+    return agent if isinstance(agent, str) else None
+
+
+def summarize(result: Any) -> Any:
+    """What the call returned, minus the bulky parts (the resolved config, the sandbox plan)."""
+    if isinstance(result, dict):
+        return jsonable({k: v for k, v in result.items() if k not in _SUMMARY_OMIT})
+    return jsonable(result)
+
+
+def jsonable(value: Any, depth: int = 0) -> Any:
+    """Plain JSON data: Decimal -> str, configs -> containers, dates -> ISO strings."""
+    if depth > 20:
+        return repr(value)[:_MAX_TEXT]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value[:_MAX_TEXT] if isinstance(value, str) else value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) \
+            else repr(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v, depth + 1) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value), depth + 1)
+    module = type(value).__module__ or ""
+    if module.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        try:
+            return jsonable(OmegaConf.to_container(value, resolve=True), depth + 1)
+        except Exception:  # noqa: BLE001 - an unresolvable config is recorded as written
+            return jsonable(OmegaConf.to_container(value, resolve=False), depth + 1)
+    return repr(value)[:_MAX_TEXT]

@@ -1,0 +1,138 @@
+"""`forge-train`: the Hydra app over train_model_version().
+
+    forge-train parent=scgpt_cbmc_base dataset=cbmc training=finetune_celltype agent_id=a1
+    forge-train ... dry_run=true          # print the dry-run result as JSON
+    forge-train ... --cfg job             # print the composed config
+    forge-train -m training.lr=1e-3,1e-4 ...   # a sweep, one run directory per job
+
+It is a `@hydra.main` app (run directories, --cfg, -m, --help) whose task function calls
+train_model_version() with the composed config. A plain dry run (overrides only, no flags)
+skips Hydra's run-directory and logging setup and composes through the same
+`compose_config()` the Python API uses: nothing to set up, nothing written but the audit row.
+
+Exit codes: 0 ok / would launch, 3 dry run would not launch, 2 typed error (one line on
+stderr), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+
+EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_WOULD_NOT_LAUNCH = 0, 1, 2, 3
+
+_codes: list[int] = []
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+def run(argv: list[str]) -> int:
+    """Run forge-train with `argv`; returns the exit code."""
+    from runner.errors import ForgeError
+
+    if argv and all(not a.startswith("-") for a in argv):
+        from runner.compose import compose_config
+
+        try:
+            cfg = compose_config(argv)
+            if cfg.dry_run:
+                return execute(cfg)
+        except ForgeError as exc:
+            return _fail(exc)
+    return _run_hydra(argv)
+
+
+def execute(cfg) -> int:
+    """The task: call train_model_version with the composed config and print its result."""
+    from runner.api import train_model_version
+    from runner.errors import ForgeError
+    from runner.tools import jsonable
+
+    try:
+        result = train_model_version(
+            cfg.parent.artifact_id, cfg.dataset.artifact_id, agent_id=cfg.agent_id,
+            wall_time_cap_min=cfg.wall_time_cap_min, vram_cap_gb=cfg.vram_cap_gb,
+            dry_run=cfg.dry_run, allow_dirty=cfg.allow_dirty, devices=cfg.devices,
+            device=cfg.device, config=cfg)
+    except ForgeError as exc:
+        return _fail(exc)
+    sys.stdout.write(json.dumps(jsonable(result), indent=2) + "\n")
+    sys.stdout.flush()
+    if cfg.dry_run and not result["would_launch"]:
+        return EXIT_WOULD_NOT_LAUNCH
+    return EXIT_OK
+
+
+def _fail(exc) -> int:
+    print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_INVALID
+
+
+def _run_hydra(argv: list[str]) -> int:
+    import hydra
+    from hydra._internal.utils import get_args_parser
+
+    from runner import compose
+    from runner.errors import ForgeError
+
+    args = get_args_parser().parse_args(argv)  # Hydra's own command line
+    try:
+        parsed = compose.parse_overrides(args.overrides, allow_sweeps=args.multirun)
+    except ForgeError as exc:
+        return _fail(exc)
+    compose.register_schema()
+    _codes.clear()
+
+    @hydra.main(config_path=str(compose.config_dir()), config_name=compose.CONFIG_NAME,
+                version_base="1.3")
+    def task(cfg) -> None:
+        _codes.append(execute(cfg))
+
+    with _argv(argv), _env("HYDRA_FULL_ERROR", "1"):
+        try:
+            task()
+        except ForgeError as exc:
+            return _fail(exc)
+        except Exception as exc:
+            if not _is_composition_error(exc):
+                raise
+            return _fail(compose.explain(exc, parsed))
+    return max(_codes, default=EXIT_OK)
+
+
+def _is_composition_error(exc: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(exc, (HydraException, OmegaConfBaseException))
+
+
+@contextmanager
+def _argv(argv: list[str]):
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "forge-train", *argv]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+@contextmanager
+def _env(name: str, value: str):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Skills registration and the tool-call audit trail."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import jsonschema
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from runner import db, tools
+from runner.cli import main as forge
+from runner.errors import BudgetExceeded
+from runner.schema import skills, tool_calls
+
+SKILL = "Train Model Version"
+
+
+def rows(url, table) -> list[dict]:
+    with db.get_engine(url).connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(table)).mappings()]
+
+
+@tools.log_tool_call(SKILL)
+def toy(x, *, agent_id=None, fail=None, **extra):
+    if fail is not None:
+        raise fail
+    return {"value": Decimal(x) * 2, "config": {"big": "omitted"}, "extra": extra}
+
+
+def test_register_tools_is_idempotent_and_describes_the_call(db_url):
+    first = tools.register_tools()
+    tools.register_tools()
+    (row,) = rows(db_url, skills)
+    assert row["id"] == "skill-train-model-version" == first[0]["id"]
+    assert row["name"] == SKILL and row["skill_type"] == "model_training"
+    assert row["code_path"] == "runner.api:train_model_version" and row["times_used"] == 0
+    schema = row["input_schema"]
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(row["example_input"], schema)
+    assert set(schema["required"]) == {"parent_artifact_id", "dataset_artifact_id", "agent_id"}
+    import inspect
+
+    from runner.api import train_model_version
+    params = set(inspect.signature(train_model_version).parameters) - {"kw", "config"}
+    assert params == set(schema["properties"])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**row["example_input"], "wall_time_cap_min": 0}, schema)
+
+
+def test_cli_register(db_url):
+    result = CliRunner().invoke(forge, ["tools", "register"])
+    assert result.exit_code == 0 and "skill-train-model-version" in result.output
+    assert len(rows(db_url, skills)) == 1
+
+
+def test_success_row(db_url):
+    tools.register_tools()
+    assert toy("1.5", agent_id="a1", note="n")["value"] == Decimal("3.0")
+    (call,) = rows(db_url, tool_calls)
+    assert call["skill_id"] == "skill-train-model-version" and call["agent_id"] == "a1"
+    assert call["success"] is True and call["error_code"] is None
+    assert call["input_params"] == {"x": "1.5", "agent_id": "a1", "note": "n"}
+    assert call["output_summary"] == {"value": "3.0", "extra": {"note": "n"}}
+    assert isinstance(call["duration_ms"], int)
+    assert rows(db_url, skills)[0]["times_used"] == 1
+
+
+def test_failure_rows_never_mask_the_exception(db_url):
+    tools.register_tools()
+    error = BudgetExceeded("agent 'a1' has 0.40 credits, estimate 1.00", field="agent_id",
+                           fix="grant more")
+    with pytest.raises(BudgetExceeded) as info:
+        toy("1", agent_id="a1", fail=error)
+    assert info.value is error
+    with pytest.raises(ZeroDivisionError):
+        toy("1", fail=ZeroDivisionError("boom"))
+    with pytest.raises(TypeError):
+        toy()  # a call that does not even bind is still audited
+    calls = sorted(rows(db_url, tool_calls), key=lambda c: c["created_at"])
+    assert [c["success"] for c in calls] == [False, False, False]
+    assert calls[0]["error_code"] == "insufficient_balance"
+    assert "0.40 credits" in calls[0]["error_message"]
+    assert calls[0]["output_summary"]["field"] == "agent_id"
+    assert calls[1]["error_code"] == "ZeroDivisionError" and calls[1]["agent_id"] is None
+    assert calls[2]["error_code"] == "TypeError"
+
+
+def test_unregistered_skill_still_audits(db_url):
+    toy("2")
+    (call,) = rows(db_url, tool_calls)
+    assert call["skill_id"] is None and call["success"] is True
+
+
+def test_a_broken_audit_store_does_not_change_the_outcome(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FORGE_DB_URL", f"sqlite:///{tmp_path / 'unmigrated.db'}")
+    assert toy("2")["value"] == Decimal("4")
+    with pytest.raises(ValueError, match="original"):
+        toy("2", fail=ValueError("original"))
+    assert "could not write the tool_calls row" in caplog.text
+    db._engine.cache_clear()
+
+
+def test_jsonable():
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    value = {"d": Decimal("1.50"), "t": datetime(2026, 1, 1, tzinfo=timezone.utc),
+             "p": Path("/x"), "c": OmegaConf.create({"a": 1}), "s": {1}, "f": float("nan"),
+             "o": object()}
+    out = tools.jsonable(value)
+    assert out["d"] == "1.50" and out["t"].startswith("2026-01-01") and out["p"] == "/x"
+    assert out["c"] == {"a": 1} and out["s"] == [1] and out["f"] == "nan"
+    assert out["o"].startswith("<object")

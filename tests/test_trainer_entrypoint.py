@@ -1,0 +1,166 @@
+"""The sandbox entrypoint end to end on real CBMC data, shrunk to seconds.
+
+Runs `python -m trainers.entrypoint MANIFEST.json` as the sandbox would (stdout through a
+pipe), checks result.json, the scGPT-layout checkpoint, the MLflow file store and the
+exit codes: 0 ok, 2 invalid manifest, 3 non-finite loss.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainers.data.fetch import fetch, sha256_file
+from trainers.entrypoint import EXIT_INVALID, EXIT_NAN, EXIT_OK, _is_oom, main
+
+REPO = Path(__file__).parents[1]
+TINY_MODEL = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_hid": 64}
+TINY_TRAINING = {"max_epochs": 2, "batch_size": 32, "max_seq_len": 33, "precision": "32",
+                 "limit_train_batches": 4, "limit_eval_batches": 2, "log_every_n_steps": 2,
+                 "lr": 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_env(monkeypatch):
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+@pytest.fixture(scope="module")
+def cbmc():
+    return str(fetch("cbmc"))
+
+
+def _manifest(out: Path, cbmc: str, task="finetune_celltype", parent=None, model=None,
+              **training) -> dict:
+    return {"manifest_version": 1, "task": task, "seed": 0, "device": "cpu",
+            "num_threads": 2, "output_dir": str(out),
+            "tracking_uri": (out / "mlruns").as_uri(), "experiment_name": "test",
+            "parent": {"checkpoint_dir": str(parent)} if parent else None,
+            "dataset": {"name": "cbmc", "path": cbmc, "format": "cbmc_mat"},
+            "model": TINY_MODEL if model is None else model,
+            "training": {**TINY_TRAINING, **training}}
+
+
+def _run(manifest: dict, tmp: Path) -> tuple[int, str, dict | None]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    proc = subprocess.run([sys.executable, "-m", "trainers.entrypoint", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result_path = Path(manifest["output_dir"]) / "result.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() else None
+    return proc.returncode, proc.stdout + proc.stderr, result
+
+
+def _mlflow_metric_lines(result: dict, key: str) -> list[str]:
+    store = Path(result["mlflow"]["tracking_uri"].removeprefix("file://"))
+    run = store / result["mlflow"]["experiment_id"] / result["mlflow"]["run_id"]
+    return (run / "metrics" / key).read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, cbmc):
+    """A tiny base pretrained with masked gene-expression modelling (subprocess)."""
+    tmp = tmp_path_factory.mktemp("pretrain")
+    code, log, result = _run(_manifest(tmp / "out", cbmc, task="pretrain_mgm"), tmp)
+    assert code == EXIT_OK, log
+    return tmp / "out", result, log
+
+
+def test_pretrain_writes_result_checkpoint_and_mlflow(pretrained):
+    out, result, log = pretrained
+    assert result["status"] == "ok" and result["device"] == "cpu"
+    m = result["metrics"]
+    assert {"train_mse", "val_mse", "test_mse", "best_val_mse"} <= set(m)
+    assert all(math.isfinite(v) for v in m.values())
+    for name, digest in result["checkpoint"]["files"].items():
+        assert sha256_file(out / "checkpoint" / name) == digest
+    assert len(_mlflow_metric_lines(result, "val_mse")) == 2  # one line per epoch
+    assert "epoch 1/2 step 2/4" in log  # line progress, stdout being a pipe
+
+
+def test_finetune_from_parent_standalone(pretrained, cbmc, tmp_path):
+    from trainers.scgpt.model import load_checkpoint
+
+    code, log, result = _run(_manifest(tmp_path / "out", cbmc, parent=pretrained[0] /
+                                       "checkpoint", model={}), tmp_path)
+    assert code == EXIT_OK, log
+    assert result["status"] == "ok" and result["reason"] == "ok"
+    m = result["metrics"]
+    for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "test_accuracy",
+                "test_macro_f1", "baseline_test_accuracy", "baseline_test_macro_f1"):
+        assert math.isfinite(m[key]), key
+    assert m["baseline_test_accuracy"] > 0.9  # the logistic regression on the same split
+    assert len(result["per_class_f1"]) == 13 and "CD14+ Mono" in result["per_class_f1"]
+    assert result["genes"] == {"in_vocab": 500, "dropped": 0, "vocab_size": 503}
+    assert result["split"]["counts"] == {"train": 6893, "val": 862, "test": 862}
+    report = result["parent"]["load_report"]
+    assert any("out_layer" in k for k in report["shape_mismatch"])  # 1-class head -> 13
+    out = tmp_path / "out"
+    for name in result["artifacts"]:
+        assert (out / name).stat().st_size > 1000
+    assert set(result["artifacts"]) == {"confusion_matrix.png", "learning_curves.png"}
+    model, vocab, args, rep = load_checkpoint(out / "checkpoint")
+    assert model.config.n_cls == 13 and model.config.d_model == 32 and len(vocab) == 503
+    assert args["label_names"][1] == "CD14+ Mono" and rep.missing == []
+    assert len(_mlflow_metric_lines(result, "val_macro_f1")) == 2
+    assert len(_mlflow_metric_lines(result, "baseline_test_accuracy")) == 1
+
+
+def test_same_seed_same_metrics(cbmc, tmp_path):
+    results = []
+    for i in range(2):
+        path = tmp_path / f"m{i}.json"
+        path.write_text(json.dumps(_manifest(tmp_path / f"out{i}", cbmc)))
+        assert main([str(path)]) == EXIT_OK
+        results.append(json.loads((tmp_path / f"out{i}" / "result.json").read_text()))
+    a, b = results
+    assert a["metrics"] == b["metrics"] and a["history"] == b["history"]
+    assert a["checkpoint"]["files"]["best_model.pt"] == b["checkpoint"]["files"]["best_model.pt"]
+
+
+def test_huge_learning_rate_exits_3_nan_loss(cbmc, tmp_path):
+    code, log, result = _run(_manifest(tmp_path / "out", cbmc, lr=1e30), tmp_path)
+    assert code == EXIT_NAN, log
+    assert result["status"] == "failed" and result["reason"] == "nan_loss"
+    assert "non-finite train loss" in result["message"]
+
+
+def test_invalid_manifest_exits_2_naming_the_field(cbmc, tmp_path):
+    code, log, result = _run(_manifest(tmp_path / "out", cbmc, lr=-1), tmp_path)
+    assert code == EXIT_INVALID
+    assert "training.lr" in log
+    assert result["reason"] == "invalid_manifest" and result["field"] == "training.lr"
+
+
+def test_parent_mismatch_and_vocab_without_overlap_exit_2(pretrained, cbmc, tmp_path):
+    parent = pretrained[0] / "checkpoint"
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(_manifest(tmp_path / "a", cbmc, parent=parent,
+                                         model={"d_model": 64})))
+    assert main([str(path)]) == EXIT_INVALID
+    result = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert result["field"] == "model.d_model" and "args.json has 32" in result["message"]
+
+    (tmp_path / "vocab.json").write_text(json.dumps({"<pad>": 0, "CD3E": 1}))
+    raw = _manifest(tmp_path / "b", cbmc)
+    raw["vocab_path"] = str(tmp_path / "vocab.json")
+    path.write_text(json.dumps(raw))
+    assert main([str(path)]) == EXIT_INVALID
+    result = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert result["field"] == "vocab_path" and "none of the dataset's 500 genes" in result["message"]
+
+
+def test_out_of_memory_is_recognised():
+    import torch
+    assert _is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    assert _is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: "
+                                "can't allocate memory: you tried to allocate 1 bytes"))
+    assert _is_oom(MemoryError())
+    assert not _is_oom(RuntimeError("shape mismatch"))

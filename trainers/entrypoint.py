@@ -1,0 +1,290 @@
+"""Sandbox entrypoint: `python -m trainers.entrypoint MANIFEST.json`.
+
+Reads the run manifest (trainers/manifest.py), trains, evaluates, and writes into
+output_dir: `result.json`, the checkpoint in scGPT layout (`checkpoint/{args.json,
+vocab.json,best_model.pt}`), the figures; metrics go to the run's own MLflow store
+(manifest tracking_uri), flushed every epoch for the host to relay.
+
+Exit codes: 0 ok, 1 other error, 2 invalid manifest (the message names the field),
+3 non-finite loss, 4 out of memory. On failure result.json still says why
+(`status: "failed"`, `reason`: invalid_manifest | nan_loss | oom | error).
+Heavy imports (torch, lightning, mlflow) happen inside `train()`, after validation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from trainers.data.load import DatasetError
+from trainers.manifest import Manifest, ManifestError, load_manifest
+
+EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_NAN, EXIT_OOM = 0, 1, 2, 3, 4
+
+
+def train(m: Manifest, state: dict) -> dict:
+    """The recipe: data -> model -> fit -> test -> baseline -> figures -> checkpoint."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import numpy as np
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from trainers.data.fetch import sha256_file
+    from trainers.data.load import baseline_features, load, split_cells
+    from trainers.scgpt import evaluate
+    from trainers.scgpt.lightning import (FINETUNE, CellBatches, History, LineProgress,
+                                          ScGPTModule)
+    from trainers.scgpt.model import save_checkpoint
+    from trainers.scgpt.prepare import checkpoint_args, prepare
+
+    out, t, finetune = Path(m.output_dir), m.training, m.task == FINETUNE
+    device = _device(m, state)
+    torch.set_num_threads(m.num_threads or os.cpu_count() or 1)
+    torch.set_flush_denormal(True)  # denormal Adam states slow CPU kernels several-fold
+    pl.seed_everything(m.seed, workers=True, verbose=False)
+
+    # data and split (the same seed gives the same split for pretraining and fine-tuning)
+    d = m.dataset
+    data = load(d.path, d.format, d.label_key, d.gene_key, d.use_raw, name=d.name)
+    if finetune and data.labels is None:
+        raise ManifestError("dataset.label_key", f"dataset {d.path} has no labels to fine-tune on")
+    split = split_cells(data.n_cells, data.labels, t.val_fraction, t.test_fraction, m.seed)
+    state["split"] = split.summary()
+
+    # model, vocabulary, tokenizer
+    prep = prepare(m, data, len(data.label_names) if finetune else None)
+    state["genes"] = prep.genes
+    weights = None
+    if finetune and t.class_weighting != "none":
+        counts = np.bincount(data.labels[split.train], minlength=len(data.label_names))
+        w = 1.0 / np.maximum(counts, 1) ** (1.0 if t.class_weighting == "balanced" else 0.5)
+        weights = torch.tensor(w / (w * counts).sum() * counts.sum(), dtype=torch.float32)
+    mask_ratio = 0.0 if finetune else t.mask_ratio
+
+    def batches(cells, shuffle, limit):
+        size = t.batch_size if shuffle else (t.eval_batch_size or 2 * t.batch_size)
+        return CellBatches(data, prep.columns, cells, prep.tokenizer, size, m.seed, shuffle,
+                           mask_ratio, limit)
+    train_dl = batches(split.train, True, t.limit_train_batches)
+    val_dl = batches(split.val, False, t.limit_eval_batches)
+    test_dl = batches(split.test, False, t.limit_eval_batches)
+    module = ScGPTModule(prep.model, m.task, t.lr, t.weight_decay, t.warmup_steps,
+                         total_steps=t.max_epochs * len(train_dl), class_weights=weights,
+                         n_cls=len(data.label_names))
+
+    # tracking, callbacks, trainer
+    logger = MLFlowLogger(experiment_name=m.experiment_name, run_name=m.run_name,
+                          tracking_uri=m.tracking_uri)
+    state["logger"] = logger
+    state["mlflow"] = {"tracking_uri": m.tracking_uri, "experiment_id": logger.experiment_id,
+                       "run_id": logger.run_id}
+    logger.log_hyperparams(_flatten(m.to_dict()))
+    monitor, mode = ("val_macro_f1", "max") if finetune else ("val_mse", "min")
+    history = History()
+    ckpt_dir = out / ".lightning_checkpoints"
+    best = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode=mode, save_top_k=1,
+                           save_weights_only=True, filename="best")
+    callbacks = [history, best]
+    if t.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor, patience=t.early_stopping_patience, mode=mode))
+    tty = sys.stdout.isatty()
+    callbacks.append(TQDMProgressBar() if tty else LineProgress(every=t.log_every_n_steps))
+    precision = t.precision if t.precision != "auto" else (
+        "bf16-mixed" if device == "cuda" else "32")
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
+        max_epochs=t.max_epochs, logger=logger, callbacks=callbacks,
+        enable_progress_bar=tty, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.grad_clip,
+        deterministic=device == "cpu", default_root_dir=str(out))
+    print(f"{m.task}: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test "
+          f"cells, {prep.genes['in_vocab']} genes in vocab ({prep.genes['dropped']} dropped), "
+          f"{prep.model.num_params() / 1e6:.2f}M parameters, device {device}, "
+          f"precision {precision}", flush=True)
+
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trainer.test(module, dataloaders=test_dl, ckpt_path=best.best_model_path or None,
+                 verbose=False)
+    test_s = time.perf_counter() - t0
+
+    # metrics: last epoch's train/val, the best epoch, test on the best weights
+    last = history.epochs[-1] if history.epochs else {}
+    metrics = {k: v for k, v in last.items() if k != "epoch"}
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
+                    if k.startswith("test_")})
+    metrics["epochs_trained"] = float(len(history.epochs))
+    if best.best_model_score is not None:
+        metrics[f"best_{monitor}"] = float(best.best_model_score)
+        scores = [h.get(monitor, np.nan) for h in history.epochs]
+        metrics["best_epoch"] = float(1 + (np.nanargmax(scores) if mode == "max"
+                                           else np.nanargmin(scores)))
+    result = {"per_class_f1": {}, "baseline": {}, "artifacts": []}
+    if finetune:
+        pred, true = module.test_outputs["pred"], module.test_outputs["true"]
+        _, result["per_class_f1"] = evaluate.classification_metrics(
+            true, pred, data.label_names, "test_")
+        t0 = time.perf_counter()
+        base = evaluate.logistic_regression_baseline(
+            baseline_features(data), data.labels, split.train, split.test, data.label_names,
+            m.seed)
+        base["seconds"] = time.perf_counter() - t0
+        result["baseline"] = base
+        metrics.update(base["metrics"])
+        print(f"test accuracy {metrics['test_accuracy']:.4f} macro-F1 "
+              f"{metrics['test_macro_f1']:.4f} | logistic-regression baseline "
+              f"{metrics['baseline_test_accuracy']:.4f} / "
+              f"{metrics['baseline_test_macro_f1']:.4f}", flush=True)
+        evaluate.plot_confusion_matrix(true, pred, data.label_names, out / "confusion_matrix.png",
+                                       f"{d.name or 'dataset'} test, scGPT fine-tuned")
+        result["artifacts"].append("confusion_matrix.png")
+    else:
+        print(f"test masked MSE {metrics.get('test_mse', float('nan')):.4f}", flush=True)
+    evaluate.plot_learning_curves(history.epochs, out / "learning_curves.png",
+                                  f"{m.task} on {d.name or 'dataset'}")
+    result["artifacts"].append("learning_curves.png")
+    bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite metrics: {', '.join(bad)}")
+
+    # everything to the run's MLflow store; the checkpoint in scGPT layout
+    logger.log_metrics({k: v for k, v in metrics.items() if not k.startswith(("train_", "val_"))})
+    logger.log_metrics({f"test_f1/{evaluate.metric_key(k)}": v
+                        for k, v in result["per_class_f1"].items()})
+    for name in result["artifacts"]:
+        logger.experiment.log_artifact(logger.run_id, str(out / name))
+    paths = save_checkpoint(prep.model, prep.vocab.stoi, out / "checkpoint",
+                            checkpoint_args(m, data.label_names))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    logger.finalize("success")
+    result.update(
+        metrics=metrics, history=history.epochs,
+        checkpoint={"dir": "checkpoint",
+                    "files": {name: sha256_file(p) for name, p in paths.items()}},
+        model={"n_params": prep.model.num_params(),
+               "config": {k: v for k, v in vars(prep.model.config).items()}},
+        parent=prep.parent, precision=precision,
+        timings={"train_s": train_s, "test_s": test_s})
+    return result
+
+
+def _device(m: Manifest, state: dict) -> str:
+    import torch
+    has_cuda = torch.cuda.is_available()
+    device = "cuda" if m.device in ("cuda", "auto") and has_cuda else "cpu"
+    if m.device == "cuda" and not has_cuda:
+        print("warning: device cuda requested but no GPU is visible; running on cpu",
+              flush=True)
+    if device == "cuda" and m.vram_cap_gb:
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, m.vram_cap_gb / total), 0)
+    state["device"] = device
+    return device
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg
+                                            or "can't allocate memory" in msg)
+
+
+def _write_result(out_dir: Path | None, result: dict) -> None:
+    if out_dir is None:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(out_dir / "result.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m trainers.entrypoint MANIFEST.json", file=sys.stderr)
+        return EXIT_INVALID
+    t_start = time.perf_counter()
+    out_dir = _raw_output_dir(argv[0])
+    state: dict = {}
+    base = {"status": "failed", "task": None, "device": None, "metrics": {},
+            "per_class_f1": {}, "baseline": {}, "split": {}, "artifacts": [],
+            "checkpoint": None, "mlflow": None, "genes": None}
+    try:
+        m = load_manifest(argv[0])
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        _write_result(out_dir, {**base, "reason": "invalid_manifest", "message": str(e),
+                                "field": e.field,
+                                "timings": {"total_s": time.perf_counter() - t_start}})
+        return EXIT_INVALID
+    out_dir = Path(m.output_dir)
+    base.update(task=m.task, manifest=m.to_dict())
+    try:
+        result = train(m, state)
+        code, status = EXIT_OK, {"status": "ok", "reason": "ok", "message": "ok"}
+    except Exception as e:  # every failure still leaves a result.json that says why
+        from trainers.scgpt.lightning import NonFiniteLoss
+        if isinstance(e, ManifestError):
+            code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": e.field}
+        elif isinstance(e, DatasetError):
+            code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": "dataset"}
+        elif isinstance(e, NonFiniteLoss):
+            code, reason, extra = EXIT_NAN, "nan_loss", {"step": e.step, "stage": e.stage}
+        elif _is_oom(e):
+            code, reason, extra = EXIT_OOM, "oom", {}
+        else:
+            code, reason, extra = EXIT_ERROR, "error", {}
+            traceback.print_exc()
+        print(f"error ({reason}): {e}", file=sys.stderr, flush=True)
+        logger = state.get("logger")
+        if logger is not None:
+            try:
+                logger.finalize("failed")
+            except Exception:  # the store may be what failed; the result.json still counts
+                pass
+        result = {**extra, "metrics": {}}
+        status = {"status": "failed", "reason": reason, "message": f"{type(e).__name__}: {e}"}
+    timings = {**result.pop("timings", {}), "total_s": time.perf_counter() - t_start}
+    final = {**base, **{k: state[k] for k in ("device", "split", "genes", "mlflow")
+                        if k in state}, **result, **status, "timings": timings}
+    _write_result(out_dir, final)
+    print(f"result: {final['status']} ({final['reason']}) -> {out_dir / 'result.json'}",
+          flush=True)
+    return code
+
+
+def _raw_output_dir(path: str) -> Path | None:
+    """output_dir read leniently, so that even an invalid manifest gets a result.json."""
+    try:
+        value = json.loads(Path(path).read_text()).get("output_dir")
+        return Path(value) if isinstance(value, str) and value else None
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

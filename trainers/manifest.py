@@ -1,0 +1,302 @@
+"""The run manifest: the one input crossing from the host (runner/) into the sandbox.
+
+Plain data, no torch: the host imports this module to build and check manifests before
+launch. `load_manifest(path)` / `parse_manifest(dict)` return a `Manifest` or raise
+`ManifestError`, whose `field` is the dotted path of the offending entry
+(e.g. `training.lr`). Unknown fields are errors too, so a typo never goes unnoticed.
+
+Example (every field shown; only task, output_dir, tracking_uri and dataset are required):
+
+    {
+      "manifest_version": 1,
+      "task": "finetune_celltype",            # or "pretrain_mgm"
+      "seed": 0,
+      "device": "cpu",                        # "cpu" | "cuda" | "auto"
+      "vram_cap_gb": 24,                      # cuda: per-process memory fraction cap
+      "num_threads": null,                    # torch CPU threads; null = os.cpu_count()
+      "output_dir": "/job/out",
+      "tracking_uri": "file:///job/out/mlruns",  # the run's own sandbox-local MLflow store
+      "experiment_name": "scgpt-cbmc",
+      "run_name": null,
+      "parent": {"checkpoint_dir": "/job/in/parent"},  # scGPT folder, or null: from scratch
+      "vocab_path": null,                     # from scratch only: a vocab.json to use (e.g.
+                                              # scGPT's default human vocab); null = build
+                                              # one from the dataset's genes
+      "dataset": {"name": "cbmc", "path": "/job/in/dataset", "format": "cbmc_mat",
+                  "label_key": null, "gene_key": null, "use_raw": null},
+      "model": {"n_layers": 4, "d_model": 128, "n_heads": 4, "d_hid": 256,
+                "dropout": 0.0, "n_bins": 51, "input_emb_style": "continuous"},
+      "training": {"lr": 1e-3, "max_epochs": 10, "batch_size": 64, "precision": "32",
+                   "max_seq_len": 257, "mask_ratio": 0.4, "early_stopping_patience": 3,
+                   "val_fraction": 0.1, "test_fraction": 0.1, "limit_train_batches": null,
+                   "limit_eval_batches": null, "weight_decay": 0.0, "warmup_steps": 0,
+                   "eval_batch_size": null, "class_weighting": "none",
+                   "grad_clip": 1.0, "log_every_n_steps": 20, "include_zero_gene": false}
+    }
+
+With a parent checkpoint its args.json decides the architecture: model fields given in
+the manifest must equal the parent's (dropout may differ: it is a training setting).
+The parent's vocab.json is the vocabulary; dataset genes outside it are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+MANIFEST_VERSION = 1
+TASKS = ("pretrain_mgm", "finetune_celltype")
+DEVICES = ("cpu", "cuda", "auto")
+PRECISIONS = ("32", "bf16-mixed", "16-mixed", "auto")  # auto: bf16-mixed on cuda, else 32
+DATASET_FORMATS = ("cbmc_mat", "h5ad", "mat", "csv")
+INPUT_EMB_STYLES = ("continuous", "category")
+CLASS_WEIGHTINGS = ("none", "balanced", "sqrt")
+ARCH_FIELDS = ("n_layers", "d_model", "n_heads", "d_hid", "n_bins", "input_emb_style")
+
+
+class ManifestError(ValueError):
+    """The manifest is invalid; `field` names the offending entry."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"invalid manifest: {field}: {message}")
+
+
+@dataclass
+class ParentSpec:
+    checkpoint_dir: str
+
+
+@dataclass
+class DatasetSpec:
+    path: str
+    format: str
+    name: str = ""
+    label_key: str | None = None  # h5ad obs column / csv column / mat key with labels
+    gene_key: str | None = None  # h5ad: var column with gene names (default: var_names)
+    use_raw: bool | None = None  # h5ad: use .raw (default: when X has negative values)
+
+
+@dataclass
+class ModelSpec:
+    """Architecture; a None field takes the parent's value, or the default below."""
+    n_layers: int | None = None  # 4
+    d_model: int | None = None  # 128
+    n_heads: int | None = None  # 4
+    d_hid: int | None = None  # 256
+    dropout: float | None = None  # 0.0
+    n_bins: int | None = None  # 51
+    input_emb_style: str | None = None  # "continuous"
+
+
+MODEL_DEFAULTS = dict(n_layers=4, d_model=128, n_heads=4, d_hid=256, dropout=0.0,
+                      n_bins=51, input_emb_style="continuous")
+
+
+@dataclass
+class TrainingSpec:
+    lr: float = 1e-3
+    max_epochs: int = 10
+    batch_size: int = 64
+    precision: str = "32"
+    max_seq_len: int = 257  # tokens per cell including <cls>
+    mask_ratio: float = 0.4  # pretrain_mgm: fraction of expressed genes masked
+    early_stopping_patience: int = 3  # epochs without val improvement; 0 disables
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    limit_train_batches: int | None = None  # batches per epoch (tests, smoke runs)
+    limit_eval_batches: int | None = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warmup, then cosine decay to 0 at the last step
+    eval_batch_size: int | None = None  # default: 2 x batch_size
+    class_weighting: str = "none"  # cross-entropy class weights: none|balanced|sqrt
+    grad_clip: float | None = 1.0  # gradient norm clip; null disables
+    log_every_n_steps: int = 20  # progress line (and step metrics) every N steps
+    include_zero_gene: bool = False  # also sample unexpressed genes as tokens
+
+
+@dataclass
+class Manifest:
+    task: str
+    output_dir: str
+    tracking_uri: str
+    dataset: DatasetSpec
+    manifest_version: int = MANIFEST_VERSION
+    seed: int = 0
+    device: str = "auto"
+    vram_cap_gb: float | None = None
+    num_threads: int | None = None
+    experiment_name: str = "forge"
+    run_name: str | None = None
+    parent: ParentSpec | None = None
+    vocab_path: str | None = None
+    model: ModelSpec = field(default_factory=ModelSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ManifestError("<file>", f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ManifestError("<file>", f"{path} is not valid JSON: {e}") from None
+    return parse_manifest(raw)
+
+
+def parse_manifest(raw: dict) -> Manifest:
+    m = _build(Manifest, raw, "")
+    _check(m)
+    return m
+
+
+# ---------------------------------------------------------------- parsing
+
+def _build(cls, raw, path: str):
+    if not isinstance(raw, dict):
+        raise ManifestError(path or "<root>", f"must be an object, got {_tn(raw)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ManifestError(_join(path, key), f"unknown field (known: {', '.join(known)})")
+    kwargs = {}
+    for name, f in known.items():
+        where = _join(path, name)
+        if name not in raw:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ManifestError(where, "required field is missing")
+            continue
+        kwargs[name] = _coerce(hints[name], raw[name], where)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ManifestError(where, "must not be null")
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if value is None:
+        raise ManifestError(where, "must not be null")
+    if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ManifestError(where, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ManifestError(where, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ManifestError(where, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ManifestError(where, f"must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ManifestError(where, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported manifest type {tp} at {where}")
+
+
+def _check(m: Manifest) -> None:
+    def need(ok: bool, where: str, msg: str):
+        if not ok:
+            raise ManifestError(where, msg)
+
+    def choice(value, options, where):
+        need(value in options, where, f"must be one of {', '.join(options)}, got {value!r}")
+
+    need(m.manifest_version == MANIFEST_VERSION, "manifest_version",
+         f"unsupported version {m.manifest_version} (this trainer reads {MANIFEST_VERSION})")
+    choice(m.task, TASKS, "task")
+    choice(m.device, DEVICES, "device")
+    need(m.seed >= 0, "seed", "must be >= 0")
+    need(m.vram_cap_gb is None or m.vram_cap_gb > 0, "vram_cap_gb", "must be > 0")
+    need(m.num_threads is None or m.num_threads >= 1, "num_threads", "must be >= 1")
+    need(bool(m.output_dir), "output_dir", "must not be empty")
+    need(m.tracking_uri.startswith(("file:", "sqlite:", "http:", "https:")) or
+         m.tracking_uri.startswith("/"), "tracking_uri",
+         f"must be an MLflow tracking URI (file:///..., sqlite:///...), got {m.tracking_uri!r}")
+    need(bool(m.experiment_name), "experiment_name", "must not be empty")
+    if m.parent is not None:
+        need(bool(m.parent.checkpoint_dir), "parent.checkpoint_dir", "must not be empty")
+        need(m.vocab_path is None, "vocab_path",
+             "must be null with a parent checkpoint (the parent's vocab.json is used)")
+
+    choice(m.dataset.format, DATASET_FORMATS, "dataset.format")
+    need(bool(m.dataset.path), "dataset.path", "must not be empty")
+    if m.task == "finetune_celltype" and m.dataset.format in ("h5ad", "csv"):
+        need(bool(m.dataset.label_key), "dataset.label_key",
+             f"is required to fine-tune on a {m.dataset.format} dataset")
+
+    md = m.model
+    for name in ("n_layers", "d_model", "n_heads", "d_hid"):
+        v = getattr(md, name)
+        need(v is None or v >= 1, f"model.{name}", f"must be >= 1, got {v}")
+    need(md.n_bins is None or md.n_bins >= 3, "model.n_bins", "must be >= 3")
+    need(md.dropout is None or 0 <= md.dropout < 1, "model.dropout", "must be in [0, 1)")
+    if md.input_emb_style is not None:
+        choice(md.input_emb_style, INPUT_EMB_STYLES, "model.input_emb_style")
+    if md.d_model and md.n_heads:
+        need(md.d_model % md.n_heads == 0, "model.n_heads",
+             f"must divide model.d_model ({md.d_model})")
+
+    t = m.training
+    need(t.lr > 0, "training.lr", f"must be > 0, got {t.lr}")
+    need(t.max_epochs >= 1, "training.max_epochs", "must be >= 1")
+    need(t.batch_size >= 1, "training.batch_size", "must be >= 1")
+    need(t.eval_batch_size is None or t.eval_batch_size >= 1, "training.eval_batch_size",
+         "must be >= 1")
+    choice(t.precision, PRECISIONS, "training.precision")
+    need(t.max_seq_len >= 2, "training.max_seq_len", "must be >= 2 (<cls> + one gene)")
+    need(0 <= t.mask_ratio < 1, "training.mask_ratio", "must be in [0, 1)")
+    if m.task == "pretrain_mgm":
+        need(t.mask_ratio > 0, "training.mask_ratio", "must be > 0 for pretrain_mgm")
+    need(t.early_stopping_patience >= 0, "training.early_stopping_patience", "must be >= 0")
+    need(0 < t.val_fraction < 1, "training.val_fraction", "must be in (0, 1)")
+    need(0 < t.test_fraction < 1, "training.test_fraction", "must be in (0, 1)")
+    need(t.val_fraction + t.test_fraction < 1, "training.test_fraction",
+         "val_fraction + test_fraction must be < 1")
+    for name in ("limit_train_batches", "limit_eval_batches"):
+        v = getattr(t, name)
+        need(v is None or v >= 1, f"training.{name}", "must be >= 1 or null")
+    need(t.weight_decay >= 0, "training.weight_decay", "must be >= 0")
+    need(t.warmup_steps >= 0, "training.warmup_steps", "must be >= 0")
+    choice(t.class_weighting, CLASS_WEIGHTINGS, "training.class_weighting")
+    need(t.grad_clip is None or t.grad_clip > 0, "training.grad_clip", "must be > 0 or null")
+    need(t.log_every_n_steps >= 1, "training.log_every_n_steps", "must be >= 1")
+
+
+def resolve_model(spec: ModelSpec, parent_arch: dict | None) -> dict:
+    """Architecture to build: the parent's (manifest must agree), else spec over defaults."""
+    given = {k: v for k, v in asdict(spec).items() if v is not None}
+    if parent_arch is None:
+        return {**MODEL_DEFAULTS, **given}
+    for name in ARCH_FIELDS:
+        if name in given and name in parent_arch and given[name] != parent_arch[name]:
+            raise ManifestError(f"model.{name}", f"is {given[name]!r} but the parent "
+                                f"checkpoint's args.json has {parent_arch[name]!r}")
+    return {**MODEL_DEFAULTS, **parent_arch, **{k: v for k, v in given.items()
+                                                 if k not in ARCH_FIELDS}}
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _tn(v) -> str:
+    return type(v).__name__

@@ -1,0 +1,96 @@
+"""Evaluation helpers: the logistic-regression baseline, per-class F1, the figures."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+
+def classification_metrics(true: np.ndarray, pred: np.ndarray, label_names: list[str],
+                           prefix: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Accuracy and macro-F1 under `prefix`, plus per-class F1 keyed by label name."""
+    labels = np.arange(len(label_names))
+    per_class = f1_score(true, pred, labels=labels, average=None, zero_division=0)
+    metrics = {f"{prefix}accuracy": float(accuracy_score(true, pred)),
+               f"{prefix}macro_f1": float(f1_score(true, pred, labels=labels,
+                                                   average="macro", zero_division=0))}
+    return metrics, {name: float(f) for name, f in zip(label_names, per_class)}
+
+
+def logistic_regression_baseline(features: np.ndarray, labels: np.ndarray, train: np.ndarray,
+                                 test: np.ndarray, label_names: list[str], seed: int) -> dict:
+    """scikit-learn LogisticRegression on log1p CP10k features, same split as the model."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(max_iter=1000, random_state=seed)
+    clf.fit(features[train], labels[train])
+    pred = clf.predict(features[test])
+    metrics, per_class = classification_metrics(labels[test], pred, label_names,
+                                                "baseline_test_")
+    return {"model": "sklearn LogisticRegression(max_iter=1000), log1p CP10k features",
+            "metrics": metrics, "per_class_f1": per_class}
+
+
+def metric_key(name: str) -> str:
+    """A label name as an MLflow metric key fragment (letters, digits, _ - . / space)."""
+    return re.sub(r"[^A-Za-z0-9_./ -]", "_", name)
+
+
+def plot_confusion_matrix(true: np.ndarray, pred: np.ndarray, label_names: list[str],
+                          path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = confusion_matrix(true, pred, labels=np.arange(len(label_names)))
+    frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    n = len(label_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), label_names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), label_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04, label="fraction of true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(history: list[dict[str, float]], path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    loss_keys = [k for k in ("train_loss", "val_loss", "train_mse", "val_mse")
+                 if any(k in h for h in history)]
+    score_keys = [k for k in ("val_accuracy", "val_macro_f1") if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, 2 if score_keys else 1, figsize=(10 if score_keys else 5, 3.6),
+                             squeeze=False)
+    for k in loss_keys:
+        axes[0, 0].plot(epochs, [h.get(k, np.nan) for h in history], marker="o", label=k)
+    axes[0, 0].set_xlabel("epoch")
+    axes[0, 0].set_ylabel("loss")
+    axes[0, 0].legend()
+    if score_keys:
+        for k in score_keys:
+            axes[0, 1].plot(epochs, [h.get(k, np.nan) for h in history], marker="o", label=k)
+        axes[0, 1].set_xlabel("epoch")
+        axes[0, 1].set_ylim(0, 1)
+        axes[0, 1].legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,205 @@
+"""Lightning pieces for the two tasks: batches, the LightningModule, callbacks.
+
+- `pretrain_mgm`: masked gene-expression modelling. A fraction of each cell's expressed
+  genes get their value replaced by the mask value; the expression decoder predicts the
+  binned value there; loss = MSE on the masked positions (scGPT's masked_mse_loss).
+- `finetune_celltype`: the classifier head reads the `<cls>` embedding; cross-entropy.
+
+A non-finite loss raises `NonFiniteLoss` at once (the entrypoint exits 3, reason nan_loss).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score
+
+from trainers.data.load import CellData
+from trainers.scgpt.model import ScGPT
+from trainers.scgpt.tokenize import Tokenizer
+
+PRETRAIN, FINETUNE = "pretrain_mgm", "finetune_celltype"
+
+
+class NonFiniteLoss(FloatingPointError):
+    def __init__(self, stage: str, step: int, value: float):
+        self.stage, self.step, self.value = stage, step, value
+        super().__init__(f"non-finite {stage} loss ({value}) at global step {step}")
+
+
+class CellBatches:
+    """Tokenized batches over a subset of cells; a plain iterable Lightning accepts.
+
+    Shuffled loaders draw a new order, gene sample and mask each epoch from
+    (seed, epoch); evaluation loaders replay the same draws every time, so validation
+    metrics compare across epochs and runs.
+    """
+
+    def __init__(self, data: CellData, columns: np.ndarray, cells: np.ndarray,
+                 tokenizer: Tokenizer, batch_size: int, seed: int, shuffle: bool,
+                 mask_ratio: float = 0.0, limit: int | None = None):
+        self.data, self.columns, self.cells = data, columns, cells
+        self.tokenizer, self.batch_size, self.seed = tokenizer, batch_size, seed
+        self.shuffle, self.mask_ratio, self.limit = shuffle, mask_ratio, limit
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = math.ceil(len(self.cells) / self.batch_size)
+        return min(n, self.limit) if self.limit else n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch if self.shuffle else 0])
+        self.epoch += 1
+        order = rng.permutation(self.cells) if self.shuffle else self.cells
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            X = self.data.rows(idx)[:, self.columns]
+            batch = {k: torch.from_numpy(v)
+                     for k, v in self.tokenizer(X, rng, self.mask_ratio).items()}
+            if self.data.labels is not None:
+                batch["labels"] = torch.from_numpy(self.data.labels[idx])
+            yield batch
+
+
+class ScGPTModule(pl.LightningModule):
+    def __init__(self, model: ScGPT, task: str, lr: float, weight_decay: float = 0.0,
+                 warmup_steps: int = 0, total_steps: int = 1,
+                 class_weights: torch.Tensor | None = None, n_cls: int = 1):
+        super().__init__()
+        self.model, self.task = model, task
+        self.lr, self.weight_decay = lr, weight_decay
+        self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
+        self.n_cls = n_cls
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self._eval: dict[str, list] = {}
+        self.test_outputs: dict[str, np.ndarray] = {}
+
+    # -- one batch -> loss (+ predictions)
+    def _step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        h = self.model.encode(batch["genes"], batch["values"], batch["pad_mask"])
+        if self.task == PRETRAIN:
+            mask = batch["mlm_mask"]
+            pred = self.model.decoder(h[mask]).float()  # decode the masked positions only
+            loss = F.mse_loss(pred, batch["target"][mask])
+            return loss, {"n": int(mask.sum())}
+        logits = self.model.cls_decoder(h[:, 0, :]).float()  # <cls> embedding
+        loss = F.cross_entropy(logits, batch["labels"], weight=self.class_weights)
+        return loss, {"pred": logits.argmax(-1), "labels": batch["labels"]}
+
+    def _check(self, loss: torch.Tensor, stage: str) -> None:
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(stage, self.global_step, float(loss))
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self._step(batch)
+        self._check(loss, "train")
+        name = "train_mse" if self.task == PRETRAIN else "train_loss"
+        self.log(name, loss, on_step=False, on_epoch=True, batch_size=len(batch["genes"]))
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
+                 batch_size=1)
+        return loss
+
+    def _eval_step(self, batch, stage: str):
+        loss, out = self._step(batch)
+        self._check(loss, stage)
+        acc = self._eval.setdefault(stage, [])
+        weight = out["n"] if self.task == PRETRAIN else len(batch["genes"])
+        acc.append((float(loss) * weight, weight, out.get("pred"), out.get("labels")))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        rows = self._eval.pop(stage, [])
+        if not rows:
+            return
+        total = sum(r[1] for r in rows)
+        loss = sum(r[0] for r in rows) / max(total, 1)
+        if self.task == PRETRAIN:
+            self.log(f"{stage}_mse", loss)
+            return
+        pred = torch.cat([r[2] for r in rows]).cpu().numpy()
+        true = torch.cat([r[3] for r in rows]).cpu().numpy()
+        self.log_dict({f"{stage}_loss": loss,
+                       f"{stage}_accuracy": float(accuracy_score(true, pred)),
+                       f"{stage}_macro_f1": float(f1_score(true, pred, average="macro",
+                                                           labels=np.arange(self.n_cls),
+                                                           zero_division=0))})
+        if stage == "test":
+            self.test_outputs = {"pred": pred, "true": true}
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+
+        def schedule(step: int) -> float:  # linear warmup, then cosine down to 10%
+            if step < self.warmup_steps:
+                return (step + 1) / self.warmup_steps
+            t = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class LineProgress(pl.Callback):
+    """Progress as whole lines (the host streams stdout line by line through a pipe).
+
+    One line every `every` training steps and one per epoch with the epoch's metrics.
+    """
+
+    def __init__(self, every: int = 20, stream=None):
+        self.every, self.stream = every, stream or sys.stdout
+        self._t0 = self._n = 0
+
+    def _print(self, msg: str) -> None:
+        print(msg, file=self.stream, flush=True)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t0, self._n = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._n += len(batch["genes"])
+        total = trainer.num_training_batches
+        if (batch_idx + 1) % self.every == 0 or batch_idx + 1 == total:
+            rate = self._n / max(time.perf_counter() - self._t0, 1e-9)
+            loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+            self._print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
+                        f"step {batch_idx + 1}/{total} loss {loss:.4f} "
+                        f"{rate:.0f} cells/s")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "lr"}
+        shown = " ".join(f"{k} {v:.4f}" for k, v in sorted(m.items()))
+        self._print(f"epoch {trainer.current_epoch + 1} done in "
+                    f"{time.perf_counter() - self._t0:.1f}s: {shown}")
+
+
+class History(pl.Callback):
+    """Per-epoch metrics for the learning-curves figure and result.json."""
+
+    def __init__(self):
+        self.epochs: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        row = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if k != "lr" and not k.startswith("test_")}
+        row["epoch"] = trainer.current_epoch + 1
+        self.epochs.append(row)

@@ -1,0 +1,402 @@
+"""An scGPT-compatible transformer for single-cell expression, in one file.
+
+Read top to bottom: config, the input encoders (gene token + expression value), the
+transformer block (post-norm, fused qkv, `F.scaled_dot_product_attention`), the two heads
+(expression decoder for masked-gene pretraining, classifier for cell types), the model,
+and finally the scGPT checkpoint folder format (`args.json`, `vocab.json`, `best_model.pt`).
+
+Shapes: B cells in a batch, T tokens per cell (position 0 is `<cls>`), C = d_model.
+
+The module layout mirrors scGPT 0.2.4's `TransformerModel` (`encoder`, `value_encoder`,
+`decoder`, `cls_decoder` keep scGPT's parameter names); only the transformer layers are
+named our own way (`blocks.N.attn.qkv`, ...) and mapped from scGPT's names in
+`scgpt_to_ours()`, which accepts both the PyTorch (`self_attn.in_proj_weight`) and the
+flash-attention (`self_attn.Wqkv.weight`) spelling.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+INPUT_EMB_STYLES = ("continuous", "category")
+
+
+@dataclass
+class ScGPTConfig:
+    vocab_size: int
+    d_model: int = 128
+    n_heads: int = 4
+    d_hid: int = 256
+    n_layers: int = 4
+    n_layers_cls: int = 3  # depth of the classifier MLP, as scGPT's ClsDecoder(nlayers=3)
+    n_cls: int = 1
+    dropout: float = 0.1
+    pad_token_id: int = 0
+    n_bins: int = 51
+    input_emb_style: str = "continuous"  # scGPT's "scaling" style is not supported
+    # Value conventions of scGPT's tutorials: continuous inputs pad with -2 and mask
+    # with -1; category inputs reserve two extra bins for pad (n_bins) and mask (n_bins+1).
+    pad_value: float = -2.0
+    mask_value: float = -1.0
+
+    def __post_init__(self):
+        if self.input_emb_style not in INPUT_EMB_STYLES:
+            raise ValueError(f"input_emb_style must be one of {INPUT_EMB_STYLES}, "
+                             f"got {self.input_emb_style!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by "
+                             f"n_heads ({self.n_heads})")
+
+
+# ---------------------------------------------------------------- input encoders
+
+class GeneEncoder(nn.Module):
+    """Gene token -> vector (scGPT's GeneEncoder: embedding + LayerNorm)."""
+
+    def __init__(self, vocab_size: int, d_model: int, padding_idx: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=padding_idx)
+        self.enc_norm = nn.LayerNorm(d_model)
+
+    def forward(self, genes: Tensor) -> Tensor:
+        return self.enc_norm(self.embedding(genes))
+
+
+class ContinuousValueEncoder(nn.Module):
+    """Scalar expression value -> vector through a 1 -> C -> C MLP (scGPT's default)."""
+
+    def __init__(self, d_model: int, dropout: float, max_value: float = 512):
+        super().__init__()
+        self.linear1 = nn.Linear(1, d_model)
+        self.activation = nn.ReLU()
+        self.linear2 = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.max_value = max_value
+
+    def forward(self, values: Tensor) -> Tensor:
+        x = torch.clamp(values.unsqueeze(-1), max=self.max_value)
+        x = self.linear2(self.activation(self.linear1(x)))
+        return self.dropout(self.norm(x))
+
+
+class CategoryValueEncoder(nn.Module):
+    """Binned expression value -> vector through an embedding table."""
+
+    def __init__(self, n_input_bins: int, d_model: int, padding_idx: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_input_bins, d_model, padding_idx=padding_idx)
+        self.enc_norm = nn.LayerNorm(d_model)
+
+    def forward(self, values: Tensor) -> Tensor:
+        return self.enc_norm(self.embedding(values.long()))
+
+
+# ---------------------------------------------------------------- transformer
+
+class SelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        # q, k and v in one matmul; the row layout [q; k; v] is the one of PyTorch's
+        # in_proj_weight and of flash-attn's Wqkv, so scGPT weights load unchanged.
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # No dropout on the attention weights (scGPT's nn.MultiheadAttention has it): the
+        # fused SDPA kernels on CPU refuse dropout and the fallback is 2-3x slower.
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # CPU's fused bf16 attention is slower than its fp32 one (measured on AMX
+            # Xeons), while the bf16 matmuls around it are much faster: attend in fp32.
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                   attn_mask=keep).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Post-norm encoder layer, as nn.TransformerEncoderLayer(norm_first=False, relu)."""
+
+    def __init__(self, d_model: int, n_heads: int, d_hid: int, dropout: float):
+        super().__init__()
+        self.attn = SelfAttention(d_model, n_heads)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ff_in = nn.Linear(d_model, d_hid)
+        self.ff_out = nn.Linear(d_hid, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
+        x = self.norm1(x + self.drop(self.attn(x, keep)))
+        ff = self.ff_out(self.drop(F.relu(self.ff_in(x))))
+        return self.norm2(x + self.drop(ff))
+
+
+# ---------------------------------------------------------------- heads
+
+class ExprDecoder(nn.Module):
+    """Per-token expression value prediction (masked gene-expression modelling)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(d_model, d_model), nn.LeakyReLU(),
+            nn.Linear(d_model, d_model), nn.LeakyReLU(),
+            nn.Linear(d_model, 1),
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.fc(h).squeeze(-1)  # (B, T)
+
+
+class ClsDecoder(nn.Module):
+    """Cell embedding -> class logits: (n_layers - 1) x [Linear, ReLU, LayerNorm] + Linear."""
+
+    def __init__(self, d_model: int, n_cls: int, n_layers: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for _ in range(n_layers - 1):
+            self.layers.extend([nn.Linear(d_model, d_model), nn.ReLU(), nn.LayerNorm(d_model)])
+        self.out_layer = nn.Linear(d_model, n_cls)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.out_layer(x)
+
+
+# ---------------------------------------------------------------- the model
+
+class ScGPT(nn.Module):
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.encoder = GeneEncoder(c.vocab_size, c.d_model, padding_idx=c.pad_token_id)
+        if c.input_emb_style == "continuous":
+            self.value_encoder = ContinuousValueEncoder(c.d_model, c.dropout)
+        else:
+            self.value_encoder = CategoryValueEncoder(
+                c.n_bins + 2, c.d_model, padding_idx=int(c.pad_value))
+        self.blocks = nn.ModuleList(
+            Block(c.d_model, c.n_heads, c.d_hid, c.dropout) for _ in range(c.n_layers))
+        self.decoder = ExprDecoder(c.d_model)
+        self.cls_decoder = ClsDecoder(c.d_model, c.n_cls, c.n_layers_cls)
+        # scGPT's init_weights(): only the gene embedding is re-initialised.
+        nn.init.uniform_(self.encoder.embedding.weight, -0.1, 0.1)
+
+    def encode(self, genes: Tensor, values: Tensor, pad_mask: Tensor) -> Tensor:
+        """genes, values, pad_mask (True = padding): (B, T) -> hidden states (B, T, C)."""
+        x = self.encoder(genes) + self.value_encoder(values)
+        # SDPA takes a boolean "may attend" mask; without padding we pass none, which
+        # lets the fused kernels run unmasked.
+        keep = None if not pad_mask.any() else ~pad_mask[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, keep)
+        return x
+
+    def forward(self, genes: Tensor, values: Tensor, pad_mask: Tensor,
+                cls: bool = False) -> dict[str, Tensor]:
+        h = self.encode(genes, values, pad_mask)
+        out = {"mlm_output": self.decoder(h), "cell_emb": h[:, 0, :]}  # <cls> at position 0
+        if cls:
+            out["cls_output"] = self.cls_decoder(out["cell_emb"])
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---------------------------------------------------------------- scGPT checkpoint folders
+#
+# scGPT ships a model as a folder: args.json (its training script's arguments),
+# vocab.json (token -> id) and best_model.pt (a state dict). The names below are the
+# argument names of scGPT's pretraining/fine-tuning scripts.
+
+ARGS_TO_CONFIG = {  # scGPT args.json key -> ScGPTConfig field
+    "embsize": "d_model", "nheads": "n_heads", "d_hid": "d_hid", "nlayers": "n_layers",
+    "n_layers_cls": "n_layers_cls", "dropout": "dropout", "n_bins": "n_bins",
+    "input_emb_style": "input_emb_style", "pad_value": "pad_value",
+    "mask_value": "mask_value",
+}
+
+_LAYER_RENAMES = [  # (scGPT suffix inside transformer_encoder.layers.N, ours inside blocks.N)
+    (r"self_attn\.in_proj_(weight|bias)", r"attn.qkv.\1"),  # PyTorch MultiheadAttention
+    (r"self_attn\.Wqkv\.(weight|bias)", r"attn.qkv.\1"),  # flash-attn FlashMHA
+    (r"self_attn\.out_proj\.(weight|bias)", r"attn.out_proj.\1"),
+    (r"linear1\.(weight|bias)", r"ff_in.\1"),
+    (r"linear2\.(weight|bias)", r"ff_out.\1"),
+    (r"norm1\.(weight|bias)", r"norm1.\1"),
+    (r"norm2\.(weight|bias)", r"norm2.\1"),
+]
+
+
+def scgpt_to_ours(key: str) -> str | None:
+    """Map one scGPT state-dict key to ours; None when the key has no counterpart."""
+    m = re.fullmatch(r"transformer_encoder\.layers\.(\d+)\.(.+)", key)
+    if m:
+        layer, rest = m.groups()
+        for pattern, repl in _LAYER_RENAMES:
+            if re.fullmatch(pattern, rest):
+                return f"blocks.{layer}." + re.sub(pattern, repl, rest)
+        return None  # e.g. flash-attn's parameterless inner_attn
+    m = re.fullmatch(r"cls_decoder\._decoder\.(\d+)\.(.+)", key)
+    if m:
+        return f"cls_decoder.layers.{m.group(1)}.{m.group(2)}"
+    return key
+
+
+def ours_to_scgpt(key: str) -> str:
+    """Inverse of scgpt_to_ours, writing PyTorch (non-flash) names."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+    if m:
+        layer, rest = m.groups()
+        rest = {"attn.qkv.weight": "self_attn.in_proj_weight",
+                "attn.qkv.bias": "self_attn.in_proj_bias"}.get(rest, rest)
+        rest = rest.replace("attn.out_proj.", "self_attn.out_proj.")
+        rest = rest.replace("ff_in.", "linear1.").replace("ff_out.", "linear2.")
+        return f"transformer_encoder.layers.{layer}.{rest}"
+    m = re.fullmatch(r"cls_decoder\.layers\.(\d+)\.(.+)", key)
+    if m:
+        return f"cls_decoder._decoder.{m.group(1)}.{m.group(2)}"
+    return key
+
+
+@dataclass
+class LoadReport:
+    """What happened to each key when loading an scGPT state dict into ScGPT."""
+    missing: list[str]  # our parameters the checkpoint did not provide (left as initialised)
+    unexpected: list[str]  # checkpoint keys we have no place for (e.g. mvc_decoder.*)
+    shape_mismatch: list[str]  # present on both sides with different shapes (not loaded)
+
+    def summary(self) -> str:
+        parts = []
+        for name in ("missing", "unexpected", "shape_mismatch"):
+            keys = getattr(self, name)
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", ... (+{len(keys) - 8})" if len(keys) > 8 else "")
+                parts.append(f"{len(keys)} {name}: {shown}")
+        return "; ".join(parts) or "all keys matched"
+
+
+class CheckpointError(ValueError):
+    """An scGPT checkpoint folder that cannot be used; the message says what is wrong."""
+
+
+def load_scgpt_state_dict(model: ScGPT, state: dict[str, Tensor],
+                          allow_missing: tuple[str, ...] = ()) -> LoadReport:
+    """Copy an scGPT (or our own) state dict into `model`.
+
+    Keys whose shape differs are skipped and reported (e.g. a classifier head trained for
+    a different number of classes). A missing key is an error unless it starts with one
+    of `allow_missing` (e.g. "cls_decoder." when fine-tuning a pretrained base).
+    """
+    ours = model.state_dict()
+    mapped, unexpected, mismatch = {}, [], []
+    for key, value in state.items():
+        name = scgpt_to_ours(key)
+        if name is None or name not in ours:
+            if name is not None or "inner_attn" not in key:
+                unexpected.append(key)
+            continue
+        if ours[name].shape != value.shape:
+            mismatch.append(f"{key} {tuple(value.shape)} vs {tuple(ours[name].shape)}")
+            continue
+        mapped[name] = value
+    missing = [k for k in ours if k not in mapped]
+    report = LoadReport(missing, unexpected, mismatch)
+    hard_missing = [k for k in missing if not k.startswith(allow_missing)]
+    if hard_missing:
+        raise CheckpointError(f"checkpoint does not match the model: {report.summary()}")
+    model.load_state_dict(mapped, strict=False)
+    return report
+
+
+def config_from_args(args: dict, vocab_size: int, pad_token_id: int, n_cls: int = 1
+                     ) -> ScGPTConfig:
+    """Build our config from an scGPT args.json dict."""
+    missing = [k for k in ("embsize", "nheads", "d_hid", "nlayers") if k not in args]
+    if missing:
+        raise CheckpointError(f"args.json lacks {', '.join(missing)}")
+    kw = {ours: args[theirs] for theirs, ours in ARGS_TO_CONFIG.items() if theirs in args}
+    if kw.get("input_emb_style") == "category":
+        # scGPT tutorials: pad with bin n_bins, mask with bin n_bins + 1
+        kw.setdefault("pad_value", args.get("n_bins", 51))
+        kw.setdefault("mask_value", args.get("n_bins", 51) + 1)
+    return ScGPTConfig(vocab_size=vocab_size, pad_token_id=pad_token_id, n_cls=n_cls, **kw)
+
+
+def config_to_args(config: ScGPTConfig, extra: dict | None = None) -> dict:
+    """An args.json dict in scGPT's naming (its tutorial scripts' argument names)."""
+    args = {theirs: getattr(config, ours) for theirs, ours in ARGS_TO_CONFIG.items()}
+    args.update(pad_token="<pad>", input_style="binned", max_seq_len=None,
+                n_cls=config.n_cls, fast_transformer=False, pre_norm=False)
+    args.update(extra or {})
+    return args
+
+
+def load_checkpoint(folder: str | Path, n_cls: int | None = None,
+                    map_location: str | torch.device = "cpu"):
+    """Load an scGPT checkpoint folder -> (model, vocab dict, args dict, LoadReport).
+
+    `n_cls` sizes the classifier head; when it differs from the checkpoint's (or the
+    checkpoint has no head), the head starts freshly initialised and is reported missing.
+    """
+    folder = Path(folder)
+    for name in ("args.json", "vocab.json", "best_model.pt"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder} is not an scGPT checkpoint folder: no {name}")
+    args = json.loads((folder / "args.json").read_text())
+    vocab = json.loads((folder / "vocab.json").read_text())
+    pad_token = args.get("pad_token", "<pad>")
+    if pad_token not in vocab:
+        raise CheckpointError(f"vocab.json has no pad token {pad_token!r}")
+    state = torch.load(folder / "best_model.pt", map_location=map_location, weights_only=True)
+    n_vocab = max(len(vocab), max(vocab.values()) + 1)
+    emb = state.get("encoder.embedding.weight")
+    if emb is not None and emb.shape[0] != n_vocab:
+        raise CheckpointError(f"vocab.json has {n_vocab} tokens but the gene embedding "
+                              f"has {emb.shape[0]} rows")
+    if n_cls is None:
+        out = state.get("cls_decoder.out_layer.weight")
+        n_cls = int(out.shape[0]) if out is not None else int(args.get("n_cls", 1))
+    config = config_from_args(args, n_vocab, vocab[pad_token], n_cls)
+    model = ScGPT(config)
+    report = load_scgpt_state_dict(model, state, allow_missing=("cls_decoder.",))
+    return model, vocab, args, report
+
+
+def save_checkpoint(model: ScGPT, vocab: dict[str, int], folder: str | Path,
+                    extra_args: dict | None = None) -> dict[str, Path]:
+    """Write an scGPT checkpoint folder (PyTorch key names, loadable by scGPT itself)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    args = config_to_args(model.config, extra_args)
+    paths = {"args.json": folder / "args.json", "vocab.json": folder / "vocab.json",
+             "best_model.pt": folder / "best_model.pt"}
+    paths["args.json"].write_text(json.dumps(args, indent=2))
+    paths["vocab.json"].write_text(json.dumps(vocab, indent=2))
+    state = {ours_to_scgpt(k): v.detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    torch.save(state, paths["best_model.pt"])
+    return paths
+
+
+def config_dict(config: ScGPTConfig) -> dict:
+    return asdict(config)
+
+
+CONFIG_FIELDS = tuple(f.name for f in fields(ScGPTConfig))

@@ -1,0 +1,129 @@
+"""From manifest + dataset to a ready model: vocabulary, gene mapping, architecture.
+
+With a parent checkpoint its args.json fixes the architecture and its vocab.json the
+vocabulary (dataset genes outside it are dropped and counted); from scratch the
+vocabulary is the manifest's vocab_path or the dataset's own genes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainers.data.load import CellData
+from trainers.manifest import Manifest, ManifestError, resolve_model
+from trainers.scgpt.model import (ARGS_TO_CONFIG, CheckpointError, LoadReport, ScGPT,
+                                  ScGPTConfig, load_checkpoint)
+from trainers.scgpt.tokenize import GeneVocab, Tokenizer
+
+
+@dataclass
+class Prepared:
+    model: ScGPT
+    vocab: GeneVocab
+    columns: np.ndarray  # dataset columns kept (genes in the vocabulary)
+    tokenizer: Tokenizer
+    genes: dict  # {"in_vocab", "dropped", "vocab_size"}
+    parent: dict | None  # {"checkpoint_dir", "load_report"}
+
+
+def _parent_arch(args: dict) -> dict:
+    names = {"embsize": "d_model", "nheads": "n_heads", "d_hid": "d_hid",
+             "nlayers": "n_layers", "n_bins": "n_bins", "input_emb_style": "input_emb_style",
+             "dropout": "dropout"}
+    return {ours: args[theirs] for theirs, ours in names.items() if theirs in args}
+
+
+def prepare(m: Manifest, data: CellData, n_cls: int | None) -> Prepared:
+    """n_cls: classes of the fine-tuning head; None keeps the parent's head (pretraining)."""
+    report: LoadReport | None = None
+    if m.parent is not None:
+        folder = Path(m.parent.checkpoint_dir)
+        try:
+            args = json.loads((folder / "args.json").read_text())
+        except FileNotFoundError:
+            raise ManifestError("parent.checkpoint_dir",
+                                f"{folder} has no args.json (not an scGPT checkpoint)") from None
+        arch = resolve_model(m.model, _parent_arch(args))
+        try:
+            model, stoi, args, report = load_checkpoint(folder, n_cls=n_cls)
+        except CheckpointError as e:
+            raise ManifestError("parent.checkpoint_dir", str(e)) from None
+        if m.task == "finetune_celltype" and args.get("label_names") and \
+                args["label_names"] != data.label_names:
+            # same class count by chance is not the same classes: start the head afresh
+            _reset_head(model)
+            report.missing = sorted(set(report.missing) | {
+                k for k in model.state_dict() if k.startswith("cls_decoder.")})
+        vocab = GeneVocab(stoi)
+        _set_dropout(model, arch["dropout"])
+    else:
+        arch = resolve_model(m.model, None)
+        if m.vocab_path:
+            try:
+                vocab = GeneVocab.from_file(m.vocab_path)
+            except (OSError, ValueError) as e:
+                raise ManifestError("vocab_path", f"cannot read {m.vocab_path}: {e}") from None
+        else:
+            vocab = GeneVocab.from_genes(data.genes)
+        n_bins = arch["n_bins"]
+        category = arch["input_emb_style"] == "category"
+        config = ScGPTConfig(
+            vocab_size=len(vocab), d_model=arch["d_model"], n_heads=arch["n_heads"],
+            d_hid=arch["d_hid"], n_layers=arch["n_layers"], n_cls=n_cls or 1,
+            dropout=arch["dropout"], pad_token_id=vocab.pad_id, n_bins=n_bins,
+            input_emb_style=arch["input_emb_style"],
+            pad_value=n_bins if category else -2.0, mask_value=n_bins + 1 if category else -1.0)
+        model = ScGPT(config)
+
+    ids = vocab.lookup(data.genes)
+    columns = np.flatnonzero(ids >= 0)
+    if len(columns) == 0:
+        where = "parent.checkpoint_dir" if m.parent else "vocab_path"
+        raise ManifestError(where, f"none of the dataset's {len(data.genes)} genes "
+                            f"(e.g. {', '.join(data.genes[:3])}) is in the vocabulary of "
+                            f"{len(vocab)} tokens")
+    c = model.config
+    tokenizer = Tokenizer(gene_ids=ids[columns], cls_id=vocab.cls_id, pad_id=vocab.pad_id,
+                          max_seq_len=m.training.max_seq_len, n_bins=c.n_bins,
+                          pad_value=c.pad_value, mask_value=c.mask_value,
+                          include_zero_gene=m.training.include_zero_gene)
+    genes = {"in_vocab": int(len(columns)), "dropped": int(len(data.genes) - len(columns)),
+             "vocab_size": len(vocab)}
+    parent = None if m.parent is None else {
+        "checkpoint_dir": m.parent.checkpoint_dir,
+        "load_report": {"missing": report.missing, "unexpected": report.unexpected,
+                        "shape_mismatch": report.shape_mismatch}}
+    return Prepared(model, vocab, columns, tokenizer, genes, parent)
+
+
+def _reset_head(model: ScGPT) -> None:
+    for module in model.cls_decoder.modules():
+        if hasattr(module, "reset_parameters") and module is not model.cls_decoder:
+            module.reset_parameters()
+
+
+def _set_dropout(model: ScGPT, p: float) -> None:
+    model.config.dropout = p
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
+def checkpoint_args(m: Manifest, label_names: list[str]) -> dict:
+    """Extra args.json entries: what scGPT's scripts record plus what we need to resume."""
+    extra = {"max_seq_len": m.training.max_seq_len, "task": m.task, "seed": m.seed,
+             "lr": m.training.lr, "batch_size": m.training.batch_size,
+             "epochs": m.training.max_epochs, "mask_ratio": m.training.mask_ratio,
+             "include_zero_gene": m.training.include_zero_gene,
+             "dataset": m.dataset.name, "trainer": "forge-runner trainers.scgpt"}
+    if m.task == "finetune_celltype":
+        extra["label_names"] = label_names
+    return extra
+
+
+__all__ = ["prepare", "Prepared", "checkpoint_args", "ARGS_TO_CONFIG"]
