@@ -20,8 +20,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from runner.errors import (CapOutOfPolicy, ForgeError, InvalidInput, InvalidOverride, NotFound,
-                           WrongArtifactType)
+from runner.errors import (
+    CapOutOfPolicy,
+    ForgeError,
+    InvalidInput,
+    InvalidOverride,
+    NotFound,
+    WrongArtifactType,
+)
 from runner.tools import define_skill, log_tool_call
 
 SKILL_NAME = "Train Model Version"
@@ -49,7 +55,7 @@ def request_key(agent_id: str, parent_artifact_id: str, dataset_artifact_id: str
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-# --- the plan: everything validate -> compose -> pin -> estimate found out ---------------------------
+# --- the plan: everything validate -> compose -> pin -> estimate found out ------------------------
 
 @dataclass
 class Plan:
@@ -95,7 +101,7 @@ class Plan:
         }
 
 
-# --- the call -----------------------------------------------------------------------------------------
+# --- the call -------------------------------------------------------------------------------------
 
 @log_tool_call(SKILL_NAME)
 def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
@@ -116,7 +122,7 @@ def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
     """
     if kw:
         raise InvalidInput(f"unknown arguments: {', '.join(sorted(kw))}",
-                           field=sorted(kw)[0], fix="see the skill's input_schema")
+                           field=min(kw), fix="see the skill's input_schema")
     plan = prepare(parent_artifact_id, dataset_artifact_id, training_config,
                    agent_id=agent_id, wall_time_cap_min=wall_time_cap_min,
                    vram_cap_gb=vram_cap_gb, dry_run=dry_run, overrides=overrides,
@@ -132,114 +138,63 @@ def prepare(parent_artifact_id, dataset_artifact_id, training_config=None, *, ag
             wall_time_cap_min=120, vram_cap_gb=24, dry_run=False, overrides=None,
             allow_dirty=False, devices=None, device=None, config=None) -> Plan:
     """validate -> compose -> pin code -> estimate; reads the registry, writes nothing."""
-    from runner import catalog, compose
-
-    # 1. validate what the caller passed (malformed input raises)
-    catalog.validate_artifact_id(parent_artifact_id, "parent_artifact_id")
-    catalog.validate_artifact_id(dataset_artifact_id, "dataset_artifact_id")
-    _check_agent_id(agent_id)
-    _check_cap(wall_time_cap_min, "wall_time_cap_min")
-    _check_cap(vram_cap_gb, "vram_cap_gb")
-    if devices is not None:
-        _check_cap(devices, "devices")
-    for name, flag in (("dry_run", dry_run), ("allow_dirty", allow_dirty)):
-        if not isinstance(flag, bool):
-            raise InvalidInput(f"{name} must be true or false, got {flag!r}", field=name,
-                               fix=f"pass {name}=True or {name}=False")
-    if device is not None and not isinstance(device, str):
-        raise InvalidInput(f"device must be a string, got {device!r}", field="device",
-                           fix="pass device='auto' or a key of pricing.per_device")
-
-    # 2. compose
-    if config is not None:
-        if overrides or training_config:
-            raise InvalidInput("pass either config or overrides/training_config, not both",
-                               field="config", fix="drop config to compose from overrides")
-        cfg = config
-        resolved = compose.validate_config(cfg)
-        _check_agrees(resolved, parent_artifact_id, dataset_artifact_id, agent_id,
-                      wall_time_cap_min, vram_cap_gb, dry_run, allow_dirty, devices, device)
-    else:
-        parsed = compose.parse_overrides(overrides)
-        _check_not_arguments(parsed, training_config)
-        lines = [_group_choice("parent", parent_artifact_id),
-                 _group_choice("dataset", dataset_artifact_id)]
-        lines = [line for line in lines if line] + [o.input_line for o in parsed]
-        lines += [f"agent_id='{agent_id}'", f"wall_time_cap_min={wall_time_cap_min}",
-                  f"vram_cap_gb={vram_cap_gb}", f"dry_run={str(dry_run).lower()}",
-                  f"allow_dirty={str(allow_dirty).lower()}",
-                  f"parent.artifact_id='{parent_artifact_id}'",
-                  f"dataset.artifact_id='{dataset_artifact_id}'"]
-        if devices is not None:
-            lines.append(f"devices={devices}")
-        if device is not None:
-            lines.append(f"device='{device}'" if "'" not in device else f'device="{device}"')
-        cfg, resolved = compose.compose_resolved(lines, training_config)
-
-    # 3. read the registry (parent, dataset, the agent's account) in one short transaction
-    from runner import db, ledger
-
-    db_url = resolved["registry"]["db_url"]
+    from runner import codepin, ledger
+    from runner.errors import CodePinError
     from runner.tools import audit_to
 
+    _validate_arguments(parent_artifact_id, dataset_artifact_id, agent_id, wall_time_cap_min,
+                        vram_cap_gb, devices, device, dry_run, allow_dirty)
+    if config is not None:
+        cfg, resolved = _from_config(config, parent_artifact_id, dataset_artifact_id, agent_id,
+                                     wall_time_cap_min, vram_cap_gb, dry_run, allow_dirty,
+                                     devices, device, overrides, training_config)
+    else:
+        cfg, resolved = _compose(parent_artifact_id, dataset_artifact_id, agent_id,
+                                 wall_time_cap_min, vram_cap_gb, dry_run, allow_dirty, devices,
+                                 device, overrides, training_config)
+    db_url = resolved["registry"]["db_url"]
     audit_to(db_url)
     problems: list[ForgeError] = []
-    with db.get_engine(db_url).connect() as conn:
-        try:
-            parent = _artifact(catalog, parent_artifact_id, "model", "parent_artifact_id",
-                               conn, problems)
-            dataset = _artifact(catalog, dataset_artifact_id, "dataset", "dataset_artifact_id",
-                                conn, problems)
-            account = ledger.account(agent_id, conn=conn)
-        except Exception as exc:
-            _raise_db_error(exc)
-        conn.rollback()
+    parent, dataset, account = _read_registry(db_url, parent_artifact_id, dataset_artifact_id,
+                                              agent_id, problems)
     derived = _registry_values(parent, dataset, overrides, training_config) \
         if config is None else {}
     if derived:
+        from runner import compose
+
         cfg, resolved = compose.merge_config(cfg, derived, "registry")
 
-    # 4. estimate, and check the request against policy and the balance
-    pricing = resolved["pricing"]
-    dev = resolved["device"]
-    price = ledger.to_price(pricing["per_device"].get(dev, pricing["price_per_hour"])
-                            if dev != "auto" else pricing["price_per_hour"],
-                            f"pricing.per_device.{dev}" if dev != "auto"
-                            else "pricing.price_per_hour")
-    n_devices = resolved["devices"]
-    amount = ledger.estimate(price, resolved["wall_time_cap_min"], n_devices)
+    price = price_per_hour(resolved)
     plan = Plan(agent_id=agent_id, parent_artifact_id=parent_artifact_id,
                 dataset_artifact_id=dataset_artifact_id, config=cfg, resolved=resolved,
-                db_url=db_url, currency=pricing["currency"], price_per_hour=price,
-                hours=ledger._round(Decimal(resolved["wall_time_cap_min"]) / 60),
-                devices=n_devices, estimate=amount, problems=problems)
+                db_url=db_url, currency=resolved["pricing"]["currency"], price_per_hour=price,
+                hours=ledger.round_money(Decimal(resolved["wall_time_cap_min"]) / 60),
+                devices=resolved["devices"],
+                estimate=ledger.estimate(price, resolved["wall_time_cap_min"],
+                                         resolved["devices"]),
+                problems=problems)
     _check_policy(resolved, problems)
     if account is None:
-        problems.append(ledger._unknown(agent_id))
+        problems.append(ledger.unknown_agent(agent_id))
     else:
         plan.balance = account["balance"]
-        if account["balance"] < amount:
-            problems.append(ledger.insufficient(agent_id, account["balance"], amount,
+        if plan.balance < plan.estimate:
+            problems.append(ledger.insufficient(agent_id, plan.balance, plan.estimate,
                                                 plan.currency))
-
-    # 5. pin the code, key the request, plan the sandbox
-    from runner import codepin
-    from runner.errors import CodePinError
-
     try:
         plan.code = codepin.pin_code()
     except CodePinError as exc:
         problems.append(exc)
-    else:
-        if plan.code.dirty and not resolved["allow_dirty"]:
-            problems.append(CodePinError(
-                f"the working tree {plan.code.repo_path} has uncommitted changes",
-                field="allow_dirty", reason="dirty_tree", diff_sha256=plan.code.diff_sha256,
-                fix="commit your changes (the sandbox runs the pinned commit), "
-                    "or pass allow_dirty=True"))
-        plan.request_key = request_key(agent_id, parent_artifact_id, dataset_artifact_id,
-                                       resolved, plan.code.sha, plan.code.diff_sha256)
-        plan.sandbox = _sandbox_plan(plan, problems)
+        return plan
+    if plan.code.dirty and not resolved["allow_dirty"]:
+        problems.append(CodePinError(
+            f"the working tree {plan.code.repo_path} has uncommitted changes",
+            field="allow_dirty", reason="dirty_tree", diff_sha256=plan.code.diff_sha256,
+            fix="commit your changes (the sandbox runs the pinned commit), "
+                "or pass allow_dirty=True"))
+    plan.request_key = request_key(agent_id, parent_artifact_id, dataset_artifact_id,
+                                   resolved, plan.code.sha, plan.code.diff_sha256)
+    plan.sandbox = _sandbox_plan(plan, problems)
     return plan
 
 
@@ -261,14 +216,93 @@ def _reserve(plan: Plan) -> dict:
         currency=plan.currency)
 
 
-# --- steps ------------------------------------------------------------------------------------------
+# --- steps ----------------------------------------------------------------------------------------
 
-def _check_agent_id(agent_id: Any) -> None:
-    from runner.compose import AGENT_ID
+def _validate_arguments(parent_artifact_id, dataset_artifact_id, agent_id, wall_time_cap_min,
+                        vram_cap_gb, devices, device, dry_run, allow_dirty) -> None:
+    """Malformed input raises: ids, the agent, caps, flags."""
+    from runner import catalog, ledger
 
-    if not isinstance(agent_id, str) or not AGENT_ID.match(agent_id):
-        raise InvalidInput(f"agent_id {agent_id!r} is not a valid agent id", field="agent_id",
-                           fix=f"pass the paying agent's id, matching {AGENT_ID.pattern}")
+    catalog.validate_artifact_id(parent_artifact_id, "parent_artifact_id")
+    catalog.validate_artifact_id(dataset_artifact_id, "dataset_artifact_id")
+    ledger.check_agent_id(agent_id)
+    _check_cap(wall_time_cap_min, "wall_time_cap_min")
+    _check_cap(vram_cap_gb, "vram_cap_gb")
+    if devices is not None:
+        _check_cap(devices, "devices")
+    for name, flag in (("dry_run", dry_run), ("allow_dirty", allow_dirty)):
+        if not isinstance(flag, bool):
+            raise InvalidInput(f"{name} must be true or false, got {flag!r}", field=name,
+                               fix=f"pass {name}=True or {name}=False")
+    if device is not None and not isinstance(device, str):
+        raise InvalidInput(f"device must be a string, got {device!r}", field="device",
+                           fix="pass device='auto' or a key of pricing.per_device")
+
+
+def _compose(parent_artifact_id, dataset_artifact_id, agent_id, wall_time_cap_min,
+             vram_cap_gb, dry_run, allow_dirty, devices, device, overrides, training_config):
+    """The config for this call: the parent/dataset options whose artifact ids match, the
+    caller's overrides and dict, and the arguments (as override strings, so the composed
+    config is memoised per distinct call)."""
+    from runner import compose
+
+    compose.check_override_list(overrides)
+    _check_not_arguments(overrides or [], training_config)
+    lines = [line for line in (_group_choice("parent", parent_artifact_id),
+                               _group_choice("dataset", dataset_artifact_id)) if line]
+    lines += list(overrides or [])
+    lines += [f"agent_id='{agent_id}'", f"wall_time_cap_min={wall_time_cap_min}",
+              f"vram_cap_gb={vram_cap_gb}", f"dry_run={str(dry_run).lower()}",
+              f"allow_dirty={str(allow_dirty).lower()}",
+              f"parent.artifact_id='{parent_artifact_id}'",
+              f"dataset.artifact_id='{dataset_artifact_id}'"]
+    if devices is not None:
+        lines.append(f"devices={devices}")
+    if device is not None:
+        lines.append(f"device='{device}'" if "'" not in device else f'device="{device}"')
+    return compose.compose_resolved(lines, training_config, writable=False)
+
+
+def _from_config(config, parent_artifact_id, dataset_artifact_id, agent_id, wall_time_cap_min,
+                 vram_cap_gb, dry_run, allow_dirty, devices, device, overrides,
+                 training_config):
+    """A config forge-train already composed: validate it and check it matches the call."""
+    from runner import compose
+
+    if overrides or training_config:
+        raise InvalidInput("pass either config or overrides/training_config, not both",
+                           field="config", fix="drop config to compose from overrides")
+    resolved = compose.validate_config(config)
+    _check_agrees(resolved, parent_artifact_id, dataset_artifact_id, agent_id,
+                  wall_time_cap_min, vram_cap_gb, dry_run, allow_dirty, devices, device)
+    return config, resolved
+
+
+def _read_registry(db_url, parent_artifact_id, dataset_artifact_id, agent_id,
+                   problems: list[ForgeError]):
+    """Parent, dataset and the agent's account, in one short read."""
+    from runner import catalog, db, ledger
+
+    with db.get_engine(db_url).connect() as conn:
+        try:
+            parent = _artifact(catalog, parent_artifact_id, "model", "parent_artifact_id",
+                               conn, problems)
+            dataset = _artifact(catalog, dataset_artifact_id, "dataset", "dataset_artifact_id",
+                                conn, problems)
+            account = ledger.account(agent_id, conn=conn)
+        except Exception as exc:  # noqa: BLE001 - re-raised, typed where we can
+            _raise_db_error(exc)
+    return parent, dataset, account
+
+
+def price_per_hour(resolved: dict) -> Decimal:
+    """Price per device-hour: the device's row of pricing.per_device, else the default."""
+    from runner import ledger
+
+    pricing, device = resolved["pricing"], resolved["device"]
+    if device != "auto" and device in pricing["per_device"]:
+        return ledger.to_price(pricing["per_device"][device], f"pricing.per_device.{device}")
+    return ledger.to_price(pricing["price_per_hour"], "pricing.price_per_hour")
 
 
 def _check_cap(value: Any, name: str) -> None:
@@ -303,14 +337,16 @@ def _group_choice(group: str, artifact_id: str) -> str | None:
     return f"{group}={option}" if option else None
 
 
-def _check_not_arguments(parsed: list, training_config: dict | None) -> None:
-    for o in parsed:
-        key = o.key_or_group
+def _check_not_arguments(overrides: list[str], training_config: dict | None) -> None:
+    from runner.compose import override_key
+
+    for line in overrides:
+        key = override_key(line).split("@", 1)[0]
         if key in ARGUMENT_KEYS or key in ("parent", "dataset"):
             arg = {"parent": "parent_artifact_id", "dataset": "dataset_artifact_id",
                    "parent.artifact_id": "parent_artifact_id",
                    "dataset.artifact_id": "dataset_artifact_id"}.get(key, key)
-            raise InvalidOverride(f"{key} is set by the {arg} argument", override=o.input_line,
+            raise InvalidOverride(f"{key} is set by the {arg} argument", override=line,
                                   field=key, problem="argument",
                                   fix=f"pass {arg}=... to train_model_version instead")
     for key in ARGUMENT_KEYS:
@@ -362,9 +398,9 @@ def _registry_values(parent: dict | None, dataset: dict | None, overrides, train
                      ) -> dict:
     """For artifacts no conf/ option describes: the architecture and loader the registry
     records (the user's own overrides win)."""
-    from runner.compose import ParentConf, option_for_artifact
+    from runner.compose import ParentConf, option_for_artifact, override_key
 
-    user = {o.split("=", 1)[0].lstrip("+~") for o in overrides or [] if isinstance(o, str)}
+    user = {override_key(line) for line in overrides or []}
     given = training_config or {}
     out: dict[str, dict] = {}
     if parent is not None and option_for_artifact("parent", parent["id"]) is None:
@@ -432,7 +468,7 @@ def _sandbox_plan(plan: Plan, problems: list[ForgeError]) -> dict:
     return out
 
 
-# --- the skill ---------------------------------------------------------------------------------------
+# --- the skill ------------------------------------------------------------------------------------
 
 _ID = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
 define_skill(

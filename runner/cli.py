@@ -137,9 +137,9 @@ def ledger_balance(agent, as_json):
     from runner import ledger as ledger_mod
 
     if as_json:
-        row = ledger_mod.account(ledger_mod._check_agent(agent))
+        row = ledger_mod.account(ledger_mod.check_agent_id(agent))
         if row is None:
-            raise ledger_mod._unknown(agent)
+            raise ledger_mod.unknown_agent(agent)
         echo_json(row)
         return
     click.echo(ledger_mod.fmt(ledger_mod.balance(agent)))

@@ -2,12 +2,16 @@
 
 Both entry points load `conf/train.yaml` from the same directory, on top of the same typed
 schema (`TrainConfig`, registered in Hydra's ConfigStore as `forge_train_schema`), and check
-the result with the same `validate_config()`. `forge-train` composes through `@hydra.main`;
-the Python API through Hydra's Compose API (`compose_config()`). Hydra's own override parser
-checks override strings; struct mode and the schema's types check keys and values.
+the result with the same `validate_config()`. The Python API and plain `forge-train` dry runs
+compose through Hydra's Compose API (`compose_config()`); other `forge-train` runs through
+`@hydra.main`. Hydra's own override parser checks override strings; struct mode and the
+schema's types check keys and values; `validate_config()` checks ranges and choices.
 
 Anything the caller got wrong becomes `InvalidOverride` with the offending string or field,
 the problem, and a fix an agent can apply.
+
+Composed configs are memoised per (config files, override strings): in memory, and on disk
+under FORGE_CACHE_DIR/compose so that a new process need not import Hydra at all.
 """
 
 from __future__ import annotations
@@ -202,7 +206,7 @@ def _stamp(conf: Path) -> tuple:
     return tuple(sorted(out))
 
 
-# --- overrides -------------------------------------------------------------------------------------
+# --- overrides ------------------------------------------------------------------------------------
 
 @lru_cache(maxsize=1)
 def _parser():
@@ -224,21 +228,13 @@ def parse_overrides(overrides: list[str] | tuple[str, ...] | None, *,
     Returns Hydra `Override` objects. Raises InvalidOverride naming the offending string.
     Sweeps (`a=1,2`) are refused unless `allow_sweeps` (forge-train -m).
     """
-    if overrides is None:
+    check_override_list(overrides)
+    if not overrides:
         return []
-    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, (list, tuple)):
-        raise InvalidOverride(
-            f"overrides must be a list of strings, got {type(overrides).__name__}",
-            field="overrides", problem="type",
-            fix='pass a list, e.g. ["training.lr=1e-4", "training=pretrain_mgm"]')
     from hydra.errors import HydraException
 
     parsed = []
     for i, line in enumerate(overrides):
-        if not isinstance(line, str):
-            raise InvalidOverride(f"overrides[{i}] is a {type(line).__name__}, not a string",
-                                  field=f"overrides[{i}]", problem="type",
-                                  fix="pass each override as a 'key=value' string")
         try:
             override = _parse_one(line)
         except (HydraException, OmegaConfBaseException, ValueError) as exc:
@@ -250,6 +246,22 @@ def parse_overrides(overrides: list[str] | tuple[str, ...] | None, *,
         _check_override(override, line, i, allow_sweeps)
         parsed.append(override)
     return parsed
+
+
+def check_override_list(overrides: Any) -> None:
+    """None, or a list of strings; anything else is InvalidOverride."""
+    if overrides is None:
+        return
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, (list, tuple)):
+        raise InvalidOverride(
+            f"overrides must be a list of strings, got {type(overrides).__name__}",
+            field="overrides", problem="type",
+            fix='pass a list, e.g. ["training.lr=1e-4", "training=pretrain_mgm"]')
+    for i, line in enumerate(overrides):
+        if not isinstance(line, str):
+            raise InvalidOverride(f"overrides[{i}] is a {type(line).__name__}, not a string",
+                                  field=f"overrides[{i}]", problem="type",
+                                  fix="pass each override as a 'key=value' string")
 
 
 def _check_override(override, line: str, index: int, allow_sweeps: bool = False) -> None:
@@ -305,7 +317,7 @@ def _has_interpolation(value: Any) -> bool:
     return False
 
 
-# --- composition -----------------------------------------------------------------------------------
+# --- composition ----------------------------------------------------------------------------------
 
 _lock = threading.RLock()
 
@@ -320,17 +332,19 @@ def compose_config(overrides: list[str] | None = None,
     return compose_resolved(overrides, training_config)[0]
 
 
-def compose_resolved(overrides: list[str] | None = None, training_config: dict | None = None
-                     ) -> tuple[DictConfig, dict]:
-    """compose_config() and the config resolved to plain data, validated once."""
-    parsed = parse_overrides(overrides)
-    lines = [o.input_line for o in parsed]
+def compose_resolved(overrides: list[str] | None = None, training_config: dict | None = None,
+                     *, writable: bool = True) -> tuple[DictConfig, dict]:
+    """compose_config() and the config resolved to plain data, validated once.
+
+    `writable=False` may return the cached, read-only config itself (no copy): for callers
+    that only read it, such as train_model_version().
+    """
     if training_config is not None:
         _check_training_config(training_config)
-    cfg = _hydra_compose(lines, parsed)
+    cfg = _composed(overrides, writable)
     if training_config:
         cfg = _merge(cfg, training_config, "training_config")
-    return cfg, validate_config(cfg, overrides=parsed)
+    return cfg, validate_config(cfg, overrides=list(overrides or []))
 
 
 def merge_config(cfg: DictConfig, data: dict, source: str) -> tuple[DictConfig, dict]:
@@ -341,23 +355,95 @@ def merge_config(cfg: DictConfig, data: dict, source: str) -> tuple[DictConfig, 
 
 _cache: OrderedDict[tuple, DictConfig] = OrderedDict()
 _CACHE_SIZE = 32
+_DISK_CACHE_FILES = 512
 
 
-def _hydra_compose(lines: list[str], parsed: list) -> DictConfig:
-    """Hydra's Compose API, memoised: the same config files and overrides compose the same
-    config (interpolations such as ${oc.env:...} stay unresolved in the cached copy)."""
+def _composed(overrides: Any, writable: bool = True) -> DictConfig:
+    """Hydra's Compose API, memoised in memory and on disk: the same config files and
+    override strings compose the same config (interpolations such as ${oc.env:...} stay
+    unresolved in what is kept). Only a miss parses the overrides and runs Hydra."""
+    check_override_list(overrides)
     conf = config_dir()
-    key = (str(conf), _stamp(conf), tuple(lines))
+    key = (str(conf), _stamp(conf), tuple(overrides or ()))
     with _lock:
         cached = _cache.get(key)
         if cached is None:
-            cached = _compose_uncached(conf, lines, parsed)
-            _cache[key] = cached
-            while len(_cache) > _CACHE_SIZE:
-                _cache.popitem(last=False)
-        else:
-            _cache.move_to_end(key)
-        return copy.deepcopy(cached)
+            cached = _load_composed(key)
+        if cached is None:
+            parsed = parse_overrides(overrides)
+            cached = _compose_uncached(conf, [o.input_line for o in parsed], parsed)
+            _store_composed(key, cached)
+        OmegaConf.set_readonly(cached, True)  # shared: nobody may change the cached copy
+        _cache[key] = cached
+        _cache.move_to_end(key)
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    if not writable:
+        return cached
+    own = copy.deepcopy(cached)
+    OmegaConf.set_readonly(own, None)
+    return own
+
+
+# A process's first composition costs more than the rest of a dry run (importing Hydra and
+# composing ~0.3 s here), so composed configs are also kept on disk, keyed by the config
+# files, the override strings and the code that composes. They are pickled DictConfigs (exact:
+# types, flags, keys added with '+'), read only when owned by us and writable by no one else.
+
+def _disk_cache_path(key: tuple) -> Path:
+    import hashlib
+    import json
+
+    from runner import settings
+
+    digest = hashlib.sha256(json.dumps([*key, _code_stamp()]).encode()).hexdigest()
+    return settings.cache_dir() / "compose" / f"{digest}.pkl"
+
+
+@lru_cache(maxsize=1)
+def _code_stamp() -> list:
+    """Versions of what composes: this module (the schema), Hydra and OmegaConf."""
+    from importlib.util import find_spec
+
+    out = []
+    for origin in (__file__, find_spec("hydra").origin, find_spec("omegaconf").origin):
+        st = os.stat(origin)
+        out.append([origin, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _load_composed(key: tuple) -> DictConfig | None:
+    """The composed config for this key from the disk cache, on the typed schema."""
+    import pickle
+
+    path = _disk_cache_path(key)
+    try:
+        st = os.stat(path)
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return None
+        cfg = pickle.loads(path.read_bytes())
+    except Exception:  # noqa: BLE001 - missing, stale or corrupt: compose it again
+        return None
+    return cfg if isinstance(cfg, DictConfig) else None
+
+
+def _store_composed(key: tuple, cfg: DictConfig) -> None:
+    """Write the composed config atomically; best effort (a cache never fails a call)."""
+    import pickle
+    import tempfile
+
+    try:
+        path = _disk_cache_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pkl")
+        with os.fdopen(fd, "wb") as out:
+            out.write(pickle.dumps(cfg, protocol=pickle.HIGHEST_PROTOCOL))
+        os.replace(tmp, path)
+        entries = sorted(path.parent.glob("*.pkl"), key=lambda p: p.stat().st_mtime_ns)
+        for old in entries[:-_DISK_CACHE_FILES] if len(entries) > _DISK_CACHE_FILES else []:
+            old.unlink(missing_ok=True)
+    except (OSError, pickle.PicklingError):
+        pass
 
 
 def _compose_uncached(conf: Path, lines: list[str], parsed: list) -> DictConfig:
@@ -374,7 +460,7 @@ def _compose_uncached(conf: Path, lines: list[str], parsed: list) -> DictConfig:
         with initialize_config_dir(config_dir=str(conf), job_name="forge_train",
                                    version_base="1.3"):
             return compose(config_name=CONFIG_NAME, overrides=lines)
-    except Exception as exc:  # noqa: BLE001 - every composition failure is the caller's
+    except Exception as exc:  # every composition failure is the caller's to fix
         raise explain(exc, parsed) from exc
 
 
@@ -421,12 +507,6 @@ def _problem(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         return "type"
     return "value"
-
-
-def _known_keys(cfg: DictConfig, full_key: str) -> list[str]:
-    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
 
 
 def _fix_for(problem: str, key: str, known: list[str]) -> str:
@@ -538,7 +618,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-# --- validation ------------------------------------------------------------------------------------
+# --- validation -----------------------------------------------------------------------------------
 
 def _positive_int(v):
     return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= INT_MAX
@@ -591,12 +671,13 @@ _RULES: list[tuple[str, Any, str]] = [
 ]
 
 
-def validate_config(cfg: DictConfig, overrides: list | None = None) -> dict:
+def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Check resolved values against the rules above; return the resolved plain dict.
 
-    Raises InvalidOverride with `field` (and the override that set it, when there is one).
+    Raises InvalidOverride with `field` (and the override string that set it, when there is
+    one among `overrides`).
     """
-    by_key = {o.key_or_group: o.input_line for o in overrides or []}
+    by_key = {override_key(line): line for line in overrides or []}
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
@@ -664,18 +745,23 @@ def _schema_paths() -> tuple[str, ...]:
         for f in dataclasses.fields(cls):
             path = f"{prefix}{f.name}"
             out.append(path)
-            hint = typing.get_type_hints(cls)[f.name]
-            if dataclasses.is_dataclass(hint):
-                walk(hint, f"{path}.")
+            if dataclasses.is_dataclass(f.default_factory):  # a group: field(default_factory=X)
+                walk(f.default_factory, f"{path}.")
 
     walk(TrainConfig, "")
     return tuple(out)
 
 
-def _deleting(overrides: list | None, path: str) -> str | None:
-    for o in overrides or []:
-        if o.is_delete() and (path == o.key_or_group or path.startswith(o.key_or_group + ".")):
-            return o.input_line
+def override_key(line: str) -> str:
+    """'+training.lr=1' -> 'training.lr' (for naming the culprit in an error only)."""
+    return line.split("=", 1)[0].lstrip("+~").strip()
+
+
+def _deleting(overrides: list[str] | None, path: str) -> str | None:
+    for line in overrides or []:
+        key = override_key(line)
+        if line.startswith("~") and (path == key or path.startswith(key + ".")):
+            return line
     return None
 
 

@@ -27,8 +27,14 @@ from typing import Any, Iterator
 import sqlalchemy as sa
 
 from runner import db
-from runner.errors import (BudgetExceeded, InvalidAmount, InvalidInput, LedgerError, NotFound,
-                           UnknownAgent)
+from runner.errors import (
+    BudgetExceeded,
+    InvalidAmount,
+    InvalidInput,
+    LedgerError,
+    NotFound,
+    UnknownAgent,
+)
 from runner.schema import MONEY_PLACES, resource_allocations, token_accounts, token_ledger
 
 MINT = "system:mint"
@@ -82,13 +88,13 @@ def to_price(value: Any, field: str = "price_per_hour") -> Decimal:
     """A price from config: floats are read by their shortest repr (0.5 -> Decimal('0.5'))."""
     if isinstance(value, float):
         value = repr(value)
-    return _round(to_amount(value, field, allow_zero=True))
+    return round_money(to_amount(value, field, allow_zero=True))
 
 
 CENTS = Decimal("0.01")
 
 
-def _round(amount: Decimal, rounding=ROUND_HALF_EVEN) -> Decimal:
+def round_money(amount: Decimal, rounding=ROUND_HALF_EVEN) -> Decimal:
     """Money scale: at least 2 and at most 6 decimal places (1 -> 1.00, 1/60 -> 0.016667)."""
     exponent = amount.as_tuple().exponent
     if exponent < -6:  # type: ignore[operator]
@@ -111,14 +117,15 @@ def estimate(price_per_hour: Any, wall_time_cap_min: int, devices: int = 1) -> D
     price = to_price(price_per_hour)
     _check_count(wall_time_cap_min, "wall_time_cap_min")
     _check_count(devices, "devices")
-    return _round(price * Decimal(wall_time_cap_min) / Decimal(60) * Decimal(devices), ROUND_UP)
+    hours = Decimal(wall_time_cap_min) / Decimal(60)
+    return round_money(price * hours * Decimal(devices), ROUND_UP)
 
 
 def charge(price_per_hour: Any, actual_seconds: Any, devices: int = 1) -> Decimal:
     """What `actual_seconds` of wall time on `devices` devices costs."""
     price = to_price(price_per_hour)
     seconds = _seconds(actual_seconds)
-    return _round(price * seconds / Decimal(3600) * Decimal(devices))
+    return round_money(price * seconds / Decimal(3600) * Decimal(devices))
 
 
 def _check_count(value: Any, field: str) -> int:
@@ -139,7 +146,7 @@ def _seconds(value: Any) -> Decimal:
     return seconds
 
 
-def _check_agent(agent_id: Any) -> str:
+def check_agent_id(agent_id: Any) -> str:
     from runner.compose import AGENT_ID
 
     if not isinstance(agent_id, str) or not AGENT_ID.match(agent_id):
@@ -202,7 +209,7 @@ def _update_account(conn, account: dict, **changes: Decimal) -> None:
 
 def grant(agent_id: str, amount: Any, *, memo: str | None = None, conn=None) -> Decimal:
     """Credit `amount` to the agent (opening the account if needed); returns the new balance."""
-    _check_agent(agent_id)
+    check_agent_id(agent_id)
     amount = to_amount(amount, "amount")
     with _tx(conn) as c:
         stamp = now()
@@ -238,14 +245,14 @@ def account(agent_id: str, *, conn=None) -> dict | None:
 
 def balance(agent_id: str, *, conn=None) -> Decimal:
     """The agent's balance; UnknownAgent when it has no account."""
-    _check_agent(agent_id)
+    check_agent_id(agent_id)
     row = account(agent_id, conn=conn)
     if row is None:
-        raise _unknown(agent_id)
+        raise unknown_agent(agent_id)
     return row["balance"]
 
 
-def _unknown(agent_id: str) -> UnknownAgent:
+def unknown_agent(agent_id: str) -> UnknownAgent:
     return UnknownAgent(f"agent {agent_id!r} has no account", field="agent_id",
                         fix=f"grant it credits first: forge ledger grant {agent_id} AMOUNT")
 
@@ -282,7 +289,7 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
     the unique key) returns the existing allocation with `existing=True` and debits nothing.
     Raises UnknownAgent or BudgetExceeded, leaving no trace.
     """
-    _check_agent(agent_id)
+    check_agent_id(agent_id)
     amount = to_amount(amount, "amount", allow_zero=True)
     price = to_price(price_per_hour)
     _check_count(wall_time_cap_min, "wall_time_cap_min")
@@ -297,7 +304,7 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
                 return {**existing, "existing": True}
             account = _locked_account(c, agent_id)
             if account is None:
-                raise _unknown(agent_id)
+                raise unknown_agent(agent_id)
             existing = _by_key(c, request_key)  # a twin may have committed while we waited
             if existing is not None:
                 return {**existing, "existing": True}
@@ -397,7 +404,7 @@ def _close(allocation_id: str, *, status: str, seconds: Decimal | None, reason: 
         if refund > 0:
             account = _locked_account(c, alloc["agent_id"])
             if account is None:
-                raise _unknown(alloc["agent_id"])
+                raise unknown_agent(alloc["agent_id"])
             new_balance = account["balance"] + refund
             _update_account(c, account, balance=new_balance,
                             total_refunded=account["total_refunded"] + refund)

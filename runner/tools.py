@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import math
 import re
 import time
 import uuid
@@ -119,7 +120,8 @@ def _record(skill_name: str, signature: inspect.Signature, args: tuple, kwargs: 
                 row["output_summary"] = jsonable(to_dict())
         _write(skill_name, row)
     except Exception as exc:  # noqa: BLE001 - auditing must not change the call's outcome
-        log.warning("could not write the tool_calls row for %s: %s", skill_name, exc)
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log.warning("could not write the tool_calls row for %s: %s", skill_name, first_line)
 
 
 def _write(skill_name: str, row: dict) -> None:
@@ -154,7 +156,7 @@ def _agent(params: dict) -> str | None:
     if agent is None and params.get("config") is not None:
         try:
             agent = params["config"].get("agent_id")
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - no agent is better than no audit row
             agent = None
     return agent if isinstance(agent, str) else None
 
@@ -173,8 +175,7 @@ def jsonable(value: Any, depth: int = 0) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value[:_MAX_TEXT] if isinstance(value, str) else value
     if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) \
-            else repr(value)
+        return value if math.isfinite(value) else repr(value)
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, (datetime, date)):

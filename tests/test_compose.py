@@ -12,12 +12,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from runner import compose
 from runner.compose import compose_config
 from runner.errors import InvalidOverride
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _private_cache_dir(tmp_path_factory):
+    """Composed configs are cached on disk; keep this module's out of ./outputs."""
+    old = os.environ.get("FORGE_CACHE_DIR")
+    os.environ["FORGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("compose-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FORGE_CACHE_DIR", None)
+    else:
+        os.environ["FORGE_CACHE_DIR"] = old
 FORGE_TRAIN = [sys.executable, "-c", "import sys; from runner.train_app import main; main()"]
 
 
@@ -86,7 +99,7 @@ def test_forge_config_dir_and_the_cache_sees_edits(monkeypatch, tmp_path):
 
 def test_each_call_gets_its_own_copy():
     first = compose_config(["training.lr=0.5"])
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         first.training.lr = "not a float"
     first.training.lr = 0.25
     assert compose_config(["training.lr=0.5"]).training.lr == 0.5
@@ -281,3 +294,46 @@ def test_forge_train_bad_sweep_override_is_exit_2(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error: InvalidOverride: ")
+
+
+# --- the disk cache: a fresh process gets the same config without running Hydra -----------------
+
+DISK_CASES = [
+    [], ["training=pretrain_mgm", "training.lr=2e-4"], ["+note='a=b'", "+count=3"],
+    ["+training.extra=[1,2]", "dataset.label_key='123'"], ["training.precision='16-mixed'"],
+    ["++training.lr=0.5", "agent_id=a1", "device=h200"], ["dataset.source='\\${not_an_interp}'"],
+]
+
+
+@pytest.mark.parametrize("overrides", DISK_CASES)
+def test_a_config_loaded_from_the_disk_cache_equals_the_composed_one(overrides, monkeypatch,
+                                                                     tmp_path):
+    monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compose, "_cache", compose.OrderedDict())
+    fresh = compose_config(overrides)
+    assert list((tmp_path / "compose").glob("*.pkl"))
+    monkeypatch.setattr(compose, "_cache", compose.OrderedDict())
+    monkeypatch.setattr(compose, "_compose_uncached", lambda *a: pytest.fail("ran Hydra"))
+    loaded = compose_config(overrides)
+    assert OmegaConf.to_yaml(loaded) == OmegaConf.to_yaml(fresh)
+    assert compose.to_plain(loaded) == compose.to_plain(fresh)
+    assert OmegaConf.is_struct(loaded)
+    with pytest.raises(ConfigAttributeError):
+        loaded.training.nope = 1
+    with pytest.raises(ValidationError):
+        loaded.training.lr = "abc"
+    with pytest.raises(InvalidOverride):
+        compose_config(overrides, {"training": {"lrr": 1}})
+
+
+def test_a_cold_process_skips_hydra_on_a_cache_hit(tmp_path):
+    code = ("import sys; from runner.compose import compose_config\n"
+            "cfg = compose_config(['training.lr=3e-4'])\n"
+            "print(cfg.training.lr, 'hydra' in sys.modules)")
+    env = {**os.environ, "FORGE_CACHE_DIR": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, timeout=120)
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert first.stdout.split() == ["0.0003", "True"], first.stderr
+    assert second.stdout.split() == ["0.0003", "False"], second.stderr

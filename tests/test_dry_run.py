@@ -12,11 +12,16 @@ from pathlib import Path
 import git
 import pytest
 import sqlalchemy as sa
-
 from conftest import count_rows
+
 from runner import api, catalog, codepin, db, ledger, tools
-from runner.errors import CapOutOfPolicy, CodePinError, InvalidArtifactId, InvalidInput, \
-    InvalidOverride
+from runner.errors import (
+    CapOutOfPolicy,
+    CodePinError,
+    InvalidArtifactId,
+    InvalidInput,
+    InvalidOverride,
+)
 from runner.schema import tool_calls
 
 PARENT, DATASET, OTHER_DATASET = ("model-scgpt-cbmc-base", "dataset-geo-GSE100866",

@@ -12,11 +12,11 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-
 from conftest import count_rows
+
 from runner import db, ledger
 from runner.cli import main as forge
-from runner.errors import BudgetExceeded, InvalidAmount, InvalidInput, UnknownAgent
+from runner.errors import BudgetExceeded, InvalidAmount, InvalidInput, LedgerError, UnknownAgent
 from runner.schema import resource_allocations, token_accounts, token_ledger
 
 CAPS = dict(wall_time_cap_min=120, vram_cap_gb=24, price_per_hour=Decimal("0.50"))
@@ -213,10 +213,9 @@ def test_settle_joins_the_callers_transaction(db_url):
     ledger.grant("a1", "10")
     alloc = reserve()
     engine = db.get_engine(db_url)
-    with pytest.raises(RuntimeError):
-        with engine.begin() as conn:
-            ledger.settle(alloc["id"], 1800, conn=conn)
-            raise RuntimeError("registration failed")  # rolls the settlement back with it
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        ledger.settle(alloc["id"], 1800, conn=conn)
+        raise RuntimeError("registration failed")  # rolls the settlement back with it
     assert ledger.get_allocation(alloc["id"])["status"] == "reserved"
     assert ledger.balance("a1") == Decimal("9.00")
     with engine.begin() as conn:
@@ -227,10 +226,9 @@ def test_settle_joins_the_callers_transaction(db_url):
 def test_reserve_joins_the_callers_transaction(db_url):
     ledger.grant("a1", "10")
     engine = db.get_engine(db_url)
-    with pytest.raises(RuntimeError):
-        with engine.begin() as conn:
-            assert reserve(conn=conn)["existing"] is False
-            raise RuntimeError("launch setup failed")
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        assert reserve(conn=conn)["existing"] is False
+        raise RuntimeError("launch setup failed")
     assert ledger.balance("a1") == Decimal("10") and count_rows(db_url)["resource_allocations"] == 0
     with engine.begin() as conn:
         first = reserve(conn=conn)
@@ -244,7 +242,7 @@ def test_mark_running_twice_is_idempotent_but_not_after_settle(db_url):
     ledger.mark_running(alloc["id"], "r1")
     assert ledger.mark_running(alloc["id"], "r1")["status"] == "running"
     ledger.settle(alloc["id"], 1)
-    with pytest.raises(Exception):
+    with pytest.raises(LedgerError):
         ledger.mark_running(alloc["id"], "r1")
 
 

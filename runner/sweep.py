@@ -1,0 +1,167 @@
+"""Sweeps: `forge-train -m ...` through Hydra's sweepers and launchers.
+
+Each job of a sweep is one train_model_version() call with its own allocation. This Hydra
+callback adds what a sweep needs around the jobs:
+
+- a budget gate before any job starts (the summed estimate of every job against the agent's
+  balance; `fit_budget=true` runs the jobs that fit, in order, and records the rest),
+- one MLflow parent run that every job's run nests under,
+- a summary table at the end (job, overrides, status, target metric, cost, artifact id),
+  read from the `forge_job.json` each job leaves in its own directory.
+
+Re-running a sweep skips completed jobs (same request key: the earlier result comes back)
+and retries failed ones.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+SWEEP_FILE = "forge_sweep.json"
+JOB_FILE = "forge_job.json"
+
+
+def expand_jobs(config) -> list[list[str]]:
+    """The override list of every job the basic sweeper will launch, in order."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = config.hydra.sweeper.get("params") or {}
+    lines = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(lines)
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def n_trials(config) -> int | None:
+    """Optuna and other sweepers say how many trials they run; None for the basic sweeper."""
+    return config.hydra.sweeper.get("n_trials")
+
+
+def job_estimate(overrides: list[str]) -> tuple[Decimal, str, str | None]:
+    """(estimate, currency, agent) of one job, from its composed config alone."""
+    from runner import ledger
+    from runner.compose import compose_config, to_plain
+
+    cfg = to_plain(compose_config([o for o in overrides if not o.startswith("hydra.")]))
+    pricing = cfg["pricing"]
+    price = pricing["per_device"].get(cfg["device"], pricing["price_per_hour"])
+    amount = ledger.estimate(price, cfg["wall_time_cap_min"], cfg["devices"])
+    return amount, pricing["currency"], cfg["agent_id"]
+
+
+class SweepCallback(Callback):
+    def __init__(self, fit_budget: bool = False, summary_file: str = "summary.json") -> None:
+        self.fit_budget = fit_budget
+        self.summary_file = summary_file
+        self.parent_run_id: str | None = None
+
+    # --- before any job -------------------------------------------------------------------
+
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        from rich.console import Console
+
+        from runner import ledger
+        from runner.errors import BudgetExceeded
+
+        console = Console(stderr=True)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        trials = n_trials(config)
+        if trials:
+            base = list(config.hydra.overrides.task)
+            jobs = [base] * int(trials)
+        else:
+            jobs = expand_jobs(config)
+        estimates = [job_estimate(job) for job in jobs]
+        total = sum((e[0] for e in estimates), Decimal(0))
+        currency = estimates[0][1] if estimates else "credits"
+        agent = config.agent_id
+        console.print(f"[bold]sweep[/]: {len(jobs)} jobs, total estimate {total} {currency}"
+                      f"{' (dry run)' if config.dry_run else ''}")
+        if not config.dry_run and agent is not None:
+            have = ledger.balance(agent)
+            if total > have and not self.fit_budget:
+                raise BudgetExceeded(
+                    f"sweep needs {total} {currency} for {len(jobs)} jobs; agent {agent!r} has "
+                    f"{have}", field="agent_id", needed=str(total), balance=str(have),
+                    fix="grant more credits, shrink the sweep, or add "
+                        "hydra.callbacks.forge_sweep.fit_budget=true to run the jobs that fit")
+        if not config.dry_run:
+            self.parent_run_id = _open_parent_run(config, jobs)
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps({
+            "parent_run_id": self.parent_run_id, "jobs": jobs, "total_estimate": str(total),
+            "currency": currency, "fit_budget": self.fit_budget}, indent=2))
+
+    # --- after every job ------------------------------------------------------------------
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        outcomes = collect(sweep_dir)
+        print_summary(outcomes, dry_run=bool(config.dry_run))
+        (sweep_dir / self.summary_file).write_text(json.dumps(outcomes, indent=2, default=str))
+        if self.parent_run_id:
+            from runner import tracking
+
+            client = tracking.client(config.tracking.tracking_uri)
+            client.log_dict(self.parent_run_id, outcomes, "sweep_summary.json")
+            ok = sum(o["status"] == "ok" for o in outcomes)
+            client.set_tag(self.parent_run_id, "forge.sweep.ok", str(ok))
+            client.set_tag(self.parent_run_id, "forge.sweep.failed", str(len(outcomes) - ok))
+            tracking.finish(client, self.parent_run_id, ok=ok == len(outcomes),
+                            reason="ok" if ok == len(outcomes) else "partial_failure")
+
+
+def _open_parent_run(config, jobs: list[list[str]]) -> str:
+    from runner import tracking
+
+    track = config.tracking
+    client = tracking.client(track.tracking_uri)
+    exp_id = tracking.experiment_id(client, track.experiment_name, Path(track.artifact_root))
+    run = client.create_run(exp_id, run_name=f"sweep-{Path(config.hydra.sweep.dir).name}",
+                            tags={"forge.sweep": "true", "forge.agent_id": str(config.agent_id),
+                                  "forge.sweep.jobs": str(len(jobs))})
+    client.log_dict(run.info.run_id, {"jobs": jobs}, "sweep_jobs.json")
+    return run.info.run_id
+
+
+def parent_run_id(sweep_dir: str | Path) -> str | None:
+    path = Path(sweep_dir) / SWEEP_FILE
+    return json.loads(path.read_text()).get("parent_run_id") if path.is_file() else None
+
+
+def write_job_outcome(job_dir: str | Path, outcome: dict) -> None:
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    (Path(job_dir) / JOB_FILE).write_text(json.dumps(outcome, indent=2, default=str))
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    outcomes = []
+    for path in sweep_dir.rglob(JOB_FILE):
+        outcomes.append(json.loads(path.read_text()))
+    return sorted(outcomes, key=lambda o: int(o.get("job", 0)))
+
+
+def print_summary(outcomes: list[dict], dry_run: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="sweep dry run" if dry_run else "sweep summary")
+    for column in ("job", "overrides", "status", "metric", "cost", "artifact"):
+        table.add_column(column, overflow="fold")
+    total = Decimal(0)
+    for o in outcomes:
+        cost = o.get("cost")
+        if cost is not None:
+            total += Decimal(str(cost))
+        metric = o.get("metric")
+        table.add_row(str(o.get("job")), " ".join(o.get("overrides", [])), o["status"],
+                      "" if metric is None else f"{o.get('metric_name')}={metric:.4f}",
+                      "" if cost is None else str(cost), o.get("artifact_id") or o.get("error", ""))
+    table.caption = f"total {'estimate' if dry_run else 'cost'}: {total}"
+    Console(stderr=False, width=160).print(table)
