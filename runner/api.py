@@ -109,7 +109,8 @@ def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
                         wall_time_cap_min: int = 120, vram_cap_gb: int = 24,
                         dry_run: bool = False, overrides: list[str] | None = None,
                         allow_dirty: bool = False, devices: int | None = None,
-                        device: str | None = None, config=None, **kw) -> dict:
+                        device: str | None = None, config=None,
+                        mlflow_parent_run_id: str | None = None, **kw) -> dict:
     """Fine-tune `parent_artifact_id` on `dataset_artifact_id` as a new candidate version.
 
     `training_config` is a nested dict merged at the config root; `overrides` are Hydra
@@ -131,7 +132,7 @@ def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
         return plan.dry_run_result()
     if plan.problems:
         raise plan.problems[0]
-    return _launch(plan)
+    return _launch(plan, mlflow_parent_run_id)
 
 
 def prepare(parent_artifact_id, dataset_artifact_id, training_config=None, *, agent_id=None,
@@ -198,22 +199,11 @@ def prepare(parent_artifact_id, dataset_artifact_id, training_config=None, *, ag
     return plan
 
 
-def _launch(plan: Plan) -> dict:
-    """reserve -> weights -> MLflow -> sandbox -> hook -> settle. Not written yet."""
-    raise NotImplementedError("train_model_version: only dry_run=True is implemented so far")
+def _launch(plan: Plan, mlflow_parent_run_id: str | None = None) -> dict:
+    """reserve/debit -> parent weights -> MLflow run -> sandbox -> post-run hook -> settle."""
+    from runner import launch
 
-
-def _reserve(plan: Plan) -> dict:
-    """The reserve step of `_launch`: debit the estimate under the request key."""
-    from runner import ledger
-
-    resolved = plan.resolved
-    return ledger.reserve(
-        plan.agent_id, plan.estimate, plan.request_key,
-        wall_time_cap_min=resolved["wall_time_cap_min"], vram_cap_gb=resolved["vram_cap_gb"],
-        price_per_hour=plan.price_per_hour, devices=plan.devices, device=resolved["device"],
-        resource_type="cpu" if resolved["device"] == "cpu" else "gpu",
-        currency=plan.currency)
+    return launch.launch(plan, parent_run_id=mlflow_parent_run_id)
 
 
 # --- steps ----------------------------------------------------------------------------------------

@@ -117,6 +117,7 @@ def snapshot(pin: CodePin, root: str | Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     repo = _repo(Path(pin.repo_path))
     tmp = Path(tempfile.mkdtemp(prefix=f".{name[:12]}-", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; the sandbox's unprivileged uid must read it
     try:
         if not pin.dirty:
             data = repo.git.archive(pin.sha, format="tar", stdout_as_string=False)

@@ -85,6 +85,14 @@ class TrainingConf:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     limit_train_batches: Optional[int] = None
+    limit_eval_batches: Optional[int] = None
+    eval_batch_size: Optional[int] = None
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = 1.0
+    class_weighting: str = "none"
+    log_every_n_steps: int = 20
+    include_zero_gene: bool = False
+    num_threads: Optional[int] = None
 
 
 @dataclass

@@ -164,11 +164,13 @@ class _Job:
 
     def _manifest(self) -> dict:
         cfg, parent, data = self.cfg, self.cfg["parent"], self.cfg["dataset"]
-        training = {k: v for k, v in cfg["training"].items() if k not in ("task", "seed")}
+        training = {k: v for k, v in cfg["training"].items()
+                    if k not in ("task", "seed", "num_threads")}
         return {
             "manifest_version": 1, "task": cfg["training"]["task"],
             "seed": cfg["training"]["seed"], "device": "cpu" if self.device == "cpu" else "cuda",
             "vram_cap_gb": cfg["vram_cap_gb"], "output_dir": "/job/out",
+            "num_threads": cfg["training"]["num_threads"],
             "tracking_uri": "file:///job/out/mlruns",
             "experiment_name": cfg["tracking"]["experiment_name"], "run_name": self.artifact_id,
             "parent": {"checkpoint_dir": "/job/in/parent"},

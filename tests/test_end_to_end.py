@@ -1,0 +1,220 @@
+"""train_model_version() end to end: real sandbox, real MLflow store, real registry.
+
+One real fine-tune (tiny scGPT base, real CBMC cells, a few batches) checks the whole chain.
+The failure paths use stand-in trainers committed to a scratch git repository (the code pin
+points at it through FORGE_CODE_REPO), so each runs in the real sandbox in about a second:
+a crash, a missing or malformed result.json, NaN metrics, a timeout, and a database error at
+registration. Each must leave the books balanced, the MLflow run FAILED and no candidate.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import count_rows
+from runner import catalog, db, ledger, schema, weights
+from runner.api import train_model_version
+from runner.errors import ForgeError, RegistrationFailed, TrainingFailed
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_ID = "model-test-base"
+DATASET_ID = "dataset-geo-GSE100866"
+AGENT = "agent-e2e"
+ARCH = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_hid": 64, "n_bins": 51,
+        "dropout": 0.0, "input_emb_style": "continuous"}
+TINY = ["training.max_epochs=1", "training.batch_size=32", "training.max_seq_len=33",
+        "training.limit_train_batches=4", "training.limit_eval_batches=2",
+        "training.log_every_n_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(tmp_path_factory) -> Path:
+    """A tiny scGPT-layout checkpoint with a CBMC vocabulary (random init: enough to fine-tune)."""
+    from trainers.data.fetch import fetch
+    from trainers.data.load import load
+    from trainers.scgpt.model import ScGPT, ScGPTConfig, save_checkpoint
+    from trainers.scgpt.tokenize import GeneVocab
+
+    vocab = GeneVocab.from_genes(load(fetch("cbmc"), "cbmc_mat").genes)
+    config = ScGPTConfig(vocab_size=len(vocab), pad_token_id=vocab.pad_id,
+                         n_layers=ARCH["n_layers"], d_model=ARCH["d_model"],
+                         n_heads=ARCH["n_heads"], d_hid=ARCH["d_hid"], dropout=0.0,
+                         n_bins=ARCH["n_bins"], input_emb_style="continuous")
+    folder = tmp_path_factory.mktemp("base") / "checkpoint"
+    save_checkpoint(ScGPT(config), vocab.stoi, folder)
+    return folder
+
+
+@pytest.fixture
+def registry(db_url, base_checkpoint):
+    """Datasets and the base registered, the agent granted 10 credits."""
+    from trainers.data.fetch import builtin_citation
+
+    catalog.register_dataset(DATASET_ID, "CBMC CITE-seq", builtin_citation("cbmc"))
+    catalog.register_model(
+        artifact_id=BASE_ID, title="tiny scGPT base", created_by="test",
+        metadata={"family": "scgpt-test", "framework": "scgpt", "task": "external",
+                  "architecture": ARCH},
+        origin_type="external", origin_url=base_checkpoint.as_uri(),
+        content_hash=weights.tree_hash(weights.file_hashes(base_checkpoint)))
+    ledger.grant(AGENT, "10")
+    return db_url
+
+
+def _train(**kw):
+    args = dict(agent_id=AGENT, wall_time_cap_min=5, vram_cap_gb=1, overrides=TINY,
+                allow_dirty=True)
+    args.update(kw)
+    return train_model_version(BASE_ID, DATASET_ID, **args)
+
+
+def _rows(url: str, table: sa.Table) -> list[dict]:
+    with db.get_engine(url).connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(table)).mappings()]
+
+
+def _mlflow_run(run_id: str):
+    from runner import tracking
+    from runner.compose import compose_config, to_plain
+
+    uri = to_plain(compose_config())["tracking"]["tracking_uri"]
+    return tracking.client(uri).get_run(run_id), tracking.client(uri)
+
+
+def test_real_finetune_registers_a_linked_candidate(registry):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    result = _train()
+
+    art = catalog.get_model_version(result["artifact_id"])
+    assert art["artifact_type"] == "model" and art["parent_version_id"] == BASE_ID
+    assert art["version_number"] == 2 and result["version_number"] == 2
+    assert art["lifecycle_state"] == "candidate" and art["is_latest"] is False
+    version = art["version"]
+    assert version["code_commit_sha"] == head == result["code_commit_sha"]
+    assert version["code_entrypoint"] == "trainers.entrypoint"
+    assert version["promotion_state"] == "candidate"
+    assert version["training_dataset_artifact_id"] == DATASET_ID
+
+    alloc = ledger.get_allocation(version["gpu_allocation_id"])
+    assert alloc["status"] == "settled" and alloc["artifact_id"] == result["artifact_id"]
+    # Debited before the sandbox started (all three stamps come from the same database).
+    assert alloc["debited_at"] <= alloc["started_at"] <= version["training_started_at"]
+    assert alloc["debited"] == alloc["actual_cost"] + alloc["refunded"]
+    assert Decimal(result["cost"]["estimated"]) == Decimal("0.041667")  # 5 min at 0.50/h
+
+    metrics = result["eval_metrics"]
+    assert metrics and all(isinstance(v, float) for v in metrics.values())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and "test_macro_f1" in metrics
+
+    wmi = _rows(registry, schema.world_model_improvements)
+    assert [(w["event_type"], w["target_artifact_id"]) for w in wmi] == \
+        [("model_version_trained", result["artifact_id"])]
+    assert [e["type"] for e in _rows(registry, schema.events)] == ["model_version_trained"]
+    calls = [c for c in _rows(registry, schema.tool_calls) if c["success"]]
+    assert calls[-1]["agent_id"] == AGENT
+    assert calls[-1]["output_summary"]["artifact_id"] == result["artifact_id"]
+
+    run, client = _mlflow_run(result["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["forge.parent_artifact_id"] == BASE_ID
+    assert run.data.tags["mlflow.source.git.commit"] == head
+    history = client.get_metric_history(run.info.run_id, "train_loss_epoch") or \
+        client.get_metric_history(run.info.run_id, "val_loss")
+    assert history, sorted(run.data.metrics)
+    mv = client.get_model_version_by_alias(result["mlflow"]["registered_model"], "candidate")
+    assert str(mv.version) == result["mlflow"]["version"]
+    assert mv.tags["forge.artifact_id"] == result["artifact_id"]
+    assert (weights.weights_dir(result["artifact_id"]) / "best_model.pt").is_file()
+    assert ledger.check() == []
+
+    # The same request again: the earlier result, no second debit, no second version.
+    before = count_rows(registry)
+    assert _train()["artifact_id"] == result["artifact_id"]
+    after = count_rows(registry)
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {"tool_calls": 1}
+
+
+# --- failure paths, with stand-in trainers --------------------------------------------------
+
+FAKE_OK = """
+    import json, sys, pathlib
+    m = json.load(open(sys.argv[1]))
+    out = pathlib.Path(m["output_dir"])
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "best_model.pt").write_bytes(b"weights")
+    print("trained", flush=True)
+    json.dump({"status": "ok", "metrics": METRICS, "checkpoint": {"dir": "checkpoint"}},
+              open(out / "result.json", "w"))
+"""
+FAKES = {
+    "crash": "raise SystemExit('trainer blew up')",
+    "missing_result": "print('no result written')",
+    "malformed_result": "import json, sys; open(json.load(open(sys.argv[1]))['output_dir'] + "
+                        "'/result.json', 'w').write('{not json')",
+    "nan_metrics": FAKE_OK.replace("METRICS", '{"test_macro_f1": float("nan")}'),
+    "empty_metrics": FAKE_OK.replace("METRICS", "{}"),
+    "timeout": "import time; time.sleep(600)",
+    "db_error": FAKE_OK.replace("METRICS", '{"test_macro_f1": 0.5, "test_accuracy": 0.6}'),
+}
+
+
+def _fake_repo(tmp_path: Path, body: str) -> Path:
+    repo = tmp_path / "fake-code"
+    (repo / "trainers").mkdir(parents=True)
+    (repo / "trainers" / "__init__.py").write_text("")
+    (repo / "trainers" / "entrypoint.py").write_text(textwrap.dedent(body))
+    for cmd in (["init", "-q"], ["add", "-A"],
+                ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "fake"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True)
+    return repo
+
+
+@pytest.mark.parametrize("case", sorted(FAKES))
+def test_failures_settle_once_and_register_nothing(registry, tmp_path, monkeypatch, case):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(_fake_repo(tmp_path, FAKES[case])))
+    if case == "timeout":
+        from runner import sandbox
+
+        real = sandbox.gpu_launch
+
+        def short_cap(job, **kw):
+            job.wall_time_cap_s, job.grace_s = 2.0, 1.0  # the real cap logic, shorter
+            return real(job, **kw)
+
+        monkeypatch.setattr(sandbox, "gpu_launch", short_cap)
+    if case == "db_error":
+        def broken(*_a, **_k):
+            raise sa.exc.OperationalError("INSERT INTO artifact_links", {}, Exception("disk I/O"))
+
+        monkeypatch.setattr(catalog, "_write_links", broken)
+    balance = ledger.balance(AGENT)
+
+    with pytest.raises(ForgeError) as err:
+        _train(allow_dirty=False)
+    assert isinstance(err.value, RegistrationFailed if case == "db_error" else TrainingFailed)
+    expected = {"crash": "error", "timeout": "timeout", "nan_metrics": "nan_metrics",
+                "empty_metrics": "empty_metrics", "missing_result": "missing_result",
+                "malformed_result": "malformed_result", "db_error": "registration_failed"}
+    assert err.value.reason == expected[case]
+
+    allocs = _rows(registry, schema.resource_allocations)
+    assert len(allocs) == 1 and allocs[0]["status"] == "failed"
+    alloc = allocs[0]
+    assert alloc["debited"] == alloc["actual_cost"] + alloc["refunded"]
+    assert ledger.balance(AGENT) == balance - alloc["actual_cost"]
+    assert ledger.check() == []
+    assert [a["id"] for a in catalog.list_artifacts("model")] == [BASE_ID]
+    assert not _rows(registry, schema.world_model_improvements)
+    run, _ = _mlflow_run(alloc["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["forge.outcome"] == expected[case]
+    assert not list((weights.weights_dir("x").parent.parent).glob("scgpt-test-*"))
+    failed_call = _rows(registry, schema.tool_calls)[-1]
+    assert failed_call["success"] is False and failed_call["error_code"] == expected[case]
