@@ -280,6 +280,9 @@ def _by_key(conn, request_key: str) -> dict | None:
                              .where(resource_allocations.c.request_key == request_key)))
 
 
+RETRYABLE = ("failed", "cancelled")  # a request whose last attempt ended so may run again
+
+
 def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: int,
             vram_cap_gb: int, price_per_hour: Any, devices: int = 1, device: str | None = None,
             resource_type: str = "gpu", currency: str = "credits", conn=None) -> dict:
@@ -287,6 +290,7 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
 
     The same `request_key` reserves once: a repeat (or a concurrent twin that lost the race on
     the unique key) returns the existing allocation with `existing=True` and debits nothing.
+    Only a request whose earlier attempt failed or was cancelled reserves (and debits) again.
     Raises UnknownAgent or BudgetExceeded, leaving no trace.
     """
     check_agent_id(agent_id)
@@ -300,14 +304,20 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
     try:
         with _tx(conn) as c, (c.begin_nested() if conn is not None else nullcontext()):
             existing = _by_key(c, request_key)
-            if existing is not None:
+            if existing is not None and existing["status"] not in RETRYABLE:
                 return {**existing, "existing": True}
             account = _locked_account(c, agent_id)
             if account is None:
                 raise unknown_agent(agent_id)
             existing = _by_key(c, request_key)  # a twin may have committed while we waited
-            if existing is not None:
+            if existing is not None and existing["status"] not in RETRYABLE:
                 return {**existing, "existing": True}
+            if existing is not None:
+                # A failed or cancelled attempt keeps its row and its books, but gives up the
+                # key so that the same request can run again, with a debit of its own.
+                c.execute(resource_allocations.update()
+                          .where(resource_allocations.c.id == existing["id"])
+                          .values(request_key=f"{request_key}:{existing['id']}"))
             if account["balance"] < amount:
                 raise insufficient(agent_id, account["balance"], amount, currency)
             stamp = now()

@@ -23,6 +23,16 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 SWEEP_FILE = "forge_sweep.json"
+
+
+class SweepRefused(BaseException):
+    """Stops a sweep before any job starts. Hydra turns an Exception raised in a callback
+    into a warning and carries on, so the refusal travels as a BaseException carrying the
+    typed error; forge-train reports that error and exits 2."""
+
+    def __init__(self, error) -> None:
+        super().__init__(str(error))
+        self.error = error
 JOB_FILE = "forge_job.json"
 
 
@@ -45,10 +55,15 @@ def n_trials(config) -> int | None:
 
 def job_estimate(overrides: list[str]) -> tuple[Decimal, str, str | None]:
     """(estimate, currency, agent) of one job, from its composed config alone."""
-    from runner import ledger
-    from runner.compose import compose_config, to_plain
+    from hydra import compose
+    from omegaconf import OmegaConf
 
-    cfg = to_plain(compose_config([o for o in overrides if not o.startswith("hydra.")]))
+    from runner import ledger
+    from runner.compose import CONFIG_NAME
+
+    # Called inside the running Hydra app, whose config search path is already set up.
+    composed = compose(config_name=CONFIG_NAME, overrides=overrides)
+    cfg = OmegaConf.to_container(composed, resolve=True)
     pricing = cfg["pricing"]
     price = pricing["per_device"].get(cfg["device"], pricing["price_per_hour"])
     amount = ledger.estimate(price, cfg["wall_time_cap_min"], cfg["devices"])
@@ -87,11 +102,11 @@ class SweepCallback(Callback):
         if not config.dry_run and agent is not None:
             have = ledger.balance(agent)
             if total > have and not self.fit_budget:
-                raise BudgetExceeded(
+                raise SweepRefused(BudgetExceeded(
                     f"sweep needs {total} {currency} for {len(jobs)} jobs; agent {agent!r} has "
                     f"{have}", field="agent_id", needed=str(total), balance=str(have),
                     fix="grant more credits, shrink the sweep, or add "
-                        "hydra.callbacks.forge_sweep.fit_budget=true to run the jobs that fit")
+                        "hydra.callbacks.forge_sweep.fit_budget=true to run the jobs that fit"))
         if not config.dry_run:
             self.parent_run_id = _open_parent_run(config, jobs)
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({

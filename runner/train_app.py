@@ -47,24 +47,72 @@ def run(argv: list[str]) -> int:
 
 
 def execute(cfg) -> int:
-    """The task: call train_model_version with the composed config and print its result."""
+    """The task: call train_model_version with the composed config and print its result.
+
+    Inside a sweep (`-m`) the job nests its MLflow run under the sweep's parent run and
+    leaves a `forge_job.json` outcome for the sweep summary; a failing job is recorded
+    there and does not stop the others.
+    """
     from runner.api import train_model_version
     from runner.errors import ForgeError
     from runner.tools import jsonable
 
+    job = _sweep_job()
     try:
         result = train_model_version(
             cfg.parent.artifact_id, cfg.dataset.artifact_id, agent_id=cfg.agent_id,
             wall_time_cap_min=cfg.wall_time_cap_min, vram_cap_gb=cfg.vram_cap_gb,
             dry_run=cfg.dry_run, allow_dirty=cfg.allow_dirty, devices=cfg.devices,
-            device=cfg.device, config=cfg)
+            device=cfg.device, config=cfg,
+            mlflow_parent_run_id=job["parent_run_id"] if job else None)
     except ForgeError as exc:
+        if job:
+            _record(job, cfg, error=exc)
         return _fail(exc)
-    sys.stdout.write(json.dumps(jsonable(result), indent=2) + "\n")
-    sys.stdout.flush()
+    if job:
+        _record(job, cfg, result=result)  # the sweep summary table shows it
+    else:
+        sys.stdout.write(json.dumps(jsonable(result), indent=2) + "\n")
+        sys.stdout.flush()
     if cfg.dry_run and not result["would_launch"]:
         return EXIT_WOULD_NOT_LAUNCH
     return EXIT_OK
+
+
+def _sweep_job() -> dict | None:
+    """This job's place in a sweep (number, overrides, directories), or None outside one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    from runner import sweep
+
+    return {"job": hc.job.num, "overrides": list(hc.overrides.task),
+            "dir": hc.runtime.output_dir, "parent_run_id": sweep.parent_run_id(hc.sweep.dir)}
+
+
+def _record(job: dict, cfg, result: dict | None = None, error=None) -> None:
+    from runner import sweep
+    from runner.launch import PRIMARY_METRIC
+
+    metric_name = PRIMARY_METRIC.get(cfg.training.task)
+    outcome = {"job": job["job"], "overrides": job["overrides"], "metric_name": metric_name}
+    if error is not None:
+        outcome.update(status="failed", error=f"{type(error).__name__}: {error}"[:300],
+                       reason=getattr(error, "reason", None))
+    elif cfg.dry_run:
+        outcome.update(status="would launch" if result["would_launch"] else "would not launch",
+                       cost=str(result["estimate"]["amount"]),
+                       error="; ".join(r["reason"] for r in result["reasons"]))
+    else:
+        outcome.update(status="ok", cost=result["cost"]["actual"],
+                       metric=(result["eval_metrics"] or {}).get(metric_name),
+                       artifact_id=result["artifact_id"], mlflow_run_id=result["mlflow"]["run_id"])
+    sweep.write_job_outcome(job["dir"], outcome)
 
 
 def _fail(exc) -> int:
@@ -93,10 +141,14 @@ def _run_hydra(argv: list[str]) -> int:
         _codes.append(execute(cfg))
 
     with _argv(argv), _env("HYDRA_FULL_ERROR", "1"):
+        from runner.sweep import SweepRefused
+
         try:
             task()
         except ForgeError as exc:
             return _fail(exc)
+        except SweepRefused as refused:
+            return _fail(refused.error)
         except Exception as exc:
             if not _is_composition_error(exc):
                 raise

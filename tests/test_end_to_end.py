@@ -11,61 +11,22 @@ from __future__ import annotations
 
 import json
 import subprocess
-import textwrap
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from conftest import count_rows
+from conftest import (AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, count_rows,
+                      fake_code_repo)
 from runner import catalog, db, ledger, schema, weights
 from runner.api import train_model_version
 from runner.errors import ForgeError, RegistrationFailed, TrainingFailed
 
 REPO = Path(__file__).resolve().parents[1]
-BASE_ID = "model-test-base"
-DATASET_ID = "dataset-geo-GSE100866"
-AGENT = "agent-e2e"
-ARCH = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_hid": 64, "n_bins": 51,
-        "dropout": 0.0, "input_emb_style": "continuous"}
 TINY = ["training.max_epochs=1", "training.batch_size=32", "training.max_seq_len=33",
         "training.limit_train_batches=4", "training.limit_eval_batches=2",
         "training.log_every_n_steps=2"]
-
-
-@pytest.fixture(scope="session")
-def base_checkpoint(tmp_path_factory) -> Path:
-    """A tiny scGPT-layout checkpoint with a CBMC vocabulary (random init: enough to fine-tune)."""
-    from trainers.data.fetch import fetch
-    from trainers.data.load import load
-    from trainers.scgpt.model import ScGPT, ScGPTConfig, save_checkpoint
-    from trainers.scgpt.tokenize import GeneVocab
-
-    vocab = GeneVocab.from_genes(load(fetch("cbmc"), "cbmc_mat").genes)
-    config = ScGPTConfig(vocab_size=len(vocab), pad_token_id=vocab.pad_id,
-                         n_layers=ARCH["n_layers"], d_model=ARCH["d_model"],
-                         n_heads=ARCH["n_heads"], d_hid=ARCH["d_hid"], dropout=0.0,
-                         n_bins=ARCH["n_bins"], input_emb_style="continuous")
-    folder = tmp_path_factory.mktemp("base") / "checkpoint"
-    save_checkpoint(ScGPT(config), vocab.stoi, folder)
-    return folder
-
-
-@pytest.fixture
-def registry(db_url, base_checkpoint):
-    """Datasets and the base registered, the agent granted 10 credits."""
-    from trainers.data.fetch import builtin_citation
-
-    catalog.register_dataset(DATASET_ID, "CBMC CITE-seq", builtin_citation("cbmc"))
-    catalog.register_model(
-        artifact_id=BASE_ID, title="tiny scGPT base", created_by="test",
-        metadata={"family": "scgpt-test", "framework": "scgpt", "task": "external",
-                  "architecture": ARCH},
-        origin_type="external", origin_url=base_checkpoint.as_uri(),
-        content_hash=weights.tree_hash(weights.file_hashes(base_checkpoint)))
-    ledger.grant(AGENT, "10")
-    return db_url
 
 
 def _train(**kw):
@@ -144,42 +105,21 @@ def test_real_finetune_registers_a_linked_candidate(registry):
 
 # --- failure paths, with stand-in trainers --------------------------------------------------
 
-FAKE_OK = """
-    import json, sys, pathlib
-    m = json.load(open(sys.argv[1]))
-    out = pathlib.Path(m["output_dir"])
-    (out / "checkpoint").mkdir()
-    (out / "checkpoint" / "best_model.pt").write_bytes(b"weights")
-    print("trained", flush=True)
-    json.dump({"status": "ok", "metrics": METRICS, "checkpoint": {"dir": "checkpoint"}},
-              open(out / "result.json", "w"))
-"""
 FAKES = {
     "crash": "raise SystemExit('trainer blew up')",
     "missing_result": "print('no result written')",
     "malformed_result": "import json, sys; open(json.load(open(sys.argv[1]))['output_dir'] + "
                         "'/result.json', 'w').write('{not json')",
-    "nan_metrics": FAKE_OK.replace("METRICS", '{"test_macro_f1": float("nan")}'),
-    "empty_metrics": FAKE_OK.replace("METRICS", "{}"),
+    "nan_metrics": STAND_IN_TRAINER.replace("METRICS", '{"test_macro_f1": float("nan")}'),
+    "empty_metrics": STAND_IN_TRAINER.replace("METRICS", "{}"),
     "timeout": "import time; time.sleep(600)",
-    "db_error": FAKE_OK.replace("METRICS", '{"test_macro_f1": 0.5, "test_accuracy": 0.6}'),
+    "db_error": STAND_IN_TRAINER.replace("METRICS", '{"test_macro_f1": 0.5, "test_accuracy": 0.6}'),
 }
-
-
-def _fake_repo(tmp_path: Path, body: str) -> Path:
-    repo = tmp_path / "fake-code"
-    (repo / "trainers").mkdir(parents=True)
-    (repo / "trainers" / "__init__.py").write_text("")
-    (repo / "trainers" / "entrypoint.py").write_text(textwrap.dedent(body))
-    for cmd in (["init", "-q"], ["add", "-A"],
-                ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "fake"]):
-        subprocess.run(["git", *cmd], cwd=repo, check=True)
-    return repo
 
 
 @pytest.mark.parametrize("case", sorted(FAKES))
 def test_failures_settle_once_and_register_nothing(registry, tmp_path, monkeypatch, case):
-    monkeypatch.setenv("FORGE_CODE_REPO", str(_fake_repo(tmp_path, FAKES[case])))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, FAKES[case])))
     if case == "timeout":
         from runner import sandbox
 
@@ -218,3 +158,14 @@ def test_failures_settle_once_and_register_nothing(registry, tmp_path, monkeypat
     assert not list((weights.weights_dir("x").parent.parent).glob("scgpt-test-*"))
     failed_call = _rows(registry, schema.tool_calls)[-1]
     assert failed_call["success"] is False and failed_call["error_code"] == expected[case]
+
+
+def test_a_failed_request_can_be_retried_with_its_own_debit(registry, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, FAKES["crash"])))
+    for _ in range(2):
+        with pytest.raises(TrainingFailed):
+            _train(allow_dirty=False)
+    allocs = _rows(registry, schema.resource_allocations)
+    assert [a["status"] for a in allocs] == ["failed", "failed"]
+    assert len({a["request_key"] for a in allocs}) == 2  # the first gave its key up
+    assert ledger.check() == []

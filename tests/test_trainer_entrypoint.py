@@ -77,7 +77,8 @@ def test_pretrain_writes_result_checkpoint_and_mlflow(pretrained):
     out, result, log = pretrained
     assert result["status"] == "ok" and result["device"] == "cpu"
     m = result["metrics"]
-    assert {"train_mse", "val_mse", "test_mse", "best_val_mse"} <= set(m)
+    assert {"train_mse", "val_mse", "test_mse", "train_mvc_mse", "test_mvc_mse",
+            "best_val_loss"} <= set(m)
     assert all(math.isfinite(v) for v in m.values())
     for name, digest in result["checkpoint"]["files"].items():
         assert sha256_file(out / "checkpoint" / name) == digest

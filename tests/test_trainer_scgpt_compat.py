@@ -54,15 +54,15 @@ def _write_scgpt_folder(folder, ref, vocab, style, flash_names=False):
         "fast_transformer": flash_names}))
 
 
-@pytest.mark.parametrize("style,flash_names", [
-    ("continuous", False), ("continuous", True), ("category", False)])
-def test_scgpt_checkpoint_loads_and_matches(tmp_path, style, flash_names):
+@pytest.mark.parametrize("style,flash_names,mvc", [
+    ("continuous", False, False), ("continuous", True, True), ("category", False, True)])
+def test_scgpt_checkpoint_loads_and_matches(tmp_path, style, flash_names, mvc):
     n_genes = 40
     vocab = GeneVocab.from_genes([f"G{i}" for i in range(n_genes)])
     torch.manual_seed(0)
     ref = scgpt_transformer_model(vocab.stoi, CFG["d_model"], CFG["n_heads"], CFG["d_hid"],
                                   CFG["n_layers"], CFG["n_cls"], input_emb_style=style,
-                                  pad_value=-2 if style == "continuous" else 51)
+                                  pad_value=-2 if style == "continuous" else 51, do_mvc=mvc)
     _randomise(ref)
     ref.eval()
     _write_scgpt_folder(tmp_path / "ckpt", ref, vocab, style, flash_names)
@@ -74,14 +74,18 @@ def test_scgpt_checkpoint_loads_and_matches(tmp_path, style, flash_names):
     assert report.unexpected == []
 
     b = _batch(vocab, n_genes, style)
+    assert ours.config.do_mvc == mvc
     with torch.no_grad():
-        theirs = ref(b["genes"], b["values"], b["pad_mask"], CLS=True)
-        mine = ours(b["genes"], b["values"], b["pad_mask"], cls=True)
+        theirs = ref(b["genes"], b["values"], b["pad_mask"], CLS=True, MVC=mvc)
+        mine = ours(b["genes"], b["values"], b["pad_mask"], cls=True, mvc=mvc)
     torch.testing.assert_close(mine["cell_emb"], theirs["cell_emb"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mine["cls_output"], theirs["cls_output"], atol=1e-5, rtol=1e-5)
     keep = ~b["pad_mask"]  # scGPT's nested-tensor fast path zeroes padded positions
     torch.testing.assert_close(mine["mlm_output"][keep], theirs["mlm_output"][keep],
                                atol=1e-5, rtol=1e-5)
+    if mvc:
+        torch.testing.assert_close(mine["mvc_output"][keep], theirs["mvc_output"][keep],
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_our_checkpoint_loads_into_scgpt_strictly(tmp_path):
@@ -109,11 +113,12 @@ def test_mismatched_checkpoint_is_reported(tmp_path):
     (tmp_path / "c" / "args.json").write_text(json.dumps(args))
     with pytest.raises(CheckpointError, match=r"missing: .*blocks\.3\."):
         load_checkpoint(tmp_path / "c")
-    # a checkpoint with an extra head (scGPT's MVC decoder) loads, reporting the extra keys
+    # a checkpoint with an extra head (scGPT's explicit-zero-prob decoder) loads, reporting
+    # the extra keys
     state = torch.load(tmp_path / "c" / "best_model.pt")
-    state["mvc_decoder.gene2query.weight"] = torch.zeros(64, 64)
+    state["decoder.zero_logit.0.weight"] = torch.zeros(64, 64)
     torch.save(state, tmp_path / "c" / "best_model.pt")
     args["nlayers"] = 3
     (tmp_path / "c" / "args.json").write_text(json.dumps(args))
     _, _, _, report = load_checkpoint(tmp_path / "c")
-    assert report.unexpected == ["mvc_decoder.gene2query.weight"]
+    assert report.unexpected == ["decoder.zero_logit.0.weight"]

@@ -1,0 +1,155 @@
+"""Sweeps through `forge-train -m`: dry run, budget gate, candidates, nested MLflow runs,
+partial failure and re-runs, the submitit_local launcher, and 8 concurrent jobs on PostgreSQL.
+
+The 4-job grid trains for real; the launcher and concurrency tests use a stand-in trainer
+(real sandbox, real registry and MLflow, a trainer that finishes in a blink) so that what they
+measure is the orchestration under parallel load, within the CI budget.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import (AGENT, ARCH_OVERRIDES, BASE_ID, STAND_IN_TRAINER, count_rows,
+                      fake_code_repo)
+from runner import catalog, db, ledger, schema
+
+FORGE_TRAIN = [sys.executable, "-c", "from runner.train_app import main; main()"]
+STAND_IN = STAND_IN_TRAINER.replace(
+    "METRICS", '{"test_macro_f1": m["training"]["lr"] * 100, "test_accuracy": 0.5}')
+
+
+def forge_train(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([*FORGE_TRAIN, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def sweep(*extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", "allow_dirty=true",
+                       *ARCH_OVERRIDES, *extra, timeout=timeout)
+
+
+def allocations(url: str) -> list[dict]:
+    with db.get_engine(url).connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(schema.resource_allocations)).mappings()]
+
+
+def candidates() -> list[dict]:
+    return [m for m in catalog.list_artifacts("model") if m["id"] != BASE_ID]
+
+
+def mlflow_runs() -> list:
+    from runner import tracking
+    from runner.compose import compose_config, to_plain
+
+    uri = to_plain(compose_config())["tracking"]["tracking_uri"]
+    client = tracking.client(uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_sweep_dry_run_lists_every_job_and_the_total(sqlite_registry):
+    before = count_rows(sqlite_registry)
+    proc = sweep("dry_run=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("would launch") == 4, proc.stdout
+    assert "total estimate: 0.166668" in proc.stdout  # 4 x 5 min at 0.50/h
+    for lr, seed in [("0.001", "0"), ("0.001", "1"), ("0.0003", "0"), ("0.0003", "1")]:
+        assert f"training.lr={lr} training.seed={seed}" in proc.stdout
+    after = count_rows(sqlite_registry)
+    assert {k for k in after if after[k] != before[k]} == {"tool_calls"}  # audit rows only
+
+
+def test_budget_gate_refuses_a_sweep_that_does_not_fit(sqlite_registry):
+    ledger.grant("poor-agent", "0.1")
+    before = count_rows(sqlite_registry)
+    proc = forge_train("-m", "sweep=tiny_grid", "agent_id=poor-agent", "allow_dirty=true",
+                       *ARCH_OVERRIDES)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "BudgetExceeded" in proc.stderr and "fit_budget=true" in proc.stderr
+    assert count_rows(sqlite_registry) == before
+    assert ledger.balance("poor-agent") == Decimal("0.1")
+
+
+def test_grid_sweep_registers_four_linked_candidates(sqlite_registry):
+    proc = sweep()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    made = candidates()
+    assert len(made) == 4 and {m["parent_version_id"] for m in made} == {BASE_ID}
+    assert {m["lifecycle_state"] for m in made} == {"candidate"}
+    assert proc.stdout.count(" ok ") >= 4 and "sweep summary" in proc.stdout
+    runs = mlflow_runs()
+    parents = [r for r in runs if r.data.tags.get("forge.sweep") == "true"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(nested) == 4 and {r.info.status for r in nested} == {"FINISHED"}
+    assert ledger.check() == []
+
+    # The same sweep again: every job returns its earlier result; nothing is debited.
+    again = sweep()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(candidates()) == 4 and len(allocations(sqlite_registry)) == 4
+    assert ledger.check() == []
+
+
+def test_fit_budget_runs_what_fits_and_records_the_rest(sqlite_registry, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
+    ledger.grant("half-agent", "0.09")  # covers two jobs of 0.041667
+    proc = forge_train("-m", "sweep=tiny_grid", "agent_id=half-agent", *ARCH_OVERRIDES,
+                       "hydra.callbacks.forge_sweep.fit_budget=true")
+    assert proc.returncode != 0  # some jobs failed, and the exit code says so
+    assert proc.stdout.count(" ok ") == 2 and proc.stdout.count("failed") == 2, proc.stdout
+    assert "BudgetExceeded" in proc.stdout
+    assert len(candidates()) == 2 and ledger.check() == []
+
+    # Re-run with more credits: the two done are skipped, the two failed run now.
+    ledger.grant("half-agent", "1")
+    again = forge_train("-m", "sweep=tiny_grid", "agent_id=half-agent", *ARCH_OVERRIDES)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert len(candidates()) == 4 and len(allocations(sqlite_registry)) == 4
+    assert ledger.check() == []
+
+
+def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
+    proc = sweep("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    made = candidates()
+    assert len(made) == 4 and {m["parent_version_id"] for m in made} == {BASE_ID}
+    runs = mlflow_runs()
+    parent = [r for r in runs if r.data.tags.get("forge.sweep") == "true"][0]
+    assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == 4
+    home = Path(os.environ["FORGE_HOME"])  # one output directory per allocation: no collisions
+    for alloc in allocations(sqlite_registry):
+        assert (home / "runs" / alloc["id"] / "out" / "result.json").is_file()
+    assert ledger.check() == []
+
+
+@pytest.mark.postgres
+def test_eight_concurrent_jobs_on_postgresql(pg_registry, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
+    proc = forge_train("-m", f"agent_id={AGENT}", *ARCH_OVERRIDES, "wall_time_cap_min=5",
+                       "vram_cap_gb=1", "training.lr=1e-3,2e-3,3e-3,4e-3",
+                       "training.seed=0,1", "hydra/launcher=submitit_local",
+                       "hydra.launcher.tasks_per_node=1", "hydra.launcher.timeout_min=10")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    made = candidates()
+    assert len(made) == 8 and len({m["id"] for m in made}) == 8
+    allocs = allocations(pg_registry)
+    assert len(allocs) == 8 and {a["status"] for a in allocs} == {"settled"}
+    assert sorted(a["artifact_id"] for a in allocs) == sorted(m["id"] for m in made)
+    assert ledger.balance(AGENT) == Decimal(10) - sum(a["actual_cost"] for a in allocs)
+    assert ledger.check() == []
+    with db.get_engine(pg_registry).connect() as conn:
+        events = conn.execute(sa.select(sa.func.count()).select_from(schema.events)).scalar_one()
+    assert events == 8
+    runs = [r for r in mlflow_runs() if r.data.tags.get("forge.agent_id") == AGENT
+            and r.data.tags.get("forge.sweep") != "true"]
+    assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
