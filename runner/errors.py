@@ -105,3 +105,7 @@ class InvalidAmount(InvalidInput):
 
 class InvalidConfig(InvalidInput):
     reason = "invalid_config"
+
+
+class DatasetUnavailable(ForgeError):
+    reason = "dataset_unavailable"

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runner import catalog, codepin, hook, ledger, settings, weights
-from runner.errors import (Conflict, ForgeError, RegistrationFailed, TrainingFailed)
+from runner.errors import (Conflict, DatasetUnavailable, ForgeError, RegistrationFailed,
+                           TrainingFailed)
 
 ENTRYPOINT = "trainers.entrypoint"
 PRIMARY_METRIC = {"finetune_celltype": "test_macro_f1", "pretrain_mgm": "test_mse"}
@@ -157,8 +158,14 @@ class _Job:
         parent_dir = weights.materialize(self.parent, self.run_dir / "parent")
         data = self.cfg["dataset"]
         expected = (self.dataset.get("metadata") or {}).get("citation", {})
-        dataset_path = fetch.fetch(data["source"], cache=settings.cache_dir(),
-                                   sha256=expected.get("sha256"))
+        try:
+            dataset_path = fetch.fetch(data["source"], cache=settings.cache_dir(),
+                                       sha256=expected.get("sha256"))
+        except (fetch.FetchError, OSError) as exc:
+            raise DatasetUnavailable(f"dataset {self.dataset['id']!r}: {exc}",
+                                     field="dataset.source",
+                                     fix="check the source and the network, or delete the "
+                                         "cached copy to fetch it again") from exc
         return {"code": codepin.snapshot(self.plan.code, settings.cache_dir() / "code"),
                 "parent": parent_dir, "dataset": dataset_path}
 

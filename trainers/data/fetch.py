@@ -216,8 +216,19 @@ def fetch(source: str, cache: Path | None = None, sha256: str | None = None) -> 
     """Fetch a dataset source into the cache; returns the dataset path.
 
     Builtins return their folder (`datasets/<name>/`); URLs return the fetched file.
+    Concurrent fetches into one cache (parallel sweep jobs) take turns on a file lock, so
+    none sees another's half-written file.
     """
+    import fcntl
+
     cache = cache or cache_root()
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".fetch.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch(source, cache, sha256)
+
+
+def _fetch(source: str, cache: Path, sha256: str | None) -> Path:
     if source in BUILTINS or source in REFERENCE_FILES:
         spec = BUILTINS.get(source) or REFERENCE_FILES[source]
         folder = cache / "datasets" / source
