@@ -1,19 +1,123 @@
-"""`make demo`: the main job. Migrates the registry under FORGE_HOME and prints its status."""
+"""`make demo`: the pilot, on the embedded defaults (SQLite registry and MLflow store under
+FORGE_HOME).
+
+1. migrate the registry; register the CBMC and pbmc68k datasets with their citations;
+2. grant the agent `demo-agent` credits;
+3. once: pretrain a small scGPT-style base on CBMC (masked gene expression, in the sandbox)
+   and register it as version 1 of `model-scgpt-cbmc-base`;
+4. fine-tune it for cell types with train_model_version() into a candidate version 2;
+5. print the returned dict and the command that opens the MLflow UI on the same store.
+
+A second run reuses the base and gets the same request's earlier result back.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+import uuid
+from decimal import Decimal
+
 from rich.console import Console
 
-from runner import catalog, db, settings
+from runner import catalog, codepin, db, ledger, settings
+from runner.errors import ForgeError, NotFound
+
+AGENT = "demo-agent"
+BASE_ID = "model-scgpt-cbmc-base"
+DATASETS = {"dataset-geo-GSE100866": ("cbmc", "CBMC CITE-seq, 8,617 cord blood cells"),
+            "dataset-10x-pbmc68k-reduced": ("pbmc68k_reduced", "PBMC 68k (reduced), 700 cells")}
+CREDITS = Decimal("5")
+
+console = Console(stderr=True)
 
 
-def main() -> None:
-    console = Console()
-    console.print(f"[bold]forge-runner demo[/] registry {settings.db_url()}")
-    console.print(f"schema at revision {db.upgrade()}")
-    for kind in ("dataset", "model"):
-        console.print(f"{kind}s registered: {len(catalog.list_artifacts(kind))}")
+def register_datasets() -> None:
+    from trainers.data.fetch import builtin_citation
+
+    for artifact_id, (source, title) in DATASETS.items():
+        catalog.register_dataset(artifact_id, title, builtin_citation(source), created_by="demo")
+        console.print(f"dataset [bold]{artifact_id}[/] registered ({source})")
+
+
+def fund_agent() -> None:
+    have = ledger.balance(AGENT) if ledger.account(AGENT) else Decimal(0)
+    if have < CREDITS:
+        ledger.grant(AGENT, CREDITS - have, memo="make demo")
+    console.print(f"agent [bold]{AGENT}[/] balance {ledger.balance(AGENT)} credits")
+
+
+def ensure_base() -> dict:
+    """Version 1: pretrained here once, in the sandbox, then reused."""
+    try:
+        return catalog.get_artifact(BASE_ID)
+    except NotFound:
+        pass
+    from runner import sandbox, weights
+    from runner.compose import compose_config, to_plain
+    from runner.launch import ENTRYPOINT, _read_result, build_manifest
+    from trainers.data import fetch
+
+    cfg = to_plain(compose_config(["training=pretrain_mgm"]))
+    pin = codepin.pin_code()
+    if pin.dirty:
+        raise ForgeError("the working tree has uncommitted changes", field="allow_dirty",
+                         fix="commit them: the sandbox runs the pinned commit")
+    run_dir = settings.forge_home() / "runs" / f"base-{uuid.uuid4().hex[:8]}"
+    run_dir.mkdir(parents=True)
+    manifest = build_manifest(cfg, BASE_ID, "cpu", from_parent=False)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    console.print(f"pretraining the base [bold]{BASE_ID}[/] (masked gene expression on CBMC)")
+    started = catalog.now()
+    launched = sandbox.gpu_launch(sandbox.SandboxJob(
+        module=ENTRYPOINT, args=["/job/in/manifest.json"],
+        code_dir=codepin.snapshot(pin, settings.cache_dir() / "code"),
+        inputs={"manifest.json": run_dir / "manifest.json",
+                "dataset": fetch.fetch(cfg["dataset"]["source"], cache=settings.cache_dir())},
+        output_dir=run_dir / "out", log_path=run_dir / "job.log",
+        wall_time_cap_s=cfg["wall_time_cap_min"] * 60, vram_cap_gb=cfg["vram_cap_gb"]))
+    result = _read_result(run_dir / "out", launched)
+    stored = weights.store(BASE_ID, run_dir / "out" / "checkpoint")
+    arch = {k: v for k, v in cfg["parent"].items() if k not in ("artifact_id", "family")}
+    return catalog.register_model(
+        artifact_id=BASE_ID, title="scGPT-style base, pretrained on CBMC (masked expression)",
+        metadata={"family": cfg["parent"]["family"], "framework": "scgpt",
+                  "task": "pretrain_mgm", "architecture": arch,
+                  "weights": {k: stored[k] for k in ("sha256", "files", "size_bytes", "path")}},
+        created_by="demo", origin_type="internal", content_hash=stored["sha256"],
+        training_dataset_artifact_id="dataset-geo-GSE100866",
+        version={"code_repo_url": pin.repo_url, "code_commit_sha": pin.sha,
+                 "code_entrypoint": ENTRYPOINT, "trained_by": "demo",
+                 "training_started_at": started, "training_completed_at": launched.ended_at,
+                 "training_params_json": cfg["training"], "eval_metrics_json": result["metrics"]})
+
+
+def main() -> int:
+    from runner.api import train_model_version
+    from runner.compose import compose_config, to_plain
+
+    start = time.perf_counter()
+    console.print(f"[bold]forge-runner pilot[/]: registry {settings.db_url()}")
+    try:
+        console.print(f"registry schema at revision {db.upgrade()}")
+        register_datasets()
+        fund_agent()
+        base = ensure_base()
+        console.print(f"base [bold]{base['id']}[/] version {base['version_number']}")
+        console.print("fine-tuning it for cell types on CBMC (train_model_version)")
+        result = train_model_version(BASE_ID, "dataset-geo-GSE100866", agent_id=AGENT,
+                                     wall_time_cap_min=30, vram_cap_gb=24)
+    except ForgeError as exc:
+        console.print(f"[red]error[/]: {type(exc).__name__}: {exc}")
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    uri = to_plain(compose_config())["tracking"]["tracking_uri"]
+    console.print(f"done in {time.perf_counter() - start:.0f}s. Browse runs and the "
+                  f"registered model:\n  .venv/bin/mlflow ui --backend-store-uri {uri} "
+                  f"--workers 1 --port 5000   # then open {result.get('detail_url')}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -97,7 +97,7 @@ class _Job:
             tags=self._tags(), params=tracking.flatten(_trainable(cfg)),
             config_yaml=_yaml(cfg), parent_run_id=self.parent_run_id)
         ledger.mark_running(self.alloc["id"], self.run_id)
-        manifest = self._manifest()
+        manifest = build_manifest(cfg, self.artifact_id, self.device, from_parent=True)
         (self.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
         inputs["manifest.json"] = self.run_dir / "manifest.json"
         out = self.run_dir / "out"
@@ -169,24 +169,6 @@ class _Job:
         return {"code": codepin.snapshot(self.plan.code, settings.cache_dir() / "code"),
                 "parent": parent_dir, "dataset": dataset_path}
 
-    def _manifest(self) -> dict:
-        cfg, parent, data = self.cfg, self.cfg["parent"], self.cfg["dataset"]
-        training = {k: v for k, v in cfg["training"].items()
-                    if k not in ("task", "seed", "num_threads")}
-        return {
-            "manifest_version": 1, "task": cfg["training"]["task"],
-            "seed": cfg["training"]["seed"], "device": "cpu" if self.device == "cpu" else "cuda",
-            "vram_cap_gb": cfg["vram_cap_gb"], "output_dir": "/job/out",
-            "num_threads": cfg["training"]["num_threads"],
-            "tracking_uri": "file:///job/out/mlruns",
-            "experiment_name": cfg["tracking"]["experiment_name"], "run_name": self.artifact_id,
-            "parent": {"checkpoint_dir": "/job/in/parent"},
-            "dataset": {"name": data["source"], "path": "/job/in/dataset",
-                        "format": data["format"], "label_key": data["label_key"]},
-            "model": {k: v for k, v in parent.items() if k not in ("artifact_id", "family")},
-            "training": training,
-        }
-
     def _tags(self) -> dict[str, str]:
         plan = self.plan
         return {"forge.parent_artifact_id": self.parent["id"],
@@ -238,6 +220,26 @@ class _Job:
                 except Exception as mlflow_exc:  # the books are already balanced
                     print(f"warning: could not mark MLflow run {self.run_id} FAILED: "
                           f"{mlflow_exc}", file=sys.stderr)
+
+
+def build_manifest(cfg: dict, run_name: str, device: str, *, from_parent: bool) -> dict:
+    """The run manifest (trainers/manifest.py) for a resolved config, in sandbox paths:
+    the parent at /job/in/parent, the dataset at /job/in/dataset, outputs in /job/out."""
+    data = cfg["dataset"]
+    training = {k: v for k, v in cfg["training"].items()
+                if k not in ("task", "seed", "num_threads")}
+    return {
+        "manifest_version": 1, "task": cfg["training"]["task"], "seed": cfg["training"]["seed"],
+        "device": "cpu" if device == "cpu" else "cuda", "vram_cap_gb": cfg["vram_cap_gb"],
+        "output_dir": "/job/out", "num_threads": cfg["training"]["num_threads"],
+        "tracking_uri": "file:///job/out/mlruns",
+        "experiment_name": cfg["tracking"]["experiment_name"], "run_name": run_name,
+        "parent": {"checkpoint_dir": "/job/in/parent"} if from_parent else None,
+        "dataset": {"name": data["source"], "path": "/job/in/dataset", "format": data["format"],
+                    "label_key": data["label_key"]},
+        "model": {k: v for k, v in cfg["parent"].items() if k not in ("artifact_id", "family")},
+        "training": training,
+    }
 
 
 def _read_result(out: Path, launched) -> dict:

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_WOULD_NOT_LAUNCH = 0, 1, 2, 3
 
 _codes: list[int] = []
+_last_outcome: dict = {}
 
 
 def main() -> None:
@@ -113,6 +114,8 @@ def _record(job: dict, cfg, result: dict | None = None, error=None) -> None:
                        metric=(result["eval_metrics"] or {}).get(metric_name),
                        artifact_id=result["artifact_id"], mlflow_run_id=result["mlflow"]["run_id"])
     sweep.write_job_outcome(job["dir"], outcome)
+    _last_outcome.clear()
+    _last_outcome.update(outcome)
 
 
 def _fail(exc) -> int:
@@ -137,8 +140,11 @@ def _run_hydra(argv: list[str]) -> int:
 
     @hydra.main(config_path=str(compose.config_dir()), config_name=compose.CONFIG_NAME,
                 version_base="1.3")
-    def task(cfg) -> None:
+    def task(cfg) -> float | None:
         _codes.append(execute(cfg))
+        # Sweepers that optimise (Optuna) read the job's target metric from here.
+        metric = _last_outcome.get("metric")
+        return float("nan") if metric is None else metric
 
     with _argv(argv), _env("HYDRA_FULL_ERROR", "1"):
         from runner.sweep import SweepRefused

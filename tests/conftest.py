@@ -178,6 +178,16 @@ def pg_registry(pg_url, base_checkpoint):
     return pg_url
 
 
+@pytest.fixture(scope="session")
+def committed_code(tmp_path_factory) -> Path:
+    """A clone of this repository at HEAD: jobs pin and run exactly the committed code, and
+    edits to the working tree during a test session cannot change their request keys."""
+    repo = Path(__file__).resolve().parents[1]
+    clone = tmp_path_factory.mktemp("code") / "forge-runner"
+    subprocess.run(["git", "clone", "-q", "--local", str(repo), str(clone)], check=True)
+    return clone
+
+
 def fake_code_repo(tmp_path: Path, body: str) -> Path:
     """A git repository whose trainers.entrypoint is `body`: a stand-in trainer."""
     repo = tmp_path / "fake-code"

@@ -49,10 +49,11 @@ def _mlflow_run(run_id: str):
     return tracking.client(uri).get_run(run_id), tracking.client(uri)
 
 
-def test_real_finetune_registers_a_linked_candidate(registry):
+def test_real_finetune_registers_a_linked_candidate(registry, committed_code, monkeypatch):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                           text=True, check=True).stdout.strip()
-    result = _train()
+    result = _train(allow_dirty=False)
 
     art = catalog.get_model_version(result["artifact_id"])
     assert art["artifact_type"] == "model" and art["parent_version_id"] == BASE_ID
@@ -98,7 +99,7 @@ def test_real_finetune_registers_a_linked_candidate(registry):
 
     # The same request again: the earlier result, no second debit, no second version.
     before = count_rows(registry)
-    assert _train()["artifact_id"] == result["artifact_id"]
+    assert _train(allow_dirty=False)["artifact_id"] == result["artifact_id"]
     after = count_rows(registry)
     assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {"tool_calls": 1}
 

@@ -78,7 +78,9 @@ def test_budget_gate_refuses_a_sweep_that_does_not_fit(sqlite_registry):
     assert ledger.balance("poor-agent") == Decimal("0.1")
 
 
-def test_grid_sweep_registers_four_linked_candidates(sqlite_registry):
+def test_grid_sweep_registers_four_linked_candidates(sqlite_registry, committed_code,
+                                                     monkeypatch):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
     proc = sweep()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     made = candidates()
