@@ -10,7 +10,7 @@ import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from runner import catalog, codepin, hook, ledger, settings, weights
 from runner.errors import (Conflict, DatasetUnavailable, ForgeError, RegistrationFailed,

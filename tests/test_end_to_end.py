@@ -9,7 +9,6 @@ registration. Each must leave the books balanced, the MLflow run FAILED and no c
 
 from __future__ import annotations
 
-import json
 import subprocess
 from decimal import Decimal
 from pathlib import Path

@@ -1,7 +1,7 @@
 """Registry baseline: every table of the SciDEX-compatible schema (DESIGN.md).
 
 Revision ID: 0001
-Revises: 
+Revises: (none)
 Create Date: 2026-11-28
 """
 from alembic import op
