@@ -87,7 +87,7 @@ def train(m: Manifest, state: dict) -> dict:
     state["mlflow"] = {"tracking_uri": m.tracking_uri, "experiment_id": logger.experiment_id,
                        "run_id": logger.run_id}
     logger.log_hyperparams(_flatten(m.to_dict()))
-    monitor, mode = ("val_macro_f1", "max") if finetune else ("val_mse", "min")
+    monitor, mode = ("val_macro_f1", "max") if finetune else ("val_loss", "min")
     history = History()
     ckpt_dir = out / ".lightning_checkpoints"
     best = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode=mode, save_top_k=1,

@@ -94,7 +94,7 @@ def _load_h5ad(path: Path, label_key: str | None, gene_key: str | None,
 
     import anndata
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore")  # old-format notices from anndata
         adata = anndata.read_h5ad(path)
     X, var = adata.X, adata.var
     if use_raw is None:

@@ -73,7 +73,8 @@ def plot_learning_curves(history: list[dict[str, float]], path: Path, title: str
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    loss_keys = [k for k in ("train_loss", "val_loss", "train_mse", "val_mse")
+    loss_keys = [k for k in ("train_loss", "val_loss", "train_mse", "val_mse", "train_mvc_mse",
+                             "val_mvc_mse")
                  if any(k in h for h in history)]
     score_keys = [k for k in ("val_accuracy", "val_macro_f1") if any(k in h for h in history)]
     fig, axes = plt.subplots(1, 2 if score_keys else 1, figsize=(10 if score_keys else 5, 3.6),

@@ -2,7 +2,9 @@
 
 - `pretrain_mgm`: masked gene-expression modelling. A fraction of each cell's expressed
   genes get their value replaced by the mask value; the expression decoder predicts the
-  binned value there; loss = MSE on the masked positions (scGPT's masked_mse_loss).
+  binned value there (`mse`, scGPT's masked_mse_loss) and, when the model has the MVC
+  head, so does the `<cls>` cell embedding (`mvc_mse`, scGPT's GEPC objective); the loss
+  is their sum, as in scGPT's pretraining.
 - `finetune_celltype`: the classifier head reads the `<cls>` embedding; cross-entropy.
 
 A non-finite loss raises `NonFiniteLoss` at once (the entrypoint exits 3, reason nan_loss).
@@ -85,9 +87,15 @@ class ScGPTModule(pl.LightningModule):
         h = self.model.encode(batch["genes"], batch["values"], batch["pad_mask"])
         if self.task == PRETRAIN:
             mask = batch["mlm_mask"]
+            target = batch["target"][mask]
             pred = self.model.decoder(h[mask]).float()  # decode the masked positions only
-            loss = F.mse_loss(pred, batch["target"][mask])
-            return loss, {"n": int(mask.sum())}
+            parts = {"mse": F.mse_loss(pred, target)}
+            if self.model.mvc_decoder is not None:
+                rows = mask.nonzero()[:, 0]  # the cell each masked position belongs to
+                cell = h[:, 0, :][rows]
+                mvc = self.model.mvc_decoder(cell, self.model.encoder(batch["genes"][mask]))
+                parts["mvc_mse"] = F.mse_loss(mvc.float(), target)
+            return sum(parts.values()), {"n": int(mask.sum()), "parts": parts}
         logits = self.model.cls_decoder(h[:, 0, :]).float()  # <cls> embedding
         loss = F.cross_entropy(logits, batch["labels"], weight=self.class_weights)
         return loss, {"pred": logits.argmax(-1), "labels": batch["labels"]}
@@ -97,10 +105,12 @@ class ScGPTModule(pl.LightningModule):
             raise NonFiniteLoss(stage, self.global_step, float(loss))
 
     def training_step(self, batch, batch_idx):
-        loss, _ = self._step(batch)
+        loss, out = self._step(batch)
         self._check(loss, "train")
-        name = "train_mse" if self.task == PRETRAIN else "train_loss"
-        self.log(name, loss, on_step=False, on_epoch=True, batch_size=len(batch["genes"]))
+        n = len(batch["genes"])
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n)
+        for name, part in out.get("parts", {}).items():
+            self.log(f"train_{name}", part, on_step=False, on_epoch=True, batch_size=n)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
                  batch_size=1)
         return loss
@@ -110,7 +120,8 @@ class ScGPTModule(pl.LightningModule):
         self._check(loss, stage)
         acc = self._eval.setdefault(stage, [])
         weight = out["n"] if self.task == PRETRAIN else len(batch["genes"])
-        acc.append((float(loss) * weight, weight, out.get("pred"), out.get("labels")))
+        parts = {k: float(v) * weight for k, v in out.get("parts", {}).items()}
+        acc.append((float(loss) * weight, weight, out.get("pred"), out.get("labels"), parts))
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")
@@ -125,7 +136,9 @@ class ScGPTModule(pl.LightningModule):
         total = sum(r[1] for r in rows)
         loss = sum(r[0] for r in rows) / max(total, 1)
         if self.task == PRETRAIN:
-            self.log(f"{stage}_mse", loss)
+            self.log(f"{stage}_loss", loss)
+            for name in rows[0][4]:
+                self.log(f"{stage}_{name}", sum(r[4][name] for r in rows) / max(total, 1))
             return
         pred = torch.cat([r[2] for r in rows]).cpu().numpy()
         true = torch.cat([r[3] for r in rows]).cpu().numpy()

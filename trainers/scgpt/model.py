@@ -37,6 +37,7 @@ class ScGPTConfig:
     n_layers: int = 4
     n_layers_cls: int = 3  # depth of the classifier MLP, as scGPT's ClsDecoder(nlayers=3)
     n_cls: int = 1
+    do_mvc: bool = True  # scGPT's MVC/GEPC head: predict expression from the cell embedding
     dropout: float = 0.1
     pad_token_id: int = 0
     n_bins: int = 51
@@ -178,6 +179,26 @@ class ClsDecoder(nn.Module):
         return self.out_layer(x)
 
 
+class MVCDecoder(nn.Module):
+    """Expression of each gene predicted from the cell embedding (scGPT's MVCDecoder,
+    "inner product" style): value = <W sigmoid(gene2query(gene_emb)), cell_emb>.
+
+    Pretraining with it (scGPT's GEPC objective) is what teaches `<cls>` to summarise the
+    cell; masked-gene modelling alone never trains the `<cls>` output.
+    """
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.gene2query = nn.Linear(d_model, d_model)
+        self.query_activation = nn.Sigmoid()
+        self.W = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, cell_emb: Tensor, gene_embs: Tensor) -> Tensor:
+        """cell_emb (N, C) and the gene token embeddings to score (N, C) -> (N,)."""
+        query = self.query_activation(self.gene2query(gene_embs))
+        return (self.W(query) * cell_emb).sum(-1)
+
+
 # ---------------------------------------------------------------- the model
 
 class ScGPT(nn.Module):
@@ -195,6 +216,7 @@ class ScGPT(nn.Module):
             Block(c.d_model, c.n_heads, c.d_hid, c.dropout) for _ in range(c.n_layers))
         self.decoder = ExprDecoder(c.d_model)
         self.cls_decoder = ClsDecoder(c.d_model, c.n_cls, c.n_layers_cls)
+        self.mvc_decoder = MVCDecoder(c.d_model) if c.do_mvc else None
         # scGPT's init_weights(): only the gene embedding is re-initialised.
         nn.init.uniform_(self.encoder.embedding.weight, -0.1, 0.1)
 
@@ -209,11 +231,15 @@ class ScGPT(nn.Module):
         return x
 
     def forward(self, genes: Tensor, values: Tensor, pad_mask: Tensor,
-                cls: bool = False) -> dict[str, Tensor]:
+                cls: bool = False, mvc: bool = False) -> dict[str, Tensor]:
+        """All heads at every position, as scGPT's forward(CLS=..., MVC=...)."""
         h = self.encode(genes, values, pad_mask)
         out = {"mlm_output": self.decoder(h), "cell_emb": h[:, 0, :]}  # <cls> at position 0
         if cls:
             out["cls_output"] = self.cls_decoder(out["cell_emb"])
+        if mvc:
+            cell = out["cell_emb"][:, None, :].expand_as(h)
+            out["mvc_output"] = self.mvc_decoder(cell, self.encoder(genes))
         return out
 
     def num_params(self) -> int:
@@ -325,9 +351,9 @@ def load_scgpt_state_dict(model: ScGPT, state: dict[str, Tensor],
     return report
 
 
-def config_from_args(args: dict, vocab_size: int, pad_token_id: int, n_cls: int = 1
-                     ) -> ScGPTConfig:
-    """Build our config from an scGPT args.json dict."""
+def config_from_args(args: dict, vocab_size: int, pad_token_id: int, n_cls: int = 1,
+                     do_mvc: bool | None = None) -> ScGPTConfig:
+    """Build our config from an scGPT args.json dict (do_mvc: has an MVC head)."""
     missing = [k for k in ("embsize", "nheads", "d_hid", "nlayers") if k not in args]
     if missing:
         raise CheckpointError(f"args.json lacks {', '.join(missing)}")
@@ -336,14 +362,17 @@ def config_from_args(args: dict, vocab_size: int, pad_token_id: int, n_cls: int 
         # scGPT tutorials: pad with bin n_bins, mask with bin n_bins + 1
         kw.setdefault("pad_value", args.get("n_bins", 51))
         kw.setdefault("mask_value", args.get("n_bins", 51) + 1)
-    return ScGPTConfig(vocab_size=vocab_size, pad_token_id=pad_token_id, n_cls=n_cls, **kw)
+    if do_mvc is None:
+        do_mvc = bool(args.get("MVC", False))
+    return ScGPTConfig(vocab_size=vocab_size, pad_token_id=pad_token_id, n_cls=n_cls,
+                       do_mvc=do_mvc, **kw)
 
 
 def config_to_args(config: ScGPTConfig, extra: dict | None = None) -> dict:
     """An args.json dict in scGPT's naming (its tutorial scripts' argument names)."""
     args = {theirs: getattr(config, ours) for theirs, ours in ARGS_TO_CONFIG.items()}
     args.update(pad_token="<pad>", input_style="binned", max_seq_len=None,
-                n_cls=config.n_cls, fast_transformer=False, pre_norm=False)
+                n_cls=config.n_cls, MVC=config.do_mvc, fast_transformer=False, pre_norm=False)
     args.update(extra or {})
     return args
 
@@ -373,7 +402,9 @@ def load_checkpoint(folder: str | Path, n_cls: int | None = None,
     if n_cls is None:
         out = state.get("cls_decoder.out_layer.weight")
         n_cls = int(out.shape[0]) if out is not None else int(args.get("n_cls", 1))
-    config = config_from_args(args, n_vocab, vocab[pad_token], n_cls)
+    # the MVC head exists when the weights have it (scGPT's args.json spells it variously)
+    do_mvc = any(k.startswith("mvc_decoder.") for k in state)
+    config = config_from_args(args, n_vocab, vocab[pad_token], n_cls, do_mvc)
     model = ScGPT(config)
     report = load_scgpt_state_dict(model, state, allow_missing=("cls_decoder.",))
     return model, vocab, args, report

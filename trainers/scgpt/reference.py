@@ -73,12 +73,12 @@ def scgpt_model_module(cache: Path | None = None) -> types.ModuleType:
 def scgpt_transformer_model(vocab: dict[str, int], d_model: int, n_heads: int, d_hid: int,
                             n_layers: int, n_cls: int, dropout: float = 0.2,
                             n_bins: int = 51, input_emb_style: str = "continuous",
-                            pad_value: float = -2):
-    """scGPT's TransformerModel configured as its annotation tutorial does (no MVC/DAB)."""
+                            pad_value: float = -2, do_mvc: bool = False):
+    """scGPT's TransformerModel configured as its annotation tutorial does (no DAB)."""
     m = scgpt_model_module()
     return m.TransformerModel(
         ntoken=len(vocab), d_model=d_model, nhead=n_heads, d_hid=d_hid, nlayers=n_layers,
         nlayers_cls=3, n_cls=n_cls, vocab=vocab, dropout=dropout, pad_token="<pad>",
-        pad_value=int(pad_value), do_mvc=False, do_dab=False, use_batch_labels=False,
+        pad_value=int(pad_value), do_mvc=do_mvc, do_dab=False, use_batch_labels=False,
         input_emb_style=input_emb_style, n_input_bins=n_bins + 2, cell_emb_style="cls",
         explicit_zero_prob=False, use_fast_transformer=False, pre_norm=False)
