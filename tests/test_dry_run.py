@@ -299,15 +299,13 @@ def test_code_pin_without_origin_uses_the_path(tmp_path):
     assert codepin.pin_code(tmp_path / "r").branch is None
 
 
-def test_a_real_run_stops_at_the_launch_boundary(registry):
-    before = movement(registry)
-    with pytest.raises(NotImplementedError):
-        api.train_model_version(PARENT, DATASET, agent_id="a1")
-    assert movement(registry) == before
+def test_a_real_run_that_cannot_pay_moves_nothing(registry):
     ledger.grant("poor", "0.1")
+    before = movement(registry)
     with pytest.raises(Exception) as info:
         api.train_model_version(PARENT, DATASET, agent_id="poor")
     assert getattr(info.value, "reason", None) == "insufficient_balance"
+    assert movement(registry) == before
 
 
 # --- the dry run stays light --------------------------------------------------------------------
@@ -367,7 +365,7 @@ def test_cli_multirun_gives_each_job_its_own_run_dir(registry, tmp_path):
     jobs = sorted(p.name for p in home.glob("runs/*/*/job*"))
     assert jobs == ["job0", "job1"]
     assert len({p.parent for p in home.glob("runs/*/*/job*")}) == 1
-    assert out.stdout.count('"would_launch": true') == 2
+    assert out.stdout.count("would launch") == 2  # the sweep summary, one row per job
     calls = [c for c in audit_rows(registry) if c["success"]]
     assert len(calls) == 2
 
