@@ -491,6 +491,9 @@ define_skill(
             "device": {"type": ["string", "null"], "description": "auto, cpu, h100, h200, ..."},
             "dry_run": {"type": "boolean", "default": False},
             "allow_dirty": {"type": "boolean", "default": False},
+            "mlflow_parent_run_id": {"type": ["string", "null"],
+                                     "description": "MLflow run to nest this job's run under "
+                                                    "(sweeps set it)"},
         },
     },
     example_input={
