@@ -107,7 +107,7 @@ def main() -> int:
         console.print(f"base [bold]{base['id']}[/] version {base['version_number']}")
         console.print("fine-tuning it for cell types on CBMC (train_model_version)")
         result = train_model_version(BASE_ID, "dataset-geo-GSE100866", agent_id=AGENT,
-                                     wall_time_cap_min=30, vram_cap_gb=24)
+                                     wall_time_cap_min=60, vram_cap_gb=24)
     except ForgeError as exc:
         console.print(f"[red]error[/]: {type(exc).__name__}: {exc}")
         return 2
