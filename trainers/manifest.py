@@ -5,14 +5,17 @@ launch. `load_manifest(path)` / `parse_manifest(dict)` return a `Manifest` or ra
 `ManifestError`, whose `field` is the dotted path of the offending entry
 (e.g. `training.lr`). Unknown fields are errors too, so a typo never goes unnoticed.
 
-Example (every field shown; only task, output_dir, tracking_uri and dataset are required):
+Example (every field shown; only task, output_dir, tracking_uri and dataset are required;
+the model and training values shown are the defaults, which are the CBMC pilot's:
+pretrain 2 epochs at max_seq_len 129, then fine-tune up to 10 epochs at 257, on 2 CPU cores):
 
     {
       "manifest_version": 1,
       "task": "finetune_celltype",            # or "pretrain_mgm"
       "seed": 0,
-      "device": "cpu",                        # "cpu" | "cuda" | "auto"
-      "vram_cap_gb": 24,                      # cuda: per-process memory fraction cap
+      "device": "auto",                       # "cpu" | "cuda" | "auto" (default; cuda
+                                              # falls back to cpu when no GPU is visible)
+      "vram_cap_gb": 24,                      # cuda: per-process memory cap (default null)
       "num_threads": null,                    # torch CPU threads; null = os.cpu_count()
       "output_dir": "/job/out",
       "tracking_uri": "file:///job/out/mlruns",  # the run's own sandbox-local MLflow store
@@ -24,13 +27,13 @@ Example (every field shown; only task, output_dir, tracking_uri and dataset are 
                                               # one from the dataset's genes
       "dataset": {"name": "cbmc", "path": "/job/in/dataset", "format": "cbmc_mat",
                   "label_key": null, "gene_key": null, "use_raw": null},
-      "model": {"n_layers": 4, "d_model": 128, "n_heads": 4, "d_hid": 256,
-                "dropout": 0.0, "n_bins": 51, "input_emb_style": "continuous"},
-      "training": {"lr": 1e-3, "max_epochs": 10, "batch_size": 64, "precision": "32",
-                   "max_seq_len": 257, "mask_ratio": 0.4, "early_stopping_patience": 3,
+      "model": {"n_layers": 4, "d_model": 64, "n_heads": 2, "d_hid": 128,
+                "dropout": 0.0, "n_bins": 51, "input_emb_style": "category"},
+      "training": {"lr": 2e-3, "max_epochs": 10, "batch_size": 64, "precision": "auto",
+                   "max_seq_len": 257, "mask_ratio": 0.4, "early_stopping_patience": 4,
                    "val_fraction": 0.1, "test_fraction": 0.1, "limit_train_batches": null,
-                   "limit_eval_batches": null, "weight_decay": 0.0, "warmup_steps": 0,
-                   "eval_batch_size": null, "class_weighting": "none",
+                   "limit_eval_batches": null, "weight_decay": 0.0, "warmup_steps": 50,
+                   "eval_batch_size": null, "class_weighting": "sqrt",
                    "grad_clip": 1.0, "log_every_n_steps": 20, "include_zero_gene": false}
     }
 
@@ -51,7 +54,7 @@ from pathlib import Path
 MANIFEST_VERSION = 1
 TASKS = ("pretrain_mgm", "finetune_celltype")
 DEVICES = ("cpu", "cuda", "auto")
-PRECISIONS = ("32", "bf16-mixed", "16-mixed", "auto")  # auto: bf16-mixed on cuda, else 32
+PRECISIONS = ("32", "bf16-mixed", "16-mixed", "auto")  # auto: bf16 where it is fast
 DATASET_FORMATS = ("cbmc_mat", "h5ad", "mat", "csv")
 INPUT_EMB_STYLES = ("continuous", "category")
 CLASS_WEIGHTINGS = ("none", "balanced", "sqrt")
@@ -83,37 +86,39 @@ class DatasetSpec:
 
 @dataclass
 class ModelSpec:
-    """Architecture; a None field takes the parent's value, or the default below."""
+    """Architecture; a None field takes the parent's value, else MODEL_DEFAULTS."""
     n_layers: int | None = None  # 4
-    d_model: int | None = None  # 128
-    n_heads: int | None = None  # 4
-    d_hid: int | None = None  # 256
+    d_model: int | None = None  # 64
+    n_heads: int | None = None  # 2
+    d_hid: int | None = None  # 128
     dropout: float | None = None  # 0.0
     n_bins: int | None = None  # 51
-    input_emb_style: str | None = None  # "continuous"
+    input_emb_style: str | None = None  # "category" (or "continuous")
 
 
-MODEL_DEFAULTS = dict(n_layers=4, d_model=128, n_heads=4, d_hid=256, dropout=0.0,
-                      n_bins=51, input_emb_style="continuous")
+# The CBMC pilot's architecture (see the module docstring): small enough for 2 CPU cores.
+MODEL_DEFAULTS = dict(n_layers=4, d_model=64, n_heads=2, d_hid=128, dropout=0.0,
+                      n_bins=51, input_emb_style="category")
 
 
 @dataclass
 class TrainingSpec:
-    lr: float = 1e-3
+    """Defaults are the CBMC fine-tuning pilot's; its pretraining used max_seq_len 129."""
+    lr: float = 2e-3
     max_epochs: int = 10
     batch_size: int = 64
-    precision: str = "32"
+    precision: str = "auto"  # bf16-mixed on cuda and on CPUs with AMX, else 32
     max_seq_len: int = 257  # tokens per cell including <cls>
     mask_ratio: float = 0.4  # pretrain_mgm: fraction of expressed genes masked
-    early_stopping_patience: int = 3  # epochs without val improvement; 0 disables
+    early_stopping_patience: int = 4  # epochs without val improvement; 0 disables
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     limit_train_batches: int | None = None  # batches per epoch (tests, smoke runs)
     limit_eval_batches: int | None = None
     weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warmup, then cosine decay to 0 at the last step
+    warmup_steps: int = 50  # linear warmup, then cosine decay to 10% at the last step
     eval_batch_size: int | None = None  # default: 2 x batch_size
-    class_weighting: str = "none"  # cross-entropy class weights: none|balanced|sqrt
+    class_weighting: str = "sqrt"  # cross-entropy class weights: none|balanced|sqrt
     grad_clip: float | None = 1.0  # gradient norm clip; null disables
     log_every_n_steps: int = 20  # progress line (and step metrics) every N steps
     include_zero_gene: bool = False  # also sample unexpressed genes as tokens
