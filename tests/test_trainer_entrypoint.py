@@ -51,7 +51,7 @@ def _run(manifest: dict, tmp: Path) -> tuple[int, str, dict | None]:
     path = tmp / "manifest.json"
     path.write_text(json.dumps(manifest))
     proc = subprocess.run([sys.executable, "-m", "trainers.entrypoint", str(path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300,
+                          capture_output=True, text=True, timeout=300, check=False,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     result_path = Path(manifest["output_dir"]) / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else None
@@ -165,3 +165,18 @@ def test_out_of_memory_is_recognised():
                                 "can't allocate memory: you tried to allocate 1 bytes"))
     assert _is_oom(MemoryError())
     assert not _is_oom(RuntimeError("shape mismatch"))
+
+
+def test_h5ad_with_scgpt_default_vocab_drops_unknown_genes(tmp_path):
+    h5ad = fetch("pbmc68k_reduced") / "10x_pbmc68k_reduced.h5ad"
+    vocab = fetch("scgpt_default_vocab") / "default_gene_vocab.json"
+    raw = _manifest(tmp_path / "out", str(h5ad), max_epochs=1)
+    raw["dataset"] = {"name": "pbmc68k_reduced", "path": str(h5ad), "format": "h5ad",
+                      "label_key": "bulk_labels"}
+    raw["vocab_path"] = str(vocab)
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(raw))
+    assert main([str(path)]) == EXIT_OK
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["genes"] == {"in_vocab": 702, "dropped": 63, "vocab_size": 48295}
+    assert len(result["per_class_f1"]) == 10

@@ -4,8 +4,13 @@ import copy
 
 import pytest
 
-from trainers.manifest import (MODEL_DEFAULTS, ManifestError, ModelSpec, parse_manifest,
-                               resolve_model)
+from trainers.manifest import (
+    MODEL_DEFAULTS,
+    ManifestError,
+    ModelSpec,
+    parse_manifest,
+    resolve_model,
+)
 
 GOOD = {
     "manifest_version": 1, "task": "finetune_celltype", "seed": 0, "device": "cpu",

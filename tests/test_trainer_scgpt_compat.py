@@ -14,7 +14,7 @@ from trainers.scgpt.model import CheckpointError, load_checkpoint, save_checkpoi
 from trainers.scgpt.reference import scgpt_transformer_model
 from trainers.scgpt.tokenize import GeneVocab, Tokenizer
 
-CFG = dict(d_model=64, n_heads=4, d_hid=96, n_layers=3, n_cls=7)
+CFG = {"d_model": 64, "n_heads": 4, "d_hid": 96, "n_layers": 3, "n_cls": 7}
 
 
 def _randomise(model: torch.nn.Module, seed: int = 0) -> None:

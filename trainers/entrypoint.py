@@ -43,14 +43,20 @@ def train(m: Manifest, state: dict) -> dict:
     from trainers.data.fetch import sha256_file
     from trainers.data.load import baseline_features, load, split_cells
     from trainers.scgpt import evaluate
-    from trainers.scgpt.lightning import (FINETUNE, CellBatches, History, LineProgress,
-                                          ScGPTModule)
+    from trainers.scgpt.lightning import (
+        FINETUNE,
+        CellBatches,
+        History,
+        LineProgress,
+        ScGPTModule,
+        class_weights,
+    )
     from trainers.scgpt.model import save_checkpoint
     from trainers.scgpt.prepare import checkpoint_args, prepare
 
     out, t, finetune = Path(m.output_dir), m.training, m.task == FINETUNE
     device = _device(m, state)
-    torch.set_num_threads(m.num_threads or os.cpu_count() or 1)
+    torch.set_num_threads(m.num_threads or len(os.sched_getaffinity(0)))
     torch.set_flush_denormal(True)  # denormal Adam states slow CPU kernels several-fold
     pl.seed_everything(m.seed, workers=True, verbose=False)
 
@@ -65,11 +71,8 @@ def train(m: Manifest, state: dict) -> dict:
     # model, vocabulary, tokenizer
     prep = prepare(m, data, len(data.label_names) if finetune else None)
     state["genes"] = prep.genes
-    weights = None
-    if finetune and t.class_weighting != "none":
-        counts = np.bincount(data.labels[split.train], minlength=len(data.label_names))
-        w = 1.0 / np.maximum(counts, 1) ** (1.0 if t.class_weighting == "balanced" else 0.5)
-        weights = torch.tensor(w / (w * counts).sum() * counts.sum(), dtype=torch.float32)
+    weights = (class_weights(data.labels[split.train], len(data.label_names),
+                             t.class_weighting) if finetune else None)
     mask_ratio = 0.0 if finetune else t.mask_ratio
 
     def batches(cells, shuffle, limit):
@@ -148,7 +151,7 @@ def train(m: Manifest, state: dict) -> dict:
               f"{metrics['baseline_test_accuracy']:.4f} / "
               f"{metrics['baseline_test_macro_f1']:.4f}", flush=True)
         evaluate.plot_confusion_matrix(true, pred, data.label_names, out / "confusion_matrix.png",
-                                       f"{d.name or 'dataset'} test, scGPT fine-tuned")
+                                       f"{d.name or 'dataset'} test set, fine-tuned model")
         result["artifacts"].append("confusion_matrix.png")
     else:
         print(f"test masked MSE {metrics.get('test_mse', float('nan')):.4f}", flush=True)
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(m, state)
         code, status = EXIT_OK, {"status": "ok", "reason": "ok", "message": "ok"}
-    except Exception as e:  # every failure still leaves a result.json that says why
+    except Exception as e:  # noqa: BLE001 -- every failure still leaves a result.json
         from trainers.scgpt.lightning import NonFiniteLoss
         if isinstance(e, ManifestError):
             code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": e.field}
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         if logger is not None:
             try:
                 logger.finalize("failed")
-            except Exception:  # the store may be what failed; the result.json still counts
+            except Exception:  # noqa: BLE001, S110 -- the store may be what failed
                 pass
         result = {**extra, "metrics": {}}
         status = {"status": "failed", "reason": reason, "message": f"{type(e).__name__}: {e}"}
@@ -299,7 +302,7 @@ def _raw_output_dir(path: str) -> Path | None:
     try:
         value = json.loads(Path(path).read_text()).get("output_dir")
         return Path(value) if isinstance(value, str) and value else None
-    except Exception:
+    except Exception:  # noqa: BLE001 -- unreadable: no result.json, the exit code says it
         return None
 
 

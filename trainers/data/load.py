@@ -223,7 +223,7 @@ class Split:
             return hashlib.sha256(np.asarray(a, dtype="<i8").tobytes()).hexdigest()
         return {
             "seed": self.seed, "stratified": self.stratified,
-            "counts": {k: int(len(getattr(self, k))) for k in ("train", "val", "test")},
+            "counts": {k: len(getattr(self, k)) for k in ("train", "val", "test")},
             "sha256": {k: digest(getattr(self, k)) for k in ("train", "val", "test")},
         }
 
@@ -242,8 +242,8 @@ def split_cells(n_cells: int, labels: np.ndarray | None, val_fraction: float,
     for idx in groups:
         idx = rng.permutation(idx)
         n = len(idx)
-        n_test = int(round(n * test_fraction))
-        n_val = int(round(n * val_fraction))
+        n_test = round(n * test_fraction)
+        n_val = round(n * val_fraction)
         while n - n_test - n_val < 1 and (n_test or n_val):
             if n_val >= n_test:
                 n_val -= 1

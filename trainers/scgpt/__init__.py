@@ -1,0 +1,1 @@
+"""scGPT-compatible model, tokenization, Lightning module, evaluation."""

@@ -35,6 +35,19 @@ class NonFiniteLoss(FloatingPointError):
         super().__init__(f"non-finite {stage} loss ({value}) at global step {step}")
 
 
+def class_weights(train_labels: np.ndarray, n_cls: int, scheme: str) -> torch.Tensor | None:
+    """Cross-entropy weights: "balanced" 1/n_c, "sqrt" 1/sqrt(n_c), "none" -> None.
+
+    Scaled so that the weighted count of training cells equals the count, which keeps
+    the loss (and so the learning rate) on the unweighted scale.
+    """
+    if scheme == "none":
+        return None
+    counts = np.bincount(train_labels, minlength=n_cls)
+    w = 1.0 / np.maximum(counts, 1) ** (1.0 if scheme == "balanced" else 0.5)
+    return torch.tensor(w / (w * counts).sum() * counts.sum(), dtype=torch.float32)
+
+
 class CellBatches:
     """Tokenized batches over a subset of cells; a plain iterable Lightning accepts.
 
@@ -82,8 +95,8 @@ class ScGPTModule(pl.LightningModule):
         self._eval: dict[str, list] = {}
         self.test_outputs: dict[str, np.ndarray] = {}
 
-    # -- one batch -> loss (+ predictions)
-    def _step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """One batch -> (loss, extras); the training step minus logging."""
         h = self.model.encode(batch["genes"], batch["values"], batch["pad_mask"])
         if self.task == PRETRAIN:
             mask = batch["mlm_mask"]
@@ -105,7 +118,7 @@ class ScGPTModule(pl.LightningModule):
             raise NonFiniteLoss(stage, self.global_step, float(loss))
 
     def training_step(self, batch, batch_idx):
-        loss, out = self._step(batch)
+        loss, out = self.compute_loss(batch)
         self._check(loss, "train")
         n = len(batch["genes"])
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n)
@@ -116,7 +129,7 @@ class ScGPTModule(pl.LightningModule):
         return loss
 
     def _eval_step(self, batch, stage: str):
-        loss, out = self._step(batch)
+        loss, out = self.compute_loss(batch)
         self._check(loss, stage)
         acc = self._eval.setdefault(stage, [])
         weight = out["n"] if self.task == PRETRAIN else len(batch["genes"])

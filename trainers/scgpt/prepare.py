@@ -16,8 +16,15 @@ import torch
 
 from trainers.data.load import CellData
 from trainers.manifest import Manifest, ManifestError, resolve_model
-from trainers.scgpt.model import (ARGS_TO_CONFIG, CheckpointError, LoadReport, ScGPT,
-                                  ScGPTConfig, load_checkpoint)
+from trainers.scgpt.model import (
+    ARGS_TO_CONFIG,
+    CheckpointError,
+    Dropout,
+    LoadReport,
+    ScGPT,
+    ScGPTConfig,
+    load_checkpoint,
+)
 from trainers.scgpt.tokenize import GeneVocab, Tokenizer
 
 
@@ -97,7 +104,7 @@ def prepare(m: Manifest, data: CellData, n_cls: int | None) -> Prepared:
                           max_seq_len=m.training.max_seq_len, n_bins=c.n_bins,
                           pad_value=c.pad_value, mask_value=c.mask_value,
                           include_zero_gene=m.training.include_zero_gene)
-    genes = {"in_vocab": int(len(columns)), "dropped": int(len(data.genes) - len(columns)),
+    genes = {"in_vocab": len(columns), "dropped": len(data.genes) - len(columns),
              "vocab_size": len(vocab)}
     parent = None if m.parent is None else {
         "checkpoint_dir": m.parent.checkpoint_dir,
@@ -115,7 +122,7 @@ def _reset_head(model: ScGPT) -> None:
 def _set_dropout(model: ScGPT, p: float) -> None:
     model.config.dropout = p
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, (Dropout, torch.nn.Dropout)):
             module.p = p
 
 
@@ -131,4 +138,4 @@ def checkpoint_args(m: Manifest, label_names: list[str]) -> dict:
     return extra
 
 
-__all__ = ["prepare", "Prepared", "checkpoint_args", "ARGS_TO_CONFIG"]
+__all__ = ["ARGS_TO_CONFIG", "Prepared", "checkpoint_args", "prepare"]

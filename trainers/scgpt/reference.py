@@ -1,6 +1,6 @@
-"""scGPT 0.2.4's own `TransformerModel`, loaded from its wheel, for comparisons.
+"""scGPT 0.2.4's own `TransformerModel` and `binning`, loaded from its wheel, as references.
 
-Used by the compatibility test and the throughput benchmark only; training never needs
+Used by the compatibility tests and the throughput benchmark only; training never needs
 it. The scgpt package's `__init__` imports scanpy, torchtext, wandb and more, so we load
 just `scgpt/model/model.py` and its two sibling modules (`dsbn.py`, `grad_reverse.py`)
 into a stand-in package: model.py itself needs only torch, numpy and tqdm (flash_attn
@@ -46,7 +46,8 @@ def scgpt_binning():
             and n.name in ("binning", "_digitize")]
     namespace = {"np": np, "torch": torch, "Union": typing.Union,
                  "logger": logging.getLogger("scGPT")}
-    exec(compile(ast.Module(body=body, type_ignores=[]), str(path), "exec"), namespace)
+    code = compile(ast.Module(body=body, type_ignores=[]), str(path), "exec")
+    exec(code, namespace)  # noqa: S102 -- scGPT's own source, sha256-pinned
     return namespace["binning"]
 
 
