@@ -110,13 +110,16 @@ def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
                         dry_run: bool = False, overrides: list[str] | None = None,
                         allow_dirty: bool = False, devices: int | None = None,
                         device: str | None = None, config=None,
-                        mlflow_parent_run_id: str | None = None, **kw) -> dict:
+                        mlflow_parent_run_id: str | None = None,
+                        code_commit: str | None = None, **kw) -> dict:
     """Fine-tune `parent_artifact_id` on `dataset_artifact_id` as a new candidate version.
 
     `training_config` is a nested dict merged at the config root; `overrides` are Hydra
     override strings (`training.lr=1e-4`, `training=pretrain_mgm`). Caps, devices, the agent
     and the flags come from the arguments. `config` is an already composed config (what
     forge-train passes); it replaces the composition and must agree with the arguments.
+    `code_commit` runs that commit of the code repository instead of HEAD (a sweep pins
+    once and passes it to every job).
 
     With `dry_run=True`, returns {would_launch, reasons, estimate, config, code, sandbox,
     balance, request_key, ...} and launches nothing.
@@ -127,7 +130,8 @@ def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
     plan = prepare(parent_artifact_id, dataset_artifact_id, training_config,
                    agent_id=agent_id, wall_time_cap_min=wall_time_cap_min,
                    vram_cap_gb=vram_cap_gb, dry_run=dry_run, overrides=overrides,
-                   allow_dirty=allow_dirty, devices=devices, device=device, config=config)
+                   allow_dirty=allow_dirty, devices=devices, device=device, config=config,
+                   code_commit=code_commit)
     if dry_run:
         return plan.dry_run_result()
     if plan.problems:
@@ -137,7 +141,8 @@ def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
 
 def prepare(parent_artifact_id, dataset_artifact_id, training_config=None, *, agent_id=None,
             wall_time_cap_min=120, vram_cap_gb=24, dry_run=False, overrides=None,
-            allow_dirty=False, devices=None, device=None, config=None) -> Plan:
+            allow_dirty=False, devices=None, device=None, config=None,
+            code_commit=None) -> Plan:
     """validate -> compose -> pin code -> estimate; reads the registry, writes nothing."""
     from runner import codepin, ledger
     from runner.errors import CodePinError
@@ -183,16 +188,13 @@ def prepare(parent_artifact_id, dataset_artifact_id, training_config=None, *, ag
             problems.append(ledger.insufficient(agent_id, plan.balance, plan.estimate,
                                                 plan.currency))
     try:
-        plan.code = codepin.pin_code()
+        plan.code = (codepin.pin_code() if code_commit is None
+                     else codepin.pin_commit(code_commit))
     except CodePinError as exc:
         problems.append(exc)
         return plan
     if plan.code.dirty and not resolved["allow_dirty"]:
-        problems.append(CodePinError(
-            f"the working tree {plan.code.repo_path} has uncommitted changes",
-            field="allow_dirty", reason="dirty_tree", diff_sha256=plan.code.diff_sha256,
-            fix="commit your changes (the sandbox runs the pinned commit), "
-                "or pass allow_dirty=True"))
+        problems.append(codepin.dirty_error(plan.code))
     plan.request_key = request_key(agent_id, parent_artifact_id, dataset_artifact_id,
                                    resolved, plan.code.sha, plan.code.diff_sha256)
     plan.sandbox = _sandbox_plan(plan, problems)
@@ -494,6 +496,9 @@ define_skill(
             "mlflow_parent_run_id": {"type": ["string", "null"],
                                      "description": "MLflow run to nest this job's run under "
                                                     "(sweeps set it)"},
+            "code_commit": {"type": ["string", "null"], "pattern": "^[0-9a-f]{7,40}$",
+                            "description": "run this commit of the code instead of HEAD "
+                                           "(sweeps pin once for all their jobs)"},
         },
     },
     example_input={

@@ -3,12 +3,15 @@
 The sandbox runs exactly the pinned commit. A dirty tree (uncommitted changes to tracked
 files, or untracked files that are not ignored) is refused unless the caller allows it; then
 `diff_sha256` fingerprints the changes so two runs from different dirty trees never look alike.
+`pin_commit()` pins a named earlier commit instead of HEAD: a sweep pins once and every job
+runs that commit, whatever is committed while the sweep runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +19,7 @@ from pathlib import Path
 from runner.errors import CodePinError
 
 _repos: dict[str, object] = {}
+_SHA = re.compile(r"^[0-9a-f]{7,40}$")
 _lock = threading.Lock()
 
 
@@ -95,6 +99,38 @@ def pin_code(repo_path: str | Path | None = None) -> CodePin:
     repo_url = reader.get_value('remote "origin"', "url", default="") or str(root)
     return CodePin(sha=sha, repo_url=repo_url, dirty=bool(status), diff_sha256=diff_sha256,
                    branch=branch, repo_path=str(root))
+
+
+def pin_commit(sha: str, repo_path: str | Path | None = None) -> CodePin:
+    """A clean pin of commit `sha` (full or abbreviated hex) of the repository."""
+    import git
+
+    if not isinstance(sha, str) or not _SHA.match(sha):
+        raise CodePinError(f"code_commit must be a commit sha (7 to 40 lowercase hex digits), "
+                           f"got {sha!r}", field="code_commit", reason="bad_commit",
+                           fix="pass a sha that `git log --format=%H` prints, or leave "
+                               "code_commit out to run HEAD")
+    repo = _repo(Path(repo_path) if repo_path is not None else default_repo_path())
+    root = repo.working_tree_dir or repo.git_dir
+    try:  # rev-parse --verify checks the object exists and is a commit (repo.commit does not)
+        full = repo.git.rev_parse("--verify", "--quiet", f"{sha}^{{commit}}")
+    except git.GitCommandError as exc:
+        raise CodePinError(f"commit {sha} is not in {root}", field="code_commit",
+                           reason="unknown_commit",
+                           fix="pass a sha that `git log --format=%H` prints in that "
+                               "repository, or leave code_commit out to run HEAD") from exc
+    reader = repo.config_reader()
+    repo_url = reader.get_value('remote "origin"', "url", default="") or str(root)
+    return CodePin(sha=full.strip(), repo_url=repo_url, dirty=False, diff_sha256=None,
+                   branch=None, repo_path=str(root))
+
+
+def dirty_error(pin: CodePin) -> CodePinError:
+    """The refusal for a dirty tree without allow_dirty."""
+    return CodePinError(f"the working tree {pin.repo_path} has uncommitted changes",
+                        field="allow_dirty", reason="dirty_tree", diff_sha256=pin.diff_sha256,
+                        fix="commit your changes (the sandbox runs the pinned commit), "
+                            "or pass allow_dirty=True")
 
 
 def snapshot(pin: CodePin, root: str | Path) -> Path:

@@ -66,7 +66,8 @@ _UID_BASE = 1_900_000_000
 _UID_SPAN = 1_000_000
 
 # The few files of /etc a Python/torch process needs; no passwd/shadow/ssl/credentials.
-_ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "alternatives")
+_ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "alternatives",
+              "fonts")  # fonts: fontconfig, for the figures the trainer draws
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
 _INPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CUDA_DEVICE = re.compile(r"^cuda(?::(\d+))?$")

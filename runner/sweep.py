@@ -5,6 +5,9 @@ callback adds what a sweep needs around the jobs:
 
 - a budget gate before any job starts (the summed estimate of every job against the agent's
   balance; `fit_budget=true` runs the jobs that fit, in order, and records the rest),
+- one code pin for the whole sweep: every job runs the commit that was HEAD when the sweep
+  started, whatever is committed meanwhile; a dirty tree without allow_dirty is refused
+  before any job (with allow_dirty each job pins the tree as it finds it),
 - one MLflow parent run that every job's run nests under,
 - a summary table at the end (job, overrides, status, target metric, cost, artifact id),
   read from the `forge_job.json` each job leaves in its own directory.
@@ -107,11 +110,14 @@ class SweepCallback(Callback):
                     f"{have}", field="agent_id", needed=str(total), balance=str(have),
                     fix="grant more credits, shrink the sweep, or add "
                         "hydra.callbacks.forge_sweep.fit_budget=true to run the jobs that fit"))
+        code_commit = None
         if not config.dry_run:
+            code_commit = _pin_sweep_code(bool(config.allow_dirty))
             self.parent_run_id = _open_parent_run(config, jobs)
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({
-            "parent_run_id": self.parent_run_id, "jobs": jobs, "total_estimate": str(total),
-            "currency": currency, "fit_budget": self.fit_budget}, indent=2))
+            "parent_run_id": self.parent_run_id, "code_commit": code_commit, "jobs": jobs,
+            "total_estimate": str(total), "currency": currency, "fit_budget": self.fit_budget},
+            indent=2))
 
     # --- after every job ------------------------------------------------------------------
 
@@ -132,6 +138,20 @@ class SweepCallback(Callback):
                             reason="ok" if ok == len(outcomes) else "partial_failure")
 
 
+def _pin_sweep_code(allow_dirty: bool) -> str | None:
+    """HEAD's sha for every job; None when the tree is dirty and allowed (jobs pin it)."""
+    from runner import codepin
+    from runner.errors import CodePinError
+
+    try:
+        pin = codepin.pin_code()
+    except CodePinError as exc:
+        raise SweepRefused(exc) from exc
+    if pin.dirty and not allow_dirty:
+        raise SweepRefused(codepin.dirty_error(pin))
+    return None if pin.dirty else pin.sha
+
+
 def _open_parent_run(config, jobs: list[list[str]]) -> str:
     from runner import tracking
 
@@ -145,9 +165,10 @@ def _open_parent_run(config, jobs: list[list[str]]) -> str:
     return run.info.run_id
 
 
-def parent_run_id(sweep_dir: str | Path) -> str | None:
+def sweep_record(sweep_dir: str | Path) -> dict:
+    """What on_multirun_start wrote for the jobs: parent_run_id, code_commit, jobs, ..."""
     path = Path(sweep_dir) / SWEEP_FILE
-    return json.loads(path.read_text()).get("parent_run_id") if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def write_job_outcome(job_dir: str | Path, outcome: dict) -> None:

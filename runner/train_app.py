@@ -65,7 +65,8 @@ def execute(cfg) -> int:
             wall_time_cap_min=cfg.wall_time_cap_min, vram_cap_gb=cfg.vram_cap_gb,
             dry_run=cfg.dry_run, allow_dirty=cfg.allow_dirty, devices=cfg.devices,
             device=cfg.device, config=cfg,
-            mlflow_parent_run_id=job["parent_run_id"] if job else None)
+            mlflow_parent_run_id=job["parent_run_id"] if job else None,
+            code_commit=job["code_commit"] if job else None)
     except ForgeError as exc:
         if job:
             _record(job, cfg, error=exc)
@@ -92,8 +93,10 @@ def _sweep_job() -> dict | None:
         return None
     from runner import sweep
 
+    record = sweep.sweep_record(hc.sweep.dir)
     return {"job": hc.job.num, "overrides": list(hc.overrides.task),
-            "dir": hc.runtime.output_dir, "parent_run_id": sweep.parent_run_id(hc.sweep.dir)}
+            "dir": hc.runtime.output_dir, "parent_run_id": record.get("parent_run_id"),
+            "code_commit": record.get("code_commit")}
 
 
 def _record(job: dict, cfg, result: dict | None = None, error=None) -> None:

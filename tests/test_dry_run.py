@@ -268,6 +268,27 @@ def test_dirty_tree_is_a_reason_unless_allowed(registry, code_repo):
     assert dry(allow_dirty=True)["request_key"] != allowed["request_key"]
 
 
+def test_code_commit_pins_an_earlier_commit_even_on_a_dirty_tree(registry, code_repo):
+    first = code_repo.head.commit.hexsha
+    Path(code_repo.working_tree_dir, "train.py").write_text("print('v2')\n")
+    code_repo.index.add(["train.py"])
+    code_repo.index.commit("v2", author=git.Actor("t", "t@x"), committer=git.Actor("t", "t@x"))
+    Path(code_repo.working_tree_dir, "train.py").write_text("print('uncommitted')\n")
+    result = dry(code_commit=first[:12])
+    assert result["would_launch"] is True, result["reasons"]
+    assert result["code"] == {**result["code"], "sha": first, "dirty": False,
+                              "diff_sha256": None}
+    assert result["request_key"] != dry(code_commit=code_repo.head.commit.hexsha)["request_key"]
+    assert reasons(dry())["dirty_tree"]  # without code_commit: HEAD plus the dirty tree
+
+
+@pytest.mark.parametrize("sha, reason", [("main", "bad_commit"), ("ABCDEF1", "bad_commit"),
+                                         ("0" * 40, "unknown_commit"), (7, "bad_commit")])
+def test_bad_code_commit_is_a_reason_naming_the_field(registry, sha, reason):
+    r = reasons(dry(code_commit=sha))[reason]
+    assert r["field"] == "code_commit" and "git log" in r["fix"]
+
+
 def test_not_a_git_repo_is_a_reason(registry, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(tmp_path / "plain"))
     (tmp_path / "plain").mkdir()

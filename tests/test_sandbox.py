@@ -120,8 +120,9 @@ def test_host_files_are_invisible(probe):
     assert [path for path, seen in visible.items() if seen] == []
     listing = probe["report"]["listdir"]
     assert listing["/work/main"] in (None, [".venv"])  # only the interpreter's venv
-    assert set(listing["/etc"]) <= {"alternatives", "group", "hostname", "hosts", "ld.so.cache",
-                                    "ld.so.conf", "ld.so.conf.d", "localtime", "passwd"}
+    assert set(listing["/etc"]) <= {"alternatives", "fonts", "group", "hostname", "hosts",
+                                    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime",
+                                    "passwd"}
     assert listing["/run"] is None and listing["/home"] is None
 
 
@@ -265,6 +266,14 @@ def test_torch_training_job_completes(tmp_path):
     assert [line for line in lines if line.startswith("step")][-1].startswith("step 19")
     d = result.to_dict()
     assert json.loads(json.dumps(d)) == d and d["reason"] == "ok"
+
+
+def test_figures_render_without_fontconfig_errors(tmp_path):
+    result = gpu_launch(make_job(tmp_path, "plot", wall_time_cap_s=120))
+    log = (tmp_path / "job.log").read_text()
+    assert result.reason == "ok", log
+    assert (tmp_path / "out" / "figure.png").stat().st_size > 0
+    assert "Fontconfig error" not in log
 
 
 def test_lines_arrive_live_and_are_logged(tmp_path):

@@ -123,6 +123,56 @@ def test_fit_budget_runs_what_fits_and_records_the_rest(sqlite_registry, tmp_pat
     assert ledger.check() == []
 
 
+# A Hydra callback that commits to the code repository after every job, as a colleague
+# pushing mid-sweep would: later jobs must still run the commit pinned at the start.
+COMMIT_EACH_JOB = """
+import git
+from hydra.experimental.callback import Callback
+
+class CommitEachJob(Callback):
+    def on_job_end(self, config, job_return, **kwargs):
+        repo = git.Repo(REPO)
+        path = f"{repo.working_tree_dir}/later.txt"
+        with open(path, "a") as f:
+            f.write("x")
+        repo.index.add(["later.txt"])
+        who = git.Actor("t", "t@t")
+        repo.index.commit("a commit made while the sweep runs", author=who, committer=who)
+"""
+
+
+def test_a_sweep_runs_the_commit_pinned_at_its_start(sqlite_registry, tmp_path, monkeypatch):
+    import git
+
+    code = fake_code_repo(tmp_path, STAND_IN)
+    pinned = git.Repo(code).head.commit.hexsha
+    (tmp_path / "cb").mkdir()
+    (tmp_path / "cb" / "commit_each_job.py").write_text(
+        COMMIT_EACH_JOB.replace("REPO", repr(str(code))))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(code))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "cb"), *sys.path]))
+    proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", *ARCH_OVERRIDES,
+                       "+hydra.callbacks.commit_each_job._target_=commit_each_job.CommitEachJob")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(list(git.Repo(code).iter_commits())) == 5  # HEAD moved after every job
+    with db.get_engine(sqlite_registry).connect() as conn:
+        shas = conn.execute(sa.select(schema.model_versions.c.code_commit_sha).where(
+            schema.model_versions.c.artifact_id != BASE_ID)).scalars().all()
+    assert shas == [pinned] * 4
+
+
+def test_a_dirty_tree_refuses_the_sweep_before_any_job(sqlite_registry, tmp_path, monkeypatch):
+    code = fake_code_repo(tmp_path, STAND_IN)
+    (code / "notes.txt").write_text("uncommitted")
+    monkeypatch.setenv("FORGE_CODE_REPO", str(code))
+    before = count_rows(sqlite_registry)
+    proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", *ARCH_OVERRIDES)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "CodePinError" in proc.stderr and "allow_dirty" in proc.stderr
+    assert "sweep summary" not in proc.stdout  # no job ran
+    assert count_rows(sqlite_registry) == before
+
+
 def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
     proc = sweep("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")

@@ -32,11 +32,16 @@ def train(m: Manifest, state: dict) -> dict:
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import warnings
-    for noise in (".*LeafSpec.*", ".*does not have many workers.*", ".*litlogger.*"):
+    for noise in (".*LeafSpec.*", ".*does not have many workers.*"):
         warnings.filterwarnings("ignore", message=noise)
+    import logging
+
     import numpy as np
     import pytorch_lightning as pl
     import torch
+    # Lightning advertises its cloud logger at INFO on every fit; keep the job log to facts.
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from pytorch_lightning.loggers import MLFlowLogger
 
