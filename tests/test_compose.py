@@ -90,9 +90,9 @@ def test_forge_config_dir_and_the_cache_sees_edits(monkeypatch, tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(REPO / "conf", conf)
     monkeypatch.setenv("FORGE_CONFIG_DIR", str(conf))
-    assert compose_config().training.max_epochs == 10
+    assert compose_config().training.max_epochs == 15
     path = conf / "training" / "finetune_celltype.yaml"
-    path.write_text(path.read_text().replace("max_epochs: 10", "max_epochs: 3"))
+    path.write_text(path.read_text().replace("max_epochs: 15", "max_epochs: 3"))
     os.utime(path, ns=(1, 1))  # a different mtime even on a coarse clock
     assert compose_config().training.max_epochs == 3
 

@@ -7,7 +7,7 @@ launch. `load_manifest(path)` / `parse_manifest(dict)` return a `Manifest` or ra
 
 Example (every field shown; only task, output_dir, tracking_uri and dataset are required;
 the model and training values shown are the defaults, which are the CBMC pilot's:
-pretrain 2 epochs at max_seq_len 129, then fine-tune up to 10 epochs at 257, on 2 CPU cores):
+pretrain 2 epochs at max_seq_len 129, then fine-tune up to 15 epochs at 257, on 2 CPU cores):
 
     {
       "manifest_version": 1,
@@ -29,7 +29,7 @@ pretrain 2 epochs at max_seq_len 129, then fine-tune up to 10 epochs at 257, on 
                   "label_key": null, "gene_key": null, "use_raw": null},
       "model": {"n_layers": 4, "d_model": 64, "n_heads": 2, "d_hid": 128,
                 "dropout": 0.0, "n_bins": 51, "input_emb_style": "category"},
-      "training": {"lr": 2e-3, "max_epochs": 10, "batch_size": 64, "precision": "auto",
+      "training": {"lr": 2e-3, "max_epochs": 15, "batch_size": 64, "precision": "auto",
                    "max_seq_len": 257, "mask_ratio": 0.4, "early_stopping_patience": 4,
                    "val_fraction": 0.1, "test_fraction": 0.1, "limit_train_batches": null,
                    "limit_eval_batches": null, "weight_decay": 0.0, "warmup_steps": 50,
@@ -105,7 +105,7 @@ MODEL_DEFAULTS = {"n_layers": 4, "d_model": 64, "n_heads": 2, "d_hid": 128, "dro
 class TrainingSpec:
     """Defaults are the CBMC fine-tuning pilot's; its pretraining used max_seq_len 129."""
     lr: float = 2e-3
-    max_epochs: int = 10
+    max_epochs: int = 15
     batch_size: int = 64
     precision: str = "auto"  # bf16-mixed on cuda and on CPUs with AMX, else 32
     max_seq_len: int = 257  # tokens per cell including <cls>
