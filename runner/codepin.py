@@ -95,9 +95,7 @@ def pin_code(repo_path: str | Path | None = None) -> CodePin:
         branch = repo.active_branch.name
     except TypeError:  # detached HEAD
         branch = None
-    reader = repo.config_reader()  # plain file reads, no subprocess
-    repo_url = reader.get_value('remote "origin"', "url", default="") or str(root)
-    return CodePin(sha=sha, repo_url=repo_url, dirty=bool(status), diff_sha256=diff_sha256,
+    return CodePin(sha=sha, repo_url=_origin_url(repo, root), dirty=bool(status), diff_sha256=diff_sha256,
                    branch=branch, repo_path=str(root))
 
 
@@ -119,10 +117,14 @@ def pin_commit(sha: str, repo_path: str | Path | None = None) -> CodePin:
                            reason="unknown_commit",
                            fix="pass a sha that `git log --format=%H` prints in that "
                                "repository, or leave code_commit out to run HEAD") from exc
-    reader = repo.config_reader()
-    repo_url = reader.get_value('remote "origin"', "url", default="") or str(root)
-    return CodePin(sha=full.strip(), repo_url=repo_url, dirty=False, diff_sha256=None,
+    return CodePin(sha=full.strip(), repo_url=_origin_url(repo, root), dirty=False, diff_sha256=None,
                    branch=None, repo_path=str(root))
+
+
+def _origin_url(repo, root) -> str:
+    """The remote origin's URL, or the repository path when there is none."""
+    reader = repo.config_reader()  # plain file reads, no subprocess
+    return reader.get_value('remote "origin"', "url", default="") or str(root)
 
 
 def dirty_error(pin: CodePin) -> CodePinError:
