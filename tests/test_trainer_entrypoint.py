@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from trainers.data.fetch import fetch, sha256_file
-from trainers.entrypoint import EXIT_INVALID, EXIT_NAN, EXIT_OK, _is_oom, main
+from trainers.entrypoint import EXIT_INVALID, EXIT_NAN, EXIT_OK, _is_oom, _precision, main
 
 REPO = Path(__file__).parents[1]
 TINY_MODEL = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_hid": 64}
@@ -180,3 +180,15 @@ def test_h5ad_with_scgpt_default_vocab_drops_unknown_genes(tmp_path):
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["genes"] == {"in_vocab": 702, "dropped": 63, "vocab_size": 48295}
     assert len(result["per_class_f1"]) == 10
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse avx2 avx512f avx512_bf16", "bf16-mixed"),  # native bf16 dot products
+    ("fpu avx512f amx_bf16 amx_tile", "bf16-mixed"),
+    ("fpu sse avx2 avx512f", "32"),                      # bf16 would be emulated: slower
+    ("", "32"),
+])
+def test_auto_precision_follows_the_cpu(flags, expected):
+    assert _precision("auto", "cpu", f"processor : 0\nflags : {flags}\n") == expected
+    assert _precision("auto", "cuda", "") == "bf16-mixed"
+    assert _precision("32", "cpu", "flags : amx_bf16") == "32"  # an explicit choice stands

@@ -107,7 +107,7 @@ class TrainingSpec:
     lr: float = 2e-3
     max_epochs: int = 15
     batch_size: int = 64
-    precision: str = "auto"  # bf16-mixed on cuda and on CPUs with AMX, else 32
+    precision: str = "auto"  # bf16-mixed on cuda and on CPUs with AMX or AVX512-BF16, else 32
     max_seq_len: int = 257  # tokens per cell including <cls>
     mask_ratio: float = 0.4  # pretrain_mgm: fraction of expressed genes masked
     early_stopping_patience: int = 4  # epochs without val improvement; 0 disables
