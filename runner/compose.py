@@ -78,6 +78,7 @@ class TrainingConf:
     max_epochs: int = 10
     batch_size: int = 64
     seed: int = 0
+    split_seed: Optional[int] = None
     precision: str = "32"
     max_seq_len: int = 257
     mask_ratio: float = 0.0
@@ -654,6 +655,8 @@ _RULES: list[tuple[str, Any, str]] = [
     ("training.batch_size", _positive_int, "an integer >= 1"),
     ("training.seed", lambda v: isinstance(v, int) and 0 <= v <= 2**32 - 1,
      "an integer in [0, 2**32)"),
+    ("training.split_seed", lambda v: v is None or (isinstance(v, int) and 0 <= v <= 2**32 - 1),
+     "null (the run's seed) or an integer in [0, 2**32)"),
     ("training.precision", lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     ("training.max_seq_len", lambda v: _positive_int(v) and v >= 2, "an integer >= 2"),
     ("training.mask_ratio", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),

@@ -154,6 +154,7 @@ def test_equals_sign_in_a_value_needs_quotes():
 @pytest.mark.parametrize("override,problem", [
     ("training.lr=-1", "value"), ("training.lr=nan", "value"), ("training.task=xx", "value"),
     ("training.val_fraction=0.6", "value"), ("parent.n_heads=3", "value"),
+    ("training.split_seed=-1", "value"),
     ("wall_time_cap_min=0", "value"), ("devices=-2", "value"), ("device=tpu", "unknown_option"),
     ("training.lr=1e-3,1e-4", "sweep"), ("training.lr=${oc.env:HOME}", "interpolation"),
     ("~training.lr", "delete"), ("parent.artifact_id=null", "type"), ("=1", "syntax"),

@@ -192,3 +192,20 @@ def test_auto_precision_follows_the_cpu(flags, expected):
     assert _precision("auto", "cpu", f"processor : 0\nflags : {flags}\n") == expected
     assert _precision("auto", "cuda", "") == "bf16-mixed"
     assert _precision("32", "cpu", "flags : amx_bf16") == "32"  # an explicit choice stands
+
+
+def test_split_seed_holds_the_split_while_the_seed_varies(cbmc, tmp_path):
+    def run(name: str, seed: int, **training) -> dict:
+        raw = {**_manifest(tmp_path / name, cbmc, **training), "seed": seed}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(raw))
+        assert main([str(path)]) == EXIT_OK
+        return json.loads((tmp_path / name / "result.json").read_text())
+
+    base = run("seed0", 0)
+    held = run("seed1-split0", 1, split_seed=0)
+    moved = run("seed1", 1)
+    assert held["split"] == base["split"]  # same cells in train / val / test
+    assert held["history"] != base["history"]  # while the training draws differ
+    assert moved["split"]["sha256"]["test"] != base["split"]["sha256"]["test"]
+    assert moved["split"]["seed"] == 1 and held["split"]["seed"] == 0

@@ -63,6 +63,8 @@ def test_minimal_manifest_gets_defaults():
     ("training.lrr", 1e-3, "training.lrr"),
     ("training.val_fraction", 0.95, "training.test_fraction"),
     ("training.precision", "64", "training.precision"),
+    ("training.split_seed", -1, "training.split_seed"),
+    ("training.split_seed", "0", "training.split_seed"),
     ("model.n_heads", 5, "model.n_heads"),
     ("model.input_emb_style", "scaling", "model.input_emb_style"),
     ("dataset.format", "loom", "dataset.format"),

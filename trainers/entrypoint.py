@@ -70,7 +70,8 @@ def train(m: Manifest, state: dict) -> dict:
     data = load(d.path, d.format, d.label_key, d.gene_key, d.use_raw, name=d.name)
     if finetune and data.labels is None:
         raise ManifestError("dataset.label_key", f"dataset {d.path} has no labels to fine-tune on")
-    split = split_cells(data.n_cells, data.labels, t.val_fraction, t.test_fraction, m.seed)
+    split_seed = m.seed if t.split_seed is None else t.split_seed
+    split = split_cells(data.n_cells, data.labels, t.val_fraction, t.test_fraction, split_seed)
     state["split"] = split.summary()
 
     # model, vocabulary, tokenizer

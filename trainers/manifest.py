@@ -31,7 +31,8 @@ pretrain 2 epochs at max_seq_len 129, then fine-tune up to 15 epochs at 257, on 
                 "dropout": 0.0, "n_bins": 51, "input_emb_style": "category"},
       "training": {"lr": 2e-3, "max_epochs": 15, "batch_size": 64, "precision": "auto",
                    "max_seq_len": 257, "mask_ratio": 0.4, "early_stopping_patience": 4,
-                   "val_fraction": 0.1, "test_fraction": 0.1, "limit_train_batches": null,
+                   "val_fraction": 0.1, "test_fraction": 0.1, "split_seed": null,
+                   "limit_train_batches": null,
                    "limit_eval_batches": null, "weight_decay": 0.0, "warmup_steps": 50,
                    "eval_batch_size": null, "class_weighting": "sqrt",
                    "grad_clip": 1.0, "log_every_n_steps": 20, "include_zero_gene": false}
@@ -113,6 +114,7 @@ class TrainingSpec:
     early_stopping_patience: int = 4  # epochs without val improvement; 0 disables
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    split_seed: int | None = None  # the train/val/test split; null: the manifest's seed
     limit_train_batches: int | None = None  # batches per epoch (tests, smoke runs)
     limit_eval_batches: int | None = None
     weight_decay: float = 0.0
@@ -276,6 +278,7 @@ def _check(m: Manifest) -> None:
     need(0 < t.test_fraction < 1, "training.test_fraction", "must be in (0, 1)")
     need(t.val_fraction + t.test_fraction < 1, "training.test_fraction",
          "val_fraction + test_fraction must be < 1")
+    need(t.split_seed is None or t.split_seed >= 0, "training.split_seed", "must be >= 0 or null")
     for name in ("limit_train_batches", "limit_eval_batches"):
         v = getattr(t, name)
         need(v is None or v >= 1, f"training.{name}", "must be >= 1 or null")
