@@ -329,6 +329,16 @@ def test_a_real_run_that_cannot_pay_moves_nothing(registry):
     assert movement(registry) == before
 
 
+def test_more_than_one_device_is_refused_before_any_debit(registry):
+    r = reasons(dry(devices=2))["sandbox_unsupported"]
+    assert r["field"] == "devices" and r["fix"] == "ask for devices=1"
+    before, balance = movement(registry), ledger.balance("a1")
+    with pytest.raises(Exception) as info:
+        api.train_model_version(PARENT, DATASET, agent_id="a1", devices=2)
+    assert getattr(info.value, "reason", None) == "sandbox_unsupported"
+    assert movement(registry) == before and ledger.balance("a1") == balance
+
+
 # --- the dry run stays light --------------------------------------------------------------------
 
 def test_dry_run_never_imports_torch_lightning_or_mlflow(registry):
