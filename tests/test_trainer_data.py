@@ -2,6 +2,7 @@
 and the sandbox/host import boundary of the trainers package."""
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import pytest
 
 from trainers.data import fetch as F
 from trainers.data.load import DatasetError, baseline_features, load, split_cells
+
+REPO = Path(__file__).resolve().parents[1]
 
 CITATION_KEYS = {"source", "external_id", "url", "license", "format", "row_count",
                  "schema_summary", "sha256", "doi"}
@@ -134,3 +137,25 @@ def test_trainers_never_import_runner_or_db_drivers():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert name.split(".")[0] not in banned, f"{path} imports {name}"
+
+
+def test_baseline_is_the_same_whatever_the_thread_count():
+    """The same split gives the same baseline with 1 and 2 BLAS threads (CBMC seed 1 did
+    not, unscaled)."""
+    script = (
+        "from trainers.data.fetch import fetch\n"
+        "from trainers.data.load import load, split_cells, baseline_features\n"
+        "from trainers.scgpt.evaluate import logistic_regression_baseline\n"
+        "d = load(fetch('cbmc'), 'cbmc_mat')\n"
+        "s = split_cells(d.n_cells, d.labels, 0.1, 0.1, 1)\n"
+        "r = logistic_regression_baseline(baseline_features(d), d.labels, s.train, s.test,\n"
+        "                                 d.label_names, 1)\n"
+        "print(repr(r['metrics']))\n")
+    out = []
+    for threads in ("1", "2"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+        proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, check=True,
+                              capture_output=True, text=True, timeout=300)
+        out.append(proc.stdout.strip().splitlines()[-1])
+    assert out[0] == out[1]
+    assert "'baseline_test_accuracy': 0.93" in out[0]
