@@ -8,6 +8,7 @@ exit codes: 0 ok, 2 invalid manifest, 3 non-finite loss.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,7 @@ def test_pretrain_writes_result_checkpoint_and_mlflow(pretrained):
         assert sha256_file(out / "checkpoint" / name) == digest
     assert len(_mlflow_metric_lines(result, "val_mse")) == 2  # one line per epoch
     assert "epoch 1/2 step 2/4" in log  # line progress, stdout being a pipe
+    assert re.search(r"epoch 2/2 step 4/4 loss [0-9.]+ [0-9]+ cells/s eta 0s", log), log
 
 
 def test_finetune_from_parent_standalone(pretrained, cbmc, tmp_path):

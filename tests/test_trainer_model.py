@@ -63,3 +63,10 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_progress_eta_is_formatted_for_people():
+    from trainers.scgpt.lightning import format_seconds
+
+    assert [format_seconds(s) for s in (-1, 0.4, 59.4, 60, 245, 3599, 3600, 3725)] == \
+        ["0s", "0s", "59s", "1m00s", "4m05s", "59m59s", "1h00m", "1h02m"]

@@ -188,34 +188,54 @@ class ScGPTModule(pl.LightningModule):
 class LineProgress(pl.Callback):
     """Progress as whole lines (the host streams stdout line by line through a pipe).
 
-    One line every `every` training steps and one per epoch with the epoch's metrics.
+    One line every `every` training steps, with the time left for the whole fit at the pace
+    so far (validation included; early stopping may end sooner), and one per epoch with the
+    epoch's metrics.
     """
 
     def __init__(self, every: int = 20, stream=None):
         self.every, self.stream = every, stream or sys.stdout
         self._t0 = self._n = 0
+        self._fit_t0, self._steps = 0.0, 0
 
     def _print(self, msg: str) -> None:
         print(msg, file=self.stream, flush=True)
+
+    def on_fit_start(self, trainer, pl_module):
+        self._fit_t0, self._steps = time.perf_counter(), 0
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._t0, self._n = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._n += len(batch["genes"])
+        self._steps += 1
         total = trainer.num_training_batches
         if (batch_idx + 1) % self.every == 0 or batch_idx + 1 == total:
-            rate = self._n / max(time.perf_counter() - self._t0, 1e-9)
+            now = time.perf_counter()
+            rate = self._n / max(now - self._t0, 1e-9)
+            left = trainer.max_epochs * total - self._steps
+            eta = (now - self._fit_t0) / self._steps * left
             loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
             self._print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
                         f"step {batch_idx + 1}/{total} loss {loss:.4f} "
-                        f"{rate:.0f} cells/s")
+                        f"{rate:.0f} cells/s eta {format_seconds(eta)}")
 
     def on_train_epoch_end(self, trainer, pl_module):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "lr"}
         shown = " ".join(f"{k} {v:.4f}" for k, v in sorted(m.items()))
         self._print(f"epoch {trainer.current_epoch + 1} done in "
                     f"{time.perf_counter() - self._t0:.1f}s: {shown}")
+
+
+def format_seconds(seconds: float) -> str:
+    """12s, 4m05s, 1h02m."""
+    s = max(round(seconds), 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class History(pl.Callback):
