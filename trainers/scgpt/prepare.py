@@ -122,7 +122,7 @@ def _reset_head(model: ScGPT) -> None:
 def _set_dropout(model: ScGPT, p: float) -> None:
     model.config.dropout = p
     for module in model.modules():
-        if isinstance(module, (Dropout, torch.nn.Dropout)):
+        if isinstance(module, Dropout):
             module.p = p
 
 
