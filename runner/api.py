@@ -55,6 +55,28 @@ def request_key(agent_id: str, parent_artifact_id: str, dataset_artifact_id: str
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def nest_training_config(training_config: Any) -> Any:
+    """A flat dict of training settings (`{"lr": 1e-4}`) -> `{"training": {"lr": 1e-4}}`.
+
+    A dict whose keys are all config-root keys (`training`, `parent`, ...) is already nested;
+    a mix of both is ambiguous and refused. Anything else is left for validation to refuse."""
+    from runner.compose import _schema_keys
+
+    if not isinstance(training_config, dict) or not training_config:
+        return training_config
+    root = set(_schema_keys(""))
+    at_root = [k for k in training_config if k in root]
+    if len(at_root) == len(training_config):
+        return training_config
+    if at_root:
+        raise InvalidOverride(
+            f"training_config mixes config-root keys ({', '.join(map(str, at_root))}) with "
+            "training settings", field="training_config", problem="type",
+            fix='pass training settings flat ({"lr": 1e-4}) or nested under "training" '
+                '({"training": {"lr": 1e-4}}), not both')
+    return {"training": training_config}
+
+
 # --- the plan: everything validate -> compose -> pin -> estimate found out ------------------------
 
 @dataclass
@@ -70,6 +92,7 @@ class Plan:
     hours: Decimal
     devices: int
     estimate: Decimal
+    device: Any = None  # runner.devices.Device: what the job runs on and is billed as
     balance: Decimal | None = None
     code: Any = None  # CodePin, or None when pinning failed
     request_key: str | None = None
@@ -87,7 +110,8 @@ class Plan:
             "reasons": [p.to_dict() for p in self.problems],
             "estimate": {"amount": self.estimate, "currency": self.currency,
                          "price_per_hour": self.price_per_hour, "hours": self.hours,
-                         "devices": self.devices},
+                         "devices": self.devices,
+                         "device": None if self.device is None else self.device.price_key},
             "config": self.resolved,
             "code": None if code is None else {
                 "sha": code.sha, "dirty": code.dirty, "repo_url": code.repo_url,
@@ -105,16 +129,17 @@ class Plan:
 
 @log_tool_call(SKILL_NAME)
 def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
-                        training_config: dict | None = None, *, agent_id: str | None = None,
+                        training_config: dict | None = None, agent_id: str | None = None,
                         wall_time_cap_min: int = 120, vram_cap_gb: int = 24,
-                        dry_run: bool = False, overrides: list[str] | None = None,
+                        dry_run: bool = False, *, overrides: list[str] | None = None,
                         allow_dirty: bool = False, devices: int | None = None,
                         device: str | None = None, config=None,
                         mlflow_parent_run_id: str | None = None,
                         code_commit: str | None = None, **kw) -> dict:
     """Fine-tune `parent_artifact_id` on `dataset_artifact_id` as a new candidate version.
 
-    `training_config` is a nested dict merged at the config root; `overrides` are Hydra
+    `training_config` is a dict of training settings (`{"lr": 1e-4}` means `training.lr`), or
+    a nested dict merged at the config root (`{"training": {"lr": 1e-4}}`); `overrides` are Hydra
     override strings (`training.lr=1e-4`, `training=pretrain_mgm`). Caps, devices, the agent
     and the flags come from the arguments. `config` is an already composed config (what
     forge-train passes); it replaces the composition and must agree with the arguments.
@@ -127,7 +152,7 @@ def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
     if kw:
         raise InvalidInput(f"unknown arguments: {', '.join(sorted(kw))}",
                            field=min(kw), fix="see the skill's input_schema")
-    plan = prepare(parent_artifact_id, dataset_artifact_id, training_config,
+    plan = prepare(parent_artifact_id, dataset_artifact_id, nest_training_config(training_config),
                    agent_id=agent_id, wall_time_cap_min=wall_time_cap_min,
                    vram_cap_gb=vram_cap_gb, dry_run=dry_run, overrides=overrides,
                    allow_dirty=allow_dirty, devices=devices, device=device, config=config,
@@ -163,14 +188,15 @@ def prepare(parent_artifact_id, dataset_artifact_id, training_config=None, *, ag
     problems: list[ForgeError] = []
     parent, dataset, account = _read_registry(db_url, parent_artifact_id, dataset_artifact_id,
                                               agent_id, problems)
-    derived = _registry_values(parent, dataset, overrides, training_config) \
-        if config is None else {}
+    derived = _registry_values(parent, dataset)
     if derived:
         from runner import compose
 
         cfg, resolved = compose.merge_config(cfg, derived, "registry")
+    _check_dataset_content(resolved, dataset, problems)
 
-    price = price_per_hour(resolved)
+    device = _resolve_device(resolved, problems)
+    price = price_per_hour(resolved, device)
     plan = Plan(agent_id=agent_id, parent_artifact_id=parent_artifact_id,
                 dataset_artifact_id=dataset_artifact_id, config=cfg, resolved=resolved,
                 db_url=db_url, currency=resolved["pricing"]["currency"], price_per_hour=price,
@@ -178,8 +204,12 @@ def prepare(parent_artifact_id, dataset_artifact_id, training_config=None, *, ag
                 devices=resolved["devices"],
                 estimate=ledger.estimate(price, resolved["wall_time_cap_min"],
                                          resolved["devices"]),
-                problems=problems)
+                device=device, problems=problems)
     _check_policy(resolved, problems)
+    from runner.launch import disk_problem  # FORGE_HOME below registry.min_free_gb
+
+    if (disk := disk_problem(resolved)) is not None:
+        problems.append(disk)
     if account is None:
         problems.append(ledger.unknown_agent(agent_id))
     else:
@@ -287,14 +317,36 @@ def _read_registry(db_url, parent_artifact_id, dataset_artifact_id, agent_id,
     return parent, dataset, account
 
 
-def price_per_hour(resolved: dict) -> Decimal:
-    """Price per device-hour: the device's row of pricing.per_device, else the default."""
+def _resolve_device(resolved: dict, problems: list[ForgeError]):
+    """The device this host gives the job (runner.devices); a problem when it can't."""
+    from runner import devices
+
+    try:
+        return devices.resolve(resolved["device"], resolved["pricing"]["per_device"])
+    except ForgeError as exc:
+        problems.append(exc)
+        return None
+
+
+def price_per_hour(resolved: dict, device=None) -> Decimal:
+    """Price per device-hour of the device the job gets: its row of pricing.per_device, else
+    the default price. Without a resolved device (it is unavailable), the requested one."""
     from runner import ledger
 
-    pricing, device = resolved["pricing"], resolved["device"]
-    if device != "auto" and device in pricing["per_device"]:
-        return ledger.to_price(pricing["per_device"][device], f"pricing.per_device.{device}")
+    pricing = resolved["pricing"]
+    key = device.price_key if device is not None else resolved["device"]
+    if key in pricing["per_device"]:
+        return ledger.to_price(pricing["per_device"][key], f"pricing.per_device.{key}")
     return ledger.to_price(pricing["price_per_hour"], "pricing.price_per_hour")
+
+
+def sandbox_timing(resolved: dict) -> tuple[float, float]:
+    """(seconds until SIGTERM, grace until SIGKILL). The grace period lies inside the
+    wall-time cap, so the job never outruns what the estimate debited and every second it
+    holds the device, grace included, is billed."""
+    total = float(resolved["wall_time_cap_min"] * 60)
+    grace = min(float(resolved["sandbox"]["grace_s"]), total / 2)
+    return total - grace, grace
 
 
 def _check_cap(value: Any, name: str) -> None:
@@ -386,34 +438,53 @@ def _artifact(catalog, artifact_id: str, kind: str, field: str, conn,
     return row
 
 
-def _registry_values(parent: dict | None, dataset: dict | None, overrides, training_config
-                     ) -> dict:
-    """For artifacts no conf/ option describes: the architecture and loader the registry
-    records (the user's own overrides win)."""
-    from runner.compose import ParentConf, option_for_artifact, override_key
+def _registry_values(parent: dict | None, dataset: dict | None) -> dict:
+    """What the registry says the artifacts are: the parent's family and architecture, the
+    dataset's source, format and label key. These are facts about the artifacts, so they win
+    over conf/ and are never the caller's to set. An artifact the registry says nothing about
+    keeps its conf/ option's values (operator-written); a dataset with no conf/ option is
+    fetched from its origin URL in its citation's format."""
+    from runner.compose import ParentConf, option_for_artifact
 
-    user = {override_key(line) for line in overrides or []}
-    given = training_config or {}
     out: dict[str, dict] = {}
-    if parent is not None and option_for_artifact("parent", parent["id"]) is None:
+    if parent is not None:
         meta = parent.get("metadata") or {}
         arch = {k: v for k, v in (meta.get("architecture") or {}).items()
-                if k in ParentConf.__dataclass_fields__ and k != "artifact_id"}
+                if k in ParentConf.__dataclass_fields__ and k not in ("artifact_id", "family")}
         if meta.get("family"):
             arch["family"] = meta["family"]
         out["parent"] = arch
-    if dataset is not None and option_for_artifact("dataset", dataset["id"]) is None:
+    if dataset is not None:
         meta = dataset.get("metadata") or {}
-        cite = meta.get("citation") or {}
-        loader = {"source": dataset.get("origin_url"), "format": cite.get("format")}
-        label_key = (meta.get("load_options") or {}).get("label_key")
-        if label_key:
-            loader["label_key"] = label_key
-        out["dataset"] = {k: v for k, v in loader.items() if v is not None}
-    for group in list(out):
-        out[group] = {k: v for k, v in out[group].items()
-                      if f"{group}.{k}" not in user and k not in (given.get(group) or {})}
+        loader = dict(meta.get("loader") or {})
+        if not loader and option_for_artifact("dataset", dataset["id"]) is None:
+            cite = meta.get("citation") or {}
+            loader = {"source": dataset.get("origin_url"), "format": cite.get("format"),
+                      "label_key": (meta.get("load_options") or {}).get("label_key")}
+        out["dataset"] = {k: v for k, v in loader.items()
+                          if k in ("source", "format", "label_key")
+                          and (v is not None or k == "label_key")}
     return {g: v for g, v in out.items() if v}
+
+
+def _check_dataset_content(resolved: dict, dataset: dict | None,
+                           problems: list[ForgeError]) -> None:
+    """A built-in source must hold the very file the dataset artifact's sha256 names: the
+    version then records the data it really trained on."""
+    from runner.errors import DatasetUnavailable
+    from trainers.data.fetch import builtin_holds
+
+    if dataset is None:
+        return
+    source = resolved["dataset"]["source"]
+    expected = dataset.get("content_hash")
+    if expected and not builtin_holds(source, expected):
+        problems.append(DatasetUnavailable(
+            f"dataset {dataset['id']!r} has sha256 {expected[:12]}..., which the built-in "
+            f"source {source!r} does not hold", field="dataset_artifact_id",
+            reason="dataset_mismatch",
+            fix="register the data under its own artifact id, or pick the artifact whose "
+                "content this source holds"))
 
 
 def _raise_db_error(exc: Exception) -> None:
@@ -438,14 +509,20 @@ def _sandbox_plan(plan: Plan, problems: list[ForgeError]) -> dict:
     resolved = plan.resolved
     box = resolved["sandbox"]
     env = {k: os.environ[k] for k in box["env_allowlist"] if k in os.environ}
+    term_s, grace_s = sandbox_timing(resolved)
+    from runner import codepin
+
+    # The job sees a snapshot of the pinned code, never the working tree (which may hold
+    # FORGE_HOME: the registry DB and the tracking store). Its run dir is named after the
+    # allocation, which a dry run has not made.
     job = sandbox.SandboxJob(
-        module="trainers.entrypoint", code_dir=plan.code.repo_path,
-        output_dir=settings.forge_home() / "runs" / (plan.request_key or "job")[:16] / "out",
+        module="trainers.entrypoint",
+        code_dir=codepin.snapshot_path(plan.code, settings.cache_dir() / "code"),
+        output_dir=settings.forge_home() / "runs" / "<allocation-id>" / "out",
         args=[f"{sandbox.IN_DIR}/manifest.json"],
-        wall_time_cap_s=float(resolved["wall_time_cap_min"] * 60),
-        vram_cap_gb=float(resolved["vram_cap_gb"]),
-        device="cpu" if resolved["device"] == "cpu" else "cuda:0", env=env,
-        grace_s=float(box["grace_s"]), max_processes=box["max_processes"],
+        wall_time_cap_s=term_s, grace_s=grace_s, vram_cap_gb=float(resolved["vram_cap_gb"]),
+        device=plan.device.sandbox if plan.device is not None else "cpu", env=env,
+        max_processes=box["max_processes"],
         tmp_size_bytes=int(box["tmp_size_gb"] * GIB))
     if plan.devices > 1:
         problems.append(ForgeError(

@@ -135,6 +135,12 @@ def dirty_error(pin: CodePin) -> CodePinError:
                             "or pass allow_dirty=True")
 
 
+def snapshot_path(pin: CodePin, root: str | Path) -> Path:
+    """Where `snapshot(pin, root)` puts (or finds) the pinned code; builds nothing."""
+    name = pin.sha if not pin.dirty else f"{pin.sha}-{(pin.diff_sha256 or 'dirty')[:16]}"
+    return Path(root) / name
+
+
 def snapshot(pin: CodePin, root: str | Path) -> Path:
     """A directory holding exactly the pinned code, for the sandbox to mount read-only.
 
@@ -147,9 +153,8 @@ def snapshot(pin: CodePin, root: str | Path) -> Path:
     import tarfile
     import tempfile
 
-    name = pin.sha if not pin.dirty else f"{pin.sha}-{(pin.diff_sha256 or 'dirty')[:16]}"
-    root = Path(root)
-    dest = root / name
+    dest = snapshot_path(pin, root)
+    name, root = dest.name, dest.parent
     if dest.is_dir():
         return dest
     root.mkdir(parents=True, exist_ok=True)

