@@ -35,14 +35,16 @@ def bench(url: str) -> dict:
     chain = [parent]
     for _ in range(N):
         parent = catalog.register_model(title="v", metadata=META, created_by="bench",
-                                        parent_artifact_id=parent)["id"]
+                                        parent_artifact_id=parent, origin_type="external",
+                                        origin_url="file:///v")["id"]
         chain.append(parent)
     chain_rate = N / (time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     for _ in range(N):
         catalog.register_model(title="s", metadata=META, created_by="bench",
-                               parent_artifact_id=base["id"])
+                               parent_artifact_id=base["id"], origin_type="external",
+                               origin_url="file:///s")
     sibling_rate = N / (time.perf_counter() - t0)
 
     leaf = chain[1000]  # 1,000 generations below the base

@@ -214,6 +214,8 @@ def register_model(*, title: str, metadata: dict, created_by: str,
             if value is not None:
                 _require_type(get_artifact(value, conn=c), "dataset", field)
 
+        if parent is not None and origin_type == "internal":
+            _require_training_record(version, content_hash)
         number = parent["version_number"] + 1 if parent else 1
         new_id = artifact_id or f"{metadata['family']}-v{number}-{uuid.uuid4().hex[:8]}"
         if _row(c.execute(sa.select(artifacts.c.id).where(artifacts.c.id == new_id))):
@@ -231,7 +233,7 @@ def register_model(*, title: str, metadata: dict, created_by: str,
         c.execute(artifacts.insert().values(**row))
         mv = dict(artifact_id=new_id, is_external=origin_type == "external",
                   external_source_url=origin_url if origin_type == "external" else None,
-                  base_model_id=parent_artifact_id,
+                  base_model_id=_lineage_root(c, parent_artifact_id),
                   training_dataset_artifact_id=training_dataset_artifact_id,
                   eval_dataset_artifact_id=eval_dataset_artifact_id,
                   promotion_state="candidate" if trained else "promoted",
@@ -240,6 +242,31 @@ def register_model(*, title: str, metadata: dict, created_by: str,
         c.execute(model_versions.insert().values(**mv))
         _write_links(c, new_id, parent_artifact_id, training_dataset_artifact_id, stamp)
     return {**row, "version": mv}
+
+
+# What a version trained here must carry (SciDEX WS3): the code it ran, the compute that
+# paid for it, what it scored, and the hash of the weights it produced.
+WS3_FIELDS = ("code_repo_url", "code_commit_sha", "gpu_allocation_id", "eval_metrics_json")
+
+
+def _require_training_record(version: dict, content_hash: str | None) -> None:
+    missing = [k for k in WS3_FIELDS if not version.get(k)]
+    if not content_hash:
+        missing.append("content_hash")
+    if missing:
+        raise SchemaViolation(
+            f"a trained version needs {', '.join(missing)}", field=missing[0],
+            fix="register a version trained here with its code pin, allocation, metrics and "
+                "weights hash; register outside weights as origin_type='external'")
+
+
+def _lineage_root(conn, parent_id: str | None) -> str | None:
+    """The first model of the lineage: the parent's own base, or the parent if it has none."""
+    if parent_id is None:
+        return None
+    base = conn.execute(sa.select(model_versions.c.base_model_id)
+                        .where(model_versions.c.artifact_id == parent_id)).scalar_one_or_none()
+    return base or parent_id
 
 
 def _write_links(conn, new_id: str, parent_id: str | None, dataset_id: str | None,

@@ -45,19 +45,94 @@ class RunRecord:
     extra: dict = field(default_factory=dict)
 
 
+# Bounded metrics by name: fractions live in [0, 1]; losses and errors are >= 0.
+_FRACTION = ("accuracy", "f1", "precision", "recall", "auroc")
+_NON_NEGATIVE = ("loss", "mse", "mae", "rmse")
+# Metrics where lower is better (the rest: higher is better).
+LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse")
+# SciDEX's improvement buckets, by the absolute delta of the primary metric.
+BUCKETS = ((0.01, "low"), (0.03, "medium"), (0.10, "high"), (math.inf, "very_high"))
+
+
 def check_metrics(metrics: dict, primary: str) -> None:
-    """Metrics must be present, numeric and finite; the primary one must be among them."""
+    """Metrics must be present, numeric, finite and in range; the primary one among them."""
     if not metrics:
         raise TrainingFailed("the trainer reported no metrics", reason="empty_metrics",
                              fix="check the job log: evaluation did not run")
     bad = {k: v for k, v in metrics.items()
            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)}
     if bad:
-        raise TrainingFailed(f"non-finite or non-numeric metrics: {bad}", reason="nan_metrics",
+        raise TrainingFailed(f"non-finite or non-numeric metrics: {_shown(bad)}",
+                             reason="nan_metrics",
                              fix="lower the learning rate or check the data for NaNs")
+    out = {k: v for k, v in metrics.items() if not _in_range(k.lower(), v)}
+    if out:
+        raise TrainingFailed(f"metrics out of range: {_shown(out)}", reason="metric_out_of_range",
+                             fix="accuracy and F1 lie in [0, 1], losses are >= 0: the trainer "
+                                 "reported impossible values")
     if primary not in metrics:
-        raise TrainingFailed(f"primary metric {primary!r} is missing from {sorted(metrics)}",
+        raise TrainingFailed(f"primary metric {primary!r} is missing from {_shown(sorted(metrics))}",
                              reason="missing_metric", fix="the trainer must report it")
+
+
+def _in_range(name: str, value: float) -> bool:
+    if any(word in name for word in _FRACTION):
+        return 0.0 <= value <= 1.0
+    if any(word in name for word in _NON_NEGATIVE):
+        return value >= 0.0
+    return True
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def split_metrics(metrics: dict) -> dict:
+    """The version's own evaluation at the top; the baseline's and the training curve's
+    numbers under their own keys, so nobody mistakes them for the candidate's."""
+    own: dict = {}
+    baseline: dict = {}
+    training: dict = {}
+    for key, value in sorted(metrics.items()):
+        if key.startswith("baseline_"):
+            baseline[key.removeprefix("baseline_")] = value
+        elif key.startswith(("train_", "val_", "best_")) or key == "epochs_trained":
+            training[key] = value
+        else:
+            own[key] = value
+    if baseline:
+        own["baseline"] = baseline
+    if training:
+        own["training"] = training
+    return own
+
+
+def improvement(primary: str, value: float, parent: dict | None, split: dict | None,
+                dataset_id: str) -> dict:
+    """The magnitude of a new version: its primary metric minus its parent's, on the same
+    metric, dataset and held-out cells (signed so that > 0 is better), with SciDEX's bucket;
+    or None with the reason the two are not comparable."""
+    version = (parent or {}).get("version") or {}
+    theirs = (version.get("eval_metrics_json") or {}).get(primary)
+    their_split = ((parent or {}).get("metadata") or {}).get("split") or {}
+    why = None
+    if not isinstance(theirs, (int, float)) or isinstance(theirs, bool):
+        why = f"the parent has no {primary}"
+    elif version.get("eval_dataset_artifact_id") != dataset_id:
+        why = "the parent was evaluated on another dataset"
+    elif not split or (their_split.get("sha256") or {}).get("test") != \
+            (split.get("sha256") or {}).get("test"):
+        why = "the parent was evaluated on other held-out cells"
+    if why:
+        return {"magnitude": None, "magnitude_reason": why, "bucket": None,
+                "parent_value": theirs if isinstance(theirs, (int, float)) else None}
+    delta = value - theirs
+    if any(word in primary for word in LOWER_IS_BETTER):
+        delta = -delta
+    bucket = next(name for limit, name in BUCKETS if abs(delta) < limit)
+    return {"magnitude": delta, "magnitude_reason": None, "bucket": bucket,
+            "parent_value": theirs}
 
 
 def register_model_version(parent_artifact_id: str, run: RunRecord) -> dict:
@@ -77,29 +152,29 @@ def register_model_version(parent_artifact_id: str, run: RunRecord) -> dict:
                 training_started_at=run.training_started_at,
                 training_completed_at=run.training_completed_at,
                 gpu_allocation_id=run.allocation_id,
-                training_params_json=run.training_params, eval_metrics_json=run.eval_metrics,
+                training_params_json=run.training_params,
+                eval_metrics_json=split_metrics(run.eval_metrics),
                 mlflow_run_id=run.mlflow_run_id, mlflow_model_uri=run.mlflow_model_uri),
             conn=conn)
-        parent_metrics = (parent.get("version") or {}).get("eval_metrics_json") or {}
-        baseline = parent_metrics.get(run.primary_metric)
         value = run.eval_metrics[run.primary_metric]
-        magnitude = value - baseline if isinstance(baseline, (int, float)) else value
+        gain = improvement(run.primary_metric, value, parent, run.metadata.get("split"),
+                           run.dataset_artifact_id)
         stamp = catalog.now()
-        detection = {"primary_metric": run.primary_metric, "value": value,
-                     "parent_value": baseline, "parent_artifact_id": parent_artifact_id,
+        detection = {"primary_metric": run.primary_metric, "value": value, **gain,
+                     "parent_artifact_id": parent_artifact_id,
                      "dataset_artifact_id": run.dataset_artifact_id,
                      "mlflow_run_id": run.mlflow_run_id, "allocation_id": run.allocation_id}
         conn.execute(world_model_improvements.insert().values(
             id=f"wmi-{uuid.uuid4().hex}", event_type=EVENT_TYPE,
             target_artifact_id=model["id"], target_artifact_type="model",
-            magnitude=magnitude, payout_status="pending", detection_metadata=detection,
+            magnitude=gain["magnitude"], payout_status="pending", detection_metadata=detection,
             detected_at=stamp))
         conn.execute(events.insert().values(
             id=f"evt-{uuid.uuid4().hex}", type=EVENT_TYPE, source="forge-runner",
             created_at=stamp,
             payload={"artifact_id": model["id"], "version_number": model["version_number"],
                      "parent_artifact_id": parent_artifact_id,
-                     "eval_metrics": run.eval_metrics, **detection}))
+                     "eval_metrics": split_metrics(run.eval_metrics), **detection}))
         ledger.settle(run.allocation_id, run.actual_seconds, status="settled",
                       artifact_id=model["id"], conn=conn)
     return model

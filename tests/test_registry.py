@@ -22,6 +22,8 @@ CITATION = {
     "schema_summary": "cells x 500 genes, UMI counts, 13 labels", "sha256": SHA,
     "doi": "10.1038/nmeth.4380",
 }
+# A version whose weights came from outside (no training record of ours to require).
+OUTSIDE = {"origin_type": "external", "origin_url": "file:///weights/x"}
 META = {"family": "scgpt-test", "framework": "scgpt", "task": "external",
         "architecture": {"n_layers": 2, "d_model": 32}}
 
@@ -73,7 +75,7 @@ def test_trained_version_semantics_and_lineage(db_url):
     child = catalog.register_model(
         title="ft", metadata={**META, "task": "finetune_celltype"}, created_by="agent-1",
         parent_artifact_id="model-base", training_dataset_artifact_id="dataset-geo-GSE100866",
-        origin_type="internal", content_hash="b" * 64,
+        origin_type="external", origin_url="file:///weights/ft", content_hash="b" * 64,
         version={"code_commit_sha": "c" * 40, "eval_metrics_json": {"test_accuracy": 0.9}})
     got = catalog.get_model_version(child["id"])
     assert got["version_number"] == 2 and got["parent_version_id"] == "model-base"
@@ -83,10 +85,12 @@ def test_trained_version_semantics_and_lineage(db_url):
     assert {(link["link_type"], link["target_id"]) for link in catalog.links(child["id"])} == {
         ("derives_from", "model-base"), ("trained_on", "dataset-geo-GSE100866")}
     grandchild = catalog.register_model(title="ft2", metadata=META, created_by="a",
-                                        parent_artifact_id=child["id"])
+                                        parent_artifact_id=child["id"], **OUTSIDE)
     assert [r["id"] for r in catalog.lineage(grandchild["id"])] == \
         ["model-base", child["id"], grandchild["id"]]
     assert grandchild["version_number"] == 3
+    # base_model_id is the root of the lineage, not the immediate parent.
+    assert catalog.get_model_version(grandchild["id"])["version"]["base_model_id"] == "model-base"
 
 
 BAD_IDS = ["../x", "", "a" * 200, "it's", 'say"hi"', "a/b", "a\\b", "nul\x00byte", ".hidden",
@@ -111,7 +115,8 @@ def test_invalid_ids_are_refused_before_any_write(db_url, bad):
 
 
 @pytest.mark.parametrize("case", ["unknown_parent", "parent_not_model", "dataset_not_dataset",
-                                  "bad_metadata", "missing_family", "bad_hash", "no_origin"])
+                                  "bad_metadata", "missing_family", "bad_hash", "no_origin",
+                                  "untrained"])
 def test_bad_registrations_write_nothing(db_url, case):
     _dataset()
     _base()
@@ -123,7 +128,10 @@ def test_bad_registrations_write_nothing(db_url, case):
                 "bad_metadata": (SchemaViolation, "metadata.architecture.n_layers"),
                 "missing_family": (SchemaViolation, "metadata.family"),
                 "bad_hash": (SchemaViolation, "content_hash"),
-                "no_origin": (SchemaViolation, "origin_url")}[case]
+                "no_origin": (SchemaViolation, "origin_url"),
+                # trained here (internal, with a parent) but without code pin, allocation,
+                # metrics or weights hash: the catalog refuses it
+                "untrained": (SchemaViolation, "code_repo_url")}[case]
     if case == "unknown_parent":
         kw["parent_artifact_id"] = "model-nope"
     elif case == "parent_not_model":
@@ -176,7 +184,7 @@ def test_failure_after_first_insert_leaves_no_row(db_url, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         catalog.register_model(title="x", metadata=META, created_by="t",
                                parent_artifact_id="model-base",
-                               training_dataset_artifact_id="dataset-geo-GSE100866")
+                               training_dataset_artifact_id="dataset-geo-GSE100866", **OUTSIDE)
     assert count_rows(db_url) == before
 
 
@@ -184,7 +192,7 @@ def test_cli(db_url):
     _dataset()
     _base()
     child = catalog.register_model(title="ft", metadata=META, created_by="t",
-                                   parent_artifact_id="model-base")
+                                   parent_artifact_id="model-base", **OUTSIDE)
     runner = CliRunner()
     result = runner.invoke(forge, ["db", "upgrade"])
     assert result.exit_code == 0 and "0001" in result.output
