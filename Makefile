@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# DEMO=smoke: the same steps sized to a minute or two (CI runs it on a fresh clone).
+DEMO ?= full
 demo: $(STAMP)
-	$(PY) -m runner.demo
+	$(PY) -m runner.demo $(DEMO)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

@@ -135,6 +135,25 @@ def dirty_error(pin: CodePin) -> CodePinError:
                             "or pass allow_dirty=True")
 
 
+def diff_patch(pin: CodePin) -> bytes:
+    """What a dirty tree runs on top of its pinned commit, as one `git apply`-able patch:
+    the changes to tracked files, then every untracked, not ignored file as a new file."""
+    repo = _repo(Path(pin.repo_path))
+    parts = [repo.git.diff("HEAD", "--binary", stdout_as_string=False)]
+    untracked = repo.git.ls_files("-z", "--others", "--exclude-standard")
+    for name in sorted(filter(None, untracked.split("\0"))):
+        # --no-index exits 1 when the files differ, which is the point here
+        status, out, err = repo.git.diff("--no-index", "--binary", "--", "/dev/null", name,
+                                         with_extended_output=True, with_exceptions=False,
+                                         stdout_as_string=False)
+        if status not in (0, 1):
+            raise CodePinError(f"git diff failed for an untracked file: {err!r}",
+                               field="allow_dirty", reason="git_failed",
+                               fix="check the repository with `git status`")
+        parts.append(out)
+    return b"\n".join(p.rstrip(b"\n") for p in parts if p) + b"\n"
+
+
 def snapshot_path(pin: CodePin, root: str | Path) -> Path:
     """Where `snapshot(pin, root)` puts (or finds) the pinned code; builds nothing."""
     name = pin.sha if not pin.dirty else f"{pin.sha}-{(pin.diff_sha256 or 'dirty')[:16]}"

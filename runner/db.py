@@ -64,7 +64,8 @@ def alembic_config(url: str | None = None):
 
 
 def upgrade(url: str | None = None, revision: str = "head") -> str | None:
-    """Bring the registry schema to `revision`; a no-op when it is already there."""
+    """Bring the registry schema to `revision`; a no-op when it is already there. At head it
+    also writes the skills forge-runner exposes, so that every audit row names its skill."""
     from alembic import command
 
     engine = get_engine(url)
@@ -72,6 +73,10 @@ def upgrade(url: str | None = None, revision: str = "head") -> str | None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+        if revision == "head":
+            from runner.tools import register_tools
+
+            register_tools(conn=conn)
     return current_revision(url)
 
 

@@ -9,6 +9,10 @@ FORGE_HOME).
 5. print the returned dict and the command that opens the MLflow UI on the same store.
 
 A second run reuses the base and gets the same request's earlier result back.
+
+`python -m runner.demo smoke` (`make demo DEMO=smoke`) runs the same steps on the same
+defaults, sized to a minute or two on 2 cores: a base of its own (one short epoch) and a
+one-epoch fine-tune. CI runs it in a fresh clone to prove the main command works there.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from decimal import Decimal
 
 from rich.console import Console
@@ -30,14 +35,36 @@ DATASETS = {"dataset-geo-GSE100866": ("cbmc", "CBMC CITE-seq, 8,617 cord blood c
             "dataset-10x-pbmc68k-reduced": ("pbmc68k_reduced", "PBMC 68k (reduced), 700 cells")}
 CREDITS = Decimal("5")
 
+
+@dataclass(frozen=True)
+class Profile:
+    base_id: str
+    pretrain: tuple[str, ...]  # training overrides for the base
+    finetune: dict  # training settings for train_model_version
+    wall_time_cap_min: int
+
+
+PROFILES = {
+    "full": Profile(BASE_ID, (), {}, 60),
+    "smoke": Profile(f"{BASE_ID}-smoke",
+                     ("training.max_epochs=1", "training.limit_train_batches=8",
+                      "training.limit_eval_batches=2", "training.max_seq_len=33"),
+                     {"max_epochs": 1, "limit_train_batches": 16, "limit_eval_batches": 4,
+                      "max_seq_len": 65, "log_every_n_steps": 4}, 10),
+}
+
 console = Console(stderr=True)
 
 
 def register_datasets() -> None:
-    from trainers.data.fetch import builtin_citation
+    from trainers.data.fetch import BUILTINS, builtin_citation
 
     for artifact_id, (source, title) in DATASETS.items():
-        catalog.register_dataset(artifact_id, title, builtin_citation(source), created_by="demo")
+        spec = BUILTINS[source]  # how to load it is part of the record, like its citation
+        loader = {"source": source, "format": spec.format,
+                  "label_key": spec.load_options.get("label_key")}
+        catalog.register_dataset(artifact_id, title, builtin_citation(source), created_by="demo",
+                                 metadata={"loader": loader})
         console.print(f"dataset [bold]{artifact_id}[/] registered ({source})")
 
 
@@ -48,27 +75,29 @@ def fund_agent() -> None:
     console.print(f"agent [bold]{AGENT}[/] balance {ledger.balance(AGENT)} credits")
 
 
-def ensure_base() -> dict:
+def ensure_base(profile: Profile) -> dict:
     """Version 1: pretrained here once, in the sandbox, then reused."""
     try:
-        return catalog.get_artifact(BASE_ID)
+        return catalog.get_artifact(profile.base_id)
     except NotFound:
         pass
     from runner import sandbox, weights
     from runner.compose import compose_config, to_plain
-    from runner.launch import ENTRYPOINT, _read_result, build_manifest
+    from runner.handback import CHECKPOINT_DIR, read_result
+    from runner.launch import ENTRYPOINT, build_manifest
     from trainers.data import fetch
 
-    cfg = to_plain(compose_config(["training=pretrain_mgm"]))
+    cfg = to_plain(compose_config(["training=pretrain_mgm", *profile.pretrain]))
     pin = codepin.pin_code()
     if pin.dirty:
         raise ForgeError("the working tree has uncommitted changes", field="allow_dirty",
                          fix="commit them: the sandbox runs the pinned commit")
     run_dir = settings.forge_home() / "runs" / f"base-{uuid.uuid4().hex[:8]}"
     run_dir.mkdir(parents=True)
-    manifest = build_manifest(cfg, BASE_ID, "cpu", from_parent=False)
+    manifest = build_manifest(cfg, profile.base_id, "cpu", from_parent=False)
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    console.print(f"pretraining the base [bold]{BASE_ID}[/] (masked gene expression on CBMC)")
+    console.print(f"pretraining the base [bold]{profile.base_id}[/] "
+                  "(masked gene expression on CBMC)")
     started = catalog.now()
     launched = sandbox.gpu_launch(sandbox.SandboxJob(
         module=ENTRYPOINT, args=["/job/in/manifest.json"],
@@ -77,14 +106,16 @@ def ensure_base() -> dict:
                 "dataset": fetch.fetch(cfg["dataset"]["source"], cache=settings.cache_dir())},
         output_dir=run_dir / "out", log_path=run_dir / "job.log",
         wall_time_cap_s=cfg["wall_time_cap_min"] * 60, vram_cap_gb=cfg["vram_cap_gb"]))
-    result = _read_result(run_dir / "out", launched)
-    stored = weights.store(BASE_ID, run_dir / "out" / "checkpoint")
+    result = read_result(run_dir / "out", launched)
+    stored = weights.store(BASE_ID, run_dir / "out" / CHECKPOINT_DIR)
     arch = {k: v for k, v in cfg["parent"].items() if k not in ("artifact_id", "family")}
     return catalog.register_model(
-        artifact_id=BASE_ID, title="scGPT-style base, pretrained on CBMC (masked expression)",
+        artifact_id=profile.base_id,
+        title="scGPT-style base, pretrained on CBMC (masked expression)",
         metadata={"family": cfg["parent"]["family"], "framework": "scgpt",
                   "task": "pretrain_mgm", "architecture": arch,
-                  "weights": {k: stored[k] for k in ("sha256", "files", "size_bytes", "path")}},
+                  "weights": {k: stored[k] for k in ("sha256", "files", "size_bytes", "path")},
+                  "split": result.get("split")},
         created_by="demo", origin_type="internal", content_hash=stored["sha256"],
         training_dataset_artifact_id="dataset-geo-GSE100866",
         version={"code_repo_url": pin.repo_url, "code_commit_sha": pin.sha,
@@ -93,21 +124,29 @@ def ensure_base() -> dict:
                  "training_params_json": cfg["training"], "eval_metrics_json": result["metrics"]})
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     from runner.api import train_model_version
     from runner.compose import compose_config, to_plain
 
+    args = sys.argv[1:] if argv is None else argv
+    name = args[0] if args else "full"
+    if name not in PROFILES:
+        console.print(f"[red]error[/]: unknown demo profile {name!r}; use one of "
+                      f"{', '.join(PROFILES)}")
+        return 2
+    profile = PROFILES[name]
     start = time.perf_counter()
     console.print(f"[bold]forge-runner pilot[/]: registry {settings.db_url()}")
     try:
         console.print(f"registry schema at revision {db.upgrade()}")
         register_datasets()
         fund_agent()
-        base = ensure_base()
+        base = ensure_base(profile)
         console.print(f"base [bold]{base['id']}[/] version {base['version_number']}")
         console.print("fine-tuning it for cell types on CBMC (train_model_version)")
-        result = train_model_version(BASE_ID, "dataset-geo-GSE100866", agent_id=AGENT,
-                                     wall_time_cap_min=60, vram_cap_gb=24)
+        result = train_model_version(base["id"], "dataset-geo-GSE100866",
+                                     profile.finetune or None, AGENT,
+                                     wall_time_cap_min=profile.wall_time_cap_min, vram_cap_gb=24)
     except ForgeError as exc:
         console.print(f"[red]error[/]: {type(exc).__name__}: {exc}")
         return 2

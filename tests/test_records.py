@@ -1,0 +1,231 @@
+"""Every record tells the truth, the seed's own call works, a fresh clone plans on its defaults.
+
+Real registry (SQLite and PostgreSQL), real bwrap, real MLflow store; stand-in trainers in a
+scratch git repository where the trainer itself is not what is under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import textwrap
+import threading
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import AGENT, BASE_ID, DATASET_ID, fake_code_repo, seed_registry
+from runner import catalog, db, ledger, schema, tracking
+from runner.api import train_model_version
+from runner.errors import TrainingFailed
+
+TINY = dict(agent_id=AGENT, wall_time_cap_min=5, vram_cap_gb=1)
+
+# A stand-in trainer that reports METRICS on a fixed split, and a checkpoint.
+TRAINER = """
+    import json, sys, pathlib
+    m = json.load(open(sys.argv[1]))
+    out = pathlib.Path(m["output_dir"])
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "best_model.pt").write_bytes(json.dumps(m["training"]).encode())
+    split = {"seed": 0, "counts": {"train": 8, "val": 1, "test": 1},
+             "sha256": {"train": "a" * 64, "val": "b" * 64, "test": "c" * 64}}
+    json.dump({"status": "ok", "metrics": METRICS, "split": split,
+               "checkpoint": {"dir": "checkpoint"}}, open(out / "result.json", "w"))
+"""
+
+
+def trainer(metrics: str) -> str:
+    return TRAINER.replace("METRICS", metrics)
+
+
+def rows(url: str, table: sa.Table) -> list[dict]:
+    with db.get_engine(url).connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(table)).mappings()]
+
+
+# --- the seed's own call --------------------------------------------------------------------------
+
+def test_seed_call_positional_agent_and_flat_training_config(registry, committed_code,
+                                                             monkeypatch):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    result = train_model_version(BASE_ID, DATASET_ID, {"lr": 1e-4}, AGENT, dry_run=True)
+    assert result["would_launch"], result["reasons"]
+    assert result["agent_id"] == AGENT
+    assert result["config"]["training"]["lr"] == pytest.approx(1e-4)
+    # forge db upgrade registered the skill: the audit row links to it
+    call = rows(registry, schema.tool_calls)[-1]
+    assert call["skill_id"] == "skill-train-model-version" and call["agent_id"] == AGENT
+
+
+# --- parallel candidates in MLflow ----------------------------------------------------------------
+
+def test_parallel_candidates_register_without_racing(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    exp = client.create_experiment("race", artifact_location=(tmp_path / "art").as_uri())
+    runs = [client.create_run(exp).info.run_id for _ in range(8)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(runs))
+
+    def register(i: int, run_id: str) -> None:
+        try:
+            start.wait()
+            tracking.register_candidate(tracking.client(uri), name="scgpt-race", run_id=run_id,
+                                        source=f"runs:/{run_id}/checkpoint",
+                                        artifact_id=f"scgpt-{i}")
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register, args=(i, r)) for i, r in enumerate(runs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    versions = client.search_model_versions("name='scgpt-race'")
+    assert len({v.version for v in versions}) == 8
+    assert {v.tags["forge.lifecycle_state"] for v in versions} == {"candidate"}
+    assert sorted(v.tags["forge.artifact_id"] for v in versions) == \
+        sorted(f"scgpt-{i}" for i in range(8))
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metrics", ['{"test_macro_f1": 1e300, "test_accuracy": 0.5}',
+                                     '{"test_macro_f1": 0.5, "test_loss": -1.0}'])
+def test_impossible_metrics_fail_typed_and_settle(registry, tmp_path, monkeypatch, metrics):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, trainer(metrics))))
+    with pytest.raises(TrainingFailed) as err:
+        train_model_version(BASE_ID, DATASET_ID, **TINY)
+    assert err.value.reason == "metric_out_of_range"
+    [alloc] = rows(registry, schema.resource_allocations)
+    assert alloc["status"] == "failed" and ledger.check() == []
+    assert [a["id"] for a in catalog.list_artifacts("model")] == [BASE_ID]
+
+
+def test_a_trained_version_records_the_truth(registry, tmp_path, monkeypatch):
+    """Own metrics apart from baseline and curves; magnitude against the parent on the same
+    split, else null with a reason; base_model_id is the root; the device's price; the diff
+    of a dirty tree kept with its sha256."""
+    metrics = ('{"test_macro_f1": F1, "test_accuracy": 0.8, "test_loss": 0.4, '
+               '"baseline_test_macro_f1": 0.6, "baseline_test_accuracy": 0.7, '
+               '"val_macro_f1": 0.75, "train_loss": 0.3, "epochs_trained": 2.0}')
+    repo = fake_code_repo(tmp_path, trainer(metrics.replace("F1", "0.70")))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(repo))
+    first = train_model_version(BASE_ID, DATASET_ID, **TINY)
+
+    own = catalog.get_model_version(first["artifact_id"])["version"]["eval_metrics_json"]
+    assert own == {"test_macro_f1": 0.70, "test_accuracy": 0.8, "test_loss": 0.4,
+                   "baseline": {"test_macro_f1": 0.6, "test_accuracy": 0.7},
+                   "training": {"val_macro_f1": 0.75, "train_loss": 0.3, "epochs_trained": 2.0}}
+    [wmi] = rows(registry, schema.world_model_improvements)
+    assert wmi["magnitude"] is None  # the base reports no macro-F1: nothing to compare with
+    assert wmi["detection_metadata"]["magnitude_reason"] == "the parent has no test_macro_f1"
+
+    # The candidate fine-tuned again, from a dirty tree, on the same held-out cells.
+    (repo / "trainers" / "entrypoint.py").write_text(textwrap.dedent(trainer(
+        metrics.replace("F1", "0.75"))))
+    (repo / "notes.txt").write_text("an untracked file\n")
+    second = train_model_version(first["artifact_id"], DATASET_ID, **TINY, allow_dirty=True)
+    wmi = {w["target_artifact_id"]: w for w in rows(registry, schema.world_model_improvements)}
+    gain = wmi[second["artifact_id"]]
+    assert gain["magnitude"] == pytest.approx(0.05)
+    assert gain["detection_metadata"]["bucket"] == "high"
+    assert gain["detection_metadata"]["parent_value"] == pytest.approx(0.70)
+
+    model = catalog.get_model_version(second["artifact_id"])
+    assert model["version"]["base_model_id"] == BASE_ID  # the root, not the parent
+    diff = model["metadata"]["code_diff"]
+    patch = Path(diff["path"]).read_bytes()
+    assert hashlib.sha256(patch).hexdigest() == diff["sha256"]
+    assert b"notes.txt" in patch and b"0.75" in patch
+    applied = tmp_path / "applied"
+    subprocess.run(["git", "clone", "-q", str(repo), str(applied)], check=True)
+    subprocess.run(["git", "apply", diff["path"]], cwd=applied, check=True)
+    assert (applied / "notes.txt").read_text() == "an untracked file\n"
+    client = tracking.client(_tracking_uri())
+    logged = [a.path for a in client.list_artifacts(second["mlflow"]["run_id"], "code")]
+    assert logged == ["code/code.diff"]
+
+    alloc = ledger.get_allocation(second["gpu_allocation_id"])
+    assert (alloc["device"], alloc["resource_type"]) == ("cpu", "cpu")
+
+
+def _tracking_uri() -> str:
+    from runner.compose import compose_config, to_plain
+
+    return to_plain(compose_config())["tracking"]["tracking_uri"]
+
+
+# --- money follows the hardware -------------------------------------------------------------------
+
+def test_auto_is_priced_as_the_device_the_job_gets(registry, committed_code, tmp_path,
+                                                    monkeypatch):
+    conf = tmp_path / "conf"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", conf)
+    (conf / "local").mkdir(exist_ok=True)
+    (conf / "local" / "default.yaml").write_text(
+        "# @package _global_\npricing:\n  price_per_hour: 9.0\n  per_device:\n    cpu: 0.25\n")
+    monkeypatch.setenv("FORGE_CONFIG_DIR", str(conf))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    result = train_model_version(BASE_ID, DATASET_ID, {"lr": 1e-4}, AGENT, 60, dry_run=True)
+    assert result["estimate"]["device"] == "cpu"  # this host has no GPU
+    assert result["estimate"]["price_per_hour"] == Decimal("0.25")
+    assert result["estimate"]["amount"] == Decimal("0.25")
+
+
+def test_gpu_names_map_to_price_rows():
+    from runner.devices import price_key_for
+
+    table = {"cpu": 0.5, "h100": 2.5, "h200": 3.0, "a100-80gb": 2.0}
+    assert price_key_for("NVIDIA H200", table) == "h200"
+    assert price_key_for("NVIDIA H100 80GB HBM3", table) == "h100"
+    assert price_key_for("NVIDIA A100-80GB PCIe", table) == "a100-80gb"
+    assert price_key_for("NVIDIA GeForce RTX 4090", table) is None
+
+
+# --- the data is what the registry says -----------------------------------------------------------
+
+def test_a_source_that_does_not_hold_the_artifacts_data_is_refused(registry, committed_code,
+                                                                  monkeypatch):
+    from trainers.data.fetch import builtin_citation
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    catalog.register_dataset("dataset-cbmc-mislabelled", "CBMC, said to load as PBMC",
+                             builtin_citation("cbmc"),
+                             metadata={"loader": {"source": "pbmc68k_reduced", "format": "h5ad",
+                                                  "label_key": "bulk_labels"}})
+    result = train_model_version(BASE_ID, "dataset-cbmc-mislabelled", None, AGENT, dry_run=True)
+    assert not result["would_launch"]
+    assert [r["reason"] for r in result["reasons"]] == ["dataset_mismatch"]
+
+
+# --- a fresh clone plans on its defaults ----------------------------------------------------------
+
+def test_fresh_clone_with_nothing_set_would_launch(committed_code, base_checkpoint,
+                                                   monkeypatch):
+    """FORGE_HOME defaults to ./outputs, inside the clone: the job must see a snapshot of the
+    code, never the tree that holds the registry DB and the tracking store."""
+    for name in ("FORGE_HOME", "FORGE_DB_URL", "FORGE_CACHE_DIR", "FORGE_CONFIG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(committed_code)
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    db._engine.cache_clear()
+    try:
+        db.upgrade()
+        seed_registry(base_checkpoint)
+        result = train_model_version(BASE_ID, DATASET_ID, {"max_epochs": 1}, AGENT,
+                                     dry_run=True)
+    finally:
+        db._engine.cache_clear()
+    assert result["would_launch"], result["reasons"]
+    home = (committed_code / "outputs").resolve()
+    code = Path(result["sandbox"]["binds"][[b["sandbox"] for b in result["sandbox"]["binds"]]
+                                           .index("/job/code")]["host"])
+    assert code.is_relative_to(home / "cache" / "code")
+    assert not any(Path(b["host"]) in (committed_code, home)
+                   for b in result["sandbox"]["binds"])
