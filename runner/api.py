@@ -33,11 +33,10 @@ from runner.tools import define_skill, log_tool_call
 SKILL_NAME = "Train Model Version"
 # Keys of the resolved config that do not change what gets trained: left out of the
 # request key, so a retry from another machine or as a dry run maps to the same allocation.
-VOLATILE_KEYS = ("agent_id", "dry_run", "allow_dirty", "tracking", "registry", "policy",
-                 "pricing", "sandbox")
-# Config keys set from train_model_version's own arguments.
-ARGUMENT_KEYS = ("agent_id", "wall_time_cap_min", "vram_cap_gb", "dry_run", "allow_dirty",
-                 "devices", "device", "parent.artifact_id", "dataset.artifact_id")
+VOLATILE_KEYS = ("agent_id", "dry_run", "allow_dirty", "fit_budget", "tracking", "registry",
+                 "policy", "pricing", "sandbox")
+# What a caller may set, and which config keys the arguments set: runner.compose's tables
+# (ARGUMENT_KEYS, CHOICE_GROUPS, ...), shared with forge-train and the skill's input_schema.
 GIB = 1024**3
 
 
@@ -263,25 +262,17 @@ def _validate_arguments(parent_artifact_id, dataset_artifact_id, agent_id, wall_
 
 def _compose(parent_artifact_id, dataset_artifact_id, agent_id, wall_time_cap_min,
              vram_cap_gb, dry_run, allow_dirty, devices, device, overrides, training_config):
-    """The config for this call: the parent/dataset options whose artifact ids match, the
-    caller's overrides and dict, and the arguments (as override strings, so the composed
-    config is memoised per distinct call)."""
+    """The config for this call: the caller's overrides and dict, once checked against what
+    a caller may set, then the lines the host writes for the arguments (the parent/dataset
+    options whose artifact ids match, the ids, caps and flags), as override strings so the
+    composed config is memoised per distinct call."""
     from runner import compose
 
-    compose.check_override_list(overrides)
-    _check_not_arguments(overrides or [], training_config)
-    lines = [line for line in (_group_choice("parent", parent_artifact_id),
-                               _group_choice("dataset", dataset_artifact_id)) if line]
-    lines += list(overrides or [])
-    lines += [f"agent_id='{agent_id}'", f"wall_time_cap_min={wall_time_cap_min}",
-              f"vram_cap_gb={vram_cap_gb}", f"dry_run={str(dry_run).lower()}",
-              f"allow_dirty={str(allow_dirty).lower()}",
-              f"parent.artifact_id='{parent_artifact_id}'",
-              f"dataset.artifact_id='{dataset_artifact_id}'"]
-    if devices is not None:
-        lines.append(f"devices={devices}")
-    if device is not None:
-        lines.append(f"device='{device}'" if "'" not in device else f'device="{device}"')
+    _check_not_arguments(overrides, training_config)
+    lines = list(overrides or []) + compose.call_lines(
+        parent_artifact_id, dataset_artifact_id, agent_id=agent_id,
+        wall_time_cap_min=wall_time_cap_min, vram_cap_gb=vram_cap_gb, dry_run=dry_run,
+        allow_dirty=allow_dirty, devices=devices, device=device)
     return compose.compose_resolved(lines, training_config, writable=False)
 
 
@@ -294,6 +285,13 @@ def _from_config(config, parent_artifact_id, dataset_artifact_id, agent_id, wall
     if overrides or training_config:
         raise InvalidInput("pass either config or overrides/training_config, not both",
                            field="config", fix="drop config to compose from overrides")
+    if not compose.is_config(config):
+        raise InvalidInput(f"config must be a composed DictConfig, got {type(config).__name__}",
+                           field="config", fix="drop config to compose from overrides")
+    baseline = compose.compose_config(
+        compose.artifact_lines("parent", parent_artifact_id)
+        + compose.artifact_lines("dataset", dataset_artifact_id))
+    compose.check_operator_settings(config, baseline)
     resolved = compose.validate_config(config)
     _check_agrees(resolved, parent_artifact_id, dataset_artifact_id, agent_id,
                   wall_time_cap_min, vram_cap_gb, dry_run, allow_dirty, devices, device)
@@ -381,26 +379,13 @@ def _group_choice(group: str, artifact_id: str) -> str | None:
     return f"{group}={option}" if option else None
 
 
-def _check_not_arguments(overrides: list[str], training_config: dict | None) -> None:
-    from runner.compose import override_key
+def _check_not_arguments(overrides, training_config) -> None:
+    """Refuse what a caller may not set (runner.compose's tables): the arguments (problem
+    "argument"), operator settings ("operator_only"), interpolation, over-long input."""
+    from runner import compose
 
-    for line in overrides:
-        key = override_key(line).split("@", 1)[0]
-        if key in ARGUMENT_KEYS or key in ("parent", "dataset"):
-            arg = {"parent": "parent_artifact_id", "dataset": "dataset_artifact_id",
-                   "parent.artifact_id": "parent_artifact_id",
-                   "dataset.artifact_id": "dataset_artifact_id"}.get(key, key)
-            raise InvalidOverride(f"{key} is set by the {arg} argument", override=line,
-                                  field=key, problem="argument",
-                                  fix=f"pass {arg}=... to train_model_version instead")
-    for key in ARGUMENT_KEYS:
-        node: Any = training_config or {}
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            raise InvalidOverride(f"training_config sets {key}, an argument", field=key,
-                                  problem="argument",
-                                  fix=f"pass it as the {key.split('.')[0]} argument instead")
+    compose.check_caller_overrides(overrides)
+    compose.check_caller_dict(training_config)
 
 
 def _check_agrees(resolved: dict, parent_id, dataset_id, agent_id, wall, vram, dry_run,
@@ -540,6 +525,11 @@ def _sandbox_plan(plan: Plan, problems: list[ForgeError]) -> dict:
 # --- the skill ------------------------------------------------------------------------------------
 
 _ID = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
+# What a caller may put in training_config and overrides: derived from runner.compose's
+# tables (the same ones train_model_version and forge-train enforce), never a copy.
+from runner.compose import caller_schema
+
+_CALLER = caller_schema()
 define_skill(
     SKILL_NAME,
     description=("Fine-tune a registered parent model on a registered dataset inside the "
@@ -556,18 +546,15 @@ define_skill(
         "properties": {
             "parent_artifact_id": {**_ID, "description": "model artifact to start from"},
             "dataset_artifact_id": {**_ID, "description": "dataset artifact to train on"},
-            "training_config": {"type": ["object", "null"],
-                                "description": "nested dict merged at the config root, "
-                                               "e.g. {\"training\": {\"lr\": 0.0001}}"},
-            "overrides": {"type": ["array", "null"], "items": {"type": "string"},
-                          "description": "Hydra override strings, e.g. training.lr=1e-4, "
-                                         "training=pretrain_mgm"},
+            "training_config": _CALLER["training_config"],
+            "overrides": _CALLER["overrides"],
             "agent_id": {"type": "string",
                          "pattern": r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"},
             "wall_time_cap_min": {"type": "integer", "minimum": 1, "default": 120},
             "vram_cap_gb": {"type": "integer", "minimum": 1, "default": 24},
             "devices": {"type": ["integer", "null"], "minimum": 1},
-            "device": {"type": ["string", "null"], "description": "auto, cpu, h100, h200, ..."},
+            "device": {"type": ["string", "null"], "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                       "description": "auto, cpu, h100, h200, ..."},
             "dry_run": {"type": "boolean", "default": False},
             "allow_dirty": {"type": "boolean", "default": False},
             "mlflow_parent_run_id": {"type": ["string", "null"],

@@ -4,7 +4,8 @@ Each job of a sweep is one train_model_version() call with its own allocation. T
 callback adds what a sweep needs around the jobs:
 
 - a budget gate before any job starts (the summed estimate of every job against the agent's
-  balance; `fit_budget=true` runs the jobs that fit, in order, and records the rest),
+  balance; the caller's `fit_budget=true` runs the jobs that fit, in order, and records the
+  rest),
 - one code pin for the whole sweep: every job runs the commit that was HEAD when the sweep
   started, whatever is committed meanwhile; a dirty tree without allow_dirty is refused
   before any job (with allow_dirty each job pins the tree as it finds it),
@@ -74,8 +75,8 @@ def job_estimate(overrides: list[str]) -> tuple[Decimal, str, str | None]:
 
 
 class SweepCallback(Callback):
-    def __init__(self, fit_budget: bool = False, summary_file: str = "summary.json") -> None:
-        self.fit_budget = fit_budget
+    def __init__(self, summary_file: str = "summary.json") -> None:
+        self.fit_budget = False  # the sweep's `fit_budget` key, read when it starts
         self.summary_file = summary_file
         self.parent_run_id: str | None = None
 
@@ -88,6 +89,7 @@ class SweepCallback(Callback):
         from runner.errors import BudgetExceeded
 
         console = Console(stderr=True)
+        self.fit_budget = bool(config.fit_budget)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         trials = n_trials(config)
@@ -108,8 +110,8 @@ class SweepCallback(Callback):
                 raise SweepRefused(BudgetExceeded(
                     f"sweep needs {total} {currency} for {len(jobs)} jobs; agent {agent!r} has "
                     f"{have}", field="agent_id", needed=str(total), balance=str(have),
-                    fix="grant more credits, shrink the sweep, or add "
-                        "hydra.callbacks.forge_sweep.fit_budget=true to run the jobs that fit"))
+                    fix="grant more credits, shrink the sweep, or add fit_budget=true to run "
+                        "the jobs that fit"))
         code_commit = None
         if not config.dry_run:
             code_commit = _pin_sweep_code(bool(config.allow_dirty))

@@ -1,6 +1,7 @@
 """`forge-train`: the Hydra app over train_model_version().
 
     forge-train parent=scgpt_cbmc_base dataset=cbmc training=finetune_celltype agent_id=a1
+    forge-train parent_artifact_id=ID dataset_artifact_id=ID ...   # artifacts without an option
     forge-train ... dry_run=true          # print the dry-run result as JSON
     forge-train ... --cfg job             # print the composed config
     forge-train -m training.lr=1e-3,1e-4 ...   # a sweep, one run directory per job
@@ -9,6 +10,13 @@ It is a `@hydra.main` app (run directories, --cfg, -m, --help) whose task functi
 train_model_version() with the composed config. A plain dry run (overrides only, no flags)
 skips Hydra's run-directory and logging setup and composes through the same
 `compose_config()` the Python API uses: nothing to set up, nothing written but the audit row.
+
+Every override string is a caller's: before anything is composed it is checked against
+what a caller may set (runner.compose.cli_overrides: training.*, the call's arguments as
+plain keys, a choice among conf/ options of parent, dataset and training; under -m also
+sweep=<option>, hydra/launcher=<option> and key=a,b sweeps of those). Hydra's flags that
+would read configs or state from elsewhere (--config-dir, --config-path, --config-name,
+--experimental-rerun) and --shell-completion are refused.
 
 Exit codes: 0 ok / would launch, 3 dry run would not launch, 2 typed error (one line on
 stderr), 1 anything else.
@@ -33,18 +41,49 @@ def main() -> None:
 
 def run(argv: list[str]) -> int:
     """Run forge-train with `argv`; returns the exit code."""
+    from runner import compose
     from runner.errors import ForgeError
 
-    if argv and all(not a.startswith("-") for a in argv):
-        from runner.compose import compose_config
-
-        try:
-            cfg = compose_config(argv)
+    try:
+        if argv and all(not a.startswith("-") for a in argv):
+            overrides = compose.cli_overrides(argv)
+            cfg = compose.compose_config(overrides)
             if cfg.dry_run:
                 return execute(cfg)
-        except ForgeError as exc:
-            return _fail(exc)
-    return _run_hydra(argv)
+            flags, multirun = [], False
+        else:
+            flags, multirun, given = _hydra_flags(argv)
+            overrides = compose.cli_overrides(given, multirun=multirun)
+    except ForgeError as exc:
+        return _fail(exc)
+    return _run_hydra(flags, overrides, multirun)
+
+
+# Hydra's flags a caller may not give: they read configs or state from elsewhere.
+REFUSED_FLAGS = {"config_path": "--config-path", "config_name": "--config-name",
+                 "config_dir": "--config-dir", "experimental_rerun": "--experimental-rerun",
+                 "shell_completion": "--shell-completion"}
+
+
+def _hydra_flags(argv: list[str]) -> tuple[list[str], bool, list[str]]:
+    """Hydra's command line -> (the flags to pass on, multirun, the override strings)."""
+    from hydra._internal.utils import get_args_parser
+
+    from runner.errors import InvalidOverride
+
+    args = get_args_parser().parse_args(argv)
+    for dest, flag in REFUSED_FLAGS.items():
+        if getattr(args, dest):
+            raise InvalidOverride(f"{flag} is not forge-train's to take from a caller",
+                                  field=flag, problem="operator_only",
+                                  fix=f"drop {flag}: the operator sets FORGE_CONFIG_DIR")
+    flags = [flag for dest, flag in (("help", "--help"), ("hydra_help", "--hydra-help"),
+                                     ("run", "--run"), ("multirun", "--multirun"),
+                                     ("resolve", "--resolve")) if getattr(args, dest)]
+    for dest, flag in (("cfg", "--cfg"), ("package", "--package"), ("info", "--info")):
+        if getattr(args, dest) is not None:
+            flags += [flag, getattr(args, dest)]
+    return flags, bool(args.multirun), list(args.overrides or [])
 
 
 def execute(cfg) -> int:
@@ -126,16 +165,15 @@ def _fail(exc) -> int:
     return EXIT_INVALID
 
 
-def _run_hydra(argv: list[str]) -> int:
+def _run_hydra(flags: list[str], overrides: list[str], multirun: bool) -> int:
+    """The @hydra.main app over `overrides`, which cli_overrides() has checked."""
     import hydra
-    from hydra._internal.utils import get_args_parser
 
     from runner import compose
     from runner.errors import ForgeError
 
-    args = get_args_parser().parse_args(argv)  # Hydra's own command line
     try:
-        parsed = compose.parse_overrides(args.overrides, allow_sweeps=args.multirun)
+        parsed = compose.parse_overrides(overrides, allow_sweeps=multirun)
     except ForgeError as exc:
         return _fail(exc)
     compose.register_schema()
@@ -149,7 +187,7 @@ def _run_hydra(argv: list[str]) -> int:
         metric = _last_outcome.get("metric")
         return float("nan") if metric is None else metric
 
-    with _argv(argv), _env("HYDRA_FULL_ERROR", "1"):
+    with _argv([*flags, *overrides]), _env("HYDRA_FULL_ERROR", "1"):
         from runner.sweep import SweepRefused
 
         try:

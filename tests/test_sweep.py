@@ -9,6 +9,7 @@ measure is the orchestration under parallel load, within the CI budget.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from decimal import Decimal
@@ -17,11 +18,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import (AGENT, ARCH_OVERRIDES, BASE_ID, STAND_IN_TRAINER, count_rows,
-                      fake_code_repo)
+from conftest import AGENT, BASE_ID, STAND_IN_TRAINER, count_rows, fake_code_repo
 from runner import catalog, db, ledger, schema
 
 FORGE_TRAIN = [sys.executable, "-c", "from runner.train_app import main; main()"]
+# The tiny base has no conf/parent option: forge-train names it by id, and the registry says
+# what its family and architecture are.
+PARENT_ARGS = [f"parent_artifact_id={BASE_ID}"]
 STAND_IN = STAND_IN_TRAINER.replace(
     "METRICS", '{"test_macro_f1": m["training"]["lr"] * 100, "test_accuracy": 0.5}')
 
@@ -34,7 +37,7 @@ def forge_train(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 def sweep(*extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", "allow_dirty=true",
-                       *ARCH_OVERRIDES, *extra, timeout=timeout)
+                       *PARENT_ARGS, *extra, timeout=timeout)
 
 
 def allocations(url: str) -> list[dict]:
@@ -71,7 +74,7 @@ def test_budget_gate_refuses_a_sweep_that_does_not_fit(sqlite_registry):
     ledger.grant("poor-agent", "0.1")
     before = count_rows(sqlite_registry)
     proc = forge_train("-m", "sweep=tiny_grid", "agent_id=poor-agent", "allow_dirty=true",
-                       *ARCH_OVERRIDES)
+                       *PARENT_ARGS)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "BudgetExceeded" in proc.stderr and "fit_budget=true" in proc.stderr
     assert count_rows(sqlite_registry) == before
@@ -105,10 +108,10 @@ def test_fit_budget_runs_what_fits_and_records_the_rest(sqlite_registry, tmp_pat
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
     ledger.grant("half-agent", "0.2")  # a 5-minute job (0.041667) fits, a 60-minute one (0.50) not
     args = ["-m", "sweep=tiny_grid", "agent_id=half-agent", "wall_time_cap_min=5,60",
-            *ARCH_OVERRIDES]
+            *PARENT_ARGS]
     refused = forge_train(*args)
     assert refused.returncode == 2 and "BudgetExceeded" in refused.stderr
-    proc = forge_train(*args, "hydra.callbacks.forge_sweep.fit_budget=true")
+    proc = forge_train(*args, "fit_budget=true")
     assert proc.returncode == 2  # some jobs failed, and the exit code says so
     assert proc.stdout.count(" ok ") == 4 and proc.stdout.count("failed") == 4, proc.stdout
     assert "BudgetExceeded" in proc.stdout  # the failed jobs' reason, in the summary
@@ -124,7 +127,8 @@ def test_fit_budget_runs_what_fits_and_records_the_rest(sqlite_registry, tmp_pat
 
 
 # A Hydra callback that commits to the code repository after every job, as a colleague
-# pushing mid-sweep would: later jobs must still run the commit pinned at the start.
+# pushing mid-sweep would: later jobs must still run the commit pinned at the start. Callbacks
+# are the operator's: it goes in conf/local/ of a copy of conf/ (FORGE_CONFIG_DIR).
 COMMIT_EACH_JOB = """
 import git
 from hydra.experimental.callback import Callback
@@ -151,8 +155,14 @@ def test_a_sweep_runs_the_commit_pinned_at_its_start(sqlite_registry, tmp_path, 
         COMMIT_EACH_JOB.replace("REPO", repr(str(code))))
     monkeypatch.setenv("FORGE_CODE_REPO", str(code))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "cb"), *sys.path]))
-    proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", *ARCH_OVERRIDES,
-                       "+hydra.callbacks.commit_each_job._target_=commit_each_job.CommitEachJob")
+    conf = tmp_path / "conf"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", conf)
+    (conf / "local").mkdir(exist_ok=True)
+    (conf / "local" / "default.yaml").write_text(
+        "# @package _global_\nhydra:\n  callbacks:\n    commit_each_job:\n"
+        "      _target_: commit_each_job.CommitEachJob\n")
+    monkeypatch.setenv("FORGE_CONFIG_DIR", str(conf))
+    proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", *PARENT_ARGS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(list(git.Repo(code).iter_commits())) == 5  # HEAD moved after every job
     with db.get_engine(sqlite_registry).connect() as conn:
@@ -166,7 +176,7 @@ def test_a_dirty_tree_refuses_the_sweep_before_any_job(sqlite_registry, tmp_path
     (code / "notes.txt").write_text("uncommitted")
     monkeypatch.setenv("FORGE_CODE_REPO", str(code))
     before = count_rows(sqlite_registry)
-    proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", *ARCH_OVERRIDES)
+    proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", *PARENT_ARGS)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "CodePinError" in proc.stderr and "allow_dirty" in proc.stderr
     assert "sweep summary" not in proc.stdout  # no job ran
@@ -175,7 +185,7 @@ def test_a_dirty_tree_refuses_the_sweep_before_any_job(sqlite_registry, tmp_path
 
 def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
-    proc = sweep("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
+    proc = sweep("hydra/launcher=submitit_local")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     made = candidates()
     assert len(made) == 4 and {m["parent_version_id"] for m in made} == {BASE_ID}
@@ -191,10 +201,9 @@ def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tmp_path, monkeyp
 @pytest.mark.postgres
 def test_eight_concurrent_jobs_on_postgresql(pg_registry, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
-    proc = forge_train("-m", f"agent_id={AGENT}", *ARCH_OVERRIDES, "wall_time_cap_min=5",
+    proc = forge_train("-m", f"agent_id={AGENT}", *PARENT_ARGS, "wall_time_cap_min=5",
                        "vram_cap_gb=1", "training.lr=1e-3,2e-3,3e-3,4e-3",
-                       "training.seed=0,1", "hydra/launcher=submitit_local",
-                       "hydra.launcher.tasks_per_node=1", "hydra.launcher.timeout_min=10")
+                       "training.seed=0,1", "hydra/launcher=submitit_local")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     made = candidates()
     assert len(made) == 8 and len({m["id"] for m in made}) == 8
