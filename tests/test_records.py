@@ -10,7 +10,6 @@ import hashlib
 import shutil
 import subprocess
 import textwrap
-import threading
 from decimal import Decimal
 from pathlib import Path
 
@@ -63,28 +62,32 @@ def test_seed_call_positional_agent_and_flat_training_config(registry, committed
 
 # --- parallel candidates in MLflow ----------------------------------------------------------------
 
+REGISTER = """
+import sys, time
+from runner import tracking
+uri, run_id, i, at = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+client = tracking.client(uri)
+time.sleep(max(0.0, at - time.time()))  # all processes register at the same instant
+tracking.register_candidate(client, name="scgpt-race", run_id=run_id,
+                            source=f"runs:/{run_id}/checkpoint", artifact_id=f"scgpt-{i}")
+"""
+
+
 def test_parallel_candidates_register_without_racing(tmp_path):
+    """Eight sweep jobs, eight processes, one MLflow store: every candidate registers."""
+    import sys
+    import time
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
     exp = client.create_experiment("race", artifact_location=(tmp_path / "art").as_uri())
+    client.create_registered_model("scgpt-race")
     runs = [client.create_run(exp).info.run_id for _ in range(8)]
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(runs))
-
-    def register(i: int, run_id: str) -> None:
-        try:
-            start.wait()
-            tracking.register_candidate(tracking.client(uri), name="scgpt-race", run_id=run_id,
-                                        source=f"runs:/{run_id}/checkpoint",
-                                        artifact_id=f"scgpt-{i}")
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=register, args=(i, r)) for i, r in enumerate(runs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at = time.time() + 8  # after every interpreter has imported mlflow
+    procs = [subprocess.Popen([sys.executable, "-c", REGISTER, uri, run_id, str(i), str(at)],
+                              stderr=subprocess.PIPE, text=True)
+             for i, run_id in enumerate(runs)]
+    errors = [p.communicate(timeout=120)[1] for p in procs if p.wait(timeout=120) != 0]
     assert errors == []
     versions = client.search_model_versions("name='scgpt-race'")
     assert len({v.version for v in versions}) == 8
