@@ -75,7 +75,7 @@ def main() -> None:
         # with the seed and the paths of a bare run.
         manifest = json.loads(forge_manifest.read_text())
         out = home / f"direct-{seed}"
-        manifest.update(seed=seed, output_dir=str(out), tracking_uri=(out / "mlruns").as_uri(),
+        manifest.update(seed=seed, output_dir=str(out), metrics_path=str(out / "metrics.jsonl"),
                         parent={"checkpoint_dir": str(base)})
         manifest["dataset"]["path"] = dataset
         path = home / f"manifest-{seed}.json"

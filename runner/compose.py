@@ -102,6 +102,8 @@ class SandboxConf:
     grace_s: float = 10.0
     max_processes: int = 512
     tmp_size_gb: float = 4.0
+    max_memory_gb: Optional[float] = 16.0  # cgroup v2 memory.max, else RLIMIT_AS (sandbox.py)
+    max_output_gb: float = 20.0  # /job/out quota; over it the job is killed (output_quota)
     env_allowlist: List[str] = field(default_factory=list)
 
 

@@ -12,14 +12,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from runner import catalog, codepin, hook, ledger, settings, weights
+from runner import catalog, codepin, handback, hook, ledger, settings, weights
 from runner.errors import (Conflict, DatasetUnavailable, ForgeError, RegistrationFailed,
                            TrainingFailed)
 
 ENTRYPOINT = "trainers.entrypoint"
 PRIMARY_METRIC = {"finetune_celltype": "test_macro_f1", "pretrain_mgm": "test_mse"}
-# Exit codes of trainers.entrypoint (see trainers/manifest.py).
-TRAINER_REASONS = {2: "invalid_manifest", 3: "nan_loss", 4: "oom"}
 RUN_OUTPUTS = ("result.json", "confusion_matrix.png", "learning_curves.png")
 
 
@@ -107,17 +105,21 @@ class _Job:
             inputs=inputs, output_dir=out, wall_time_cap_s=cfg["wall_time_cap_min"] * 60,
             vram_cap_gb=cfg["vram_cap_gb"], device=self.device, log_path=self.run_dir / "job.log",
             on_line=self.on_line, grace_s=box["grace_s"], max_processes=box["max_processes"],
-            tmp_size_bytes=int(box["tmp_size_gb"] * 1024**3), env=_env(box["env_allowlist"]))
+            tmp_size_bytes=int(box["tmp_size_gb"] * 1024**3), env=_env(box["env_allowlist"]),
+            max_memory_bytes=None if box["max_memory_gb"] is None
+            else int(box["max_memory_gb"] * 1024**3),
+            max_output_bytes=int(box["max_output_gb"] * 1024**3))
         started = datetime.now(timezone.utc)
-        with tracking.MetricRelay(self.mlflow, self.run_id, out / "mlruns"):
+        with tracking.MetricRelay(self.mlflow, self.run_id, out / "metrics.jsonl",
+                                  warn=self.on_line):
             launched = sandbox.gpu_launch(job)
         self.seconds = launched.wall_seconds  # the ledger multiplies by devices
         self.mlflow.log_artifact(self.run_id, str(launched.log_path))
-        result = _read_result(out, launched)
+        result = handback.read_result(out, launched)
         primary = PRIMARY_METRIC[cfg["training"]["task"]]
         hook.check_metrics(result.get("metrics") or {}, primary)
 
-        checkpoint = out / result.get("checkpoint", {}).get("dir", "checkpoint")
+        checkpoint = out / handback.CHECKPOINT_DIR  # never a path result.json names
         stored = weights.store(self.artifact_id, checkpoint,
                                cfg["registry"].get("blob_threshold_mb", 50))
         self.stored = True
@@ -232,7 +234,7 @@ def build_manifest(cfg: dict, run_name: str, device: str, *, from_parent: bool) 
         "manifest_version": 1, "task": cfg["training"]["task"], "seed": cfg["training"]["seed"],
         "device": "cpu" if device == "cpu" else "cuda", "vram_cap_gb": cfg["vram_cap_gb"],
         "output_dir": "/job/out", "num_threads": cfg["training"]["num_threads"],
-        "tracking_uri": "file:///job/out/mlruns",
+        "metrics_path": "/job/out/metrics.jsonl",
         "experiment_name": cfg["tracking"]["experiment_name"], "run_name": run_name,
         "parent": {"checkpoint_dir": "/job/in/parent"} if from_parent else None,
         "dataset": {"name": data["source"], "path": "/job/in/dataset", "format": data["format"],
@@ -240,36 +242,6 @@ def build_manifest(cfg: dict, run_name: str, device: str, *, from_parent: bool) 
         "model": {k: v for k, v in cfg["parent"].items() if k not in ("artifact_id", "family")},
         "training": training,
     }
-
-
-def _read_result(out: Path, launched) -> dict:
-    """result.json, checked; a failed job becomes TrainingFailed with the trainer's reason."""
-    path = out / "result.json"
-    result: dict = {}
-    if path.is_file():
-        try:
-            result = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            if launched.reason == "ok":
-                raise TrainingFailed(f"result.json is malformed: {exc}", reason="malformed_result",
-                                     fix="the trainer must write valid JSON") from exc
-    if launched.reason != "ok":
-        reason = TRAINER_REASONS.get(launched.exit_code, launched.reason)
-        if result.get("reason") and result.get("reason") != "ok":
-            reason = result["reason"]
-        raise TrainingFailed(
-            f"training {reason} (exit {launched.exit_code} after {launched.wall_seconds:.1f}s): "
-            f"{result.get('message') or 'see ' + str(launched.log_path)}", reason=reason,
-            fix={"timeout": "raise wall_time_cap_min or shorten training",
-                 "nan_loss": "lower training.lr", "oom": "lower training.batch_size or vram"}
-            .get(reason, f"read the job log {launched.log_path}"), log_path=str(launched.log_path))
-    if not path.is_file():
-        raise TrainingFailed("the trainer exited 0 but wrote no result.json",
-                             reason="missing_result", fix=f"read {launched.log_path}")
-    if not isinstance(result, dict) or result.get("status") != "ok":
-        raise TrainingFailed(f"result.json says {str(result)[:200]}", reason="malformed_result",
-                             fix="the trainer must write status ok with metrics")
-    return result
 
 
 def result_for(artifact_id: str, *, detail_template: str | None = None) -> dict:

@@ -10,7 +10,20 @@
 - a cleared environment with an explicit allowlist,
 - an unprivileged uid with no capabilities and no_new_privs (when the host side is root),
 - limits on processes, file size and core dumps; a wall-time cap enforced here with
-  SIGTERM, a grace period, then SIGKILL of the whole pid namespace; a VRAM pre-flight.
+  SIGTERM, a grace period, then SIGKILL of the whole pid namespace; a VRAM pre-flight,
+- a memory cap (`max_memory_bytes`): cgroup v2 `memory.max` where this host lets us make a
+  child cgroup with the memory controller, else RLIMIT_AS per process (cpu jobs; CUDA
+  reserves more address space than it uses) plus a once-a-second watch here of the summed
+  PSS of the job's processes; either way a job over it is killed with reason `oom`,
+- an output quota: about once a second the supervisor measures /job/out (iteratively, never
+  following a link: bytes allocated, entries, depth) and kills the job with reason
+  `output_quota` when it is over `max_output_bytes`, `max_output_entries` or
+  `max_output_depth`,
+- on a GPU host, only its own device node /dev/nvidiaN, plus /dev/nvidiactl and
+  /dev/nvidia-uvm,
+- a seccomp filter generated from a table (`_SECCOMP_RULES`): sockets other than AF_UNIX,
+  io_uring, new user namespaces and the kernel keyring (keyctl, add_key, request_key) are
+  refused; everything else is allowed (a denylist: an allowlist profile is not attempted).
 
 Nothing else of the host is mounted: not /work (registry DB, outputs, tracking store),
 not /root or /home, not /run, not host secrets in /etc. If bubblewrap is missing or not
@@ -20,14 +33,21 @@ Inside, the job finds its device in FORGE_DEVICE ("cpu", or "cuda:0": the one GP
 given is always index 0 there) and its VRAM cap in FORGE_VRAM_CAP_GB (the trainer applies it
 with torch.cuda.set_per_process_memory_fraction); its output's host owner gets it back.
 
-Not enforced here: host RAM (there is no cgroup; the /tmp and /dev/shm tmpfs count against
-it up to `tmp_size_bytes` each) and the total size of /job/out (RLIMIT_FSIZE caps each file).
+What the job leaves in /job/out is untrusted. After every process of the job is gone,
+`_hand_back` walks it iteratively without following links and keeps only regular files and
+directories (links, FIFOs, sockets and devices are removed, setuid bits cleared, everything
+given back to the host owner); a tree over the caps is removed whole, unread, and the run's
+reason becomes `output_quota`. Every line of the job's output is printed and logged with its
+control characters escaped (`printable`). Not covered by the memory cap in RLIMIT_AS mode:
+the private /tmp and /dev/shm tmpfs (up to `tmp_size_bytes` each).
 
 Stdlib only at import time: the dry run calls `sandbox_plan()` without paying for torch.
 """
 
 from __future__ import annotations
 
+import functools
+import glob
 import json
 import os
 import platform
@@ -41,6 +61,7 @@ import struct
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -73,6 +94,7 @@ _INPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CUDA_DEVICE = re.compile(r"^cuda(?::(\d+))?$")
 
 EXIT_OOM = 4  # the trainer's exit code for CUDA out-of-memory
+POLL_S = 1.0  # how often the supervisor measures /job/out and, without a cgroup, memory
 
 
 class VramUnavailable(ForgeError):
@@ -81,6 +103,16 @@ class VramUnavailable(ForgeError):
 
 def _default_on_line(line: str) -> None:
     print(f"[sandbox] {line}", file=sys.stderr, flush=True)
+
+
+# C0 controls but tab, DEL and C1 controls (ESC, CSI, OSC...) -> visible \xNN escapes.
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09}
+
+
+def printable(text: str) -> str:
+    """`text` with control characters made visible, so that output from a job cannot move
+    the cursor, retitle or clear the operator's terminal, or forge lines in the log."""
+    return text.translate(_CONTROL_ESCAPES)
 
 
 @dataclass(kw_only=True)
@@ -104,6 +136,10 @@ class SandboxJob:
     max_file_size_bytes: int = 8 * GIB  # RLIMIT_FSIZE
     tmp_size_bytes: int = 4 * GIB  # size of the private /tmp and /dev/shm tmpfs each
     max_log_bytes: int = 256 * 1024**2  # the host log file stops growing past this
+    max_memory_bytes: int | None = 16 * GIB  # cgroup memory.max, else RLIMIT_AS + watch
+    max_output_bytes: int = 20 * GIB  # /job/out quota (allocated blocks)
+    max_output_entries: int = 100_000  # files and directories in /job/out
+    max_output_depth: int = 64  # directory levels below /job/out
     uid: int | None = None  # None: a fresh unprivileged uid per launch (host root only)
 
     def resolved_log_path(self) -> Path:
@@ -119,13 +155,14 @@ class LaunchResult:
     wall seconds (one device: the host), so the ledger can settle either with one rule."""
 
     exit_code: int
-    reason: str  # ok | timeout | killed | oom | error
+    reason: str  # ok | timeout | killed | oom | output_quota | error
     started_at: datetime
     ended_at: datetime
     wall_seconds: float
     device_seconds: float
     device: str
     log_path: Path
+    detail: str | None = None  # why the host stopped the job (timeout, oom, output_quota)
 
     def to_dict(self) -> dict:
         return {
@@ -137,6 +174,7 @@ class LaunchResult:
             "device_seconds": self.device_seconds,
             "device": self.device,
             "log_path": str(self.log_path),
+            "detail": self.detail,
         }
 
 
@@ -226,9 +264,23 @@ def _resolve_device(device: str) -> tuple[str, int | None]:
     if not match:
         raise InvalidInput(f"device must be 'cpu' or 'cuda:N', got {device!r}", field="device")
     index = int(match.group(1) or 0)
-    if not os.path.exists(f"/dev/nvidia{index}"):
+    if f"/dev/nvidia{index}" not in _nvidia_nodes():
         return "cpu", None
     return f"cuda:{index}", index
+
+
+def _nvidia_nodes() -> set[str]:
+    """The NVIDIA device nodes of this host."""
+    return set(glob.glob("/dev/nvidia*"))
+
+
+def _gpu_nodes(index: int) -> list[str]:
+    """The nodes a job on GPU `index` needs: its own /dev/nvidiaN, the control node and the
+    unified-memory node. Never the other GPUs' nodes (nor nvidia-uvm-tools, nvidia-modeset:
+    profiling and display, which CUDA compute does not need)."""
+    present = _nvidia_nodes()
+    return [n for n in (f"/dev/nvidia{index}", "/dev/nvidiactl", "/dev/nvidia-uvm")
+            if n in present]
 
 
 def check_free_vram(index: int, cap_gb: float) -> float:
@@ -297,33 +349,55 @@ def _job_env(job: SandboxJob, device: str, uid: int | None) -> dict[str, str]:
         "PYTHONDONTWRITEBYTECODE": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "FORGE_VRAM_CAP_GB": f"{job.vram_cap_gb:g}",
-        # The jail shows one GPU at most; inside it is always cuda:0.
+        # The jail holds one GPU's node at most, so CUDA enumerates that one as device 0.
         "FORGE_DEVICE": "cpu" if device == "cpu" else "cuda:0",
-        "CUDA_VISIBLE_DEVICES": "" if device == "cpu" else device.split(":")[1],
+        "CUDA_VISIBLE_DEVICES": "" if device == "cpu" else "0",
     })
     if uid is not None:
         env["USER"] = env["LOGNAME"] = "forge"
     return env
 
 
-def _seccomp_program() -> bytes | None:
-    """Classic BPF for bwrap --seccomp. socket() only for AF_UNIX (multiprocessing needs
-    it); no io_uring (it can open sockets past this filter); no new user namespaces
-    (unshare; clone with CLONE_NEWUSER; clone3, whose flags BPF cannot read, gets ENOSYS
-    so libc falls back to clone). None on an architecture without numbers here."""
-    arch = platform.machine()
-    if arch == "x86_64":
-        audit, nr = 0xC000003E, {"socket": 41, "clone": 56, "unshare": 272}
-    elif arch == "aarch64":
-        audit, nr = 0xC00000B7, {"socket": 198, "clone": 220, "unshare": 97}
-    else:
+# The seccomp filter as a table: syscall -> what happens to it; anything not named is
+# allowed. An action is "allow" or an errno; a tuple tests the call's first argument (low 32
+# bits): (test, operand, action when it holds, action when not), test "==" or "&" (any bit).
+EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
+AF_UNIX, CLONE_NEWUSER = 1, 0x10000000
+_SECCOMP_RULES: dict[str, str | int | tuple] = {
+    "socket": ("==", AF_UNIX, "allow", EAFNOSUPPORT),  # no network; multiprocessing needs AF_UNIX
+    "io_uring_setup": EPERM,  # io_uring can open sockets past this filter
+    "unshare": EPERM,  # no new namespaces: a user namespace would regain capabilities
+    "clone": ("&", CLONE_NEWUSER, EPERM, "allow"),
+    "clone3": ENOSYS,  # its flags are in memory BPF cannot read; libc falls back to clone
+    "keyctl": EPERM,  # the kernel keyring is not namespaced: no host session keys
+    "add_key": EPERM,
+    "request_key": EPERM,
+}
+# Per architecture: the AUDIT_ARCH value and the syscall numbers of the table's names.
+_SYSCALLS = {
+    "x86_64": (0xC000003E, {"socket": 41, "clone": 56, "unshare": 272, "add_key": 248,
+                            "request_key": 249, "keyctl": 250, "io_uring_setup": 425,
+                            "clone3": 435}),
+    "aarch64": (0xC00000B7, {"socket": 198, "clone": 220, "unshare": 97, "add_key": 217,
+                             "request_key": 218, "keyctl": 219, "io_uring_setup": 425,
+                             "clone3": 435}),
+}
+
+
+def _seccomp_program(arch: str | None = None) -> bytes | None:
+    """Classic BPF for bwrap --seccomp, compiled from `_SECCOMP_RULES`: each rule is one
+    block `if nr == N: <block>` whose jump over it is the block's length, so no offset is
+    counted by hand. None on an architecture without numbers here."""
+    arch = arch or platform.machine()
+    if arch not in _SYSCALLS:
         return None
-    io_uring_setup, clone3 = 425, 435  # same on both
+    audit, numbers = _SYSCALLS[arch]
     LD_ABS, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
     ALLOW, KILL, ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
-    EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
-    AF_UNIX, CLONE_NEWUSER = 1, 0x10000000
     NR, ARCH, ARG0 = 0, 4, 16  # offsets in struct seccomp_data (arg0: low 32 bits)
+
+    def ret(action) -> tuple:
+        return (RET, 0, 0, ALLOW if action == "allow" else ERRNO | action)
 
     prog = [
         (LD_ABS, 0, 0, ARCH),
@@ -333,24 +407,15 @@ def _seccomp_program() -> bytes | None:
     ]
     if arch == "x86_64":
         prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, ERRNO | ENOSYS)]  # the x32 ABI
-    prog += [
-        (JEQ, 0, 4, nr["socket"]),
-        (LD_ABS, 0, 0, ARG0),
-        (JEQ, 0, 1, AF_UNIX),
-        (RET, 0, 0, ALLOW),
-        (RET, 0, 0, ERRNO | EAFNOSUPPORT),
-        (JEQ, 0, 1, io_uring_setup),
-        (RET, 0, 0, ERRNO | EPERM),
-        (JEQ, 0, 1, nr["unshare"]),
-        (RET, 0, 0, ERRNO | EPERM),
-        (JEQ, 0, 1, clone3),
-        (RET, 0, 0, ERRNO | ENOSYS),
-        (JEQ, 0, 3, nr["clone"]),
-        (LD_ABS, 0, 0, ARG0),
-        (JSET, 0, 1, CLONE_NEWUSER),
-        (RET, 0, 0, ERRNO | EPERM),
-        (RET, 0, 0, ALLOW),
-    ]
+    for name, rule in _SECCOMP_RULES.items():
+        if isinstance(rule, tuple):
+            test, operand, yes, no = rule
+            block = [(LD_ABS, 0, 0, ARG0), (JEQ if test == "==" else JSET, 0, 1, operand),
+                     ret(yes), ret(no)]  # both paths return: A (now arg0) is not reused
+        else:
+            block = [ret(rule)]
+        prog += [(JEQ, 0, len(block), numbers[name]), *block]
+    prog.append((RET, 0, 0, ALLOW))
     return b"".join(struct.pack("<HBBI", *ins) for ins in prog)
 
 
@@ -366,9 +431,11 @@ def _synthetic_etc(uid: int | None) -> dict[str, bytes]:
             "/etc/hosts": hosts.encode(), "/etc/hostname": f"{HOSTNAME}\n".encode()}
 
 
-def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], str]) -> dict:
-    """The whole policy: bwrap argv (with `fd(name)` standing for passed descriptors),
-    plus a description of it. Pure: touches nothing on the host."""
+def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], str],
+            memory: str = "none", cgroup: str = "<cgroup>") -> dict:
+    """The whole policy: bwrap argv (with `fd(name)` standing for passed descriptors, and
+    `cgroup` for the job's cgroup directory when `memory` is "cgroup2"), plus a
+    description of it. Pure: touches nothing on the host."""
     args: list[str] = [*_NAMESPACE_ARGS, "--hostname", HOSTNAME]
     binds: list[dict] = []
     made: set[str] = set()
@@ -410,7 +477,7 @@ def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], s
 
     gpu_nodes: list[str] = []
     if device != "cpu":
-        gpu_nodes = sorted(str(p) for p in Path("/dev").glob("nvidia*"))
+        gpu_nodes = _gpu_nodes(int(device.split(":")[1]))
         for node in gpu_nodes:
             bind("--dev-bind", node, node, "dev")
 
@@ -429,10 +496,15 @@ def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], s
         command = [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                    "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--", *command]
     limits = {"nproc": job.max_processes, "fsize": job.max_file_size_bytes, "core": 0}
+    if memory == "rlimit":
+        limits["as"] = job.max_memory_bytes
     prlimit = [_tool("prlimit") or "/usr/bin/prlimit", *(f"--{k}={v}" for k, v in limits.items()),
                "--"]
+    enter: list[str] = []  # the shell moves itself into the job's cgroup, then execs the rest
+    if memory == "cgroup2":
+        enter = [_tool("sh") or "/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', f"{cgroup}/cgroup.procs"]
     return {
-        "argv": [*prlimit, "<bwrap>", *args, "--", *command],
+        "argv": [*enter, *prlimit, "<bwrap>", *args, "--", *command],
         "namespaces": ["net", "pid", "ipc", "uts", "cgroup", "mount"],
         "network": "none (own network namespace, loopback only; seccomp: AF_UNIX sockets only)"
                    if seccomp else "none (own network namespace, loopback only)",
@@ -442,6 +514,8 @@ def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], s
         "uid": uid if uid is not None else os.geteuid(),
         "capabilities": "none (bounding set cleared, no_new_privs)",
         "seccomp": seccomp is not None,
+        "seccomp_rules": {name: _describe_rule(rule) for name, rule in _SECCOMP_RULES.items()}
+                         if seccomp is not None else {},
         "device": device,
         "gpu_nodes": gpu_nodes,
         "env_keys": sorted(env),
@@ -452,17 +526,131 @@ def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], s
             "max_processes": job.max_processes,
             "max_file_size_bytes": job.max_file_size_bytes,
             "core_dump_bytes": 0,
+            "memory": {"bytes": job.max_memory_bytes, "mechanism": memory},
+            "output": {"bytes": job.max_output_bytes, "entries": job.max_output_entries,
+                       "depth": job.max_output_depth},
         },
     }
+
+
+def _describe_rule(rule) -> str:
+    def action(a) -> str:
+        return "allow" if a == "allow" else f"errno {a}"
+    if isinstance(rule, tuple):
+        test, operand, yes, no = rule
+        return f"arg0 {test} {operand:#x}: {action(yes)}, else {action(no)}"
+    return action(rule)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _memory_mechanism(job: SandboxJob, device: str) -> str:
+    """How the memory cap is enforced: "cgroup2" (memory.max), "rlimit" (RLIMIT_AS per
+    process, plus the supervisor's watch of the total), "watch" (the supervisor's watch
+    alone: cuda jobs without a cgroup, since CUDA reserves far more address space than it
+    uses) or "none" (no cap set)."""
+    if job.max_memory_bytes is None:
+        return "none"
+    if _cgroup_base() is not None:
+        return "cgroup2"
+    return "rlimit" if device == "cpu" else "watch"
+
+
+@functools.cache
+def _cgroup_base() -> Path | None:
+    """A cgroup v2 directory in which this process may create job cgroups with the memory
+    controller: its own cgroup or the one above (systemd's delegation puts the service in a
+    leaf below the delegated one). None when there is none (cgroup v1 hosts, no delegation)."""
+    try:
+        mount = next(line.split(" - ")[0].split()[4]
+                     for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                     if " - cgroup2 " in line)
+        rel = next(line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                   if line.startswith("0::"))
+    except (OSError, StopIteration, IndexError):
+        return None
+    own = Path(mount) / rel.strip().lstrip("/")
+    for base in (own, own.parent):
+        if not base.is_relative_to(mount):
+            break
+        try:
+            enabled = (base / "cgroup.subtree_control").read_text().split()
+        except OSError:
+            continue
+        if "memory" in enabled and os.access(base, os.W_OK):
+            return base
+    return None
+
+
+def _make_cgroup(job: SandboxJob) -> Path:
+    """A fresh cgroup for one job: memory.max at the cap, no swap, and the OOM killer takes
+    the whole job at once."""
+    base = _cgroup_base()
+    assert base is not None
+    cg = base / f"forge-job-{uuid.uuid4().hex[:12]}"
+    cg.mkdir(mode=0o755)
+    try:
+        (cg / "memory.max").write_text(str(job.max_memory_bytes))
+        for name, value in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
+            if (cg / name).exists():
+                (cg / name).write_text(value)
+    except OSError:
+        _remove_cgroup(cg)
+        raise
+    return cg
+
+
+def _cgroup_oom_kills(cg: Path) -> int:
+    try:
+        for line in (cg / "memory.events").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _remove_cgroup(cg: Path) -> None:
+    for _ in range(50):  # the kernel empties it asynchronously after the last task exits
+        try:
+            cg.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)
+
+
+def _namespace_memory(pids: list[int]) -> int:
+    """Bytes of memory the given processes use together: the sum of their proportional set
+    sizes (shared pages split between sharers), RSS where PSS is unreadable."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError, IndexError):
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * \
+                    os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
 
 
 def sandbox_plan(job: SandboxJob, *, bwrap: str | None = None) -> dict:
     """What `gpu_launch(job)` would do, as plain data, without launching or probing.
     The uid shown is a placeholder when a fresh one is drawn per launch."""
-    _validate(job)
+    _validate(job, planned=True)
     device, _ = _resolve_device(job.device)
     uid = None if os.geteuid() != 0 else (job.uid if job.uid is not None else _UID_BASE)
-    plan = _policy(job, device, uid, fd=lambda name: f"<fd:{name}>")
+    plan = _policy(job, device, uid, fd=lambda name: f"<fd:{name}>",
+                   memory=_memory_mechanism(job, device))
     plan["argv"] = [_bwrap_path(bwrap) if a == "<bwrap>" else a for a in plan["argv"]]
     plan["log_path"] = str(job.resolved_log_path())
     return plan
@@ -480,16 +668,17 @@ def _protected_paths() -> list[Path]:
     return paths
 
 
-def _validate(job: SandboxJob) -> None:
+def _validate(job: SandboxJob, planned: bool = False) -> None:
+    """`planned`: a dry run's job, whose code snapshot and inputs are not made yet."""
     if not job.module or not all(p.isidentifier() for p in job.module.split(".")):
         raise InvalidInput(f"not a python module name: {job.module!r}", field="module")
-    if not Path(job.code_dir).is_dir():
+    if not planned and not Path(job.code_dir).is_dir():
         raise InvalidInput(f"code_dir {job.code_dir} is not a directory", field="code_dir")
     for name, host in job.inputs.items():
         if not _INPUT_NAME.match(name):
             raise InvalidInput(f"input name {name!r} must match {_INPUT_NAME.pattern}",
                                field="inputs")
-        if not Path(host).exists():
+        if not planned and not Path(host).exists():
             raise InvalidInput(f"input {name!r}: {host} does not exist", field="inputs")
     protected = _protected_paths()
     binds = [("code_dir", job.code_dir), ("output_dir", job.output_dir),
@@ -535,6 +724,10 @@ def gpu_launch(job: SandboxJob, *, bwrap: str | None = None) -> LaunchResult:
     seccomp = _seccomp_program()
     if seccomp is not None:
         data["seccomp"] = seccomp
+    memory = _memory_mechanism(job, device)
+    cgroup = _make_cgroup(job) if memory == "cgroup2" else None
+    on_line = job.on_line or _default_on_line
+    supervisor = None
     child_fds: dict[str, int] = {}
     info_r, info_w = os.pipe()
     child_fds["info"] = info_w
@@ -544,9 +737,9 @@ def gpu_launch(job: SandboxJob, *, bwrap: str | None = None) -> LaunchResult:
             os.write(w, payload)
             os.close(w)
             child_fds[name] = r
-        plan = _policy(job, device, uid, fd=lambda name: str(child_fds[name]))
+        plan = _policy(job, device, uid, fd=lambda name: str(child_fds[name]), memory=memory,
+                       cgroup=str(cgroup))
         argv = [bwrap_path if a == "<bwrap>" else a for a in plan["argv"]]
-        on_line = job.on_line or _default_on_line
         with open(log_path, "wb") as log:
             started_at = datetime.now(UTC)
             t0 = time.monotonic()
@@ -556,7 +749,8 @@ def gpu_launch(job: SandboxJob, *, bwrap: str | None = None) -> LaunchResult:
             for fd_ in child_fds.values():
                 os.close(fd_)
             child_fds.clear()
-            supervisor = _Supervisor(proc, info_r, log, on_line, job)
+            supervisor = _Supervisor(proc, info_r, log, on_line, job, out,
+                                     watch_memory=memory in ("rlimit", "watch"))
             try:
                 timed_out = supervisor.run(deadline=t0 + job.wall_time_cap_s)
             finally:
@@ -568,19 +762,28 @@ def gpu_launch(job: SandboxJob, *, bwrap: str | None = None) -> LaunchResult:
         for fd_ in child_fds.values():
             os.close(fd_)
         os.close(info_r)
-        _hand_back(out, owner, chown=uid is not None, on_line=job.on_line or _default_on_line)
+        if cgroup is not None:
+            if _cgroup_oom_kills(cgroup) and supervisor is not None and not supervisor.stopped:
+                supervisor.stopped = ("oom", f"over the memory cap of {job.max_memory_bytes} "
+                                             "bytes (cgroup memory.max): killed")
+            _remove_cgroup(cgroup)
+        rejected = _hand_back(out, owner, chown=uid is not None, on_line=on_line, job=job)
 
     code = proc.returncode
     n_gpus = 0 if device == "cpu" else 1
+    stopped = supervisor.stopped
+    if stopped is None and rejected:
+        stopped = ("output_quota", rejected)
+    if timed_out and stopped is None:
+        stopped = ("timeout", f"wall-time cap of {job.wall_time_cap_s:g}s reached")
     return LaunchResult(
-        exit_code=code, reason=_reason(code, timed_out), started_at=started_at,
-        ended_at=ended_at, wall_seconds=wall, device_seconds=wall * max(n_gpus, 1),
-        device=device, log_path=log_path)
+        exit_code=code, reason=stopped[0] if stopped else _reason(code),
+        started_at=started_at, ended_at=ended_at, wall_seconds=wall,
+        device_seconds=wall * max(n_gpus, 1), device=device, log_path=log_path,
+        detail=stopped[1] if stopped else None)
 
 
-def _reason(code: int, timed_out: bool) -> str:
-    if timed_out:
-        return "timeout"
+def _reason(code: int) -> str:
     if code == 0:
         return "ok"
     # bwrap reports a job killed by signal N as 128+N; 137 = SIGKILL, the OOM killer's.
@@ -591,41 +794,202 @@ def _reason(code: int, timed_out: bool) -> str:
     return "error"
 
 
-def _hand_back(root: Path, owner: os.stat_result, chown: bool, on_line) -> None:
-    """Make the job's output safe for the host to read: keep only regular files and
-    directories (a symlink the job made could point a host reader at /root or /etc; a FIFO
-    would hang it), drop setuid/setgid bits, and give everything back to the host owner.
-    Runs after every process of the job is gone; never follows a link."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
+# --------------------------------------------------------------------------- output
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir(parent_fd: int, name: str) -> int:
+    """Open directory `name` under `parent_fd` without following a link; if its mode shuts
+    out its owner (a host that is not root), open it up first, through an O_PATH descriptor
+    so that the chmod cannot land on anything but that directory."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except PermissionError:
+        path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC,
+                          dir_fd=parent_fd)
+        try:
+            os.chmod(f"/proc/self/fd/{path_fd}", 0o700)
+        finally:
+            os.close(path_fd)
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+
+
+def _scan_output(root: Path, job: SandboxJob, fix: Callable | None = None) -> str | None:
+    """Walk the output tree iteratively (a stack of open directories, at most
+    `max_output_depth` deep), never following a link and never opening anything but a
+    directory; return why it is over the caps (bytes allocated, entries, depth), else None.
+    `fix(dir_fd, name, st, rel)` is called for each entry (after its directory is opened, for
+    a directory); the job may still be running, so vanished entries are skipped."""
+    try:
+        root_fd = os.open(root, _DIR_FLAGS)
+    except OSError as exc:
+        return f"cannot open the output directory: {exc.strerror}"
+    stack: list = []
+    try:
+        stack.append((root_fd, os.scandir(root_fd), "", 0))
+    except OSError as exc:
+        os.close(root_fd)
+        return f"cannot list the output directory: {exc.strerror}"
+    used, entries = 0, 0
+    try:
+        while stack:
+            fd, it, rel, depth = stack[-1]
             try:
-                st = os.lstat(path)
-                if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                    os.unlink(path)
-                    on_line(f"removed {os.path.relpath(path, root)}: only regular files and "
-                            "directories leave the sandbox")
-                    continue
-                if chown:
-                    os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
-                if st.st_mode & 0o7000:
-                    os.chmod(path, stat.S_IMODE(st.st_mode) & 0o777)
+                entry = next(it, None)
             except OSError:
-                pass
-        dirnames[:] = [d for d in dirnames if os.path.isdir(os.path.join(dirpath, d))]
+                entry = None
+            if entry is None:
+                stack.pop()
+                it.close()
+                os.close(fd)
+                continue
+            entries += 1
+            if entries > job.max_output_entries:
+                return f"/job/out holds more than {job.max_output_entries} entries"
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            used += st.st_blocks * 512
+            if used > job.max_output_bytes:
+                return f"/job/out is over its quota of {job.max_output_bytes} bytes"
+            path = f"{rel}/{entry.name}" if rel else entry.name
+            if not stat.S_ISDIR(st.st_mode):
+                if fix is not None:
+                    fix(fd, entry.name, st, path)
+                continue
+            if depth + 1 > job.max_output_depth:
+                return f"/job/out is deeper than {job.max_output_depth} levels"
+            try:
+                sub = _open_dir(fd, entry.name) if fix else os.open(entry.name, _DIR_FLAGS,
+                                                                    dir_fd=fd)
+            except PermissionError:
+                return "/job/out holds a directory the host cannot read"
+            except OSError:  # gone, or swapped for a link or a file meanwhile
+                continue
+            try:
+                if fix is not None:
+                    fix(sub, None, st, path)
+                stack.append((sub, os.scandir(sub), path, depth + 1))
+            except OSError:
+                os.close(sub)
+    finally:
+        for fd, it, _, _ in stack:
+            it.close()
+            os.close(fd)
+    return None
+
+
+def _remove_all(root: Path) -> None:
+    """Empty `root` without recursion and without following links, however deep or wide the
+    tree: each subdirectory is moved up into one quarantine folder at the top, its files are
+    unlinked, and it is removed; nothing is read but directory listings."""
+    root_fd = os.open(root, _DIR_FLAGS)
+    quarantine = f".forge-quarantine-{uuid.uuid4().hex[:8]}"
+    os.mkdir(quarantine, 0o700, dir_fd=root_fd)
+    q_fd = os.open(quarantine, _DIR_FLAGS, dir_fd=root_fd)
+    pending: list[str | None] = [None]  # None: root itself; else a name in the quarantine
+    moved = 0
+    try:
+        while pending:
+            name = pending.pop()
+            fd = root_fd if name is None else _open_dir(q_fd, name)
+            try:
+                if name is not None:
+                    os.fchmod(fd, 0o700)  # a job may leave it read-only
+                busy = True
+                while busy:  # until a listing comes back with nothing left to move
+                    busy = False
+                    with os.scandir(fd) as it:
+                        for entry in it:
+                            if name is None and entry.name == quarantine:
+                                continue
+                            busy = True
+                            try:
+                                if entry.is_dir(follow_symlinks=False):
+                                    moved += 1
+                                    os.rename(entry.name, f"d{moved}", src_dir_fd=fd,
+                                              dst_dir_fd=q_fd)
+                                    pending.append(f"d{moved}")
+                                else:
+                                    os.unlink(entry.name, dir_fd=fd)
+                            except FileNotFoundError:
+                                pass
+            finally:
+                if name is not None:
+                    os.close(fd)
+            if name is not None:
+                os.rmdir(name, dir_fd=q_fd)
+    finally:
+        os.close(q_fd)
+        os.rmdir(quarantine, dir_fd=root_fd)
+        os.close(root_fd)
+
+
+def _hand_back(root: Path, owner: os.stat_result, chown: bool, on_line,
+               job: SandboxJob) -> str | None:
+    """Make the job's output safe for the host to read, before the host reads any of it.
+
+    Walks it iteratively without following links (`_scan_output`): only regular files and
+    directories stay (a symlink could point a host reader at /root or /etc, a FIFO would hang
+    it, a device would open the host's), modes lose setuid/setgid and open to their owner,
+    and everything goes back to the host owner. A tree over the caps (bytes, entries,
+    depth) is removed whole without being read, and the reason is returned. Runs after every
+    process of the job is gone."""
+
+    def fix(dir_fd: int, name: str | None, st: os.stat_result, rel: str) -> None:
+        try:
+            if name is None:  # a directory, opened as dir_fd
+                if chown:
+                    os.fchown(dir_fd, owner.st_uid, owner.st_gid)
+                if stat.S_IMODE(st.st_mode) != (st.st_mode & 0o777 | 0o700):
+                    os.fchmod(dir_fd, st.st_mode & 0o777 | 0o700)
+                return
+            if not stat.S_ISREG(st.st_mode):
+                os.unlink(name, dir_fd=dir_fd)
+                on_line(f"removed {printable(rel)[:300]}: only regular files and directories "
+                        "leave the sandbox")
+                return
+            if chown:
+                os.chown(name, owner.st_uid, owner.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_IMODE(st.st_mode) != (st.st_mode & 0o777 | 0o600):
+                path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    if stat.S_ISREG(os.fstat(path_fd).st_mode):
+                        os.chmod(f"/proc/self/fd/{path_fd}", st.st_mode & 0o777 | 0o600)
+                finally:
+                    os.close(path_fd)
+        except OSError:
+            pass
+
+    rejected = _scan_output(root, job, fix)
+    if rejected:
+        on_line(f"{rejected}: the output is removed unread")
+        try:
+            _remove_all(root)
+        except OSError as exc:
+            on_line(f"could not remove all of the output: {exc}")
     if chown:
         os.chown(root, owner.st_uid, owner.st_gid, follow_symlinks=False)
+    return rejected
 
 
 class _Supervisor:
-    """Relays output line by line and enforces the wall-time cap on the whole pid namespace.
+    """Relays output line by line (control characters escaped), enforces the wall-time cap
+    on the whole pid namespace, and about once a second the output quota and, without a
+    cgroup, the memory cap.
 
     The job's processes are found by their pid namespace. An open fd on that namespace
     keeps its inode from being reused by another sandbox, and signals go through pidfds,
     so a recycled pid is never hit."""
 
-    def __init__(self, proc: subprocess.Popen, info_fd: int, log, on_line, job: SandboxJob):
+    def __init__(self, proc: subprocess.Popen, info_fd: int, log, on_line, job: SandboxJob,
+                 out: Path, watch_memory: bool = False):
         self.proc, self.info_fd, self.log, self.on_line, self.job = proc, info_fd, log, on_line, job
+        self.out, self.watch_memory = out, watch_memory
+        self.stopped: tuple[str, str] | None = None  # (reason, detail) when a cap was hit
         self.pending = b""
         self.logged = 0
         self.info = b""
@@ -635,25 +999,50 @@ class _Supervisor:
         self.ns_fd: int | None = None
 
     # -- output
-    def _feed(self, chunk: bytes) -> None:
+    def _emit(self, raw: bytes) -> None:
+        """One line of the job's output, escaped, to the log (within max_log_bytes) and
+        to on_line."""
+        line = printable(raw.decode("utf-8", "replace").rstrip("\r"))
         if self.logged < self.job.max_log_bytes:
-            self.log.write(chunk[: self.job.max_log_bytes - self.logged])
-            self.logged += len(chunk)
+            data = (line + "\n").encode()
+            self.log.write(data[: self.job.max_log_bytes - self.logged])
+            self.logged += len(data)
             if self.logged >= self.job.max_log_bytes:
                 self.log.write(b"\n[sandbox] log truncated at max_log_bytes\n")
-            self.log.flush()
+        self.on_line(line)
+
+    def _feed(self, chunk: bytes) -> None:
         self.pending += chunk
         *lines, self.pending = self.pending.split(b"\n")
         if len(self.pending) > 65536:  # a very long line without newline: pass it on
             lines.append(self.pending)
             self.pending = b""
         for line in lines:
-            self.on_line(line.decode("utf-8", "replace").rstrip("\r"))
+            self._emit(line)
+        self.log.flush()
 
     def _flush(self) -> None:
         if self.pending:
             line, self.pending = self.pending, b""
-            self.on_line(line.decode("utf-8", "replace").rstrip("\r"))
+            self._emit(line)
+        self.log.flush()
+
+    # -- caps measured from outside
+    def _check_caps(self) -> None:
+        over = _scan_output(self.out, self.job)
+        if over:
+            self._stop("output_quota", f"{over}: the job is killed")
+            return
+        if self.watch_memory and self.ns is not None:
+            used = _namespace_memory(self._members())
+            if used > self.job.max_memory_bytes:
+                self._stop("oom", f"the job's processes use {used} bytes together, over its "
+                                  f"memory cap of {self.job.max_memory_bytes}: killed")
+
+    def _stop(self, reason: str, detail: str) -> None:
+        self.stopped = (reason, detail)
+        self.on_line(detail)
+        self.kill_all()
 
     def _read_info(self) -> bool:
         chunk = os.read(self.info_fd, 4096)
@@ -692,9 +1081,14 @@ class _Supervisor:
         sel.register(stdout, selectors.EVENT_READ, "out")
         sel.register(self.info_fd, selectors.EVENT_READ, "info")
         timed_out, kill_at, exited_at = False, None, None
+        next_check = time.monotonic() + POLL_S
         while True:
             now = time.monotonic()
-            if not timed_out and now >= deadline:
+            if now >= next_check and self.stopped is None and self.proc.poll() is None:
+                self._check_caps()
+                next_check = time.monotonic() + POLL_S
+                now = time.monotonic()
+            if not timed_out and self.stopped is None and now >= deadline:
                 timed_out, kill_at = True, now + self.job.grace_s
                 self.on_line(f"wall-time cap of {self.job.wall_time_cap_s:g}s reached: "
                              f"SIGTERM, SIGKILL in {self.job.grace_s:g}s")
@@ -707,7 +1101,7 @@ class _Supervisor:
                 if stdout not in sel.get_map() or now - exited_at > 5:  # drained, or stuck
                     break
             wake = min(deadline if not timed_out else now + 0.5, now + 0.5,
-                       kill_at if kill_at is not None else now + 0.5)
+                       kill_at if kill_at is not None else now + 0.5, max(now, next_check))
             if not sel.get_map():
                 time.sleep(max(0.0, wake - now))
                 continue

@@ -1,17 +1,28 @@
 """The host's MLflow side of a job: the host owns the run; the sandbox's metrics are relayed in.
 
-The trainer logs to its own file store inside `/job/out/mlruns` (it can reach nothing else).
-`MetricRelay` copies new metric points from that store into the host run every couple of
-seconds while the job runs, and completely once it ends. mlflow is imported here only, and
-only when a real launch needs it: the dry run never loads it.
+The trainer appends metric points as JSON lines to one file, `/job/out/metrics.jsonl`
+(trainers/metrics_log.py). `MetricRelay` reads what is new in that file every couple of
+seconds while the job runs, and once more when it ends, and logs it to the host run. The
+file is the job's: it is opened without following links or blocking, read within caps, and
+checked point by point; no MLflow client ever reads a tree the job wrote. mlflow is imported
+here only, and only when a real launch needs it: the dry run never loads it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import posixpath
+import re
+import stat
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
+
+from runner.sandbox import printable  # stdlib only: no torch, no mlflow
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -71,16 +82,46 @@ def open_run(mlflow_client, *, experiment: str, artifact_root: Path, run_name: s
     return exp_id, run_id
 
 
-class MetricRelay:
-    """Copies metric points from the sandbox-local file store into the host run."""
+# MLflow's rule for metric names (mlflow.utils.validation), in ASCII: letters, digits,
+# _ - . space : / ; at most 250 characters; no path that normalises to another name.
+_METRIC_NAME = re.compile(r"^[A-Za-z0-9_\-. :/]{1,250}$")
 
-    def __init__(self, host_client, host_run_id: str, local_store: Path, interval_s: float = 2.0):
+
+def valid_metric_name(name) -> bool:
+    if not isinstance(name, str) or not _METRIC_NAME.match(name):
+        return False
+    norm = posixpath.normpath(name)
+    return norm == name and norm != "." and not norm.startswith(("..", "/"))
+
+
+class MetricRelay:
+    """Relays the job's metrics stream (JSON lines `{"key", "value", "step", "ts"}`) into
+    the host run, incrementally from the last offset.
+
+    The file is untrusted: it is opened O_RDONLY|O_NOFOLLOW|O_NONBLOCK and must be a regular
+    file by fstat (a link, FIFO or device is ignored with a warning, so the relay neither
+    follows nor blocks); at most `max_bytes` are read and `max_points` relayed; a point with
+    an invalid name, a non-finite or non-numeric value, or a malformed line is skipped with a
+    warning. Warnings go to `warn` (default: stderr), the first `MAX_WARNINGS` one by one."""
+
+    MAX_WARNINGS = 20
+    MAX_LINE = 64 * 1024
+
+    def __init__(self, host_client, host_run_id: str, metrics_path: Path, interval_s: float = 2.0,
+                 *, max_bytes: int = 64 * 1024**2, max_points: int = 200_000, warn=None):
         self.host = host_client
         self.run_id = host_run_id
-        self.local_store = local_store
+        self.path = Path(metrics_path)
         self.interval_s = interval_s
-        self.seen: set[tuple[str, int, int, float]] = set()
+        self.max_bytes, self.max_points = max_bytes, max_points
+        self.warn_line = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.offset = 0  # bytes of the file consumed so far
+        self.pending = b""  # a last line without its newline yet
         self.relayed = 0
+        self.skipped = 0
+        self.warnings = 0
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="metric-relay", daemon=True)
 
@@ -91,35 +132,134 @@ class MetricRelay:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.sync()  # everything, once the job has ended
+        try:
+            self.sync(final=True)  # everything, once the job has ended
+        except Exception as exc:  # noqa: BLE001 -- eval metrics come from result.json
+            self._warn(f"last relay pass failed: {type(exc).__name__}: {exc}"[:300])
+        if self.skipped:
+            self._warn(f"{self.skipped} metric point(s) skipped in total", once="total")
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self.sync()
-            except Exception:  # the store can be mid-write; the next pass catches up
-                pass
+            except Exception as exc:  # noqa: BLE001 -- the host store may be busy: next pass
+                self._warn(f"relay pass failed: {type(exc).__name__}: {exc}"[:300], once="pass")
 
-    def sync(self) -> int:
-        """Relay every metric point not relayed yet; returns how many were sent."""
+    def _warn(self, message: str, once: str | None = None) -> None:
+        if once is not None:
+            if once in self._warned:
+                return
+            self._warned.add(once)
+        self.warnings += 1
+        if self.warnings <= self.MAX_WARNINGS:
+            self.warn_line(f"[metrics] {printable(message)}")
+        elif self.warnings == self.MAX_WARNINGS + 1:
+            self.warn_line("[metrics] more warnings suppressed")
+
+    def _read_new(self) -> bytes:
+        """New bytes of the stream, within the byte cap; b"" if there is nothing safe to read."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags)
+        except FileNotFoundError:
+            return b""
+        except OSError as exc:  # ELOOP: a symlink; EACCES, ...
+            self._warn(f"{self.path.name} not read ({exc.strerror}): only a regular file is "
+                       "relayed, never a link", once="open")
+            return b""
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                self._warn(f"{self.path.name} is not a regular file: not read", once="type")
+                return b""
+            budget = self.max_bytes - self.offset
+            if budget <= 0:
+                if st.st_size > self.offset:
+                    self._warn(f"{self.path.name} is over {self.max_bytes} bytes: the rest is "
+                               "not relayed", once="bytes")
+                return b""
+            chunks, want = [], min(budget, max(0, st.st_size - self.offset))
+            while want > 0:
+                chunk = os.pread(fd, min(want, 1024**2), self.offset)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                self.offset += len(chunk)
+                want -= len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def _points(self, data: bytes, final: bool) -> list:
         from mlflow.entities import Metric
 
-        if not self.local_store.is_dir():
-            return 0
-        local = client(self.local_store.as_uri())
-        fresh = []
-        for exp in local.search_experiments():
-            for run in local.search_runs([exp.experiment_id]):
-                for key in run.data.metrics:
-                    for m in local.get_metric_history(run.info.run_id, key):
-                        ident = (m.key, m.step, m.timestamp, m.value)
-                        if ident not in self.seen:
-                            self.seen.add(ident)
-                            fresh.append(Metric(m.key, m.value, m.timestamp, m.step))
-        for i in range(0, len(fresh), METRICS_PER_BATCH):
-            self.host.log_batch(self.run_id, metrics=fresh[i:i + METRICS_PER_BATCH])
-        self.relayed += len(fresh)
-        return len(fresh)
+        self.pending += data
+        *lines, self.pending = self.pending.split(b"\n")
+        if final and self.pending:
+            lines.append(self.pending)
+            self.pending = b""
+        if len(self.pending) > self.MAX_LINE:  # a line that never ends: drop it
+            self.pending = b""
+            lines.append(b"")
+            self._warn(f"a line over {self.MAX_LINE} bytes skipped", once="line")
+        points = []
+        for raw in lines:
+            point = self._parse(raw)
+            if point is None:
+                self.skipped += 1
+                continue
+            if self.relayed + len(points) >= self.max_points:
+                self._warn(f"over {self.max_points} metric points: the rest is not relayed",
+                           once="points")
+                break
+            points.append(Metric(*point))
+        return points
+
+    def _parse(self, raw: bytes) -> tuple[str, float, int, int] | None:
+        """(key, value, timestamp ms, step) of one line, or None (with a warning)."""
+        if not raw.strip() or len(raw) > self.MAX_LINE:
+            if raw.strip():
+                self._warn(f"a line over {self.MAX_LINE} bytes skipped", once="line")
+            return None
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            self._warn("a line that is not JSON skipped", once="json")
+            return None
+        if not isinstance(obj, dict):
+            self._warn("a line that is not a JSON object skipped", once="json")
+            return None
+        key, value = obj.get("key"), obj.get("value")
+        step, ts = obj.get("step", 0), obj.get("ts")
+        if not valid_metric_name(key):
+            self._warn(f"metric {str(key)[:80]!r} skipped: names may only hold letters, digits "
+                       "and _ - . space : / (at most 250)", once=f"name:{str(key)[:80]}")
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value):
+            self._warn(f"metric {key!r}: a value that is not a finite number skipped",
+                       once=f"value:{key}")
+            return None
+        if ts is None:
+            ts = int(time.time() * 1000)
+        if any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63
+               for v in (step, ts)):
+            self._warn(f"metric {key!r}: a step or ts that is not a non-negative integer "
+                       "skipped", once=f"step:{key}")
+            return None
+        return key, float(value), ts, step
+
+    def sync(self, final: bool = False) -> int:
+        """Relay every new point; returns how many were sent."""
+        with self._lock:
+            if self.relayed >= self.max_points:
+                return 0
+            fresh = self._points(self._read_new(), final)
+            for i in range(0, len(fresh), METRICS_PER_BATCH):
+                self.host.log_batch(self.run_id, metrics=fresh[i:i + METRICS_PER_BATCH])
+                self.relayed += len(fresh[i:i + METRICS_PER_BATCH])
+            return len(fresh)
 
 
 def log_outputs(mlflow_client, run_id: str, files: list[Path], checkpoint: Path | None) -> str | None:

@@ -40,7 +40,7 @@ def _manifest(out: Path, cbmc: str, task="finetune_celltype", parent=None, model
               **training) -> dict:
     return {"manifest_version": 1, "task": task, "seed": 0, "device": "cpu",
             "num_threads": 2, "output_dir": str(out),
-            "tracking_uri": (out / "mlruns").as_uri(), "experiment_name": "test",
+            "metrics_path": str(out / "metrics.jsonl"), "experiment_name": "test",
             "parent": {"checkpoint_dir": str(parent)} if parent else None,
             "dataset": {"name": "cbmc", "path": cbmc, "format": "cbmc_mat"},
             "model": TINY_MODEL if model is None else model,
@@ -59,10 +59,10 @@ def _run(manifest: dict, tmp: Path) -> tuple[int, str, dict | None]:
     return proc.returncode, proc.stdout + proc.stderr, result
 
 
-def _mlflow_metric_lines(result: dict, key: str) -> list[str]:
-    store = Path(result["mlflow"]["tracking_uri"].removeprefix("file://"))
-    run = store / result["mlflow"]["experiment_id"] / result["mlflow"]["run_id"]
-    return (run / "metrics" / key).read_text().splitlines()
+def _mlflow_metric_lines(result: dict, key: str) -> list[dict]:
+    """The points of metric `key` in the job's metrics stream (what the host relays)."""
+    lines = Path(result["metrics_path"]).read_text().splitlines()
+    return [p for p in map(json.loads, lines) if p["key"] == key]
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,10 @@ def test_finetune_from_parent_standalone(pretrained, cbmc, tmp_path):
     assert args["label_names"][1] == "CD14+ Mono" and rep.missing == []
     assert len(_mlflow_metric_lines(result, "val_macro_f1")) == 2
     assert len(_mlflow_metric_lines(result, "baseline_test_accuracy")) == 1
+    from runner.tracking import valid_metric_name  # every point is one the host relays
+    stream = [json.loads(x) for x in Path(result["metrics_path"]).read_text().splitlines()]
+    assert all(valid_metric_name(p["key"]) and math.isfinite(p["value"]) for p in stream)
+    assert any(p["key"].startswith("test_f1/") for p in stream)  # per-class F1
 
 
 def test_same_seed_same_metrics(cbmc, tmp_path):

@@ -15,7 +15,7 @@ from trainers.manifest import (
 GOOD = {
     "manifest_version": 1, "task": "finetune_celltype", "seed": 0, "device": "cpu",
     "vram_cap_gb": 24, "num_threads": None, "output_dir": "/job/out",
-    "tracking_uri": "file:///job/out/mlruns", "experiment_name": "scgpt-cbmc",
+    "metrics_path": "/job/out/metrics.jsonl", "experiment_name": "scgpt-cbmc",
     "run_name": "optional", "parent": {"checkpoint_dir": "/job/in/parent"},
     "dataset": {"name": "cbmc", "path": "/job/in/dataset", "format": "cbmc_mat",
                 "label_key": None},
@@ -49,10 +49,11 @@ def test_the_issue_example_parses():
 
 
 def test_minimal_manifest_gets_defaults():
-    m = parse_manifest({"task": "pretrain_mgm", "output_dir": "/o", "tracking_uri": "file:///o/m",
+    m = parse_manifest({"task": "pretrain_mgm", "output_dir": "/o",
                         "dataset": {"path": "/d", "format": "cbmc_mat"}})
     assert m.parent is None and m.device == "auto" and m.training.max_seq_len > 1
     assert resolve_model(m.model, None) == MODEL_DEFAULTS
+    assert m.metrics_path == "/o/metrics.jsonl"  # the stream the host relays
 
 
 @pytest.mark.parametrize("path,value,field", [

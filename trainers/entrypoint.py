@@ -2,13 +2,13 @@
 
 Reads the run manifest (trainers/manifest.py), trains, evaluates, and writes into
 output_dir: `result.json`, the checkpoint in scGPT layout (`checkpoint/{args.json,
-vocab.json,best_model.pt}`), the figures; metrics go to the run's own MLflow store
-(manifest tracking_uri), flushed every epoch for the host to relay.
+vocab.json,best_model.pt}`), the figures; metric points are appended as JSON lines to the
+manifest's metrics_path (trainers/metrics_log.py) for the host to relay into its MLflow run.
 
 Exit codes: 0 ok, 1 other error, 2 invalid manifest (the message names the field),
 3 non-finite loss, 4 out of memory. On failure result.json still says why
 (`status: "failed"`, `reason`: invalid_manifest | nan_loss | oom | error).
-Heavy imports (torch, lightning, mlflow) happen inside `train()`, after validation.
+Heavy imports (torch, lightning) happen inside `train()`, after validation.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_NAN, EXIT_OOM = 0, 1, 2, 3, 4
 
 def train(m: Manifest, state: dict) -> dict:
     """The recipe: data -> model -> fit -> test -> baseline -> figures -> checkpoint."""
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import warnings
     for noise in (".*LeafSpec.*", ".*does not have many workers.*"):
         warnings.filterwarnings("ignore", message=noise)
@@ -43,10 +41,10 @@ def train(m: Manifest, state: dict) -> dict:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage())
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
-    from pytorch_lightning.loggers import MLFlowLogger
 
     from trainers.data.fetch import sha256_file
     from trainers.data.load import baseline_features, load, split_cells
+    from trainers.metrics_log import JsonLinesLogger
     from trainers.scgpt import evaluate
     from trainers.scgpt.lightning import (
         FINETUNE,
@@ -93,12 +91,8 @@ def train(m: Manifest, state: dict) -> dict:
                          n_cls=len(data.label_names))
 
     # tracking, callbacks, trainer
-    logger = MLFlowLogger(experiment_name=m.experiment_name, run_name=m.run_name,
-                          tracking_uri=m.tracking_uri)
-    state["logger"] = logger
-    state["mlflow"] = {"tracking_uri": m.tracking_uri, "experiment_id": logger.experiment_id,
-                       "run_id": logger.run_id}
-    logger.log_hyperparams(_flatten(m.to_dict()))
+    logger = JsonLinesLogger(m.metrics_path, name=m.experiment_name, version=m.run_name or "0")
+    state["metrics_path"] = m.metrics_path
     monitor, mode = ("val_macro_f1", "max") if finetune else ("val_loss", "min")
     history = History()
     ckpt_dir = out / ".lightning_checkpoints"
@@ -168,16 +162,14 @@ def train(m: Manifest, state: dict) -> dict:
     if bad:
         raise FloatingPointError(f"non-finite metrics: {', '.join(bad)}")
 
-    # everything to the run's MLflow store; the checkpoint in scGPT layout
+    # the final metrics to the stream (the host uploads the figures); the checkpoint in
+    # scGPT layout
     logger.log_metrics({k: v for k, v in metrics.items() if not k.startswith(("train_", "val_"))})
     logger.log_metrics({f"test_f1/{evaluate.metric_key(k)}": v
                         for k, v in result["per_class_f1"].items()})
-    for name in result["artifacts"]:
-        logger.experiment.log_artifact(logger.run_id, str(out / name))
     paths = save_checkpoint(prep.model, prep.vocab.stoi, out / "checkpoint",
                             checkpoint_args(m, data.label_names))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    logger.finalize("success")
     result.update(
         metrics=metrics, history=history.epochs,
         checkpoint={"dir": "checkpoint",
@@ -224,16 +216,6 @@ def _precision(requested: str, device: str, cpuinfo: str | None = None) -> str:
     return "bf16-mixed" if flags & {"amx_bf16", "avx512_bf16"} else "32"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
 def _is_oom(e: BaseException) -> bool:
     if isinstance(e, MemoryError):
         return True
@@ -264,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     state: dict = {}
     base = {"status": "failed", "task": None, "device": None, "metrics": {},
             "per_class_f1": {}, "baseline": {}, "split": {}, "artifacts": [],
-            "checkpoint": None, "mlflow": None, "genes": None}
+            "checkpoint": None, "metrics_path": None, "genes": None}
     try:
         m = load_manifest(argv[0])
     except ManifestError as e:
@@ -292,16 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             code, reason, extra = EXIT_ERROR, "error", {}
             traceback.print_exc()
         print(f"error ({reason}): {e}", file=sys.stderr, flush=True)
-        logger = state.get("logger")
-        if logger is not None:
-            try:
-                logger.finalize("failed")
-            except Exception:  # noqa: BLE001, S110 -- the store may be what failed
-                pass
         result = {**extra, "metrics": {}}
         status = {"status": "failed", "reason": reason, "message": f"{type(e).__name__}: {e}"}
     timings = {**result.pop("timings", {}), "total_s": time.perf_counter() - t_start}
-    final = {**base, **{k: state[k] for k in ("device", "split", "genes", "mlflow")
+    final = {**base, **{k: state[k] for k in ("device", "split", "genes", "metrics_path")
                         if k in state}, **result, **status, "timings": timings}
     _write_result(out_dir, final)
     print(f"result: {final['status']} ({final['reason']}) -> {out_dir / 'result.json'}",

@@ -5,7 +5,7 @@ launch. `load_manifest(path)` / `parse_manifest(dict)` return a `Manifest` or ra
 `ManifestError`, whose `field` is the dotted path of the offending entry
 (e.g. `training.lr`). Unknown fields are errors too, so a typo never goes unnoticed.
 
-Example (every field shown; only task, output_dir, tracking_uri and dataset are required;
+Example (every field shown; only task, output_dir and dataset are required;
 the model and training values shown are the defaults, which are the CBMC pilot's:
 pretrain 2 epochs at max_seq_len 129, then fine-tune up to 15 epochs at 257, on 2 CPU cores):
 
@@ -18,7 +18,8 @@ pretrain 2 epochs at max_seq_len 129, then fine-tune up to 15 epochs at 257, on 
       "vram_cap_gb": 24,                      # cuda: per-process memory cap (default null)
       "num_threads": null,                    # torch CPU threads; null = CPUs available
       "output_dir": "/job/out",
-      "tracking_uri": "file:///job/out/mlruns",  # the run's own sandbox-local MLflow store
+      "metrics_path": "/job/out/metrics.jsonl",  # metric points as JSON lines, for the
+                                              # host to relay (null: output_dir/metrics.jsonl)
       "experiment_name": "scgpt-cbmc",
       "run_name": null,
       "parent": {"checkpoint_dir": "/job/in/parent"},  # scGPT folder, or null: from scratch
@@ -130,8 +131,8 @@ class TrainingSpec:
 class Manifest:
     task: str
     output_dir: str
-    tracking_uri: str
     dataset: DatasetSpec
+    metrics_path: str | None = None  # None: <output_dir>/metrics.jsonl
     manifest_version: int = MANIFEST_VERSION
     seed: int = 0
     device: str = "auto"
@@ -161,6 +162,8 @@ def load_manifest(path: str | Path) -> Manifest:
 def parse_manifest(raw: dict) -> Manifest:
     m = _build(Manifest, raw, "")
     _check(m)
+    if m.metrics_path is None:
+        m.metrics_path = str(Path(m.output_dir) / "metrics.jsonl")
     return m
 
 
@@ -235,9 +238,7 @@ def _check(m: Manifest) -> None:
     need(m.vram_cap_gb is None or m.vram_cap_gb > 0, "vram_cap_gb", "must be > 0")
     need(m.num_threads is None or m.num_threads >= 1, "num_threads", "must be >= 1")
     need(bool(m.output_dir), "output_dir", "must not be empty")
-    need(m.tracking_uri.startswith(("file:", "sqlite:", "http:", "https:")) or
-         m.tracking_uri.startswith("/"), "tracking_uri",
-         f"must be an MLflow tracking URI (file:///..., sqlite:///...), got {m.tracking_uri!r}")
+    need(m.metrics_path is None or bool(m.metrics_path), "metrics_path", "must not be empty")
     need(bool(m.experiment_name), "experiment_name", "must not be empty")
     if m.parent is not None:
         need(bool(m.parent.checkpoint_dir), "parent.checkpoint_dir", "must not be empty")

@@ -181,8 +181,85 @@ def plot() -> None:
     fig.savefig(os.path.join(OUT, "figure.png"))
 
 
+def keyring() -> None:
+    """Reach the kernel keyring: the session keyring's id, a new key, a lookup."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    nr = {"x86_64": (250, 248, 249), "aarch64": (219, 217, 218)}[os.uname().machine]
+    keyctl, add_key, request_key = nr
+    KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING = 0, -3
+
+    def call(*args) -> str:
+        rc = libc.syscall(*args)
+        return "ok" if rc >= 0 else f"errno {ctypes.get_errno()}"
+
+    _write("report.json", {
+        "keyctl": call(keyctl, KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0),
+        "add_key": call(add_key, b"user", b"forge-probe", b"x", 1, KEY_SPEC_SESSION_KEYRING),
+        "request_key": call(request_key, b"user", b"forge-probe", None, 0),
+    })
+
+
+def memory(mib: str, procs: str, hold_s: str) -> None:
+    """`procs` processes each touch `mib` MiB in 32 MiB steps, then hold it `hold_s` seconds;
+    an allocation refused is reported in refused-<i>.json, as the trainer would see it."""
+    def hog(i: int) -> None:
+        held = []
+        try:
+            for _ in range(int(mib) // 32):
+                held.append(bytearray(b"\1") * (32 * 1024**2))  # touched, not just reserved
+        except MemoryError:
+            _write(f"refused-{i}.json", {"held_mib": 32 * len(held)})
+            return
+        print(f"hog {i} holds {mib} MiB", flush=True)
+        time.sleep(float(hold_s))
+
+    kids = []
+    for i in range(1, int(procs)):
+        pid = os.fork()
+        if pid == 0:
+            hog(i)
+            os._exit(0)
+        kids.append(pid)
+    hog(0)
+    for pid in kids:
+        os.waitpid(pid, 0)
+
+
+def fill(mib: str, hold_s: str) -> None:
+    """Write `mib` MiB to /job/out in 16 MiB files (RLIMIT_FSIZE caps each file, not the sum)."""
+    for i in range(int(mib) // 16):
+        with open(os.path.join(OUT, f"fill-{i}.bin"), "wb") as f:
+            f.write(os.urandom(16 * 1024**2))
+    print(f"wrote {mib} MiB", flush=True)
+    time.sleep(float(hold_s))
+
+
+def deep(levels: str, hold_s: str) -> None:
+    """A directory chain `levels` deep, with a file at the bottom and a result.json on top."""
+    fd = os.open(OUT, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(int(levels)):
+        os.mkdir("d", dir_fd=fd)
+        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    with open(os.open("bottom.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+        f.write("deep\n")
+    os.close(fd)
+    _write("result.json", {"levels": int(levels)})
+    print(f"made {levels} levels", flush=True)
+    time.sleep(float(hold_s))
+
+
+def escapes() -> None:
+    """Terminal control sequences: colour, clear screen, window title (OSC), a C1 CSI, BEL."""
+    sys.stdout.write("red \x1b[31mtext\x1b[0m\x1b[2J\x1b]0;owned\x07 csi \u009b6n\tend\n")
+    sys.stdout.write("carriage\rreturn and \x00nul and \x7fdel\n")
+    sys.stdout.flush()
+
+
 if __name__ == "__main__":
     commands = {"probe": probe, "forkbomb": forkbomb, "hang": hang, "lines": lines,
                 "exit": exit_with, "kill_self": kill_self, "links": links, "train": train,
-                "plot": plot}
+                "plot": plot, "keyring": keyring, "memory": memory, "fill": fill, "deep": deep,
+                "escapes": escapes}
     commands[sys.argv[1]](*sys.argv[2:])

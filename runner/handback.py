@@ -1,0 +1,139 @@
+"""What the host takes back from a finished job: result.json, read as untrusted input.
+
+The output tree has been sanitised by the sandbox's hand-back (regular files and directories
+only, within caps) before this runs; `read_result` still trusts nothing of it. It opens
+result.json without following a link or blocking, checks by fstat that it is a regular file,
+caps its size and nesting depth before the JSON parser sees it, and validates it against
+runner/schemas/result.schema.json. The checkpoint is always `out/checkpoint`
+(`CHECKPOINT_DIR`), whatever result.json says. Every failure is a TrainingFailed with a
+reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import stat
+from itertools import accumulate
+from pathlib import Path
+
+from runner.errors import TrainingFailed
+from runner.sandbox import printable
+
+MAX_RESULT_BYTES = 1024**2
+MAX_RESULT_DEPTH = 32
+CHECKPOINT_DIR = "checkpoint"  # out/checkpoint: the only place a checkpoint is taken from
+# Exit codes of trainers.entrypoint (see trainers/entrypoint.py).
+TRAINER_REASONS = {2: "invalid_manifest", 3: "nan_loss", 4: "oom"}
+FIXES = {"timeout": "raise wall_time_cap_min or shorten training",
+         "nan_loss": "lower training.lr",
+         "oom": "lower training.batch_size or vram",
+         "output_quota": "write less to the output directory (sandbox.max_output_gb is the "
+                         "operator's quota)"}
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+
+
+class _Malformed(Exception):
+    pass
+
+
+def read_result(out: Path, launched) -> dict:
+    """result.json of a finished job, checked; a failed job becomes TrainingFailed with the
+    host's reason (timeout, oom, output_quota) or else the trainer's."""
+    path = Path(out) / "result.json"
+    result, problem = None, None
+    try:
+        result = _load(path)
+    except FileNotFoundError:
+        pass
+    except _Malformed as exc:
+        problem = str(exc)
+
+    if launched.reason != "ok":
+        reason = TRAINER_REASONS.get(launched.exit_code, launched.reason)
+        message = None
+        if launched.detail:  # the host stopped the job: its reason, not the job's claim
+            reason, message = launched.reason, launched.detail
+        elif result and result.get("reason") not in (None, "ok"):
+            reason = result["reason"]
+        message = message or (result or {}).get("message") or f"see {launched.log_path}"
+        raise TrainingFailed(
+            f"training {reason} (exit {launched.exit_code} after {launched.wall_seconds:.1f}s): "
+            f"{printable(message)}", reason=reason,
+            fix=FIXES.get(reason, f"read the job log {launched.log_path}"),
+            log_path=str(launched.log_path))
+    if problem:
+        raise TrainingFailed(f"result.json is malformed: {printable(problem)}",
+                             reason="malformed_result", field="result.json",
+                             fix="the trainer must write result.json as "
+                                 "runner/schemas/result.schema.json says")
+    if result is None:
+        raise TrainingFailed("the trainer exited 0 but wrote no result.json",
+                             reason="missing_result", fix=f"read {launched.log_path}")
+    if result.get("status") != "ok":
+        raise TrainingFailed(f"result.json says status {result.get('status')!r} but the trainer "
+                             "exited 0", reason="malformed_result", field="result.json.status",
+                             fix="the trainer must write status ok with metrics")
+    return result
+
+
+def _load(path: Path) -> dict:
+    """Parse and validate result.json, or raise FileNotFoundError / _Malformed."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # ELOOP: a link
+        raise _Malformed(f"cannot be opened as a plain file ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Malformed("is not a regular file")
+        if st.st_size > MAX_RESULT_BYTES:
+            raise _Malformed(f"is {st.st_size} bytes, over the {MAX_RESULT_BYTES} allowed")
+        data = os.read(fd, MAX_RESULT_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RESULT_BYTES:
+        raise _Malformed(f"is over the {MAX_RESULT_BYTES} bytes allowed")
+    depth = nesting_depth(data)
+    if depth > MAX_RESULT_DEPTH:
+        raise _Malformed(f"nests {depth} levels deep, over the {MAX_RESULT_DEPTH} allowed")
+    try:
+        result = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise _Malformed(f"is not valid JSON: {str(exc)[:200]}") from None
+    error = _best_error(result)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top)"
+        raise _Malformed(f"at {where[:200]}: {error.message[:300]}")
+    return result
+
+
+def nesting_depth(data: bytes) -> int:
+    """How deep [ and { nest in a JSON text, found without parsing it (strings dropped)."""
+    brackets = _NOT_BRACKET.sub(b"", _STRING.sub(b"", data))
+    steps = (1 if b in b"[{" else -1 for b in brackets)
+    return max(accumulate(steps, initial=0))
+
+
+@functools.cache
+def _validator():
+    from importlib import resources
+
+    import jsonschema
+
+    schema = json.loads(resources.files("runner").joinpath("schemas", "result.schema.json")
+                        .read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _best_error(result):
+    import jsonschema
+
+    return jsonschema.exceptions.best_match(_validator().iter_errors(result))

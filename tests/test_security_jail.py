@@ -1,0 +1,486 @@
+"""The trust boundary, jail side: each test is one attack by a job, on real bubblewrap.
+
+A job is untrusted: its code and everything it writes (result.json, the checkpoint, the
+metrics stream, its output lines, the shape of /job/out). Jail-level attacks run the
+sandbox directly (tests/sandbox_jobs/sandbox_job.py); attacks on what the host reads back go
+through `train_model_version` with a stand-in trainer (tests/conftest.py fake_code_repo), a
+real registry and a real MLflow store, and must end as a typed error with the allocation
+settled, or as a clean registration. A host that hangs fails the test (`host_deadline`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, fake_code_repo
+from runner import catalog, db, ledger, schema, sandbox
+from runner.errors import ForgeError, TrainingFailed
+from runner.sandbox import SandboxJob, gpu_launch, sandbox_plan
+
+JOBS = Path(__file__).parent / "sandbox_jobs"
+MIB = 1024**2
+
+
+@contextmanager
+def host_deadline(seconds: float):
+    """Fail, rather than hang, if the host blocks: SIGALRM raises in the main thread, and
+    keeps firing every 5 s in case something swallows it."""
+    def expired(*_):
+        raise TimeoutError(f"the host did not return within {seconds:g}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 5)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def make_job(tmp_path: Path, *args: str, lines: list | None = None, **kw) -> SandboxJob:
+    kw.setdefault("wall_time_cap_s", 60)
+    kw.setdefault("grace_s", 1)
+    return SandboxJob(module="sandbox_job", args=list(args), code_dir=JOBS,
+                      output_dir=tmp_path / "out", log_path=tmp_path / "job.log",
+                      on_line=(lines.append if lines is not None else lambda line: None), **kw)
+
+
+# --------------------------------------------------------------------------- in the jail
+
+
+def test_kernel_keyring_is_denied(tmp_path):
+    result = gpu_launch(make_job(tmp_path, "keyring"))
+    assert result.reason == "ok", (tmp_path / "job.log").read_text()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report == {"keyctl": "errno 1", "add_key": "errno 1", "request_key": "errno 1"}
+
+
+def test_output_over_quota_kills_the_job(tmp_path):
+    lines: list[str] = []
+    with host_deadline(60):
+        result = gpu_launch(make_job(tmp_path, "fill", "160", "30", lines=lines,
+                                     max_output_bytes=64 * MIB))
+    assert result.reason == "output_quota" and "quota" in result.detail
+    assert result.wall_seconds < 20  # killed at the next measurement, not at the wall cap
+    assert list((tmp_path / "out").iterdir()) == []  # removed, unread
+    assert any("over its quota" in line for line in lines)
+
+
+def test_too_many_entries_in_out_is_over_quota(tmp_path):
+    result = gpu_launch(make_job(tmp_path, "forkbomb", "0", max_output_entries=2))
+    # forkbomb 0 writes only report.json: within 2 entries, so the run is fine ...
+    assert result.reason == "ok"
+    (tmp_path / "out2").mkdir()
+    result = gpu_launch(SandboxJob(module="sandbox_job", args=["links"], code_dir=JOBS,
+                                   output_dir=tmp_path / "out2", log_path=tmp_path / "j2.log",
+                                   on_line=lambda line: None, max_output_entries=2))
+    # ... links leaves 6 entries: over the cap, so nothing of it is read or kept
+    assert result.reason == "output_quota"
+    assert list((tmp_path / "out2").iterdir()) == []
+
+
+@pytest.mark.parametrize("hold_s", ["0", "3"])  # exits at once (hand-back) / lingers (watch)
+def test_deep_tree_in_out_is_removed_unread(tmp_path, hold_s):
+    lines: list[str] = []
+    with host_deadline(60):
+        result = gpu_launch(make_job(tmp_path, "deep", "1200", hold_s, lines=lines))
+    assert result.reason == "output_quota", (tmp_path / "job.log").read_text()
+    assert "deeper than 64 levels" in result.detail
+    assert list((tmp_path / "out").iterdir()) == []
+    assert any("removed unread" in line for line in lines)
+
+
+def test_hand_back_keeps_a_tree_within_the_caps(tmp_path):
+    """The walk that rejects deep trees keeps a normal one whole (64 levels is allowed)."""
+    result = gpu_launch(make_job(tmp_path, "deep", "63", "0"))
+    assert result.reason == "ok" and result.detail is None
+    bottom = tmp_path / "out" / Path(*["d"] * 63) / "bottom.txt"
+    assert bottom.read_text() == "deep\n" and bottom.stat().st_uid == os.getuid()
+
+
+def _memory_report(tmp_path: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("refused-*"))]
+
+
+def test_memory_over_cap_across_processes_is_oom(tmp_path):
+    """Three processes of 320 MiB each: every one is under a 512 MiB cap, together they
+    are not. Killed from outside (cgroup memory.max, or the supervisor's watch)."""
+    lines: list[str] = []
+    with host_deadline(60):
+        result = gpu_launch(make_job(tmp_path, "memory", "320", "3", "30", lines=lines,
+                                     max_memory_bytes=512 * MIB))
+    assert result.reason == "oom", (tmp_path / "job.log").read_text()
+    assert result.wall_seconds < 20
+    assert "memory cap" in result.detail
+
+
+def test_memory_over_cap_in_one_process_is_refused_or_oom(tmp_path):
+    plan = sandbox_plan(make_job(tmp_path, "memory", "1024", "1", "0",
+                                 max_memory_bytes=512 * MIB))
+    assert plan["caps"]["memory"]["bytes"] == 512 * MIB
+    with host_deadline(60):
+        result = gpu_launch(make_job(tmp_path, "memory", "1024", "1", "0",
+                                     max_memory_bytes=512 * MIB))
+    if plan["caps"]["memory"]["mechanism"] == "cgroup2":
+        assert result.reason == "oom"
+    else:  # RLIMIT_AS: the allocation fails inside, as the trainer's MemoryError -> exit 4
+        assert plan["caps"]["memory"]["mechanism"] == "rlimit"
+        assert f"--as={512 * MIB}" in plan["argv"]
+        assert [r["held_mib"] for r in _memory_report(tmp_path)] == [pytest.approx(448, abs=64)]
+
+
+def test_torch_trains_under_the_default_memory_cap(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"seed": 0}')
+    job = make_job(tmp_path, "train", "5", inputs={"manifest.json": tmp_path / "manifest.json"})
+    assert job.max_memory_bytes == 16 * 1024**3
+    assert sandbox_plan(job)["caps"]["memory"]["mechanism"] in ("cgroup2", "rlimit")
+    result = gpu_launch(job)
+    assert result.reason == "ok", (tmp_path / "job.log").read_text()
+
+
+def test_escape_sequences_are_escaped_in_lines_and_log(tmp_path):
+    lines: list[str] = []
+    result = gpu_launch(make_job(tmp_path, "escapes", lines=lines))
+    assert result.reason == "ok"
+    log = (tmp_path / "job.log").read_text()
+    for text in ("\n".join(lines), log):
+        assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
+        assert "\x00" not in text and "\x7f" not in text and "\r" not in text
+        assert r"red \x1b[31mtext\x1b[0m\x1b[2J\x1b]0;owned\x07 csi \x9b6n" + "\tend" in text
+        assert r"carriage\x0dreturn and \x00nul and \x7fdel" in text
+
+
+# --------------------------------------------------------------------------- policy
+
+
+FAKE_NODES = ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia2", "/dev/nvidia3", "/dev/nvidiactl",
+              "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset",
+              "/dev/nvidia-caps"]
+
+
+def test_only_the_assigned_gpu_node_is_bound(tmp_path, monkeypatch):
+    real_glob = sandbox.glob.glob
+    monkeypatch.setattr(sandbox.glob, "glob", lambda pattern, *a, **k: list(FAKE_NODES)
+                        if pattern == "/dev/nvidia*" else real_glob(pattern, *a, **k))
+    plan = sandbox_plan(make_job(tmp_path, "exit", "0", device="cuda:2"))
+    assert plan["device"] == "cuda:2"
+    assert plan["gpu_nodes"] == ["/dev/nvidia2", "/dev/nvidiactl", "/dev/nvidia-uvm"]
+    dev_binds = [plan["argv"][i + 1] for i, a in enumerate(plan["argv"]) if a == "--dev-bind"]
+    assert dev_binds == plan["gpu_nodes"]
+    for other in set(FAKE_NODES) - set(plan["gpu_nodes"]):
+        assert other not in plan["argv"]
+    env = {plan["argv"][i + 1]: plan["argv"][i + 2]
+           for i, a in enumerate(plan["argv"]) if a == "--setenv"}
+    assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["FORGE_DEVICE"] == "cuda:0"
+    # a GPU the host does not have: cpu, no node at all
+    plan = sandbox_plan(make_job(tmp_path, "exit", "0", device="cuda:7"))
+    assert plan["device"] == "cpu" and plan["gpu_nodes"] == []
+
+
+def _run_bpf(program: bytes, arch: int, nr: int, arg0: int = 0) -> int:
+    """A classic-BPF interpreter for the instructions the filter uses."""
+    prog = [struct.unpack("<HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
+    data = struct.pack("<iI", nr, arch) + struct.pack("<Q", 0) + struct.pack("<Q", arg0)
+    acc, pc = 0, 0
+    while True:
+        code, jt, jf, k = prog[pc]
+        if code == 0x20:
+            acc = struct.unpack_from("<I", data, k)[0]
+        elif code in (0x15, 0x35, 0x45):
+            hit = {0x15: acc == k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
+            pc += jt if hit else jf
+        elif code == 0x06:
+            return k
+        else:
+            raise AssertionError(f"unexpected BPF instruction {code:#x}")
+        pc += 1
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_seccomp_filter_follows_its_table(arch):
+    program = sandbox._seccomp_program(arch)
+    audit, numbers = sandbox._SYSCALLS[arch]
+    ALLOW, EPERM = 0x7FFF0000, 0x00050001
+    for name in ("keyctl", "add_key", "request_key", "unshare", "io_uring_setup"):
+        assert _run_bpf(program, audit, numbers[name]) == EPERM, name
+    assert _run_bpf(program, audit, numbers["socket"], arg0=1) == ALLOW  # AF_UNIX
+    assert _run_bpf(program, audit, numbers["socket"], arg0=2) == 0x00050000 | 97  # AF_INET
+    assert _run_bpf(program, audit, numbers["clone"], arg0=0x10000000) == EPERM
+    assert _run_bpf(program, audit, numbers["clone"], arg0=0x11) == ALLOW
+    assert _run_bpf(program, audit, numbers["clone3"]) == 0x00050000 | 38
+    assert _run_bpf(program, audit, 0) == ALLOW  # read / io_setup: anything not in the table
+    assert _run_bpf(program, 0x40000003, numbers["keyctl"]) == 0x80000000  # foreign ABI
+
+
+# --------------------------------------------------------------------------- what comes back
+
+
+def _train(**kw):
+    args = dict(agent_id=AGENT, wall_time_cap_min=5, vram_cap_gb=1, allow_dirty=False,
+                overrides=["training.max_epochs=1"])
+    args.update(kw)
+    return train_model_version_(**args)
+
+
+def train_model_version_(**args):
+    from runner.api import train_model_version
+
+    return train_model_version(BASE_ID, DATASET_ID, **args)
+
+
+def _allocations(url: str) -> list[dict]:
+    with db.get_engine(url).connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(schema.resource_allocations)).mappings()]
+
+
+def _host_run(run_id: str):
+    from runner import tracking
+    from runner.compose import compose_config, to_plain
+
+    client = tracking.client(to_plain(compose_config())["tracking"]["tracking_uri"])
+    return client.get_run(run_id), client
+
+
+def _fails_typed(url: str, reason: str) -> dict:
+    """The call failed with `reason`; the books balance and nothing was registered."""
+    allocs = _allocations(url)
+    assert len(allocs) == 1 and allocs[0]["status"] == "failed", allocs
+    alloc = allocs[0]
+    assert alloc["debited"] == alloc["actual_cost"] + alloc["refunded"]
+    assert ledger.check() == []
+    assert [a["id"] for a in catalog.list_artifacts("model")] == [BASE_ID]
+    run, _ = _host_run(alloc["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["forge.outcome"] == reason
+    return alloc
+
+
+def _home_holds(text: str) -> list[str]:
+    """Files under FORGE_HOME (weights store, MLflow artifacts, runs) that contain `text`."""
+    home = Path(os.environ["FORGE_HOME"])
+    return [str(p) for p in home.rglob("*")
+            if p.is_file() and not p.is_symlink() and text.encode() in p.read_bytes()]
+
+
+TRAINER_OK = STAND_IN_TRAINER.replace("METRICS", '{"test_macro_f1": 0.5, "test_accuracy": 0.6}')
+
+
+def _trainer(result_json: str) -> str:
+    """A stand-in that writes a checkpoint and then `result_json` (Python source) verbatim."""
+    return f"""
+    import json, sys, pathlib
+    m = json.load(open(sys.argv[1]))
+    out = pathlib.Path(m["output_dir"])
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "best_model.pt").write_bytes(b"weights")
+    (out / "result.json").write_text({result_json})
+    """
+
+
+GOOD = '{"status": "ok", "metrics": {"test_macro_f1": 0.5, "test_accuracy": 0.6}'
+
+
+def test_deeply_nested_result_json_is_malformed(sqlite_registry, tmp_path, monkeypatch):
+    body = _trainer(f"'{GOOD}, \"extra\": ' + '[' * 100000 + ']' * 100000 + '}}'")
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, body)))
+    with host_deadline(120), pytest.raises(TrainingFailed) as err:
+        _train()
+    assert err.value.reason == "malformed_result" and "levels deep" in str(err.value)
+    _fails_typed(sqlite_registry, "malformed_result")
+
+
+@pytest.mark.parametrize("checkpoint", ["[]", '"checkpoint"', '{"dir": 5}'])
+def test_checkpoint_of_the_wrong_type_is_malformed(sqlite_registry, tmp_path, monkeypatch,
+                                                    checkpoint):
+    body = _trainer(f"'{GOOD}, \"checkpoint\": {checkpoint}}}'")
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, body)))
+    with host_deadline(120), pytest.raises(TrainingFailed) as err:
+        _train()
+    assert err.value.reason == "malformed_result", err.value
+    _fails_typed(sqlite_registry, "malformed_result")
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_checkpoint_dir_outside_out_is_never_copied(sqlite_registry, tmp_path, monkeypatch,
+                                                     where):
+    secret = tmp_path / "host-secret"  # a host folder the job names as its checkpoint
+    secret.mkdir()
+    (secret / "best_model.pt").write_text("HOST-SECRET-4a7f")
+    # out = FORGE_HOME/runs/<allocation>/out, FORGE_HOME = tmp_path/home
+    target = "../../../../host-secret" if where == "relative" else str(secret)
+    body = _trainer(f"'{GOOD}, \"checkpoint\": {{\"dir\": \"{target}\"}}}}'")
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, body)))
+    with host_deadline(120), pytest.raises(TrainingFailed) as err:
+        _train()
+    assert err.value.reason == "malformed_result" and "checkpoint" in str(err.value)
+    _fails_typed(sqlite_registry, "malformed_result")
+    assert _home_holds("HOST-SECRET-4a7f") == []
+
+
+def test_deep_tree_in_out_fails_typed_on_the_launch_path(sqlite_registry, tmp_path,
+                                                         monkeypatch, capfd):
+    body = TRAINER_OK + """
+    import os
+    fd = os.open(out / "checkpoint", os.O_RDONLY)
+    for _ in range(1200):
+        os.mkdir("d", dir_fd=fd)
+        fd, parent = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+        os.close(parent)
+    """
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, body)))
+    with host_deadline(120), pytest.raises(TrainingFailed) as err:
+        _train()
+    assert err.value.reason == "output_quota" and "deeper than 64" in str(err.value)
+    alloc = _fails_typed(sqlite_registry, "output_quota")
+    out = Path(os.environ["FORGE_HOME"]) / "runs" / alloc["id"] / "out"
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+METRIC_LINES = """
+    m.setdefault("metrics_path", m["output_dir"] + "/metrics.jsonl")
+    def metric(key, value, step=0):
+        with open(m["metrics_path"], "a") as f:
+            f.write(json.dumps({"key": key, "value": value, "step": step, "ts": 1}) + "\\n")
+"""
+
+
+def test_fifo_swapped_into_the_metrics_stream_does_not_hang_the_host(
+        sqlite_registry, tmp_path, monkeypatch, capfd):
+    body = TRAINER_OK.replace('print("trained", flush=True)', "") + METRIC_LINES + """
+    import os, time
+    metric("val_loss", 0.75)
+    time.sleep(4.5)                      # the relay reads it (every 2 s) ...
+    stream = m["metrics_path"]
+    os.replace(stream, stream + ".old")  # ... then finds a FIFO in its place
+    os.mkfifo(stream)
+    os.makedirs(out / "mlruns" / "0")    # and the same in the old file-store channel
+    os.mkfifo(out / "mlruns" / "0" / "meta.yaml")
+    time.sleep(4.5)
+    """
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, body)))
+    t0 = time.monotonic()
+    with host_deadline(90):
+        result = _train()
+    assert time.monotonic() - t0 < 60
+    run, client = _host_run(result["mlflow"]["run_id"])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0.75]
+    assert "metrics.jsonl is not a regular file" in capfd.readouterr().err
+    assert catalog.get_model_version(result["artifact_id"])["lifecycle_state"] == "candidate"
+
+
+def test_metrics_link_to_a_root_only_host_file_is_never_followed(
+        sqlite_registry, tmp_path, monkeypatch, capfd):
+    # Root-only host files in both metric formats: the stream's JSON lines, and MLflow's
+    # file store ("timestamp value step") for the old channel.
+    jsonl, plain = tmp_path / "secret.jsonl", tmp_path / "secret-metric"
+    jsonl.write_text(json.dumps({"key": "leaked_secret", "value": 31337, "step": 0, "ts": 1})
+                     + "\n")
+    plain.write_text("1700000000000 31337 0\n")
+    for path in (jsonl, plain):
+        path.chmod(0o600)
+    body = TRAINER_OK.replace('print("trained", flush=True)', "") + METRIC_LINES + f"""
+    import os, time
+    metric("val_loss", 0.5)
+    time.sleep(4.5)
+    os.remove(m["metrics_path"])
+    os.symlink({str(jsonl)!r}, m["metrics_path"])
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    from mlflow.tracking import MlflowClient
+    store = MlflowClient((out / "mlruns").as_uri())
+    run = store.create_run(store.create_experiment("x")).info
+    store.log_metric(run.run_id, "leak", 1.0)
+    leak = out / "mlruns" / run.experiment_id / run.run_id / "metrics" / "leak"
+    leak.unlink()
+    leak.symlink_to({str(plain)!r})
+    time.sleep(4.5)                      # two relay passes with both links in place
+    """
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, body)))
+    with host_deadline(120):
+        result = _train()
+    run, client = _host_run(result["mlflow"]["run_id"])
+    assert "leaked_secret" not in run.data.metrics and "leak" not in run.data.metrics
+    assert 31337 not in run.data.metrics.values()
+    assert run.data.metrics["val_loss"] == 0.5  # the stream itself was relayed
+    assert "metrics.jsonl not read" in capfd.readouterr().err
+
+
+def test_metric_with_an_invalid_name_is_skipped_and_the_run_registers(
+        sqlite_registry, tmp_path, monkeypatch, capfd):
+    body = TRAINER_OK + METRIC_LINES + """
+    metric("bad%name", 1.0)
+    metric("val_loss", 0.25)
+    metric("train_loss", float("nan"))
+    """
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, body)))
+    with host_deadline(120):
+        result = _train()
+    run, client = _host_run(result["mlflow"]["run_id"])
+    assert run.data.metrics["val_loss"] == 0.25
+    assert "bad%name" not in run.data.metrics and "train_loss" not in run.data.metrics
+    err = capfd.readouterr().err
+    assert "[metrics] metric 'bad%name' skipped" in err
+    assert "a value that is not a finite number skipped" in err
+    assert catalog.get_model_version(result["artifact_id"])["lifecycle_state"] == "candidate"
+
+
+def test_a_host_stop_is_not_overridden_by_the_jobs_claim(sqlite_registry, tmp_path, monkeypatch):
+    """A job killed for its output may have written result.json saying something else."""
+    body = """
+    import json, sys, pathlib, os
+    m = json.load(open(sys.argv[1]))
+    out = pathlib.Path(m["output_dir"])
+    (out / "result.json").write_text(json.dumps({"status": "failed", "reason": "nan_loss",
+                                                 "message": "\\x1b]0;pwned\\x07 it was NaN"}))
+    for i in range(64):
+        (out / f"f{i}.bin").write_bytes(os.urandom(1024**2))
+    """
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, body)))
+    real = sandbox.SandboxJob
+
+    def small_quota(**kw):
+        kw["max_output_bytes"] = 16 * MIB
+        return real(**kw)
+
+    monkeypatch.setattr(sandbox, "SandboxJob", small_quota)
+    with host_deadline(120), pytest.raises(ForgeError) as err:
+        _train()
+    assert isinstance(err.value, TrainingFailed) and err.value.reason == "output_quota"
+    assert "\x1b" not in str(err.value)
+    _fails_typed(sqlite_registry, "output_quota")
+
+
+def test_the_jobs_failure_message_reaches_the_caller_escaped(sqlite_registry, tmp_path,
+                                                              monkeypatch):
+    body = """
+    import json, sys, pathlib
+    m = json.load(open(sys.argv[1]))
+    (pathlib.Path(m["output_dir"]) / "result.json").write_text(json.dumps(
+        {"status": "failed", "reason": "nan_loss", "message": "\x1b]0;pwned\x07\x1b[2J NaN"}))
+    sys.exit(3)
+    """
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, body)))
+    with host_deadline(120), pytest.raises(TrainingFailed) as err:
+        _train()
+    assert err.value.reason == "nan_loss"
+    assert "\x1b" not in str(err.value) and r"\x1b]0;pwned\x07\x1b[2J NaN" in str(err.value)
+    _fails_typed(sqlite_registry, "nan_loss")
+
+
+def test_import_stays_cheap():
+    import subprocess
+
+    code = ("import sys, runner.sandbox, runner.handback; "
+            "print([m for m in ('torch', 'lightning', 'mlflow', 'jsonschema') "
+            "if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
