@@ -145,9 +145,28 @@ def ledger_balance(agent, as_json):
     click.echo(ledger_mod.fmt(ledger_mod.balance(agent)))
 
 
+@ledger_group.command("reap")
+@click.option("--json", "as_json", is_flag=True, help="Print the reaped allocations as JSON.")
+def ledger_reap(as_json):
+    """Settle dead allocations as failed: open past their expiry, or whose host process is
+    gone from this machine. Charges the time they ran, refunds the rest, marks their MLflow
+    runs FAILED. Safe to run any time, from any number of hosts at once."""
+    from runner import ledger as ledger_mod
+
+    reaped = ledger_mod.reap()
+    if as_json:
+        echo_json(reaped)
+        return
+    for alloc in reaped:
+        click.echo(f"{alloc['id']} ({alloc['agent_id']}): {alloc['failure_reason']}; charged "
+                   f"{ledger_mod.fmt(alloc['actual_cost'])}, refunded "
+                   f"{ledger_mod.fmt(alloc['refunded'])} {alloc['currency']}")
+    click.echo(f"reaped {len(reaped)} allocation{'' if len(reaped) == 1 else 's'}")
+
+
 @ledger_group.command("check")
 def ledger_check():
-    """Verify the books balance; exit 1 and list the problems when they do not."""
+    """Verify the books balance and nothing is overdue; exit 1 and list the problems if not."""
     from runner import ledger as ledger_mod
 
     problems = ledger_mod.check()

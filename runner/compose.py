@@ -121,6 +121,8 @@ class TrackingConf:
 class RegistryConf:
     db_url: Optional[str] = None
     blob_threshold_mb: float = 50.0
+    min_free_gb: float = 2.0  # free space FORGE_HOME needs before a debit (runner/launch.py)
+    expiry_margin_min: float = 10.0  # allocation expiry = cap + sandbox grace + this
 
 
 @dataclass

@@ -5,7 +5,9 @@ MLflow run FINISHED or FAILED with its reason.
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 import sys
 import uuid
 from datetime import datetime, timezone
@@ -13,8 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from runner import catalog, codepin, handback, hook, ledger, settings, weights
-from runner.errors import (Conflict, DatasetUnavailable, ForgeError, RegistrationFailed,
-                           TrainingFailed)
+from runner.errors import (Conflict, DatasetUnavailable, ForgeError, InvalidConfig,
+                           RegistrationFailed, TrainingFailed)
 
 ENTRYPOINT = "trainers.entrypoint"
 PRIMARY_METRIC = {"finetune_celltype": "test_macro_f1", "pretrain_mgm": "test_mse"}
@@ -25,21 +27,86 @@ def launch(plan, *, parent_run_id: str | None = None,
            on_line: Callable[[str], None] | None = None) -> dict:
     """Run a planned request (runner.api.Plan, dry-run checks passed) to a registered version."""
     resolved = plan.resolved
+    problem = disk_problem(resolved)  # before any debit: a full disk fails the job late
+    if problem is not None:
+        raise problem
     device = sandbox_device(resolved["device"])
     alloc = ledger.reserve(
         plan.agent_id, plan.estimate, plan.request_key,
         wall_time_cap_min=resolved["wall_time_cap_min"], vram_cap_gb=resolved["vram_cap_gb"],
         price_per_hour=plan.price_per_hour, devices=plan.devices, device=device,
-        resource_type="cpu" if device == "cpu" else "gpu", currency=plan.currency)
+        resource_type="cpu" if device == "cpu" else "gpu", currency=plan.currency,
+        grace_s=resolved["sandbox"]["grace_s"],
+        margin_s=resolved["registry"]["expiry_margin_min"] * 60)
     if alloc.get("existing"):
         return _earlier(alloc, resolved["tracking"]["detail_url"])
 
     job = _Job(plan, alloc, device, parent_run_id, on_line)
     try:
-        return job.run()
+        result = job.run()
     except BaseException as exc:
+        clean_run_dir(job.run_dir)  # first: a full disk gets its space back for the rest
         job.fail(exc)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"the disk filled up during the job: {exc.strerror}",
+                           field="registry.min_free_gb",
+                           fix="free space under FORGE_HOME, then retry") from exc
         raise
+    clean_run_dir(job.run_dir)
+    return result
+
+
+class DiskFull(ForgeError):
+    reason = "disk_full"
+
+
+def disk_problem(resolved: dict) -> ForgeError | None:
+    """DiskFull when FORGE_HOME (runs, weights, tracking store) has less free space than the
+    operator's registry.min_free_gb; None when there is enough."""
+    need_gb = resolved["registry"].get("min_free_gb", 2.0)
+    if isinstance(need_gb, bool) or not isinstance(need_gb, (int, float)) \
+            or not 0 <= need_gb < float("inf"):
+        return InvalidConfig(f"registry.min_free_gb must be a number >= 0, got {need_gb!r}",
+                             field="registry.min_free_gb", fix="set it in conf/registry/")
+    home = settings.forge_home()
+    probe = next((p for p in (home, *home.parents) if p.exists()), home)
+    free_gb = shutil.disk_usage(probe).free / 1024**3
+    if free_gb >= need_gb:
+        return None
+    return DiskFull(f"FORGE_HOME has {free_gb:.2f} GiB free, below registry.min_free_gb "
+                    f"{need_gb:g} GiB", field="registry.min_free_gb",
+                    fix="free space under FORGE_HOME (old runs, weights, cache) or point "
+                        "FORGE_HOME at a larger disk", free_gb=round(free_gb, 3),
+                    min_free_gb=need_gb)
+
+
+KEPT_IN_RUN_DIR = ("job.log", "manifest.json")
+
+
+def clean_run_dir(run_dir: Path) -> None:
+    """Remove a finished job's bulk (out/, parent/, ...) from FORGE_HOME/runs/<alloc id>/,
+    keeping its job.log and manifest.json. Never follows a link; never raises."""
+    try:
+        entries = list(Path(run_dir).iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name in KEPT_IN_RUN_DIR and entry.is_file() and not entry.is_symlink():
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, onerror=_writable_and_retry)
+            else:
+                entry.unlink()
+        except OSError as exc:
+            print(f"warning: could not clean {entry}: {exc}", file=sys.stderr)
+
+
+def _writable_and_retry(func, path, _exc) -> None:
+    """rmtree's error hook: a job may leave read-only folders; open the parent and retry."""
+    parent = Path(path).parent
+    parent.chmod(parent.stat().st_mode | 0o700)
+    func(path)
 
 
 def sandbox_device(device: str) -> str:
@@ -82,6 +149,10 @@ class _Job:
     # --- the happy path --------------------------------------------------------------------
 
     def run(self) -> dict:
+        with ledger.Heartbeat(self.alloc["id"]):  # stopped on every way out of the job
+            return self._run()
+
+    def _run(self) -> dict:
         from runner import sandbox, tracking
 
         plan, cfg = self.plan, self.cfg
@@ -200,28 +271,37 @@ class _Job:
     # --- the unhappy path ------------------------------------------------------------------
 
     def fail(self, exc: BaseException) -> None:
-        """Settle once (charge what ran, refund the rest), undo files, mark the run FAILED."""
+        """Settle once (charge what ran, refund the rest), undo files, mark the run FAILED.
+
+        Never raises: `exc` is what the caller gets. A settlement that still fails after
+        retrying while the database is away is left to the reaper (`forge ledger reap`).
+        """
         reason = getattr(exc, "reason", None) or type(exc).__name__
+        from runner import tracking
+
+        def attempt(what: str, step) -> None:
+            try:
+                step()
+            except Exception as step_exc:  # noqa: BLE001 - never mask the original error
+                print(f"warning: {what}: {type(step_exc).__name__}: {step_exc}",
+                      file=sys.stderr)
+
         if self.registered and self.mlflow is not None:
-            from runner import tracking
-
-            tracking.unregister(self.mlflow, self.registered["registered_model"],
-                                self.registered["version"])
+            attempt("could not remove the MLflow candidate", lambda: tracking.unregister(
+                self.mlflow, self.registered["registered_model"], self.registered["version"]))
         if self.stored:
-            weights.remove(self.artifact_id)
-        try:
-            ledger.settle(self.alloc["id"], self.seconds, status="failed",
-                          reason=f"{reason}: {exc}"[:500])
-        finally:
-            if self.mlflow is not None and self.run_id is not None:
-                from runner import tracking
+            attempt(f"could not remove the weights of {self.artifact_id}",
+                    lambda: weights.remove(self.artifact_id))
+        attempt(f"could not settle allocation {self.alloc['id']}; `forge ledger reap` "
+                "settles it once it expires", lambda: ledger.settle_retrying(
+                    self.alloc["id"], self.seconds, status="failed",
+                    reason=f"{reason}: {exc}"[:500]))
+        if self.mlflow is not None and self.run_id is not None:
+            def mark_failed() -> None:
+                self.mlflow.set_tag(self.run_id, "forge.error", str(exc)[:5000])
+                tracking.finish(self.mlflow, self.run_id, ok=False, reason=reason)
 
-                try:
-                    self.mlflow.set_tag(self.run_id, "forge.error", str(exc)[:5000])
-                    tracking.finish(self.mlflow, self.run_id, ok=False, reason=reason)
-                except Exception as mlflow_exc:  # the books are already balanced
-                    print(f"warning: could not mark MLflow run {self.run_id} FAILED: "
-                          f"{mlflow_exc}", file=sys.stderr)
+            attempt(f"could not mark MLflow run {self.run_id} FAILED", mark_failed)
 
 
 def build_manifest(cfg: dict, run_name: str, device: str, *, from_parent: bool) -> dict:

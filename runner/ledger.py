@@ -14,13 +14,27 @@ System accounts are only ever named in the ledger; agents have rows in `token_ac
 account row is locked: SELECT ... FOR UPDATE on PostgreSQL, BEGIN IMMEDIATE on SQLite), and
 the same request key reserves once. `settle` and `cancel` move money exactly once: the status
 in the UPDATE's WHERE clause makes a second call a no-op.
+
+No allocation stays open forever. Each carries `expires_at` (reserve time + wall-time cap +
+sandbox grace + a margin; the window restarts when the job starts) and a heartbeat
+(`heartbeat_at`, `host` = hostname:pid) that the host refreshes while it runs the job. `reap`
+settles every open allocation past its expiry, or whose heartbeat is stale and whose host
+process is gone from this machine, as `failed`: it charges the seconds the job is known to
+have run (start to last heartbeat, capped at the debit, as `settle` does) and refunds the
+rest, exactly once however many reapers race. It runs at the start of every `reserve`, from
+`forge ledger reap`, and `check` reports what is overdue.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
+import threading
+import time
 import uuid
 from contextlib import contextmanager, nullcontext
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, ROUND_UP, Decimal, InvalidOperation
 from typing import Any, Iterator
 
@@ -29,6 +43,7 @@ import sqlalchemy as sa
 from runner import db
 from runner.errors import (
     BudgetExceeded,
+    ForgeError,
     InvalidAmount,
     InvalidInput,
     LedgerError,
@@ -44,6 +59,11 @@ ALLOCATION = "resource_allocation"
 OPEN_STATES = ("reserved", "running")
 FINAL_STATES = ("settled", "failed", "cancelled")
 MAX_AMOUNT = Decimal("100000000000000")  # NUMERIC(20, 6): 14 integer digits
+SANDBOX_GRACE_S = 10.0  # conf/sandbox grace_s: SIGTERM -> SIGKILL after the cap
+EXPIRY_MARGIN_S = 600.0  # setup before the sandbox starts, and registration after it ends
+HEARTBEAT_S = 30.0  # how often the host refreshes heartbeat_at (FORGE_HEARTBEAT_S overrides)
+MISSED_BEATS = 3  # a heartbeat older than this many beats is stale
+SETTLE_RETRY_S = 30.0  # how long settle_retrying() keeps trying while the database is away
 
 
 def now() -> datetime:
@@ -135,14 +155,15 @@ def _check_count(value: Any, field: str) -> int:
     return value
 
 
-def _seconds(value: Any) -> Decimal:
+def _seconds(value: Any, field: str = "actual_seconds") -> Decimal:
     try:
         seconds = Decimal(repr(value) if isinstance(value, float) else str(value))
     except InvalidOperation:
         seconds = Decimal("NaN")
     if isinstance(value, bool) or not seconds.is_finite() or seconds < 0:
-        raise InvalidInput(f"actual_seconds must be a finite number >= 0, got {value!r}",
-                           field="actual_seconds", fix="pass the job's wall-clock seconds")
+        raise InvalidInput(f"{field} must be a finite number >= 0, got {value!r}",
+                           field=field, fix="pass the job's wall-clock seconds"
+                           if field == "actual_seconds" else f"set {field} to seconds >= 0")
     return seconds
 
 
@@ -285,13 +306,20 @@ RETRYABLE = ("failed", "cancelled")  # a request whose last attempt ended so may
 
 def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: int,
             vram_cap_gb: int, price_per_hour: Any, devices: int = 1, device: str | None = None,
-            resource_type: str = "gpu", currency: str = "credits", conn=None) -> dict:
+            resource_type: str = "gpu", currency: str = "credits",
+            grace_s: float = SANDBOX_GRACE_S, margin_s: float = EXPIRY_MARGIN_S,
+            conn=None) -> dict:
     """Check the balance, debit `amount` and insert the `reserved` allocation, atomically.
 
     The same `request_key` reserves once: a repeat (or a concurrent twin that lost the race on
     the unique key) returns the existing allocation with `existing=True` and debits nothing.
     Only a request whose earlier attempt failed or was cancelled reserves (and debits) again.
     Raises UnknownAgent or BudgetExceeded, leaving no trace.
+
+    The allocation expires `wall_time_cap_min` + `grace_s` + `margin_s` from now, and this
+    process is its host (it must heartbeat; see `Heartbeat`). Dead allocations are reaped
+    first, in their own transactions (not when joining the caller's transaction `conn`), so a
+    request whose earlier attempt died with its host can run again.
     """
     check_agent_id(agent_id)
     amount = to_amount(amount, "amount", allow_zero=True)
@@ -301,6 +329,10 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
     _check_count(devices, "devices")
     if not isinstance(request_key, str) or not request_key:
         raise InvalidInput("request_key must be a non-empty string", field="request_key")
+    window = timedelta(seconds=wall_time_cap_min * 60 + float(_seconds(grace_s, "grace_s"))
+                       + float(_seconds(margin_s, "margin_s")))
+    if conn is None:
+        reap()
     try:
         with _tx(conn) as c, (c.begin_nested() if conn is not None else nullcontext()):
             existing = _by_key(c, request_key)
@@ -326,7 +358,8 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
                        status="reserved", wall_time_cap_min=wall_time_cap_min,
                        vram_cap_gb=vram_cap_gb, price_per_hour=price, currency=currency,
                        estimated_cost=amount, debited=amount, request_key=request_key,
-                       created_at=stamp, debited_at=stamp)
+                       created_at=stamp, debited_at=stamp, expires_at=stamp + window,
+                       heartbeat_at=stamp, host=host_id())
             c.execute(resource_allocations.insert().values(**row))
             if amount > 0:
                 new_balance = account["balance"] - amount
@@ -347,13 +380,23 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
 
 
 def mark_running(allocation_id: str, mlflow_run_id: str | None, *, conn=None) -> dict:
-    """reserved -> running, with the MLflow run it reports to."""
+    """reserved -> running, with the MLflow run it reports to.
+
+    The expiry window restarts here (the cap runs from the start of the job, not from the
+    reservation), and this process becomes the host whose heartbeat keeps it alive.
+    """
     with _tx(conn) as c:
+        alloc = get_allocation(allocation_id, conn=c)
+        stamp = now()
+        window = (alloc["expires_at"] - alloc["created_at"]
+                  if alloc["expires_at"] is not None else None)
         result = c.execute(
             resource_allocations.update()
             .where(resource_allocations.c.id == allocation_id,
                    resource_allocations.c.status == "reserved")
-            .values(status="running", started_at=now(), mlflow_run_id=mlflow_run_id))
+            .values(status="running", started_at=stamp, mlflow_run_id=mlflow_run_id,
+                    heartbeat_at=stamp, host=host_id(),
+                    expires_at=stamp + window if window is not None else None))
         row = get_allocation(allocation_id, conn=c)
         if result.rowcount != 1 and not (row["status"] == "running"
                                          and row["mlflow_run_id"] == mlflow_run_id):
@@ -394,6 +437,14 @@ def _close(allocation_id: str, *, status: str, seconds: Decimal | None, reason: 
         if alloc is None:
             raise NotFound(f"allocation {allocation_id!r} does not exist", field="allocation_id")
         if alloc["status"] in FINAL_STATES:
+            if status == "settled" and artifact_id is not None \
+                    and alloc["artifact_id"] != artifact_id:
+                # The reaper (or a cancel) closed it and refunded the credits: a version
+                # registered now would have been trained for free. Roll the caller back.
+                raise LedgerError(
+                    f"allocation {allocation_id!r} is already {alloc['status']} "
+                    f"({alloc['failure_reason'] or 'no reason'})", reason="allocation_closed",
+                    field="allocation_id", fix="retry the request: it launches anew")
             return {**alloc, "already_settled": True}
         debited = alloc["debited"]
         if seconds is None:
@@ -424,14 +475,221 @@ def _close(allocation_id: str, *, status: str, seconds: Decimal | None, reason: 
         return {**get_allocation(allocation_id, conn=c), "already_settled": False}
 
 
+def settle_retrying(allocation_id: str, actual_seconds: Any, status: str = "failed",
+                    reason: str | None = None, *, budget_s: float | None = None) -> dict:
+    """`settle`, retried with backoff while the database is away (for `SETTLE_RETRY_S`).
+
+    Only connection-level errors are retried; the last one is raised when the database never
+    came back, and the allocation is then left open for `reap`.
+    """
+    deadline = time.monotonic() + (SETTLE_RETRY_S if budget_s is None else budget_s)
+    delay = 0.5
+    while True:
+        try:
+            return settle(allocation_id, actual_seconds, status=status, reason=reason)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError):
+            if time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 8.0)
+
+
+# --- recovery: heartbeat, expiry, reap -------------------------------------------------------------
+
+def host_id() -> str:
+    """Who runs a job: hostname:pid of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def heartbeat_interval() -> float:
+    """Seconds between heartbeats: FORGE_HEARTBEAT_S (operator environment), else 30."""
+    try:
+        value = float(os.environ.get("FORGE_HEARTBEAT_S") or HEARTBEAT_S)
+    except ValueError:
+        value = HEARTBEAT_S
+    return value if value > 0 else HEARTBEAT_S
+
+
+def heartbeat(allocation_id: str, *, conn=None) -> bool:
+    """Say this process still runs the allocation; False once it is closed."""
+    with _tx(conn) as c:
+        result = c.execute(resource_allocations.update()
+                           .where(resource_allocations.c.id == allocation_id,
+                                  resource_allocations.c.status.in_(OPEN_STATES))
+                           .values(heartbeat_at=now(), host=host_id()))
+    return result.rowcount == 1
+
+
+class Heartbeat:
+    """A daemon thread that refreshes the allocation's heartbeat while the job runs.
+
+    `with Heartbeat(alloc_id): ...` stops it on every way out of the block. A failed beat
+    (the database away) is a warning: the expiry still bounds the allocation.
+    """
+
+    def __init__(self, allocation_id: str, interval_s: float | None = None):
+        self.allocation_id = allocation_id
+        self.interval_s = interval_s or heartbeat_interval()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name=f"heartbeat-{allocation_id}")
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        failing = False
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not heartbeat(self.allocation_id):
+                    return  # closed (settled, or reaped): nothing left to keep alive
+                failing = False
+            except Exception as exc:  # noqa: BLE001 - a beat must never kill the job
+                if not failing:
+                    _warn(f"heartbeat of {self.allocation_id} failed: {exc}")
+                failing = True
+
+
+def _utc(stamp: datetime | None) -> datetime | None:
+    """SQLite hands back UTC timestamps without their offset; PostgreSQL with it."""
+    if stamp is not None and stamp.tzinfo is None:
+        return stamp.replace(tzinfo=timezone.utc)
+    return stamp
+
+
+def _host_gone(host: str | None) -> bool:
+    """True only when `host` names a process of this machine that no longer exists."""
+    name, _, pid = (host or "").rpartition(":")
+    if name != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a zombie has exited: it only waits for its parent to collect it
+        return open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _open_due(conn, at: datetime) -> list[dict]:
+    """Open allocations past expiry or with a stale heartbeat (one query on the status index)."""
+    stale = at - timedelta(seconds=MISSED_BEATS * heartbeat_interval())
+    alloc = resource_allocations.c
+    return [dict(r) for r in conn.execute(
+        sa.select(resource_allocations)
+        .where(alloc.status.in_(OPEN_STATES),
+               sa.or_(alloc.expires_at < at, alloc.heartbeat_at < stale))
+        .order_by(alloc.created_at)).mappings()]
+
+
+def overdue(now: datetime | None = None, *, conn=None) -> list[dict]:
+    """Open allocations that nobody will settle: past their expiry, or with a stale heartbeat
+    from a host process gone from this machine. Each has `overdue` saying which; `reap`
+    settles exactly these, and `check` reports them."""
+    at = now or datetime.now(timezone.utc)
+    with _tx(conn) as c:
+        rows = _open_due(c, at)
+    return [{**a, "overdue": why} for a in rows if (why := _dead_because(a, at))]
+
+
+def _dead_because(alloc: dict, at: datetime) -> str | None:
+    expires, beat = _utc(alloc["expires_at"]), _utc(alloc["heartbeat_at"])
+    if expires is not None and expires < at:
+        return f"{alloc['status']} past its expiry {expires:%Y-%m-%d %H:%M:%S} UTC"
+    stale = at - timedelta(seconds=MISSED_BEATS * heartbeat_interval())
+    if beat is not None and beat < stale and _host_gone(alloc["host"]):
+        return (f"its host process {alloc['host']} is gone "
+                f"(last heartbeat {beat:%Y-%m-%d %H:%M:%S} UTC)")
+    return None
+
+
+def _ran_seconds(alloc: dict) -> float:
+    """What the job is known to have run: its start to its last heartbeat (0 if never started)."""
+    started, beat = _utc(alloc["started_at"]), _utc(alloc["heartbeat_at"])
+    if alloc["status"] != "running" or started is None or beat is None:
+        return 0.0
+    return max(0.0, (beat - started).total_seconds())
+
+
+def reap(now: datetime | None = None) -> list[dict]:
+    """Settle every dead open allocation as failed, exactly once; returns those this call
+    closed.
+
+    Dead means past `expires_at`, or a heartbeat older than MISSED_BEATS beats from a host
+    process that is gone from this machine (a host elsewhere is left to its expiry). The
+    charge is the seconds between the job's start and its last heartbeat, capped at the
+    debit; the rest is refunded. Their MLflow runs are marked FAILED and their run folders
+    cleaned (job.log and manifest.json kept); neither step can fail the reap.
+    """
+    reaped = []
+    for alloc in overdue(now):
+        try:
+            closed = _close(alloc["id"], status="failed",
+                            seconds=Decimal(repr(_ran_seconds(alloc))),
+                            reason=f"reaped: {alloc['overdue']}", artifact_id=None, conn=None)
+        except ForgeError as exc:  # e.g. the agent's account is gone: the others still go
+            _warn(f"could not reap {alloc['id']}: {exc}")
+            continue
+        if not closed["already_settled"]:  # another reaper (or the host) got there first
+            reaped.append(closed)
+    _fail_runs([a for a in reaped if a["mlflow_run_id"]])
+    _clean_run_dirs(reaped)
+    return reaped
+
+
+def _fail_runs(reaped: list[dict]) -> None:
+    """Mark the reaped allocations' MLflow runs FAILED, in the operator's tracking store."""
+    if not reaped:
+        return
+    try:
+        from runner import tracking
+        from runner.compose import compose_config, to_plain
+
+        client = tracking.client(to_plain(compose_config())["tracking"]["tracking_uri"])
+    except Exception as exc:  # noqa: BLE001 - the books are already settled
+        _warn(f"could not reach MLflow to mark {len(reaped)} reaped run(s) FAILED: {exc}")
+        return
+    for alloc in reaped:
+        run_id = alloc["mlflow_run_id"]
+        try:
+            if client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+                client.set_tag(run_id, "forge.error", alloc["failure_reason"][:5000])
+                tracking.finish(client, run_id, ok=False, reason="reaped")
+        except Exception as exc:  # noqa: BLE001
+            _warn(f"could not mark MLflow run {run_id} FAILED: {exc}")
+
+
+def _clean_run_dirs(reaped: list[dict]) -> None:
+    if not reaped:
+        return
+    from runner import settings
+    from runner.launch import clean_run_dir
+
+    for alloc in reaped:
+        clean_run_dir(settings.forge_home() / "runs" / alloc["id"])
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 # --- the invariant ------------------------------------------------------------------------------
 
-def check(conn=None) -> list[str]:
+def check(conn=None, *, now: datetime | None = None) -> list[str]:
     """Problems with the books, or [] when they balance.
 
     Per account: granted - debited + refunded = balance, the totals agree with the ledger,
     and no balance is negative. Per allocation: one debit row of `debited`; once closed,
-    debited = actual_cost + refunded and the refund rows sum to `refunded`.
+    debited = actual_cost + refunded and the refund rows sum to `refunded`; while open, it is
+    not past its expiry (an overdue one holds credits nobody will settle: `forge ledger reap`).
     """
     problems: list[str] = []
     zero = Decimal(0)
@@ -479,6 +737,7 @@ def check(conn=None) -> list[str]:
                 .group_by(token_ledger.c.reference_id, token_ledger.c.reason)):
             per_alloc[(ref, reason)] = (total, n)
         allocs = {r["id"]: dict(r) for r in c.execute(sa.select(resource_allocations)).mappings()}
+        dead = overdue(now, conn=c)
     for ref, _reason in per_alloc:
         if ref not in allocs:
             problems.append(f"ledger rows reference unknown allocation {ref}")
@@ -499,4 +758,8 @@ def check(conn=None) -> list[str]:
         elif n_refunds or a["actual_cost"] is not None:
             problems.append(f"allocation {alloc_id} is {a['status']} but already has a "
                             f"refund or an actual cost")
+    for a in dead:
+        problems.append(f"allocation {a['id']} is overdue, holding {a['debited']} "
+                        f"{a['currency']} of {a['agent_id']}: {a['overdue']}; "
+                        "run `forge ledger reap`")
     return problems

@@ -120,9 +120,15 @@ resource_allocations = sa.Table(
     _ts("debited_at"),
     _ts("started_at"),
     _ts("settled_at"),
+    # Recovery (migration 0002): past `expires_at` an open allocation is reaped; the host
+    # running it (`host` = hostname:pid) refreshes `heartbeat_at` while it lives.
+    _ts("expires_at"),
+    _ts("heartbeat_at"),
+    sa.Column("host", sa.Text),
     sa.CheckConstraint("resource_type IN ('gpu', 'cpu')", name="resource_type"),
     sa.CheckConstraint(f"status IN {ALLOCATION_STATES}", name="status"),
     sa.CheckConstraint("debited >= 0", name="debited"),
+    sa.Index("ix_resource_allocations_status_expires_at", "status", "expires_at"),
 )
 
 model_versions = sa.Table(
