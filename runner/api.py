@@ -525,11 +525,17 @@ def _sandbox_plan(plan: Plan, problems: list[ForgeError]) -> dict:
 # --- the skill ------------------------------------------------------------------------------------
 
 _ID = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
-# What a caller may put in training_config and overrides: derived from runner.compose's
-# tables (the same ones train_model_version and forge-train enforce), never a copy.
-from runner.compose import caller_schema
 
-_CALLER = caller_schema()
+
+def _caller_schema() -> dict:
+    """What a caller may put in training_config and overrides, derived from runner.compose's
+    tables (the ones train_model_version and forge-train enforce), never a copy."""
+    from runner.compose import caller_schema
+
+    return caller_schema()
+
+
+_CALLER = _caller_schema()
 define_skill(
     SKILL_NAME,
     description=("Fine-tune a registered parent model on a registered dataset inside the "

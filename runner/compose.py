@@ -7,6 +7,10 @@ compose through Hydra's Compose API (`compose_config()`); other `forge-train` ru
 `@hydra.main`. Hydra's own override parser checks override strings; struct mode and the
 schema's types check keys and values; `validate_config()` checks ranges and choices.
 
+What a caller (an agent, an override string, a training_config) may set at all is one
+table here ("who may set what"), checked before anything is composed by both entry points
+and published in the skill's input_schema; everything else is the operator's.
+
 Anything the caller got wrong becomes `InvalidOverride` with the offending string or field,
 the problem, and a fix an agent can apply.
 
@@ -349,9 +353,10 @@ def launcher_options() -> list[str]:
 
 def _has_interpolation(value: Any) -> bool:
     """Could OmegaConf read an interpolation (`${...}`, resolvers such as oc.env) in `value`,
-    or in any string inside it, in any spelling? Escapes count: `\\${`, `\\\\${` and `$\\{`
-    all become one after Hydra's or OmegaConf's unescaping, so a backslash next to a `$` is
-    refused too. Iterative: nesting depth is no limit here."""
+    or in any string inside it, in any spelling? `\\\\${` (an escaped backslash, then a live
+    interpolation) and `$\\{` (Hydra unescapes `\\{`) are ones; `\\${` is not, but callers
+    never need a literal `${`, so any `${` once backslashes are dropped, and any backslash
+    next to a `$`, counts. Iterative: nesting depth is no limit here."""
     stack = [value]
     while stack:
         item = stack.pop()
@@ -634,6 +639,10 @@ def check_caller_dict(data: Any, source: str = "training_config") -> None:
                                       field=path, problem="type",
                                       fix='pass {"training": {"lr": 1e-4}}')
             for name, setting in value.items():
+                if name in OPERATOR_GROUPS:  # {"hydra": ...} given flat lands here
+                    raise InvalidOverride(
+                        f"{source}.{name} is an operator setting; callers cannot set it",
+                        field=f"{source}.{name}", problem="operator_only", fix=CALLER_FIX)
                 if name not in training_keys():
                     raise InvalidOverride(
                         f"{path}.{name}: no such training setting", field=f"{path}.{name}",
@@ -666,7 +675,8 @@ def caller_schema() -> dict:
               "properties": {CALLER_SUBTREE: {"type": "object", "additionalProperties": False,
                                               "properties": settings}}}
     flat = {"type": "object", "additionalProperties": False, "properties": settings}
-    options = "|".join(re.escape(o) for o in group_options("training"))
+    choices = group_options("training")
+    options = "|".join(re.escape(o) for o in choices)
     keys = "|".join(re.escape(k) for k in training_keys())
     return {
         "training_config": {
@@ -679,10 +689,10 @@ def caller_schema() -> dict:
             "items": {"type": "string", "maxLength": MAX_OVERRIDE_CHARS,
                       "pattern": rf"^(training=({options})|training\.({keys})=.*)$",
                       "not": {"pattern": r"\$\\*\{|\\\$|\$\\"}},
-            "description": (f"Hydra override strings: training=<{' | '.join(group_options('training'))}> "
-                            f"or training.<key>=<value> for a key of training_config. No "
-                            f"interpolation, no '+' or '~'; pricing, policy, sandbox, registry, "
-                            f"tracking, parent.*, dataset.* and hydra.* are operator-only"),
+            "description": (f"Hydra override strings: training=<{' | '.join(choices)}> or "
+                            "training.<key>=<value> for a key of training_config. No "
+                            "interpolation, no '+' or '~'; pricing, policy, sandbox, registry, "
+                            "tracking, parent.*, dataset.* and hydra.* are operator-only"),
         },
     }
 
@@ -695,11 +705,11 @@ def _json_type(tp: Any, name: str) -> dict:
     base = next((a for a in args if a is not type(None)), tp) if args else tp
     kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[base]
     out["type"] = [kind, "null"] if nullable else kind
-    if base is str:
-        out["maxLength"] = MAX_STRING
     choices = {"task": TASKS, "precision": PRECISIONS}.get(name)
     if choices:
         out["enum"] = list(choices)
+    elif base is str:
+        out["maxLength"] = MAX_STRING
     return out
 
 
