@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 from runner import catalog, codepin, handback, hook, ledger, settings, weights
+from runner.api import sandbox_timing
 from runner.errors import (Conflict, DatasetUnavailable, ForgeError, InvalidConfig,
-                           RegistrationFailed, TrainingFailed)
+                           RegistrationFailed)
 
 ENTRYPOINT = "trainers.entrypoint"
 PRIMARY_METRIC = {"finetune_celltype": "test_macro_f1", "pretrain_mgm": "test_mse"}
@@ -30,18 +31,17 @@ def launch(plan, *, parent_run_id: str | None = None,
     problem = disk_problem(resolved)  # before any debit: a full disk fails the job late
     if problem is not None:
         raise problem
-    device = sandbox_device(resolved["device"])
     alloc = ledger.reserve(
         plan.agent_id, plan.estimate, plan.request_key,
         wall_time_cap_min=resolved["wall_time_cap_min"], vram_cap_gb=resolved["vram_cap_gb"],
-        price_per_hour=plan.price_per_hour, devices=plan.devices, device=device,
-        resource_type="cpu" if device == "cpu" else "gpu", currency=plan.currency,
+        price_per_hour=plan.price_per_hour, devices=plan.devices, device=plan.device.price_key,
+        resource_type=plan.device.resource_type, currency=plan.currency,
         grace_s=resolved["sandbox"]["grace_s"],
         margin_s=resolved["registry"]["expiry_margin_min"] * 60)
     if alloc.get("existing"):
         return _earlier(alloc, resolved["tracking"]["detail_url"])
 
-    job = _Job(plan, alloc, device, parent_run_id, on_line)
+    job = _Job(plan, alloc, plan.device.sandbox, parent_run_id, on_line)
     try:
         result = job.run()
     except BaseException as exc:
@@ -109,16 +109,6 @@ def _writable_and_retry(func, path, _exc) -> None:
     func(path)
 
 
-def sandbox_device(device: str) -> str:
-    """Config device (auto, cpu, or a pricing key such as h200) -> the sandbox's device."""
-    if device == "cpu":
-        return "cpu"
-    import shutil as _shutil
-
-    has_gpu = _shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
-    return "cuda:0" if has_gpu else "cpu"
-
-
 def _earlier(alloc: dict, detail_template: str | None) -> dict:
     """The same request again: return what it produced; never debit or register twice."""
     if alloc["status"] == "settled" and alloc.get("artifact_id"):
@@ -145,6 +135,7 @@ class _Job:
         self.seconds = 0.0
         self.stored = False
         self.registered: dict | None = None
+        self.code_diff: dict | None = None  # allow_dirty: the patch the job ran on top of HEAD
 
     # --- the happy path --------------------------------------------------------------------
 
@@ -166,16 +157,19 @@ class _Job:
             tags=self._tags(), params=tracking.flatten(_trainable(cfg)),
             config_yaml=_yaml(cfg), parent_run_id=self.parent_run_id)
         ledger.mark_running(self.alloc["id"], self.run_id)
+        if plan.code.dirty:
+            self._keep_diff()
         manifest = build_manifest(cfg, self.artifact_id, self.device, from_parent=True)
         (self.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
         inputs["manifest.json"] = self.run_dir / "manifest.json"
         out = self.run_dir / "out"
         box = cfg["sandbox"]
+        term_s, grace_s = sandbox_timing(cfg)
         job = sandbox.SandboxJob(
             module=ENTRYPOINT, args=["/job/in/manifest.json"], code_dir=inputs.pop("code"),
-            inputs=inputs, output_dir=out, wall_time_cap_s=cfg["wall_time_cap_min"] * 60,
+            inputs=inputs, output_dir=out, wall_time_cap_s=term_s,
             vram_cap_gb=cfg["vram_cap_gb"], device=self.device, log_path=self.run_dir / "job.log",
-            on_line=self.on_line, grace_s=box["grace_s"], max_processes=box["max_processes"],
+            on_line=self.on_line, grace_s=grace_s, max_processes=box["max_processes"],
             tmp_size_bytes=int(box["tmp_size_gb"] * 1024**3), env=_env(box["env_allowlist"]),
             max_memory_bytes=None if box["max_memory_gb"] is None
             else int(box["max_memory_gb"] * 1024**3),
@@ -194,6 +188,10 @@ class _Job:
         stored = weights.store(self.artifact_id, checkpoint,
                                cfg["registry"].get("blob_threshold_mb", 50))
         self.stored = True
+        if self.code_diff is not None:  # kept with the version, beside its weights
+            kept = weights.weights_dir(self.artifact_id).parent / "code.diff"
+            kept.write_bytes((self.run_dir / "code.diff").read_bytes())
+            self.code_diff["path"] = str(kept)
         source = tracking.log_outputs(self.mlflow, self.run_id,
                                       [out / name for name in RUN_OUTPUTS], checkpoint)
         self.registered = tracking.register_candidate(
@@ -230,12 +228,12 @@ class _Job:
 
         parent_dir = weights.materialize(self.parent, self.run_dir / "parent")
         data = self.cfg["dataset"]
-        expected = (self.dataset.get("metadata") or {}).get("citation", {})
-        try:
+        try:  # every fetch is checked against the artifact's own sha256
             dataset_path = fetch.fetch(data["source"], cache=settings.cache_dir(),
-                                       sha256=expected.get("sha256"))
+                                       sha256=self.dataset.get("content_hash"))
         except (fetch.FetchError, OSError) as exc:
-            raise DatasetUnavailable(f"dataset {self.dataset['id']!r}: {exc}",
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise DatasetUnavailable(f"dataset {self.dataset['id']!r}: {why}",
                                      field="dataset.source",
                                      fix="check the source and the network, or delete the "
                                          "cached copy to fetch it again") from exc
@@ -252,6 +250,18 @@ class _Job:
                 "mlflow.source.git.repoURL": plan.code.repo_url,
                 "mlflow.source.name": ENTRYPOINT, "mlflow.user": plan.agent_id}
 
+    def _keep_diff(self) -> None:
+        """allow_dirty: the version records HEAD, so the changes it ran on top of HEAD are
+        kept as a patch (with its sha256) in the run dir and on the MLflow run."""
+        import hashlib
+
+        patch = codepin.diff_patch(self.plan.code)
+        path = self.run_dir / "code.diff"
+        path.write_bytes(patch)
+        self.mlflow.log_artifact(self.run_id, str(path), "code")
+        self.code_diff = {"sha256": hashlib.sha256(patch).hexdigest(),
+                          "size_bytes": len(patch), "base_commit": self.plan.code.sha}
+
     def _metadata(self, result: dict, stored: dict, experiment_id: str) -> dict:
         parent = self.cfg["parent"]
         arch = {k: parent[k] for k in ("n_layers", "d_model", "n_heads", "d_hid", "n_bins",
@@ -266,6 +276,7 @@ class _Job:
                            "tracking_uri": self.cfg["tracking"]["tracking_uri"]}}
         if result.get("class_names"):
             meta["class_names"] = list(result["class_names"])
+        meta["code_diff"] = self.code_diff
         return {k: v for k, v in meta.items() if v is not None}
 
     # --- the unhappy path ------------------------------------------------------------------

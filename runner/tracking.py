@@ -275,16 +275,21 @@ def log_outputs(mlflow_client, run_id: str, files: list[Path], checkpoint: Path 
 
 def register_candidate(mlflow_client, *, name: str, run_id: str, source: str,
                        artifact_id: str) -> dict[str, Any]:
-    """Register the checkpoint under the family name and point alias `candidate` at it."""
+    """Register the checkpoint as a new version of the family's registered model.
+
+    A candidate is a state, not a pointer: many candidates of one family coexist, each tagged
+    `forge.lifecycle_state=candidate` (find them with search_model_versions). Aliases name one
+    version each (the eval gate's `champion`), so registering a candidate moves none of them,
+    and parallel jobs never race on one."""
     try:
         mlflow_client.create_registered_model(name)
-    except Exception as exc:  # already exists
+    except Exception as exc:  # already exists, or created concurrently by another job
         if "RESOURCE_ALREADY_EXISTS" not in str(getattr(exc, "error_code", "")) and \
-                "already exists" not in str(exc):
+                "already exists" not in str(exc) and "UNIQUE constraint" not in str(exc):
             raise
-    version = mlflow_client.create_model_version(name, source=source, run_id=run_id,
-                                                 tags={"forge.artifact_id": artifact_id})
-    mlflow_client.set_registered_model_alias(name, "candidate", version.version)
+    version = mlflow_client.create_model_version(
+        name, source=source, run_id=run_id,
+        tags={"forge.artifact_id": artifact_id, "forge.lifecycle_state": "candidate"})
     return {"registered_model": name, "version": str(version.version),
             "model_uri": f"models:/{name}/{version.version}"}
 

@@ -90,9 +90,10 @@ def test_real_finetune_registers_a_linked_candidate(registry, committed_code, mo
     history = client.get_metric_history(run.info.run_id, "train_loss_epoch") or \
         client.get_metric_history(run.info.run_id, "val_loss")
     assert history, sorted(run.data.metrics)
-    mv = client.get_model_version_by_alias(result["mlflow"]["registered_model"], "candidate")
-    assert str(mv.version) == result["mlflow"]["version"]
+    mv = client.get_model_version(result["mlflow"]["registered_model"],
+                                  result["mlflow"]["version"])
     assert mv.tags["forge.artifact_id"] == result["artifact_id"]
+    assert mv.tags["forge.lifecycle_state"] == "candidate"
     assert (weights.weights_dir(result["artifact_id"]) / "best_model.pt").is_file()
     assert ledger.check() == []
 
