@@ -725,8 +725,14 @@ def gpu_launch(job: SandboxJob, *, bwrap: str | None = None) -> LaunchResult:
     if seccomp is not None:
         data["seccomp"] = seccomp
     memory = _memory_mechanism(job, device)
-    cgroup = _make_cgroup(job) if memory == "cgroup2" else None
     on_line = job.on_line or _default_on_line
+    cgroup = None
+    if memory == "cgroup2":
+        try:
+            cgroup = _make_cgroup(job)
+        except OSError as exc:  # delegated, yet refused: fall back, never run uncapped
+            memory = "rlimit" if device == "cpu" else "watch"
+            on_line(f"cannot make a cgroup for the memory cap ({exc.strerror}): using {memory}")
     supervisor = None
     child_fds: dict[str, int] = {}
     info_r, info_w = os.pipe()

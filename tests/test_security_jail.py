@@ -187,6 +187,26 @@ def test_only_the_assigned_gpu_node_is_bound(tmp_path, monkeypatch):
     assert plan["device"] == "cpu" and plan["gpu_nodes"] == []
 
 
+def test_memory_cap_mechanism_in_the_plan(tmp_path, monkeypatch):
+    job = make_job(tmp_path, "exit", "0", max_memory_bytes=2 * 1024**3)
+    monkeypatch.setattr(sandbox, "_cgroup_base", lambda: None)  # a host without delegation
+    plan = sandbox_plan(job)
+    assert plan["caps"]["memory"] == {"bytes": 2 * 1024**3, "mechanism": "rlimit"}
+    assert f"--as={2 * 1024**3}" in plan["argv"]
+    monkeypatch.setattr(sandbox, "_cgroup_base", lambda: tmp_path / "cg")  # one with it
+    plan = sandbox_plan(job)
+    assert plan["caps"]["memory"]["mechanism"] == "cgroup2"
+    assert plan["argv"][1:4] == ["-c", 'echo 0 > "$0" && exec "$@"', "<cgroup>/cgroup.procs"]
+    assert not any(a.startswith("--as=") for a in plan["argv"])
+
+
+def test_nesting_depth_ignores_brackets_in_strings():
+    from runner.handback import nesting_depth
+
+    assert nesting_depth(b'{"a": "[[[[{{{{\\"[[", "b": [1, {"c": []}]}') == 4
+    assert nesting_depth(b"[" * 5000) == 5000 and nesting_depth(b"") == 0
+
+
 def _run_bpf(program: bytes, arch: int, nr: int, arg0: int = 0) -> int:
     """A classic-BPF interpreter for the instructions the filter uses."""
     prog = [struct.unpack("<HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
