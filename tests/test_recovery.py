@@ -318,11 +318,9 @@ def test_host_killed_mid_run_is_reaped_and_the_retry_launches_anew(registry, tmp
         log = Path(os.environ["FORGE_HOME"]) / "runs" / alloc["id"] / "job.log"
         _wait_for(lambda: log.is_file() and "hanging" in log.read_text(), 120,
                   "the trainer to start")
-        first_beat = ledger.get_allocation(alloc["id"])["heartbeat_at"]
-        _wait_for(lambda: ledger.get_allocation(alloc["id"])["heartbeat_at"] > first_beat, 10,
-                  "a heartbeat")
-        assert ledger.get_allocation(alloc["id"])["host"] == \
-            f"{socket.gethostname()}:{host.pid}"
+        beats = [ledger.get_allocation(alloc["id"])]  # the host beats while the job runs
+        time.sleep(1.5)
+        beats.append(ledger.get_allocation(alloc["id"]))
     finally:
         host.send_signal(signal.SIGKILL)
         host.wait()
@@ -333,6 +331,8 @@ def test_host_killed_mid_run_is_reaped_and_the_retry_launches_anew(registry, tmp
     time.sleep(2.0)  # > 3 missed beats of 0.5 s
     result = cli("ledger", "check")
     assert result.exit_code == 1 and alloc["id"] in result.output, result.output
+    assert beats[1].get("heartbeat_at") > beats[0].get("heartbeat_at")
+    assert beats[1]["host"] == f"{socket.gethostname()}:{host.pid}"
     result = cli("ledger", "reap")
     assert result.exit_code == 0 and "reaped 1 allocation" in result.output, result.output
 
@@ -383,7 +383,7 @@ def test_database_away_at_registration_fails_typed_and_settles(pg_registry, tmp_
     (not the settlement's error), and the reaper settles the allocation later."""
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(
         tmp_path, STAND_IN_TRAINER.replace("METRICS", OK_METRICS))))
-    monkeypatch.setattr(ledger, "SETTLE_RETRY_S", 15.0 if outage_s else 2.0)
+    monkeypatch.setattr(ledger, "SETTLE_RETRY_S", 15.0 if outage_s else 2.0, raising=False)
     cut, restore = _database_outage(pg_registry)
     real_links = catalog._write_links
 
@@ -439,11 +439,13 @@ def small_home(tmp_path, monkeypatch):
         subprocess.run(["umount", "-l", str(home)], check=False)
 
 
-def test_a_full_disk_is_refused_before_any_debit(registry, small_home):
+def test_a_full_disk_is_refused_before_any_debit(registry, small_home, tmp_path, monkeypatch):
     """64 MiB free, below the default registry.min_free_gb (2 GiB): nothing is debited."""
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(
+        tmp_path, STAND_IN_TRAINER.replace("METRICS", OK_METRICS))))
     dry = train(dry_run=True)
     assert dry["would_launch"] is False
-    assert "disk_full" in [r["reason"] for r in dry["reasons"]]
+    assert [r["reason"] for r in dry["reasons"]] == ["disk_full"]
     before = count_rows(registry)
     with pytest.raises(ForgeError) as err:
         train()
@@ -453,11 +455,13 @@ def test_a_full_disk_is_refused_before_any_debit(registry, small_home):
     assert ledger.balance(AGENT) == Decimal("10")
 
 
-def test_a_min_free_space_above_what_is_free_is_refused(registry, monkeypatch):
+def test_a_min_free_space_above_what_is_free_is_refused(registry, tmp_path, monkeypatch):
     """The same rule on any disk: the operator (conf/registry, or FORGE_MIN_FREE_GB in the
     environment) asks for more free space than there is."""
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(
+        tmp_path, STAND_IN_TRAINER.replace("METRICS", OK_METRICS))))
     monkeypatch.setenv("FORGE_MIN_FREE_GB", str(10**9))
-    assert "disk_full" in [r["reason"] for r in train(dry_run=True)["reasons"]]
+    assert [r["reason"] for r in train(dry_run=True)["reasons"]] == ["disk_full"]
     before = count_rows(registry)
     with pytest.raises(ForgeError) as err:
         train()
