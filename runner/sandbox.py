@@ -68,6 +68,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from runner.errors import ForgeError, InvalidInput, SandboxUnavailable
+from trainers.manifest import EXIT_OOM  # the trainer's exit code for out-of-memory
 
 BWRAP_INSTALL = "apt-get install -y bubblewrap"
 USERNS_SYSCTL = "sysctl -w kernel.unprivileged_userns_clone=1 user.max_user_namespaces=15000"
@@ -93,7 +94,6 @@ _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
 _INPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CUDA_DEVICE = re.compile(r"^cuda(?::(\d+))?$")
 
-EXIT_OOM = 4  # the trainer's exit code for CUDA out-of-memory
 POLL_S = 1.0  # how often the supervisor measures /job/out and, without a cgroup, memory
 
 
@@ -770,8 +770,9 @@ def gpu_launch(job: SandboxJob, *, bwrap: str | None = None) -> LaunchResult:
         os.close(info_r)
         if cgroup is not None:
             if _cgroup_oom_kills(cgroup) and supervisor is not None and not supervisor.stopped:
-                supervisor.stopped = ("oom", f"over the memory cap of {job.max_memory_bytes} "
-                                             "bytes (cgroup memory.max): killed")
+                detail = (f"over the memory cap of {job.max_memory_bytes} bytes "
+                          "(cgroup memory.max): killed")
+                supervisor.stopped = ("oom", detail)
             _remove_cgroup(cgroup)
         rejected = _hand_back(out, owner, chown=uid is not None, on_line=on_line, job=job)
 

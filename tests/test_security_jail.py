@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-
 from conftest import AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, fake_code_repo
-from runner import catalog, db, ledger, schema, sandbox
+
+from runner import catalog, db, ledger, sandbox, schema
 from runner.errors import ForgeError, TrainingFailed
 from runner.sandbox import SandboxJob, gpu_launch, sandbox_plan
 
@@ -246,8 +246,8 @@ def test_seccomp_filter_follows_its_table(arch):
 
 
 def _train(**kw):
-    args = dict(agent_id=AGENT, wall_time_cap_min=5, vram_cap_gb=1, allow_dirty=False,
-                overrides=["training.max_epochs=1"])
+    args = {"agent_id": AGENT, "wall_time_cap_min": 5, "vram_cap_gb": 1, "allow_dirty": False,
+            "overrides": ["training.max_epochs=1"]}
     args.update(kw)
     return train_model_version_(**args)
 
@@ -426,7 +426,7 @@ def test_metrics_link_to_a_root_only_host_file_is_never_followed(
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, body)))
     with host_deadline(120):
         result = _train()
-    run, client = _host_run(result["mlflow"]["run_id"])
+    run, _ = _host_run(result["mlflow"]["run_id"])
     assert "leaked_secret" not in run.data.metrics and "leak" not in run.data.metrics
     assert 31337 not in run.data.metrics.values()
     assert run.data.metrics["val_loss"] == 0.5  # the stream itself was relayed
@@ -443,7 +443,7 @@ def test_metric_with_an_invalid_name_is_skipped_and_the_run_registers(
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, body)))
     with host_deadline(120):
         result = _train()
-    run, client = _host_run(result["mlflow"]["run_id"])
+    run, _ = _host_run(result["mlflow"]["run_id"])
     assert run.data.metrics["val_loss"] == 0.25
     assert "bad%name" not in run.data.metrics and "train_loss" not in run.data.metrics
     err = capfd.readouterr().err
