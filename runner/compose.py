@@ -37,13 +37,12 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import InvalidOverride
+from trainers import manifest as contract  # the trainer's settings, declared once
 
 CONFIG_NAME = "train"
 SCHEMA_NAME = "forge_train_schema"
 GROUPS = ("parent", "dataset", "training", "sandbox", "tracking", "registry", "pricing")
-TASKS = ("finetune_celltype", "pretrain_mgm")
-PRECISIONS = ("32", "bf16-mixed", "16-mixed", "auto")  # trainers/manifest.py
-EMB_STYLES = ("continuous", "category")
+TASKS = contract.TASKS
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 INT_MAX = 2**31 - 1  # caps live in INTEGER columns
 
@@ -53,17 +52,33 @@ QUOTING_FIX = ("quote a value holding '=', spaces or special characters: key='a=
 
 # --- the typed schema: one dataclass per config group ------------------------------------------
 
-@dataclass
-class ParentConf:
-    artifact_id: str = MISSING
-    family: str = "scgpt"
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    d_hid: int = 256
-    dropout: float = 0.1
-    n_bins: int = 51
-    input_emb_style: str = "continuous"
+def _from_contract(name: str, spec: type, names: tuple[str, ...], *, head=(),
+                   defaults: dict | None = None, required: bool = False) -> type:
+    """A config dataclass whose fields are `names` of the trainer's dataclass `spec`, with
+    its types and defaults (`defaults` overrides them; `required`: the field has a value
+    whatever its type says). Derived, so the config and the manifest cannot drift apart."""
+    hints = typing.get_type_hints(spec)
+    out = list(head)
+    for key in names:
+        tp, args = hints[key], typing.get_args(hints[key])
+        if type(None) in args:  # `int | None` -> Optional[int]: what OmegaConf reads
+            inner = next(a for a in args if a is not type(None))
+            tp = inner if required else Optional[inner]
+        f = spec.__dataclass_fields__[key]
+        default = (defaults or {}).get(key, f.default)
+        out.append((key, tp, field(default=MISSING if default is dataclasses.MISSING
+                                   else default)))
+    cls = dataclasses.make_dataclass(name, out)
+    cls.__module__ = __name__  # pickled with composed configs (the disk cache)
+    return cls
+
+
+# parent: the registry artifact's id and family, then the architecture the trainer rebuilds
+# (trainers/manifest.py ModelSpec, its defaults MODEL_DEFAULTS).
+ParentConf = _from_contract(
+    "ParentConf", contract.ModelSpec, tuple(contract.MODEL_DEFAULTS),
+    head=[("artifact_id", str, field(default=MISSING)), ("family", str, field(default="scgpt"))],
+    defaults=contract.MODEL_DEFAULTS, required=True)
 
 
 @dataclass
@@ -74,30 +89,16 @@ class DatasetConf:
     label_key: Optional[str] = None
 
 
-@dataclass
-class TrainingConf:
-    task: str = MISSING
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    max_epochs: int = 10
-    batch_size: int = 64
-    seed: int = 0
-    split_seed: Optional[int] = None
-    precision: str = "32"
-    max_seq_len: int = 257
-    mask_ratio: float = 0.0
-    early_stopping_patience: int = 3
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    limit_train_batches: Optional[int] = None
-    limit_eval_batches: Optional[int] = None
-    eval_batch_size: Optional[int] = None
-    warmup_steps: int = 0
-    grad_clip: Optional[float] = 1.0
-    class_weighting: str = "none"
-    log_every_n_steps: int = 20
-    include_zero_gene: bool = False
-    num_threads: Optional[int] = None
+# training: the trainer's settings (trainers/manifest.py TrainingSpec) and the manifest's
+# task, seed and num_threads. Their rules are the trainer's too: validate_config() checks the
+# manifest the host would send.
+_TrainingHead = _from_contract("_TrainingHead", contract.Manifest,
+                               contract.CONFIG_TRAINING_FIELDS)
+TrainingConf = _from_contract(
+    "TrainingConf", contract.TrainingSpec,
+    tuple(f.name for f in dataclasses.fields(contract.TrainingSpec)),
+    head=[(f.name, typing.get_type_hints(_TrainingHead)[f.name], field(default=f.default))
+          for f in dataclasses.fields(_TrainingHead)])
 
 
 @dataclass
@@ -705,7 +706,8 @@ def _json_type(tp: Any, name: str) -> dict:
     base = next((a for a in args if a is not type(None)), tp) if args else tp
     kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[base]
     out["type"] = [kind, "null"] if nullable else kind
-    choices = {"task": TASKS, "precision": PRECISIONS}.get(name)
+    choices = {"task": contract.TASKS, "precision": contract.PRECISIONS,
+               "class_weighting": contract.CLASS_WEIGHTINGS}.get(name)
     if choices:
         out["enum"] = list(choices)
     elif base is str:
@@ -744,9 +746,20 @@ def compose_resolved(overrides: list[str] | None = None, training_config: dict |
 
 
 def merge_config(cfg: DictConfig, data: dict, source: str) -> tuple[DictConfig, dict]:
-    """Merge `data` (from `source`, named in errors) into a composed config; validate."""
+    """Merge `data` (from `source`, named in errors) into a composed config; validate. A value
+    of `data` that fails validation is the source's to fix (InvalidConfig), not the caller's."""
+    from runner.errors import InvalidConfig
+
     merged = _merge(cfg, data, source)
-    return merged, validate_config(merged)
+    try:
+        return merged, validate_config(merged)
+    except InvalidOverride as exc:
+        value = _get(data, exc.field or "", _ABSENT)
+        if value is _ABSENT:
+            raise
+        raise InvalidConfig(f"the {source} gives {exc.field}={value!r}: {exc.message}",
+                            field=exc.field, reason=f"invalid_{source}_value",
+                            fix=f"correct the {source}'s record ({exc.fix})") from None
 
 
 _cache: OrderedDict[tuple, DictConfig] = OrderedDict()
@@ -798,11 +811,13 @@ def _disk_cache_path(key: tuple) -> Path:
 
 @lru_cache(maxsize=1)
 def _code_stamp() -> list:
-    """Versions of what composes: this module (the schema), Hydra and OmegaConf."""
+    """Versions of what composes: this module and the trainer's contract (the schema),
+    Hydra and OmegaConf."""
     from importlib.util import find_spec
 
     out = []
-    for origin in (__file__, find_spec("hydra").origin, find_spec("omegaconf").origin):
+    for origin in (__file__, contract.__file__, find_spec("hydra").origin,
+                   find_spec("omegaconf").origin):
         st = os.stat(origin)
         out.append([origin, st.st_size, st.st_mtime_ns])
     return out
@@ -1053,35 +1068,11 @@ def _finite(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-# (field, check, what it must be)
+# (field, check, what it must be): the host's own settings. The trainer's (training.*, the
+# architecture parent.*, the dataset's format) are the trainer's rules: _check_manifest().
 _RULES: list[tuple[str, Any, str]] = [
     ("parent.artifact_id", lambda v: isinstance(v, str) and v != "", "a registry artifact id"),
-    ("parent.n_layers", _positive_int, "an integer >= 1"),
-    ("parent.d_model", _positive_int, "an integer >= 1"),
-    ("parent.n_heads", _positive_int, "an integer >= 1"),
-    ("parent.d_hid", _positive_int, "an integer >= 1"),
-    ("parent.n_bins", lambda v: _positive_int(v) and v >= 2, "an integer >= 2"),
-    ("parent.dropout", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
-    ("parent.input_emb_style", lambda v: v in EMB_STYLES, f"one of {', '.join(EMB_STYLES)}"),
     ("dataset.artifact_id", lambda v: isinstance(v, str) and v != "", "a registry artifact id"),
-    ("training.task", lambda v: v in TASKS, f"one of {', '.join(TASKS)}"),
-    ("training.lr", lambda v: _finite(v) and 0 < v < 10, "a number in (0, 10)"),
-    ("training.weight_decay", lambda v: _finite(v) and v >= 0, "a number >= 0"),
-    ("training.max_epochs", _positive_int, "an integer >= 1"),
-    ("training.batch_size", _positive_int, "an integer >= 1"),
-    ("training.seed", lambda v: isinstance(v, int) and 0 <= v <= 2**32 - 1,
-     "an integer in [0, 2**32)"),
-    ("training.split_seed", lambda v: v is None or (isinstance(v, int) and 0 <= v <= 2**32 - 1),
-     "null (the run's seed) or an integer in [0, 2**32)"),
-    ("training.precision", lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-    ("training.max_seq_len", lambda v: _positive_int(v) and v >= 2, "an integer >= 2"),
-    ("training.mask_ratio", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
-    ("training.early_stopping_patience", lambda v: isinstance(v, int) and 0 <= v <= INT_MAX,
-     "an integer >= 0"),
-    ("training.val_fraction", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
-    ("training.test_fraction", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
-    ("training.limit_train_batches", lambda v: v is None or _positive_int(v),
-     "null (all) or an integer >= 1"),
     ("sandbox.grace_s", lambda v: _finite(v) and 0 <= v <= 3600, "seconds in [0, 3600]"),
     ("sandbox.max_processes", _positive_int, "an integer >= 1"),
     ("sandbox.tmp_size_gb", lambda v: _finite(v) and v > 0, "a number > 0"),
@@ -1126,17 +1117,7 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> dict
             raise InvalidOverride(f"{path} must be {must_be}, got {value!r}", field=path,
                                   override=by_key.get(path), problem="value",
                                   fix=f"set {path} to {must_be}")
-    training = plain["training"]
-    if training["val_fraction"] + training["test_fraction"] >= 1:
-        raise InvalidOverride("training.val_fraction + training.test_fraction must be < 1",
-                              field="training.val_fraction", problem="value",
-                              fix="leave some data for training")
-    parent = plain["parent"]
-    if parent["d_model"] % parent["n_heads"]:
-        raise InvalidOverride(
-            f"parent.d_model ({parent['d_model']}) must be divisible by parent.n_heads "
-            f"({parent['n_heads']})", field="parent.n_heads", problem="value",
-            override=by_key.get("parent.n_heads"), fix="pick n_heads dividing d_model")
+    _check_manifest(plain, by_key)
     for name, price in (plain["pricing"].get("per_device") or {}).items():
         if not _finite(price) or price < 0:
             raise InvalidOverride(f"pricing.per_device.{name} must be a number >= 0",
@@ -1149,6 +1130,34 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> dict
             override=by_key.get("device"), problem="unknown_option", options=["auto", *devices],
             fix=f"use device=auto or one of {', '.join(devices)}")
     return plain
+
+
+# Manifest fields (trainers/manifest.py) and the config keys they come from, where the
+# names differ (runner/launch.py build_manifest); model.* is parent.*, the rest keep theirs.
+_MANIFEST_SOURCES = {"task": "training.task", "seed": "training.seed",
+                     "num_threads": "training.num_threads", "dataset.name": "dataset.source",
+                     "experiment_name": "tracking.experiment_name"}
+
+
+def _check_manifest(plain: dict, by_key: dict[str, str]) -> None:
+    """Build the manifest the host would send for `plain` and check it with the trainer's
+    own parser: what the trainer would refuse after the debit is refused here, naming the
+    config key that set it."""
+    from runner.launch import build_manifest
+
+    try:
+        contract.parse_manifest(build_manifest(plain, "dry-run", "cpu", from_parent=True))
+    except contract.ManifestError as exc:
+        where = exc.field
+        path = _MANIFEST_SOURCES.get(where) or (
+            f"parent.{where[len('model.'):]}" if where.startswith("model.") else where)
+        message = str(exc).split(f"{where}: ", 1)[-1]
+        rule = message.split(", got ", 1)[0]
+        raise InvalidOverride(f"{path} {rule}, got {_get(plain, path)!r}", field=path,
+                              override=by_key.get(path), problem="value",
+                              fix=(f"set {path} to {rule.removeprefix('must be ')}"
+                                   if rule.startswith("must be ")
+                                   else f"change {path} ({rule})")) from None
 
 
 _ABSENT = object()

@@ -21,12 +21,13 @@ from pathlib import Path
 
 from runner.errors import TrainingFailed
 from runner.sandbox import printable
+from trainers.manifest import EXIT_REASONS
 
 MAX_RESULT_BYTES = 1024**2
 MAX_RESULT_DEPTH = 32
 CHECKPOINT_DIR = "checkpoint"  # out/checkpoint: the only place a checkpoint is taken from
-# Exit codes of trainers.entrypoint (see trainers/entrypoint.py).
-TRAINER_REASONS = {2: "invalid_manifest", 3: "nan_loss", 4: "oom"}
+# Exit codes of trainers.entrypoint and their reasons (trainers/manifest.py).
+TRAINER_REASONS = EXIT_REASONS
 FIXES = {"timeout": "raise wall_time_cap_min or shorten training",
          "nan_loss": "lower training.lr",
          "oom": "lower training.batch_size or vram",

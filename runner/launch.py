@@ -18,9 +18,9 @@ from runner import catalog, codepin, handback, hook, ledger, settings, weights
 from runner.api import sandbox_timing
 from runner.errors import (Conflict, DatasetUnavailable, ForgeError, InvalidConfig,
                            RegistrationFailed)
+from trainers.manifest import PRIMARY_METRIC
 
 ENTRYPOINT = "trainers.entrypoint"
-PRIMARY_METRIC = {"finetune_celltype": "test_macro_f1", "pretrain_mgm": "test_mse"}
 RUN_OUTPUTS = ("result.json", "confusion_matrix.png", "learning_curves.png")
 
 

@@ -140,7 +140,7 @@ def _sweep_job() -> dict | None:
 
 def _record(job: dict, cfg, result: dict | None = None, error=None) -> None:
     from runner import sweep
-    from runner.launch import PRIMARY_METRIC
+    from trainers.manifest import PRIMARY_METRIC
 
     metric_name = PRIMARY_METRIC.get(cfg.training.task)
     outcome = {"job": job["job"], "overrides": job["overrides"], "metric_name": metric_name}

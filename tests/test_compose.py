@@ -302,7 +302,7 @@ def test_forge_train_bad_sweep_override_is_exit_2(tmp_path):
 
 DISK_CASES = [
     [], ["training=pretrain_mgm", "training.lr=2e-4"], ["+note='a=b'", "+count=3"],
-    ["+training.extra=[1,2]", "dataset.label_key='123'"], ["training.precision='16-mixed'"],
+    ["+extra=[1,2]", "dataset.label_key='123'"], ["training.precision='16-mixed'"],
     ["++training.lr=0.5", "agent_id=a1", "device=h200"], ["dataset.source='a$b {c}'"],
 ]
 

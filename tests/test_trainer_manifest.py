@@ -97,3 +97,131 @@ def test_parent_architecture_must_agree():
     assert resolve_model(ModelSpec(), parent)["dropout"] == 0.2
     with pytest.raises(ManifestError, match=r"model\.d_model: is 256 but the parent"):
         resolve_model(ModelSpec(d_model=256), parent)
+
+
+# --- one contract: the host's config and dry run are derived from this module ---------------------
+
+def test_the_config_schema_is_derived_from_the_manifest():
+    import dataclasses
+    import typing
+
+    from runner import compose
+    from trainers import manifest
+
+    training = typing.get_type_hints(compose.TrainingConf)
+    spec = typing.get_type_hints(manifest.TrainingSpec)
+    assert set(training) == set(spec) | set(manifest.CONFIG_TRAINING_FIELDS)
+    for name, tp in spec.items():
+        assert typing.get_args(training[name]) == typing.get_args(tp) or training[name] is tp
+    defaults = {f.name: f.default for f in dataclasses.fields(compose.TrainingConf)}
+    assert defaults["warmup_steps"] == manifest.TrainingSpec().warmup_steps
+    parent = {f.name for f in dataclasses.fields(compose.ParentConf)}
+    assert parent == {"artifact_id", "family", *manifest.MODEL_DEFAULTS}
+
+
+def test_the_manifest_imports_without_torch_or_the_host():
+    import subprocess
+    import sys
+
+    code = ("import sys, trainers.manifest\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'lightning', 'runner', 'sqlalchemy', 'mlflow')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_exit_codes_and_the_primary_metric_are_declared_once():
+    from runner import handback, launch, sandbox
+    from trainers import entrypoint, manifest
+
+    assert launch.PRIMARY_METRIC is manifest.PRIMARY_METRIC
+    assert handback.TRAINER_REASONS is manifest.EXIT_REASONS
+    assert sandbox.EXIT_OOM == entrypoint.EXIT_OOM == manifest.EXIT_OOM
+    assert set(manifest.PRIMARY_METRIC) == set(manifest.TASKS)
+
+
+def test_every_preset_composes_to_a_manifest_the_trainer_accepts(tmp_path, monkeypatch):
+    from runner import compose
+    from runner.launch import build_manifest
+
+    monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path))
+    for training in compose.group_options("training"):
+        for dataset in compose.group_options("dataset"):
+            plain = compose.to_plain(compose.compose_config([f"training={training}",
+                                                             f"dataset={dataset}"]))
+            parse_manifest(build_manifest(plain, "run", "cpu", from_parent=True))
+
+
+@pytest.mark.parametrize("override", ["training.class_weighting=foo",
+                                      "training.warmup_steps=-5",
+                                      "training.log_every_n_steps=0",
+                                      "training.eval_batch_size=0",
+                                      "training.limit_eval_batches=-1",
+                                      "training.grad_clip=0"])
+def test_the_dry_run_refuses_what_the_trainer_would(override, registry_and_code):
+    from conftest import count_rows
+
+    from runner import api
+    from runner.errors import InvalidOverride
+
+    field = override.split("=")[0]
+    for dry_run in (True, False):
+        before = count_rows(registry_and_code)
+        with pytest.raises(InvalidOverride) as info:
+            api.train_model_version(PARENT, DATASET, agent_id="a1", dry_run=dry_run,
+                                    overrides=[override])
+        assert info.value.field == field and info.value.details["override"] == override
+        assert info.value.details["problem"] == "value" and info.value.fix
+        after = count_rows(registry_and_code)
+        assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == \
+            {"tool_calls": 1}  # the audit row; no allocation, no debit
+
+
+def test_a_registry_architecture_the_trainer_refuses_is_refused_before_any_debit(
+        registry_and_code):
+    from conftest import count_rows
+
+    from runner import api, catalog, ledger
+    from runner.errors import InvalidConfig
+
+    catalog.register_model(
+        artifact_id="model-two-bins", title="two bins", created_by="test",
+        metadata={"family": "scgpt", "framework": "scgpt",
+                  "architecture": {"n_layers": 2, "d_model": 32, "n_heads": 4, "n_bins": 2}})
+    for dry_run in (True, False):
+        before = count_rows(registry_and_code)
+        with pytest.raises(InvalidConfig) as info:
+            api.train_model_version("model-two-bins", DATASET, agent_id="a1", dry_run=dry_run)
+        err = info.value
+        assert err.field == "parent.n_bins" and "registry" in str(err) and ">= 3" in err.fix
+        after = count_rows(registry_and_code)
+        assert {k for k in after if after[k] != before[k]} == {"tool_calls"}
+    assert ledger.balance("a1") == 10
+
+
+PARENT, DATASET = "model-scgpt-cbmc-base", "dataset-geo-GSE100866"
+
+
+@pytest.fixture
+def registry_and_code(sqlite_url, tmp_path, monkeypatch):
+    """The parent, the dataset, agent a1 with 10 credits and a clean code repository."""
+    import git
+
+    from runner import catalog, ledger
+
+    path = tmp_path / "code"
+    repo = git.Repo.init(path, initial_branch="main")
+    (path / "train.py").write_text("print('train')\n")
+    repo.index.add(["train.py"])
+    repo.index.commit("initial", author=git.Actor("t", "t@x"), committer=git.Actor("t", "t@x"))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(path))
+    monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path / "cache"))
+    catalog.register_model(artifact_id=PARENT, title="base", created_by="test",
+                           metadata={"family": "scgpt", "framework": "scgpt"})
+    catalog.register_dataset(DATASET, "CBMC", {
+        "source": "test", "external_id": "x", "url": "https://example.org/data",
+        "license": "CC0", "format": "cbmc_mat", "row_count": 10,
+        "schema_summary": "cells x genes", "sha256": "a" * 64})
+    ledger.grant("a1", "10")
+    return sqlite_url

@@ -22,9 +22,8 @@ import traceback
 from pathlib import Path
 
 from trainers.data.load import DatasetError
-from trainers.manifest import Manifest, ManifestError, load_manifest
-
-EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_NAN, EXIT_OOM = 0, 1, 2, 3, 4
+from trainers.manifest import (EXIT_ERROR, EXIT_INVALID, EXIT_NAN, EXIT_OK, EXIT_OOM, Manifest,
+                               ManifestError, load_manifest)
 
 
 def train(m: Manifest, state: dict) -> dict:

@@ -42,6 +42,12 @@ pretrain 2 epochs at max_seq_len 129, then fine-tune up to 15 epochs at 257, on 
 With a parent checkpoint its args.json decides the architecture: model fields given in
 the manifest must equal the parent's (dropout may differ: it is a training setting).
 The parent's vocab.json is the vocabulary; dataset genes outside it are dropped.
+
+This module is the one declaration of the trainer's contract: the settings (`TrainingSpec`,
+plus `CONFIG_TRAINING_FIELDS` of `Manifest`) with their types and rules (`_check`), the exit
+codes and the primary metric per task. The host derives its config schema
+(runner/compose.py TrainingConf) from it and runs `parse_manifest` on the manifest it would
+send in every dry run, so whatever the trainer would refuse is refused before any debit.
 """
 
 from __future__ import annotations
@@ -61,6 +67,14 @@ DATASET_FORMATS = ("cbmc_mat", "h5ad", "mat", "csv")
 INPUT_EMB_STYLES = ("continuous", "category")
 CLASS_WEIGHTINGS = ("none", "balanced", "sqrt")
 ARCH_FIELDS = ("n_layers", "d_model", "n_heads", "d_hid", "n_bins", "input_emb_style")
+SEED_MAX = 2**32 - 1  # numpy's seeds
+# Manifest fields the host's config keeps with the training settings (config `training.*`).
+CONFIG_TRAINING_FIELDS = ("task", "seed", "num_threads")
+# The metric a run is judged by, per task: registration needs it, sweeps optimise it.
+PRIMARY_METRIC = {"pretrain_mgm": "test_mse", "finetune_celltype": "test_macro_f1"}
+# How trainers.entrypoint exits, and the reason the host records for each failure.
+EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_NAN, EXIT_OOM = 0, 1, 2, 3, 4
+EXIT_REASONS = {EXIT_INVALID: "invalid_manifest", EXIT_NAN: "nan_loss", EXIT_OOM: "oom"}
 
 
 class ManifestError(ValueError):
@@ -234,7 +248,7 @@ def _check(m: Manifest) -> None:
          f"unsupported version {m.manifest_version} (this trainer reads {MANIFEST_VERSION})")
     choice(m.task, TASKS, "task")
     choice(m.device, DEVICES, "device")
-    need(m.seed >= 0, "seed", "must be >= 0")
+    need(0 <= m.seed <= SEED_MAX, "seed", f"must be in [0, {SEED_MAX}]")
     need(m.vram_cap_gb is None or m.vram_cap_gb > 0, "vram_cap_gb", "must be > 0")
     need(m.num_threads is None or m.num_threads >= 1, "num_threads", "must be >= 1")
     need(bool(m.output_dir), "output_dir", "must not be empty")
@@ -279,7 +293,8 @@ def _check(m: Manifest) -> None:
     need(0 < t.test_fraction < 1, "training.test_fraction", "must be in (0, 1)")
     need(t.val_fraction + t.test_fraction < 1, "training.test_fraction",
          "val_fraction + test_fraction must be < 1")
-    need(t.split_seed is None or t.split_seed >= 0, "training.split_seed", "must be >= 0 or null")
+    need(t.split_seed is None or 0 <= t.split_seed <= SEED_MAX, "training.split_seed",
+         f"must be in [0, {SEED_MAX}] or null")
     for name in ("limit_train_batches", "limit_eval_batches"):
         v = getattr(t, name)
         need(v is None or v >= 1, f"training.{name}", "must be >= 1 or null")
