@@ -494,7 +494,7 @@ def settle_retrying(allocation_id: str, actual_seconds: Any, status: str = "fail
         delay = min(delay * 2, 8.0)
 
 
-# --- recovery: heartbeat, expiry, reap -------------------------------------------------------------
+# --- recovery: heartbeat, expiry, reap ------------------------------------------------------------
 
 def host_id() -> str:
     """Who runs a job: hostname:pid of this process."""
