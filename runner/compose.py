@@ -5,7 +5,9 @@ schema (`TrainConfig`, registered in Hydra's ConfigStore as `forge_train_schema`
 the result with the same `validate_config()`. The Python API and plain `forge-train` dry runs
 compose through Hydra's Compose API (`compose_config()`); other `forge-train` runs through
 `@hydra.main`. Hydra's own override parser checks override strings; struct mode and the
-schema's types check keys and values; `validate_config()` checks ranges and choices.
+schema's types check keys and values; `validate_config()` checks the host's own ranges and
+runs the trainer's manifest parser on the manifest the host would send. The training and
+architecture schema is derived from trainers/manifest.py, the trainer's one declaration.
 
 What a caller (an agent, an override string, a training_config) may set at all is one
 table here ("who may set what"), checked before anything is composed by both entry points
@@ -654,10 +656,13 @@ def check_caller_dict(data: Any, source: str = "training_config") -> None:
                                           field=f"{path}.{name}", problem="type",
                                           fix=_fix_for("type", f"training.{name}", []))
             continue
+        if key == "fit_budget":
+            raise InvalidOverride("fit_budget applies to a sweep (forge-train -m)", field=path,
+                                  problem="sweep", fix="drop it: train_model_version runs one job")
         if key in ARGUMENT_KEYS or key in CLI_KEYS or (
                 key in ("parent", "dataset") and isinstance(value, dict)
                 and set(value) == {"artifact_id"}):
-            arg = key if key in ARGUMENT_KEYS else f"{key}_artifact_id"
+            arg = key if key in ARGUMENT_KEYS or key in CLI_KEYS else f"{key}_artifact_id"
             raise InvalidOverride(f"{source} sets {key}, an argument", field=key,
                                   problem="argument", fix=f"pass it as the {arg} argument")
         if key in OPERATOR_GROUPS or key in _schema_keys(""):

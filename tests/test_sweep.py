@@ -192,9 +192,9 @@ def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tmp_path, monkeyp
     runs = mlflow_runs()
     parent = [r for r in runs if r.data.tags.get("forge.sweep") == "true"][0]
     assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == 4
-    home = Path(os.environ["FORGE_HOME"])  # one output directory per allocation: no collisions
-    for alloc in allocations(sqlite_registry):
-        assert (home / "runs" / alloc["id"] / "out" / "result.json").is_file()
+    home = Path(os.environ["FORGE_HOME"])  # one run folder per allocation: no collisions
+    for alloc in allocations(sqlite_registry):  # cleaned after registration: the log stays
+        assert (home / "runs" / alloc["id"] / "job.log").is_file()
     assert ledger.check() == []
 
 
