@@ -52,6 +52,7 @@ send in every dry run, so whatever the trainer would refuse is refused before an
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import types
@@ -183,10 +184,15 @@ def parse_manifest(raw: dict) -> Manifest:
 
 # ---------------------------------------------------------------- parsing
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)  # slow, and the host checks a manifest per dry run
+
+
 def _build(cls, raw, path: str):
     if not isinstance(raw, dict):
         raise ManifestError(path or "<root>", f"must be an object, got {_tn(raw)}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     known = {f.name: f for f in fields(cls)}
     for key in raw:
         if key not in known:
