@@ -41,10 +41,9 @@ def setup(home: Path) -> None:
     db.upgrade()
     catalog.register_model(artifact_id=PARENT, title="scGPT CBMC base", created_by="bench",
                            metadata={"family": "scgpt", "framework": "scgpt"})
-    catalog.register_dataset(DATASET, "CBMC CITE-seq", {
-        "source": "geo", "external_id": "GSE100866", "url": "https://example.org/cbmc",
-        "license": "public", "format": "cbmc_mat", "row_count": 8617,
-        "schema_summary": "cells x genes", "sha256": "0" * 64})
+    from trainers.data.fetch import builtin_citation
+
+    catalog.register_dataset(DATASET, "CBMC CITE-seq", builtin_citation("cbmc"))
     ledger.grant("bench", "1000")
 
 

@@ -187,8 +187,9 @@ def prepare(parent_artifact_id, dataset_artifact_id, training_config=None, *, ag
     problems: list[ForgeError] = []
     parent, dataset, account = _read_registry(db_url, parent_artifact_id, dataset_artifact_id,
                                               agent_id, problems)
-    derived = _registry_values(parent, dataset)
-    if derived:
+    derived = {group: values for group, values in _registry_values(parent, dataset).items()
+               if any(resolved[group].get(k) != v for k, v in values.items())}
+    if derived:  # the registry disagrees with conf/: it wins (a merge costs a validation)
         from runner import compose
 
         cfg, resolved = compose.merge_config(cfg, derived, "registry")
@@ -370,13 +371,6 @@ def _check_policy(resolved: dict, problems: list[ForgeError]) -> None:
             problems.append(CapOutOfPolicy(
                 f"{name} {value} is over the policy limit {limit}", field=name, value=value,
                 limit=limit, fix=f"ask for {name} <= {limit}"))
-
-
-def _group_choice(group: str, artifact_id: str) -> str | None:
-    from runner.compose import option_for_artifact
-
-    option = option_for_artifact(group, artifact_id)
-    return f"{group}={option}" if option else None
 
 
 def _check_not_arguments(overrides, training_config) -> None:

@@ -41,7 +41,21 @@ def launch(plan, *, parent_run_id: str | None = None,
     if alloc.get("existing"):
         return _earlier(alloc, resolved["tracking"]["detail_url"])
 
-    job = _Job(plan, alloc, plan.device.sandbox, parent_run_id, on_line)
+    try:
+        job = _Job(plan, alloc, plan.device.sandbox, parent_run_id, on_line)
+    except Exception as exc:  # nothing ran yet: give the whole debit back, now
+        error = exc if isinstance(exc, ForgeError) else RegistrationFailed(
+            f"cannot read the registry after the debit: {_first_line(exc)}",
+            reason="registry_unavailable", fix="check the registry database, then retry")
+        try:
+            ledger.settle_retrying(alloc["id"], 0, status="failed",
+                                   reason=f"{error.reason}: {error}"[:500])
+        except Exception as settle_exc:  # noqa: BLE001 - the reaper settles it later
+            print(f"warning: allocation {alloc['id']} left to `forge ledger reap`: "
+                  f"{_first_line(settle_exc)}", file=sys.stderr)
+        if error is exc:
+            raise
+        raise error from exc
     try:
         result = job.run()
     except BaseException as exc:
@@ -54,6 +68,11 @@ def launch(plan, *, parent_run_id: str | None = None,
         raise
     clean_run_dir(job.run_dir)
     return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class DiskFull(ForgeError):

@@ -232,3 +232,27 @@ def test_fresh_clone_with_nothing_set_would_launch(committed_code, base_checkpoi
     assert code.is_relative_to(home / "cache" / "code")
     assert not any(Path(b["host"]) in (committed_code, home)
                    for b in result["sandbox"]["binds"])
+
+
+def test_a_registry_error_right_after_the_debit_is_typed_and_refunded(registry, tmp_path,
+                                                                      monkeypatch):
+    """The job never starts when the registry fails between the debit and the launch: the
+    caller gets a typed error and the whole debit back, at once, not from the reaper."""
+    from runner.errors import ForgeError
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, trainer("{}"))))
+    real = catalog.get_artifact
+
+    def away(artifact_id, *, conn=None):
+        if conn is None:  # the launch's own read, after prepare() read in its transaction
+            raise sa.exc.OperationalError("SELECT artifacts", {}, Exception("server closed"))
+        return real(artifact_id, conn=conn)
+
+    monkeypatch.setattr(catalog, "get_artifact", away)
+    balance = ledger.balance(AGENT)
+    with pytest.raises(ForgeError) as err:
+        train_model_version(BASE_ID, DATASET_ID, **TINY)
+    assert err.value.reason == "registry_unavailable"
+    [alloc] = rows(registry, schema.resource_allocations)
+    assert alloc["status"] == "failed" and alloc["refunded"] == alloc["debited"]
+    assert ledger.balance(AGENT) == balance and ledger.check() == []

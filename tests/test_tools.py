@@ -88,6 +88,8 @@ def test_failure_rows_never_mask_the_exception(db_url):
 
 
 def test_unregistered_skill_still_audits(db_url):
+    with db.get_engine(db_url).begin() as conn:  # forge db upgrade registered it: undo that
+        conn.execute(sa.delete(skills))
     toy("2")
     (call,) = rows(db_url, tool_calls)
     assert call["skill_id"] is None and call["success"] is True
