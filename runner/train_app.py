@@ -49,7 +49,7 @@ def run(argv: list[str]) -> int:
             overrides = compose.cli_overrides(argv)
             cfg = compose.compose_config(overrides)
             if cfg.dry_run:
-                return execute(cfg)
+                return execute(cfg, under_hydra=False)
             flags, multirun = [], False
         else:
             flags, multirun, given = _hydra_flags(argv)
@@ -86,7 +86,7 @@ def _hydra_flags(argv: list[str]) -> tuple[list[str], bool, list[str]]:
     return flags, bool(args.multirun), list(args.overrides or [])
 
 
-def execute(cfg) -> int:
+def execute(cfg, *, under_hydra: bool = True) -> int:
     """The task: call train_model_version with the composed config and print its result.
 
     Inside a sweep (`-m`) the job nests its MLflow run under the sweep's parent run and
@@ -97,7 +97,7 @@ def execute(cfg) -> int:
     from runner.errors import ForgeError
     from runner.tools import jsonable
 
-    job = _sweep_job()
+    job = _sweep_job() if under_hydra else None  # a plain dry run never imports Hydra
     try:
         result = train_model_version(
             cfg.parent.artifact_id, cfg.dataset.artifact_id, agent_id=cfg.agent_id,
