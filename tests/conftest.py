@@ -211,3 +211,30 @@ STAND_IN_TRAINER = """
     json.dump({"status": "ok", "metrics": METRICS, "checkpoint": {"dir": "checkpoint"}},
               open(out / "result.json", "w"))
 """
+
+
+# --- a registry for dry runs: the pilot's parent and dataset ids, a clean scratch repository ------
+
+PILOT_PARENT, PILOT_DATASET = "model-scgpt-cbmc-base", "dataset-geo-GSE100866"
+
+
+def pilot_dry_run_registry(tmp_path: Path, monkeypatch) -> Path:
+    """The pilot's parent (no weights: dry runs never read them) and the CBMC dataset with its
+    real citation, agent a1 with 10 credits, and a one-commit repository as the code to pin."""
+    import git
+
+    from runner import catalog, ledger
+    from trainers.data.fetch import builtin_citation
+
+    path = tmp_path / "code"
+    repo = git.Repo.init(path, initial_branch="main")
+    (path / "train.py").write_text("print('train')\n")
+    repo.index.add(["train.py"])
+    who = git.Actor("t", "t@example.org")
+    repo.index.commit("initial", author=who, committer=who)
+    monkeypatch.setenv("FORGE_CODE_REPO", str(path))
+    catalog.register_model(artifact_id=PILOT_PARENT, title="scGPT CBMC base", created_by="test",
+                           metadata={"family": "scgpt", "framework": "scgpt"})
+    catalog.register_dataset(PILOT_DATASET, "CBMC", builtin_citation("cbmc"))
+    ledger.grant("a1", "10")
+    return path

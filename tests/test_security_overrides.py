@@ -13,17 +13,16 @@ import json
 import pickle
 import string
 
-import git
 import jsonschema
 import pytest
-from conftest import count_rows
+from conftest import PILOT_DATASET, PILOT_PARENT, count_rows, pilot_dry_run_registry
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from runner import api, catalog, compose, ledger, tools, train_app
+from runner import api, compose, ledger, tools, train_app
 from runner.errors import InvalidOverride
 
-PARENT, DATASET = "model-scgpt-cbmc-base", "dataset-geo-GSE100866"
+PARENT, DATASET = PILOT_PARENT, PILOT_DATASET
 CANARY = "canary-5e1f0c9d"
 CLI = ["parent=scgpt_cbmc_base", "dataset=cbmc", "agent_id=a1"]
 
@@ -37,20 +36,7 @@ def canary(monkeypatch, tmp_path_factory):
 @pytest.fixture
 def registry(sqlite_url, tmp_path, monkeypatch):
     """Parent, dataset, agent a1 with 10 credits, and a clean code repository to pin."""
-    path = tmp_path / "code"
-    repo = git.Repo.init(path, initial_branch="main")
-    (path / "train.py").write_text("print('train')\n")
-    repo.index.add(["train.py"])
-    who = git.Actor("t", "t@example.org")
-    repo.index.commit("initial", author=who, committer=who)
-    monkeypatch.setenv("FORGE_CODE_REPO", str(path))
-    catalog.register_model(artifact_id=PARENT, title="scGPT CBMC base", created_by="test",
-                           metadata={"family": "scgpt", "framework": "scgpt"})
-    catalog.register_dataset(DATASET, "CBMC", {
-        "source": "test", "external_id": "x", "url": "https://example.org/data",
-        "license": "CC0", "format": "cbmc_mat", "row_count": 10,
-        "schema_summary": "cells x genes", "sha256": "a" * 64})
-    ledger.grant("a1", "10")
+    pilot_dry_run_registry(tmp_path, monkeypatch)
     return sqlite_url
 
 

@@ -200,28 +200,14 @@ def test_a_registry_architecture_the_trainer_refuses_is_refused_before_any_debit
     assert ledger.balance("a1") == 10
 
 
-PARENT, DATASET = "model-scgpt-cbmc-base", "dataset-geo-GSE100866"
+PARENT, DATASET = "model-scgpt-cbmc-base", "dataset-geo-GSE100866"  # conftest PILOT_*
 
 
 @pytest.fixture
 def registry_and_code(sqlite_url, tmp_path, monkeypatch):
     """The parent, the dataset, agent a1 with 10 credits and a clean code repository."""
-    import git
+    from conftest import pilot_dry_run_registry
 
-    from runner import catalog, ledger
-
-    path = tmp_path / "code"
-    repo = git.Repo.init(path, initial_branch="main")
-    (path / "train.py").write_text("print('train')\n")
-    repo.index.add(["train.py"])
-    repo.index.commit("initial", author=git.Actor("t", "t@x"), committer=git.Actor("t", "t@x"))
-    monkeypatch.setenv("FORGE_CODE_REPO", str(path))
     monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path / "cache"))
-    catalog.register_model(artifact_id=PARENT, title="base", created_by="test",
-                           metadata={"family": "scgpt", "framework": "scgpt"})
-    catalog.register_dataset(DATASET, "CBMC", {
-        "source": "test", "external_id": "x", "url": "https://example.org/data",
-        "license": "CC0", "format": "cbmc_mat", "row_count": 10,
-        "schema_summary": "cells x genes", "sha256": "a" * 64})
-    ledger.grant("a1", "10")
+    pilot_dry_run_registry(tmp_path, monkeypatch)
     return sqlite_url
