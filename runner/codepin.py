@@ -172,6 +172,8 @@ def snapshot(pin: CodePin, root: str | Path) -> Path:
     import tarfile
     import tempfile
 
+    from runner.archive import extract_tar
+
     dest = snapshot_path(pin, root)
     name, root = dest.name, dest.parent
     if dest.is_dir():
@@ -184,7 +186,7 @@ def snapshot(pin: CodePin, root: str | Path) -> Path:
         if not pin.dirty:
             data = repo.git.archive(pin.sha, format="tar", stdout_as_string=False)
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                tar.extractall(tmp, filter="data")
+                extract_tar(tar, tmp)
         else:
             listed = repo.git.ls_files("-z", "--cached", "--others", "--exclude-standard")
             for rel in filter(None, listed.split("\0")):

@@ -25,6 +25,7 @@ import zipfile
 from pathlib import Path
 
 from runner import settings
+from runner.archive import UnsafeArchive, extract_tar
 from runner.catalog import validate_artifact_id
 from runner.errors import NotFound, WeightsIntegrityError
 
@@ -168,8 +169,15 @@ def _fetch_external(artifact: dict) -> Path:
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(staging)
     else:
-        with tarfile.open(archive) as tf:
-            tf.extractall(staging, filter="data")
+        try:
+            with tarfile.open(archive) as tf:
+                extract_tar(tf, staging)
+        except (UnsafeArchive, tarfile.TarError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise WeightsIntegrityError(f"origin_url {url}: unsafe or broken archive: {exc}",
+                                        field="origin_url",
+                                        fix="publish the checkpoint as plain files and folders "
+                                            "in a tar or zip archive") from exc
     entries = list(staging.iterdir())
     root = entries[0] if len(entries) == 1 and entries[0].is_dir() else staging
     _verify(artifact, file_hashes(root))
