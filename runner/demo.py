@@ -107,7 +107,7 @@ def ensure_base(profile: Profile) -> dict:
         output_dir=run_dir / "out", log_path=run_dir / "job.log",
         wall_time_cap_s=cfg["wall_time_cap_min"] * 60, vram_cap_gb=cfg["vram_cap_gb"]))
     result = read_result(run_dir / "out", launched)
-    stored = weights.store(BASE_ID, run_dir / "out" / CHECKPOINT_DIR)
+    stored = weights.store(profile.base_id, run_dir / "out" / CHECKPOINT_DIR)
     arch = {k: v for k, v in cfg["parent"].items() if k not in ("artifact_id", "family")}
     return catalog.register_model(
         artifact_id=profile.base_id,
