@@ -109,3 +109,10 @@ class InvalidConfig(InvalidInput):
 
 class DatasetUnavailable(ForgeError):
     reason = "dataset_unavailable"
+
+
+class InternalError(ForgeError):
+    """Something on the host side failed that has no better type (a bug, a broken library):
+    the allocation is settled and the cause is chained."""
+
+    reason = "internal_error"

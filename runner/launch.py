@@ -16,7 +16,7 @@ from typing import Callable
 
 from runner import catalog, codepin, handback, hook, ledger, settings, weights
 from runner.api import sandbox_timing
-from runner.errors import (Conflict, DatasetUnavailable, ForgeError, InvalidConfig,
+from runner.errors import (Conflict, DatasetUnavailable, ForgeError, InternalError, InvalidConfig,
                            RegistrationFailed)
 from trainers.manifest import PRIMARY_METRIC
 
@@ -65,6 +65,11 @@ def launch(plan, *, parent_run_id: str | None = None,
             raise DiskFull(f"the disk filled up during the job: {exc.strerror}",
                            field="registry.min_free_gb",
                            fix="free space under FORGE_HOME, then retry") from exc
+        if isinstance(exc, Exception) and not isinstance(exc, ForgeError):
+            raise InternalError(  # settled above; the caller still gets a type and a reason
+                f"the launch failed on the host: {type(exc).__name__}: {_first_line(exc)}",
+                fix="the allocation is settled; report this with the job log "
+                    f"{job.run_dir / 'job.log'}") from exc
         raise
     clean_run_dir(job.run_dir)
     return result

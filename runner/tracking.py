@@ -55,7 +55,9 @@ def experiment_id(mlflow_client, name: str, artifact_root: Path) -> str:
     if existing is not None:
         return existing.experiment_id
     try:
-        return mlflow_client.create_experiment(name, artifact_location=(artifact_root / name).as_uri())
+        # FORGE_HOME defaults to ./outputs: a relative root is the cwd's, as for the registry
+        location = (Path(artifact_root).resolve() / name).as_uri()
+        return mlflow_client.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another job
         existing = mlflow_client.get_experiment_by_name(name)
         if existing is None:

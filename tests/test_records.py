@@ -256,3 +256,29 @@ def test_a_registry_error_right_after_the_debit_is_typed_and_refunded(registry, 
     [alloc] = rows(registry, schema.resource_allocations)
     assert alloc["status"] == "failed" and alloc["refunded"] == alloc["debited"]
     assert ledger.balance(AGENT) == balance and ledger.check() == []
+
+
+def test_an_unexpected_host_error_mid_launch_is_typed_and_settled(registry, tmp_path,
+                                                                  monkeypatch):
+    from runner.errors import InternalError
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, trainer("{}"))))
+
+    def broken(*_a, **_k):
+        raise ValueError("a library bug")
+
+    monkeypatch.setattr(tracking, "open_run", broken)
+    with pytest.raises(InternalError) as err:
+        train_model_version(BASE_ID, DATASET_ID, **TINY)
+    assert err.value.reason == "internal_error" and "a library bug" in str(err.value)
+    [alloc] = rows(registry, schema.resource_allocations)
+    assert alloc["status"] == "failed" and ledger.check() == []
+
+
+def test_a_relative_artifact_root_is_the_cwds(tmp_path, monkeypatch):
+    """FORGE_HOME unset: the tracking config names ./outputs/mlartifacts."""
+    monkeypatch.chdir(tmp_path)
+    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracking.experiment_id(client, "rel", Path("outputs/mlartifacts"))
+    location = client.get_experiment(exp).artifact_location
+    assert location == (tmp_path / "outputs" / "mlartifacts" / "rel").as_uri()
