@@ -37,7 +37,6 @@ VOLATILE_KEYS = ("agent_id", "dry_run", "allow_dirty", "fit_budget", "tracking",
                  "policy", "pricing", "sandbox")
 # What a caller may set, and which config keys the arguments set: runner.compose's tables
 # (ARGUMENT_KEYS, CHOICE_GROUPS, ...), shared with forge-train and the skill's input_schema.
-GIB = 1024**3
 
 
 # --- the request key ------------------------------------------------------------------------------
@@ -339,15 +338,6 @@ def price_per_hour(resolved: dict, device=None) -> Decimal:
     return ledger.to_price(pricing["price_per_hour"], "pricing.price_per_hour")
 
 
-def sandbox_timing(resolved: dict) -> tuple[float, float]:
-    """(seconds until SIGTERM, grace until SIGKILL). The grace period lies inside the
-    wall-time cap, so the job never outruns what the estimate debited and every second it
-    holds the device, grace included, is billed."""
-    total = float(resolved["wall_time_cap_min"] * 60)
-    grace = min(float(resolved["sandbox"]["grace_s"]), total / 2)
-    return total - grace, grace
-
-
 def _check_cap(value: Any, name: str) -> None:
     from runner.compose import INT_MAX
 
@@ -480,29 +470,17 @@ def _raise_db_error(exc: Exception) -> None:
 
 
 def _sandbox_plan(plan: Plan, problems: list[ForgeError]) -> dict:
-    """What the sandbox would run, as plain data (runner.sandbox.sandbox_plan)."""
-    import os
+    """What the sandbox would run, as plain data (runner.sandbox.sandbox_plan), built by the
+    same launch.sandbox_job() the real run uses. The job sees a snapshot of the pinned code,
+    never the working tree (which may hold FORGE_HOME: the registry DB and the tracking
+    store); its run dir is named after the allocation, which a dry run has not made."""
+    from runner import codepin, sandbox, settings
+    from runner.launch import sandbox_job
 
-    from runner import sandbox, settings
-
-    resolved = plan.resolved
-    box = resolved["sandbox"]
-    env = {k: os.environ[k] for k in box["env_allowlist"] if k in os.environ}
-    term_s, grace_s = sandbox_timing(resolved)
-    from runner import codepin
-
-    # The job sees a snapshot of the pinned code, never the working tree (which may hold
-    # FORGE_HOME: the registry DB and the tracking store). Its run dir is named after the
-    # allocation, which a dry run has not made.
-    job = sandbox.SandboxJob(
-        module="trainers.entrypoint",
-        code_dir=codepin.snapshot_path(plan.code, settings.cache_dir() / "code"),
+    job = sandbox_job(
+        plan.resolved, code_dir=codepin.snapshot_path(plan.code, settings.cache_dir() / "code"),
         output_dir=settings.forge_home() / "runs" / "<allocation-id>" / "out",
-        args=[f"{sandbox.IN_DIR}/manifest.json"],
-        wall_time_cap_s=term_s, grace_s=grace_s, vram_cap_gb=float(resolved["vram_cap_gb"]),
-        device=plan.device.sandbox if plan.device is not None else "cpu", env=env,
-        max_processes=box["max_processes"],
-        tmp_size_bytes=int(box["tmp_size_gb"] * GIB))
+        device=plan.device.sandbox if plan.device is not None else "cpu")
     if plan.devices > 1:
         problems.append(ForgeError(
             f"devices={plan.devices}: the sandbox gives a job one GPU at most", field="devices",

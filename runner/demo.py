@@ -84,7 +84,7 @@ def ensure_base(profile: Profile) -> dict:
     from runner import sandbox, weights
     from runner.compose import compose_config, to_plain
     from runner.handback import CHECKPOINT_DIR, read_result
-    from runner.launch import ENTRYPOINT, build_manifest
+    from runner.launch import ENTRYPOINT, build_manifest, sandbox_job
     from trainers.data import fetch
 
     cfg = to_plain(compose_config(["training=pretrain_mgm", *profile.pretrain]))
@@ -99,13 +99,11 @@ def ensure_base(profile: Profile) -> dict:
     console.print(f"pretraining the base [bold]{profile.base_id}[/] "
                   "(masked gene expression on CBMC)")
     started = catalog.now()
-    launched = sandbox.gpu_launch(sandbox.SandboxJob(
-        module=ENTRYPOINT, args=["/job/in/manifest.json"],
-        code_dir=codepin.snapshot(pin, settings.cache_dir() / "code"),
+    launched = sandbox.gpu_launch(sandbox_job(
+        cfg, code_dir=codepin.snapshot(pin, settings.cache_dir() / "code"),
         inputs={"manifest.json": run_dir / "manifest.json",
                 "dataset": fetch.fetch(cfg["dataset"]["source"], cache=settings.cache_dir())},
-        output_dir=run_dir / "out", log_path=run_dir / "job.log",
-        wall_time_cap_s=cfg["wall_time_cap_min"] * 60, vram_cap_gb=cfg["vram_cap_gb"]))
+        output_dir=run_dir / "out", log_path=run_dir / "job.log", device="cpu"))
     result = read_result(run_dir / "out", launched)
     stored = weights.store(profile.base_id, run_dir / "out" / CHECKPOINT_DIR)
     arch = {k: v for k, v in cfg["parent"].items() if k not in ("artifact_id", "family")}

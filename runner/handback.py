@@ -82,24 +82,48 @@ def read_result(out: Path, launched) -> dict:
     return result
 
 
-def _load(path: Path) -> dict:
-    """Parse and validate result.json, or raise FileNotFoundError / _Malformed."""
+class NotPlainFile(Exception):
+    """A file the job wrote that is not a regular file one can open without following a
+    link (a symlink, a FIFO, a device, ...)."""
+
+
+def read_job_file(path: Path, *, offset: int = 0, limit: int) -> tuple[bytes, int]:
+    """Up to `limit` bytes from `offset` of a file the job wrote, and the file's size.
+
+    Opened without following a link or blocking on a FIFO, and read only if fstat says it is
+    a regular file. Raises FileNotFoundError, or NotPlainFile with the reason."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
         raise
-    except OSError as exc:  # ELOOP: a link
-        raise _Malformed(f"cannot be opened as a plain file ({exc.strerror})") from None
+    except OSError as exc:  # ELOOP: a link; ENXIO, EACCES, ...
+        raise NotPlainFile(f"not read ({exc.strerror}): not a plain file") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise _Malformed("is not a regular file")
-        if st.st_size > MAX_RESULT_BYTES:
-            raise _Malformed(f"is {st.st_size} bytes, over the {MAX_RESULT_BYTES} allowed")
-        data = os.read(fd, MAX_RESULT_BYTES + 1)
+            raise NotPlainFile("is not a regular file: not read")
+        chunks, want, at = [], min(limit, max(0, st.st_size - offset)), offset
+        while want > 0:
+            chunk = os.pread(fd, min(want, 1024**2), at)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            at += len(chunk)
+            want -= len(chunk)
+        return b"".join(chunks), st.st_size
     finally:
         os.close(fd)
+
+
+def _load(path: Path) -> dict:
+    """Parse and validate result.json, or raise FileNotFoundError / _Malformed."""
+    try:
+        data, size = read_job_file(path, limit=MAX_RESULT_BYTES + 1)
+    except NotPlainFile as exc:
+        raise _Malformed(str(exc)) from None
+    if size > MAX_RESULT_BYTES:
+        raise _Malformed(f"is {size} bytes, over the {MAX_RESULT_BYTES} allowed")
     if len(data) > MAX_RESULT_BYTES:
         raise _Malformed(f"is over the {MAX_RESULT_BYTES} bytes allowed")
     depth = nesting_depth(data)
@@ -125,13 +149,11 @@ def nesting_depth(data: bytes) -> int:
 
 @functools.cache
 def _validator():
-    from importlib import resources
-
     import jsonschema
 
-    schema = json.loads(resources.files("runner").joinpath("schemas", "result.schema.json")
-                        .read_text())
-    return jsonschema.Draft202012Validator(schema)
+    from runner.catalog import _schema  # the catalog's loader of runner/schemas/
+
+    return jsonschema.Draft202012Validator(_schema("result.schema.json"))
 
 
 def _best_error(result):

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from runner import catalog, codepin, handback, hook, ledger, settings, weights
-from runner.api import sandbox_timing
-from runner.errors import (Conflict, DatasetUnavailable, ForgeError, InternalError, InvalidConfig,
-                           RegistrationFailed)
+from runner.errors import (Conflict, DatasetUnavailable, ForgeError, InternalError,
+                           InvalidConfig, RegistrationFailed)
 from trainers.manifest import PRIMARY_METRIC
 
 ENTRYPOINT = "trainers.entrypoint"
@@ -36,7 +35,6 @@ def launch(plan, *, parent_run_id: str | None = None,
         wall_time_cap_min=resolved["wall_time_cap_min"], vram_cap_gb=resolved["vram_cap_gb"],
         price_per_hour=plan.price_per_hour, devices=plan.devices, device=plan.device.price_key,
         resource_type=plan.device.resource_type, currency=plan.currency,
-        grace_s=resolved["sandbox"]["grace_s"],
         margin_s=resolved["registry"]["expiry_margin_min"] * 60)
     if alloc.get("existing"):
         return _earlier(alloc, resolved["tracking"]["detail_url"])
@@ -187,17 +185,9 @@ class _Job:
         (self.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
         inputs["manifest.json"] = self.run_dir / "manifest.json"
         out = self.run_dir / "out"
-        box = cfg["sandbox"]
-        term_s, grace_s = sandbox_timing(cfg)
-        job = sandbox.SandboxJob(
-            module=ENTRYPOINT, args=["/job/in/manifest.json"], code_dir=inputs.pop("code"),
-            inputs=inputs, output_dir=out, wall_time_cap_s=term_s,
-            vram_cap_gb=cfg["vram_cap_gb"], device=self.device, log_path=self.run_dir / "job.log",
-            on_line=self.on_line, grace_s=grace_s, max_processes=box["max_processes"],
-            tmp_size_bytes=int(box["tmp_size_gb"] * 1024**3), env=_env(box["env_allowlist"]),
-            max_memory_bytes=None if box["max_memory_gb"] is None
-            else int(box["max_memory_gb"] * 1024**3),
-            max_output_bytes=int(box["max_output_gb"] * 1024**3))
+        job = sandbox_job(cfg, code_dir=inputs.pop("code"), inputs=inputs, output_dir=out,
+                          device=self.device, log_path=self.run_dir / "job.log",
+                          on_line=self.on_line)
         started = datetime.now(timezone.utc)
         with tracking.MetricRelay(self.mlflow, self.run_id, out / "metrics.jsonl",
                                   warn=self.on_line):
@@ -400,8 +390,34 @@ def _yaml(cfg: dict) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(cfg))
 
 
-def _env(allowlist) -> dict[str, str]:
+def sandbox_timing(resolved: dict) -> tuple[float, float]:
+    """(seconds until SIGTERM, grace until SIGKILL). The grace period lies inside the
+    wall-time cap, so the job never outruns what the estimate debited and every second it
+    holds the device, grace included, is billed."""
+    total = float(resolved["wall_time_cap_min"] * 60)
+    grace = min(float(resolved["sandbox"]["grace_s"]), total / 2)
+    return total - grace, grace
+
+
+def sandbox_job(resolved: dict, *, code_dir: Path, output_dir: Path, device: str,
+                inputs: dict[str, Path] | None = None, log_path: Path | None = None,
+                on_line: Callable[[str], None] | None = None):
+    """The one way a training job is described to the sandbox: the trainer entrypoint on
+    the manifest, with the caps and env allowlist of the operator's `sandbox` settings.
+    The dry run's plan, the launch and the demo's base all build their job here."""
     import os
 
-    return {k: os.environ[k] for k in allowlist if k in os.environ}
+    from runner import sandbox
+
+    box, gib = resolved["sandbox"], 1024**3
+    term_s, grace_s = sandbox_timing(resolved)
+    memory = box["max_memory_gb"]
+    return sandbox.SandboxJob(
+        module=ENTRYPOINT, args=[f"{sandbox.IN_DIR}/manifest.json"], code_dir=code_dir,
+        inputs=dict(inputs or {}), output_dir=output_dir, log_path=log_path, on_line=on_line,
+        wall_time_cap_s=term_s, grace_s=grace_s, vram_cap_gb=float(resolved["vram_cap_gb"]),
+        device=device, env={k: os.environ[k] for k in box["env_allowlist"] if k in os.environ},
+        max_processes=box["max_processes"], tmp_size_bytes=int(box["tmp_size_gb"] * gib),
+        max_memory_bytes=None if memory is None else int(memory * gib),
+        max_output_bytes=int(box["max_output_gb"] * gib))
 

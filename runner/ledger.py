@@ -15,8 +15,9 @@ account row is locked: SELECT ... FOR UPDATE on PostgreSQL, BEGIN IMMEDIATE on S
 the same request key reserves once. `settle` and `cancel` move money exactly once: the status
 in the UPDATE's WHERE clause makes a second call a no-op.
 
-No allocation stays open forever. Each carries `expires_at` (reserve time + wall-time cap +
-sandbox grace + a margin; the window restarts when the job starts) and a heartbeat
+No allocation stays open forever. Each carries `expires_at` (reserve time + wall-time cap,
+whose last seconds are the sandbox's grace period, + a margin; the window restarts when the
+job starts) and a heartbeat
 (`heartbeat_at`, `host` = hostname:pid) that the host refreshes while it runs the job. `reap`
 settles every open allocation past its expiry, or whose heartbeat is stale and whose host
 process is gone from this machine, as `failed`: it charges the seconds the job is known to
@@ -59,7 +60,6 @@ ALLOCATION = "resource_allocation"
 OPEN_STATES = ("reserved", "running")
 FINAL_STATES = ("settled", "failed", "cancelled")
 MAX_AMOUNT = Decimal("100000000000000")  # NUMERIC(20, 6): 14 integer digits
-SANDBOX_GRACE_S = 10.0  # conf/sandbox grace_s: SIGTERM -> SIGKILL after the cap
 EXPIRY_MARGIN_S = 600.0  # setup before the sandbox starts, and registration after it ends
 HEARTBEAT_S = 30.0  # how often the host refreshes heartbeat_at (FORGE_HEARTBEAT_S overrides)
 MISSED_BEATS = 3  # a heartbeat older than this many beats is stale
@@ -307,8 +307,7 @@ RETRYABLE = ("failed", "cancelled")  # a request whose last attempt ended so may
 def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: int,
             vram_cap_gb: int, price_per_hour: Any, devices: int = 1, device: str | None = None,
             resource_type: str = "gpu", currency: str = "credits",
-            grace_s: float = SANDBOX_GRACE_S, margin_s: float = EXPIRY_MARGIN_S,
-            conn=None) -> dict:
+            margin_s: float = EXPIRY_MARGIN_S, conn=None) -> dict:
     """Check the balance, debit `amount` and insert the `reserved` allocation, atomically.
 
     The same `request_key` reserves once: a repeat (or a concurrent twin that lost the race on
@@ -316,7 +315,8 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
     Only a request whose earlier attempt failed or was cancelled reserves (and debits) again.
     Raises UnknownAgent or BudgetExceeded, leaving no trace.
 
-    The allocation expires `wall_time_cap_min` + `grace_s` + `margin_s` from now, and this
+    The allocation expires `wall_time_cap_min` (the sandbox's grace period lies inside it)
+    + `margin_s` from now, and this
     process is its host (it must heartbeat; see `Heartbeat`). Dead allocations are reaped
     first, in their own transactions (not when joining the caller's transaction `conn`), so a
     request whose earlier attempt died with its host can run again.
@@ -329,8 +329,7 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
     _check_count(devices, "devices")
     if not isinstance(request_key, str) or not request_key:
         raise InvalidInput("request_key must be a non-empty string", field="request_key")
-    window = timedelta(seconds=wall_time_cap_min * 60 + float(_seconds(grace_s, "grace_s"))
-                       + float(_seconds(margin_s, "margin_s")))
+    window = timedelta(seconds=wall_time_cap_min * 60 + float(_seconds(margin_s, "margin_s")))
     if conn is None:
         reap()
     try:

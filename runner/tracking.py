@@ -15,13 +15,13 @@ import math
 import os
 import posixpath
 import re
-import stat
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from runner.handback import NotPlainFile, read_job_file
 from runner.sandbox import printable  # stdlib only: no torch, no mlflow
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -161,37 +161,20 @@ class MetricRelay:
 
     def _read_new(self) -> bytes:
         """New bytes of the stream, within the byte cap; b"" if there is nothing safe to read."""
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        budget = max(0, self.max_bytes - self.offset)
         try:
-            fd = os.open(self.path, flags)
+            data, size = read_job_file(self.path, offset=self.offset, limit=budget)
         except FileNotFoundError:
             return b""
-        except OSError as exc:  # ELOOP: a symlink; EACCES, ...
-            self._warn(f"{self.path.name} not read ({exc.strerror}): only a regular file is "
-                       "relayed, never a link", once="open")
+        except NotPlainFile as exc:
+            self._warn(f"{self.path.name} {exc}; only a regular file is relayed, never a link "
+                       "or a FIFO", once="open")
             return b""
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                self._warn(f"{self.path.name} is not a regular file: not read", once="type")
-                return b""
-            budget = self.max_bytes - self.offset
-            if budget <= 0:
-                if st.st_size > self.offset:
-                    self._warn(f"{self.path.name} is over {self.max_bytes} bytes: the rest is "
-                               "not relayed", once="bytes")
-                return b""
-            chunks, want = [], min(budget, max(0, st.st_size - self.offset))
-            while want > 0:
-                chunk = os.pread(fd, min(want, 1024**2), self.offset)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                self.offset += len(chunk)
-                want -= len(chunk)
-            return b"".join(chunks)
-        finally:
-            os.close(fd)
+        self.offset += len(data)
+        if size > self.offset and self.offset >= self.max_bytes:
+            self._warn(f"{self.path.name} is over {self.max_bytes} bytes: the rest is not "
+                       "relayed", once="bytes")
+        return data
 
     def _points(self, data: bytes, final: bool) -> list:
         from mlflow.entities import Metric

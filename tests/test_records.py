@@ -282,3 +282,19 @@ def test_a_relative_artifact_root_is_the_cwds(tmp_path, monkeypatch):
     exp = tracking.experiment_id(client, "rel", Path("outputs/mlartifacts"))
     location = client.get_experiment(exp).artifact_location
     assert location == (tmp_path / "outputs" / "mlartifacts" / "rel").as_uri()
+
+
+def test_the_dry_run_plans_the_operators_sandbox_caps(registry, committed_code, tmp_path,
+                                                      monkeypatch):
+    """The plan is built by the same job builder as the launch, so it shows the caps the job
+    will really get, not the sandbox's built-in defaults."""
+    conf = tmp_path / "conf"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", conf)
+    (conf / "local").mkdir(exist_ok=True)
+    (conf / "local" / "default.yaml").write_text(
+        "# @package _global_\nsandbox:\n  max_memory_gb: 3\n  max_output_gb: 2\n")
+    monkeypatch.setenv("FORGE_CONFIG_DIR", str(conf))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    caps = train_model_version(BASE_ID, DATASET_ID, None, AGENT, dry_run=True)["sandbox"]["caps"]
+    assert caps["memory"]["bytes"] == 3 * 1024**3
+    assert caps["output"]["bytes"] == 2 * 1024**3

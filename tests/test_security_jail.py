@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, fake_code_repo
+from test_sandbox import make_job as sandbox_make_job
 
 from runner import catalog, db, ledger, sandbox, schema
 from runner.errors import ForgeError, TrainingFailed
@@ -47,12 +48,10 @@ def host_deadline(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def make_job(tmp_path: Path, *args: str, lines: list | None = None, **kw) -> SandboxJob:
+def make_job(tmp_path: Path, *args: str, **kw) -> SandboxJob:
+    """test_sandbox's probe job, with a longer cap: these jobs fill disks and memory."""
     kw.setdefault("wall_time_cap_s", 60)
-    kw.setdefault("grace_s", 1)
-    return SandboxJob(module="sandbox_job", args=list(args), code_dir=JOBS,
-                      output_dir=tmp_path / "out", log_path=tmp_path / "job.log",
-                      on_line=(lines.append if lines is not None else lambda line: None), **kw)
+    return sandbox_make_job(tmp_path, *args, **kw)
 
 
 # --------------------------------------------------------------------------- in the jail

@@ -18,7 +18,7 @@ down_revision = '0001'
 branch_labels = None
 depends_on = None
 
-LEGACY_GRACE_S = 10 + 600  # sandbox grace + margin, as runner.ledger reserves with defaults
+LEGACY_GRACE_S = 10 + 600  # before 0002 the 10 s grace ran after the cap; + the margin
 
 
 def upgrade() -> None:
