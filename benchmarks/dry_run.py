@@ -36,12 +36,12 @@ def setup(home: Path) -> None:
     subprocess.run(["git", "clone", "--quiet", "--local", str(REPO), str(home / "code")],
                    check=True)
     os.environ["FORGE_CODE_REPO"] = str(home / "code")
-    from runner import catalog, db, ledger
+    from runner.registry import catalog, db, ledger
 
     db.upgrade()
     catalog.register_model(artifact_id=PARENT, title="scGPT CBMC base", created_by="bench",
                            metadata={"family": "scgpt", "framework": "scgpt"})
-    from trainers.data.fetch import builtin_citation
+    from runner.jobs.datasets import builtin_citation
 
     catalog.register_dataset(DATASET, "CBMC CITE-seq", builtin_citation("cbmc"))
     ledger.grant("bench", "1000")

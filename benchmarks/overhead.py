@@ -31,7 +31,7 @@ ARCH = {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_hid": 128, "n_bins": 51,
 
 
 def make_base(folder: Path) -> None:
-    from trainers.data.fetch import fetch
+    from runner.jobs.datasets import fetch
     from trainers.data.load import load
     from trainers.scgpt.model import ScGPT, ScGPTConfig, save_checkpoint
     from trainers.scgpt.tokenize import GeneVocab
@@ -51,9 +51,10 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="forge-overhead-"))
     os.environ.update(FORGE_HOME=str(home), FORGE_DB_URL=f"sqlite:///{home}/forge.db",
                       FORGE_CACHE_DIR=str(home / "cache"), MLFLOW_DISABLE_TELEMETRY="true")
-    from runner import catalog, db, ledger, weights
+    from runner.registry import catalog, db, ledger
+    from runner.jobs import weights
     from runner.api import train_model_version
-    from trainers.data.fetch import builtin_citation, fetch
+    from runner.jobs.datasets import builtin_citation, fetch
 
     db.upgrade()
     base = home / "base"

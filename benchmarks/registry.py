@@ -17,7 +17,7 @@ import uuid
 
 import sqlalchemy as sa
 
-from runner import catalog, db
+from runner.registry import catalog, db
 
 META = {"family": "bench", "framework": "scgpt"}
 N = 2000

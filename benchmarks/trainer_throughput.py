@@ -36,11 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainers.data.fetch import fetch
+from runner.jobs.datasets import fetch
 from trainers.data.load import load
 from trainers.scgpt.lightning import FINETUNE, PRETRAIN, ScGPTModule
 from trainers.scgpt.model import ScGPT, ScGPTConfig
-from trainers.scgpt.reference import scgpt_transformer_model
+from scgpt_reference import scgpt_transformer_model
 from trainers.scgpt.tokenize import GeneVocab, Tokenizer
 
 

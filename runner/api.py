@@ -35,7 +35,7 @@ SKILL_NAME = "Train Model Version"
 # request key, so a retry from another machine or as a dry run maps to the same allocation.
 VOLATILE_KEYS = ("agent_id", "dry_run", "allow_dirty", "fit_budget", "tracking", "registry",
                  "policy", "pricing", "sandbox")
-# What a caller may set, and which config keys the arguments set: runner.compose's tables
+# What a caller may set, and which config keys the arguments set: runner.config.compose's tables
 # (ARGUMENT_KEYS, CHOICE_GROUPS, ...), shared with forge-train and the skill's input_schema.
 
 
@@ -58,7 +58,7 @@ def nest_training_config(training_config: Any) -> Any:
 
     A dict whose keys are all config-root keys (`training`, `parent`, ...) is already nested;
     a mix of both is ambiguous and refused. Anything else is left for validation to refuse."""
-    from runner.compose import _schema_keys
+    from runner.config.compose import _schema_keys
 
     if not isinstance(training_config, dict) or not training_config:
         return training_config
@@ -90,7 +90,7 @@ class Plan:
     hours: Decimal
     devices: int
     estimate: Decimal
-    device: Any = None  # runner.devices.Device: what the job runs on and is billed as
+    device: Any = None  # runner.jobs.devices.Device: what the job runs on and is billed as
     balance: Decimal | None = None
     code: Any = None  # CodePin, or None when pinning failed
     request_key: str | None = None
@@ -167,7 +167,8 @@ def prepare(parent_artifact_id, dataset_artifact_id, training_config=None, *, ag
             allow_dirty=False, devices=None, device=None, config=None,
             code_commit=None) -> Plan:
     """validate -> compose -> pin code -> estimate; reads the registry, writes nothing."""
-    from runner import codepin, ledger
+    from runner.jobs import codepin
+    from runner.registry import ledger
     from runner.errors import CodePinError
     from runner.tools import audit_to
 
@@ -189,7 +190,7 @@ def prepare(parent_artifact_id, dataset_artifact_id, training_config=None, *, ag
     derived = {group: values for group, values in _registry_values(parent, dataset).items()
                if any(resolved[group].get(k) != v for k, v in values.items())}
     if derived:  # the registry disagrees with conf/: it wins (a merge costs a validation)
-        from runner import compose
+        from runner.config import compose
 
         cfg, resolved = compose.merge_config(cfg, derived, "registry")
     _check_dataset_content(resolved, dataset, problems)
@@ -205,7 +206,7 @@ def prepare(parent_artifact_id, dataset_artifact_id, training_config=None, *, ag
                                          resolved["devices"]),
                 device=device, problems=problems)
     _check_policy(resolved, problems)
-    from runner.launch import disk_problem  # FORGE_HOME below registry.min_free_gb
+    from runner.jobs.launch import disk_problem  # FORGE_HOME below registry.min_free_gb
 
     if (disk := disk_problem(resolved)) is not None:
         problems.append(disk)
@@ -232,7 +233,7 @@ def prepare(parent_artifact_id, dataset_artifact_id, training_config=None, *, ag
 
 def _launch(plan: Plan, mlflow_parent_run_id: str | None = None) -> dict:
     """reserve/debit -> parent weights -> MLflow run -> sandbox -> post-run hook -> settle."""
-    from runner import launch
+    from runner.jobs import launch
 
     return launch.launch(plan, parent_run_id=mlflow_parent_run_id)
 
@@ -242,7 +243,7 @@ def _launch(plan: Plan, mlflow_parent_run_id: str | None = None) -> dict:
 def _validate_arguments(parent_artifact_id, dataset_artifact_id, agent_id, wall_time_cap_min,
                         vram_cap_gb, devices, device, dry_run, allow_dirty) -> None:
     """Malformed input raises: ids, the agent, caps, flags."""
-    from runner import catalog, ledger
+    from runner.registry import catalog, ledger
 
     catalog.validate_artifact_id(parent_artifact_id, "parent_artifact_id")
     catalog.validate_artifact_id(dataset_artifact_id, "dataset_artifact_id")
@@ -266,7 +267,7 @@ def _compose(parent_artifact_id, dataset_artifact_id, agent_id, wall_time_cap_mi
     a caller may set, then the lines the host writes for the arguments (the parent/dataset
     options whose artifact ids match, the ids, caps and flags), as override strings so the
     composed config is memoised per distinct call."""
-    from runner import compose
+    from runner.config import compose
 
     _check_not_arguments(overrides, training_config)
     lines = list(overrides or []) + compose.call_lines(
@@ -280,7 +281,7 @@ def _from_config(config, parent_artifact_id, dataset_artifact_id, agent_id, wall
                  vram_cap_gb, dry_run, allow_dirty, devices, device, overrides,
                  training_config):
     """A config forge-train already composed: validate it and check it matches the call."""
-    from runner import compose
+    from runner.config import compose
 
     if overrides or training_config:
         raise InvalidInput("pass either config or overrides/training_config, not both",
@@ -301,7 +302,7 @@ def _from_config(config, parent_artifact_id, dataset_artifact_id, agent_id, wall
 def _read_registry(db_url, parent_artifact_id, dataset_artifact_id, agent_id,
                    problems: list[ForgeError]):
     """Parent, dataset and the agent's account, in one short read."""
-    from runner import catalog, db, ledger
+    from runner.registry import catalog, db, ledger
 
     with db.get_engine(db_url).connect() as conn:
         try:
@@ -316,8 +317,8 @@ def _read_registry(db_url, parent_artifact_id, dataset_artifact_id, agent_id,
 
 
 def _resolve_device(resolved: dict, problems: list[ForgeError]):
-    """The device this host gives the job (runner.devices); a problem when it can't."""
-    from runner import devices
+    """The device this host gives the job (runner.jobs.devices); a problem when it can't."""
+    from runner.jobs import devices
 
     try:
         return devices.resolve(resolved["device"], resolved["pricing"]["per_device"])
@@ -329,7 +330,7 @@ def _resolve_device(resolved: dict, problems: list[ForgeError]):
 def price_per_hour(resolved: dict, device=None) -> Decimal:
     """Price per device-hour of the device the job gets: its row of pricing.per_device, else
     the default price. Without a resolved device (it is unavailable), the requested one."""
-    from runner import ledger
+    from runner.registry import ledger
 
     pricing = resolved["pricing"]
     key = device.price_key if device is not None else resolved["device"]
@@ -339,7 +340,7 @@ def price_per_hour(resolved: dict, device=None) -> Decimal:
 
 
 def _check_cap(value: Any, name: str) -> None:
-    from runner.compose import INT_MAX
+    from runner.config.compose import INT_MAX
 
     if isinstance(value, bool) or not isinstance(value, int):
         raise CapOutOfPolicy(f"{name} must be an integer, got {value!r}", field=name,
@@ -364,9 +365,9 @@ def _check_policy(resolved: dict, problems: list[ForgeError]) -> None:
 
 
 def _check_not_arguments(overrides, training_config) -> None:
-    """Refuse what a caller may not set (runner.compose's tables): the arguments (problem
+    """Refuse what a caller may not set (runner.config.compose's tables): the arguments (problem
     "argument"), operator settings ("operator_only"), interpolation, over-long input."""
-    from runner import compose
+    from runner.config import compose
 
     compose.check_caller_overrides(overrides)
     compose.check_caller_dict(training_config)
@@ -413,7 +414,7 @@ def _registry_values(parent: dict | None, dataset: dict | None) -> dict:
     over conf/ and are never the caller's to set. An artifact the registry says nothing about
     keeps its conf/ option's values (operator-written); a dataset with no conf/ option is
     fetched from its origin URL in its citation's format."""
-    from runner.compose import ParentConf, option_for_artifact
+    from runner.config.compose import ParentConf, option_for_artifact
 
     out: dict[str, dict] = {}
     if parent is not None:
@@ -441,7 +442,7 @@ def _check_dataset_content(resolved: dict, dataset: dict | None,
     """A built-in source must hold the very file the dataset artifact's sha256 names: the
     version then records the data it really trained on."""
     from runner.errors import DatasetUnavailable
-    from trainers.data.fetch import builtin_holds
+    from runner.jobs.datasets import builtin_holds
 
     if dataset is None:
         return
@@ -459,7 +460,7 @@ def _check_dataset_content(resolved: dict, dataset: dict | None,
 def _raise_db_error(exc: Exception) -> None:
     import sqlalchemy as sa
 
-    from runner.db import DatabaseError
+    from runner.registry.db import DatabaseError
 
     if isinstance(exc, ForgeError):
         raise exc
@@ -474,8 +475,9 @@ def _sandbox_plan(plan: Plan, problems: list[ForgeError]) -> dict:
     same launch.sandbox_job() the real run uses. The job sees a snapshot of the pinned code,
     never the working tree (which may hold FORGE_HOME: the registry DB and the tracking
     store); its run dir is named after the allocation, which a dry run has not made."""
-    from runner import codepin, sandbox, settings
-    from runner.launch import sandbox_job
+    from runner.jobs import codepin
+    from runner import sandbox, settings
+    from runner.jobs.launch import sandbox_job
 
     job = sandbox_job(
         plan.resolved, code_dir=codepin.snapshot_path(plan.code, settings.cache_dir() / "code"),
@@ -500,9 +502,9 @@ _ID = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
 
 
 def _caller_schema() -> dict:
-    """What a caller may put in training_config and overrides, derived from runner.compose's
+    """What a caller may put in training_config and overrides, derived from runner.config.compose's
     tables (the ones train_model_version and forge-train enforce), never a copy."""
-    from runner.compose import caller_schema
+    from runner.config.compose import caller_schema
 
     return caller_schema()
 

@@ -41,7 +41,7 @@ def db() -> None:
 @click.option("--url", default=None, help="Database URL (default: FORGE_DB_URL or outputs/forge.db).")
 def db_upgrade(url):
     """Create or migrate every registry table (idempotent)."""
-    from runner import db as dbmod
+    from runner.registry import db as dbmod
 
     rev = dbmod.upgrade(url)
     click.echo(f"registry at revision {rev}")
@@ -56,7 +56,7 @@ def models() -> None:
 @click.argument("artifact_id")
 def models_show(artifact_id):
     """Print a model artifact with its model_versions row and links."""
-    from runner import catalog
+    from runner.registry import catalog
 
     model = catalog.get_model_version(artifact_id)
     model["links"] = catalog.links(artifact_id)
@@ -70,7 +70,7 @@ def lineage_cmd(artifact_id):
     from rich.console import Console
     from rich.tree import Tree
 
-    from runner import catalog
+    from runner.registry import catalog
 
     chain = catalog.lineage(artifact_id)
     tree = node = None
@@ -91,7 +91,7 @@ def datasets() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def datasets_list(as_json):
     """List registered datasets with their citations."""
-    from runner import catalog
+    from runner.registry import catalog
 
     rows = catalog.list_artifacts("dataset")
     if as_json:
@@ -123,7 +123,7 @@ def ledger_group() -> None:
 @click.option("--memo", default=None, help="Why (kept in the ledger row).")
 def ledger_grant(agent, amount, memo):
     """Credit AMOUNT (a decimal such as 10 or 2.50) to AGENT, opening its account."""
-    from runner import ledger as ledger_mod
+    from runner.registry import ledger as ledger_mod
 
     new_balance = ledger_mod.grant(agent, amount, memo=memo)
     click.echo(f"{agent}: balance {ledger_mod.fmt(new_balance)}")
@@ -134,7 +134,7 @@ def ledger_grant(agent, amount, memo):
 @click.option("--json", "as_json", is_flag=True, help="Print the account row as JSON.")
 def ledger_balance(agent, as_json):
     """Print AGENT's balance."""
-    from runner import ledger as ledger_mod
+    from runner.registry import ledger as ledger_mod
 
     if as_json:
         row = ledger_mod.account(ledger_mod.check_agent_id(agent))
@@ -151,7 +151,7 @@ def ledger_reap(as_json):
     """Settle dead allocations as failed: open past their expiry, or whose host process is
     gone from this machine. Charges the time they ran, refunds the rest, marks their MLflow
     runs FAILED. Safe to run any time, from any number of hosts at once."""
-    from runner import ledger as ledger_mod
+    from runner.registry import ledger as ledger_mod
 
     reaped = ledger_mod.reap()
     if as_json:
@@ -167,7 +167,7 @@ def ledger_reap(as_json):
 @ledger_group.command("check")
 def ledger_check():
     """Verify the books balance and nothing is overdue; exit 1 and list the problems if not."""
-    from runner import ledger as ledger_mod
+    from runner.registry import ledger as ledger_mod
 
     problems = ledger_mod.check()
     for problem in problems:

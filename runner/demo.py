@@ -26,7 +26,11 @@ from decimal import Decimal
 
 from rich.console import Console
 
-from runner import catalog, codepin, db, ledger, settings
+from runner.registry import catalog, db, ledger
+
+from runner.jobs import codepin
+
+from runner import settings
 from runner.errors import ForgeError, NotFound
 
 AGENT = "demo-agent"
@@ -57,7 +61,7 @@ console = Console(stderr=True)
 
 
 def register_datasets() -> None:
-    from trainers.data.fetch import BUILTINS, builtin_citation
+    from runner.jobs.datasets import BUILTINS, builtin_citation
 
     for artifact_id, (source, title) in DATASETS.items():
         spec = BUILTINS[source]  # how to load it is part of the record, like its citation
@@ -81,10 +85,11 @@ def ensure_base(profile: Profile) -> dict:
         return catalog.get_artifact(profile.base_id)
     except NotFound:
         pass
-    from runner import sandbox, weights
-    from runner.compose import compose_config, to_plain
-    from runner.handback import CHECKPOINT_DIR, read_result
-    from runner.launch import ENTRYPOINT, build_manifest, sandbox_job
+    from runner import sandbox
+    from runner.jobs import weights
+    from runner.config.compose import compose_config, to_plain
+    from runner.jobs.handback import CHECKPOINT_DIR, read_result
+    from runner.jobs.launch import ENTRYPOINT, build_manifest, sandbox_job
     from trainers.data import fetch
 
     cfg = to_plain(compose_config(["training=pretrain_mgm", *profile.pretrain]))
@@ -124,7 +129,7 @@ def ensure_base(profile: Profile) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from runner.api import train_model_version
-    from runner.compose import compose_config, to_plain
+    from runner.config.compose import compose_config, to_plain
 
     args = sys.argv[1:] if argv is None else argv
     name = args[0] if args else "full"

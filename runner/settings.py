@@ -6,6 +6,21 @@ import os
 from pathlib import Path
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]  # the repository this package runs from
+
+
+def config_dir() -> Path:
+    """conf/ at the repository root, or FORGE_CONFIG_DIR."""
+    env = os.environ.get("FORGE_CONFIG_DIR")
+    return (Path(env) if env else CHECKOUT / "conf").resolve()
+
+
+def code_repo() -> Path:
+    """FORGE_CODE_REPO, else the checkout this package lives in."""
+    env = os.environ.get("FORGE_CODE_REPO")
+    return Path(env) if env else CHECKOUT
+
+
 def forge_home() -> Path:
     return Path(os.environ.get("FORGE_HOME", "outputs")).resolve()
 

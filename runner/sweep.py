@@ -62,8 +62,8 @@ def job_estimate(overrides: list[str]) -> tuple[Decimal, str, str | None]:
     from hydra import compose
     from omegaconf import OmegaConf
 
-    from runner import ledger
-    from runner.compose import CONFIG_NAME
+    from runner.registry import ledger
+    from runner.config.compose import CONFIG_NAME
 
     # Called inside the running Hydra app, whose config search path is already set up.
     composed = compose(config_name=CONFIG_NAME, overrides=overrides)
@@ -85,7 +85,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         from rich.console import Console
 
-        from runner import ledger
+        from runner.registry import ledger
         from runner.errors import BudgetExceeded
 
         console = Console(stderr=True)
@@ -129,7 +129,7 @@ class SweepCallback(Callback):
         print_summary(outcomes, dry_run=bool(config.dry_run))
         (sweep_dir / self.summary_file).write_text(json.dumps(outcomes, indent=2, default=str))
         if self.parent_run_id:
-            from runner import tracking
+            from runner.jobs import tracking
 
             client = tracking.client(config.tracking.tracking_uri)
             client.log_dict(self.parent_run_id, outcomes, "sweep_summary.json")
@@ -142,7 +142,7 @@ class SweepCallback(Callback):
 
 def _pin_sweep_code(allow_dirty: bool) -> str | None:
     """HEAD's sha for every job; None when the tree is dirty and allowed (jobs pin it)."""
-    from runner import codepin
+    from runner.jobs import codepin
     from runner.errors import CodePinError
 
     try:
@@ -155,7 +155,7 @@ def _pin_sweep_code(allow_dirty: bool) -> str | None:
 
 
 def _open_parent_run(config, jobs: list[list[str]]) -> str:
-    from runner import tracking
+    from runner.jobs import tracking
 
     track = config.tracking
     client = tracking.client(track.tracking_uri)

@@ -48,8 +48,8 @@ def register_tools(*, conn=None) -> list[dict]:
     import sqlalchemy as sa
 
     import runner.api  # noqa: F401 - defines the skills it exposes
-    from runner import db
-    from runner.schema import skills
+    from runner.registry import db
+    from runner.registry.schema import skills
 
     def upsert(c) -> list[dict]:
         out = []
@@ -127,8 +127,8 @@ def _record(skill_name: str, signature: inspect.Signature, args: tuple, kwargs: 
 def _write(skill_name: str, row: dict) -> None:
     import sqlalchemy as sa
 
-    from runner import db
-    from runner.schema import skills, tool_calls
+    from runner.registry import db
+    from runner.registry.schema import skills, tool_calls
 
     with db.get_engine(_audit_url.get()).begin() as c:
         sid = c.execute(sa.select(skills.c.id).where(skills.c.name == skill_name)

@@ -12,7 +12,7 @@ skips Hydra's run-directory and logging setup and composes through the same
 `compose_config()` the Python API uses: nothing to set up, nothing written but the audit row.
 
 Every override string is a caller's: before anything is composed it is checked against
-what a caller may set (runner.compose.cli_overrides: training.*, the call's arguments as
+what a caller may set (runner.config.compose.cli_overrides: training.*, the call's arguments as
 plain keys, a choice among conf/ options of parent, dataset and training; under -m also
 sweep=<option>, hydra/launcher=<option> and key=a,b sweeps of those). Hydra's flags that
 would read configs or state from elsewhere (--config-dir, --config-path, --config-name,
@@ -41,7 +41,7 @@ def main() -> None:
 
 def run(argv: list[str]) -> int:
     """Run forge-train with `argv`; returns the exit code."""
-    from runner import compose
+    from runner.config import compose
     from runner.errors import ForgeError
 
     try:
@@ -169,7 +169,7 @@ def _run_hydra(flags: list[str], overrides: list[str], multirun: bool) -> int:
     """The @hydra.main app over `overrides`, which cli_overrides() has checked."""
     import hydra
 
-    from runner import compose
+    from runner.config import compose
     from runner.errors import ForgeError
 
     try:

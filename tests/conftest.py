@@ -54,7 +54,7 @@ def make_pg_database() -> str:
 
 
 def drop_pg_database(url: str) -> None:
-    from runner.db import _engine
+    from runner.registry.db import _engine
 
     name = sa.engine.make_url(url).database
     _engine.cache_clear()  # forget pooled engines; DROP ... WITH (FORCE) ends their sessions
@@ -67,7 +67,7 @@ def drop_pg_database(url: str) -> None:
 @contextmanager
 def migrated_registry(kind: str, tmp_path: Path, monkeypatch):
     """A migrated, empty registry; FORGE_DB_URL and FORGE_HOME point at it."""
-    from runner import db
+    from runner.registry import db
 
     if kind == "sqlite":
         url = f"sqlite:///{tmp_path / 'forge.db'}"
@@ -107,7 +107,7 @@ def pg_url(tmp_path, monkeypatch):
 
 def count_rows(url: str) -> dict[str, int]:
     """Row count of every registry table: tests compare before and after a failure."""
-    from runner import db, schema
+    from runner.registry import db, schema
 
     with db.get_engine(url).connect() as conn:
         return {t.name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
@@ -129,7 +129,7 @@ ARCH_OVERRIDES = [f"parent.artifact_id={BASE_ID}", "parent.family=scgpt-test",
 @pytest.fixture(scope="session")
 def base_checkpoint(tmp_path_factory) -> Path:
     """A tiny scGPT-layout checkpoint with a CBMC vocabulary (random init: enough to fine-tune)."""
-    from trainers.data.fetch import fetch
+    from runner.jobs.datasets import fetch
     from trainers.data.load import load
     from trainers.scgpt.model import ScGPT, ScGPTConfig, save_checkpoint
     from trainers.scgpt.tokenize import GeneVocab
@@ -146,8 +146,9 @@ def base_checkpoint(tmp_path_factory) -> Path:
 
 def seed_registry(checkpoint: Path) -> None:
     """Register the CBMC dataset and the tiny base; grant the agent 10 credits."""
-    from runner import catalog, ledger, weights
-    from trainers.data.fetch import builtin_citation
+    from runner.registry import catalog, ledger
+    from runner.jobs import weights
+    from runner.jobs.datasets import builtin_citation
 
     catalog.register_dataset(DATASET_ID, "CBMC CITE-seq", builtin_citation("cbmc"))
     catalog.register_model(
@@ -223,8 +224,8 @@ def pilot_dry_run_registry(tmp_path: Path, monkeypatch) -> Path:
     real citation, agent a1 with 10 credits, and a one-commit repository as the code to pin."""
     import git
 
-    from runner import catalog, ledger
-    from trainers.data.fetch import builtin_citation
+    from runner.registry import catalog, ledger
+    from runner.jobs.datasets import builtin_citation
 
     path = tmp_path / "code"
     repo = git.Repo.init(path, initial_branch="main")

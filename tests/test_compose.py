@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
-from runner import compose
-from runner.compose import compose_config
+from runner.config import compose
+from runner.config.compose import compose_config
 from runner.errors import InvalidOverride
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,7 +329,7 @@ def test_a_config_loaded_from_the_disk_cache_equals_the_composed_one(overrides, 
 
 
 def test_a_cold_process_skips_hydra_on_a_cache_hit(tmp_path):
-    code = ("import sys; from runner.compose import compose_config\n"
+    code = ("import sys; from runner.config.compose import compose_config\n"
             "cfg = compose_config(['training.lr=3e-4'])\n"
             "print(cfg.training.lr, 'hydra' in sys.modules)")
     env = {**os.environ, "FORGE_CACHE_DIR": str(tmp_path)}

@@ -14,7 +14,11 @@ import pytest
 import sqlalchemy as sa
 from conftest import count_rows
 
-from runner import api, catalog, codepin, db, ledger, tools
+from runner import api, tools
+
+from runner.registry import catalog, db, ledger
+
+from runner.jobs import codepin
 from runner.errors import (
     CapOutOfPolicy,
     CodePinError,
@@ -22,7 +26,7 @@ from runner.errors import (
     InvalidInput,
     InvalidOverride,
 )
-from runner.schema import tool_calls
+from runner.registry.schema import tool_calls
 
 PARENT, DATASET, OTHER_DATASET = ("model-scgpt-cbmc-base", "dataset-geo-GSE100866",
                                   "dataset-10x-pbmc68k-reduced")
@@ -56,7 +60,7 @@ def registry(db_url, code_repo):
     """Parent model, two datasets and agent a1 with 10 credits."""
     catalog.register_model(artifact_id=PARENT, title="scGPT CBMC base", created_by="test",
                            metadata={"family": "scgpt", "framework": "scgpt"})
-    from trainers.data.fetch import builtin_citation
+    from runner.jobs.datasets import builtin_citation
 
     catalog.register_dataset(DATASET, "CBMC", builtin_citation("cbmc"))
     catalog.register_dataset(OTHER_DATASET, "PBMC 68k", builtin_citation("pbmc68k_reduced"))

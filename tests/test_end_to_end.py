@@ -18,7 +18,8 @@ import sqlalchemy as sa
 
 from conftest import (AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, count_rows,
                       fake_code_repo)
-from runner import catalog, db, ledger, schema, weights
+from runner.registry import catalog, db, ledger, schema
+from runner.jobs import weights
 from runner.api import train_model_version
 from runner.errors import ForgeError, RegistrationFailed, TrainingFailed
 
@@ -41,8 +42,8 @@ def _rows(url: str, table: sa.Table) -> list[dict]:
 
 
 def _mlflow_run(run_id: str):
-    from runner import tracking
-    from runner.compose import compose_config, to_plain
+    from runner.jobs import tracking
+    from runner.config.compose import compose_config, to_plain
 
     uri = to_plain(compose_config())["tracking"]["tracking_uri"]
     return tracking.client(uri).get_run(run_id), tracking.client(uri)

@@ -14,10 +14,10 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from conftest import count_rows
 
-from runner import db, ledger
+from runner.registry import db, ledger
 from runner.cli import main as forge
 from runner.errors import BudgetExceeded, InvalidAmount, InvalidInput, LedgerError, UnknownAgent
-from runner.schema import resource_allocations, token_accounts, token_ledger
+from runner.registry.schema import resource_allocations, token_accounts, token_ledger
 
 CAPS = dict(wall_time_cap_min=120, vram_cap_gb=24, price_per_hour=Decimal("0.50"))
 
@@ -285,7 +285,7 @@ WORKER = """
 import os, sys, time
 from decimal import Decimal
 from pathlib import Path
-from runner import ledger
+from runner.registry import ledger
 from runner.errors import BudgetExceeded
 go = Path(sys.argv[2])
 while not go.exists():

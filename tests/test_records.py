@@ -17,7 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import AGENT, BASE_ID, DATASET_ID, fake_code_repo, seed_registry
-from runner import catalog, db, ledger, schema, tracking
+from runner.registry import catalog, db, ledger, schema
+from runner.jobs import tracking
 from runner.api import train_model_version
 from runner.errors import TrainingFailed
 
@@ -64,7 +65,7 @@ def test_seed_call_positional_agent_and_flat_training_config(registry, committed
 
 REGISTER = """
 import sys, time
-from runner import tracking
+from runner.jobs import tracking
 uri, run_id, i, at = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 client = tracking.client(uri)
 time.sleep(max(0.0, at - time.time()))  # all processes register at the same instant
@@ -159,7 +160,7 @@ def test_a_trained_version_records_the_truth(registry, tmp_path, monkeypatch):
 
 
 def _tracking_uri() -> str:
-    from runner.compose import compose_config, to_plain
+    from runner.config.compose import compose_config, to_plain
 
     return to_plain(compose_config())["tracking"]["tracking_uri"]
 
@@ -182,7 +183,7 @@ def test_auto_is_priced_as_the_device_the_job_gets(registry, committed_code, tmp
 
 
 def test_gpu_names_map_to_price_rows():
-    from runner.devices import price_key_for
+    from runner.jobs.devices import price_key_for
 
     table = {"cpu": 0.5, "h100": 2.5, "h200": 3.0, "a100-80gb": 2.0}
     assert price_key_for("NVIDIA H200", table) == "h200"
@@ -195,7 +196,7 @@ def test_gpu_names_map_to_price_rows():
 
 def test_a_source_that_does_not_hold_the_artifacts_data_is_refused(registry, committed_code,
                                                                   monkeypatch):
-    from trainers.data.fetch import builtin_citation
+    from runner.jobs.datasets import builtin_citation
 
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
     catalog.register_dataset("dataset-cbmc-mislabelled", "CBMC, said to load as PBMC",

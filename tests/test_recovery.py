@@ -28,7 +28,7 @@ from click.testing import CliRunner
 
 from conftest import (AGENT, BASE_ID, DATASET_ID, PG_URL, STAND_IN_TRAINER, count_rows,
                       fake_code_repo)
-from runner import catalog, db, ledger, schema
+from runner.registry import catalog, db, ledger, schema
 from runner.cli import main as forge
 from runner.errors import ForgeError, LedgerError, RegistrationFailed
 
@@ -84,8 +84,8 @@ def train(**kw):
 
 
 def mlflow_run(run_id: str):
-    from runner import tracking
-    from runner.compose import compose_config, to_plain
+    from runner.jobs import tracking
+    from runner.config.compose import compose_config, to_plain
 
     uri = to_plain(compose_config())["tracking"]["tracking_uri"]
     return tracking.client(uri).get_run(run_id)
@@ -178,7 +178,7 @@ REAPER = """
 import sys, time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from runner import ledger
+from runner.registry import ledger
 go = Path(sys.argv[1])
 while not go.exists():
     time.sleep(0.01)

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from conftest import count_rows
-from runner import catalog, db, schema
+from runner.registry import catalog, db, schema
 from runner.cli import main as forge
 from runner.errors import (ForgeError, InvalidArtifactId, NotFound, SchemaViolation,
                            WrongArtifactType)

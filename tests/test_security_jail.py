@@ -24,7 +24,9 @@ import sqlalchemy as sa
 from conftest import AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, fake_code_repo
 from test_sandbox import make_job as sandbox_make_job
 
-from runner import catalog, db, ledger, sandbox, schema
+from runner.registry import catalog, db, ledger, schema
+
+from runner import sandbox
 from runner.errors import ForgeError, TrainingFailed
 from runner.sandbox import SandboxJob, gpu_launch, sandbox_plan
 
@@ -200,7 +202,7 @@ def test_memory_cap_mechanism_in_the_plan(tmp_path, monkeypatch):
 
 
 def test_nesting_depth_ignores_brackets_in_strings():
-    from runner.handback import nesting_depth
+    from runner.jobs.handback import nesting_depth
 
     assert nesting_depth(b'{"a": "[[[[{{{{\\"[[", "b": [1, {"c": []}]}') == 4
     assert nesting_depth(b"[" * 5000) == 5000 and nesting_depth(b"") == 0
@@ -263,8 +265,8 @@ def _allocations(url: str) -> list[dict]:
 
 
 def _host_run(run_id: str):
-    from runner import tracking
-    from runner.compose import compose_config, to_plain
+    from runner.jobs import tracking
+    from runner.config.compose import compose_config, to_plain
 
     client = tracking.client(to_plain(compose_config())["tracking"]["tracking_uri"])
     return client.get_run(run_id), client
@@ -497,7 +499,7 @@ def test_the_jobs_failure_message_reaches_the_caller_escaped(sqlite_registry, tm
 def test_import_stays_cheap():
     import subprocess
 
-    code = ("import sys, runner.sandbox, runner.handback; "
+    code = ("import sys, runner.sandbox, runner.jobs.handback; "
             "print([m for m in ('torch', 'lightning', 'mlflow', 'jsonschema') "
             "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

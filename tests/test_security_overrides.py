@@ -19,7 +19,11 @@ from conftest import PILOT_DATASET, PILOT_PARENT, count_rows, pilot_dry_run_regi
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from runner import api, compose, ledger, tools, train_app
+from runner import api, tools, train_app
+
+from runner.config import compose
+
+from runner.registry import ledger
 from runner.errors import InvalidOverride
 
 PARENT, DATASET = PILOT_PARENT, PILOT_DATASET

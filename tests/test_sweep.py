@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import AGENT, BASE_ID, STAND_IN_TRAINER, count_rows, fake_code_repo
-from runner import catalog, db, ledger, schema
+from runner.registry import catalog, db, ledger, schema
 
 FORGE_TRAIN = [sys.executable, "-c", "from runner.train_app import main; main()"]
 # The tiny base has no conf/parent option: forge-train names it by id, and the registry says
@@ -50,8 +50,8 @@ def candidates() -> list[dict]:
 
 
 def mlflow_runs() -> list:
-    from runner import tracking
-    from runner.compose import compose_config, to_plain
+    from runner.jobs import tracking
+    from runner.config.compose import compose_config, to_plain
 
     uri = to_plain(compose_config())["tracking"]["tracking_uri"]
     client = tracking.client(uri)

@@ -9,10 +9,12 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from runner import db, tools
+from runner.registry import db
+
+from runner import tools
 from runner.cli import main as forge
 from runner.errors import BudgetExceeded
-from runner.schema import skills, tool_calls
+from runner.registry.schema import skills, tool_calls
 
 SKILL = "Train Model Version"
 

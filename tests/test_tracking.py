@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from runner import tracking
+from runner.jobs import tracking
 
 
 def test_flatten_nests_keys_and_cuts_long_values():

@@ -121,7 +121,7 @@ def test_baseline_features_are_log1p_cp10k():
 
 
 def test_plain_data_modules_import_without_torch():
-    code = ("import sys, trainers.manifest, trainers.data.fetch, trainers.data.load, "
+    code = ("import sys, trainers.manifest, runner.jobs.datasets, trainers.data.load, "
             "trainers.scgpt.tokenize, trainers.entrypoint\n"
             "bad = [m for m in ('torch', 'pytorch_lightning', 'mlflow') if m in sys.modules]\n"
             "assert not bad, bad")
@@ -143,7 +143,7 @@ def test_baseline_is_the_same_whatever_the_thread_count():
     """The same split gives the same baseline with 1 and 2 BLAS threads (CBMC seed 1 did
     not, unscaled)."""
     script = (
-        "from trainers.data.fetch import fetch\n"
+        "from runner.jobs.datasets import fetch\n"
         "from trainers.data.load import load, split_cells, baseline_features\n"
         "from trainers.scgpt.evaluate import logistic_regression_baseline\n"
         "d = load(fetch('cbmc'), 'cbmc_mat')\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from trainers.data.fetch import fetch, sha256_file
+from runner.jobs.datasets import fetch, sha256_file
 from trainers.entrypoint import EXIT_INVALID, EXIT_NAN, EXIT_OK, _is_oom, _precision, main
 
 REPO = Path(__file__).parents[1]
@@ -114,7 +114,7 @@ def test_finetune_from_parent_standalone(pretrained, cbmc, tmp_path):
     assert args["label_names"][1] == "CD14+ Mono" and rep.missing == []
     assert len(_mlflow_metric_lines(result, "val_macro_f1")) == 2
     assert len(_mlflow_metric_lines(result, "baseline_test_accuracy")) == 1
-    from runner.tracking import valid_metric_name  # every point is one the host relays
+    from runner.jobs.tracking import valid_metric_name  # every point is one the host relays
     stream = [json.loads(x) for x in Path(result["metrics_path"]).read_text().splitlines()]
     assert all(valid_metric_name(p["key"]) and math.isfinite(p["value"]) for p in stream)
     assert any(p["key"].startswith("test_f1/") for p in stream)  # per-class F1

@@ -105,7 +105,7 @@ def test_the_config_schema_is_derived_from_the_manifest():
     import dataclasses
     import typing
 
-    from runner import compose
+    from runner.config import compose
     from trainers import manifest
 
     training = typing.get_type_hints(compose.TrainingConf)
@@ -132,7 +132,8 @@ def test_the_manifest_imports_without_torch_or_the_host():
 
 
 def test_exit_codes_and_the_primary_metric_are_declared_once():
-    from runner import handback, launch, sandbox
+    from runner.jobs import handback, launch
+    from runner import sandbox
     from trainers import entrypoint, manifest
 
     assert launch.PRIMARY_METRIC is manifest.PRIMARY_METRIC
@@ -142,8 +143,8 @@ def test_exit_codes_and_the_primary_metric_are_declared_once():
 
 
 def test_every_preset_composes_to_a_manifest_the_trainer_accepts(tmp_path, monkeypatch):
-    from runner import compose
-    from runner.launch import build_manifest
+    from runner.config import compose
+    from runner.jobs.launch import build_manifest
 
     monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path))
     for training in compose.group_options("training"):
@@ -182,7 +183,9 @@ def test_a_registry_architecture_the_trainer_refuses_is_refused_before_any_debit
         registry_and_code):
     from conftest import count_rows
 
-    from runner import api, catalog, ledger
+    from runner import api
+
+    from runner.registry import catalog, ledger
     from runner.errors import InvalidConfig
 
     catalog.register_model(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainers.scgpt.model import CheckpointError, load_checkpoint, save_checkpoint
-from trainers.scgpt.reference import scgpt_transformer_model
+from scgpt_reference import scgpt_transformer_model
 from trainers.scgpt.tokenize import GeneVocab, Tokenizer
 
 CFG = {"d_model": 64, "n_heads": 4, "d_hid": 96, "n_layers": 3, "n_cls": 7}

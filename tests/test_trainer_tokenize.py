@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from trainers.data.fetch import fetch
+from runner.jobs.datasets import fetch
 from trainers.data.load import load
-from trainers.scgpt.reference import scgpt_binning
+from scgpt_reference import scgpt_binning
 from trainers.scgpt.tokenize import SPECIALS, GeneVocab, Tokenizer, bin_edges, binning
 
 

@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from runner import weights
+from runner.jobs import weights
 from runner.errors import WeightsIntegrityError
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from trainers.data.load import DatasetError
 from trainers.manifest import (EXIT_ERROR, EXIT_INVALID, EXIT_NAN, EXIT_OK, EXIT_OOM, Manifest,
-                               ManifestError, load_manifest)
+                               ManifestError, load_manifest, sha256_file)
 
 
 def train(m: Manifest, state: dict) -> dict:
@@ -41,7 +41,6 @@ def train(m: Manifest, state: dict) -> dict:
         lambda record: "litlogger" not in record.getMessage())
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 
-    from trainers.data.fetch import sha256_file
     from trainers.data.load import baseline_features, load, split_cells
     from trainers.metrics_log import JsonLinesLogger
     from trainers.scgpt import evaluate

@@ -46,13 +46,14 @@ The parent's vocab.json is the vocabulary; dataset genes outside it are dropped.
 This module is the one declaration of the trainer's contract: the settings (`TrainingSpec`,
 plus `CONFIG_TRAINING_FIELDS` of `Manifest`) with their types and rules (`_check`), the exit
 codes and the primary metric per task. The host derives its config schema
-(runner/compose.py TrainingConf) from it and runs `parse_manifest` on the manifest it would
+(runner/config/compose.py TrainingConf) from it and runs `parse_manifest` on the manifest it would
 send in every dry run, so whatever the trainer would refuse is refused before any debit.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import types
@@ -162,6 +163,15 @@ class Manifest:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The digest both sides use for datasets and checkpoints."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_manifest(path: str | Path) -> Manifest:

@@ -2,7 +2,7 @@
 
     {"key": "val_loss", "value": 0.41, "step": 120, "ts": 1700000000000}
 
-The host relays new lines into its own MLflow run while the job runs (runner/tracking.py
+The host relays new lines into its own MLflow run while the job runs (runner/jobs/tracking.py
 MetricRelay). A plain append-only file is the whole channel: the host opens it without
 following links and without blocking, and never points an MLflow client at a tree the job
 wrote. `JsonLinesLogger` is the Lightning logger that writes it.

@@ -14,7 +14,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from runner import catalog, codepin, handback, hook, ledger, settings, weights
+from runner.registry import catalog, ledger
+
+from runner.jobs import codepin, handback, hook, weights
+
+from runner import settings
 from runner.errors import (Conflict, DatasetUnavailable, ForgeError, InternalError,
                            InvalidConfig, RegistrationFailed)
 from trainers.manifest import PRIMARY_METRIC
@@ -166,7 +170,8 @@ class _Job:
             return self._run()
 
     def _run(self) -> dict:
-        from runner import sandbox, tracking
+        from runner import sandbox
+        from runner.jobs import tracking
 
         plan, cfg = self.plan, self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -302,7 +307,7 @@ class _Job:
         retrying while the database is away is left to the reaper (`forge ledger reap`).
         """
         reason = getattr(exc, "reason", None) or type(exc).__name__
-        from runner import tracking
+        from runner.jobs import tracking
 
         def attempt(what: str, step) -> None:
             try:

@@ -12,9 +12,9 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from runner import catalog, db, ledger
+from runner.registry import catalog, db, ledger
 from runner.errors import TrainingFailed
-from runner.schema import events, world_model_improvements
+from runner.registry.schema import events, world_model_improvements
 
 EVENT_TYPE = "model_version_trained"
 

@@ -37,9 +37,9 @@ class CodePin:
 
 
 def default_repo_path() -> Path:
-    """FORGE_CODE_REPO, else the checkout this package lives in."""
-    env = os.environ.get("FORGE_CODE_REPO")
-    return Path(env) if env else Path(__file__).resolve().parent.parent
+    from runner import settings
+
+    return settings.code_repo()
 
 
 def _repo(path: Path):
@@ -172,7 +172,7 @@ def snapshot(pin: CodePin, root: str | Path) -> Path:
     import tarfile
     import tempfile
 
-    from runner.archive import extract_tar
+    from runner.jobs.archive import extract_tar
 
     dest = snapshot_path(pin, root)
     name, root = dest.name, dest.parent

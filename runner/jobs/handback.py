@@ -4,7 +4,7 @@ The output tree has been sanitised by the sandbox's hand-back (regular files and
 only, within caps) before this runs; `read_result` still trusts nothing of it. It opens
 result.json without following a link or blocking, checks by fstat that it is a regular file,
 caps its size and nesting depth before the JSON parser sees it, and validates it against
-runner/schemas/result.schema.json. The checkpoint is always `out/checkpoint`
+runner/jobs/result.schema.json. The checkpoint is always `out/checkpoint`
 (`CHECKPOINT_DIR`), whatever result.json says. Every failure is a TrainingFailed with a
 reason.
 """
@@ -16,6 +16,7 @@ import json
 import os
 import re
 import stat
+from importlib import resources
 from itertools import accumulate
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def read_result(out: Path, launched) -> dict:
         raise TrainingFailed(f"result.json is malformed: {printable(problem)}",
                              reason="malformed_result", field="result.json",
                              fix="the trainer must write result.json as "
-                                 "runner/schemas/result.schema.json says")
+                                 "runner/jobs/result.schema.json says")
     if result is None:
         raise TrainingFailed("the trainer exited 0 but wrote no result.json",
                              reason="missing_result", fix=f"read {launched.log_path}")
@@ -151,9 +152,8 @@ def nesting_depth(data: bytes) -> int:
 def _validator():
     import jsonschema
 
-    from runner.catalog import _schema  # the catalog's loader of runner/schemas/
-
-    return jsonschema.Draft202012Validator(_schema("result.schema.json"))
+    schema = resources.files("runner.jobs").joinpath("result.schema.json").read_text()
+    return jsonschema.Draft202012Validator(json.loads(schema))
 
 
 def _best_error(result):

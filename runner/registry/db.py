@@ -58,7 +58,7 @@ def alembic_config(url: str | None = None):
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", "runner:migrations")
+    cfg.set_main_option("script_location", "runner.registry:migrations")
     cfg.set_main_option("sqlalchemy.url", (url or settings.db_url()).replace("%", "%%"))
     return cfg
 

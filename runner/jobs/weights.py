@@ -25,8 +25,8 @@ import zipfile
 from pathlib import Path
 
 from runner import settings
-from runner.archive import UnsafeArchive, extract_tar
-from runner.catalog import validate_artifact_id
+from runner.jobs.archive import UnsafeArchive, extract_tar
+from runner.registry.catalog import validate_artifact_id
 from runner.errors import NotFound, WeightsIntegrityError
 
 BLOB_INDEX = "blobs.json"

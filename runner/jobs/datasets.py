@@ -29,6 +29,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainers.manifest import sha256_file  # one digest rule on both sides of the jail
+
 
 class FetchError(RuntimeError):
     """A source could not be fetched; the message names the source and the cause."""
@@ -135,14 +137,6 @@ def cache_root() -> Path:
     if os.environ.get("FORGE_CACHE_DIR"):
         return Path(os.environ["FORGE_CACHE_DIR"])
     return Path(os.environ.get("FORGE_HOME", "outputs")) / "cache"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_sha256(path: str | Path, expected: str) -> None:
@@ -288,7 +282,7 @@ def dataset_format(source: str, path: Path | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m trainers.data.fetch SOURCE [--sha256 H]`: fetch and print the path."""
+    """`python -m runner.jobs.datasets SOURCE [--sha256 H]`: fetch and print the path."""
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("source")

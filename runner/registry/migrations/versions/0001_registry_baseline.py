@@ -6,7 +6,7 @@ Create Date: 2026-11-28
 """
 from alembic import op
 import sqlalchemy as sa
-import runner.schema
+import runner.registry.schema
 
 
 revision = '0001'
@@ -64,13 +64,13 @@ def upgrade() -> None:
     sa.Column('status', sa.Text(), nullable=False),
     sa.Column('wall_time_cap_min', sa.Integer(), nullable=False),
     sa.Column('vram_cap_gb', sa.Integer(), nullable=False),
-    sa.Column('price_per_hour', runner.schema.Money(precision=20, scale=6), nullable=False),
+    sa.Column('price_per_hour', runner.registry.schema.Money(precision=20, scale=6), nullable=False),
     sa.Column('currency', sa.Text(), server_default='credits', nullable=False),
-    sa.Column('estimated_cost', runner.schema.Money(precision=20, scale=6), nullable=False),
-    sa.Column('debited', runner.schema.Money(precision=20, scale=6), nullable=False),
+    sa.Column('estimated_cost', runner.registry.schema.Money(precision=20, scale=6), nullable=False),
+    sa.Column('debited', runner.registry.schema.Money(precision=20, scale=6), nullable=False),
     sa.Column('actual_seconds', sa.Float(), nullable=True),
-    sa.Column('actual_cost', runner.schema.Money(precision=20, scale=6), nullable=True),
-    sa.Column('refunded', runner.schema.Money(precision=20, scale=6), nullable=True),
+    sa.Column('actual_cost', runner.registry.schema.Money(precision=20, scale=6), nullable=True),
+    sa.Column('refunded', runner.registry.schema.Money(precision=20, scale=6), nullable=True),
     sa.Column('request_key', sa.Text(), nullable=False),
     sa.Column('mlflow_run_id', sa.Text(), nullable=True),
     sa.Column('artifact_id', sa.Text(), nullable=True),
@@ -103,10 +103,10 @@ def upgrade() -> None:
     )
     op.create_table('token_accounts',
     sa.Column('account_id', sa.Text(), nullable=False),
-    sa.Column('balance', runner.schema.Money(precision=20, scale=6), server_default='0', nullable=False),
-    sa.Column('total_granted', runner.schema.Money(precision=20, scale=6), server_default='0', nullable=False),
-    sa.Column('total_debited', runner.schema.Money(precision=20, scale=6), server_default='0', nullable=False),
-    sa.Column('total_refunded', runner.schema.Money(precision=20, scale=6), server_default='0', nullable=False),
+    sa.Column('balance', runner.registry.schema.Money(precision=20, scale=6), server_default='0', nullable=False),
+    sa.Column('total_granted', runner.registry.schema.Money(precision=20, scale=6), server_default='0', nullable=False),
+    sa.Column('total_debited', runner.registry.schema.Money(precision=20, scale=6), server_default='0', nullable=False),
+    sa.Column('total_refunded', runner.registry.schema.Money(precision=20, scale=6), server_default='0', nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.CheckConstraint('balance >= 0', name=op.f('ck_token_accounts_balance_nonnegative')),
@@ -117,13 +117,13 @@ def upgrade() -> None:
     sa.Column('ts', sa.DateTime(timezone=True), nullable=False),
     sa.Column('from_account', sa.Text(), nullable=False),
     sa.Column('to_account', sa.Text(), nullable=False),
-    sa.Column('amount', runner.schema.Money(precision=20, scale=6), nullable=False),
+    sa.Column('amount', runner.registry.schema.Money(precision=20, scale=6), nullable=False),
     sa.Column('reason', sa.Text(), nullable=False),
     sa.Column('reference_type', sa.Text(), nullable=True),
     sa.Column('reference_id', sa.Text(), nullable=True),
     sa.Column('memo', sa.Text(), nullable=True),
-    sa.Column('balance_after_from', runner.schema.Money(precision=20, scale=6), nullable=True),
-    sa.Column('balance_after_to', runner.schema.Money(precision=20, scale=6), nullable=True),
+    sa.Column('balance_after_from', runner.registry.schema.Money(precision=20, scale=6), nullable=True),
+    sa.Column('balance_after_to', runner.registry.schema.Money(precision=20, scale=6), nullable=True),
     sa.CheckConstraint('amount > 0', name=op.f('ck_token_ledger_amount_positive')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_token_ledger'))
     )

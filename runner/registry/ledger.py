@@ -41,7 +41,7 @@ from typing import Any, Iterator
 
 import sqlalchemy as sa
 
-from runner import db
+from runner.registry import db
 from runner.errors import (
     BudgetExceeded,
     ForgeError,
@@ -51,7 +51,7 @@ from runner.errors import (
     NotFound,
     UnknownAgent,
 )
-from runner.schema import MONEY_PLACES, resource_allocations, token_accounts, token_ledger
+from runner.registry.schema import MONEY_PLACES, resource_allocations, token_accounts, token_ledger
 
 MINT = "system:mint"
 COMPUTE = "system:compute"
@@ -168,7 +168,7 @@ def _seconds(value: Any, field: str = "actual_seconds") -> Decimal:
 
 
 def check_agent_id(agent_id: Any) -> str:
-    from runner.compose import AGENT_ID
+    from runner.config.compose import AGENT_ID
 
     if not isinstance(agent_id, str) or not AGENT_ID.match(agent_id):
         raise InvalidInput(f"agent_id {agent_id!r} is not a valid agent id", field="agent_id",
@@ -649,8 +649,8 @@ def _fail_runs(reaped: list[dict]) -> None:
     if not reaped:
         return
     try:
-        from runner import tracking
-        from runner.compose import compose_config, to_plain
+        from runner.jobs import tracking
+        from runner.config.compose import compose_config, to_plain
 
         client = tracking.client(to_plain(compose_config())["tracking"]["tracking_uri"])
     except Exception as exc:  # noqa: BLE001 - the books are already settled
@@ -670,7 +670,7 @@ def _clean_run_dirs(reaped: list[dict]) -> None:
     if not reaped:
         return
     from runner import settings
-    from runner.launch import clean_run_dir
+    from runner.jobs.launch import clean_run_dir
 
     for alloc in reaped:
         clean_run_dir(settings.forge_home() / "runs" / alloc["id"])

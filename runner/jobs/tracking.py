@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner.handback import NotPlainFile, read_job_file
+from runner.jobs.handback import NotPlainFile, read_job_file
 from runner.sandbox import printable  # stdlib only: no torch, no mlflow
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -1,9 +1,9 @@
-"""Alembic environment: runs on the connection runner.db.upgrade() hands over, or on the URL."""
+"""Alembic environment: runs on the connection runner.registry.db.upgrade() hands over, or on the URL."""
 
 from alembic import context
 import sqlalchemy as sa
 
-from runner.schema import metadata
+from runner.registry.schema import metadata
 
 config = context.config
 

@@ -15,7 +15,7 @@ import types
 import warnings
 from pathlib import Path
 
-from trainers.data.fetch import REFERENCE_FILES, cache_root, fetch_wheel_files
+from runner.jobs.datasets import REFERENCE_FILES, cache_root, fetch_wheel_files
 
 PACKAGE = "_scgpt_reference"
 

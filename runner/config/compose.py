@@ -128,7 +128,7 @@ class TrackingConf:
 class RegistryConf:
     db_url: Optional[str] = None
     blob_threshold_mb: float = 50.0
-    min_free_gb: float = 2.0  # free space FORGE_HOME needs before a debit (runner/launch.py)
+    min_free_gb: float = 2.0  # free space FORGE_HOME needs before a debit (runner/jobs/launch.py)
     expiry_margin_min: float = 10.0  # allocation expiry = cap + sandbox grace + this
 
 
@@ -179,10 +179,9 @@ def register_schema() -> None:
 # --- where the configs live ----------------------------------------------------------------------
 
 def config_dir() -> Path:
-    """conf/ at the repository root, or FORGE_CONFIG_DIR."""
-    env = os.environ.get("FORGE_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
-    return path.resolve()
+    from runner import settings
+
+    return settings.config_dir()
 
 
 @lru_cache(maxsize=32)
@@ -411,7 +410,7 @@ MAX_OVERRIDE_CHARS = 4096
 MAX_NESTING = 8  # brackets in an override value; dict/list levels in training_config
 MAX_KEYS = 1000  # keys and list items in training_config
 MAX_STRING = 4096
-ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # runner/catalog.py
+ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # runner/registry/catalog.py
 
 # key=value with a plain key: what Hydra reads as (prefix, key, @package, value).
 _CALLER_LINE = re.compile(
@@ -1138,7 +1137,7 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> dict
 
 
 # Manifest fields (trainers/manifest.py) and the config keys they come from, where the
-# names differ (runner/launch.py build_manifest); model.* is parent.*, the rest keep theirs.
+# names differ (runner/jobs/launch.py build_manifest); model.* is parent.*, the rest keep theirs.
 _MANIFEST_SOURCES = {"task": "training.task", "seed": "training.seed",
                      "num_threads": "training.num_threads", "dataset.name": "dataset.source",
                      "experiment_name": "tracking.experiment_name"}
@@ -1148,7 +1147,7 @@ def _check_manifest(plain: dict, by_key: dict[str, str]) -> None:
     """Build the manifest the host would send for `plain` and check it with the trainer's
     own parser: what the trainer would refuse after the debit is refused here, naming the
     config key that set it."""
-    from runner.launch import build_manifest
+    from runner.jobs.launch import build_manifest
 
     try:
         contract.parse_manifest(build_manifest(plain, "dry-run", "cpu", from_parent=True))

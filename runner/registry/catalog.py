@@ -15,10 +15,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from runner import db
+from runner.registry import db
 from runner.errors import (Conflict, InvalidArtifactId, NotFound, SchemaViolation,
                            WrongArtifactType)
-from runner.schema import artifact_links, artifacts, model_versions
+from runner.registry.schema import artifact_links, artifacts, model_versions
 
 ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -43,7 +43,7 @@ def validate_artifact_id(value: Any, field: str = "artifact_id") -> str:
 
 @functools.cache
 def _schema(name: str) -> dict:
-    return json.loads(resources.files("runner").joinpath("schemas", name).read_text())
+    return json.loads(resources.files("runner.registry").joinpath("schemas", name).read_text())
 
 
 def validate_json(document: Any, schema_name: str, field: str) -> None:
@@ -58,7 +58,7 @@ def validate_json(document: Any, schema_name: str, field: str) -> None:
             missing = [k for k in err.validator_value if k not in (err.instance or {})]
             where = ".".join([field, *map(str, err.absolute_path), missing[0]])
         raise SchemaViolation(f"{where}: {err.message}", field=where,
-                              fix=f"make {where} satisfy runner/schemas/{schema_name}")
+                              fix=f"make {where} satisfy runner/registry/schemas/{schema_name}")
 
 
 def _row(result) -> dict | None:
