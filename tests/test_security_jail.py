@@ -21,14 +21,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, fake_code_repo
+from helpers import AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, fake_code_repo
 from test_sandbox import make_job as sandbox_make_job
-
-from runner.registry import catalog, db, ledger, schema
 
 from runner import sandbox
 from runner.errors import ForgeError, TrainingFailed
-from runner.sandbox import SandboxJob, gpu_launch, sandbox_plan
+from runner.registry import catalog, db, ledger, schema
+from runner.sandbox import SandboxJob, gpu_launch, memory, policy, sandbox_plan, seccomp
 
 JOBS = Path(__file__).parent / "sandbox_jobs"
 MIB = 1024**2
@@ -170,8 +169,8 @@ FAKE_NODES = ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia2", "/dev/nvidia3", "/
 
 
 def test_only_the_assigned_gpu_node_is_bound(tmp_path, monkeypatch):
-    real_glob = sandbox.glob.glob
-    monkeypatch.setattr(sandbox.glob, "glob", lambda pattern, *a, **k: list(FAKE_NODES)
+    real_glob = policy.glob.glob
+    monkeypatch.setattr(policy.glob, "glob", lambda pattern, *a, **k: list(FAKE_NODES)
                         if pattern == "/dev/nvidia*" else real_glob(pattern, *a, **k))
     plan = sandbox_plan(make_job(tmp_path, "exit", "0", device="cuda:2"))
     assert plan["device"] == "cuda:2"
@@ -190,11 +189,11 @@ def test_only_the_assigned_gpu_node_is_bound(tmp_path, monkeypatch):
 
 def test_memory_cap_mechanism_in_the_plan(tmp_path, monkeypatch):
     job = make_job(tmp_path, "exit", "0", max_memory_bytes=2 * 1024**3)
-    monkeypatch.setattr(sandbox, "_cgroup_base", lambda: None)  # a host without delegation
+    monkeypatch.setattr(memory, "_cgroup_base", lambda: None)  # a host without delegation
     plan = sandbox_plan(job)
     assert plan["caps"]["memory"] == {"bytes": 2 * 1024**3, "mechanism": "rlimit"}
     assert f"--as={2 * 1024**3}" in plan["argv"]
-    monkeypatch.setattr(sandbox, "_cgroup_base", lambda: tmp_path / "cg")  # one with it
+    monkeypatch.setattr(memory, "_cgroup_base", lambda: tmp_path / "cg")  # one with it
     plan = sandbox_plan(job)
     assert plan["caps"]["memory"]["mechanism"] == "cgroup2"
     assert plan["argv"][1:4] == ["-c", 'echo 0 > "$0" && exec "$@"', "<cgroup>/cgroup.procs"]
@@ -229,8 +228,8 @@ def _run_bpf(program: bytes, arch: int, nr: int, arg0: int = 0) -> int:
 
 @pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
 def test_seccomp_filter_follows_its_table(arch):
-    program = sandbox._seccomp_program(arch)
-    audit, numbers = sandbox._SYSCALLS[arch]
+    program = seccomp._seccomp_program(arch)
+    audit, numbers = seccomp._SYSCALLS[arch]
     ALLOW, EPERM = 0x7FFF0000, 0x00050001
     for name in ("keyctl", "add_key", "request_key", "unshare", "io_uring_setup"):
         assert _run_bpf(program, audit, numbers[name]) == EPERM, name
@@ -265,8 +264,8 @@ def _allocations(url: str) -> list[dict]:
 
 
 def _host_run(run_id: str):
-    from runner.jobs import tracking
     from runner.config.compose import compose_config, to_plain
+    from runner.jobs import tracking
 
     client = tracking.client(to_plain(compose_config())["tracking"]["tracking_uri"])
     return client.get_run(run_id), client
