@@ -12,9 +12,9 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from conftest import count_rows
+from helpers import count_rows
 
-from runner.registry import db, ledger
+from runner.registry import db, ledger, recovery
 from runner.cli import main as forge
 from runner.errors import BudgetExceeded, InvalidAmount, InvalidInput, LedgerError, UnknownAgent
 from runner.registry.schema import resource_allocations, token_accounts, token_ledger
@@ -74,7 +74,7 @@ def test_grant_and_balance(db_url):
         ("system:mint", "a1", Decimal("10"), "grant"),
         ("system:mint", "a1", Decimal("2.5"), "grant")]
     assert rows[-1]["balance_after_to"] == Decimal("12.50") and rows[-1]["memo"] == "top-up"
-    assert ledger.check() == []
+    assert recovery.check() == []
 
 
 @pytest.mark.parametrize("amount", ["-5", "0", "NaN", "ten", 1.25])
@@ -114,7 +114,7 @@ def test_reserve_debits_before_launch_in_one_transaction(db_url):
         ("a1", "system:compute", "compute_debit")
     assert debit["reference_type"] == "resource_allocation"
     assert debit["reference_id"] == alloc["id"] and debit["balance_after_from"] == Decimal("9")
-    assert ledger.check() == []
+    assert recovery.check() == []
 
 
 def test_same_request_key_reserves_once(db_url):
@@ -124,7 +124,7 @@ def test_same_request_key_reserves_once(db_url):
     assert again["existing"] is True and again["id"] == first["id"]
     assert ledger.balance("a1") == Decimal("9.00")
     assert count_rows(db_url)["resource_allocations"] == 1
-    assert ledger.check() == []
+    assert recovery.check() == []
 
 
 def test_insufficient_balance_leaves_no_trace(db_url):
@@ -172,7 +172,7 @@ def test_settle_charges_actual_use_and_refunds_the_rest_once(db_url):
     assert ledger.balance("a1") == Decimal("9.75")
     refunds = [r for r in ledger_rows(db_url) if r["reason"] == "compute_refund"]
     assert len(refunds) == 1 and refunds[0]["amount"] == Decimal("0.75")
-    assert ledger.check() == []
+    assert recovery.check() == []
 
 
 def test_settle_is_capped_at_the_debit_and_failed_runs_pay_for_their_time(db_url):
@@ -183,7 +183,7 @@ def test_settle_is_capped_at_the_debit_and_failed_runs_pay_for_their_time(db_url
     assert failed["status"] == "failed" and failed["failure_reason"] == "oom"
     assert failed["actual_cost"] == Decimal("0.05") and failed["refunded"] == Decimal("0.95")
     assert ledger.balance("a1") == Decimal("8.95")
-    assert ledger.check() == []
+    assert recovery.check() == []
 
 
 @pytest.mark.parametrize("seconds,status", [(-1, "settled"), (float("nan"), "settled"),
@@ -206,7 +206,7 @@ def test_cancel_refunds_everything(db_url):
     assert ledger.balance("a1") == Decimal("10.00")
     assert ledger.settle(alloc["id"], 10)["already_settled"] is True
     assert ledger.balance("a1") == Decimal("10.00")
-    assert ledger.check() == []
+    assert recovery.check() == []
 
 
 def test_settle_joins_the_callers_transaction(db_url):
@@ -220,7 +220,7 @@ def test_settle_joins_the_callers_transaction(db_url):
     assert ledger.balance("a1") == Decimal("9.00")
     with engine.begin() as conn:
         ledger.settle(alloc["id"], 1800, conn=conn)
-    assert ledger.balance("a1") == Decimal("9.75") and ledger.check() == []
+    assert ledger.balance("a1") == Decimal("9.75") and recovery.check() == []
 
 
 def test_reserve_joins_the_callers_transaction(db_url):
@@ -233,7 +233,7 @@ def test_reserve_joins_the_callers_transaction(db_url):
     with engine.begin() as conn:
         first = reserve(conn=conn)
         assert reserve(conn=conn)["id"] == first["id"]
-    assert ledger.balance("a1") == Decimal("9.00") and ledger.check() == []
+    assert ledger.balance("a1") == Decimal("9.00") and recovery.check() == []
 
 
 def test_mark_running_twice_is_idempotent_but_not_after_settle(db_url):
@@ -252,12 +252,12 @@ def test_check_finds_tampering_and_the_cli_exits_non_zero(db_url):
     ledger.grant("a1", "10")
     alloc = reserve()
     ledger.settle(alloc["id"], 600)
-    assert ledger.check() == []
+    assert recovery.check() == []
     assert CliRunner().invoke(forge, ["ledger", "check"]).exit_code == 0
     with db.get_engine(db_url).begin() as conn:
         conn.execute(token_accounts.update().values(balance=Decimal("100")))
         conn.execute(resource_allocations.update().values(refunded=Decimal("0.5")))
-    problems = ledger.check()
+    problems = recovery.check()
     assert any("a1" in p and "balance" in p for p in problems)
     assert any(alloc["id"] in p for p in problems)
     result = CliRunner().invoke(forge, ["ledger", "check"])
@@ -324,7 +324,7 @@ def test_16_concurrent_reservations_against_a_balance_for_10(db_url, tmp_path):
         n = conn.execute(sa.select(sa.func.count()).select_from(resource_allocations)
                          .where(resource_allocations.c.status == "reserved")).scalar_one()
     assert n == 10
-    assert ledger.check() == []
+    assert recovery.check() == []
 
 
 def test_concurrent_retries_of_one_request_debit_once(db_url, tmp_path):
@@ -333,4 +333,4 @@ def test_concurrent_retries_of_one_request_debit_once(db_url, tmp_path):
     assert outs.count("reserved") == 1 and outs.count("existing") == 7
     assert ledger.balance("a1") == Decimal("9.00")
     assert count_rows(db_url)["resource_allocations"] == 1
-    assert ledger.check() == []
+    assert recovery.check() == []

@@ -1,11 +1,12 @@
 """Recovery (issue 12): no allocation stays open after its host dies, the database goes away
 at registration, or the disk fills up.
 
-Every allocation carries an expiry and a heartbeat; `ledger.reap` (also `forge ledger reap`,
+Every allocation carries an expiry and a heartbeat; `recovery.reap` (also `forge ledger reap`,
 and the start of every reserve) settles the dead ones as failed, exactly once, and `forge
-ledger check` fails while one is overdue. The end-to-end cases run the real sandbox with
-stand-in trainers (see test_end_to_end.py), a real host process killed with SIGKILL, a real
-PostgreSQL outage and a real, small tmpfs.
+ledger check` fails while one is overdue; the host's side (runner.jobs.recovery) then marks
+the reaped MLflow runs FAILED and cleans their run folders. The end-to-end cases run the real
+sandbox with stand-in trainers (see test_end_to_end.py), a real host process killed with
+SIGKILL, a real PostgreSQL outage and a real, small tmpfs.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from conftest import (AGENT, BASE_ID, DATASET_ID, PG_URL, STAND_IN_TRAINER, count_rows,
+from helpers import (AGENT, BASE_ID, DATASET_ID, PG_URL, STAND_IN_TRAINER, count_rows,
                       fake_code_repo)
-from runner.registry import catalog, db, ledger, schema
+from runner.jobs import recovery as host_recovery
+from runner.registry import catalog, db, ledger, recovery, schema
 from runner.cli import main as forge
 from runner.errors import ForgeError, LedgerError, RegistrationFailed
 
@@ -96,14 +98,14 @@ def mlflow_run(run_id: str):
 def test_an_allocation_expires_after_cap_and_margin(db_url):
     ledger.grant("a1", "10")
     alloc = reserve(margin_s=600)  # the sandbox's grace period lies inside the cap
-    expires = ledger._utc(alloc["expires_at"]) - ledger._utc(alloc["created_at"])
+    expires = recovery._utc(alloc["expires_at"]) - recovery._utc(alloc["created_at"])
     assert expires == timedelta(minutes=120, seconds=600)
     assert alloc["host"] == f"{socket.gethostname()}:{os.getpid()}"
     assert alloc["heartbeat_at"] is not None
     running = ledger.mark_running(alloc["id"], None)  # the window restarts with the job
-    assert ledger._utc(running["expires_at"]) - ledger._utc(running["started_at"]) == expires
-    assert ledger.heartbeat(alloc["id"]) is True
-    assert ledger.check() == [] and ledger.reap() == []
+    assert recovery._utc(running["expires_at"]) - recovery._utc(running["started_at"]) == expires
+    assert recovery.heartbeat(alloc["id"]) is True
+    assert recovery.check() == [] and recovery.reap() == []
 
 
 def test_reap_settles_an_expired_allocation_as_failed_once(db_url):
@@ -116,11 +118,11 @@ def test_reap_settles_an_expired_allocation_as_failed_once(db_url):
         conn.execute(schema.resource_allocations.update()
                      .where(schema.resource_allocations.c.id == busy["id"])
                      .values(heartbeat_at=started + timedelta(minutes=30)))
-    assert ledger.check() == []
-    problems = ledger.check(now=later())
+    assert recovery.check() == []
+    problems = recovery.check(now=later())
     assert len(problems) == 2 and all("overdue" in p for p in problems)
 
-    reaped = {a["id"]: a for a in ledger.reap(now=later())}
+    reaped = {a["id"]: a for a in recovery.reap(now=later())}
     assert set(reaped) == {idle["id"], busy["id"]}
     for alloc in reaped.values():
         assert alloc["status"] == "failed" and alloc["failure_reason"].startswith("reaped: ")
@@ -129,9 +131,9 @@ def test_reap_settles_an_expired_allocation_as_failed_once(db_url):
     assert reaped[idle["id"]]["actual_cost"] == Decimal("0")
     assert reaped[busy["id"]]["actual_cost"] == Decimal("0.25")  # 30 min at 0.50/h
     assert ledger.balance("a1") == Decimal("9.75")
-    assert ledger.reap(now=later()) == []  # exactly once
+    assert recovery.reap(now=later()) == []  # exactly once
     assert len(refund_rows(db_url, busy["id"])) == 1
-    assert ledger.check(now=later()) == []
+    assert recovery.check(now=later()) == []
 
 
 def test_a_retry_after_a_reaped_allocation_launches_anew(db_url):
@@ -139,22 +141,22 @@ def test_a_retry_after_a_reaped_allocation_launches_anew(db_url):
     first = reserve(key="same")
     ledger.mark_running(first["id"], None)
     assert reserve(key="same")["existing"] is True  # alive: the retry waits for it
-    ledger.reap(now=later())
+    recovery.reap(now=later())
     again = reserve(key="same")
     assert again["existing"] is False and again["id"] != first["id"]
     assert ledger.get_allocation(first["id"])["status"] == "failed"
-    assert ledger.balance("a1") == Decimal("9.00") and ledger.check() == []
+    assert ledger.balance("a1") == Decimal("9.00") and recovery.check() == []
 
 
 def test_a_registration_after_the_reaper_closed_the_allocation_rolls_back(db_url):
     ledger.grant("a1", "10")
     alloc = reserve()
-    ledger.reap(now=later())
+    recovery.reap(now=later())
     with pytest.raises(LedgerError) as err, db.get_engine(db_url).begin() as conn:
         ledger.settle(alloc["id"], 60, artifact_id="model-trained-for-free", conn=conn)
     assert err.value.reason == "allocation_closed"
     assert ledger.get_allocation(alloc["id"])["artifact_id"] is None
-    assert ledger.check() == []
+    assert recovery.check() == []
 
 
 def test_cli_check_fails_while_an_allocation_is_overdue_and_reap_clears_it(db_url):
@@ -174,15 +176,39 @@ def test_cli_check_fails_while_an_allocation_is_overdue_and_reap_clears_it(db_ur
     assert cli("ledger", "reap").output.strip() == "reaped 0 allocations"
 
 
+def test_the_host_fails_a_reaped_mlflow_run_and_cleans_its_run_folder(sqlite_url):
+    """The registry's reaper only settles the books; runner.jobs.recovery.reap (what `forge
+    ledger reap` and every launch run) then fails the job's MLflow run and empties its run
+    folder, keeping job.log and manifest.json."""
+    from runner.config.compose import compose_config, to_plain
+    from runner.jobs import job, tracking
+
+    client = tracking.client(to_plain(compose_config())["tracking"]["tracking_uri"])
+    run_id = client.create_run(client.create_experiment("reaped")).info.run_id
+    ledger.grant("a1", "10")
+    alloc = ledger.mark_running(reserve()["id"], run_id)
+    folder = job.run_dir(alloc["id"])
+    (folder / "out").mkdir(parents=True)
+    for name in ("out/model.ckpt", "job.log", "manifest.json"):
+        (folder / name).write_text(name)
+    [reaped] = host_recovery.reap(now=later())
+    assert reaped["id"] == alloc["id"] and reaped["status"] == "failed"
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["forge.outcome"] == "reaped"
+    assert run.data.tags["forge.error"] == reaped["failure_reason"]
+    assert sorted(p.name for p in folder.iterdir()) == ["job.log", "manifest.json"]
+    assert host_recovery.reap(now=later()) == []  # nothing left: the run stays as it is
+
+
 REAPER = """
 import sys, time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from runner.registry import ledger
+from runner.registry import recovery
 go = Path(sys.argv[1])
 while not go.exists():
     time.sleep(0.01)
-print(len(ledger.reap(now=datetime.now(timezone.utc) + timedelta(days=1))))
+print(len(recovery.reap(now=datetime.now(timezone.utc) + timedelta(days=1))))
 """
 
 
@@ -208,7 +234,7 @@ def test_reapers_racing_settle_each_allocation_exactly_once(db_url, tmp_path):
         assert ledger.get_allocation(alloc["id"])["status"] == "failed"
         assert len(refund_rows(db_url, alloc["id"])) == 1
     assert ledger.balance("a1") == Decimal("10.00")
-    assert ledger.check(now=later()) == []
+    assert recovery.check(now=later()) == []
 
 
 def test_a_settlement_is_retried_while_the_database_is_away(db_url, monkeypatch):
@@ -224,16 +250,16 @@ def test_a_settlement_is_retried_while_the_database_is_away(db_url, monkeypatch)
         return real(*a, **kw)
 
     monkeypatch.setattr(ledger, "_close", away_twice)
-    done = ledger.settle_retrying(alloc["id"], 0, reason="x", budget_s=10)
+    done = recovery.settle_retrying(alloc["id"], 0, reason="x", budget_s=10)
     assert done["status"] == "failed" and len(calls) == 3
-    assert ledger.check() == []
+    assert recovery.check() == []
 
 
 def test_reserve_reaps_an_allocation_whose_host_process_died(db_url, monkeypatch):
     """A host that reserved and died: after 3 missed beats, the same request runs again."""
     ledger.grant("a1", "10")
     monkeypatch.setenv("FORGE_HEARTBEAT_S", "0.5")
-    script = ("from decimal import Decimal; from runner import ledger; "
+    script = ("from decimal import Decimal; from runner.registry import ledger; "
               "print(ledger.reserve('a1', Decimal('1.00'), 'same', wall_time_cap_min=120, "
               "vram_cap_gb=24, price_per_hour=Decimal('0.50'))['id'])")
     host = subprocess.run([sys.executable, "-c", script],
@@ -245,7 +271,7 @@ def test_reserve_reaps_an_allocation_whose_host_process_died(db_url, monkeypatch
     assert again["existing"] is False and again["id"] != dead_id
     dead = ledger.get_allocation(dead_id)
     assert dead["status"] == "failed" and "host process" in dead["failure_reason"]
-    assert ledger.balance("a1") == Decimal("9.00") and ledger.check() == []
+    assert ledger.balance("a1") == Decimal("9.00") and recovery.check() == []
 
 
 def test_migration_0002_gives_open_allocations_an_expiry(db_url):
@@ -265,9 +291,9 @@ def test_migration_0002_gives_open_allocations_an_expiry(db_url):
                 " 24, 0, 'credits', 0, 0, :id, :at)"), dict(id=key, status=status, at=stamp))
     assert db.upgrade(db_url) == "0002"
     rows = {a["id"]: a for a in alloc_rows(db_url)}
-    assert ledger._utc(rows["open"]["expires_at"]) == stamp + timedelta(minutes=60, seconds=610)
+    assert recovery._utc(rows["open"]["expires_at"]) == stamp + timedelta(minutes=60, seconds=610)
     assert rows["closed"]["expires_at"] is None
-    assert [a["id"] for a in ledger.overdue()] == ["open"]
+    assert [a["id"] for a in recovery.overdue()] == ["open"]
 
 
 # --- the host killed mid-run ---------------------------------------------------------------------
@@ -342,7 +368,7 @@ def test_host_killed_mid_run_is_reaped_and_the_retry_launches_anew(registry, tmp
     assert reaped["debited"] == reaped["actual_cost"] + reaped["refunded"]
     assert Decimal(0) <= reaped["actual_cost"] < reaped["debited"]  # seconds, not the cap
     assert ledger.balance(AGENT) == Decimal("10") - reaped["actual_cost"]
-    assert ledger.check() == [] and cli("ledger", "check").exit_code == 0
+    assert recovery.check() == [] and cli("ledger", "check").exit_code == 0
     run = mlflow_run(reaped["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["forge.outcome"] == "reaped"
     run_dir = log.parent
@@ -352,7 +378,7 @@ def test_host_killed_mid_run_is_reaped_and_the_retry_launches_anew(registry, tmp
     assert result["gpu_allocation_id"] != alloc["id"]
     assert ledger.get_allocation(result["gpu_allocation_id"])["status"] == "settled"
     assert [a["status"] for a in alloc_rows(registry)] == ["failed", "settled"]
-    assert ledger.check() == []
+    assert recovery.check() == []
 
 
 # --- the database away at registration ----------------------------------------------------------
@@ -384,7 +410,7 @@ def test_database_away_at_registration_fails_typed_and_settles(pg_registry, tmp_
     (not the settlement's error), and the reaper settles the allocation later."""
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(
         tmp_path, STAND_IN_TRAINER.replace("METRICS", OK_METRICS))))
-    monkeypatch.setattr(ledger, "SETTLE_RETRY_S", 15.0 if outage_s else 2.0, raising=False)
+    monkeypatch.setattr(recovery, "SETTLE_RETRY_S", 15.0 if outage_s else 2.0, raising=False)
     cut, restore = _database_outage(pg_registry)
     real_links = catalog._write_links
 
@@ -413,12 +439,12 @@ def test_database_away_at_registration_fails_typed_and_settles(pg_registry, tmp_
         assert alloc["status"] == "failed" and "registration_failed" in alloc["failure_reason"]
     else:
         assert alloc["status"] == "running"  # left to the reaper, never masking the error
-        assert ledger.check() == []  # not overdue yet: its host (this process) is alive
-        assert [a["id"] for a in ledger.reap(now=later())] == [alloc["id"]]
+        assert recovery.check() == []  # not overdue yet: its host (this process) is alive
+        assert [a["id"] for a in host_recovery.reap(now=later())] == [alloc["id"]]
         alloc = ledger.get_allocation(alloc["id"])
         assert alloc["status"] == "failed" and alloc["failure_reason"].startswith("reaped")
     assert alloc["debited"] == alloc["actual_cost"] + alloc["refunded"]
-    assert ledger.check(now=later()) == []
+    assert recovery.check(now=later()) == []
     assert mlflow_run(alloc["mlflow_run_id"]).info.status == "FAILED"
 
 
@@ -493,7 +519,7 @@ def test_a_disk_that_fills_mid_run_fails_typed_settles_and_frees_the_space(
     [alloc] = alloc_rows(registry)
     assert alloc["status"] == "failed"
     assert alloc["debited"] == alloc["actual_cost"] + alloc["refunded"]
-    assert ledger.check() == []
+    assert recovery.check() == []
     run_dir = small_home / "runs" / alloc["id"]
     assert not (run_dir / "out").exists() and (run_dir / "job.log").is_file()
     assert os.statvfs(small_home).f_bavail * os.statvfs(small_home).f_frsize > 32 * 1024**2
@@ -516,4 +542,4 @@ def test_run_folders_keep_only_the_log_and_manifest(sqlite_registry, tmp_path, m
     [alloc] = alloc_rows(sqlite_registry)
     run_dir = Path(os.environ["FORGE_HOME"]) / "runs" / alloc["id"]
     assert sorted(p.name for p in run_dir.iterdir()) == ["job.log", "manifest.json"]
-    assert ledger.check() == []
+    assert recovery.check() == []

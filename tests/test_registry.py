@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from conftest import count_rows
+from helpers import count_rows
 from runner.registry import catalog, db, schema
 from runner.cli import main as forge
 from runner.errors import (ForgeError, InvalidArtifactId, NotFound, SchemaViolation,
@@ -71,7 +71,8 @@ def test_money_round_trips_exactly(db_url):
 def test_trained_version_semantics_and_lineage(db_url):
     _dataset()
     base = _base()
-    assert (base["version_number"], base["lifecycle_state"], base["is_latest"]) == (1, "active", True)
+    assert (base["version_number"], base["lifecycle_state"], base["is_latest"]) == \
+        (1, "active", True)
     child = catalog.register_model(
         title="ft", metadata={**META, "task": "finetune_celltype"}, created_by="agent-1",
         parent_artifact_id="model-base", training_dataset_artifact_id="dataset-geo-GSE100866",
@@ -186,6 +187,96 @@ def test_failure_after_first_insert_leaves_no_row(db_url, monkeypatch):
                                parent_artifact_id="model-base",
                                training_dataset_artifact_id="dataset-geo-GSE100866", **OUTSIDE)
     assert count_rows(db_url) == before
+
+
+def _trained(**kw):
+    from runner.registry import ledger
+
+    ledger.grant("agent-1", "10")
+    alloc = ledger.reserve("agent-1", Decimal("1"), "k1", wall_time_cap_min=60, vram_cap_gb=1,
+                           price_per_hour=Decimal("1"))
+    metrics = {"test_accuracy": 0.9}
+    args = dict(parent_artifact_id="model-base", dataset_artifact_id="dataset-geo-GSE100866",
+                artifact_id="model-ft", title="ft", metadata=META, created_by="agent-1",
+                content_hash="b" * 64, changelog="fine-tuned",
+                version={"code_repo_url": "file:///code", "code_commit_sha": "c" * 40,
+                         "gpu_allocation_id": alloc["id"], "eval_metrics_json": metrics},
+                magnitude=0.05, detection={"primary_metric": "test_accuracy", "value": 0.9})
+    return catalog.register_trained_version(**{**args, **kw})
+
+
+def test_a_trained_version_is_registered_and_published_in_one_transaction(db_url, monkeypatch):
+    _dataset()
+    _base()
+    before = count_rows(db_url)
+    real_insert = schema.events.insert
+
+    def no_event():
+        raise RuntimeError("injected failure at the events row, the last write")
+
+    monkeypatch.setattr(schema.events, "insert", no_event)
+    with pytest.raises(RuntimeError, match="injected"):
+        _trained()
+    grew = {k for k, v in count_rows(db_url).items() if v != before[k]}
+    assert grew == {"token_accounts", "token_ledger", "resource_allocations"}  # _trained's
+    monkeypatch.setattr(schema.events, "insert", real_insert)
+
+    model = _trained(artifact_id="model-ft2")
+    assert model["lifecycle_state"] == "candidate" and model["version_number"] == 2
+    with db.get_engine(db_url).connect() as conn:
+        [wmi] = conn.execute(sa.select(schema.world_model_improvements)).mappings().all()
+        [event] = conn.execute(sa.select(schema.events)).mappings().all()
+    assert wmi["target_artifact_id"] == "model-ft2" and wmi["magnitude"] == pytest.approx(0.05)
+    assert wmi["event_type"] == event["type"] == "model_version_trained"
+    assert wmi["detection_metadata"] == {"primary_metric": "test_accuracy", "value": 0.9}
+    assert event["payload"] == {"artifact_id": "model-ft2", "version_number": 2,
+                                "parent_artifact_id": "model-base",
+                                "eval_metrics": {"test_accuracy": 0.9},
+                                "primary_metric": "test_accuracy", "value": 0.9}
+    assert {link["link_type"] for link in catalog.links("model-ft2")} == {"derives_from",
+                                                                           "trained_on"}
+
+
+def test_an_unreadable_registry_is_a_typed_error(tmp_path):
+    url = f"sqlite:///{tmp_path / 'never-migrated.db'}"
+    try:
+        with pytest.raises(sa.exc.OperationalError) as err:
+            catalog.list_artifacts("model", conn=db.get_engine(url).connect())
+    finally:
+        db._engine.cache_clear()
+    typed = db.unavailable(err.value)
+    assert isinstance(typed, db.DatabaseError) and typed.reason == "database_error"
+    assert "cannot read the registry: no such table: artifacts" in str(typed)
+    assert db.unavailable(ValueError("not a driver error")) is None
+
+
+def test_only_the_registry_talks_sql_and_it_imports_nothing_above_it():
+    """runner/registry/ is the bottom layer: SQLAlchemy, Alembic and the drivers stay inside
+    it, and it imports no runner module but its own, runner.errors and runner.settings."""
+    import ast
+    from pathlib import Path
+
+    import runner
+
+    root = Path(runner.__file__).parent
+    sql = ("sqlalchemy", "alembic", "psycopg", "sqlite3")
+    below = ("runner.registry", "runner.errors", "runner.settings")
+    problems = []
+    for path in sorted(root.rglob("*.py")):
+        inside = path.is_relative_to(root / "registry")
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                if not inside and name.split(".")[0] in sql:
+                    problems.append(f"{path.relative_to(root)} imports {name}")
+                if inside and name.startswith("runner.") and not name.startswith(below):
+                    problems.append(f"{path.relative_to(root)} imports {name}")
+    assert problems == []
 
 
 def test_cli(db_url):

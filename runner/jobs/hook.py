@@ -1,22 +1,19 @@
 """The post-run hook: a finished MLflow run becomes a registered candidate version.
 
-`register_model_version()` writes, in ONE transaction: the `artifacts` and `model_versions`
-rows and links (through the catalog), the `world_model_improvements` row, the `events` row,
-and the allocation's settlement. Either all of it lands or none of it does.
+`register_model_version()` checks the metrics and computes the improvement over the parent,
+then writes, in ONE transaction: the `artifacts` and `model_versions` rows and links, the
+`world_model_improvements` row and the `events` row (`catalog.register_trained_version`),
+and the allocation's settlement (`ledger.settle`). Either all of it lands or none of it does.
 """
 
 from __future__ import annotations
 
 import math
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from runner.registry import catalog, db, ledger
 from runner.errors import TrainingFailed
-from runner.registry.schema import events, world_model_improvements
-
-EVENT_TYPE = "model_version_trained"
+from runner.registry import catalog, db, ledger
 
 
 @dataclass
@@ -71,8 +68,9 @@ def check_metrics(metrics: dict, primary: str) -> None:
                              fix="accuracy and F1 lie in [0, 1], losses are >= 0: the trainer "
                                  "reported impossible values")
     if primary not in metrics:
-        raise TrainingFailed(f"primary metric {primary!r} is missing from {_shown(sorted(metrics))}",
-                             reason="missing_metric", fix="the trainer must report it")
+        raise TrainingFailed(
+            f"primary metric {primary!r} is missing from {_shown(sorted(metrics))}",
+            reason="missing_metric", fix="the trainer must report it")
 
 
 def _in_range(name: str, value: float) -> bool:
@@ -117,7 +115,9 @@ def improvement(primary: str, value: float, parent: dict | None, split: dict | N
     theirs = (version.get("eval_metrics_json") or {}).get(primary)
     their_split = ((parent or {}).get("metadata") or {}).get("split") or {}
     why = None
-    if not isinstance(theirs, (int, float)) or isinstance(theirs, bool):
+    if parent is None:
+        why = "a version trained from scratch has no parent"
+    elif not isinstance(theirs, (int, float)) or isinstance(theirs, bool):
         why = f"the parent has no {primary}"
     elif version.get("eval_dataset_artifact_id") != dataset_id:
         why = "the parent was evaluated on another dataset"
@@ -135,17 +135,23 @@ def improvement(primary: str, value: float, parent: dict | None, split: dict | N
             "parent_value": theirs}
 
 
-def register_model_version(parent_artifact_id: str, run: RunRecord) -> dict:
+def register_model_version(parent_artifact_id: str | None, run: RunRecord) -> dict:
     """Map a finished run onto the registry; returns the new artifact with its version row."""
     check_metrics(run.eval_metrics, run.primary_metric)
-    with db.get_engine().begin() as conn:
-        parent = catalog.get_model_version(parent_artifact_id, conn=conn)
-        model = catalog.register_model(
+    with db.transaction() as conn:
+        parent = (catalog.get_model_version(parent_artifact_id, conn=conn)
+                  if parent_artifact_id else None)  # None: a root version, from scratch
+        value = run.eval_metrics[run.primary_metric]
+        gain = improvement(run.primary_metric, value, parent, run.metadata.get("split"),
+                           run.dataset_artifact_id)
+        detection = {"primary_metric": run.primary_metric, "value": value, **gain,
+                     "parent_artifact_id": parent_artifact_id,
+                     "dataset_artifact_id": run.dataset_artifact_id,
+                     "mlflow_run_id": run.mlflow_run_id, "allocation_id": run.allocation_id}
+        model = catalog.register_trained_version(
+            parent_artifact_id=parent_artifact_id, dataset_artifact_id=run.dataset_artifact_id,
             artifact_id=run.artifact_id, title=run.title, metadata=run.metadata,
-            created_by=run.agent_id, parent_artifact_id=parent_artifact_id,
-            training_dataset_artifact_id=run.dataset_artifact_id,
-            eval_dataset_artifact_id=run.dataset_artifact_id,
-            origin_type="internal", content_hash=run.content_hash, changelog=run.changelog,
+            created_by=run.agent_id, content_hash=run.content_hash, changelog=run.changelog,
             version=dict(
                 code_repo_url=run.code_repo_url, code_commit_sha=run.code_commit_sha,
                 code_entrypoint=run.code_entrypoint,
@@ -155,26 +161,7 @@ def register_model_version(parent_artifact_id: str, run: RunRecord) -> dict:
                 training_params_json=run.training_params,
                 eval_metrics_json=split_metrics(run.eval_metrics),
                 mlflow_run_id=run.mlflow_run_id, mlflow_model_uri=run.mlflow_model_uri),
-            conn=conn)
-        value = run.eval_metrics[run.primary_metric]
-        gain = improvement(run.primary_metric, value, parent, run.metadata.get("split"),
-                           run.dataset_artifact_id)
-        stamp = catalog.now()
-        detection = {"primary_metric": run.primary_metric, "value": value, **gain,
-                     "parent_artifact_id": parent_artifact_id,
-                     "dataset_artifact_id": run.dataset_artifact_id,
-                     "mlflow_run_id": run.mlflow_run_id, "allocation_id": run.allocation_id}
-        conn.execute(world_model_improvements.insert().values(
-            id=f"wmi-{uuid.uuid4().hex}", event_type=EVENT_TYPE,
-            target_artifact_id=model["id"], target_artifact_type="model",
-            magnitude=gain["magnitude"], payout_status="pending", detection_metadata=detection,
-            detected_at=stamp))
-        conn.execute(events.insert().values(
-            id=f"evt-{uuid.uuid4().hex}", type=EVENT_TYPE, source="forge-runner",
-            created_at=stamp,
-            payload={"artifact_id": model["id"], "version_number": model["version_number"],
-                     "parent_artifact_id": parent_artifact_id,
-                     "eval_metrics": split_metrics(run.eval_metrics), **detection}))
+            magnitude=gain["magnitude"], detection=detection, conn=conn)
         ledger.settle(run.allocation_id, run.actual_seconds, status="settled",
                       artifact_id=model["id"], conn=conn)
     return model

@@ -1,31 +1,29 @@
 """The artifact catalog (SciDEX `artifact_catalog`): the only code that writes `artifacts` and
 `model_versions`. Every registration validates first and writes all its rows in one
-transaction, so a failure leaves nothing behind.
+transaction, so a failure leaves nothing behind. A version trained here is registered with
+its publication (`register_trained_version`: the `world_model_improvements` and `events`
+rows) in that same transaction.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import re
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
 import sqlalchemy as sa
 
-from runner.registry import db
 from runner.errors import (Conflict, InvalidArtifactId, NotFound, SchemaViolation,
                            WrongArtifactType)
-from runner.registry.schema import artifact_links, artifacts, model_versions
+from runner.registry.db import now, row as _row, transaction
+from runner.registry.ids import ARTIFACT_ID, SHA256
+from runner.registry.schema import (artifact_links, artifacts, events, model_versions,
+                                    world_model_improvements)
 
-ARTIFACT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def now() -> datetime:
-    return datetime.now(timezone.utc)
+TRAINED_EVENT = "model_version_trained"
 
 
 def validate_artifact_id(value: Any, field: str = "artifact_id") -> str:
@@ -61,25 +59,11 @@ def validate_json(document: Any, schema_name: str, field: str) -> None:
                               fix=f"make {where} satisfy runner/registry/schemas/{schema_name}")
 
 
-def _row(result) -> dict | None:
-    row = result.mappings().first()
-    return dict(row) if row else None
-
-
-def _connection(conn):
-    """Use the caller's transaction when given one, else open our own."""
-    if conn is not None:
-        from contextlib import nullcontext
-
-        return nullcontext(conn)
-    return db.get_engine().begin()
-
-
 # --- reads ------------------------------------------------------------------------------------
 
 def get_artifact(artifact_id: str, *, conn=None) -> dict:
     validate_artifact_id(artifact_id)
-    with _connection(conn) as c:
+    with transaction(conn) as c:
         row = _row(c.execute(sa.select(artifacts).where(artifacts.c.id == artifact_id)))
     if row is None:
         raise NotFound(f"artifact {artifact_id!r} does not exist", field="artifact_id",
@@ -89,7 +73,7 @@ def get_artifact(artifact_id: str, *, conn=None) -> dict:
 
 def get_model_version(artifact_id: str, *, conn=None) -> dict:
     """The artifact row and its model_versions row, merged under `version`."""
-    with _connection(conn) as c:
+    with transaction(conn) as c:
         art = get_artifact(artifact_id, conn=c)
         _require_type(art, "model", "artifact_id")
         mv = _row(c.execute(sa.select(model_versions)
@@ -110,7 +94,7 @@ def lineage(artifact_id: str, *, conn=None) -> list[dict]:
                        artifacts.c.version_number, artifacts.c.lifecycle_state,
                        artifacts.c.parent_version_id, artifacts.c.origin_type, chain.c.depth)
              .join(chain, chain.c.id == artifacts.c.id).order_by(chain.c.depth.desc()))
-    with _connection(conn) as c:
+    with transaction(conn) as c:
         rows = [dict(r) for r in c.execute(query).mappings()]
     if not rows:
         get_artifact(artifact_id)  # raises NotFound
@@ -118,17 +102,10 @@ def lineage(artifact_id: str, *, conn=None) -> list[dict]:
 
 
 def list_artifacts(artifact_type: str, *, conn=None) -> list[dict]:
-    with _connection(conn) as c:
+    with transaction(conn) as c:
         return [dict(r) for r in c.execute(
             sa.select(artifacts).where(artifacts.c.artifact_type == artifact_type)
             .order_by(artifacts.c.created_at, artifacts.c.id)).mappings()]
-
-
-def children(artifact_id: str, *, conn=None) -> list[dict]:
-    with _connection(conn) as c:
-        return [dict(r) for r in c.execute(
-            sa.select(artifacts).where(artifacts.c.parent_version_id == artifact_id)
-            .order_by(artifacts.c.created_at)).mappings()]
 
 
 def _require_type(row: dict, expected: str, field: str) -> None:
@@ -145,7 +122,7 @@ def register_dataset(artifact_id: str, title: str, citation: dict, *, created_by
     """Register a dataset artifact with its citation. Re-registering the same content is a no-op."""
     validate_artifact_id(artifact_id)
     validate_json(citation, "dataset_citation.schema.json", "citation")
-    with _connection(conn) as c:
+    with transaction(conn) as c:
         existing = _row(c.execute(sa.select(artifacts).where(artifacts.c.id == artifact_id)))
         if existing:
             if existing["content_hash"] != citation["sha256"]:
@@ -204,7 +181,7 @@ def register_model(*, title: str, metadata: dict, created_by: str,
                               field=f"version.{sorted(unknown)[0]}",
                               fix=f"use only {sorted(model_versions.c.keys())}")
 
-    with _connection(conn) as c:
+    with transaction(conn) as c:
         parent = None
         if parent_artifact_id is not None:
             parent = get_artifact(parent_artifact_id, conn=c)
@@ -244,6 +221,38 @@ def register_model(*, title: str, metadata: dict, created_by: str,
     return {**row, "version": mv}
 
 
+def register_trained_version(*, parent_artifact_id: str | None, dataset_artifact_id: str,
+                             artifact_id: str, title: str, metadata: dict, created_by: str,
+                             content_hash: str, changelog: str | None, version: dict,
+                             magnitude: float | None, detection: dict, conn=None) -> dict:
+    """Register a version trained here and publish it, in one transaction: the artifact, its
+    model_versions row and links (`register_model`, trained on and evaluated on
+    `dataset_artifact_id`), a `world_model_improvements` row of `magnitude` (None when the
+    parent is not comparable) with `detection` as its metadata, and a `model_version_trained`
+    event carrying the version, its metrics and `detection`. Pass `conn` to add more to the
+    transaction (the hook settles the allocation in it)."""
+    with transaction(conn) as c:
+        model = register_model(
+            artifact_id=artifact_id, title=title, metadata=metadata, created_by=created_by,
+            parent_artifact_id=parent_artifact_id,
+            training_dataset_artifact_id=dataset_artifact_id,
+            eval_dataset_artifact_id=dataset_artifact_id, origin_type="internal",
+            content_hash=content_hash, changelog=changelog, version=version, conn=c)
+        stamp = now()
+        c.execute(world_model_improvements.insert().values(
+            id=f"wmi-{uuid.uuid4().hex}", event_type=TRAINED_EVENT,
+            target_artifact_id=model["id"], target_artifact_type="model",
+            magnitude=magnitude, payout_status="pending", detection_metadata=detection,
+            detected_at=stamp))
+        c.execute(events.insert().values(
+            id=f"evt-{uuid.uuid4().hex}", type=TRAINED_EVENT, source="forge-runner",
+            created_at=stamp,
+            payload={"artifact_id": model["id"], "version_number": model["version_number"],
+                     "parent_artifact_id": parent_artifact_id,
+                     "eval_metrics": version.get("eval_metrics_json"), **detection}))
+    return model
+
+
 # What a version trained here must carry (SciDEX WS3): the code it ran, the compute that
 # paid for it, what it scored, and the hash of the weights it produced.
 WS3_FIELDS = ("code_repo_url", "code_commit_sha", "gpu_allocation_id", "eval_metrics_json")
@@ -279,7 +288,7 @@ def _write_links(conn, new_id: str, parent_id: str | None, dataset_id: str | Non
 
 
 def links(artifact_id: str, *, conn=None) -> list[dict]:
-    with _connection(conn) as c:
+    with transaction(conn) as c:
         return [dict(r) for r in c.execute(
             sa.select(artifact_links).where(artifact_links.c.source_id == artifact_id)
             .order_by(artifact_links.c.link_type)).mappings()]

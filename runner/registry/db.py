@@ -1,9 +1,13 @@
-"""Engines and migrations. One code path for SQLite (embedded default) and PostgreSQL."""
+"""Engines, transactions and migrations. One code path for SQLite (embedded default) and
+PostgreSQL."""
 
 from __future__ import annotations
 
 import functools
 import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Iterator
 
 import sqlalchemy as sa
 
@@ -15,6 +19,26 @@ _lock = threading.Lock()
 
 class DatabaseError(ForgeError):
     reason = "database_error"
+
+
+def unavailable(exc: BaseException, doing: str = "read the registry") -> DatabaseError | None:
+    """A typed error for a driver error that says the database is unreachable, missing or not
+    migrated (SQLAlchemy's OperationalError, ProgrammingError); None for any other error."""
+    if isinstance(exc, (sa.exc.OperationalError, sa.exc.ProgrammingError)):
+        return DatabaseError(f"cannot {doing}: {str(exc.orig).strip()}",
+                             fix="create or migrate it: forge db upgrade")
+    return None
+
+
+def now() -> datetime:
+    """The registry's clock: timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+def row(result) -> dict | None:
+    """The first row of a result as a plain dict, or None."""
+    first = result.mappings().first()
+    return dict(first) if first else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -54,6 +78,19 @@ def get_engine(url: str | None = None) -> sa.Engine:
         return _engine(url or settings.db_url())
 
 
+@contextmanager
+def transaction(conn: sa.Connection | None = None, *,
+                url: str | None = None) -> Iterator[sa.Connection]:
+    """Join the caller's transaction `conn` when given one; else open our own on `url` (the
+    configured registry by default), committed when the block ends, rolled back if it raises.
+    Every registry function that takes `conn=` runs its statements in one of these."""
+    if conn is not None:
+        yield conn
+        return
+    with get_engine(url).begin() as c:
+        yield c
+
+
 def alembic_config(url: str | None = None):
     from alembic.config import Config
 
@@ -64,19 +101,15 @@ def alembic_config(url: str | None = None):
 
 
 def upgrade(url: str | None = None, revision: str = "head") -> str | None:
-    """Bring the registry schema to `revision`; a no-op when it is already there. At head it
-    also writes the skills forge-runner exposes, so that every audit row names its skill."""
+    """Bring the registry schema to `revision`; a no-op when it is already there. Tables
+    only: the skills rows are the caller's (`forge db upgrade` writes runner.api.SKILLS with
+    runner.tools.register_tools)."""
     from alembic import command
 
-    engine = get_engine(url)
     cfg = alembic_config(url)
-    with engine.begin() as conn:
+    with get_engine(url).begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
-        if revision == "head":
-            from runner.tools import register_tools
-
-            register_tools(conn=conn)
     return current_revision(url)
 
 

@@ -1,7 +1,8 @@
 """The SciDEX-compatible registry schema as SQLAlchemy Core tables.
 
-Alembic revisions under runner/migrations create these; `tests/test_schema.py` checks that
-the migrations and this metadata never drift apart.
+Alembic revisions under runner/registry/migrations create these;
+`tests/test_registry.py::test_migrations_match_the_metadata` checks that the migrations and
+this metadata never drift apart.
 """
 
 from __future__ import annotations
