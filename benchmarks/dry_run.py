@@ -36,9 +36,12 @@ def setup(home: Path) -> None:
     subprocess.run(["git", "clone", "--quiet", "--local", str(REPO), str(home / "code")],
                    check=True)
     os.environ["FORGE_CODE_REPO"] = str(home / "code")
+    from runner.api import SKILLS
     from runner.registry import catalog, db, ledger
+    from runner.tools import register_tools
 
     db.upgrade()
+    register_tools(SKILLS)
     catalog.register_model(artifact_id=PARENT, title="scGPT CBMC base", created_by="bench",
                            metadata={"family": "scgpt", "framework": "scgpt"})
     from runner.jobs.datasets import builtin_citation

@@ -53,10 +53,12 @@ def main() -> None:
                       FORGE_CACHE_DIR=str(home / "cache"), MLFLOW_DISABLE_TELEMETRY="true")
     from runner.registry import catalog, db, ledger
     from runner.jobs import weights
-    from runner.api import train_model_version
+    from runner.api import SKILLS, train_model_version
     from runner.jobs.datasets import builtin_citation, fetch
+    from runner.tools import register_tools
 
     db.upgrade()
+    register_tools(SKILLS)
     base = home / "base"
     make_base(base)
     catalog.register_dataset("dataset-geo-GSE100866", "CBMC", builtin_citation("cbmc"))

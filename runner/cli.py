@@ -40,10 +40,14 @@ def db() -> None:
 @db.command("upgrade")
 @click.option("--url", default=None, help="Database URL (default: FORGE_DB_URL or outputs/forge.db).")
 def db_upgrade(url):
-    """Create or migrate every registry table (idempotent)."""
+    """Create or migrate every registry table and write the skills rows (idempotent)."""
+    from runner.api import SKILLS
     from runner.registry import db as dbmod
+    from runner.tools import register_tools
 
     rev = dbmod.upgrade(url)
+    with dbmod.transaction(url=url) as conn:
+        register_tools(SKILLS, conn=conn)
     click.echo(f"registry at revision {rev}")
 
 
@@ -151,9 +155,10 @@ def ledger_reap(as_json):
     """Settle dead allocations as failed: open past their expiry, or whose host process is
     gone from this machine. Charges the time they ran, refunds the rest, marks their MLflow
     runs FAILED. Safe to run any time, from any number of hosts at once."""
+    from runner.jobs import recovery
     from runner.registry import ledger as ledger_mod
 
-    reaped = ledger_mod.reap()
+    reaped = recovery.reap()
     if as_json:
         echo_json(reaped)
         return
@@ -167,9 +172,9 @@ def ledger_reap(as_json):
 @ledger_group.command("check")
 def ledger_check():
     """Verify the books balance and nothing is overdue; exit 1 and list the problems if not."""
-    from runner.registry import ledger as ledger_mod
+    from runner.registry import recovery
 
-    problems = ledger_mod.check()
+    problems = recovery.check()
     for problem in problems:
         click.echo(f"problem: {problem}", err=True)
     if problems:
@@ -187,9 +192,10 @@ def tools_group() -> None:
 @tools_group.command("register")
 def tools_register():
     """Write the skills rows (Train Model Version, ...); safe to re-run."""
-    from runner import tools as tools_mod
+    from runner.api import SKILLS
+    from runner.tools import register_tools
 
-    for skill in tools_mod.register_tools():
+    for skill in register_tools(SKILLS):
         click.echo(f"{skill['id']}: {skill['name']} ({skill['skill_type']})")
 
 

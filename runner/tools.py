@@ -1,9 +1,11 @@
 """Skills and their audit trail.
 
-`define_skill()` declares a callable an agent can use (name, type, JSON Schema of its input,
-an example); `register_tools()` writes those declarations to `skills`, idempotently.
-`@log_tool_call(name)` writes one `tool_calls` row per call, success, failure and dry run
-alike, in its own transaction, and never masks what the call raised.
+A `Skill` declares a callable an agent can use (name, type, JSON Schema of its input, an
+example); the module that defines the callable holds its Skill as a value (runner.api's
+`TRAIN_SKILL`, listed in `SKILLS`). `register_tools(skills)` writes the given skills to the
+`skills` table, idempotently. `@log_tool_call(skill)` writes one `tool_calls` row per call,
+success, failure and dry run alike, in its own transaction, and never masks what the call
+raised. The rows themselves are written by runner.registry.audit.
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ from contextvars import ContextVar
 from datetime import date, datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
-SKILLS: dict[str, dict] = {}
 _audit_url: ContextVar[str | None] = ContextVar("forge_audit_url", default=None)
 _SUMMARY_OMIT = ("config", "sandbox")  # large; the call's input already pins them
 _MAX_TEXT = 4000
@@ -35,40 +36,28 @@ def skill_id(name: str) -> str:
     return "skill-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def define_skill(name: str, *, description: str, skill_type: str, code_path: str,
-                 input_schema: dict, example_input: dict) -> dict:
-    skill = dict(id=skill_id(name), name=name, description=description, skill_type=skill_type,
-                 code_path=code_path, input_schema=input_schema, example_input=example_input)
-    SKILLS[name] = skill
-    return skill
+@dataclasses.dataclass(frozen=True)
+class Skill:
+    """A callable an agent can use, as the `skills` table describes it; `id` follows the name."""
+
+    id: str = dataclasses.field(init=False)
+    name: str
+    description: str
+    skill_type: str
+    code_path: str  # "module:function"
+    input_schema: dict  # JSON Schema (2020-12) of the call's keyword arguments
+    example_input: dict
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id", skill_id(self.name))
 
 
-def register_tools(*, conn=None) -> list[dict]:
-    """Write every defined skill to `skills`; re-running updates them and keeps times_used."""
-    import sqlalchemy as sa
+def register_tools(skills: Iterable[Skill], *, conn=None) -> list[dict]:
+    """Write `skills` to the `skills` table; re-running updates them and keeps times_used.
+    Returns them as rows (dicts), with the id each has in the table."""
+    from runner.registry import audit
 
-    import runner.api  # noqa: F401 - defines the skills it exposes
-    from runner.registry import db
-    from runner.registry.schema import skills
-
-    def upsert(c) -> list[dict]:
-        out = []
-        for skill in SKILLS.values():
-            existing = c.execute(sa.select(skills.c.id).where(skills.c.name == skill["name"])
-                                 ).scalar_one_or_none()
-            fields = {k: v for k, v in skill.items() if k not in ("id", "name")}
-            if existing is None:
-                c.execute(skills.insert().values(**skill, times_used=0,
-                                                 created_at=datetime.now(timezone.utc)))
-            else:
-                c.execute(skills.update().where(skills.c.id == existing).values(**fields))
-            out.append({**skill, "id": existing or skill["id"]})
-        return out
-
-    if conn is not None:
-        return upsert(conn)
-    with db.get_engine().begin() as c:
-        return upsert(c)
+    return audit.register_skills([dataclasses.asdict(s) for s in skills], conn=conn)
 
 
 def audit_to(url: str | None) -> None:
@@ -76,8 +65,11 @@ def audit_to(url: str | None) -> None:
     _audit_url.set(url)
 
 
-def log_tool_call(skill_name: str) -> Callable:
-    """Decorator: one `tool_calls` row per call of the wrapped function."""
+def log_tool_call(skill: Skill) -> Callable:
+    """Decorator: one `tool_calls` row per call of the wrapped function, naming `skill`."""
+    if not isinstance(skill, Skill):
+        raise TypeError(f"log_tool_call takes a Skill, got {skill!r}")
+
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)
 
@@ -88,20 +80,20 @@ def log_tool_call(skill_name: str) -> Callable:
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:
-                _record(skill_name, signature, args, kwargs, started, error=exc)
+                _record(skill, signature, args, kwargs, started, error=exc)
                 raise
             else:
-                _record(skill_name, signature, args, kwargs, started, result=result)
+                _record(skill, signature, args, kwargs, started, result=result)
                 return result
             finally:
                 _audit_url.reset(token)
 
-        wrapper.skill_name = skill_name  # type: ignore[attr-defined]
+        wrapper.skill = skill  # type: ignore[attr-defined]
         return wrapper
     return decorate
 
 
-def _record(skill_name: str, signature: inspect.Signature, args: tuple, kwargs: dict,
+def _record(skill: Skill, signature: inspect.Signature, args: tuple, kwargs: dict,
             started: float, result: Any = None, error: BaseException | None = None) -> None:
     """Write the audit row; a failure here is logged, never raised over the call's outcome."""
     duration_ms = int((time.perf_counter() - started) * 1000)
@@ -118,25 +110,12 @@ def _record(skill_name: str, signature: inspect.Signature, args: tuple, kwargs: 
             to_dict = getattr(error, "to_dict", None)
             if callable(to_dict):
                 row["output_summary"] = jsonable(to_dict())
-        _write(skill_name, row)
+        from runner.registry import audit
+
+        audit.record_call(skill.name, row, url=_audit_url.get())
     except Exception as exc:  # noqa: BLE001 - auditing must not change the call's outcome
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        log.warning("could not write the tool_calls row for %s: %s", skill_name, first_line)
-
-
-def _write(skill_name: str, row: dict) -> None:
-    import sqlalchemy as sa
-
-    from runner.registry import db
-    from runner.registry.schema import skills, tool_calls
-
-    with db.get_engine(_audit_url.get()).begin() as c:
-        sid = c.execute(sa.select(skills.c.id).where(skills.c.name == skill_name)
-                        ).scalar_one_or_none()
-        c.execute(tool_calls.insert().values(skill_id=sid, **row))
-        if sid is not None:
-            c.execute(skills.update().where(skills.c.id == sid)
-                      .values(times_used=skills.c.times_used + 1))
+        log.warning("could not write the tool_calls row for %s: %s", skill.name, first_line)
 
 
 def _params(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 
 import jsonschema
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from runner.registry import db
 
 from runner import tools
+from runner.api import SKILLS, TRAIN_SKILL
 from runner.cli import main as forge
 from runner.errors import BudgetExceeded
 from runner.registry.schema import skills, tool_calls
@@ -24,7 +26,7 @@ def rows(url, table) -> list[dict]:
         return [dict(r) for r in conn.execute(sa.select(table)).mappings()]
 
 
-@tools.log_tool_call(SKILL)
+@tools.log_tool_call(TRAIN_SKILL)
 def toy(x, *, agent_id=None, fail=None, **extra):
     if fail is not None:
         raise fail
@@ -32,8 +34,8 @@ def toy(x, *, agent_id=None, fail=None, **extra):
 
 
 def test_register_tools_is_idempotent_and_describes_the_call(db_url):
-    first = tools.register_tools()
-    tools.register_tools()
+    first = tools.register_tools(SKILLS)
+    tools.register_tools(SKILLS)
     (row,) = rows(db_url, skills)
     assert row["id"] == "skill-train-model-version" == first[0]["id"]
     assert row["name"] == SKILL and row["skill_type"] == "model_training"
@@ -57,8 +59,27 @@ def test_cli_register(db_url):
     assert len(rows(db_url, skills)) == 1
 
 
+def test_skills_are_values_and_forge_db_upgrade_writes_them(db_url):
+    assert TRAIN_SKILL.id == tools.skill_id(TRAIN_SKILL.name) == "skill-train-model-version"
+    assert TRAIN_SKILL.code_path == "runner.api:train_model_version" and SKILLS == (TRAIN_SKILL,)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TRAIN_SKILL.name = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError, match="takes a Skill"):
+        tools.log_tool_call(SKILL)
+    from runner.api import train_model_version
+    assert train_model_version.skill is TRAIN_SKILL
+
+    with db.get_engine(db_url).begin() as conn:
+        conn.execute(sa.delete(skills))
+    assert db.upgrade(db_url) == "0002" and rows(db_url, skills) == []  # tables only
+    result = CliRunner().invoke(forge, ["db", "upgrade", "--url", db_url])
+    assert result.exit_code == 0, result.output
+    (row,) = rows(db_url, skills)
+    assert row["id"] == TRAIN_SKILL.id and row["input_schema"] == TRAIN_SKILL.input_schema
+
+
 def test_success_row(db_url):
-    tools.register_tools()
+    tools.register_tools(SKILLS)
     assert toy("1.5", agent_id="a1", note="n")["value"] == Decimal("3.0")
     (call,) = rows(db_url, tool_calls)
     assert call["skill_id"] == "skill-train-model-version" and call["agent_id"] == "a1"
@@ -70,7 +91,7 @@ def test_success_row(db_url):
 
 
 def test_failure_rows_never_mask_the_exception(db_url):
-    tools.register_tools()
+    tools.register_tools(SKILLS)
     error = BudgetExceeded("agent 'a1' has 0.40 credits, estimate 1.00", field="agent_id",
                            fix="grant more")
     with pytest.raises(BudgetExceeded) as info:
@@ -90,7 +111,7 @@ def test_failure_rows_never_mask_the_exception(db_url):
 
 
 def test_unregistered_skill_still_audits(db_url):
-    with db.get_engine(db_url).begin() as conn:  # forge db upgrade registered it: undo that
+    with db.get_engine(db_url).begin() as conn:  # the fixture registered it: undo that
         conn.execute(sa.delete(skills))
     toy("2")
     (call,) = rows(db_url, tool_calls)
