@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
-from runner.config import compose
+from runner.config import compose, options, validate
 from runner.config.compose import compose_config
 from runner.errors import InvalidOverride
 
@@ -56,14 +56,14 @@ def test_defaults_compose_typed_and_in_struct_mode():
     assert "hydra" not in cfg
 
 
-@pytest.mark.parametrize("group", compose.GROUPS)
+@pytest.mark.parametrize("group", options.GROUPS)
 def test_every_group_file_says_what_it_drives(group):
     for path in (REPO / "conf" / group).glob("*.yaml"):
         assert path.read_text().startswith("# "), path
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in compose.GROUPS
-                                          for o in compose.group_options(g)])
+@pytest.mark.parametrize("group,option", [(g, o) for g in options.GROUPS
+                                          for o in options.group_options(g)])
 def test_every_group_option_composes(group, option):
     cfg = compose_config([f"{group}={option}"])
     assert isinstance(cfg, DictConfig)
@@ -224,7 +224,7 @@ def _compose_or_invalid(overrides):
         assert err.fix
         return
     assert isinstance(cfg, DictConfig)
-    compose.validate_config(cfg)
+    validate.validate_config(cfg)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -251,7 +251,7 @@ def test_random_training_configs_compose_or_raise_invalid_override(data):
     except InvalidOverride as err:
         assert err.fix
         return
-    compose.validate_config(cfg)
+    validate.validate_config(cfg)
 
 
 # --- one composition path: the CLI resolves to what the API composes ------------------------------

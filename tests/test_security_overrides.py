@@ -15,16 +15,17 @@ import string
 
 import jsonschema
 import pytest
-from conftest import PILOT_DATASET, PILOT_PARENT, count_rows, pilot_dry_run_registry
+from helpers import PILOT_DATASET, PILOT_PARENT, count_rows, pilot_dry_run_registry
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from runner import api, tools, train_app
-
 from runner.config import compose
-
-from runner.registry import ledger
+from runner.config.options import launcher_options
+from runner.config.overrides import _parse_one
+from runner.config.schema import training_keys
 from runner.errors import InvalidOverride
+from runner.registry import ledger
 
 PARENT, DATASET = PILOT_PARENT, PILOT_DATASET
 CANARY = "canary-5e1f0c9d"
@@ -84,7 +85,7 @@ def cli_refused(capsys, *argv: str, says: str = "operator setting") -> str:
 
 
 def skill_errors(**request) -> list[str]:
-    schema = tools.SKILLS[api.SKILL_NAME]["input_schema"]
+    schema = api.TRAIN_SKILL.input_schema
     request = {"parent_artifact_id": PARENT, "dataset_artifact_id": DATASET,
                "agent_id": "a1", **request}
     return [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(request)]
@@ -167,7 +168,7 @@ def test_experimental_rerun_never_unpickles_a_callers_file(registry, tmp_path, c
 
 def test_a_launcher_is_a_choice_among_the_installed_ones(registry, capsys):
     assert {"basic", "submitit_local", "submitit_slurm", "forge_slurm"} <= \
-        set(compose.launcher_options())
+        set(launcher_options())
     cli_refused(capsys, "-m", *CLI, "dry_run=true", "hydra/launcher=nope",
                 says="is not an option")
     refused(overrides=["hydra/launcher=submitit_local"])  # one call runs one job
@@ -349,12 +350,12 @@ def test_a_passed_config_must_carry_the_operators_settings(registry):
 # --- 4. what the skill publishes -----------------------------------------------------------------
 
 def test_the_skill_schema_publishes_the_allowlist():
-    schema = tools.SKILLS[api.SKILL_NAME]["input_schema"]["properties"]
+    schema = api.TRAIN_SKILL.input_schema["properties"]
     nested = [s for s in schema["training_config"]["anyOf"]
               if "training" in s.get("properties", {})][0]
     training = nested["properties"]["training"]
     assert nested["additionalProperties"] is False and training["additionalProperties"] is False
-    assert set(training["properties"]) == set(compose.training_keys())
+    assert set(training["properties"]) == set(training_keys())
     assert training["properties"]["lr"]["type"] == "number"
     for word in ("pricing", "policy", "sandbox", "registry", "tracking", "hydra"):
         assert word in schema["overrides"]["description"]
@@ -413,7 +414,7 @@ def test_an_override_value_is_refused_or_reaches_the_config_literally(value):
         assert CANARY not in str(err.to_dict())
         return
     plain = compose.to_plain(cfg)
-    assert plain["dataset"]["label_key"] == compose._parse_one(line).value()
+    assert plain["dataset"]["label_key"] == _parse_one(line).value()
     assert CANARY not in json.dumps(plain)
 
 

@@ -1,0 +1,195 @@
+"""The typed schema of conf/: one dataclass per config group, `TrainConfig` at the root.
+
+Registered in Hydra's ConfigStore as `forge_train_schema` (conf/train.yaml's first default),
+so struct mode and these types check every key and value composed. The trainer's settings
+and architecture are not declared here: `TrainingConf` and `ParentConf` are derived from
+trainers/manifest.py, the trainer's one declaration, so the config and the manifest cannot
+drift apart. Also here: what the schema declares at a path (its keys, its field types), for
+error messages and the caller's allowlist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+from trainers import manifest as contract  # the trainer's settings, declared once
+
+SCHEMA_NAME = "forge_train_schema"
+
+
+# --- the typed schema: one dataclass per config group ---------------------------------------------
+
+def _from_contract(name: str, spec: type, names: tuple[str, ...], *, head=(),
+                   defaults: dict | None = None, required: bool = False) -> type:
+    """A config dataclass whose fields are `names` of the trainer's dataclass `spec`, with
+    its types and defaults (`defaults` overrides them; `required`: the field has a value
+    whatever its type says). Derived, so the config and the manifest cannot drift apart."""
+    hints = typing.get_type_hints(spec)
+    out = list(head)
+    for key in names:
+        tp, args = hints[key], typing.get_args(hints[key])
+        if type(None) in args:  # `int | None` -> Optional[int]: what OmegaConf reads
+            inner = next(a for a in args if a is not type(None))
+            tp = inner if required else Optional[inner]
+        f = spec.__dataclass_fields__[key]
+        default = (defaults or {}).get(key, f.default)
+        out.append((key, tp, field(default=MISSING if default is dataclasses.MISSING
+                                   else default)))
+    cls = dataclasses.make_dataclass(name, out)
+    cls.__module__ = __name__  # pickled with composed configs (the disk cache)
+    return cls
+
+
+# parent: the registry artifact's id and family, then the architecture the trainer rebuilds
+# (trainers/manifest.py ModelSpec, its defaults MODEL_DEFAULTS).
+ParentConf = _from_contract(
+    "ParentConf", contract.ModelSpec, tuple(contract.MODEL_DEFAULTS),
+    head=[("artifact_id", str, field(default=MISSING)), ("family", str, field(default="scgpt"))],
+    defaults=contract.MODEL_DEFAULTS, required=True)
+
+
+@dataclass
+class DatasetConf:
+    artifact_id: str = MISSING
+    source: Optional[str] = None
+    format: str = MISSING
+    label_key: Optional[str] = None
+
+
+# training: the trainer's settings (trainers/manifest.py TrainingSpec) and the manifest's
+# task, seed and num_threads. Their rules are the trainer's too: validate_config()
+# (runner/config/validate.py) checks the manifest the host would send.
+_TrainingHead = _from_contract("_TrainingHead", contract.Manifest,
+                               contract.CONFIG_TRAINING_FIELDS)
+TrainingConf = _from_contract(
+    "TrainingConf", contract.TrainingSpec,
+    tuple(f.name for f in dataclasses.fields(contract.TrainingSpec)),
+    head=[(f.name, typing.get_type_hints(_TrainingHead)[f.name], field(default=f.default))
+          for f in dataclasses.fields(_TrainingHead)])
+
+
+@dataclass
+class SandboxConf:
+    backend: str = "bwrap"
+    grace_s: float = 10.0
+    max_processes: int = 512
+    tmp_size_gb: float = 4.0
+    max_memory_gb: Optional[float] = 16.0  # cgroup v2 memory.max, else RLIMIT_AS (sandbox.py)
+    max_output_gb: float = 20.0  # /job/out quota; over it the job is killed (output_quota)
+    env_allowlist: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TrackingConf:
+    backend: str = "mlflow"
+    tracking_uri: str = MISSING
+    artifact_root: str = MISSING
+    experiment_name: str = MISSING
+    ui_url: str = "http://127.0.0.1:5000"
+    detail_url: str = MISSING
+
+
+@dataclass
+class RegistryConf:
+    db_url: Optional[str] = None
+    blob_threshold_mb: float = 50.0
+    min_free_gb: float = 2.0  # free space FORGE_HOME needs before a debit (runner/jobs/launch.py)
+    expiry_margin_min: float = 10.0  # allocation expiry = cap + sandbox grace + this
+
+
+@dataclass
+class PricingConf:
+    currency: str = "credits"
+    price_per_hour: float = 0.5
+    per_device: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PolicyConf:
+    max_wall_time_cap_min: int = 1440
+    max_vram_gb: int = 141
+    max_devices: int = 8
+
+
+@dataclass
+class TrainConfig:
+    parent: ParentConf = field(default_factory=ParentConf)
+    dataset: DatasetConf = field(default_factory=DatasetConf)
+    training: TrainingConf = field(default_factory=TrainingConf)
+    sandbox: SandboxConf = field(default_factory=SandboxConf)
+    tracking: TrackingConf = field(default_factory=TrackingConf)
+    registry: RegistryConf = field(default_factory=RegistryConf)
+    pricing: PricingConf = field(default_factory=PricingConf)
+    policy: PolicyConf = field(default_factory=PolicyConf)
+    agent_id: Optional[str] = None
+    dry_run: bool = False
+    wall_time_cap_min: int = 120
+    vram_cap_gb: int = 24
+    devices: int = 1
+    device: str = "auto"
+    allow_dirty: bool = False
+    fit_budget: bool = False  # forge-train -m: run the jobs that fit the balance
+
+
+def register_schema() -> None:
+    """Put `TrainConfig` into Hydra's ConfigStore (train.yaml's first default). Idempotent;
+    called before any composition, so importing this module does not import Hydra."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    if f"{SCHEMA_NAME}.yaml" not in store.repo:
+        store.store(name=SCHEMA_NAME, node=TrainConfig)
+
+
+# --- what the schema declares ---------------------------------------------------------------------
+
+def training_keys() -> tuple[str, ...]:
+    """The training settings a caller may set, as TrainingConf declares them."""
+    return tuple(f.name for f in dataclasses.fields(TrainingConf))
+
+
+def _schema_node(path: str) -> Any:
+    """The dataclass (or type) the schema declares at `path` ("" is TrainConfig)."""
+    node: Any = TrainConfig
+    for part in [p for p in path.split(".") if p]:
+        if not dataclasses.is_dataclass(node):
+            return None
+        node = typing.get_type_hints(node).get(part)
+    return node
+
+
+@lru_cache(maxsize=64)
+def _schema_keys(path: str) -> list[str]:
+    node = _schema_node(path)
+    return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) \
+        else []
+
+
+def expected_type(path: str) -> str | None:
+    """'float', 'int', 'Optional[str]', ... for a schema field; None when not declared."""
+    node = _schema_node(path) if path else None
+    if node is None or dataclasses.is_dataclass(node):
+        return None
+    return node.__name__ if isinstance(node, type) else str(node).replace("typing.", "")
+
+
+@lru_cache(maxsize=1)
+def _schema_paths() -> tuple[str, ...]:
+    """Every field the schema declares, dotted ('parent', 'parent.n_layers', ...)."""
+    out: list[str] = []
+
+    def walk(cls, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            path = f"{prefix}{f.name}"
+            out.append(path)
+            if dataclasses.is_dataclass(f.default_factory):  # a group: field(default_factory=X)
+                walk(f.default_factory, f"{path}.")
+
+    walk(TrainConfig, "")
+    return tuple(out)
