@@ -3,8 +3,9 @@ FORGE_HOME).
 
 1. migrate the registry; register the CBMC and pbmc68k datasets with their citations;
 2. grant the agent `demo-agent` credits;
-3. once: pretrain a small scGPT-style base on CBMC (masked gene expression, in the sandbox)
-   and register it as version 1 of `model-scgpt-cbmc-base`;
+3. once: pretrain a small scGPT-style base on CBMC (masked gene expression), through the
+   same plan -> debit -> sandbox -> register path as every job, as version 1 of
+   `model-scgpt-cbmc-base`;
 4. fine-tune it for cell types with train_model_version() into a candidate version 2;
 5. print the returned dict and the command that opens the MLflow UI on the same store.
 
@@ -20,18 +21,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from decimal import Decimal
 
 from rich.console import Console
 
-from runner.registry import catalog, db, ledger
-
-from runner.jobs import codepin
-
 from runner import settings
 from runner.errors import ForgeError, NotFound
+from runner.registry import catalog, db, ledger
 
 AGENT = "demo-agent"
 BASE_ID = "model-scgpt-cbmc-base"
@@ -80,55 +77,29 @@ def fund_agent() -> None:
 
 
 def ensure_base(profile: Profile) -> dict:
-    """Version 1: pretrained here once, in the sandbox, then reused."""
+    """Version 1: trained from scratch once, on the same path as every job (plan, debit,
+    sandbox, MLflow run, registration, settlement), then reused."""
+    from runner.jobs.launch import launch
+    from runner.jobs.plan import TrainRequest, prepare
+
     try:
         return catalog.get_artifact(profile.base_id)
     except NotFound:
         pass
-    from runner import sandbox
-    from runner.jobs import weights
-    from runner.config.compose import compose_config, to_plain
-    from runner.jobs.handback import CHECKPOINT_DIR, read_result
-    from runner.jobs.launch import ENTRYPOINT, build_manifest, sandbox_job
-    from trainers.data import fetch
-
-    cfg = to_plain(compose_config(["training=pretrain_mgm", *profile.pretrain]))
-    pin = codepin.pin_code()
-    if pin.dirty:
-        raise ForgeError("the working tree has uncommitted changes", field="allow_dirty",
-                         fix="commit them: the sandbox runs the pinned commit")
-    run_dir = settings.forge_home() / "runs" / f"base-{uuid.uuid4().hex[:8]}"
-    run_dir.mkdir(parents=True)
-    manifest = build_manifest(cfg, profile.base_id, "cpu", from_parent=False)
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     console.print(f"pretraining the base [bold]{profile.base_id}[/] "
                   "(masked gene expression on CBMC)")
-    started = catalog.now()
-    launched = sandbox.gpu_launch(sandbox_job(
-        cfg, code_dir=codepin.snapshot(pin, settings.cache_dir() / "code"),
-        inputs={"manifest.json": run_dir / "manifest.json",
-                "dataset": fetch.fetch(cfg["dataset"]["source"], cache=settings.cache_dir())},
-        output_dir=run_dir / "out", log_path=run_dir / "job.log", device="cpu"))
-    result = read_result(run_dir / "out", launched)
-    stored = weights.store(profile.base_id, run_dir / "out" / CHECKPOINT_DIR)
-    arch = {k: v for k, v in cfg["parent"].items() if k not in ("artifact_id", "family")}
-    return catalog.register_model(
-        artifact_id=profile.base_id,
-        title="scGPT-style base, pretrained on CBMC (masked expression)",
-        metadata={"family": cfg["parent"]["family"], "framework": "scgpt",
-                  "task": "pretrain_mgm", "architecture": arch,
-                  "weights": {k: stored[k] for k in ("sha256", "files", "size_bytes", "path")},
-                  "split": result.get("split")},
-        created_by="demo", origin_type="internal", content_hash=stored["sha256"],
-        training_dataset_artifact_id="dataset-geo-GSE100866",
-        version={"code_repo_url": pin.repo_url, "code_commit_sha": pin.sha,
-                 "code_entrypoint": ENTRYPOINT, "trained_by": "demo",
-                 "training_started_at": started, "training_completed_at": launched.ended_at,
-                 "training_params_json": cfg["training"], "eval_metrics_json": result["metrics"]})
+    plan = prepare(TrainRequest(profile.base_id, "dataset-geo-GSE100866", AGENT,
+                                overrides=("training=pretrain_mgm", *profile.pretrain),
+                                wall_time_cap_min=profile.wall_time_cap_min, from_scratch=True))
+    if plan.problems:
+        raise plan.problems[0]
+    launch(plan)
+    return catalog.get_artifact(profile.base_id)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runner.api import train_model_version
+    from runner.api import SKILLS, train_model_version
+    from runner.tools import register_tools
     from runner.config.compose import compose_config, to_plain
 
     args = sys.argv[1:] if argv is None else argv
@@ -142,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]forge-runner pilot[/]: registry {settings.db_url()}")
     try:
         console.print(f"registry schema at revision {db.upgrade()}")
+        register_tools(SKILLS)
         register_datasets()
         fund_agent()
         base = ensure_base(profile)

@@ -41,15 +41,23 @@ JOB_FILE = "forge_job.json"
 
 
 def expand_jobs(config) -> list[list[str]]:
-    """The override list of every job the basic sweeper will launch, in order."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    """The override list of every job the basic sweeper will launch, in its order: the
+    cartesian product of each key's values, the first key slowest (as Hydra's BasicSweeper
+    does; built on the public override parser, not its internals). Only discrete sweeps
+    reach here: the basic sweeper refuses the others before any job starts."""
+    import itertools
+
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     params = config.hydra.sweeper.get("params") or {}
     lines = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    parsed = OverridesParser.create().parse_overrides(lines)
-    batches = BasicSweeper.split_arguments(parsed, None)
-    return [list(job) for batch in batches for job in batch]
+    choices: dict[str, list[str]] = {}  # a key given twice keeps its place, last value wins
+    for override in OverridesParser.create().parse_overrides(lines):
+        key = override.get_key_element()
+        values = (override.sweep_string_iterator() if override.is_sweep_override()
+                  else [override.get_value_element_as_str()])
+        choices[key] = [f"{key}={value}" for value in values]
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
 def n_trials(config) -> int | None:
@@ -62,16 +70,16 @@ def job_estimate(overrides: list[str]) -> tuple[Decimal, str, str | None]:
     from hydra import compose
     from omegaconf import OmegaConf
 
-    from runner.registry import ledger
     from runner.config.compose import CONFIG_NAME
+    from runner.jobs import devices
+    from runner.registry import ledger
 
     # Called inside the running Hydra app, whose config search path is already set up.
     composed = compose(config_name=CONFIG_NAME, overrides=overrides)
     cfg = OmegaConf.to_container(composed, resolve=True)
-    pricing = cfg["pricing"]
-    price = pricing["per_device"].get(cfg["device"], pricing["price_per_hour"])
+    _, price, _ = devices.priced(cfg)  # the device and price the job itself will get
     amount = ledger.estimate(price, cfg["wall_time_cap_min"], cfg["devices"])
-    return amount, pricing["currency"], cfg["agent_id"]
+    return amount, cfg["pricing"]["currency"], cfg["agent_id"]
 
 
 class SweepCallback(Callback):

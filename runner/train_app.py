@@ -12,7 +12,7 @@ skips Hydra's run-directory and logging setup and composes through the same
 `compose_config()` the Python API uses: nothing to set up, nothing written but the audit row.
 
 Every override string is a caller's: before anything is composed it is checked against
-what a caller may set (runner.config.compose.cli_overrides: training.*, the call's arguments as
+what a caller may set (runner.config.caller.cli_overrides: training.*, the call's arguments as
 plain keys, a choice among conf/ options of parent, dataset and training; under -m also
 sweep=<option>, hydra/launcher=<option> and key=a,b sweeps of those). Hydra's flags that
 would read configs or state from elsewhere (--config-dir, --config-path, --config-name,
@@ -28,11 +28,16 @@ import json
 import os
 import sys
 from contextlib import contextmanager
+from typing import NamedTuple
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_WOULD_NOT_LAUNCH = 0, 1, 2, 3
 
-_codes: list[int] = []
-_last_outcome: dict = {}
+
+class Outcome(NamedTuple):
+    """What one job of forge-train ended with: its exit code and, for sweepers that optimise
+    (Optuna), its primary metric."""
+    code: int
+    metric: float | None = None
 
 
 def main() -> None:
@@ -41,19 +46,19 @@ def main() -> None:
 
 def run(argv: list[str]) -> int:
     """Run forge-train with `argv`; returns the exit code."""
-    from runner.config import compose
+    from runner.config import caller, compose
     from runner.errors import ForgeError
 
     try:
         if argv and all(not a.startswith("-") for a in argv):
-            overrides = compose.cli_overrides(argv)
+            overrides = caller.cli_overrides(argv)
             cfg = compose.compose_config(overrides)
             if cfg.dry_run:
-                return execute(cfg, under_hydra=False)
+                return execute(cfg, under_hydra=False).code
             flags, multirun = [], False
         else:
             flags, multirun, given = _hydra_flags(argv)
-            overrides = compose.cli_overrides(given, multirun=multirun)
+            overrides = caller.cli_overrides(given, multirun=multirun)
     except ForgeError as exc:
         return _fail(exc)
     return _run_hydra(flags, overrides, multirun)
@@ -86,7 +91,7 @@ def _hydra_flags(argv: list[str]) -> tuple[list[str], bool, list[str]]:
     return flags, bool(args.multirun), list(args.overrides or [])
 
 
-def execute(cfg, *, under_hydra: bool = True) -> int:
+def execute(cfg, *, under_hydra: bool = True) -> Outcome:
     """The task: call train_model_version with the composed config and print its result.
 
     Inside a sweep (`-m`) the job nests its MLflow run under the sweep's parent run and
@@ -109,15 +114,16 @@ def execute(cfg, *, under_hydra: bool = True) -> int:
     except ForgeError as exc:
         if job:
             _record(job, cfg, error=exc)
-        return _fail(exc)
+        return Outcome(_fail(exc))
+    metric = None
     if job:
-        _record(job, cfg, result=result)  # the sweep summary table shows it
+        metric = _record(job, cfg, result=result).get("metric")  # the sweep summary shows it
     else:
         sys.stdout.write(json.dumps(jsonable(result), indent=2) + "\n")
         sys.stdout.flush()
     if cfg.dry_run and not result["would_launch"]:
-        return EXIT_WOULD_NOT_LAUNCH
-    return EXIT_OK
+        return Outcome(EXIT_WOULD_NOT_LAUNCH)
+    return Outcome(EXIT_OK, metric)
 
 
 def _sweep_job() -> dict | None:
@@ -138,7 +144,7 @@ def _sweep_job() -> dict | None:
             "code_commit": record.get("code_commit")}
 
 
-def _record(job: dict, cfg, result: dict | None = None, error=None) -> None:
+def _record(job: dict, cfg, result: dict | None = None, error=None) -> dict:
     from runner import sweep
     from trainers.manifest import PRIMARY_METRIC
 
@@ -156,8 +162,7 @@ def _record(job: dict, cfg, result: dict | None = None, error=None) -> None:
                        metric=(result["eval_metrics"] or {}).get(metric_name),
                        artifact_id=result["artifact_id"], mlflow_run_id=result["mlflow"]["run_id"])
     sweep.write_job_outcome(job["dir"], outcome)
-    _last_outcome.clear()
-    _last_outcome.update(outcome)
+    return outcome
 
 
 def _fail(exc) -> int:
@@ -169,23 +174,24 @@ def _run_hydra(flags: list[str], overrides: list[str], multirun: bool) -> int:
     """The @hydra.main app over `overrides`, which cli_overrides() has checked."""
     import hydra
 
-    from runner.config import compose
+    from runner.config import compose, options, schema
+    from runner.config.overrides import parse_overrides
     from runner.errors import ForgeError
 
     try:
-        parsed = compose.parse_overrides(overrides, allow_sweeps=multirun)
+        parsed = parse_overrides(overrides, allow_sweeps=multirun)
     except ForgeError as exc:
         return _fail(exc)
-    compose.register_schema()
-    _codes.clear()
+    schema.register_schema()
+    codes: list[int] = []  # one per job; Hydra's task function returns the metric instead
 
-    @hydra.main(config_path=str(compose.config_dir()), config_name=compose.CONFIG_NAME,
+    @hydra.main(config_path=str(options.config_dir()), config_name=compose.CONFIG_NAME,
                 version_base="1.3")
-    def task(cfg) -> float | None:
-        _codes.append(execute(cfg))
+    def task(cfg) -> float:
+        outcome = execute(cfg)
+        codes.append(outcome.code)
         # Sweepers that optimise (Optuna) read the job's target metric from here.
-        metric = _last_outcome.get("metric")
-        return float("nan") if metric is None else metric
+        return float("nan") if outcome.metric is None else outcome.metric
 
     with _argv([*flags, *overrides]), _env("HYDRA_FULL_ERROR", "1"):
         from runner.sweep import SweepRefused
@@ -200,7 +206,7 @@ def _run_hydra(flags: list[str], overrides: list[str], multirun: bool) -> int:
             if not _is_composition_error(exc):
                 raise
             return _fail(compose.explain(exc, parsed))
-    return max(_codes, default=EXIT_OK)
+    return max(codes, default=EXIT_OK)
 
 
 def _is_composition_error(exc: BaseException) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 import git
 import pytest
 import sqlalchemy as sa
-from conftest import count_rows
+from helpers import count_rows
 
 from runner import api, tools
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import (AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, count_rows,
+from helpers import (AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, count_rows,
                       fake_code_repo)
-from runner.registry import catalog, db, ledger, schema
+from runner.registry import catalog, db, ledger, recovery, schema
 from runner.jobs import weights
 from runner.api import train_model_version
 from runner.errors import ForgeError, RegistrationFailed, TrainingFailed
@@ -98,7 +98,7 @@ def test_real_finetune_registers_a_linked_candidate(registry, committed_code, mo
     assert mv.tags["forge.artifact_id"] == result["artifact_id"]
     assert mv.tags["forge.lifecycle_state"] == "candidate"
     assert (weights.weights_dir(result["artifact_id"]) / "best_model.pt").is_file()
-    assert ledger.check() == []
+    assert recovery.check() == []
 
     # The same request again: the earlier result, no second debit, no second version.
     before = count_rows(registry)
@@ -154,7 +154,7 @@ def test_failures_settle_once_and_register_nothing(registry, tmp_path, monkeypat
     alloc = allocs[0]
     assert alloc["debited"] == alloc["actual_cost"] + alloc["refunded"]
     assert ledger.balance(AGENT) == balance - alloc["actual_cost"]
-    assert ledger.check() == []
+    assert recovery.check() == []
     assert [a["id"] for a in catalog.list_artifacts("model")] == [BASE_ID]
     assert not _rows(registry, schema.world_model_improvements)
     run, _ = _mlflow_run(alloc["mlflow_run_id"])
@@ -172,4 +172,4 @@ def test_a_failed_request_can_be_retried_with_its_own_debit(registry, tmp_path, 
     allocs = _rows(registry, schema.resource_allocations)
     assert [a["status"] for a in allocs] == ["failed", "failed"]
     assert len({a["request_key"] for a in allocs}) == 2  # the first gave its key up
-    assert ledger.check() == []
+    assert recovery.check() == []

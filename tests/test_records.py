@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import AGENT, BASE_ID, DATASET_ID, fake_code_repo, seed_registry
-from runner.registry import catalog, db, ledger, schema
+from helpers import AGENT, BASE_ID, DATASET_ID, fake_code_repo, seed_registry
+from runner.registry import catalog, db, ledger, recovery, schema
 from runner.jobs import tracking
 from runner.api import train_model_version
 from runner.errors import TrainingFailed
@@ -107,7 +107,7 @@ def test_impossible_metrics_fail_typed_and_settle(registry, tmp_path, monkeypatc
         train_model_version(BASE_ID, DATASET_ID, **TINY)
     assert err.value.reason == "metric_out_of_range"
     [alloc] = rows(registry, schema.resource_allocations)
-    assert alloc["status"] == "failed" and ledger.check() == []
+    assert alloc["status"] == "failed" and recovery.check() == []
     assert [a["id"] for a in catalog.list_artifacts("model")] == [BASE_ID]
 
 
@@ -237,26 +237,25 @@ def test_fresh_clone_with_nothing_set_would_launch(committed_code, base_checkpoi
 
 def test_a_registry_error_right_after_the_debit_is_typed_and_refunded(registry, tmp_path,
                                                                       monkeypatch):
-    """The job never starts when the registry fails between the debit and the launch: the
-    caller gets a typed error and the whole debit back, at once, not from the reaper."""
+    """The job never starts when the registry fails between the debit and the launch (its
+    first write after the debit marks the allocation running): the caller gets a typed error
+    and the whole debit back, at once, not from the reaper."""
     from runner.errors import ForgeError
 
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, trainer("{}"))))
-    real = catalog.get_artifact
 
-    def away(artifact_id, *, conn=None):
-        if conn is None:  # the launch's own read, after prepare() read in its transaction
-            raise sa.exc.OperationalError("SELECT artifacts", {}, Exception("server closed"))
-        return real(artifact_id, conn=conn)
+    def away(*_a, **_k):
+        raise sa.exc.OperationalError("UPDATE resource_allocations", {},
+                                      Exception("server closed"))
 
-    monkeypatch.setattr(catalog, "get_artifact", away)
+    monkeypatch.setattr(ledger, "mark_running", away)
     balance = ledger.balance(AGENT)
     with pytest.raises(ForgeError) as err:
         train_model_version(BASE_ID, DATASET_ID, **TINY)
     assert err.value.reason == "registry_unavailable"
     [alloc] = rows(registry, schema.resource_allocations)
     assert alloc["status"] == "failed" and alloc["refunded"] == alloc["debited"]
-    assert ledger.balance(AGENT) == balance and ledger.check() == []
+    assert ledger.balance(AGENT) == balance and recovery.check() == []
 
 
 def test_an_unexpected_host_error_mid_launch_is_typed_and_settled(registry, tmp_path,
@@ -273,7 +272,7 @@ def test_an_unexpected_host_error_mid_launch_is_typed_and_settled(registry, tmp_
         train_model_version(BASE_ID, DATASET_ID, **TINY)
     assert err.value.reason == "internal_error" and "a library bug" in str(err.value)
     [alloc] = rows(registry, schema.resource_allocations)
-    assert alloc["status"] == "failed" and ledger.check() == []
+    assert alloc["status"] == "failed" and recovery.check() == []
 
 
 def test_a_relative_artifact_root_is_the_cwds(tmp_path, monkeypatch):

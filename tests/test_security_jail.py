@@ -26,7 +26,7 @@ from test_sandbox import make_job as sandbox_make_job
 
 from runner import sandbox
 from runner.errors import ForgeError, TrainingFailed
-from runner.registry import catalog, db, ledger, schema
+from runner.registry import catalog, db, recovery, schema
 from runner.sandbox import SandboxJob, gpu_launch, memory, policy, sandbox_plan, seccomp
 
 JOBS = Path(__file__).parent / "sandbox_jobs"
@@ -277,7 +277,7 @@ def _fails_typed(url: str, reason: str) -> dict:
     assert len(allocs) == 1 and allocs[0]["status"] == "failed", allocs
     alloc = allocs[0]
     assert alloc["debited"] == alloc["actual_cost"] + alloc["refunded"]
-    assert ledger.check() == []
+    assert recovery.check() == []
     assert [a["id"] for a in catalog.list_artifacts("model")] == [BASE_ID]
     run, _ = _host_run(alloc["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["forge.outcome"] == reason

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import AGENT, BASE_ID, STAND_IN_TRAINER, count_rows, fake_code_repo
-from runner.registry import catalog, db, ledger, schema
+from helpers import AGENT, BASE_ID, STAND_IN_TRAINER, count_rows, fake_code_repo
+from runner.registry import catalog, db, ledger, recovery, schema
 
 FORGE_TRAIN = [sys.executable, "-c", "from runner.train_app import main; main()"]
 # The tiny base has no conf/parent option: forge-train names it by id, and the registry says
@@ -95,13 +95,13 @@ def test_grid_sweep_registers_four_linked_candidates(sqlite_registry, committed_
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(nested) == 4 and {r.info.status for r in nested} == {"FINISHED"}
-    assert ledger.check() == []
+    assert recovery.check() == []
 
     # The same sweep again: every job returns its earlier result; nothing is debited.
     again = sweep()
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(candidates()) == 4 and len(allocations(sqlite_registry)) == 4
-    assert ledger.check() == []
+    assert recovery.check() == []
 
 
 def test_fit_budget_runs_what_fits_and_records_the_rest(sqlite_registry, tmp_path, monkeypatch):
@@ -116,14 +116,14 @@ def test_fit_budget_runs_what_fits_and_records_the_rest(sqlite_registry, tmp_pat
     assert proc.stdout.count(" ok ") == 4 and proc.stdout.count("failed") == 4, proc.stdout
     assert "BudgetExceeded" in proc.stdout  # the failed jobs' reason, in the summary
     assert len(candidates()) == 4 and len(allocations(sqlite_registry)) == 4
-    assert ledger.check() == []
+    assert recovery.check() == []
 
     # Re-run with more credits: the four done are skipped, the four that failed run now.
     ledger.grant("half-agent", "3")
     again = forge_train(*args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert len(candidates()) == 8 and len(allocations(sqlite_registry)) == 8
-    assert ledger.check() == []
+    assert recovery.check() == []
 
 
 # A Hydra callback that commits to the code repository after every job, as a colleague
@@ -195,7 +195,7 @@ def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tmp_path, monkeyp
     home = Path(os.environ["FORGE_HOME"])  # one run folder per allocation: no collisions
     for alloc in allocations(sqlite_registry):  # cleaned after registration: the log stays
         assert (home / "runs" / alloc["id"] / "job.log").is_file()
-    assert ledger.check() == []
+    assert recovery.check() == []
 
 
 @pytest.mark.postgres
@@ -211,7 +211,7 @@ def test_eight_concurrent_jobs_on_postgresql(pg_registry, tmp_path, monkeypatch)
     assert len(allocs) == 8 and {a["status"] for a in allocs} == {"settled"}
     assert sorted(a["artifact_id"] for a in allocs) == sorted(m["id"] for m in made)
     assert ledger.balance(AGENT) == Decimal(10) - sum(a["actual_cost"] for a in allocs)
-    assert ledger.check() == []
+    assert recovery.check() == []
     with db.get_engine(pg_registry).connect() as conn:
         events = conn.execute(sa.select(sa.func.count()).select_from(schema.events)).scalar_one()
     assert events == 8

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainers.data import fetch as F
+from runner.jobs import datasets as F
 from trainers.data.load import DatasetError, baseline_features, load, split_cells
 
 REPO = Path(__file__).resolve().parents[1]

@@ -105,17 +105,17 @@ def test_the_config_schema_is_derived_from_the_manifest():
     import dataclasses
     import typing
 
-    from runner.config import compose
+    from runner.config import schema
     from trainers import manifest
 
-    training = typing.get_type_hints(compose.TrainingConf)
+    training = typing.get_type_hints(schema.TrainingConf)
     spec = typing.get_type_hints(manifest.TrainingSpec)
     assert set(training) == set(spec) | set(manifest.CONFIG_TRAINING_FIELDS)
     for name, tp in spec.items():
         assert typing.get_args(training[name]) == typing.get_args(tp) or training[name] is tp
-    defaults = {f.name: f.default for f in dataclasses.fields(compose.TrainingConf)}
+    defaults = {f.name: f.default for f in dataclasses.fields(schema.TrainingConf)}
     assert defaults["warmup_steps"] == manifest.TrainingSpec().warmup_steps
-    parent = {f.name for f in dataclasses.fields(compose.ParentConf)}
+    parent = {f.name for f in dataclasses.fields(schema.ParentConf)}
     assert parent == {"artifact_id", "family", *manifest.MODEL_DEFAULTS}
 
 
@@ -143,12 +143,12 @@ def test_exit_codes_and_the_primary_metric_are_declared_once():
 
 
 def test_every_preset_composes_to_a_manifest_the_trainer_accepts(tmp_path, monkeypatch):
-    from runner.config import compose
-    from runner.jobs.launch import build_manifest
+    from runner.config import compose, options
+    from runner.config.manifest import build_manifest
 
     monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path))
-    for training in compose.group_options("training"):
-        for dataset in compose.group_options("dataset"):
+    for training in options.group_options("training"):
+        for dataset in options.group_options("dataset"):
             plain = compose.to_plain(compose.compose_config([f"training={training}",
                                                              f"dataset={dataset}"]))
             parse_manifest(build_manifest(plain, "run", "cpu", from_parent=True))
@@ -161,7 +161,7 @@ def test_every_preset_composes_to_a_manifest_the_trainer_accepts(tmp_path, monke
                                       "training.limit_eval_batches=-1",
                                       "training.grad_clip=0"])
 def test_the_dry_run_refuses_what_the_trainer_would(override, registry_and_code):
-    from conftest import count_rows
+    from helpers import count_rows
 
     from runner import api
     from runner.errors import InvalidOverride
@@ -181,7 +181,7 @@ def test_the_dry_run_refuses_what_the_trainer_would(override, registry_and_code)
 
 def test_a_registry_architecture_the_trainer_refuses_is_refused_before_any_debit(
         registry_and_code):
-    from conftest import count_rows
+    from helpers import count_rows
 
     from runner import api
 
@@ -209,7 +209,7 @@ PARENT, DATASET = "model-scgpt-cbmc-base", "dataset-geo-GSE100866"  # conftest P
 @pytest.fixture
 def registry_and_code(sqlite_url, tmp_path, monkeypatch):
     """The parent, the dataset, agent a1 with 10 credits and a clean code repository."""
-    from conftest import pilot_dry_run_registry
+    from helpers import pilot_dry_run_registry
 
     monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path / "cache"))
     pilot_dry_run_registry(tmp_path, monkeypatch)

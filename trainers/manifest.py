@@ -1,9 +1,10 @@
 """The run manifest: the one input crossing from the host (runner/) into the sandbox.
 
-Plain data, no torch: the host imports this module to build and check manifests before
-launch. `load_manifest(path)` / `parse_manifest(dict)` return a `Manifest` or raise
-`ManifestError`, whose `field` is the dotted path of the offending entry
-(e.g. `training.lr`). Unknown fields are errors too, so a typo never goes unnoticed.
+Plain data, no torch. The host derives its training config schema from the specs here, reads
+the exit codes and primary metrics, and checks every manifest it builds with
+`parse_manifest()` in the dry run; the trainer reads it with `load_manifest()`. Both return
+a `Manifest` or raise `ManifestError`, whose `field` is the dotted path of the offending
+entry (e.g. `training.lr`). Unknown fields are errors too, so a typo never goes unnoticed.
 
 Example (every field shown; only task, output_dir and dataset are required;
 the model and training values shown are the defaults, which are the CBMC pilot's:
@@ -46,7 +47,7 @@ The parent's vocab.json is the vocabulary; dataset genes outside it are dropped.
 This module is the one declaration of the trainer's contract: the settings (`TrainingSpec`,
 plus `CONFIG_TRAINING_FIELDS` of `Manifest`) with their types and rules (`_check`), the exit
 codes and the primary metric per task. The host derives its config schema
-(runner/config/compose.py TrainingConf) from it and runs `parse_manifest` on the manifest it would
+(runner/config/schema.py TrainingConf) from it and runs `parse_manifest` on the manifest it would
 send in every dry run, so whatever the trainer would refuse is refused before any debit.
 """
 

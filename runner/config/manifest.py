@@ -3,24 +3,24 @@
 
 from __future__ import annotations
 
+from trainers.manifest import CONFIG_TRAINING_FIELDS, MANIFEST_VERSION
+
 ENTRYPOINT = "trainers.entrypoint"  # the module the sandbox runs on the manifest
 
 
 def build_manifest(cfg: dict, run_name: str, device: str, *, from_parent: bool) -> dict:
     """The run manifest (trainers/manifest.py) for a resolved config, in sandbox paths:
     the parent at /job/in/parent, the dataset at /job/in/dataset, outputs in /job/out."""
-    data = cfg["dataset"]
-    training = {k: v for k, v in cfg["training"].items()
-                if k not in ("task", "seed", "num_threads")}
+    data, training = cfg["dataset"], cfg["training"]
     return {
-        "manifest_version": 1, "task": cfg["training"]["task"], "seed": cfg["training"]["seed"],
-        "device": "cpu" if device == "cpu" else "cuda", "vram_cap_gb": cfg["vram_cap_gb"],
-        "output_dir": "/job/out", "num_threads": cfg["training"]["num_threads"],
+        "manifest_version": MANIFEST_VERSION, "device": "cpu" if device == "cpu" else "cuda",
+        "vram_cap_gb": cfg["vram_cap_gb"], "output_dir": "/job/out",
+        **{k: training[k] for k in CONFIG_TRAINING_FIELDS},  # task, seed, num_threads
         "metrics_path": "/job/out/metrics.jsonl",
         "experiment_name": cfg["tracking"]["experiment_name"], "run_name": run_name,
         "parent": {"checkpoint_dir": "/job/in/parent"} if from_parent else None,
         "dataset": {"name": data["source"], "path": "/job/in/dataset", "format": data["format"],
                     "label_key": data["label_key"]},
         "model": {k: v for k, v in cfg["parent"].items() if k not in ("artifact_id", "family")},
-        "training": training,
+        "training": {k: v for k, v in training.items() if k not in CONFIG_TRAINING_FIELDS},
     }

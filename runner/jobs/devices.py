@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from decimal import Decimal
 from functools import lru_cache
 
 from runner.errors import ForgeError
@@ -78,3 +79,22 @@ def resolve(requested: str, per_device: dict) -> Device:
             f"device {requested!r} asked for, but this host's GPU is {gpus[0]} ({key})",
             field="device", fix=f"ask for device=auto or device={key}")
     return Device(key, "cuda:0", gpus[0])
+
+
+def priced(resolved: dict) -> tuple[Device | None, Decimal, ForgeError | None]:
+    """The one device rule: (the device this host gives the job, its price per device-hour,
+    why it cannot have one). The price is the device's row of pricing.per_device, else the
+    default price; without a device (it is unavailable), the requested device's row."""
+    from runner.registry import ledger
+
+    pricing = resolved["pricing"]
+    try:
+        device, problem = resolve(resolved["device"], pricing["per_device"]), None
+    except ForgeError as exc:
+        device, problem = None, exc
+    key = device.price_key if device is not None else resolved["device"]
+    if key in pricing["per_device"]:
+        price = ledger.to_price(pricing["per_device"][key], f"pricing.per_device.{key}")
+    else:
+        price = ledger.to_price(pricing["price_per_hour"], "pricing.price_per_hour")
+    return device, price, problem

@@ -1,39 +1,39 @@
-"""The real launch, after the dry-run steps: reserve -> inputs -> MLflow run -> sandbox ->
-post-run hook -> settle. Every exit path settles the allocation exactly once and leaves the
-MLflow run FINISHED or FAILED with its reason.
+"""The real launch of a `Plan` (runner/jobs/plan.py) whose checks passed: reserve -> inputs
+-> MLflow run -> sandbox -> post-run hook -> settle. Every exit path settles the allocation
+exactly once and leaves the MLflow run FINISHED or FAILED with its reason.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import shutil
 import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from runner.registry import catalog, ledger
-
-from runner.jobs import codepin, handback, hook, weights
-
 from runner import settings
 from runner.errors import (Conflict, DatasetUnavailable, ForgeError, InternalError,
-                           InvalidConfig, RegistrationFailed)
+                           RegistrationFailed)
+from runner.config.manifest import ENTRYPOINT, build_manifest
+from runner.jobs import codepin, handback, hook, recovery, weights
+from runner.jobs.job import DiskFull, clean_run_dir, disk_problem, run_dir, sandbox_job
+from runner.jobs.plan import Plan
+from runner.registry import catalog, ledger
+from runner.registry.recovery import Heartbeat, settle_retrying
 from trainers.manifest import PRIMARY_METRIC
 
-ENTRYPOINT = "trainers.entrypoint"
 RUN_OUTPUTS = ("result.json", "confusion_matrix.png", "learning_curves.png")
 
 
-def launch(plan, *, parent_run_id: str | None = None,
-           on_line: Callable[[str], None] | None = None) -> dict:
-    """Run a planned request (runner.api.Plan, dry-run checks passed) to a registered version."""
+def launch(plan: Plan, *, on_line: Callable[[str], None] | None = None) -> dict:
+    """Run a planned request whose dry-run checks passed to a registered version."""
     resolved = plan.resolved
     problem = disk_problem(resolved)  # before any debit: a full disk fails the job late
     if problem is not None:
         raise problem
+    recovery.reap()  # dead jobs' books, MLflow runs and run dirs; reserve would reap books only
     alloc = ledger.reserve(
         plan.agent_id, plan.estimate, plan.request_key,
         wall_time_cap_min=resolved["wall_time_cap_min"], vram_cap_gb=resolved["vram_cap_gb"],
@@ -43,96 +43,45 @@ def launch(plan, *, parent_run_id: str | None = None,
     if alloc.get("existing"):
         return _earlier(alloc, resolved["tracking"]["detail_url"])
 
-    try:
-        job = _Job(plan, alloc, plan.device.sandbox, parent_run_id, on_line)
-    except Exception as exc:  # nothing ran yet: give the whole debit back, now
-        error = exc if isinstance(exc, ForgeError) else RegistrationFailed(
-            f"cannot read the registry after the debit: {_first_line(exc)}",
-            reason="registry_unavailable", fix="check the registry database, then retry")
-        try:
-            ledger.settle_retrying(alloc["id"], 0, status="failed",
-                                   reason=f"{error.reason}: {error}"[:500])
-        except Exception as settle_exc:  # noqa: BLE001 - the reaper settles it later
-            print(f"warning: allocation {alloc['id']} left to `forge ledger reap`: "
-                  f"{_first_line(settle_exc)}", file=sys.stderr)
-        if error is exc:
-            raise
-        raise error from exc
+    job = _Job(plan, alloc, on_line)  # names only: nothing here can fail after the debit
     try:
         result = job.run()
     except BaseException as exc:
         clean_run_dir(job.run_dir)  # first: a full disk gets its space back for the rest
-        job.fail(exc)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(f"the disk filled up during the job: {exc.strerror}",
-                           field="registry.min_free_gb",
-                           fix="free space under FORGE_HOME, then retry") from exc
-        if isinstance(exc, Exception) and not isinstance(exc, ForgeError):
-            raise InternalError(  # settled above; the caller still gets a type and a reason
-                f"the launch failed on the host: {type(exc).__name__}: {_first_line(exc)}",
-                fix="the allocation is settled; report this with the job log "
-                    f"{job.run_dir / 'job.log'}") from exc
-        raise
+        job.fail(exc)  # settled once, whatever went wrong; then the caller gets a type
+        typed = _typed(exc, job.run_dir)
+        if typed is exc:
+            raise
+        raise typed from exc
     clean_run_dir(job.run_dir)
     return result
+
+
+def _typed(exc: BaseException, job_dir: Path) -> BaseException:
+    """What the caller gets for a failed, settled launch: a ForgeError as it is; a full disk,
+    a registry gone away, or any other host error, typed; an interrupt as it is."""
+    from runner.registry import db
+
+    if isinstance(exc, ForgeError) or not isinstance(exc, Exception):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"the disk filled up during the job: {exc.strerror}",
+                        field="registry.min_free_gb", fix="free space under FORGE_HOME, then retry")
+    if db.unavailable(exc) is not None:
+        return RegistrationFailed(
+            f"the registry went away during the launch: {_first_line(exc)}",
+            reason="registry_unavailable",
+            fix="the allocation is settled (refunded for what did not run); check the "
+                "registry database, then retry")
+    return InternalError(f"the launch failed on the host: {type(exc).__name__}: "
+                         f"{_first_line(exc)}",
+                         fix="the allocation is settled; report this with the job log "
+                             f"{job_dir / 'job.log'}")
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-class DiskFull(ForgeError):
-    reason = "disk_full"
-
-
-def disk_problem(resolved: dict) -> ForgeError | None:
-    """DiskFull when FORGE_HOME (runs, weights, tracking store) has less free space than the
-    operator's registry.min_free_gb; None when there is enough."""
-    need_gb = resolved["registry"].get("min_free_gb", 2.0)
-    if isinstance(need_gb, bool) or not isinstance(need_gb, (int, float)) \
-            or not 0 <= need_gb < float("inf"):
-        return InvalidConfig(f"registry.min_free_gb must be a number >= 0, got {need_gb!r}",
-                             field="registry.min_free_gb", fix="set it in conf/registry/")
-    home = settings.forge_home()
-    probe = next((p for p in (home, *home.parents) if p.exists()), home)
-    free_gb = shutil.disk_usage(probe).free / 1024**3
-    if free_gb >= need_gb:
-        return None
-    return DiskFull(f"FORGE_HOME has {free_gb:.2f} GiB free, below registry.min_free_gb "
-                    f"{need_gb:g} GiB", field="registry.min_free_gb",
-                    fix="free space under FORGE_HOME (old runs, weights, cache) or point "
-                        "FORGE_HOME at a larger disk", free_gb=round(free_gb, 3),
-                    min_free_gb=need_gb)
-
-
-KEPT_IN_RUN_DIR = ("job.log", "manifest.json")
-
-
-def clean_run_dir(run_dir: Path) -> None:
-    """Remove a finished job's bulk (out/, parent/, ...) from FORGE_HOME/runs/<alloc id>/,
-    keeping its job.log and manifest.json. Never follows a link; never raises."""
-    try:
-        entries = list(Path(run_dir).iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        if entry.name in KEPT_IN_RUN_DIR and entry.is_file() and not entry.is_symlink():
-            continue
-        try:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, onerror=_writable_and_retry)
-            else:
-                entry.unlink()
-        except OSError as exc:
-            print(f"warning: could not clean {entry}: {exc}", file=sys.stderr)
-
-
-def _writable_and_retry(func, path, _exc) -> None:
-    """rmtree's error hook: a job may leave read-only folders; open the parent and retry."""
-    parent = Path(path).parent
-    parent.chmod(parent.stat().st_mode | 0o700)
-    func(path)
 
 
 def _earlier(alloc: dict, detail_template: str | None) -> dict:
@@ -145,17 +94,16 @@ def _earlier(alloc: dict, detail_template: str | None) -> dict:
 
 
 class _Job:
-    def __init__(self, plan, alloc: dict, device: str, parent_run_id: str | None, on_line):
+    def __init__(self, plan: Plan, alloc: dict, on_line):
         self.plan = plan
         self.cfg = plan.resolved
         self.alloc = alloc
-        self.device = device
-        self.parent_run_id = parent_run_id
         self.on_line = on_line
-        self.parent = catalog.get_artifact(plan.parent_artifact_id)
-        self.dataset = catalog.get_artifact(plan.dataset_artifact_id)
-        self.artifact_id = f"{self.cfg['parent']['family']}-{uuid.uuid4().hex[:12]}"
-        self.run_dir = settings.forge_home() / "runs" / alloc["id"]
+        self.parent = plan.parent  # None: trained from scratch
+        self.dataset = plan.dataset
+        self.artifact_id = (plan.request.parent_artifact_id if plan.request.from_scratch
+                            else f"{self.cfg['parent']['family']}-{uuid.uuid4().hex[:12]}")
+        self.run_dir = run_dir(alloc["id"])
         self.mlflow = None
         self.run_id = None
         self.seconds = 0.0
@@ -166,7 +114,7 @@ class _Job:
     # --- the happy path --------------------------------------------------------------------
 
     def run(self) -> dict:
-        with ledger.Heartbeat(self.alloc["id"]):  # stopped on every way out of the job
+        with Heartbeat(self.alloc["id"]):  # stopped on every way out of the job
             return self._run()
 
     def _run(self) -> dict:
@@ -182,17 +130,17 @@ class _Job:
             self.mlflow, experiment=track["experiment_name"],
             artifact_root=Path(track["artifact_root"]), run_name=self.artifact_id,
             tags=self._tags(), params=tracking.flatten(_trainable(cfg)),
-            config_yaml=_yaml(cfg), parent_run_id=self.parent_run_id)
+            config_yaml=_yaml(cfg), parent_run_id=plan.request.mlflow_parent_run_id)
         ledger.mark_running(self.alloc["id"], self.run_id)
         if plan.code.dirty:
             self._keep_diff()
-        manifest = build_manifest(cfg, self.artifact_id, self.device, from_parent=True)
+        manifest = build_manifest(cfg, self.artifact_id, plan.device.sandbox,
+                                  from_parent=self.parent is not None)
         (self.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
         inputs["manifest.json"] = self.run_dir / "manifest.json"
         out = self.run_dir / "out"
-        job = sandbox_job(cfg, code_dir=inputs.pop("code"), inputs=inputs, output_dir=out,
-                          device=self.device, log_path=self.run_dir / "job.log",
-                          on_line=self.on_line)
+        job = sandbox_job(plan, inputs=inputs, output_dir=out,
+                          log_path=self.run_dir / "job.log", on_line=self.on_line)
         started = datetime.now(timezone.utc)
         with tracking.MetricRelay(self.mlflow, self.run_id, out / "metrics.jsonl",
                                   warn=self.on_line):
@@ -215,7 +163,8 @@ class _Job:
                                       [out / name for name in RUN_OUTPUTS], checkpoint)
         self.registered = tracking.register_candidate(
             self.mlflow, name=cfg["parent"]["family"], run_id=self.run_id, source=source,
-            artifact_id=self.artifact_id)
+            artifact_id=self.artifact_id,
+            lifecycle_state="candidate" if self.parent else "active")
         record = hook.RunRecord(
             artifact_id=self.artifact_id,
             title=f"{cfg['parent']['family']} {cfg['training']['task']} on {self.dataset['id']}",
@@ -228,9 +177,10 @@ class _Job:
             eval_metrics=result["metrics"], primary_metric=primary,
             content_hash=stored["sha256"], mlflow_run_id=self.run_id,
             mlflow_model_uri=self.registered["model_uri"],
-            changelog=f"fine-tuned from {self.parent['id']} ({cfg['training']['task']})")
+            changelog=(f"fine-tuned from {self.parent['id']} ({cfg['training']['task']})"
+                       if self.parent else f"trained from scratch ({cfg['training']['task']})"))
         try:
-            hook.register_model_version(self.parent["id"], record)
+            hook.register_model_version(self.parent["id"] if self.parent else None, record)
         except ForgeError:
             raise
         except Exception as exc:  # a database error: nothing of the registration landed
@@ -243,9 +193,12 @@ class _Job:
     # --- inputs, manifest, metadata --------------------------------------------------------
 
     def _inputs(self) -> dict[str, Path]:
-        from trainers.data import fetch
+        from runner.jobs import datasets as fetch
 
-        parent_dir = weights.materialize(self.parent, self.run_dir / "parent")
+        codepin.snapshot(self.plan.code, settings.cache_dir() / "code")  # sandbox_job's code_dir
+        inputs = {}
+        if self.parent is not None:
+            inputs["parent"] = weights.materialize(self.parent, self.run_dir / "parent")
         data = self.cfg["dataset"]
         try:  # every fetch is checked against the artifact's own sha256
             dataset_path = fetch.fetch(data["source"], cache=settings.cache_dir(),
@@ -256,18 +209,19 @@ class _Job:
                                      field="dataset.source",
                                      fix="check the source and the network, or delete the "
                                          "cached copy to fetch it again") from exc
-        return {"code": codepin.snapshot(self.plan.code, settings.cache_dir() / "code"),
-                "parent": parent_dir, "dataset": dataset_path}
+        return {**inputs, "dataset": dataset_path}
 
     def _tags(self) -> dict[str, str]:
         plan = self.plan
-        return {"forge.parent_artifact_id": self.parent["id"],
-                "forge.dataset_artifact_id": self.dataset["id"],
+        tags = {"forge.dataset_artifact_id": self.dataset["id"],
                 "forge.agent_id": plan.agent_id, "forge.allocation_id": self.alloc["id"],
                 "forge.request_key": plan.request_key, "forge.new_artifact_id": self.artifact_id,
                 "mlflow.source.git.commit": plan.code.sha,
                 "mlflow.source.git.repoURL": plan.code.repo_url,
                 "mlflow.source.name": ENTRYPOINT, "mlflow.user": plan.agent_id}
+        if self.parent is not None:
+            tags["forge.parent_artifact_id"] = self.parent["id"]
+        return tags
 
     def _keep_diff(self) -> None:
         """allow_dirty: the version records HEAD, so the changes it ran on top of HEAD are
@@ -323,7 +277,7 @@ class _Job:
             attempt(f"could not remove the weights of {self.artifact_id}",
                     lambda: weights.remove(self.artifact_id))
         attempt(f"could not settle allocation {self.alloc['id']}; `forge ledger reap` "
-                "settles it once it expires", lambda: ledger.settle_retrying(
+                "settles it once it expires", lambda: settle_retrying(
                     self.alloc["id"], self.seconds, status="failed",
                     reason=f"{reason}: {exc}"[:500]))
         if self.mlflow is not None and self.run_id is not None:
@@ -332,26 +286,6 @@ class _Job:
                 tracking.finish(self.mlflow, self.run_id, ok=False, reason=reason)
 
             attempt(f"could not mark MLflow run {self.run_id} FAILED", mark_failed)
-
-
-def build_manifest(cfg: dict, run_name: str, device: str, *, from_parent: bool) -> dict:
-    """The run manifest (trainers/manifest.py) for a resolved config, in sandbox paths:
-    the parent at /job/in/parent, the dataset at /job/in/dataset, outputs in /job/out."""
-    data = cfg["dataset"]
-    training = {k: v for k, v in cfg["training"].items()
-                if k not in ("task", "seed", "num_threads")}
-    return {
-        "manifest_version": 1, "task": cfg["training"]["task"], "seed": cfg["training"]["seed"],
-        "device": "cpu" if device == "cpu" else "cuda", "vram_cap_gb": cfg["vram_cap_gb"],
-        "output_dir": "/job/out", "num_threads": cfg["training"]["num_threads"],
-        "metrics_path": "/job/out/metrics.jsonl",
-        "experiment_name": cfg["tracking"]["experiment_name"], "run_name": run_name,
-        "parent": {"checkpoint_dir": "/job/in/parent"} if from_parent else None,
-        "dataset": {"name": data["source"], "path": "/job/in/dataset", "format": data["format"],
-                    "label_key": data["label_key"]},
-        "model": {k: v for k, v in cfg["parent"].items() if k not in ("artifact_id", "family")},
-        "training": training,
-    }
 
 
 def result_for(artifact_id: str, *, detail_template: str | None = None) -> dict:
@@ -394,35 +328,4 @@ def _yaml(cfg: dict) -> str:
 
     return OmegaConf.to_yaml(OmegaConf.create(cfg))
 
-
-def sandbox_timing(resolved: dict) -> tuple[float, float]:
-    """(seconds until SIGTERM, grace until SIGKILL). The grace period lies inside the
-    wall-time cap, so the job never outruns what the estimate debited and every second it
-    holds the device, grace included, is billed."""
-    total = float(resolved["wall_time_cap_min"] * 60)
-    grace = min(float(resolved["sandbox"]["grace_s"]), total / 2)
-    return total - grace, grace
-
-
-def sandbox_job(resolved: dict, *, code_dir: Path, output_dir: Path, device: str,
-                inputs: dict[str, Path] | None = None, log_path: Path | None = None,
-                on_line: Callable[[str], None] | None = None):
-    """The one way a training job is described to the sandbox: the trainer entrypoint on
-    the manifest, with the caps and env allowlist of the operator's `sandbox` settings.
-    The dry run's plan, the launch and the demo's base all build their job here."""
-    import os
-
-    from runner import sandbox
-
-    box, gib = resolved["sandbox"], 1024**3
-    term_s, grace_s = sandbox_timing(resolved)
-    memory = box["max_memory_gb"]
-    return sandbox.SandboxJob(
-        module=ENTRYPOINT, args=[f"{sandbox.IN_DIR}/manifest.json"], code_dir=code_dir,
-        inputs=dict(inputs or {}), output_dir=output_dir, log_path=log_path, on_line=on_line,
-        wall_time_cap_s=term_s, grace_s=grace_s, vram_cap_gb=float(resolved["vram_cap_gb"]),
-        device=device, env={k: os.environ[k] for k in box["env_allowlist"] if k in os.environ},
-        max_processes=box["max_processes"], tmp_size_bytes=int(box["tmp_size_gb"] * gib),
-        max_memory_bytes=None if memory is None else int(memory * gib),
-        max_output_bytes=int(box["max_output_gb"] * gib))
 

@@ -119,7 +119,7 @@ class MetricRelay:
         self.warn_line = warn or (lambda line: print(line, file=sys.stderr, flush=True))
         self.offset = 0  # bytes of the file consumed so far
         self.pending = b""  # a last line without its newline yet
-        self.relayed = 0
+        self._relayed = 0
         self.skipped = 0
         self.warnings = 0
         self._warned: set[str] = set()
@@ -194,7 +194,7 @@ class MetricRelay:
             if point is None:
                 self.skipped += 1
                 continue
-            if self.relayed + len(points) >= self.max_points:
+            if self._relayed + len(points) >= self.max_points:
                 self._warn(f"over {self.max_points} metric points: the rest is not relayed",
                            once="points")
                 break
@@ -238,12 +238,12 @@ class MetricRelay:
     def sync(self, final: bool = False) -> int:
         """Relay every new point; returns how many were sent."""
         with self._lock:
-            if self.relayed >= self.max_points:
+            if self._relayed >= self.max_points:
                 return 0
             fresh = self._points(self._read_new(), final)
             for i in range(0, len(fresh), METRICS_PER_BATCH):
                 self.host.log_batch(self.run_id, metrics=fresh[i:i + METRICS_PER_BATCH])
-                self.relayed += len(fresh[i:i + METRICS_PER_BATCH])
+                self._relayed += len(fresh[i:i + METRICS_PER_BATCH])
             return len(fresh)
 
 
@@ -259,8 +259,9 @@ def log_outputs(mlflow_client, run_id: str, files: list[Path], checkpoint: Path 
 
 
 def register_candidate(mlflow_client, *, name: str, run_id: str, source: str,
-                       artifact_id: str) -> dict[str, Any]:
-    """Register the checkpoint as a new version of the family's registered model.
+                       artifact_id: str, lifecycle_state: str = "candidate") -> dict[str, Any]:
+    """Register the checkpoint as a new version of the family's registered model (a root
+    version trained from scratch is `active`, as in the registry).
 
     A candidate is a state, not a pointer: many candidates of one family coexist, each tagged
     `forge.lifecycle_state=candidate` (find them with search_model_versions). Aliases name one
@@ -274,7 +275,7 @@ def register_candidate(mlflow_client, *, name: str, run_id: str, source: str,
             raise
     version = mlflow_client.create_model_version(
         name, source=source, run_id=run_id,
-        tags={"forge.artifact_id": artifact_id, "forge.lifecycle_state": "candidate"})
+        tags={"forge.artifact_id": artifact_id, "forge.lifecycle_state": lifecycle_state})
     return {"registered_model": name, "version": str(version.version),
             "model_uri": f"models:/{name}/{version.version}"}
 

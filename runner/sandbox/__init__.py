@@ -143,31 +143,16 @@ class SandboxJob:
 
 @dataclass
 class LaunchResult:
-    """How a job ended. `device_seconds` is wall seconds x GPUs used; on cpu it equals
-    wall seconds (one device: the host), so the ledger can settle either with one rule."""
+    """How a job ended. The ledger bills `wall_seconds` x the devices the plan priced."""
 
     exit_code: int
     reason: str  # ok | timeout | killed | oom | output_quota | error
     started_at: datetime
     ended_at: datetime
     wall_seconds: float
-    device_seconds: float
     device: str
     log_path: Path
     detail: str | None = None  # why the host stopped the job (timeout, oom, output_quota)
-
-    def to_dict(self) -> dict:
-        return {
-            "exit_code": self.exit_code,
-            "reason": self.reason,
-            "started_at": self.started_at.isoformat(),
-            "ended_at": self.ended_at.isoformat(),
-            "wall_seconds": self.wall_seconds,
-            "device_seconds": self.device_seconds,
-            "device": self.device,
-            "log_path": str(self.log_path),
-            "detail": self.detail,
-        }
 
 
 def check_free_vram(index: int, cap_gb: float) -> float:
@@ -280,7 +265,6 @@ def gpu_launch(job: SandboxJob, *, bwrap: str | None = None) -> LaunchResult:
         rejected = _hand_back(out, owner, chown=uid is not None, on_line=on_line, job=job)
 
     code = proc.returncode
-    n_gpus = 0 if device == "cpu" else 1
     stopped = supervisor.stopped
     if stopped is None and rejected:
         stopped = ("output_quota", rejected)
@@ -289,6 +273,6 @@ def gpu_launch(job: SandboxJob, *, bwrap: str | None = None) -> LaunchResult:
     return LaunchResult(
         exit_code=code, reason=stopped[0] if stopped else _reason(code),
         started_at=started_at, ended_at=ended_at, wall_seconds=wall,
-        device_seconds=wall * max(n_gpus, 1), device=device, log_path=log_path,
+        device=device, log_path=log_path,
         detail=stopped[1] if stopped else None)
 

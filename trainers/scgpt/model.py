@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -457,9 +457,3 @@ def save_checkpoint(model: ScGPT, vocab: dict[str, int], folder: str | Path,
     torch.save(state, paths["best_model.pt"])
     return paths
 
-
-def config_dict(config: ScGPTConfig) -> dict:
-    return asdict(config)
-
-
-CONFIG_FIELDS = tuple(f.name for f in fields(ScGPTConfig))

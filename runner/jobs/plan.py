@@ -1,0 +1,405 @@
+"""A request, planned: validate -> compose -> read the registry -> price -> pin code -> the
+sandbox job. Reads the registry, writes nothing.
+
+`TrainRequest` is what was asked (frozen: the arguments of one call). `prepare()` turns it
+into a `Plan`: the composed config, the parent and dataset rows, the device and its price,
+the estimate, the pinned code, the request key and the sandbox job it would run, plus every
+reason it cannot launch. A dry run returns `Plan.dry_run_result()`; a real run hands the plan
+to `runner.jobs.launch.launch()`, which reads none of this again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from runner.errors import (CapOutOfPolicy, Conflict, ForgeError, InvalidInput, NotFound,
+                           WrongArtifactType)
+
+# Keys of the resolved config that do not change what gets trained: left out of the
+# request key, so a retry from another machine or as a dry run maps to the same allocation.
+VOLATILE_KEYS = ("agent_id", "dry_run", "allow_dirty", "fit_budget", "tracking", "registry",
+                 "policy", "pricing", "sandbox")
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One call's arguments. `training_config` is already nested at the config root.
+
+    `from_scratch` is the operator's (the demo's base), never a caller's: train the parent
+    option's architecture from random weights and register the result as `parent_artifact_id`,
+    a root version. Every other request fine-tunes the registered parent.
+    """
+    parent_artifact_id: str
+    dataset_artifact_id: str
+    agent_id: str | None
+    training_config: Any = None
+    overrides: Any = None
+    wall_time_cap_min: int = 120
+    vram_cap_gb: int = 24
+    dry_run: bool = False
+    allow_dirty: bool = False
+    devices: int | None = None
+    device: str | None = None
+    config: Any = None  # a DictConfig forge-train composed; replaces the composition
+    code_commit: str | None = None  # run this commit instead of HEAD (a sweep pins once)
+    mlflow_parent_run_id: str | None = None  # nest the MLflow run (a sweep's)
+    from_scratch: bool = False
+
+
+@dataclass
+class Plan:
+    request: TrainRequest
+    config: Any  # the composed DictConfig
+    resolved: dict  # the same, resolved to plain data
+    db_url: str | None
+    currency: str
+    price_per_hour: Decimal
+    hours: Decimal
+    devices: int
+    estimate: Decimal
+    parent: dict | None = None  # the parent's artifact row (None: from scratch, or missing)
+    dataset: dict | None = None  # the dataset's artifact row
+    device: Any = None  # runner.jobs.devices.Device: what the job runs on and is billed as
+    balance: Decimal | None = None
+    code: Any = None  # runner.jobs.codepin.CodePin, or None when pinning failed
+    request_key: str | None = None
+    sandbox: dict | None = None
+    problems: list[ForgeError] = field(default_factory=list)
+
+    @property
+    def agent_id(self) -> str:
+        return self.request.agent_id
+
+    @property
+    def would_launch(self) -> bool:
+        return not self.problems
+
+    def dry_run_result(self) -> dict:
+        code = self.code
+        return {
+            "would_launch": self.would_launch,
+            "reasons": [p.to_dict() for p in self.problems],
+            "estimate": {"amount": self.estimate, "currency": self.currency,
+                         "price_per_hour": self.price_per_hour, "hours": self.hours,
+                         "devices": self.devices,
+                         "device": None if self.device is None else self.device.price_key},
+            "config": self.resolved,
+            "code": None if code is None else {
+                "sha": code.sha, "dirty": code.dirty, "repo_url": code.repo_url,
+                "branch": code.branch, "diff_sha256": code.diff_sha256},
+            "sandbox": self.sandbox,
+            "balance": self.balance,
+            "agent_id": self.agent_id,
+            "parent_artifact_id": self.request.parent_artifact_id,
+            "dataset_artifact_id": self.request.dataset_artifact_id,
+            "request_key": self.request_key,
+        }
+
+
+def request_key(req: TrainRequest, config: dict, code_sha: str,
+                diff_sha256: str | None = None) -> str:
+    """sha256 over who asks, what from, on what, how (the resolved config minus volatile
+    keys) and which code: the same request reserves and registers once."""
+    stable = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
+    payload = {"agent": req.agent_id, "parent": req.parent_artifact_id,
+               "dataset": req.dataset_artifact_id, "config": stable, "code": code_sha,
+               "diff": diff_sha256}
+    if req.from_scratch:
+        payload["from_scratch"] = True
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"),
+                                     default=str).encode()).hexdigest()
+
+
+def prepare(req: TrainRequest) -> Plan:
+    """validate -> compose -> read the registry -> price -> pin code -> the sandbox job."""
+    from runner.errors import CodePinError
+    from runner.jobs import codepin, devices
+    from runner.jobs.job import disk_problem  # FORGE_HOME below registry.min_free_gb
+    from runner.registry import ledger
+    from runner.tools import audit_to
+
+    _validate_arguments(req)
+    cfg, resolved = _from_config(req) if req.config is not None else _compose(req)
+    db_url = resolved["registry"]["db_url"]
+    audit_to(db_url)
+    problems: list[ForgeError] = []
+    parent, dataset, account = _read_registry(db_url, req, problems)
+    derived = {group: values for group, values in _registry_values(parent, dataset).items()
+               if any(resolved[group].get(k) != v for k, v in values.items())}
+    if derived:  # the registry disagrees with conf/: it wins (a merge costs a validation)
+        from runner.config import compose
+
+        cfg, resolved = compose.merge_config(cfg, derived, "registry")
+    _check_dataset_content(resolved, dataset, problems)
+
+    device, price, problem = devices.priced(resolved)
+    if problem is not None:
+        problems.append(problem)
+    plan = Plan(request=req, config=cfg, resolved=resolved, db_url=db_url,
+                currency=resolved["pricing"]["currency"], price_per_hour=price,
+                hours=ledger.round_money(Decimal(resolved["wall_time_cap_min"]) / 60),
+                devices=resolved["devices"],
+                estimate=ledger.estimate(price, resolved["wall_time_cap_min"],
+                                         resolved["devices"]),
+                parent=parent, dataset=dataset, device=device, problems=problems)
+    _check_policy(resolved, problems)
+    if (disk := disk_problem(resolved)) is not None:
+        problems.append(disk)
+    if account is None:
+        problems.append(ledger.unknown_agent(req.agent_id))
+    else:
+        plan.balance = account["balance"]
+        if plan.balance < plan.estimate:
+            problems.append(ledger.insufficient(req.agent_id, plan.balance, plan.estimate,
+                                                plan.currency))
+    try:
+        plan.code = (codepin.pin_code() if req.code_commit is None
+                     else codepin.pin_commit(req.code_commit))
+    except CodePinError as exc:
+        problems.append(exc)
+        return plan
+    if plan.code.dirty and not resolved["allow_dirty"]:
+        problems.append(codepin.dirty_error(plan.code))
+    plan.request_key = request_key(req, resolved, plan.code.sha, plan.code.diff_sha256)
+    plan.sandbox = _sandbox_plan(plan, problems)
+    return plan
+
+
+# --- steps ----------------------------------------------------------------------------------------
+
+def _validate_arguments(req: TrainRequest) -> None:
+    """Malformed input raises: ids, the agent, caps, flags."""
+    from runner.registry import catalog, ledger
+
+    catalog.validate_artifact_id(req.parent_artifact_id, "parent_artifact_id")
+    catalog.validate_artifact_id(req.dataset_artifact_id, "dataset_artifact_id")
+    ledger.check_agent_id(req.agent_id)
+    _check_cap(req.wall_time_cap_min, "wall_time_cap_min")
+    _check_cap(req.vram_cap_gb, "vram_cap_gb")
+    if req.devices is not None:
+        _check_cap(req.devices, "devices")
+    for name in ("dry_run", "allow_dirty"):
+        flag = getattr(req, name)
+        if not isinstance(flag, bool):
+            raise InvalidInput(f"{name} must be true or false, got {flag!r}", field=name,
+                               fix=f"pass {name}=True or {name}=False")
+    if req.device is not None and not isinstance(req.device, str):
+        raise InvalidInput(f"device must be a string, got {req.device!r}", field="device",
+                           fix="pass device='auto' or a key of pricing.per_device")
+
+
+def _compose(req: TrainRequest):
+    """The config for this call: the caller's overrides and dict, once checked against what
+    a caller may set, then the lines the host writes for the arguments (the parent/dataset
+    options whose artifact ids match, the ids, caps and flags), as override strings so the
+    composed config is memoised per distinct call."""
+    from runner.config import caller, compose
+
+    caller.check_caller_overrides(req.overrides)  # the arguments, operator settings,
+    caller.check_caller_dict(req.training_config)  # interpolation, over-long input
+    lines = list(req.overrides or []) + caller.call_lines(
+        req.parent_artifact_id, req.dataset_artifact_id, agent_id=req.agent_id,
+        wall_time_cap_min=req.wall_time_cap_min, vram_cap_gb=req.vram_cap_gb,
+        dry_run=req.dry_run, allow_dirty=req.allow_dirty, devices=req.devices,
+        device=req.device)
+    return compose.compose_resolved(lines, req.training_config, writable=False)
+
+
+def _from_config(req: TrainRequest):
+    """A config forge-train already composed: validate it and check it matches the call."""
+    from omegaconf import DictConfig
+
+    from runner.config import caller, compose, validate
+
+    if req.overrides or req.training_config:
+        raise InvalidInput("pass either config or overrides/training_config, not both",
+                           field="config", fix="drop config to compose from overrides")
+    if not isinstance(req.config, DictConfig):
+        raise InvalidInput(
+            f"config must be a composed DictConfig, got {type(req.config).__name__}",
+            field="config", fix="drop config to compose from overrides")
+    baseline = compose.compose_config(
+        caller.artifact_lines("parent", req.parent_artifact_id)
+        + caller.artifact_lines("dataset", req.dataset_artifact_id))
+    compose.check_operator_settings(req.config, baseline)
+    resolved = validate.validate_config(req.config)
+    _check_agrees(resolved, req)
+    return req.config, resolved
+
+
+def _read_registry(db_url, req: TrainRequest, problems: list[ForgeError]):
+    """Parent, dataset and the agent's account, in one short read."""
+    from runner.registry import catalog, db, ledger
+
+    with db.get_engine(db_url).connect() as conn:
+        try:
+            if req.from_scratch:
+                parent = None
+                _require_new(catalog, req.parent_artifact_id, conn, problems)
+            else:
+                parent = _artifact(catalog, req.parent_artifact_id, "model",
+                                   "parent_artifact_id", conn, problems)
+            dataset = _artifact(catalog, req.dataset_artifact_id, "dataset",
+                                "dataset_artifact_id", conn, problems)
+            account = ledger.account(req.agent_id, conn=conn)
+        except Exception as exc:  # noqa: BLE001 - re-raised, typed where we can
+            _raise_db_error(exc)
+    return parent, dataset, account
+
+
+def _check_cap(value: Any, name: str) -> None:
+    from runner.config.validate import INT_MAX
+
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CapOutOfPolicy(f"{name} must be an integer, got {value!r}", field=name,
+                             fix=f"pass {name} as a positive whole number", value=repr(value))
+    if value < 1:
+        raise CapOutOfPolicy(f"{name} must be at least 1, got {value}", field=name,
+                             fix=f"pass a positive {name}", value=value)
+    if value > INT_MAX:
+        raise CapOutOfPolicy(f"{name} {value} is not a sane cap", field=name,
+                             fix=f"pass a {name} within the policy limits", value=value)
+
+
+def _check_policy(resolved: dict, problems: list[ForgeError]) -> None:
+    policy = resolved["policy"]
+    for name, limit_key in (("wall_time_cap_min", "max_wall_time_cap_min"),
+                            ("vram_cap_gb", "max_vram_gb"), ("devices", "max_devices")):
+        value, limit = resolved[name], policy[limit_key]
+        if value > limit:
+            problems.append(CapOutOfPolicy(
+                f"{name} {value} is over the policy limit {limit}", field=name, value=value,
+                limit=limit, fix=f"ask for {name} <= {limit}"))
+
+
+def _check_agrees(resolved: dict, req: TrainRequest) -> None:
+    pairs = {"parent.artifact_id": (resolved["parent"]["artifact_id"], req.parent_artifact_id),
+             "dataset.artifact_id": (resolved["dataset"]["artifact_id"],
+                                     req.dataset_artifact_id),
+             "agent_id": (resolved["agent_id"], req.agent_id),
+             "wall_time_cap_min": (resolved["wall_time_cap_min"], req.wall_time_cap_min),
+             "vram_cap_gb": (resolved["vram_cap_gb"], req.vram_cap_gb),
+             "dry_run": (resolved["dry_run"], req.dry_run),
+             "allow_dirty": (resolved["allow_dirty"], req.allow_dirty)}
+    if req.devices is not None:
+        pairs["devices"] = (resolved["devices"], req.devices)
+    if req.device is not None:
+        pairs["device"] = (resolved["device"], req.device)
+    for key, (in_config, given) in pairs.items():
+        if in_config != given:
+            raise InvalidInput(f"config has {key}={in_config!r} but the argument is {given!r}",
+                               field=key, fix="pass the same value, or drop config")
+
+
+def _artifact(catalog, artifact_id: str, kind: str, field: str, conn,
+              problems: list[ForgeError]) -> dict | None:
+    try:
+        row = catalog.get_artifact(artifact_id, conn=conn)
+    except NotFound as exc:
+        exc.field = field
+        problems.append(exc)
+        return None
+    if row["artifact_type"] != kind:
+        problems.append(WrongArtifactType(
+            f"{field} {artifact_id!r} is a {row['artifact_type']}, not a {kind}", field=field,
+            fix=f"pass the id of a {kind} artifact"))
+        return None
+    return row
+
+
+def _require_new(catalog, artifact_id: str, conn, problems: list[ForgeError]) -> None:
+    """From scratch: the id names the version to create, so it must be free."""
+    try:
+        catalog.get_artifact(artifact_id, conn=conn)
+    except NotFound:
+        return
+    problems.append(Conflict(f"{artifact_id!r} is already registered", field="parent_artifact_id",
+                             fix="train from scratch under a new id, or fine-tune this one"))
+
+
+def _registry_values(parent: dict | None, dataset: dict | None) -> dict:
+    """What the registry says the artifacts are: the parent's family and architecture, the
+    dataset's source, format and label key. These are facts about the artifacts, so they win
+    over conf/ and are never the caller's to set. An artifact the registry says nothing about
+    keeps its conf/ option's values (operator-written); a dataset with no conf/ option is
+    fetched from its origin URL in its citation's format."""
+    from runner.config.options import option_for_artifact
+    from runner.config.schema import ParentConf
+
+    out: dict[str, dict] = {}
+    if parent is not None:
+        meta = parent.get("metadata") or {}
+        arch = {k: v for k, v in (meta.get("architecture") or {}).items()
+                if k in ParentConf.__dataclass_fields__ and k not in ("artifact_id", "family")}
+        if meta.get("family"):
+            arch["family"] = meta["family"]
+        out["parent"] = arch
+    if dataset is not None:
+        meta = dataset.get("metadata") or {}
+        loader = dict(meta.get("loader") or {})
+        if not loader and option_for_artifact("dataset", dataset["id"]) is None:
+            cite = meta.get("citation") or {}
+            loader = {"source": dataset.get("origin_url"), "format": cite.get("format"),
+                      "label_key": (meta.get("load_options") or {}).get("label_key")}
+        out["dataset"] = {k: v for k, v in loader.items()
+                          if k in ("source", "format", "label_key")
+                          and (v is not None or k == "label_key")}
+    return {g: v for g, v in out.items() if v}
+
+
+def _check_dataset_content(resolved: dict, dataset: dict | None,
+                           problems: list[ForgeError]) -> None:
+    """A built-in source must hold the very file the dataset artifact's sha256 names: the
+    version then records the data it really trained on."""
+    from runner.errors import DatasetUnavailable
+    from runner.jobs.datasets import builtin_holds
+
+    if dataset is None:
+        return
+    source = resolved["dataset"]["source"]
+    expected = dataset.get("content_hash")
+    if expected and not builtin_holds(source, expected):
+        problems.append(DatasetUnavailable(
+            f"dataset {dataset['id']!r} has sha256 {expected[:12]}..., which the built-in "
+            f"source {source!r} does not hold", field="dataset_artifact_id",
+            reason="dataset_mismatch",
+            fix="register the data under its own artifact id, or pick the artifact whose "
+                "content this source holds"))
+
+
+def _raise_db_error(exc: Exception) -> None:
+    from runner.registry.db import unavailable
+
+    if isinstance(exc, ForgeError):
+        raise exc
+    typed = unavailable(exc, "read the registry")
+    if typed is not None:
+        raise typed from exc
+    raise exc
+
+
+def _sandbox_plan(plan: Plan, problems: list[ForgeError]) -> dict:
+    """What the sandbox would run, as plain data (runner.sandbox.sandbox_plan), built by the
+    same job.sandbox_job() the real run uses. The job sees a snapshot of the pinned code,
+    never the working tree (which may hold FORGE_HOME: the registry DB and the tracking
+    store); its run dir is named after the allocation, which a dry run has not made."""
+    from runner import sandbox
+    from runner.jobs.job import run_dir, sandbox_job
+
+    job = sandbox_job(plan, output_dir=run_dir("<allocation-id>") / "out")
+    if plan.devices > 1:
+        problems.append(ForgeError(
+            f"devices={plan.devices}: the sandbox gives a job one GPU at most", field="devices",
+            reason="sandbox_unsupported", fix="ask for devices=1"))
+    try:
+        out = sandbox.sandbox_plan(job)
+    except ForgeError as exc:
+        problems.append(exc)
+        return {"error": exc.to_dict()}
+    out["inputs_planned"] = ["manifest.json", "dataset"] + ([] if plan.request.from_scratch
+                                                           else ["parent"])
+    return out

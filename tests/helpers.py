@@ -1,0 +1,171 @@
+"""Plain helpers the tests import (`from helpers import ...`); the fixtures are in conftest.
+
+PostgreSQL: the server named by FORGE_TEST_PG_URL (CI sets it, so the tests fail rather
+than skip there), else the local server if it answers.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import textwrap
+import uuid
+from pathlib import Path
+
+import sqlalchemy as sa
+
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def _find_pg_url() -> str | None:
+    """FORGE_TEST_PG_URL when set (CI: must work); else the local server if it answers."""
+    url = os.environ.get("FORGE_TEST_PG_URL")
+    if url:
+        return url
+    try:
+        engine = sa.create_engine(DEFAULT_PG_URL, poolclass=sa.pool.NullPool)
+        with engine.connect():
+            pass
+        return DEFAULT_PG_URL
+    except Exception:
+        return None
+
+
+PG_URL = _find_pg_url()
+
+
+def _pg_admin():
+    """Autocommit (CREATE/DROP DATABASE refuse a transaction) and no pool: nothing stays
+    connected between calls."""
+    return sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+
+
+def make_pg_database(*, template: str | None = None, prefix: str = "forge_t") -> str:
+    """Create a database on the test server, empty or a copy of `template` (a URL), and return
+    its URL. PostgreSQL copies a template only while nobody is connected to it."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    sql = f'CREATE DATABASE "{name}"'
+    if template:
+        sql += f' TEMPLATE "{sa.engine.make_url(template).database}"'
+    with _pg_admin().connect() as conn:
+        conn.exec_driver_sql(sql)
+    return sa.engine.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(url: str) -> None:
+    """Drop the database at `url`; WITH (FORCE) ends the sessions still on it."""
+    forget_engine(url)
+    name = sa.engine.make_url(url).database
+    with _pg_admin().connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def forget_engine(url: str) -> None:
+    """Close the registry's pooled connections to `url` and drop its cached engines."""
+    from runner.registry import db
+
+    db.get_engine(url).dispose()
+    db._engine.cache_clear()
+
+
+def copy_sqlite(src_url: str, dest: Path) -> str:
+    """A copy of the SQLite database at `src_url` in `dest`, by SQLite's online backup (the
+    source's WAL included); returns its URL."""
+    src = sqlite3.connect(sa.engine.make_url(src_url).database)
+    out = sqlite3.connect(dest)
+    try:
+        src.backup(out)
+    finally:
+        out.close()
+        src.close()
+    return f"sqlite:///{dest}"
+
+
+def count_rows(url: str) -> dict[str, int]:
+    """Row count of every registry table: tests compare before and after a failure."""
+    from runner.registry import db, schema
+
+    with db.get_engine(url).connect() as conn:
+        return {t.name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
+                for t in schema.ALL_TABLES}
+
+
+# --- a registry ready to train: tiny base, CBMC dataset, a funded agent -----------------------
+
+BASE_ID = "model-test-base"
+DATASET_ID = "dataset-geo-GSE100866"
+AGENT = "agent-e2e"
+ARCH = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_hid": 64, "n_bins": 51,
+        "dropout": 0.0, "input_emb_style": "continuous"}
+# The same architecture as overrides, for the forge-train command line.
+ARCH_OVERRIDES = [f"parent.artifact_id={BASE_ID}", "parent.family=scgpt-test",
+                  *(f"parent.{k}={v}" for k, v in ARCH.items())]
+
+
+def seed_registry(checkpoint: Path) -> None:
+    """Register the CBMC dataset and the tiny base; grant the agent 10 credits."""
+    from runner.jobs import weights
+    from runner.jobs.datasets import builtin_citation
+    from runner.registry import catalog, ledger
+
+    catalog.register_dataset(DATASET_ID, "CBMC CITE-seq", builtin_citation("cbmc"))
+    catalog.register_model(
+        artifact_id=BASE_ID, title="tiny scGPT base", created_by="test",
+        metadata={"family": "scgpt-test", "framework": "scgpt", "task": "external",
+                  "architecture": ARCH},
+        origin_type="external", origin_url=checkpoint.as_uri(),
+        content_hash=weights.tree_hash(weights.file_hashes(checkpoint)))
+    ledger.grant(AGENT, "10")
+
+
+def fake_code_repo(tmp_path: Path, body: str) -> Path:
+    """A git repository whose trainers.entrypoint is `body`: a stand-in trainer."""
+    repo = tmp_path / "fake-code"
+    (repo / "trainers").mkdir(parents=True)
+    (repo / "trainers" / "__init__.py").write_text("")
+    (repo / "trainers" / "entrypoint.py").write_text(textwrap.dedent(body))
+    for cmd in (["init", "-q"], ["add", "-A"],
+                ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "fake"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True)
+    return repo
+
+
+# A stand-in trainer: writes a checkpoint and result.json with METRICS in a blink.
+STAND_IN_TRAINER = """
+    import json, sys, pathlib
+    m = json.load(open(sys.argv[1]))
+    out = pathlib.Path(m["output_dir"])
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "best_model.pt").write_bytes(json.dumps(m["training"]).encode())
+    print("trained", flush=True)
+    json.dump({"status": "ok", "metrics": METRICS, "checkpoint": {"dir": "checkpoint"}},
+              open(out / "result.json", "w"))
+"""
+
+
+# --- a registry for dry runs: the pilot's parent and dataset ids, a clean scratch repository ------
+
+PILOT_PARENT, PILOT_DATASET = "model-scgpt-cbmc-base", "dataset-geo-GSE100866"
+
+
+def pilot_dry_run_registry(tmp_path: Path, monkeypatch) -> Path:
+    """The pilot's parent (no weights: dry runs never read them) and the CBMC dataset with its
+    real citation, agent a1 with 10 credits, and a one-commit repository as the code to pin."""
+    import git
+
+    from runner.jobs.datasets import builtin_citation
+    from runner.registry import catalog, ledger
+
+    path = tmp_path / "code"
+    repo = git.Repo.init(path, initial_branch="main")
+    (path / "train.py").write_text("print('train')\n")
+    repo.index.add(["train.py"])
+    who = git.Actor("t", "t@example.org")
+    repo.index.commit("initial", author=who, committer=who)
+    monkeypatch.setenv("FORGE_CODE_REPO", str(path))
+    catalog.register_model(artifact_id=PILOT_PARENT, title="scGPT CBMC base", created_by="test",
+                           metadata={"family": "scgpt", "framework": "scgpt"})
+    catalog.register_dataset(PILOT_DATASET, "CBMC", builtin_citation("cbmc"))
+    ledger.grant("a1", "10")
+    return path
