@@ -21,12 +21,73 @@ from runner.errors import InvalidInput, InvalidOverride
 from runner.tools import Skill, log_tool_call
 
 SKILL_NAME = "Train Model Version"
-# What a caller may set, and which config keys the arguments set: runner.config.caller's tables
-# (ARGUMENT_KEYS, CHOICE_GROUPS, ...), shared with forge-train and the skill's input_schema.
+
+
+# --- the skill ------------------------------------------------------------------------------------
+
+_ID = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
+
+
+def _caller_schema() -> dict:
+    """What a caller may put in training_config and overrides, derived from runner.config.caller's
+    tables (the ones train_model_version and forge-train enforce), never a copy."""
+    from runner.config.caller import caller_schema
+
+    return caller_schema()
+
+
+_CALLER = _caller_schema()
+TRAIN_SKILL = Skill(
+    SKILL_NAME,
+    description=("Fine-tune a registered parent model on a registered dataset inside the "
+                 "sandbox; debits the estimate before launch and registers the result as a "
+                 "candidate model version. dry_run=true validates, composes the config, pins "
+                 "the code and estimates the cost without launching."),
+    skill_type="model_training",
+    code_path="runner.api:train_model_version",
+    input_schema={
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "required": ["parent_artifact_id", "dataset_artifact_id", "agent_id"],
+        "additionalProperties": False,
+        "properties": {
+            "parent_artifact_id": {**_ID, "description": "model artifact to start from"},
+            "dataset_artifact_id": {**_ID, "description": "dataset artifact to train on"},
+            "training_config": _CALLER["training_config"],
+            "overrides": _CALLER["overrides"],
+            "agent_id": {"type": "string",
+                         "pattern": r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"},
+            "wall_time_cap_min": {"type": "integer", "minimum": 1, "default": 120},
+            "vram_cap_gb": {"type": "integer", "minimum": 1, "default": 24},
+            "devices": {"type": ["integer", "null"], "minimum": 1},
+            "device": {"type": ["string", "null"], "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                       "description": "auto, cpu, h100, h200, ..."},
+            "dry_run": {"type": "boolean", "default": False},
+            "allow_dirty": {"type": "boolean", "default": False},
+            "mlflow_parent_run_id": {"type": ["string", "null"],
+                                     "description": "MLflow run to nest this job's run under "
+                                                    "(sweeps set it)"},
+            "code_commit": {"type": ["string", "null"], "pattern": "^[0-9a-f]{7,40}$",
+                            "description": "run this commit of the code instead of HEAD "
+                                           "(sweeps pin once for all their jobs)"},
+        },
+    },
+    example_input={
+        "parent_artifact_id": "model-scgpt-cbmc-base",
+        "dataset_artifact_id": "dataset-geo-GSE100866",
+        "agent_id": "a1",
+        "overrides": ["training=finetune_celltype", "training.lr=1e-4"],
+        "wall_time_cap_min": 120,
+        "vram_cap_gb": 24,
+        "dry_run": True,
+    },
+)
+SKILLS = (TRAIN_SKILL,)  # what `forge db upgrade` and `forge tools register` write
 
 
 # --- the call -------------------------------------------------------------------------------------
 
+@log_tool_call(TRAIN_SKILL)
 def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
                         training_config: dict | None = None, agent_id: str | None = None,
                         wall_time_cap_min: int = 120, vram_cap_gb: int = 24,
@@ -90,67 +151,3 @@ def nest_training_config(training_config: Any) -> Any:
             fix='pass training settings flat ({"lr": 1e-4}) or nested under "training" '
                 '({"training": {"lr": 1e-4}}), not both')
     return {"training": training_config}
-
-
-# --- the skill ------------------------------------------------------------------------------------
-
-_ID = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
-
-
-def _caller_schema() -> dict:
-    """What a caller may put in training_config and overrides, derived from runner.config.caller's
-    tables (the ones train_model_version and forge-train enforce), never a copy."""
-    from runner.config.caller import caller_schema
-
-    return caller_schema()
-
-
-_CALLER = _caller_schema()
-TRAIN_SKILL = Skill(
-    SKILL_NAME,
-    description=("Fine-tune a registered parent model on a registered dataset inside the "
-                 "sandbox; debits the estimate before launch and registers the result as a "
-                 "candidate model version. dry_run=true validates, composes the config, pins "
-                 "the code and estimates the cost without launching."),
-    skill_type="model_training",
-    code_path="runner.api:train_model_version",
-    input_schema={
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "type": "object",
-        "required": ["parent_artifact_id", "dataset_artifact_id", "agent_id"],
-        "additionalProperties": False,
-        "properties": {
-            "parent_artifact_id": {**_ID, "description": "model artifact to start from"},
-            "dataset_artifact_id": {**_ID, "description": "dataset artifact to train on"},
-            "training_config": _CALLER["training_config"],
-            "overrides": _CALLER["overrides"],
-            "agent_id": {"type": "string",
-                         "pattern": r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"},
-            "wall_time_cap_min": {"type": "integer", "minimum": 1, "default": 120},
-            "vram_cap_gb": {"type": "integer", "minimum": 1, "default": 24},
-            "devices": {"type": ["integer", "null"], "minimum": 1},
-            "device": {"type": ["string", "null"], "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-                       "description": "auto, cpu, h100, h200, ..."},
-            "dry_run": {"type": "boolean", "default": False},
-            "allow_dirty": {"type": "boolean", "default": False},
-            "mlflow_parent_run_id": {"type": ["string", "null"],
-                                     "description": "MLflow run to nest this job's run under "
-                                                    "(sweeps set it)"},
-            "code_commit": {"type": ["string", "null"], "pattern": "^[0-9a-f]{7,40}$",
-                            "description": "run this commit of the code instead of HEAD "
-                                           "(sweeps pin once for all their jobs)"},
-        },
-    },
-    example_input={
-        "parent_artifact_id": "model-scgpt-cbmc-base",
-        "dataset_artifact_id": "dataset-geo-GSE100866",
-        "agent_id": "a1",
-        "overrides": ["training=finetune_celltype", "training.lr=1e-4"],
-        "wall_time_cap_min": 120,
-        "vram_cap_gb": 24,
-        "dry_run": True,
-    },
-)
-SKILLS = (TRAIN_SKILL,)  # what `forge db upgrade` and `forge tools register` write
-# Audited as TRAIN_SKILL: wrapped here, below the skill it names, instead of decorated.
-train_model_version = log_tool_call(TRAIN_SKILL)(train_model_version)

@@ -127,10 +127,10 @@ def ledger_group() -> None:
 @click.option("--memo", default=None, help="Why (kept in the ledger row).")
 def ledger_grant(agent, amount, memo):
     """Credit AMOUNT (a decimal such as 10 or 2.50) to AGENT, opening its account."""
-    from runner.registry import ledger as ledger_mod
+    from runner.registry import ledger as ledger_mod, money
 
     new_balance = ledger_mod.grant(agent, amount, memo=memo)
-    click.echo(f"{agent}: balance {ledger_mod.fmt(new_balance)}")
+    click.echo(f"{agent}: balance {money.fmt(new_balance)}")
 
 
 @ledger_group.command("balance")
@@ -138,7 +138,7 @@ def ledger_grant(agent, amount, memo):
 @click.option("--json", "as_json", is_flag=True, help="Print the account row as JSON.")
 def ledger_balance(agent, as_json):
     """Print AGENT's balance."""
-    from runner.registry import ledger as ledger_mod
+    from runner.registry import ledger as ledger_mod, money
 
     if as_json:
         row = ledger_mod.account(ledger_mod.check_agent_id(agent))
@@ -146,7 +146,7 @@ def ledger_balance(agent, as_json):
             raise ledger_mod.unknown_agent(agent)
         echo_json(row)
         return
-    click.echo(ledger_mod.fmt(ledger_mod.balance(agent)))
+    click.echo(money.fmt(ledger_mod.balance(agent)))
 
 
 @ledger_group.command("reap")
@@ -156,7 +156,7 @@ def ledger_reap(as_json):
     gone from this machine. Charges the time they ran, refunds the rest, marks their MLflow
     runs FAILED. Safe to run any time, from any number of hosts at once."""
     from runner.jobs import recovery
-    from runner.registry import ledger as ledger_mod
+    from runner.registry import money
 
     reaped = recovery.reap()
     if as_json:
@@ -164,8 +164,8 @@ def ledger_reap(as_json):
         return
     for alloc in reaped:
         click.echo(f"{alloc['id']} ({alloc['agent_id']}): {alloc['failure_reason']}; charged "
-                   f"{ledger_mod.fmt(alloc['actual_cost'])}, refunded "
-                   f"{ledger_mod.fmt(alloc['refunded'])} {alloc['currency']}")
+                   f"{money.fmt(alloc['actual_cost'])}, refunded "
+                   f"{money.fmt(alloc['refunded'])} {alloc['currency']}")
     click.echo(f"reaped {len(reaped)} allocation{'' if len(reaped) == 1 else 's'}")
 
 

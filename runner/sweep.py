@@ -72,13 +72,13 @@ def job_estimate(overrides: list[str]) -> tuple[Decimal, str, str | None]:
 
     from runner.config.compose import CONFIG_NAME
     from runner.jobs import devices
-    from runner.registry import ledger
+    from runner.registry import money
 
     # Called inside the running Hydra app, whose config search path is already set up.
     composed = compose(config_name=CONFIG_NAME, overrides=overrides)
     cfg = OmegaConf.to_container(composed, resolve=True)
     _, price, _ = devices.priced(cfg)  # the device and price the job itself will get
-    amount = ledger.estimate(price, cfg["wall_time_cap_min"], cfg["devices"])
+    amount = money.estimate(price, cfg["wall_time_cap_min"], cfg["devices"])
     return amount, cfg["pricing"]["currency"], cfg["agent_id"]
 
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from helpers import count_rows
 
-from runner.registry import db, ledger, recovery
+from runner.registry import db, ledger, money, recovery
 from runner.cli import main as forge
 from runner.errors import BudgetExceeded, InvalidAmount, InvalidInput, LedgerError, UnknownAgent
 from runner.registry.schema import resource_allocations, token_accounts, token_ledger
@@ -35,24 +35,24 @@ def ledger_rows(url) -> list[dict]:
 # --- pure arithmetic ------------------------------------------------------------------------------
 
 def test_120_minutes_at_half_a_credit_per_gpu_hour_is_exactly_one():
-    amount = ledger.estimate(Decimal("0.50"), 120, 1)
+    amount = money.estimate(Decimal("0.50"), 120, 1)
     assert amount == Decimal("1.00") and str(amount) == "1.00"
-    assert ledger.estimate(0.5, 120, 1) == Decimal("1.00")  # a config float, read exactly
-    assert ledger.estimate("3.00", 60, 8) == Decimal("24.00")
-    assert ledger.estimate("0.50", 7, 1) == Decimal("0.058334")  # rounded up, 6 places
+    assert money.estimate(0.5, 120, 1) == Decimal("1.00")  # a config float, read exactly
+    assert money.estimate("3.00", 60, 8) == Decimal("24.00")
+    assert money.estimate("0.50", 7, 1) == Decimal("0.058334")  # rounded up, 6 places
 
 
 def test_charge_is_price_times_hours_times_devices():
-    assert ledger.charge("0.50", 1800, 1) == Decimal("0.25")
-    assert ledger.charge("2.50", 3600, 2) == Decimal("5.00")
-    assert ledger.charge("0.50", 0, 1) == Decimal("0.00")
+    assert money.charge("0.50", 1800, 1) == Decimal("0.25")
+    assert money.charge("2.50", 3600, 2) == Decimal("5.00")
+    assert money.charge("0.50", 0, 1) == Decimal("0.00")
 
 
 @pytest.mark.parametrize("value", [-1, 0, "0", "-0.5", "NaN", "sNaN", "inf", "-Infinity", "abc",
                                    "", None, True, 1.5, [1], "1e20", "0.0000001"])
 def test_bad_amounts_are_typed_errors_naming_the_field(value):
     with pytest.raises(InvalidAmount) as info:
-        ledger.to_amount(value, "amount")
+        money.to_amount(value, "amount")
     assert info.value.field == "amount"
 
 
@@ -60,7 +60,7 @@ def test_bad_amounts_are_typed_errors_naming_the_field(value):
                                   dict(devices=True), dict(devices=-1)])
 def test_estimate_rejects_bad_counts(caps):
     with pytest.raises(InvalidInput):
-        ledger.estimate("0.5", caps.get("wall_time_cap_min", 60), caps.get("devices", 1))
+        money.estimate("0.5", caps.get("wall_time_cap_min", 60), caps.get("devices", 1))
 
 
 # --- accounts -------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from runner.api import train_model_version
 from runner.errors import InvalidInput
 from runner.jobs import launch as launch_mod
 from runner.jobs.plan import TrainRequest, prepare
-from runner.registry import catalog, db, ledger, recovery, schema
+from runner.registry import catalog, db, ledger, money, recovery, schema
 
 NEW_BASE = "model-scgpt-test-scratch"
 
@@ -87,7 +87,7 @@ def test_from_scratch_is_debited_registered_as_a_root_and_settled(registry, tmp_
 
     assert result["artifact_id"] == NEW_BASE and result["parent_artifact_id"] is None
     assert result["version_number"] == 1 and result["lifecycle_state"] == "active"
-    assert ledger.balance(AGENT) == before - ledger.to_amount(result["cost"]["actual"])
+    assert ledger.balance(AGENT) == before - money.to_amount(result["cost"]["actual"])
     with db.get_engine(registry).connect() as conn:
         alloc = conn.execute(sa.select(schema.resource_allocations)).mappings().one()
     assert alloc["status"] == "settled" and alloc["artifact_id"] == NEW_BASE

@@ -85,7 +85,7 @@ def priced(resolved: dict) -> tuple[Device | None, Decimal, ForgeError | None]:
     """The one device rule: (the device this host gives the job, its price per device-hour,
     why it cannot have one). The price is the device's row of pricing.per_device, else the
     default price; without a device (it is unavailable), the requested device's row."""
-    from runner.registry import ledger
+    from runner.registry import money
 
     pricing = resolved["pricing"]
     try:
@@ -94,7 +94,7 @@ def priced(resolved: dict) -> tuple[Device | None, Decimal, ForgeError | None]:
         device, problem = None, exc
     key = device.price_key if device is not None else resolved["device"]
     if key in pricing["per_device"]:
-        price = ledger.to_price(pricing["per_device"][key], f"pricing.per_device.{key}")
+        price = money.to_price(pricing["per_device"][key], f"pricing.per_device.{key}")
     else:
-        price = ledger.to_price(pricing["price_per_hour"], "pricing.price_per_hour")
+        price = money.to_price(pricing["price_per_hour"], "pricing.price_per_hour")
     return device, price, problem

@@ -119,7 +119,7 @@ def prepare(req: TrainRequest) -> Plan:
     from runner.errors import CodePinError
     from runner.jobs import codepin, devices
     from runner.jobs.job import disk_problem  # FORGE_HOME below registry.min_free_gb
-    from runner.registry import ledger
+    from runner.registry import ledger, money
     from runner.tools import audit_to
 
     _validate_arguments(req)
@@ -141,9 +141,9 @@ def prepare(req: TrainRequest) -> Plan:
         problems.append(problem)
     plan = Plan(request=req, config=cfg, resolved=resolved, db_url=db_url,
                 currency=resolved["pricing"]["currency"], price_per_hour=price,
-                hours=ledger.round_money(Decimal(resolved["wall_time_cap_min"]) / 60),
+                hours=money.round_money(Decimal(resolved["wall_time_cap_min"]) / 60),
                 devices=resolved["devices"],
-                estimate=ledger.estimate(price, resolved["wall_time_cap_min"],
+                estimate=money.estimate(price, resolved["wall_time_cap_min"],
                                          resolved["devices"]),
                 parent=parent, dataset=dataset, device=device, problems=problems)
     _check_policy(resolved, problems)

@@ -12,7 +12,8 @@ runner.api or runner.tools.
               registration (`register_dataset`, `register_model`, `register_trained_version`
               with its world_model_improvements and events rows)
     schemas/  the JSON Schemas the catalog validates metadata and citations against
-    ledger    credits: amounts, accounts, grant, reserve (debit before launch), mark_running,
+    money     exact amounts, prices, rounding, `estimate` and `charge` (no database)
+    ledger    credits: accounts, grant, reserve (debit before launch), mark_running,
               settle and cancel, each exactly once
     recovery  heartbeats, expiry, `reap` (settle the dead, exactly once), `settle_retrying`,
               and `check`, the books' invariant
