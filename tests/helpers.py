@@ -28,7 +28,7 @@ def _find_pg_url() -> str | None:
         with engine.connect():
             pass
         return DEFAULT_PG_URL
-    except Exception:
+    except (sa.exc.SQLAlchemyError, ImportError):
         return None
 
 

@@ -49,6 +49,7 @@ def _mlflow_run(run_id: str):
     return tracking.client(uri).get_run(run_id), tracking.client(uri)
 
 
+@pytest.mark.slow
 def test_real_finetune_registers_a_linked_candidate(registry, committed_code, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,

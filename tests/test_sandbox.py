@@ -94,12 +94,62 @@ def test_no_network(probe):
     assert report["unix_socketpair"] == "ok"  # multiprocessing still works
 
 
-def test_host_postgres_is_reachable_outside(probe):
-    """Makes test_no_network meaningful: the same address answers on the host."""
+def test_host_servers_answer_the_host_but_not_the_job(tmp_path):
+    """Real servers on the host, on 127.0.0.1 and on an abstract unix socket (which AF_UNIX,
+    allowed for multiprocessing, could reach if the jail shared the host's network namespace),
+    answer the host (the control) and are never reached from the jail."""
+    import socketserver
+    import threading
+
+    class Greeter(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.server.peers.append(self.client_address)
+            self.request.sendall(b"hello\n")
+
+    servers = {"tcp": socketserver.TCPServer(("127.0.0.1", 0), Greeter),
+               "unix": socketserver.UnixStreamServer(f"\0forge-test-{uuid.uuid4().hex}", Greeter)}
+    threads = []
+    for server in servers.values():
+        server.peers = []
+        threads.append(threading.Thread(target=server.serve_forever, args=(0.05,)))
+        threads[-1].start()
+    addresses = {"tcp": list(servers["tcp"].server_address),
+                 "unix": servers["unix"].server_address.decode()}  # leading NUL: abstract
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "dial.py").write_text(
+        "import json, socket, sys\n"
+        "def dial(family, address):\n"
+        "    try:\n"
+        "        with socket.socket(family) as s:\n"
+        "            s.settimeout(2)\n"
+        "            s.connect(tuple(address) if family == socket.AF_INET else address)\n"
+        "            return 'ok: ' + s.recv(16).decode()\n"
+        "    except Exception as exc:\n"
+        "        return f'{type(exc).__name__}: {exc}'\n"
+        "a = json.loads(sys.argv[1])\n"
+        "json.dump({'tcp': dial(socket.AF_INET, a['tcp']), 'unix': dial(socket.AF_UNIX, a['unix'])},\n"
+        "          open('/job/out/dial.json', 'w'))\n")
     try:
-        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
-    except OSError:
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432 on this host")
+        for kind, server in servers.items():  # the control: each server answers the host
+            with socket.socket(server.address_family) as s:
+                s.settimeout(2)
+                s.connect(server.server_address)
+                assert s.recv(16) == b"hello\n", kind
+        job = SandboxJob(module="dial", args=[json.dumps(addresses)], code_dir=code,
+                         output_dir=tmp_path / "out", log_path=tmp_path / "job.log",
+                         wall_time_cap_s=30, grace_s=1, on_line=lambda line: None)
+        result = gpu_launch(job)
+    finally:
+        for server, thread in zip(servers.values(), threads):
+            server.shutdown()
+            thread.join()
+            server.server_close()
+    assert result.reason == "ok", (tmp_path / "job.log").read_text()
+    dialled = read_out(tmp_path, "dial.json")
+    assert not any(outcome.startswith("ok") for outcome in dialled.values()), dialled
+    # Each server saw the host's own connection and nothing from the jail.
+    assert [len(server.peers) for server in servers.values()] == [1, 1]
 
 
 def test_writes_outside_job_out_fail(probe):
@@ -250,6 +300,7 @@ def test_exit_reasons(tmp_path, args, code, reason):
 # --------------------------------------------------------------------------- a real job
 
 
+@pytest.mark.slow
 def test_torch_training_job_completes(tmp_path):
     (tmp_path / "manifest.json").write_text('{"seed": 0}')
     lines: list[str] = []

@@ -139,6 +139,7 @@ def test_memory_over_cap_in_one_process_is_refused_or_oom(tmp_path):
         assert [r["held_mib"] for r in _memory_report(tmp_path)] == [pytest.approx(448, abs=64)]
 
 
+@pytest.mark.slow
 def test_torch_trains_under_the_default_memory_cap(tmp_path):
     (tmp_path / "manifest.json").write_text('{"seed": 0}')
     job = make_job(tmp_path, "train", "5", inputs={"manifest.json": tmp_path / "manifest.json"})

@@ -81,6 +81,7 @@ def test_budget_gate_refuses_a_sweep_that_does_not_fit(sqlite_registry):
     assert ledger.balance("poor-agent") == Decimal("0.1")
 
 
+@pytest.mark.slow
 def test_grid_sweep_registers_four_linked_candidates(sqlite_registry, committed_code,
                                                      monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
@@ -104,6 +105,7 @@ def test_grid_sweep_registers_four_linked_candidates(sqlite_registry, committed_
     assert recovery.check() == []
 
 
+@pytest.mark.slow
 def test_fit_budget_runs_what_fits_and_records_the_rest(sqlite_registry, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
     ledger.grant("half-agent", "0.2")  # a 5-minute job (0.041667) fits, a 60-minute one (0.50) not
@@ -145,6 +147,7 @@ class CommitEachJob(Callback):
 """
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_the_commit_pinned_at_its_start(sqlite_registry, tmp_path, monkeypatch):
     import git
 
@@ -183,6 +186,7 @@ def test_a_dirty_tree_refuses_the_sweep_before_any_job(sqlite_registry, tmp_path
     assert count_rows(sqlite_registry) == before
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
     proc = sweep("hydra/launcher=submitit_local")
@@ -199,6 +203,7 @@ def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tmp_path, monkeyp
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_eight_concurrent_jobs_on_postgresql(pg_registry, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
     proc = forge_train("-m", f"agent_id={AGENT}", *PARENT_ARGS, "wall_time_cap_min=5",

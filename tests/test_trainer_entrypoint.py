@@ -74,6 +74,7 @@ def pretrained(tmp_path_factory, cbmc):
     return tmp / "out", result, log
 
 
+@pytest.mark.slow
 def test_pretrain_writes_result_checkpoint_and_mlflow(pretrained):
     out, result, log = pretrained
     assert result["status"] == "ok" and result["device"] == "cpu"
@@ -88,6 +89,7 @@ def test_pretrain_writes_result_checkpoint_and_mlflow(pretrained):
     assert re.search(r"epoch 2/2 step 4/4 loss [0-9.]+ [0-9]+ cells/s eta 0s", log), log
 
 
+@pytest.mark.slow
 def test_finetune_from_parent_standalone(pretrained, cbmc, tmp_path):
     from trainers.scgpt.model import load_checkpoint
 
@@ -120,6 +122,7 @@ def test_finetune_from_parent_standalone(pretrained, cbmc, tmp_path):
     assert any(p["key"].startswith("test_f1/") for p in stream)  # per-class F1
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(cbmc, tmp_path):
     results = []
     for i in range(2):
@@ -132,6 +135,7 @@ def test_same_seed_same_metrics(cbmc, tmp_path):
     assert a["checkpoint"]["files"]["best_model.pt"] == b["checkpoint"]["files"]["best_model.pt"]
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_exits_3_nan_loss(cbmc, tmp_path):
     code, log, result = _run(_manifest(tmp_path / "out", cbmc, lr=1e30), tmp_path)
     assert code == EXIT_NAN, log
@@ -146,6 +150,7 @@ def test_invalid_manifest_exits_2_naming_the_field(cbmc, tmp_path):
     assert result["reason"] == "invalid_manifest" and result["field"] == "training.lr"
 
 
+@pytest.mark.slow
 def test_parent_mismatch_and_vocab_without_overlap_exit_2(pretrained, cbmc, tmp_path):
     parent = pretrained[0] / "checkpoint"
     path = tmp_path / "m.json"
@@ -173,6 +178,7 @@ def test_out_of_memory_is_recognised():
     assert not _is_oom(RuntimeError("shape mismatch"))
 
 
+@pytest.mark.slow
 def test_h5ad_with_scgpt_default_vocab_drops_unknown_genes(tmp_path):
     h5ad = fetch("pbmc68k_reduced") / "10x_pbmc68k_reduced.h5ad"
     vocab = fetch("scgpt_default_vocab") / "default_gene_vocab.json"
@@ -200,6 +206,7 @@ def test_auto_precision_follows_the_cpu(flags, expected):
     assert _precision("32", "cpu", "flags : amx_bf16") == "32"  # an explicit choice stands
 
 
+@pytest.mark.slow
 def test_split_seed_holds_the_split_while_the_seed_varies(cbmc, tmp_path):
     def run(name: str, seed: int, **training) -> dict:
         raw = {**_manifest(tmp_path / name, cbmc, **training), "seed": seed}
