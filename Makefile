@@ -1,11 +1,12 @@
-# Two entry points: `make demo` runs the main job, `make test` runs the whole suite.
+# `make demo` runs the main job, `make test` runs the whole suite, `make lint` checks the
+# import contracts in pyproject.toml (lint-imports).
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export MLFLOW_ALLOW_FILE_STORE := true
 
-.PHONY: demo test install
+.PHONY: demo test lint install
 
 install: $(STAMP)
 
@@ -24,3 +25,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
+
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
