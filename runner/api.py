@@ -17,7 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from runner.config.caller import caller_schema
+from runner.config.schema import _schema_keys
 from runner.errors import InvalidInput, InvalidOverride
+from runner.jobs.launch import launch
+from runner.jobs.plan import TrainRequest, prepare
 from runner.tools import Skill, log_tool_call
 
 SKILL_NAME = "Train Model Version"
@@ -31,8 +35,6 @@ _ID = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
 def _caller_schema() -> dict:
     """What a caller may put in training_config and overrides, derived from runner.config.caller's
     tables (the ones train_model_version and forge-train enforce), never a copy."""
-    from runner.config.caller import caller_schema
-
     return caller_schema()
 
 
@@ -109,8 +111,6 @@ def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
     With `dry_run=True`, returns {would_launch, reasons, estimate, config, code, sandbox,
     balance, request_key, ...} and launches nothing.
     """
-    from runner.jobs.plan import TrainRequest, prepare
-
     if kw:
         raise InvalidInput(f"unknown arguments: {', '.join(sorted(kw))}",
                            field=min(kw), fix="see the skill's input_schema")
@@ -124,8 +124,6 @@ def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
         return plan.dry_run_result()
     if plan.problems:
         raise plan.problems[0]
-    from runner.jobs.launch import launch
-
     return launch(plan)
 
 
@@ -136,8 +134,6 @@ def nest_training_config(training_config: Any) -> Any:
 
     A dict whose keys are all config-root keys (`training`, `parent`, ...) is already nested;
     a mix of both is ambiguous and refused. Anything else is left for validation to refuse."""
-    from runner.config.schema import _schema_keys
-
     if not isinstance(training_config, dict) or not training_config:
         return training_config
     root = set(_schema_keys(""))

@@ -41,6 +41,7 @@ def db() -> None:
 @click.option("--url", default=None, help="Database URL (default: FORGE_DB_URL or outputs/forge.db).")
 def db_upgrade(url):
     """Create or migrate every registry table and write the skills rows (idempotent)."""
+    # lazy: runner.api and the registry (~350 ms) stay out of `forge --help`
     from runner.api import SKILLS
     from runner.registry import db as dbmod
     from runner.tools import register_tools
@@ -60,6 +61,7 @@ def models() -> None:
 @click.argument("artifact_id")
 def models_show(artifact_id):
     """Print a model artifact with its model_versions row and links."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
     from runner.registry import catalog
 
     model = catalog.get_model_version(artifact_id)
@@ -71,6 +73,7 @@ def models_show(artifact_id):
 @click.argument("artifact_id")
 def lineage_cmd(artifact_id):
     """Show the version chain from the root model down to ARTIFACT_ID as a tree."""
+    # lazy: rich (~40 ms) and the registry's SQLAlchemy (~150 ms) stay out of `forge --help`
     from rich.console import Console
     from rich.tree import Tree
 
@@ -95,12 +98,14 @@ def datasets() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def datasets_list(as_json):
     """List registered datasets with their citations."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
     from runner.registry import catalog
 
     rows = catalog.list_artifacts("dataset")
     if as_json:
         echo_json(rows)
         return
+    # lazy: rich (~40 ms) stays out of `forge --help`
     from rich.console import Console
     from rich.table import Table
 
@@ -127,6 +132,7 @@ def ledger_group() -> None:
 @click.option("--memo", default=None, help="Why (kept in the ledger row).")
 def ledger_grant(agent, amount, memo):
     """Credit AMOUNT (a decimal such as 10 or 2.50) to AGENT, opening its account."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
     from runner.registry import ledger as ledger_mod, money
 
     new_balance = ledger_mod.grant(agent, amount, memo=memo)
@@ -138,6 +144,7 @@ def ledger_grant(agent, amount, memo):
 @click.option("--json", "as_json", is_flag=True, help="Print the account row as JSON.")
 def ledger_balance(agent, as_json):
     """Print AGENT's balance."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
     from runner.registry import ledger as ledger_mod, money
 
     if as_json:
@@ -155,6 +162,7 @@ def ledger_reap(as_json):
     """Settle dead allocations as failed: open past their expiry, or whose host process is
     gone from this machine. Charges the time they ran, refunds the rest, marks their MLflow
     runs FAILED. Safe to run any time, from any number of hosts at once."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
     from runner.jobs import recovery
     from runner.registry import money
 
@@ -172,6 +180,7 @@ def ledger_reap(as_json):
 @ledger_group.command("check")
 def ledger_check():
     """Verify the books balance and nothing is overdue; exit 1 and list the problems if not."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
     from runner.registry import recovery
 
     problems = recovery.check()
@@ -192,6 +201,7 @@ def tools_group() -> None:
 @tools_group.command("register")
 def tools_register():
     """Write the skills rows (Train Model Version, ...); safe to re-run."""
+    # lazy: runner.api and the registry (~350 ms) stay out of `forge --help`
     from runner.api import SKILLS
     from runner.tools import register_tools
 

@@ -27,8 +27,14 @@ from decimal import Decimal
 from rich.console import Console
 
 from runner import settings
+from runner.api import SKILLS, train_model_version
+from runner.config.compose import compose_config, to_plain
 from runner.errors import ForgeError, NotFound
+from runner.jobs.datasets import BUILTINS, builtin_citation
+from runner.jobs.launch import launch
+from runner.jobs.plan import TrainRequest, prepare
 from runner.registry import catalog, db, ledger
+from runner.tools import register_tools
 
 AGENT = "demo-agent"
 BASE_ID = "model-scgpt-cbmc-base"
@@ -58,8 +64,6 @@ console = Console(stderr=True)
 
 
 def register_datasets() -> None:
-    from runner.jobs.datasets import BUILTINS, builtin_citation
-
     for artifact_id, (source, title) in DATASETS.items():
         spec = BUILTINS[source]  # how to load it is part of the record, like its citation
         loader = {"source": source, "format": spec.format,
@@ -79,9 +83,6 @@ def fund_agent() -> None:
 def ensure_base(profile: Profile) -> dict:
     """Version 1: trained from scratch once, on the same path as every job (plan, debit,
     sandbox, MLflow run, registration, settlement), then reused."""
-    from runner.jobs.launch import launch
-    from runner.jobs.plan import TrainRequest, prepare
-
     try:
         return catalog.get_artifact(profile.base_id)
     except NotFound:
@@ -98,10 +99,6 @@ def ensure_base(profile: Profile) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runner.api import SKILLS, train_model_version
-    from runner.tools import register_tools
-    from runner.config.compose import compose_config, to_plain
-
     args = sys.argv[1:] if argv is None else argv
     name = args[0] if args else "full"
     if name not in PROFILES:

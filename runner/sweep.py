@@ -19,12 +19,21 @@ and retries failed ones.
 
 from __future__ import annotations
 
+import itertools
 import json
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from runner.config.compose import CONFIG_NAME
+from runner.errors import BudgetExceeded, CodePinError
+from runner.jobs import codepin, devices, tracking
+from runner.registry import ledger, money
 
 SWEEP_FILE = "forge_sweep.json"
 
@@ -45,8 +54,6 @@ def expand_jobs(config) -> list[list[str]]:
     cartesian product of each key's values, the first key slowest (as Hydra's BasicSweeper
     does; built on the public override parser, not its internals). Only discrete sweeps
     reach here: the basic sweeper refuses the others before any job starts."""
-    import itertools
-
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     params = config.hydra.sweeper.get("params") or {}
@@ -68,11 +75,6 @@ def n_trials(config) -> int | None:
 def job_estimate(overrides: list[str]) -> tuple[Decimal, str, str | None]:
     """(estimate, currency, agent) of one job, from its composed config alone."""
     from hydra import compose
-    from omegaconf import OmegaConf
-
-    from runner.config.compose import CONFIG_NAME
-    from runner.jobs import devices
-    from runner.registry import money
 
     # Called inside the running Hydra app, whose config search path is already set up.
     composed = compose(config_name=CONFIG_NAME, overrides=overrides)
@@ -91,11 +93,6 @@ class SweepCallback(Callback):
     # --- before any job -------------------------------------------------------------------
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
-        from rich.console import Console
-
-        from runner.registry import ledger
-        from runner.errors import BudgetExceeded
-
         console = Console(stderr=True)
         self.fit_budget = bool(config.fit_budget)
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -137,8 +134,6 @@ class SweepCallback(Callback):
         print_summary(outcomes, dry_run=bool(config.dry_run))
         (sweep_dir / self.summary_file).write_text(json.dumps(outcomes, indent=2, default=str))
         if self.parent_run_id:
-            from runner.jobs import tracking
-
             client = tracking.client(config.tracking.tracking_uri)
             client.log_dict(self.parent_run_id, outcomes, "sweep_summary.json")
             ok = sum(o["status"] == "ok" for o in outcomes)
@@ -150,9 +145,6 @@ class SweepCallback(Callback):
 
 def _pin_sweep_code(allow_dirty: bool) -> str | None:
     """HEAD's sha for every job; None when the tree is dirty and allowed (jobs pin it)."""
-    from runner.jobs import codepin
-    from runner.errors import CodePinError
-
     try:
         pin = codepin.pin_code()
     except CodePinError as exc:
@@ -163,8 +155,6 @@ def _pin_sweep_code(allow_dirty: bool) -> str | None:
 
 
 def _open_parent_run(config, jobs: list[list[str]]) -> str:
-    from runner.jobs import tracking
-
     track = config.tracking
     client = tracking.client(track.tracking_uri)
     exp_id = tracking.experiment_id(client, track.experiment_name, Path(track.artifact_root))
@@ -194,9 +184,6 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 
 def print_summary(outcomes: list[dict], dry_run: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="sweep dry run" if dry_run else "sweep summary")
     for column in ("job", "overrides", "status", "metric", "cost", "artifact"):
         table.add_column(column, overflow="fold")

@@ -24,6 +24,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from omegaconf import OmegaConf
+
+from runner.registry import audit
+
 log = logging.getLogger(__name__)
 
 _audit_url: ContextVar[str | None] = ContextVar("forge_audit_url", default=None)
@@ -55,8 +59,6 @@ class Skill:
 def register_tools(skills: Iterable[Skill], *, conn=None) -> list[dict]:
     """Write `skills` to the `skills` table; re-running updates them and keeps times_used.
     Returns them as rows (dicts), with the id each has in the table."""
-    from runner.registry import audit
-
     return audit.register_skills([dataclasses.asdict(s) for s in skills], conn=conn)
 
 
@@ -110,8 +112,6 @@ def _record(skill: Skill, signature: inspect.Signature, args: tuple, kwargs: dic
             to_dict = getattr(error, "to_dict", None)
             if callable(to_dict):
                 row["output_summary"] = jsonable(to_dict())
-        from runner.registry import audit
-
         audit.record_call(skill.name, row, url=_audit_url.get())
     except Exception as exc:  # noqa: BLE001 - auditing must not change the call's outcome
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -169,8 +169,6 @@ def jsonable(value: Any, depth: int = 0) -> Any:
         return jsonable(dataclasses.asdict(value), depth + 1)
     module = type(value).__module__ or ""
     if module.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
         try:
             return jsonable(OmegaConf.to_container(value, resolve=True), depth + 1)
         except Exception:  # noqa: BLE001 - an unresolvable config is recorded as written

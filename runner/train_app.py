@@ -30,6 +30,15 @@ import sys
 from contextlib import contextmanager
 from typing import NamedTuple
 
+from omegaconf.errors import OmegaConfBaseException
+
+from runner.api import train_model_version
+from runner.config import caller, compose, options, schema
+from runner.config.overrides import parse_overrides
+from runner.errors import ForgeError, InvalidOverride
+from runner.tools import jsonable
+from trainers.manifest import PRIMARY_METRIC
+
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_WOULD_NOT_LAUNCH = 0, 1, 2, 3
 
 
@@ -46,9 +55,6 @@ def main() -> None:
 
 def run(argv: list[str]) -> int:
     """Run forge-train with `argv`; returns the exit code."""
-    from runner.config import caller, compose
-    from runner.errors import ForgeError
-
     try:
         if argv and all(not a.startswith("-") for a in argv):
             overrides = caller.cli_overrides(argv)
@@ -74,8 +80,6 @@ def _hydra_flags(argv: list[str]) -> tuple[list[str], bool, list[str]]:
     """Hydra's command line -> (the flags to pass on, multirun, the override strings)."""
     from hydra._internal.utils import get_args_parser
 
-    from runner.errors import InvalidOverride
-
     args = get_args_parser().parse_args(argv)
     for dest, flag in REFUSED_FLAGS.items():
         if getattr(args, dest):
@@ -98,10 +102,6 @@ def execute(cfg, *, under_hydra: bool = True) -> Outcome:
     leaves a `forge_job.json` outcome for the sweep summary; a failing job is recorded
     there and does not stop the others.
     """
-    from runner.api import train_model_version
-    from runner.errors import ForgeError
-    from runner.tools import jsonable
-
     job = _sweep_job() if under_hydra else None  # a plain dry run never imports Hydra
     try:
         result = train_model_version(
@@ -136,7 +136,7 @@ def _sweep_job() -> dict | None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None
-    from runner import sweep
+    from runner import sweep  # lazy: sweep imports Hydra, which a plain dry run never loads
 
     record = sweep.sweep_record(hc.sweep.dir)
     return {"job": hc.job.num, "overrides": list(hc.overrides.task),
@@ -145,8 +145,7 @@ def _sweep_job() -> dict | None:
 
 
 def _record(job: dict, cfg, result: dict | None = None, error=None) -> dict:
-    from runner import sweep
-    from trainers.manifest import PRIMARY_METRIC
+    from runner import sweep  # lazy: sweep imports Hydra, which a plain dry run never loads
 
     metric_name = PRIMARY_METRIC.get(cfg.training.task)
     outcome = {"job": job["job"], "overrides": job["overrides"], "metric_name": metric_name}
@@ -174,9 +173,7 @@ def _run_hydra(flags: list[str], overrides: list[str], multirun: bool) -> int:
     """The @hydra.main app over `overrides`, which cli_overrides() has checked."""
     import hydra
 
-    from runner.config import compose, options, schema
-    from runner.config.overrides import parse_overrides
-    from runner.errors import ForgeError
+    from runner.sweep import SweepRefused  # lazy: sweep imports Hydra (as this function does)
 
     try:
         parsed = parse_overrides(overrides, allow_sweeps=multirun)
@@ -194,8 +191,6 @@ def _run_hydra(flags: list[str], overrides: list[str], multirun: bool) -> int:
         return float("nan") if outcome.metric is None else outcome.metric
 
     with _argv([*flags, *overrides]), _env("HYDRA_FULL_ERROR", "1"):
-        from runner.sweep import SweepRefused
-
         try:
             task()
         except ForgeError as exc:
@@ -211,7 +206,6 @@ def _run_hydra(flags: list[str], overrides: list[str], multirun: bool) -> int:
 
 def _is_composition_error(exc: BaseException) -> bool:
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     return isinstance(exc, (HydraException, OmegaConfBaseException))
 

@@ -21,7 +21,7 @@ from runner.config.overrides import (
     parse_overrides,
 )
 from runner.config.schema import TrainingConf, _schema_keys, training_keys
-from runner.errors import InvalidOverride
+from runner.errors import InvalidArtifactId, InvalidOverride
 from runner.registry.ids import ARTIFACT_ID
 from trainers import manifest as contract
 
@@ -183,8 +183,6 @@ def _nesting(text: str) -> int:
 def artifact_lines(group: str, artifact_id: str) -> list[str]:
     """The override lines the host writes for an artifact id (validated here, so it is safe
     inside quotes): the conf/ option describing it, when one does, and the id itself."""
-    from runner.errors import InvalidArtifactId
-
     field_name = f"{group}_artifact_id"
     if not isinstance(artifact_id, str) or not ARTIFACT_ID.match(artifact_id):
         raise InvalidArtifactId(f"{field_name} {artifact_id!r} is not a valid artifact id",

@@ -24,16 +24,22 @@ under FORGE_CACHE_DIR/compose so that a new process need not import Hydra at all
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
+import pickle
+import tempfile
 import threading
 from collections import OrderedDict
 from functools import lru_cache
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from runner import settings
 from runner.config.caller import _caller_path, _check_training_config
 from runner.config.options import _stamp, config_dir
 from runner.config.overrides import (
@@ -46,7 +52,7 @@ from runner.config.overrides import (
 )
 from runner.config.schema import _schema_keys, register_schema
 from runner.config.validate import _ABSENT, _get, validate_config
-from runner.errors import InvalidOverride
+from runner.errors import InvalidConfig, InvalidOverride
 from trainers import manifest as contract  # the schema's source: part of the cache key
 
 CONFIG_NAME = "train"
@@ -85,8 +91,6 @@ def compose_resolved(overrides: list[str] | None = None, training_config: dict |
 def merge_config(cfg: DictConfig, data: dict, source: str) -> tuple[DictConfig, dict]:
     """Merge `data` (from `source`, named in errors) into a composed config; validate. A value
     of `data` that fails validation is the source's to fix (InvalidConfig), not the caller's."""
-    from runner.errors import InvalidConfig
-
     merged = _merge(cfg, data, source)
     try:
         return merged, validate_config(merged)
@@ -137,11 +141,6 @@ def _composed(overrides: Any, writable: bool = True) -> DictConfig:
 # types, flags, keys added with '+'), read only when owned by us and writable by no one else.
 
 def _disk_cache_path(key: tuple) -> Path:
-    import hashlib
-    import json
-
-    from runner import settings
-
     digest = hashlib.sha256(json.dumps([*key, _code_stamp()]).encode()).hexdigest()
     return settings.cache_dir() / "compose" / f"{digest}.pkl"
 
@@ -151,8 +150,6 @@ def _code_stamp() -> list:
     """Versions of what composes: the modules of this package (the schema, the options, the
     override checks, this one), the trainer's contract (the schema's source), Hydra and
     OmegaConf."""
-    from importlib.util import find_spec
-
     package = sorted(str(p) for p in Path(__file__).parent.glob("*.py"))
     out = []
     for origin in (*package, contract.__file__, find_spec("hydra").origin,
@@ -164,8 +161,6 @@ def _code_stamp() -> list:
 
 def _load_composed(key: tuple) -> DictConfig | None:
     """The composed config for this key from the disk cache, on the typed schema."""
-    import pickle
-
     path = _disk_cache_path(key)
     try:
         st = os.stat(path)
@@ -179,9 +174,6 @@ def _load_composed(key: tuple) -> DictConfig | None:
 
 def _store_composed(key: tuple, cfg: DictConfig) -> None:
     """Write the composed config atomically; best effort (a cache never fails a call)."""
-    import pickle
-    import tempfile
-
     try:
         path = _disk_cache_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,8 +193,6 @@ def _compose_uncached(conf: Path, lines: list[str], parsed: list) -> DictConfig:
 
     register_schema()
     if not (conf / f"{CONFIG_NAME}.yaml").is_file():
-        from runner.errors import InvalidConfig
-
         raise InvalidConfig(f"no {CONFIG_NAME}.yaml in the config directory {conf}",
                             field="FORGE_CONFIG_DIR", reason="config_dir_missing",
                             fix="unset FORGE_CONFIG_DIR or point it at forge-runner's conf/")

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from runner import settings
+
 # The config groups of conf/ that conf/train.yaml's defaults choose from.
 GROUPS = ("parent", "dataset", "training", "sandbox", "tracking", "registry", "pricing")
 
 
 def config_dir() -> Path:
-    from runner import settings
-
     return settings.config_dir()
 
 

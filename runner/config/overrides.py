@@ -11,7 +11,12 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from runner.config.options import GROUPS, group_options, launcher_options
 from runner.config.schema import expected_type
@@ -165,8 +170,6 @@ def override_key(line: str) -> str:
 # --- what went wrong, and the fix: shared by composition, merging and validation ------------------
 
 def _problem(exc: BaseException) -> str:
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
-
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
         return "unknown_key"
     if isinstance(exc, ValidationError):

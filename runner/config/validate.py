@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from runner.config.manifest import build_manifest
 from runner.config.overrides import _first_line, _problem, override_key
 from runner.config.schema import _schema_paths
 from runner.errors import InvalidOverride
@@ -107,8 +108,6 @@ def _check_manifest(plain: dict, by_key: dict[str, str]) -> None:
     """Build the manifest the host would send for `plain` and check it with the trainer's
     own parser: what the trainer would refuse after the debit is refused here, naming the
     config key that set it."""
-    from runner.config.manifest import build_manifest
-
     try:
         contract.parse_manifest(build_manifest(plain, "dry-run", "cpu", from_parent=True))
     except contract.ManifestError as exc:

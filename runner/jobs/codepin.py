@@ -10,13 +10,19 @@ runs that commit, whatever is committed while the sweep runs.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
+import shutil
+import tarfile
+import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from runner import settings
 from runner.errors import CodePinError
+from runner.jobs.archive import extract_tar
 
 _repos: dict[str, object] = {}
 _SHA = re.compile(r"^[0-9a-f]{7,40}$")
@@ -37,8 +43,6 @@ class CodePin:
 
 
 def default_repo_path() -> Path:
-    from runner import settings
-
     return settings.code_repo()
 
 
@@ -167,13 +171,6 @@ def snapshot(pin: CodePin, root: str | Path) -> Path:
     not ignored, files as they are now. Cached under `root` by sha (+ diff digest); built in a
     temporary directory and renamed into place, so concurrent launches never see half a copy.
     """
-    import io
-    import shutil
-    import tarfile
-    import tempfile
-
-    from runner.jobs.archive import extract_tar
-
     dest = snapshot_path(pin, root)
     name, root = dest.name, dest.parent
     if dest.is_dir():

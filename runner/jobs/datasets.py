@@ -18,6 +18,8 @@ Cache layout (root: $FORGE_CACHE_DIR, else $FORGE_HOME/cache, FORGE_HOME default
 
 from __future__ import annotations
 
+import argparse
+import fcntl
 import hashlib
 import os
 import shutil
@@ -220,8 +222,6 @@ def fetch(source: str, cache: Path | None = None, sha256: str | None = None) -> 
     Concurrent fetches into one cache (parallel sweep jobs) take turns on a file lock, so
     none sees another's half-written file.
     """
-    import fcntl
-
     cache = cache or cache_root()
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".fetch.lock", "a") as lock:
@@ -283,7 +283,6 @@ def dataset_format(source: str, path: Path | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m runner.jobs.datasets SOURCE [--sha256 H]`: fetch and print the path."""
-    import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("source")
     ap.add_argument("--sha256")

@@ -17,6 +17,7 @@ from decimal import Decimal
 from functools import lru_cache
 
 from runner.errors import ForgeError
+from runner.registry import money
 
 
 class DeviceUnavailable(ForgeError):
@@ -85,8 +86,6 @@ def priced(resolved: dict) -> tuple[Device | None, Decimal, ForgeError | None]:
     """The one device rule: (the device this host gives the job, its price per device-hour,
     why it cannot have one). The price is the device's row of pricing.per_device, else the
     default price; without a device (it is unavailable), the requested device's row."""
-    from runner.registry import money
-
     pricing = resolved["pricing"]
     try:
         device, problem = resolve(resolved["device"], pricing["per_device"]), None

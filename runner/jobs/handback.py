@@ -150,13 +150,13 @@ def nesting_depth(data: bytes) -> int:
 
 @functools.cache
 def _validator():
-    import jsonschema
+    import jsonschema  # lazy: ~30 ms, not on the dry run's path
 
     schema = resources.files("runner.jobs").joinpath("result.schema.json").read_text()
     return jsonschema.Draft202012Validator(json.loads(schema))
 
 
 def _best_error(result):
-    import jsonschema
+    import jsonschema  # lazy: ~30 ms, not on the dry run's path
 
     return jsonschema.exceptions.best_match(_validator().iter_errors(result))

@@ -4,12 +4,13 @@ the launch)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from runner import settings
+from runner import sandbox, settings
 from runner.config.manifest import ENTRYPOINT
 from runner.errors import ForgeError, InvalidConfig
 from runner.jobs import codepin
@@ -90,10 +91,6 @@ def sandbox_job(plan: "Plan", *, output_dir: Path, inputs: dict[str, Path] | Non
     """The one way a plan becomes a sandbox job: the trainer entrypoint on the manifest, on
     the snapshot of the pinned code and the plan's device, with the caps and env allowlist
     of the operator's `sandbox` settings. The dry run's plan and the launch both build here."""
-    import os
-
-    from runner import sandbox
-
     resolved, box, gib = plan.resolved, plan.resolved["sandbox"], 1024**3
     code_dir = codepin.snapshot_path(plan.code, settings.cache_dir() / "code")
     device = plan.device.sandbox if plan.device is not None else "cpu"

@@ -6,6 +6,7 @@ exactly once and leaves the MLflow run FINISHED or FAILED with its reason.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import sys
 import uuid
@@ -13,14 +14,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from runner import settings
+from omegaconf import OmegaConf
+
+from runner import sandbox, settings
 from runner.errors import (Conflict, DatasetUnavailable, ForgeError, InternalError,
                            RegistrationFailed)
 from runner.config.manifest import ENTRYPOINT, build_manifest
-from runner.jobs import codepin, handback, hook, recovery, weights
+from runner.jobs import codepin, handback, hook, recovery, tracking, weights
+from runner.jobs import datasets as fetch
 from runner.jobs.job import DiskFull, clean_run_dir, disk_problem, run_dir, sandbox_job
 from runner.jobs.plan import Plan
-from runner.registry import catalog, ledger
+from runner.registry import catalog, db, ledger
 from runner.registry.recovery import Heartbeat, settle_retrying
 from trainers.manifest import PRIMARY_METRIC
 
@@ -60,8 +64,6 @@ def launch(plan: Plan, *, on_line: Callable[[str], None] | None = None) -> dict:
 def _typed(exc: BaseException, job_dir: Path) -> BaseException:
     """What the caller gets for a failed, settled launch: a ForgeError as it is; a full disk,
     a registry gone away, or any other host error, typed; an interrupt as it is."""
-    from runner.registry import db
-
     if isinstance(exc, ForgeError) or not isinstance(exc, Exception):
         return exc
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -118,9 +120,6 @@ class _Job:
             return self._run()
 
     def _run(self) -> dict:
-        from runner import sandbox
-        from runner.jobs import tracking
-
         plan, cfg = self.plan, self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         inputs = self._inputs()
@@ -193,8 +192,6 @@ class _Job:
     # --- inputs, manifest, metadata --------------------------------------------------------
 
     def _inputs(self) -> dict[str, Path]:
-        from runner.jobs import datasets as fetch
-
         codepin.snapshot(self.plan.code, settings.cache_dir() / "code")  # sandbox_job's code_dir
         inputs = {}
         if self.parent is not None:
@@ -226,8 +223,6 @@ class _Job:
     def _keep_diff(self) -> None:
         """allow_dirty: the version records HEAD, so the changes it ran on top of HEAD are
         kept as a patch (with its sha256) in the run dir and on the MLflow run."""
-        import hashlib
-
         patch = codepin.diff_patch(self.plan.code)
         path = self.run_dir / "code.diff"
         path.write_bytes(patch)
@@ -261,7 +256,6 @@ class _Job:
         retrying while the database is away is left to the reaper (`forge ledger reap`).
         """
         reason = getattr(exc, "reason", None) or type(exc).__name__
-        from runner.jobs import tracking
 
         def attempt(what: str, step) -> None:
             try:
@@ -324,8 +318,6 @@ def _trainable(cfg: dict) -> dict:
 
 
 def _yaml(cfg: dict) -> str:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_yaml(OmegaConf.create(cfg))
 
 

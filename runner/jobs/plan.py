@@ -16,8 +16,29 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from runner.errors import (CapOutOfPolicy, Conflict, ForgeError, InvalidInput, NotFound,
-                           WrongArtifactType)
+from omegaconf import DictConfig
+
+from runner import sandbox
+from runner.config import caller, compose, validate
+from runner.config.options import option_for_artifact
+from runner.config.schema import ParentConf
+from runner.config.validate import INT_MAX
+from runner.errors import (
+    CapOutOfPolicy,
+    CodePinError,
+    Conflict,
+    DatasetUnavailable,
+    ForgeError,
+    InvalidInput,
+    NotFound,
+    WrongArtifactType,
+)
+from runner.jobs import codepin, devices
+from runner.jobs.datasets import builtin_holds
+from runner.jobs.job import disk_problem, run_dir, sandbox_job
+from runner.registry import catalog, db, ledger, money
+from runner.registry.db import unavailable
+from runner.tools import audit_to
 
 # Keys of the resolved config that do not change what gets trained: left out of the
 # request key, so a retry from another machine or as a dry run maps to the same allocation.
@@ -116,12 +137,6 @@ def request_key(req: TrainRequest, config: dict, code_sha: str,
 
 def prepare(req: TrainRequest) -> Plan:
     """validate -> compose -> read the registry -> price -> pin code -> the sandbox job."""
-    from runner.errors import CodePinError
-    from runner.jobs import codepin, devices
-    from runner.jobs.job import disk_problem  # FORGE_HOME below registry.min_free_gb
-    from runner.registry import ledger, money
-    from runner.tools import audit_to
-
     _validate_arguments(req)
     cfg, resolved = _from_config(req) if req.config is not None else _compose(req)
     db_url = resolved["registry"]["db_url"]
@@ -131,8 +146,6 @@ def prepare(req: TrainRequest) -> Plan:
     derived = {group: values for group, values in _registry_values(parent, dataset).items()
                if any(resolved[group].get(k) != v for k, v in values.items())}
     if derived:  # the registry disagrees with conf/: it wins (a merge costs a validation)
-        from runner.config import compose
-
         cfg, resolved = compose.merge_config(cfg, derived, "registry")
     _check_dataset_content(resolved, dataset, problems)
 
@@ -147,7 +160,7 @@ def prepare(req: TrainRequest) -> Plan:
                                          resolved["devices"]),
                 parent=parent, dataset=dataset, device=device, problems=problems)
     _check_policy(resolved, problems)
-    if (disk := disk_problem(resolved)) is not None:
+    if (disk := disk_problem(resolved)) is not None:  # FORGE_HOME below registry.min_free_gb
         problems.append(disk)
     if account is None:
         problems.append(ledger.unknown_agent(req.agent_id))
@@ -173,8 +186,6 @@ def prepare(req: TrainRequest) -> Plan:
 
 def _validate_arguments(req: TrainRequest) -> None:
     """Malformed input raises: ids, the agent, caps, flags."""
-    from runner.registry import catalog, ledger
-
     catalog.validate_artifact_id(req.parent_artifact_id, "parent_artifact_id")
     catalog.validate_artifact_id(req.dataset_artifact_id, "dataset_artifact_id")
     ledger.check_agent_id(req.agent_id)
@@ -197,8 +208,6 @@ def _compose(req: TrainRequest):
     a caller may set, then the lines the host writes for the arguments (the parent/dataset
     options whose artifact ids match, the ids, caps and flags), as override strings so the
     composed config is memoised per distinct call."""
-    from runner.config import caller, compose
-
     caller.check_caller_overrides(req.overrides)  # the arguments, operator settings,
     caller.check_caller_dict(req.training_config)  # interpolation, over-long input
     lines = list(req.overrides or []) + caller.call_lines(
@@ -211,10 +220,6 @@ def _compose(req: TrainRequest):
 
 def _from_config(req: TrainRequest):
     """A config forge-train already composed: validate it and check it matches the call."""
-    from omegaconf import DictConfig
-
-    from runner.config import caller, compose, validate
-
     if req.overrides or req.training_config:
         raise InvalidInput("pass either config or overrides/training_config, not both",
                            field="config", fix="drop config to compose from overrides")
@@ -233,8 +238,6 @@ def _from_config(req: TrainRequest):
 
 def _read_registry(db_url, req: TrainRequest, problems: list[ForgeError]):
     """Parent, dataset and the agent's account, in one short read."""
-    from runner.registry import catalog, db, ledger
-
     with db.get_engine(db_url).connect() as conn:
         try:
             if req.from_scratch:
@@ -252,8 +255,6 @@ def _read_registry(db_url, req: TrainRequest, problems: list[ForgeError]):
 
 
 def _check_cap(value: Any, name: str) -> None:
-    from runner.config.validate import INT_MAX
-
     if isinstance(value, bool) or not isinstance(value, int):
         raise CapOutOfPolicy(f"{name} must be an integer, got {value!r}", field=name,
                              fix=f"pass {name} as a positive whole number", value=repr(value))
@@ -327,9 +328,6 @@ def _registry_values(parent: dict | None, dataset: dict | None) -> dict:
     over conf/ and are never the caller's to set. An artifact the registry says nothing about
     keeps its conf/ option's values (operator-written); a dataset with no conf/ option is
     fetched from its origin URL in its citation's format."""
-    from runner.config.options import option_for_artifact
-    from runner.config.schema import ParentConf
-
     out: dict[str, dict] = {}
     if parent is not None:
         meta = parent.get("metadata") or {}
@@ -355,9 +353,6 @@ def _check_dataset_content(resolved: dict, dataset: dict | None,
                            problems: list[ForgeError]) -> None:
     """A built-in source must hold the very file the dataset artifact's sha256 names: the
     version then records the data it really trained on."""
-    from runner.errors import DatasetUnavailable
-    from runner.jobs.datasets import builtin_holds
-
     if dataset is None:
         return
     source = resolved["dataset"]["source"]
@@ -372,8 +367,6 @@ def _check_dataset_content(resolved: dict, dataset: dict | None,
 
 
 def _raise_db_error(exc: Exception) -> None:
-    from runner.registry.db import unavailable
-
     if isinstance(exc, ForgeError):
         raise exc
     typed = unavailable(exc, "read the registry")
@@ -387,9 +380,6 @@ def _sandbox_plan(plan: Plan, problems: list[ForgeError]) -> dict:
     same job.sandbox_job() the real run uses. The job sees a snapshot of the pinned code,
     never the working tree (which may hold FORGE_HOME: the registry DB and the tracking
     store); its run dir is named after the allocation, which a dry run has not made."""
-    from runner import sandbox
-    from runner.jobs.job import run_dir, sandbox_job
-
     job = sandbox_job(plan, output_dir=run_dir("<allocation-id>") / "out")
     if plan.devices > 1:
         problems.append(ForgeError(

@@ -8,6 +8,9 @@ from __future__ import annotations
 import sys
 from datetime import datetime
 
+from runner.config.compose import compose_config, to_plain
+from runner.jobs import tracking
+from runner.jobs.job import clean_run_dir, run_dir
 from runner.registry import recovery
 
 
@@ -32,9 +35,6 @@ def _fail_runs(reaped: list[dict]) -> None:
     if not reaped:
         return
     try:
-        from runner.config.compose import compose_config, to_plain
-        from runner.jobs import tracking
-
         client = tracking.client(to_plain(compose_config())["tracking"]["tracking_uri"])
     except Exception as exc:  # noqa: BLE001 - the books are already settled
         _warn(f"could not reach MLflow to mark {len(reaped)} reaped run(s) FAILED: {exc}")
@@ -52,8 +52,6 @@ def _fail_runs(reaped: list[dict]) -> None:
 def _clean_run_dirs(reaped: list[dict]) -> None:
     if not reaped:
         return
-    from runner.jobs.job import clean_run_dir, run_dir
-
     for alloc in reaped:
         clean_run_dir(run_dir(alloc["id"]))
 

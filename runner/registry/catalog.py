@@ -45,7 +45,7 @@ def _schema(name: str) -> dict:
 
 
 def validate_json(document: Any, schema_name: str, field: str) -> None:
-    import jsonschema
+    import jsonschema  # lazy: ~30 ms, not on the dry run's path
 
     errors = sorted(jsonschema.Draft202012Validator(_schema(schema_name)).iter_errors(document),
                     key=lambda e: list(e.absolute_path))

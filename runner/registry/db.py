@@ -7,6 +7,7 @@ import functools
 import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Iterator
 
 import sqlalchemy as sa
@@ -46,8 +47,6 @@ def _engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
         path = sa.engine.make_url(url).database
         if path and path != ":memory:":
-            from pathlib import Path
-
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": 60})
 
@@ -92,7 +91,7 @@ def transaction(conn: sa.Connection | None = None, *,
 
 
 def alembic_config(url: str | None = None):
-    from alembic.config import Config
+    from alembic.config import Config  # lazy: alembic is ~150 ms, not on the dry run's path
 
     cfg = Config()
     cfg.set_main_option("script_location", "runner.registry:migrations")
@@ -104,7 +103,7 @@ def upgrade(url: str | None = None, revision: str = "head") -> str | None:
     """Bring the registry schema to `revision`; a no-op when it is already there. Tables
     only: the skills rows are the caller's (`forge db upgrade` writes runner.api.SKILLS with
     runner.tools.register_tools)."""
-    from alembic import command
+    from alembic import command  # lazy: alembic is ~150 ms, not on the dry run's path
 
     cfg = alembic_config(url)
     with get_engine(url).begin() as conn:
@@ -114,7 +113,7 @@ def upgrade(url: str | None = None, revision: str = "head") -> str | None:
 
 
 def current_revision(url: str | None = None) -> str | None:
-    from alembic.runtime.migration import MigrationContext
+    from alembic.runtime.migration import MigrationContext  # lazy: alembic, ~150 ms
 
     with get_engine(url).connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()

@@ -117,6 +117,7 @@ def grant(agent_id: str, amount: Any, *, memo: str | None = None, conn=None) -> 
 
 
 def _dialect_insert(conn):
+    # lazy: only the backend in use is loaded (postgresql's dialect is ~25 ms)
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
@@ -203,7 +204,7 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
         raise InvalidInput("request_key must be a non-empty string", field="request_key")
     window = timedelta(seconds=wall_time_cap_min * 60 + float(_seconds(margin_s, "margin_s")))
     if conn is None:
-        from runner.registry.recovery import reap  # recovery builds on this module
+        from runner.registry.recovery import reap  # lazy: recovery imports ledger (a cycle)
 
         reap()
     try:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from runner import settings
 from runner.errors import InvalidInput
 from runner.sandbox.seccomp import _SECCOMP_RULES, _describe_rule, _seccomp_program
 
@@ -272,8 +273,6 @@ def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], s
 def _protected_paths() -> list[Path]:
     """Host paths no bind may contain: FORGE_HOME (registry DB, mlflow.db, artifact store)
     and a SQLite registry file wherever FORGE_DB_URL puts it."""
-    from runner import settings  # stdlib only
-
     paths = [settings.forge_home()]
     url = settings.db_url()
     if url.startswith("sqlite") and ":///" in url:
