@@ -30,7 +30,7 @@ from click.testing import CliRunner
 from helpers import (AGENT, BASE_ID, DATASET_ID, PG_URL, STAND_IN_TRAINER, count_rows,
                       fake_code_repo)
 from runner.jobs import recovery as host_recovery
-from runner.registry import catalog, db, ledger, recovery, schema
+from runner.registry import catalog, db, ledger, money, recovery, schema
 from runner.cli import main as forge
 from runner.errors import ForgeError, LedgerError, RegistrationFailed
 
@@ -255,23 +255,28 @@ def test_a_settlement_is_retried_while_the_database_is_away(db_url, monkeypatch)
     assert recovery.check() == []
 
 
-def test_reserve_reaps_an_allocation_whose_host_process_died(db_url, monkeypatch):
-    """A host that reserved and died: after 3 missed beats, the same request runs again."""
-    ledger.grant("a1", "10")
+def test_a_launch_reaps_an_allocation_whose_host_process_died(registry, tmp_path,
+                                                             monkeypatch):
+    """A host that reserved and died: after 3 missed beats, the next launch settles it first
+    (nobody has to run the reaper), then runs with its own debit."""
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(
+        tmp_path, STAND_IN_TRAINER.replace("METRICS", OK_METRICS))))
     monkeypatch.setenv("FORGE_HEARTBEAT_S", "0.5")
     script = ("from decimal import Decimal; from runner.registry import ledger; "
-              "print(ledger.reserve('a1', Decimal('1.00'), 'same', wall_time_cap_min=120, "
+              f"print(ledger.reserve({AGENT!r}, Decimal('1.00'), 'dead', wall_time_cap_min=120, "
               "vram_cap_gb=24, price_per_hour=Decimal('0.50'))['id'])")
     host = subprocess.run([sys.executable, "-c", script],
-                          env={**os.environ, "FORGE_DB_URL": db_url},
+                          env={**os.environ, "FORGE_DB_URL": registry},
                           capture_output=True, text=True, check=True)
     dead_id = host.stdout.strip().splitlines()[-1]
     time.sleep(2.0)  # > 3 beats of 0.5 s
-    again = reserve(key="same")
-    assert again["existing"] is False and again["id"] != dead_id
+    result = train()
     dead = ledger.get_allocation(dead_id)
     assert dead["status"] == "failed" and "host process" in dead["failure_reason"]
-    assert ledger.balance("a1") == Decimal("9.00") and recovery.check() == []
+    assert dead["refunded"] == dead["debited"]  # it never ran
+    assert ledger.get_allocation(result["gpu_allocation_id"])["status"] == "settled"
+    assert ledger.balance(AGENT) == Decimal("10") - money.to_amount(result["cost"]["actual"])
+    assert recovery.check() == []
 
 
 def test_migration_0002_gives_open_allocations_an_expiry(db_url):

@@ -37,7 +37,7 @@ def launch(plan: Plan, *, on_line: Callable[[str], None] | None = None) -> dict:
     problem = disk_problem(resolved)  # before any debit: a full disk fails the job late
     if problem is not None:
         raise problem
-    recovery.reap()  # dead jobs' books, MLflow runs and run dirs; reserve would reap books only
+    recovery.reap()  # dead jobs first: their credits count, their retries may run
     alloc = ledger.reserve(
         plan.agent_id, plan.estimate, plan.request_key,
         wall_time_cap_min=resolved["wall_time_cap_min"], vram_cap_gb=resolved["vram_cap_gb"],

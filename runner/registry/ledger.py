@@ -16,7 +16,8 @@ the same request key reserves once. `settle` and `cancel` move money exactly onc
 in the UPDATE's WHERE clause makes a second call a no-op.
 
 Every allocation expires and is kept alive by its host's heartbeat; recovery.py closes the
-ones whose host is gone (`reap`, which `reserve` runs first) and checks the books (`check`).
+ones whose host is gone (`reap`, which every launch runs before it reserves) and checks the
+books (`check`).
 """
 
 from __future__ import annotations
@@ -190,9 +191,9 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
 
     The allocation expires `wall_time_cap_min` (the sandbox's grace period lies inside it)
     + `margin_s` from now, and this
-    process is its host (it must heartbeat; see `Heartbeat`). Dead allocations are reaped
-    first, in their own transactions (not when joining the caller's transaction `conn`), so a
-    request whose earlier attempt died with its host can run again.
+    process is its host (it must heartbeat; see `recovery.Heartbeat`). Reap dead allocations
+    first (`runner.jobs.launch` does, before every reserve), so that a request whose earlier
+    attempt died with its host can run again and its credits count.
     """
     check_agent_id(agent_id)
     amount = to_amount(amount, "amount", allow_zero=True)
@@ -203,10 +204,6 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
     if not isinstance(request_key, str) or not request_key:
         raise InvalidInput("request_key must be a non-empty string", field="request_key")
     window = timedelta(seconds=wall_time_cap_min * 60 + float(_seconds(margin_s, "margin_s")))
-    if conn is None:
-        from runner.registry.recovery import reap  # lazy: recovery imports ledger (a cycle)
-
-        reap()
     try:
         with transaction(conn) as c, (c.begin_nested() if conn is not None else nullcontext()):
             existing = _by_key(c, request_key)

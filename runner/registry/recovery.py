@@ -6,8 +6,8 @@ heartbeat (`heartbeat_at`, `host` = hostname:pid) that the host refreshes while 
 job (`Heartbeat`). `reap` settles every open allocation past its expiry, or whose heartbeat
 is stale and whose host process is gone from this machine, as `failed`: it charges the
 seconds the job is known to have run (start to last heartbeat, capped at the debit, as
-`settle` does) and refunds the rest, exactly once however many reapers race. It runs at the
-start of every `ledger.reserve` and from `forge ledger reap` (runner.jobs.recovery, which
+`settle` does) and refunds the rest, exactly once however many reapers race. It runs before
+every launch's reserve and from `forge ledger reap` (both through runner.jobs.recovery, which
 also fails the reaped MLflow runs and cleans their run folders); `check` reports what is
 overdue along with any imbalance in the books. `settle_retrying` is the host's settlement
 when the database may be briefly away.
