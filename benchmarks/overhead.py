@@ -51,10 +51,10 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="forge-overhead-"))
     os.environ.update(FORGE_HOME=str(home), FORGE_DB_URL=f"sqlite:///{home}/forge.db",
                       FORGE_CACHE_DIR=str(home / "cache"), MLFLOW_DISABLE_TELEMETRY="true")
-    from runner.registry import catalog, db, ledger
-    from runner.jobs import weights
     from runner.api import SKILLS, train_model_version
+    from runner.jobs import weights
     from runner.jobs.datasets import builtin_citation, fetch
+    from runner.registry import catalog, db, ledger
     from runner.tools import register_tools
 
     db.upgrade()

@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scgpt_reference import scgpt_transformer_model
 
 from runner.jobs.datasets import fetch
 from trainers.data.load import load
 from trainers.scgpt.lightning import FINETUNE, PRETRAIN, ScGPTModule
 from trainers.scgpt.model import ScGPT, ScGPTConfig
-from scgpt_reference import scgpt_transformer_model
 from trainers.scgpt.tokenize import GeneVocab, Tokenizer
 
 

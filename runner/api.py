@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from runner.config.caller import caller_schema
-from runner.config.schema import _schema_keys
+from runner.config.schema import schema_keys
 from runner.errors import InvalidInput, InvalidOverride
 from runner.jobs.launch import launch
 from runner.jobs.plan import TrainRequest, prepare
@@ -136,7 +136,7 @@ def nest_training_config(training_config: Any) -> Any:
     a mix of both is ambiguous and refused. Anything else is left for validation to refuse."""
     if not isinstance(training_config, dict) or not training_config:
         return training_config
-    root = set(_schema_keys(""))
+    root = set(schema_keys(""))
     at_root = [k for k in training_config if k in root]
     if len(at_root) == len(training_config):
         return training_config

@@ -133,7 +133,8 @@ def ledger_group() -> None:
 def ledger_grant(agent, amount, memo):
     """Credit AMOUNT (a decimal such as 10 or 2.50) to AGENT, opening its account."""
     # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
-    from runner.registry import ledger as ledger_mod, money
+    from runner.registry import ledger as ledger_mod
+    from runner.registry import money
 
     new_balance = ledger_mod.grant(agent, amount, memo=memo)
     click.echo(f"{agent}: balance {money.fmt(new_balance)}")
@@ -145,7 +146,8 @@ def ledger_grant(agent, amount, memo):
 def ledger_balance(agent, as_json):
     """Print AGENT's balance."""
     # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
-    from runner.registry import ledger as ledger_mod, money
+    from runner.registry import ledger as ledger_mod
+    from runner.registry import money
 
     if as_json:
         row = ledger_mod.account(ledger_mod.check_agent_id(agent))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 CHECKOUT = Path(__file__).resolve().parents[1]  # the repository this package runs from
 
 

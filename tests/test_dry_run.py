@@ -15,10 +15,6 @@ import sqlalchemy as sa
 from helpers import count_rows
 
 from runner import api, tools
-
-from runner.registry import catalog, db, ledger
-
-from runner.jobs import codepin
 from runner.errors import (
     CapOutOfPolicy,
     CodePinError,
@@ -26,6 +22,8 @@ from runner.errors import (
     InvalidInput,
     InvalidOverride,
 )
+from runner.jobs import codepin
+from runner.registry import catalog, db, ledger
 from runner.registry.schema import tool_calls
 
 PARENT, DATASET, OTHER_DATASET = ("model-scgpt-cbmc-base", "dataset-geo-GSE100866",

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from helpers import AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, count_rows, fake_code_repo
 
-from helpers import (AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, count_rows,
-                      fake_code_repo)
-from runner.registry import catalog, db, ledger, recovery, schema
-from runner.jobs import weights
 from runner.api import train_model_version
 from runner.errors import ForgeError, RegistrationFailed, TrainingFailed
+from runner.jobs import weights
+from runner.registry import catalog, db, ledger, recovery, schema
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["training.max_epochs=1", "training.batch_size=32", "training.max_seq_len=33",
@@ -42,8 +41,8 @@ def _rows(url: str, table: sa.Table) -> list[dict]:
 
 
 def _mlflow_run(run_id: str):
-    from runner.jobs import tracking
     from runner.config.compose import compose_config, to_plain
+    from runner.jobs import tracking
 
     uri = to_plain(compose_config())["tracking"]["tracking_uri"]
     return tracking.client(uri).get_run(run_id), tracking.client(uri)

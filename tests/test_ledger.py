@@ -14,9 +14,9 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from helpers import count_rows
 
-from runner.registry import db, ledger, money, recovery
 from runner.cli import main as forge
 from runner.errors import BudgetExceeded, InvalidAmount, InvalidInput, LedgerError, UnknownAgent
+from runner.registry import db, ledger, money, recovery
 from runner.registry.schema import resource_allocations, token_accounts, token_ledger
 
 CAPS = dict(wall_time_cap_min=120, vram_cap_gb=24, price_per_hour=Decimal("0.50"))

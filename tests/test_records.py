@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-
 from helpers import AGENT, BASE_ID, DATASET_ID, fake_code_repo, seed_registry
-from runner.registry import catalog, db, ledger, recovery, schema
-from runner.jobs import tracking
+
 from runner.api import train_model_version
 from runner.errors import TrainingFailed
+from runner.jobs import tracking
+from runner.registry import catalog, db, ledger, recovery, schema
 
 TINY = dict(agent_id=AGENT, wall_time_cap_min=5, vram_cap_gb=1)
 

@@ -26,13 +26,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from helpers import AGENT, BASE_ID, DATASET_ID, PG_URL, STAND_IN_TRAINER, count_rows, fake_code_repo
 
-from helpers import (AGENT, BASE_ID, DATASET_ID, PG_URL, STAND_IN_TRAINER, count_rows,
-                      fake_code_repo)
-from runner.jobs import recovery as host_recovery
-from runner.registry import catalog, db, ledger, money, recovery, schema
 from runner.cli import main as forge
 from runner.errors import ForgeError, LedgerError, RegistrationFailed
+from runner.jobs import recovery as host_recovery
+from runner.registry import catalog, db, ledger, money, recovery, schema
 
 REPO = Path(__file__).resolve().parents[1]
 CAPS = dict(wall_time_cap_min=120, vram_cap_gb=24, price_per_hour=Decimal("0.50"))
@@ -86,8 +85,8 @@ def train(**kw):
 
 
 def mlflow_run(run_id: str):
-    from runner.jobs import tracking
     from runner.config.compose import compose_config, to_plain
+    from runner.jobs import tracking
 
     uri = to_plain(compose_config())["tracking"]["tracking_uri"]
     return tracking.client(uri).get_run(run_id)

@@ -7,12 +7,17 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-
 from helpers import count_rows
-from runner.registry import catalog, db, schema
+
 from runner.cli import main as forge
-from runner.errors import (ForgeError, InvalidArtifactId, NotFound, SchemaViolation,
-                           WrongArtifactType)
+from runner.errors import (
+    ForgeError,
+    InvalidArtifactId,
+    NotFound,
+    SchemaViolation,
+    WrongArtifactType,
+)
+from runner.registry import catalog, db, schema
 
 SHA = "a" * 64
 CITATION = {

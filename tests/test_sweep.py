@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-
 from helpers import AGENT, BASE_ID, STAND_IN_TRAINER, count_rows, fake_code_repo
+
 from runner.registry import catalog, db, ledger, recovery, schema
 
 FORGE_TRAIN = [sys.executable, "-c", "from runner.train_app import main; main()"]
@@ -50,8 +50,8 @@ def candidates() -> list[dict]:
 
 
 def mlflow_runs() -> list:
-    from runner.jobs import tracking
     from runner.config.compose import compose_config, to_plain
+    from runner.jobs import tracking
 
     uri = to_plain(compose_config())["tracking"]["tracking_uri"]
     client = tracking.client(uri)

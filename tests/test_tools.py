@@ -10,12 +10,11 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from runner.registry import db
-
 from runner import tools
 from runner.api import SKILLS, TRAIN_SKILL
 from runner.cli import main as forge
 from runner.errors import BudgetExceeded
+from runner.registry import db
 from runner.registry.schema import skills, tool_calls
 
 SKILL = "Train Model Version"

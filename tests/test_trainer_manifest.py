@@ -132,8 +132,8 @@ def test_the_manifest_imports_without_torch_or_the_host():
 
 
 def test_exit_codes_and_the_primary_metric_are_declared_once():
-    from runner.jobs import handback, launch
     from runner import sandbox
+    from runner.jobs import handback, launch
     from trainers import entrypoint, manifest
 
     assert launch.PRIMARY_METRIC is manifest.PRIMARY_METRIC
@@ -184,9 +184,8 @@ def test_a_registry_architecture_the_trainer_refuses_is_refused_before_any_debit
     from helpers import count_rows
 
     from runner import api
-
-    from runner.registry import catalog, ledger
     from runner.errors import InvalidConfig
+    from runner.registry import catalog, ledger
 
     catalog.register_model(
         artifact_id="model-two-bins", title="two bins", created_by="test",

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from scgpt_reference import scgpt_transformer_model
 
 from trainers.scgpt.model import CheckpointError, load_checkpoint, save_checkpoint
-from scgpt_reference import scgpt_transformer_model
 from trainers.scgpt.tokenize import GeneVocab, Tokenizer
 
 CFG = {"d_model": 64, "n_heads": 4, "d_hid": 96, "n_layers": 3, "n_cls": 7}

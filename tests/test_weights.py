@@ -7,8 +7,8 @@ import tarfile
 
 import pytest
 
-from runner.jobs import weights
 from runner.errors import WeightsIntegrityError
+from runner.jobs import weights
 
 
 @pytest.fixture

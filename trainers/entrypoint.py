@@ -22,8 +22,17 @@ import traceback
 from pathlib import Path
 
 from trainers.data.load import DatasetError
-from trainers.manifest import (EXIT_ERROR, EXIT_INVALID, EXIT_NAN, EXIT_OK, EXIT_OOM, Manifest,
-                               ManifestError, load_manifest, sha256_file)
+from trainers.manifest import (
+    EXIT_ERROR,
+    EXIT_INVALID,
+    EXIT_NAN,
+    EXIT_OK,
+    EXIT_OOM,
+    Manifest,
+    ManifestError,
+    load_manifest,
+    sha256_file,
+)
 
 
 def train(m: Manifest, state: dict) -> dict:

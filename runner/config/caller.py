@@ -20,7 +20,7 @@ from runner.config.overrides import (
     override_key,
     parse_overrides,
 )
-from runner.config.schema import TrainingConf, _schema_keys, training_keys
+from runner.config.schema import TrainingConf, schema_keys, training_keys
 from runner.errors import InvalidArtifactId, InvalidOverride
 from runner.registry.ids import ARTIFACT_ID
 from trainers import manifest as contract
@@ -162,7 +162,7 @@ def _caller_key_error(key: str, line: str, *, cli: bool,
         return refuse("argument", f"{key} is set by {arg}",
                       f"give {arg}=ID" if cli else f"pass {arg}=... to train_model_version")
     root = re.split(r"[./]", key, maxsplit=1)[0]
-    if root in OPERATOR_GROUPS or root in _schema_keys(""):
+    if root in OPERATOR_GROUPS or root in schema_keys(""):
         return refuse("operator_only", f"{key} is an operator setting; callers cannot set it",
                       f"drop it (the operator sets it in conf/ or conf/local/); {CALLER_FIX}")
     return refuse("unknown_key", f"{key}: no such key", f"check the spelling; {CALLER_FIX}")
@@ -277,7 +277,7 @@ def check_caller_dict(data: Any, source: str = "training_config") -> None:
             arg = key if key in ARGUMENT_KEYS or key in CLI_KEYS else f"{key}_artifact_id"
             raise InvalidOverride(f"{source} sets {key}, an argument", field=key,
                                   problem="argument", fix=f"pass it as the {arg} argument")
-        if key in OPERATOR_GROUPS or key in _schema_keys(""):
+        if key in OPERATOR_GROUPS or key in schema_keys(""):
             raise InvalidOverride(f"{path} is an operator setting; callers cannot set it",
                                   field=path, problem="operator_only", fix=CALLER_FIX)
         raise InvalidOverride(f"{path}: no such key", field=path, problem="unknown_key",

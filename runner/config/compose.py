@@ -50,7 +50,7 @@ from runner.config.overrides import (
     check_override_list,
     parse_overrides,
 )
-from runner.config.schema import _schema_keys, register_schema
+from runner.config.schema import register_schema, schema_keys
 from runner.config.validate import _ABSENT, _get, validate_config
 from runner.errors import InvalidConfig, InvalidOverride
 from trainers import manifest as contract  # the schema's source: part of the cache key
@@ -216,7 +216,7 @@ def _merge(cfg: DictConfig, data: dict, source: str) -> DictConfig:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
         problem = _problem(exc)
-        known = _schema_keys(key.rsplit(".", 1)[0] if "." in key else "")
+        known = schema_keys(key.rsplit(".", 1)[0] if "." in key else "")
         raise InvalidOverride(
             f"{source}: {key or '(root)'}: {_first_line(exc)}",
             field=f"{source}.{key}" if key else source, problem=problem,
@@ -293,7 +293,7 @@ def explain(exc: BaseException, parsed: list) -> InvalidOverride:
     problem = _problem(oc) if oc is not None else "composition"
     if problem == "unknown_key" or "Could not override" in text:
         parent = key.rsplit(".", 1)[0] if key and "." in key else ""
-        known = _schema_keys(parent)
+        known = schema_keys(parent)
         hint = f"valid keys here: {', '.join(known)}; " if known else ""
         return InvalidOverride(
             f"{key or 'override'}: no such key in the config", override=line, field=key,

@@ -165,7 +165,7 @@ def _schema_node(path: str) -> Any:
 
 
 @lru_cache(maxsize=64)
-def _schema_keys(path: str) -> list[str]:
+def schema_keys(path: str) -> list[str]:
     node = _schema_node(path)
     return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) \
         else []

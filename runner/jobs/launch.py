@@ -17,11 +17,15 @@ from typing import Callable
 from omegaconf import OmegaConf
 
 from runner import sandbox, settings
-from runner.errors import (Conflict, DatasetUnavailable, ForgeError, InternalError,
-                           RegistrationFailed)
 from runner.config.manifest import ENTRYPOINT, build_manifest
-from runner.jobs import codepin, handback, hook, recovery, tracking, weights
-from runner.jobs import datasets as fetch
+from runner.errors import (
+    Conflict,
+    DatasetUnavailable,
+    ForgeError,
+    InternalError,
+    RegistrationFailed,
+)
+from runner.jobs import codepin, datasets, handback, hook, recovery, tracking, weights
 from runner.jobs.job import DiskFull, clean_run_dir, disk_problem, run_dir, sandbox_job
 from runner.jobs.plan import Plan
 from runner.registry import catalog, db, ledger
@@ -198,9 +202,9 @@ class _Job:
             inputs["parent"] = weights.materialize(self.parent, self.run_dir / "parent")
         data = self.cfg["dataset"]
         try:  # every fetch is checked against the artifact's own sha256
-            dataset_path = fetch.fetch(data["source"], cache=settings.cache_dir(),
+            dataset_path = datasets.fetch(data["source"], cache=settings.cache_dir(),
                                        sha256=self.dataset.get("content_hash"))
-        except (fetch.FetchError, OSError) as exc:
+        except (datasets.FetchError, OSError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise DatasetUnavailable(f"dataset {self.dataset['id']!r}: {why}",
                                      field="dataset.source",

@@ -25,9 +25,9 @@ import zipfile
 from pathlib import Path
 
 from runner import settings
+from runner.errors import NotFound, WeightsIntegrityError
 from runner.jobs.archive import UnsafeArchive, extract_tar
 from runner.registry.catalog import validate_artifact_id
-from runner.errors import NotFound, WeightsIntegrityError
 
 BLOB_INDEX = "blobs.json"
 CHUNK = 1 << 20

@@ -10,7 +10,8 @@ from typing import Iterable
 import sqlalchemy as sa
 
 from runner.registry.db import now, transaction
-from runner.registry.schema import skills as skills_table, tool_calls
+from runner.registry.schema import skills as skills_table
+from runner.registry.schema import tool_calls
 
 
 def register_skills(skills: Iterable[dict], *, conn=None) -> list[dict]:

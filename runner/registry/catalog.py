@@ -16,12 +16,17 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from runner.errors import (Conflict, InvalidArtifactId, NotFound, SchemaViolation,
-                           WrongArtifactType)
-from runner.registry.db import now, row as _row, transaction
+from runner.errors import Conflict, InvalidArtifactId, NotFound, SchemaViolation, WrongArtifactType
+from runner.registry.db import now, transaction
+from runner.registry.db import row as _row
 from runner.registry.ids import ARTIFACT_ID, SHA256
-from runner.registry.schema import (artifact_links, artifacts, events, model_versions,
-                                    world_model_improvements)
+from runner.registry.schema import (
+    artifact_links,
+    artifacts,
+    events,
+    model_versions,
+    world_model_improvements,
+)
 
 TRAINED_EVENT = "model_version_trained"
 

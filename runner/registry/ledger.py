@@ -39,7 +39,8 @@ from runner.errors import (
     NotFound,
     UnknownAgent,
 )
-from runner.registry.db import now, row as _row, transaction
+from runner.registry.db import now, transaction
+from runner.registry.db import row as _row
 from runner.registry.ids import AGENT_ID
 from runner.registry.money import _check_count, _seconds, charge, to_amount, to_price
 from runner.registry.schema import resource_allocations, token_accounts, token_ledger

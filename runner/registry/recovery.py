@@ -29,8 +29,7 @@ import sqlalchemy as sa
 from runner.errors import ForgeError
 from runner.registry import ledger
 from runner.registry.db import now, transaction
-from runner.registry.ledger import (ALLOCATION, DEBIT, FINAL_STATES, GRANT, OPEN_STATES,
-                                    REFUND)
+from runner.registry.ledger import ALLOCATION, DEBIT, FINAL_STATES, GRANT, OPEN_STATES, REFUND
 from runner.registry.schema import resource_allocations, token_accounts, token_ledger
 
 HEARTBEAT_S = 30.0  # how often the host refreshes heartbeat_at (FORGE_HEARTBEAT_S overrides)

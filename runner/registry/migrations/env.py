@@ -1,7 +1,7 @@
 """Alembic environment: runs on the connection runner.registry.db.upgrade() hands over, or on the URL."""
 
-from alembic import context
 import sqlalchemy as sa
+from alembic import context
 
 from runner.registry.schema import metadata
 

@@ -4,10 +4,10 @@ Revision ID: 0001
 Revises: (none)
 Create Date: 2026-11-28
 """
-from alembic import op
 import sqlalchemy as sa
-import runner.registry.schema
+from alembic import op
 
+import runner.registry.schema
 
 revision = '0001'
 down_revision = None

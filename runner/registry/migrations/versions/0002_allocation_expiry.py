@@ -9,9 +9,8 @@ Create Date: 2026-12-05
 """
 from datetime import timedelta, timezone
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0002'
 down_revision = '0001'
