@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m runner.demo $(DEMO)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=30
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports
