@@ -119,6 +119,19 @@ def seed_registry(checkpoint: Path) -> None:
     ledger.grant(AGENT, "10")
 
 
+def operator_conf(tmp_path: Path, monkeypatch, local_yaml: str) -> Path:
+    """A copy of conf/ with `local_yaml` as the operator's conf/local/default.yaml (a
+    `# @package _global_` file), made the config directory (FORGE_CONFIG_DIR)."""
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", conf)
+    (conf / "local").mkdir(exist_ok=True)
+    (conf / "local" / "default.yaml").write_text("# @package _global_\n" + local_yaml)
+    monkeypatch.setenv("FORGE_CONFIG_DIR", str(conf))
+    return conf
+
+
 def fake_code_repo(tmp_path: Path, body: str) -> Path:
     """A git repository whose trainers.entrypoint is `body`: a stand-in trainer."""
     repo = tmp_path / "fake-code"

@@ -7,7 +7,6 @@ scratch git repository where the trainer itself is not what is under test.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import textwrap
 from decimal import Decimal
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import AGENT, BASE_ID, DATASET_ID, fake_code_repo, seed_registry
+from helpers import AGENT, BASE_ID, DATASET_ID, fake_code_repo, operator_conf, seed_registry
 
 from runner.api import train_model_version
 from runner.errors import TrainingFailed
@@ -169,12 +168,8 @@ def _tracking_uri() -> str:
 
 def test_auto_is_priced_as_the_device_the_job_gets(registry, committed_code, tmp_path,
                                                     monkeypatch):
-    conf = tmp_path / "conf"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", conf)
-    (conf / "local").mkdir(exist_ok=True)
-    (conf / "local" / "default.yaml").write_text(
-        "# @package _global_\npricing:\n  price_per_hour: 9.0\n  per_device:\n    cpu: 0.25\n")
-    monkeypatch.setenv("FORGE_CONFIG_DIR", str(conf))
+    operator_conf(tmp_path, monkeypatch,
+                  "pricing:\n  price_per_hour: 9.0\n  per_device:\n    cpu: 0.25\n")
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
     result = train_model_version(BASE_ID, DATASET_ID, {"lr": 1e-4}, AGENT, 60, dry_run=True)
     assert result["estimate"]["device"] == "cpu"  # this host has no GPU
@@ -288,12 +283,7 @@ def test_the_dry_run_plans_the_operators_sandbox_caps(registry, committed_code, 
                                                       monkeypatch):
     """The plan is built by the same job builder as the launch, so it shows the caps the job
     will really get, not the sandbox's built-in defaults."""
-    conf = tmp_path / "conf"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", conf)
-    (conf / "local").mkdir(exist_ok=True)
-    (conf / "local" / "default.yaml").write_text(
-        "# @package _global_\nsandbox:\n  max_memory_gb: 3\n  max_output_gb: 2\n")
-    monkeypatch.setenv("FORGE_CONFIG_DIR", str(conf))
+    operator_conf(tmp_path, monkeypatch, "sandbox:\n  max_memory_gb: 3\n  max_output_gb: 2\n")
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
     caps = train_model_version(BASE_ID, DATASET_ID, None, AGENT, dry_run=True)["sandbox"]["caps"]
     assert caps["memory"]["bytes"] == 3 * 1024**3

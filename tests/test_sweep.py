@@ -9,7 +9,6 @@ measure is the orchestration under parallel load, within the CI budget.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from decimal import Decimal
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import AGENT, BASE_ID, STAND_IN_TRAINER, count_rows, fake_code_repo
+from helpers import AGENT, BASE_ID, STAND_IN_TRAINER, count_rows, fake_code_repo, operator_conf
 
 from runner.registry import catalog, db, ledger, recovery, schema
 
@@ -158,13 +157,8 @@ def test_a_sweep_runs_the_commit_pinned_at_its_start(sqlite_registry, tmp_path, 
         COMMIT_EACH_JOB.replace("REPO", repr(str(code))))
     monkeypatch.setenv("FORGE_CODE_REPO", str(code))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "cb"), *sys.path]))
-    conf = tmp_path / "conf"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", conf)
-    (conf / "local").mkdir(exist_ok=True)
-    (conf / "local" / "default.yaml").write_text(
-        "# @package _global_\nhydra:\n  callbacks:\n    commit_each_job:\n"
-        "      _target_: commit_each_job.CommitEachJob\n")
-    monkeypatch.setenv("FORGE_CONFIG_DIR", str(conf))
+    operator_conf(tmp_path, monkeypatch, "hydra:\n  callbacks:\n    commit_each_job:\n"
+                  "      _target_: commit_each_job.CommitEachJob\n")
     proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", *PARENT_ARGS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(list(git.Repo(code).iter_commits())) == 5  # HEAD moved after every job

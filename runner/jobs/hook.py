@@ -9,7 +9,7 @@ and the allocation's settlement (`ledger.settle`). Either all of it lands or non
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from runner.errors import TrainingFailed
@@ -39,7 +39,6 @@ class RunRecord:
     mlflow_run_id: str
     mlflow_model_uri: str | None = None
     changelog: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 # Bounded metrics by name: fractions live in [0, 1]; losses and errors are >= 0.

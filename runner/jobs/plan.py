@@ -37,7 +37,6 @@ from runner.jobs import codepin, devices
 from runner.jobs.datasets import builtin_holds
 from runner.jobs.job import disk_problem, run_dir, sandbox_job
 from runner.registry import catalog, db, ledger, money
-from runner.registry.db import unavailable
 from runner.tools import audit_to
 
 # Keys of the resolved config that do not change what gets trained: left out of the
@@ -369,7 +368,7 @@ def _check_dataset_content(resolved: dict, dataset: dict | None,
 def _raise_db_error(exc: Exception) -> None:
     if isinstance(exc, ForgeError):
         raise exc
-    typed = unavailable(exc, "read the registry")
+    typed = db.unavailable(exc, "read the registry")
     if typed is not None:
         raise typed from exc
     raise exc
