@@ -53,9 +53,9 @@ def train(m: Manifest, state: dict) -> dict:
     from trainers.data.load import baseline_features, load, split_cells
     from trainers.metrics_log import JsonLinesLogger
     from trainers.scgpt import evaluate
+    from trainers.scgpt.batches import CellBatches
     from trainers.scgpt.lightning import (
         FINETUNE,
-        CellBatches,
         History,
         LineProgress,
         ScGPTModule,

@@ -57,6 +57,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -64,6 +65,7 @@ from pathlib import Path
 
 MANIFEST_VERSION = 1
 TASKS = ("pretrain_mgm", "finetune_celltype")
+EVAL_TASK = "evaluate_celltype"  # the eval gate's job (EvalManifest), not a training task
 DEVICES = ("cpu", "cuda", "auto")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "auto")  # auto: bf16 where it is fast
 DATASET_FORMATS = ("cbmc_mat", "h5ad", "mat", "csv")
@@ -166,6 +168,45 @@ class Manifest:
         return asdict(self)
 
 
+@dataclass
+class SplitSpec:
+    """The held-out cells to evaluate on: the candidate's split, rebuilt from its seed and
+    fractions, and refused unless its test cells hash to `test_sha256`."""
+    seed: int
+    val_fraction: float
+    test_fraction: float
+    test_sha256: str
+
+
+@dataclass
+class EvalManifest:
+    """The eval gate's job: predict the test cells of `split` with each checkpoint folder in
+    `models` (name -> folder: candidate, parent, champion). Tokenisation repeats the
+    candidate's test pass (seed, max_seq_len, eval_batch_size, include_zero_gene), so every
+    model sees the same cells drawn the same way. Writes predictions.json and result.json."""
+    output_dir: str
+    dataset: DatasetSpec
+    split: SplitSpec
+    models: dict[str, str]
+    manifest_version: int = MANIFEST_VERSION
+    task: str = EVAL_TASK
+    seed: int = 0
+    device: str = "auto"
+    vram_cap_gb: float | None = None
+    num_threads: int | None = None
+    max_seq_len: int = 257
+    eval_batch_size: int = 128
+    include_zero_gene: bool = False
+    precision: str = "auto"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MODEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MAX_EVAL_MODELS = 4
+
+
 def sha256_file(path: str | Path) -> str:
     """The digest both sides use for datasets and checkpoints."""
     h = hashlib.sha256()
@@ -183,6 +224,51 @@ def load_manifest(path: str | Path) -> Manifest:
     except json.JSONDecodeError as e:
         raise ManifestError("<file>", f"{path} is not valid JSON: {e}") from None
     return parse_manifest(raw)
+
+
+def load_eval_manifest(path: str | Path) -> EvalManifest:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ManifestError("<file>", f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ManifestError("<file>", f"{path} is not valid JSON: {e}") from None
+    return parse_eval_manifest(raw)
+
+
+def parse_eval_manifest(raw: dict) -> EvalManifest:
+    m = _build(EvalManifest, raw, "")
+    need = _need
+    need(m.manifest_version == MANIFEST_VERSION, "manifest_version",
+         f"unsupported version {m.manifest_version} (this trainer reads {MANIFEST_VERSION})")
+    need(m.task == EVAL_TASK, "task", f"must be {EVAL_TASK}")
+    need(m.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}")
+    need(0 <= m.seed <= SEED_MAX, "seed", f"must be in [0, {SEED_MAX}]")
+    need(bool(m.output_dir), "output_dir", "must not be empty")
+    need(m.num_threads is None or m.num_threads >= 1, "num_threads", "must be >= 1")
+    need(m.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
+    need(m.max_seq_len >= 2, "max_seq_len", "must be >= 2 (<cls> + one gene)")
+    need(m.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+    need(m.dataset.format in DATASET_FORMATS, "dataset.format",
+         f"must be one of {', '.join(DATASET_FORMATS)}")
+    need(1 <= len(m.models) <= MAX_EVAL_MODELS, "models",
+         f"must name 1 to {MAX_EVAL_MODELS} checkpoints")
+    for name, folder in m.models.items():
+        need(bool(MODEL_NAME.match(name)), "models", f"{name!r} is not a model name")
+        need(bool(folder), f"models.{name}", "must not be empty")
+    s = m.split
+    need(0 <= s.seed <= SEED_MAX, "split.seed", f"must be in [0, {SEED_MAX}]")
+    need(0 < s.val_fraction < 1 and 0 < s.test_fraction < 1
+         and s.val_fraction + s.test_fraction < 1, "split.test_fraction",
+         "fractions must lie in (0, 1) and sum to < 1")
+    need(bool(re.fullmatch(r"[0-9a-f]{64}", s.test_sha256)), "split.test_sha256",
+         "must be a sha256 hex digest")
+    return m
+
+
+def _need(ok: bool, where: str, msg: str) -> None:
+    if not ok:
+        raise ManifestError(where, msg)
 
 
 def parse_manifest(raw: dict) -> Manifest:
@@ -230,6 +316,12 @@ def _coerce(tp, value, where: str):
         return _coerce(inner, value, where)
     if value is None:
         raise ManifestError(where, "must not be null")
+    if typing.get_origin(tp) is dict:
+        if not isinstance(value, dict):
+            raise ManifestError(where, f"must be an object, got {_tn(value)}")
+        key_type, value_type = args
+        return {_coerce(key_type, k, where): _coerce(value_type, v, _join(where, str(k)))
+                for k, v in value.items()}
     if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
         return _build(tp, value, where)
     if tp is bool:

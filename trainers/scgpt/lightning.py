@@ -1,4 +1,4 @@
-"""Lightning pieces for the two tasks: batches, the LightningModule, callbacks.
+"""Lightning pieces for the two tasks: the LightningModule, callbacks (batches: batches.py).
 
 - `pretrain_mgm`: masked gene-expression modelling. A fraction of each cell's expressed
   genes get their value replaced by the mask value; the expression decoder predicts the
@@ -22,9 +22,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 
-from trainers.data.load import CellData
 from trainers.scgpt.model import ScGPT
-from trainers.scgpt.tokenize import Tokenizer
 
 PRETRAIN, FINETUNE = "pretrain_mgm", "finetune_celltype"
 
@@ -46,40 +44,6 @@ def class_weights(train_labels: np.ndarray, n_cls: int, scheme: str) -> torch.Te
     counts = np.bincount(train_labels, minlength=n_cls)
     w = 1.0 / np.maximum(counts, 1) ** (1.0 if scheme == "balanced" else 0.5)
     return torch.tensor(w / (w * counts).sum() * counts.sum(), dtype=torch.float32)
-
-
-class CellBatches:
-    """Tokenized batches over a subset of cells; a plain iterable Lightning accepts.
-
-    Shuffled loaders draw a new order, gene sample and mask each epoch from
-    (seed, epoch); evaluation loaders replay the same draws every time, so validation
-    metrics compare across epochs and runs.
-    """
-
-    def __init__(self, data: CellData, columns: np.ndarray, cells: np.ndarray,
-                 tokenizer: Tokenizer, batch_size: int, seed: int, shuffle: bool,
-                 mask_ratio: float = 0.0, limit: int | None = None):
-        self.data, self.columns, self.cells = data, columns, cells
-        self.tokenizer, self.batch_size, self.seed = tokenizer, batch_size, seed
-        self.shuffle, self.mask_ratio, self.limit = shuffle, mask_ratio, limit
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        n = math.ceil(len(self.cells) / self.batch_size)
-        return min(n, self.limit) if self.limit else n
-
-    def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch if self.shuffle else 0])
-        self.epoch += 1
-        order = rng.permutation(self.cells) if self.shuffle else self.cells
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            X = self.data.rows(idx)[:, self.columns]
-            batch = {k: torch.from_numpy(v)
-                     for k, v in self.tokenizer(X, rng, self.mask_ratio).items()}
-            if self.data.labels is not None:
-                batch["labels"] = torch.from_numpy(self.data.labels[idx])
-            yield batch
 
 
 class ScGPTModule(pl.LightningModule):

@@ -92,18 +92,9 @@ def prepare(m: Manifest, data: CellData, n_cls: int | None) -> Prepared:
         with torch.no_grad():
             model.decoder.fc[-1].bias.fill_(n_bins / 2)
 
-    ids = vocab.lookup(data.genes)
-    columns = np.flatnonzero(ids >= 0)
-    if len(columns) == 0:
-        where = "parent.checkpoint_dir" if m.parent else "vocab_path"
-        raise ManifestError(where, f"none of the dataset's {len(data.genes)} genes "
-                            f"(e.g. {', '.join(data.genes[:3])}) is in the vocabulary of "
-                            f"{len(vocab)} tokens")
-    c = model.config
-    tokenizer = Tokenizer(gene_ids=ids[columns], cls_id=vocab.cls_id, pad_id=vocab.pad_id,
-                          max_seq_len=m.training.max_seq_len, n_bins=c.n_bins,
-                          pad_value=c.pad_value, mask_value=c.mask_value,
-                          include_zero_gene=m.training.include_zero_gene)
+    where = "parent.checkpoint_dir" if m.parent else "vocab_path"
+    columns, tokenizer = tokenizer_for(vocab, model.config, data.genes, m.training.max_seq_len,
+                                       m.training.include_zero_gene, where)
     genes = {"in_vocab": len(columns), "dropped": len(data.genes) - len(columns),
              "vocab_size": len(vocab)}
     parent = None if m.parent is None else {
@@ -111,6 +102,23 @@ def prepare(m: Manifest, data: CellData, n_cls: int | None) -> Prepared:
         "load_report": {"missing": report.missing, "unexpected": report.unexpected,
                         "shape_mismatch": report.shape_mismatch}}
     return Prepared(model, vocab, columns, tokenizer, genes, parent)
+
+
+def tokenizer_for(vocab: GeneVocab, config: ScGPTConfig, genes: list[str], max_seq_len: int,
+                  include_zero_gene: bool, where: str) -> tuple[np.ndarray, Tokenizer]:
+    """The dataset columns in the vocabulary and the tokenizer over them; `where` is the
+    manifest field to blame when no gene matches."""
+    ids = vocab.lookup(genes)
+    columns = np.flatnonzero(ids >= 0)
+    if len(columns) == 0:
+        raise ManifestError(where, f"none of the dataset's {len(genes)} genes "
+                            f"(e.g. {', '.join(genes[:3])}) is in the vocabulary of "
+                            f"{len(vocab)} tokens")
+    tokenizer = Tokenizer(gene_ids=ids[columns], cls_id=vocab.cls_id, pad_id=vocab.pad_id,
+                          max_seq_len=max_seq_len, n_bins=config.n_bins,
+                          pad_value=config.pad_value, mask_value=config.mask_value,
+                          include_zero_gene=include_zero_gene)
+    return columns, tokenizer
 
 
 def _reset_head(model: ScGPT) -> None:
@@ -130,6 +138,7 @@ def checkpoint_args(m: Manifest, label_names: list[str]) -> dict:
     """Extra args.json entries: what scGPT's scripts record plus what we need to resume."""
     extra = {"max_seq_len": m.training.max_seq_len, "task": m.task, "seed": m.seed,
              "lr": m.training.lr, "batch_size": m.training.batch_size,
+             "eval_batch_size": m.training.eval_batch_size or 2 * m.training.batch_size,
              "epochs": m.training.max_epochs, "mask_ratio": m.training.mask_ratio,
              "include_zero_gene": m.training.include_zero_gene,
              "dataset": m.dataset.name, "trainer": "forge-runner trainers.scgpt"}
@@ -138,4 +147,4 @@ def checkpoint_args(m: Manifest, label_names: list[str]) -> dict:
     return extra
 
 
-__all__ = ["ARGS_TO_CONFIG", "Prepared", "checkpoint_args", "prepare"]
+__all__ = ["ARGS_TO_CONFIG", "Prepared", "checkpoint_args", "prepare", "tokenizer_for"]

@@ -1,0 +1,124 @@
+"""Sandbox entrypoint of the eval gate: `python -m trainers.gate_eval MANIFEST.json`.
+
+Reads an `EvalManifest` (trainers/manifest.py), rebuilds the candidate's split of the
+dataset and refuses to go on unless its test cells hash to the recorded digest, then predicts
+those cells with every checkpoint named in the manifest, drawing tokens as the candidate's own
+test pass did. Writes into output_dir:
+
+- `predictions.json`: {"cells": [row indices], "true": [label codes], "label_names": [...],
+  "pred": {model name: [label codes, -1 for a class the dataset lacks]}};
+- `result.json`: status and reason as trainers.entrypoint writes them, the split summary,
+  and per model its label names, or why it could not predict (`not_a_classifier`).
+
+The host computes every metric and the bootstrap from predictions.json; nothing here
+decides. Exit codes are trainers.entrypoint's (2: invalid manifest, e.g. `split.test_sha256`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from trainers.data.load import DatasetError
+from trainers.entrypoint import _device, _precision, _raw_output_dir, _write_result
+from trainers.manifest import (
+    EXIT_ERROR,
+    EXIT_INVALID,
+    EXIT_OK,
+    EvalManifest,
+    ManifestError,
+    load_eval_manifest,
+)
+
+
+def evaluate(m: EvalManifest, state: dict) -> dict:
+    import torch
+
+    from trainers.data.load import load, split_cells
+    from trainers.scgpt.model import CheckpointError
+    from trainers.scgpt.predict import as_dataset_codes, load_classifier, predict
+
+    out = Path(m.output_dir)
+    device = _device(m, state)
+    torch.set_num_threads(m.num_threads or len(os.sched_getaffinity(0)))
+    torch.set_flush_denormal(True)
+    precision = _precision(m.precision, device)
+
+    d = m.dataset
+    data = load(d.path, d.format, d.label_key, d.gene_key, d.use_raw, name=d.name)
+    if data.labels is None:
+        raise ManifestError("dataset.label_key", f"dataset {d.path} has no labels")
+    s = m.split
+    split = split_cells(data.n_cells, data.labels, s.val_fraction, s.test_fraction, s.seed)
+    state["split"] = split.summary()
+    if state["split"]["sha256"]["test"] != s.test_sha256:
+        raise ManifestError("split.test_sha256", "the rebuilt test cells hash to "
+                            f"{state['split']['sha256']['test'][:12]}..., not the candidate's "
+                            f"{s.test_sha256[:12]}...: not the cells it was tested on")
+    cells = split.test
+    print(f"evaluating {len(m.models)} model(s) on {len(cells)} held-out cells, device "
+          f"{device}, precision {precision}", flush=True)
+
+    preds, models = {}, {}
+    for name, folder in m.models.items():
+        t0 = time.perf_counter()
+        try:
+            clf = load_classifier(folder)
+        except CheckpointError as e:
+            models[name] = {"ok": False, "why": "not_a_classifier", "message": str(e)}
+            print(f"{name}: skipped: {e}", flush=True)
+            continue
+        head = predict(clf, data, cells, seed=m.seed, max_seq_len=m.max_seq_len,
+                       batch_size=m.eval_batch_size, include_zero_gene=m.include_zero_gene,
+                       precision=precision, device=device)
+        codes = as_dataset_codes(head, clf.label_names, data.label_names)
+        preds[name] = codes.tolist()
+        acc = float((codes == data.labels[cells]).mean())
+        models[name] = {"ok": True, "label_names": clf.label_names,
+                        "seconds": time.perf_counter() - t0}
+        print(f"{name}: accuracy {acc:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+    (out / "predictions.json").write_text(json.dumps({
+        "cells": cells.tolist(), "true": data.labels[cells].tolist(),
+        "label_names": data.label_names, "pred": preds}))
+    return {"models": models, "n_cells": len(cells), "precision": precision}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m trainers.gate_eval MANIFEST.json", file=sys.stderr)
+        return EXIT_INVALID
+    t_start = time.perf_counter()
+    out_dir = _raw_output_dir(argv[0])
+    state: dict = {}
+    base = {"status": "failed", "task": "evaluate_celltype", "split": {}, "models": {}}
+    try:
+        m = load_eval_manifest(argv[0])
+        out_dir = Path(m.output_dir)
+        result = evaluate(m, state)
+        code, status = EXIT_OK, {"status": "ok", "reason": "ok", "message": "ok"}
+    except Exception as e:  # noqa: BLE001 -- every failure still leaves a result.json
+        if isinstance(e, ManifestError):
+            code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": e.field}
+        elif isinstance(e, DatasetError):
+            code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": "dataset"}
+        else:
+            code, reason, extra = EXIT_ERROR, "error", {}
+            traceback.print_exc()
+        print(f"error ({reason}): {e}", file=sys.stderr, flush=True)
+        result = extra
+        status = {"status": "failed", "reason": reason, "message": f"{type(e).__name__}: {e}"}
+    final = {**base, **{k: state[k] for k in ("device", "split") if k in state}, **result,
+             **status, "timings": {"total_s": time.perf_counter() - t_start}}
+    _write_result(out_dir, final)
+    print(f"result: {final['status']} ({final['reason']})", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
