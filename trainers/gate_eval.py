@@ -10,6 +10,9 @@ test pass did. Writes into output_dir:
 - `result.json`: status and reason as trainers.entrypoint writes them, the split summary,
   and per model its label names, or why it could not predict (`not_a_classifier`).
 
+With `baseline: true` the logistic-regression baseline the trainer reports is refitted on
+the split's train cells and predicts the same cells, as model "baseline".
+
 The host computes every metric and the bootstrap from predictions.json; nothing here
 decides. Exit codes are trainers.entrypoint's (2: invalid manifest, e.g. `split.test_sha256`).
 """
@@ -81,6 +84,16 @@ def evaluate(m: EvalManifest, state: dict) -> dict:
         models[name] = {"ok": True, "label_names": clf.label_names,
                         "seconds": time.perf_counter() - t0}
         print(f"{name}: accuracy {acc:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+    if m.baseline:  # the trainer's own baseline, refitted on the same train cells
+        t0 = time.perf_counter()
+        from trainers.data.load import baseline_features
+        from trainers.scgpt.evaluate import logistic_regression_predict
+        preds["baseline"] = logistic_regression_predict(
+            baseline_features(data), data.labels, split.train, cells, m.seed).tolist()
+        models["baseline"] = {"ok": True, "label_names": data.label_names,
+                              "seconds": time.perf_counter() - t0}
+        print(f"baseline: logistic regression ({time.perf_counter() - t0:.1f}s)", flush=True)
 
     (out / "predictions.json").write_text(json.dumps({
         "cells": cells.tolist(), "true": data.labels[cells].tolist(),

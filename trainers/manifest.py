@@ -198,6 +198,7 @@ class EvalManifest:
     eval_batch_size: int = 128
     include_zero_gene: bool = False
     precision: str = "auto"
+    baseline: bool = False  # also predict with the logistic-regression baseline (as "baseline")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -254,7 +255,8 @@ def parse_eval_manifest(raw: dict) -> EvalManifest:
     need(1 <= len(m.models) <= MAX_EVAL_MODELS, "models",
          f"must name 1 to {MAX_EVAL_MODELS} checkpoints")
     for name, folder in m.models.items():
-        need(bool(MODEL_NAME.match(name)), "models", f"{name!r} is not a model name")
+        need(bool(MODEL_NAME.match(name)) and name != "baseline", "models",
+             f"{name!r} is not a model name")
         need(bool(folder), f"models.{name}", "must not be empty")
     s = m.split
     need(0 <= s.seed <= SEED_MAX, "split.seed", f"must be in [0, {SEED_MAX}]")

@@ -182,8 +182,9 @@ RETRYABLE = ("failed", "cancelled")  # a request whose last attempt ended so may
 def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: int,
             vram_cap_gb: int, price_per_hour: Any, devices: int = 1, device: str | None = None,
             resource_type: str = "gpu", currency: str = "credits",
-            margin_s: float = EXPIRY_MARGIN_S, conn=None) -> dict:
+            margin_s: float = EXPIRY_MARGIN_S, purpose: str = "training", conn=None) -> dict:
     """Check the balance, debit `amount` and insert the `reserved` allocation, atomically.
+    `purpose` says what the compute pays for: a training job or an eval-gate job.
 
     The same `request_key` reserves once: a repeat (or a concurrent twin that lost the race on
     the unique key) returns the existing allocation with `existing=True` and debits nothing.
@@ -231,7 +232,7 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
                        vram_cap_gb=vram_cap_gb, price_per_hour=price, currency=currency,
                        estimated_cost=amount, debited=amount, request_key=request_key,
                        created_at=stamp, debited_at=stamp, expires_at=stamp + window,
-                       heartbeat_at=stamp, host=host_id())
+                       heartbeat_at=stamp, host=host_id(), purpose=purpose)
             c.execute(resource_allocations.insert().values(**row))
             if amount > 0:
                 new_balance = account["balance"] - amount
@@ -239,7 +240,8 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
                                 total_debited=account["total_debited"] + amount)
                 _move(c, from_account=agent_id, to_account=COMPUTE, amount=amount,
                       reason=DEBIT, reference_id=row["id"], balance_after_from=new_balance,
-                      memo=f"reserve {wall_time_cap_min} min x {devices} {device or resource_type}")
+                      memo=f"reserve {wall_time_cap_min} min x {devices} {device or resource_type}"
+                           + ("" if purpose == "training" else f" ({purpose})"))
             created = _by_key(c, request_key)
     except sa.exc.IntegrityError:
         # Two processes inserted the same request key; the unique constraint let one win.

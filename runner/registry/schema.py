@@ -62,6 +62,9 @@ ARTIFACT_TYPES = ("model", "dataset", "benchmark", "notebook", "figure", "other"
 LIFECYCLE_STATES = ("draft", "candidate", "active", "superseded", "deprecated", "rejected")
 PROMOTION_STATES = ("candidate", "promoted", "rejected", "superseded")
 ALLOCATION_STATES = ("reserved", "running", "settled", "failed", "cancelled")
+ALLOCATION_PURPOSES = ("training", "evaluation")
+GATE_DECISIONS = ("promoted", "rejected")
+COMPARATOR_ROLES = ("parent", "champion", "baseline")
 
 artifacts = sa.Table(
     "artifacts", metadata,
@@ -126,6 +129,8 @@ resource_allocations = sa.Table(
     _ts("expires_at"),
     _ts("heartbeat_at"),
     sa.Column("host", sa.Text),
+    # What the compute paid for (migration 0003): a training job or an eval-gate job.
+    sa.Column("purpose", sa.Text, nullable=False, server_default="training"),
     sa.CheckConstraint("resource_type IN ('gpu', 'cpu')", name="resource_type"),
     sa.CheckConstraint(f"status IN {ALLOCATION_STATES}", name="status"),
     sa.CheckConstraint("debited >= 0", name="debited"),
@@ -205,6 +210,50 @@ events = sa.Table(
     sa.Column("type", sa.Text, nullable=False, index=True),
     sa.Column("payload", sa.JSON),
     sa.Column("source", sa.Text),
+    _ts("created_at", nullable=False),
+)
+
+# The eval gate (migration 0003): one row per comparison of a gated candidate; every row of
+# one gate run carries the run's decision.
+evaluations = sa.Table(
+    "evaluations", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("candidate_artifact_id", sa.Text, sa.ForeignKey("artifacts.id"), nullable=False,
+              index=True),
+    sa.Column("comparator_artifact_id", sa.Text, sa.ForeignKey("artifacts.id")),  # baseline: null
+    sa.Column("comparator_role", sa.Text, nullable=False),
+    sa.Column("gate_name", sa.Text, nullable=False),
+    sa.Column("gate_config", sa.JSON, nullable=False),
+    sa.Column("gate_config_sha256", sa.Text, nullable=False),
+    sa.Column("metric", sa.Text, nullable=False),
+    sa.Column("candidate_value", sa.Float, nullable=False),
+    sa.Column("comparator_value", sa.Float, nullable=False),
+    sa.Column("delta", sa.Float, nullable=False),
+    sa.Column("ci_low", sa.Float, nullable=False),
+    sa.Column("ci_high", sa.Float, nullable=False),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("n_resamples", sa.Integer, nullable=False),
+    sa.Column("n_cells", sa.Integer, nullable=False),
+    sa.Column("seed", sa.BigInteger, nullable=False),
+    sa.Column("decision", sa.Text, nullable=False),
+    sa.Column("reasons", sa.JSON),
+    sa.Column("allocation_id", sa.Text, sa.ForeignKey("resource_allocations.id")),
+    sa.Column("agent_id", sa.Text, nullable=False),
+    _ts("created_at", nullable=False),
+    sa.CheckConstraint(f"decision IN {GATE_DECISIONS}", name="decision"),
+    sa.CheckConstraint(f"comparator_role IN {COMPARATOR_ROLES}", name="comparator_role"),
+)
+
+# SciDEX's lifecycle audit trail: every change of an artifact's lifecycle_state.
+artifact_lifecycle_history = sa.Table(
+    "artifact_lifecycle_history", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("artifact_id", sa.Text, sa.ForeignKey("artifacts.id"), nullable=False, index=True),
+    sa.Column("old_state", sa.Text),
+    sa.Column("new_state", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("actor_id", sa.Text),
+    sa.Column("metadata", sa.JSON),
     _ts("created_at", nullable=False),
 )
 
