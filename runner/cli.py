@@ -89,6 +89,47 @@ def lineage_cmd(artifact_id):
     Console().print(tree)
 
 
+@main.command("gate")
+@click.argument("candidate_id")
+@click.option("--agent", "agent_id", required=True, help="The agent that pays for the evaluation.")
+@click.option("--gate", "gate_name", default="default", show_default=True,
+              help="A gate of conf/gate/.")
+@click.option("--dry-run", is_flag=True, help="Estimate and check; launch nothing.")
+@click.option("--justification", default=None,
+              help="Why a tradeoff should be promoted (gates with allow_tradeoff only).")
+@click.option("--allow-dirty", is_flag=True, help="Run the working tree's uncommitted code.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
+def gate_cmd(candidate_id, agent_id, gate_name, dry_run, justification, allow_dirty, as_json):
+    """Promote or reject CANDIDATE_ID on evidence: evaluate it against its parent and the
+    lineage's champion on its held-out cells, in the sandbox, and bootstrap the delta."""
+    # lazy: runner.api and the registry (~350 ms) stay out of `forge --help`
+    from runner.api import evaluate_candidate
+
+    result = evaluate_candidate(candidate_id, agent_id, gate_name, dry_run,
+                                justification=justification, allow_dirty=allow_dirty)
+    if as_json or dry_run:
+        echo_json(result)
+        return
+    click.echo(decision_text(result))
+
+
+def decision_text(result: dict) -> str:
+    """A gate's decision in a few lines: the verdict, then each comparison with its CI."""
+    lines = [f"{result['candidate_artifact_id']}: {result['decision'].upper()} by gate "
+             f"{result['gate']!r}{' (recorded earlier)' if result.get('recorded') else ''}"]
+    for c in result["comparisons"]:
+        who = c["comparator_artifact_id"] or "logistic-regression baseline"
+        lines.append(f"  vs {c['comparator_role']} {who}: {c['metric']} "
+                     f"{c['candidate_value']:.4f} vs {c['comparator_value']:.4f}, delta "
+                     f"{c['delta']:+.4f}, {c['confidence']:.0%} CI [{c['ci_low']:+.4f}, "
+                     f"{c['ci_high']:+.4f}] over {c['n_cells']} cells")
+    cost = result.get("cost")
+    if cost:
+        lines.append(f"  cost {cost['actual']} {cost['currency']} (debited {cost['debited']}, "
+                     f"refunded {cost['refunded']})")
+    return "\n".join(lines)
+
+
 @main.group()
 def datasets() -> None:
     """Dataset artifacts."""

@@ -116,3 +116,16 @@ class InternalError(ForgeError):
     the allocation is settled and the cause is chained."""
 
     reason = "internal_error"
+
+
+class GateRefused(ForgeError):
+    """The eval gate will not decide this candidate: it is not a candidate, was already gated
+    under other rules, its held-out cells cannot be rebuilt, or the champion moved."""
+
+    reason = "gate_refused"
+
+
+class EvaluationFailed(ForgeError):
+    """The eval gate's sandbox job failed (timeout, oom, a crash, unusable predictions)."""
+
+    reason = "evaluation_failed"

@@ -161,3 +161,17 @@ def test_figures_are_png_files(tmp_path):
     for figure in figures:
         content = figure.read_bytes()
         assert content.startswith(PNG_MAGIC) and len(content) > 1000
+
+
+def test_predictions_outside_the_label_set_are_wrong_but_not_averaged():
+    """n_scored: a class only a model predicts (code k) is never right and adds no class to
+    the macro average, as sklearn's f1_score(labels=range(k))."""
+    rng = np.random.default_rng(3)
+    k, n = 5, 400
+    true = rng.integers(0, k, n)
+    pred = np.where(rng.random(n) < 0.2, k, true)  # 20% "outside" predictions
+    other = rng.integers(0, k, n)
+    b = paired_bootstrap(true, pred, other, metric="macro_f1", n_classes=k + 1, n_scored=k,
+                         n_resamples=10, seed=0)
+    assert b.value_a == pytest.approx(f1_score(true, pred, labels=np.arange(k), average="macro",
+                                               zero_division=0), abs=1e-12)

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from runner.jobs.datasets import fetch, sha256_file
-from trainers.entrypoint import EXIT_INVALID, EXIT_NAN, EXIT_OK, _is_oom, _precision, main
+from trainers.entrypoint import EXIT_INVALID, EXIT_NAN, EXIT_OK, _is_oom, main
+from trainers.runtime import choose_precision as _precision
 
 REPO = Path(__file__).parents[1]
 TINY_MODEL = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_hid": 64}

@@ -33,6 +33,7 @@ from trainers.manifest import (
     load_manifest,
     sha256_file,
 )
+from trainers.runtime import choose_device, choose_precision
 
 
 def train(m: Manifest, state: dict) -> dict:
@@ -65,7 +66,7 @@ def train(m: Manifest, state: dict) -> dict:
     from trainers.scgpt.prepare import checkpoint_args, prepare
 
     out, t, finetune = Path(m.output_dir), m.training, m.task == FINETUNE
-    device = _device(m, state)
+    device = choose_device(m, state)
     torch.set_num_threads(m.num_threads or len(os.sched_getaffinity(0)))
     torch.set_flush_denormal(True)  # denormal Adam states slow CPU kernels several-fold
     pl.seed_everything(m.seed, workers=True, verbose=False)
@@ -110,7 +111,7 @@ def train(m: Manifest, state: dict) -> dict:
         callbacks.append(EarlyStopping(monitor, patience=t.early_stopping_patience, mode=mode))
     tty = sys.stdout.isatty()
     callbacks.append(TQDMProgressBar() if tty else LineProgress(every=t.log_every_n_steps))
-    precision = _precision(t.precision, device)
+    precision = choose_precision(t.precision, device)
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
         max_epochs=t.max_epochs, logger=logger, callbacks=callbacks,
@@ -187,40 +188,6 @@ def train(m: Manifest, state: dict) -> dict:
         timings={"train_s": train_s, "test_s": test_s,
                  "baseline_s": result["baseline"].get("seconds", 0.0)})
     return result
-
-
-def _device(m: Manifest, state: dict) -> str:
-    import torch
-    has_cuda = torch.cuda.is_available()
-    device = "cuda" if m.device in ("cuda", "auto") and has_cuda else "cpu"
-    if m.device == "cuda" and not has_cuda:
-        print("warning: device cuda requested but no GPU is visible; running on cpu",
-              flush=True)
-    if device == "cuda" and m.vram_cap_gb:
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, m.vram_cap_gb / total), 0)
-    state["device"] = device
-    return device
-
-
-def _precision(requested: str, device: str, cpuinfo: str | None = None) -> str:
-    """"auto": bf16 autocast on GPUs and on CPUs with native bf16 arithmetic (AMX or
-    AVX512-BF16), fp32 on other CPUs, where bf16 is emulated and slower than fp32.
-
-    Measured on a 2-core AVX512-BF16 CPU without AMX (benchmarks/trainer_throughput.py,
-    dropout 0): the pilot's step 177 ms in bf16 vs 217 ms in fp32.
-    """
-    if requested != "auto":
-        return requested
-    if device == "cuda":
-        return "bf16-mixed"
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    flags = set(cpuinfo.split())
-    return "bf16-mixed" if flags & {"amx_bf16", "avx512_bf16"} else "32"
 
 
 def _is_oom(e: BaseException) -> bool:

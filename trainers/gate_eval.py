@@ -27,7 +27,7 @@ import traceback
 from pathlib import Path
 
 from trainers.data.load import DatasetError
-from trainers.entrypoint import _device, _precision, _raw_output_dir, _write_result
+from trainers.entrypoint import _raw_output_dir, _write_result
 from trainers.manifest import (
     EXIT_ERROR,
     EXIT_INVALID,
@@ -36,6 +36,7 @@ from trainers.manifest import (
     ManifestError,
     load_eval_manifest,
 )
+from trainers.runtime import choose_device, choose_precision
 
 
 def evaluate(m: EvalManifest, state: dict) -> dict:
@@ -46,10 +47,10 @@ def evaluate(m: EvalManifest, state: dict) -> dict:
     from trainers.scgpt.predict import as_dataset_codes, load_classifier, predict
 
     out = Path(m.output_dir)
-    device = _device(m, state)
+    device = choose_device(m, state)
     torch.set_num_threads(m.num_threads or len(os.sched_getaffinity(0)))
     torch.set_flush_denormal(True)
-    precision = _precision(m.precision, device)
+    precision = choose_precision(m.precision, device)
 
     d = m.dataset
     data = load(d.path, d.format, d.label_key, d.gene_key, d.use_raw, name=d.name)

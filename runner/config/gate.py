@@ -17,14 +17,12 @@ from runner.errors import InvalidConfig, InvalidInput
 
 METRICS = {"test_macro_f1": "macro_f1", "test_accuracy": "accuracy"}  # -> bootstrap metric
 COMPARATORS = ("parent", "champion")
-FALLBACKS = ("baseline", "reject")
 
 
 @dataclass(frozen=True)
 class GateConf:
     metric: str = "test_macro_f1"
     comparators: list[str] = field(default_factory=lambda: ["parent", "champion"])
-    fallback: str = "baseline"
     min_delta: float = 0.0
     confidence: float = 0.95
     n_resamples: int = 1000
@@ -71,7 +69,6 @@ def _check(g: GateConf, name: str) -> None:
     need(bool(g.comparators) and all(c in COMPARATORS for c in g.comparators)
          and len(set(g.comparators)) == len(g.comparators), "comparators",
          f"must list some of {', '.join(COMPARATORS)}, once each")
-    need(g.fallback in FALLBACKS, "fallback", f"must be one of {', '.join(FALLBACKS)}")
     need(0 < g.confidence < 1, "confidence", "must lie in (0, 1)")
     need(1 <= g.n_resamples <= 100_000, "n_resamples", "must lie in [1, 100000]")
     need(0 <= g.seed < 2**32, "seed", "must lie in [0, 2**32)")

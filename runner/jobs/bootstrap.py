@@ -40,10 +40,11 @@ class Bootstrap:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "deltas"}
 
 
-def metric_value(metric: str, true: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+def metric_value(metric: str, true: np.ndarray, pred: np.ndarray, n_classes: int,
+                 n_scored: int | None = None) -> float:
     true, pred = _checked_labels(n_classes, true=true, pred=pred)
     _check_metric(metric)
-    return _value(metric, true, pred, n_classes)
+    return _value(metric, true, pred, n_classes, n_scored)
 
 
 def per_class_f1(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -55,9 +56,13 @@ def per_class_f1(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarr
 
 def paired_bootstrap(true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, *, metric: str,
                      n_classes: int, n_resamples: int = 1000, confidence: float = 0.95,
-                     seed: int) -> Bootstrap:
+                     seed: int, n_scored: int | None = None) -> Bootstrap:
     """Percentile interval of metric(a) - metric(b) over resamples of the cells, drawn with
-    replacement by `np.random.default_rng(seed)`; both models see the same draw."""
+    replacement by `np.random.default_rng(seed)`; both models see the same draw.
+
+    `n_scored`: macro-F1 averages classes 0..n_scored-1 only (default: all); the classes
+    past it are predictions outside the label set (always wrong, never averaged), as
+    sklearn's f1_score(labels=range(n_scored))."""
     true, pred_a, pred_b = _checked_labels(n_classes, true=true, pred_a=pred_a, pred_b=pred_b)
     _check_metric(metric)
     if not 0 < confidence < 1:
@@ -66,8 +71,12 @@ def paired_bootstrap(true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, *
             or n_resamples < 1:
         raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
 
-    value_a = _value(metric, true, pred_a, n_classes)
-    value_b = _value(metric, true, pred_b, n_classes)
+    scored = n_classes if n_scored is None else n_scored
+    if isinstance(scored, bool) or not isinstance(scored, int | np.integer) \
+            or not 1 <= scored <= n_classes:
+        raise ValueError(f"n_scored must be an integer in [1, n_classes], got {n_scored!r}")
+    value_a = _value(metric, true, pred_a, n_classes, scored)
+    value_b = _value(metric, true, pred_b, n_classes, scored)
     # One code per cell, true * k + pred, so a resample's confusion matrix is one bincount.
     cells_a = true * n_classes + pred_a
     cells_b = true * n_classes + pred_b
@@ -77,8 +86,9 @@ def paired_bootstrap(true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, *
         stop = min(start + RESAMPLES_PER_CHUNK, n_resamples)
         drawn = rng.integers(0, len(true), size=(stop - start, len(true)))
         deltas[start:stop] = (
-            _metric_of_confusions(metric, _resampled_confusions(cells_a[drawn], n_classes))
-            - _metric_of_confusions(metric, _resampled_confusions(cells_b[drawn], n_classes)))
+            _metric_of_confusions(metric, _resampled_confusions(cells_a[drawn], n_classes), scored)
+            - _metric_of_confusions(metric, _resampled_confusions(cells_b[drawn], n_classes),
+                                    scored))
     deltas.setflags(write=False)
     tail = (1 - confidence) / 2
     low, high = np.quantile(deltas, [tail, 1 - tail])
@@ -120,8 +130,10 @@ def _check_metric(metric: str) -> None:
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
 
 
-def _value(metric: str, true: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
-    return float(_metric_of_confusions(metric, _confusions(true, pred, n_classes)[None])[0])
+def _value(metric: str, true: np.ndarray, pred: np.ndarray, n_classes: int,
+           scored: int | None = None) -> float:
+    return float(_metric_of_confusions(metric, _confusions(true, pred, n_classes)[None],
+                                       scored)[0])
 
 
 def _confusions(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -145,8 +157,9 @@ def _per_class_f1(confusions: np.ndarray) -> np.ndarray:
     return f1
 
 
-def _metric_of_confusions(metric: str, confusions: np.ndarray) -> np.ndarray:
+def _metric_of_confusions(metric: str, confusions: np.ndarray,
+                          scored: int | None = None) -> np.ndarray:
     if metric == "accuracy":
         correct = np.diagonal(confusions, axis1=1, axis2=2).sum(axis=1)
         return correct / confusions.sum(axis=(1, 2))
-    return _per_class_f1(confusions).mean(axis=1)
+    return _per_class_f1(confusions)[:, :scored].mean(axis=1)

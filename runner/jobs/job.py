@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Callable
 
 from runner import sandbox, settings
 from runner.config.manifest import ENTRYPOINT
-from runner.errors import ForgeError, InvalidConfig
-from runner.jobs import codepin
+from runner.errors import DatasetUnavailable, ForgeError, InvalidConfig
+from runner.jobs import codepin, datasets
 
 if TYPE_CHECKING:
     from runner.jobs.plan import Plan
@@ -46,6 +46,18 @@ def disk_problem(resolved: dict) -> ForgeError | None:
                     fix="free space under FORGE_HOME (old runs, weights, cache) or point "
                         "FORGE_HOME at a larger disk", free_gb=round(free_gb, 3),
                     min_free_gb=need_gb)
+
+
+def dataset_input(dataset: dict, source: str) -> Path:
+    """The dataset artifact's data in the cache, fetched from `source` and checked against
+    the artifact's own sha256; DatasetUnavailable when that fails."""
+    try:
+        return datasets.fetch(source, cache=settings.cache_dir(), sha256=dataset.get("content_hash"))
+    except (datasets.FetchError, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise DatasetUnavailable(f"dataset {dataset['id']!r}: {why}", field="dataset.source",
+                                 fix="check the source and the network, or delete the cached "
+                                     "copy to fetch it again") from exc
 
 
 KEPT_IN_RUN_DIR = ("job.log", "manifest.json")
@@ -87,8 +99,10 @@ def sandbox_timing(resolved: dict) -> tuple[float, float]:
 
 
 def sandbox_job(plan: "Plan", *, output_dir: Path, inputs: dict[str, Path] | None = None,
-                log_path: Path | None = None, on_line: Callable[[str], None] | None = None):
-    """The one way a plan becomes a sandbox job: the trainer entrypoint on the manifest, on
+                log_path: Path | None = None, on_line: Callable[[str], None] | None = None,
+                module: str = ENTRYPOINT):
+    """The one way a plan becomes a sandbox job: the trainer entrypoint (or the eval gate's,
+    `module`) on the manifest, on
     the snapshot of the pinned code and the plan's device, with the caps and env allowlist
     of the operator's `sandbox` settings. The dry run's plan and the launch both build here."""
     resolved, box, gib = plan.resolved, plan.resolved["sandbox"], 1024**3
@@ -97,7 +111,7 @@ def sandbox_job(plan: "Plan", *, output_dir: Path, inputs: dict[str, Path] | Non
     term_s, grace_s = sandbox_timing(resolved)
     memory = box["max_memory_gb"]
     return sandbox.SandboxJob(
-        module=ENTRYPOINT, args=[f"{sandbox.IN_DIR}/manifest.json"], code_dir=code_dir,
+        module=module, args=[f"{sandbox.IN_DIR}/manifest.json"], code_dir=code_dir,
         inputs=dict(inputs or {}), output_dir=output_dir, log_path=log_path, on_line=on_line,
         wall_time_cap_s=term_s, grace_s=grace_s, vram_cap_gb=float(resolved["vram_cap_gb"]),
         device=device, env={k: os.environ[k] for k in box["env_allowlist"] if k in os.environ},

@@ -1,6 +1,7 @@
 """The artifact catalog (SciDEX `artifact_catalog`): the only code that writes `artifacts` and
-`model_versions`. Every registration validates first and writes all its rows in one
-transaction, so a failure leaves nothing behind. A version trained here is registered with
+`model_versions`, the eval gate's lifecycle moves included (`set_lifecycle`). Every
+registration validates first and writes all its rows in one transaction, so a failure
+leaves nothing behind. A version trained here is registered with
 its publication (`register_trained_version`: the `world_model_improvements` and `events`
 rows) in that same transaction.
 """
@@ -21,6 +22,7 @@ from runner.registry.db import now, transaction
 from runner.registry.db import row as _row
 from runner.registry.ids import ARTIFACT_ID, SHA256
 from runner.registry.schema import (
+    artifact_lifecycle_history,
     artifact_links,
     artifacts,
     events,
@@ -256,6 +258,29 @@ def register_trained_version(*, parent_artifact_id: str | None, dataset_artifact
                      "parent_artifact_id": parent_artifact_id,
                      "eval_metrics": version.get("eval_metrics_json"), **detection}))
     return model
+
+
+def set_lifecycle(conn, art: dict, state: str, stamp: datetime, actor: str, reason: str, *,
+                  promotion_state: str, notes: str | None = None, is_latest: bool | None = None,
+                  superseded_by: str | None = None) -> None:
+    """Move a model to lifecycle `state` and promotion_state inside the caller's transaction,
+    with its `artifact_lifecycle_history` row (the eval gate's decisions)."""
+    values = {"lifecycle_state": state, "lifecycle_changed_at": stamp}
+    if is_latest is not None:
+        values["is_latest"] = is_latest
+    if superseded_by is not None:
+        values["superseded_by"] = superseded_by
+    conn.execute(artifacts.update().where(artifacts.c.id == art["id"]).values(**values))
+    version = {"promotion_state": promotion_state}
+    if notes is not None:
+        version["promotion_notes"] = notes
+    conn.execute(model_versions.update()
+                 .where(model_versions.c.artifact_id == art["id"]).values(**version))
+    conn.execute(artifact_lifecycle_history.insert().values(
+        id=f"alh-{uuid.uuid4().hex}", artifact_id=art["id"], old_state=art["lifecycle_state"],
+        new_state=state, reason=reason[:2000], actor_id=actor,
+        metadata={"promotion_state": promotion_state, "superseded_by": superseded_by},
+        created_at=stamp))
 
 
 # What a version trained here must carry (SciDEX WS3): the code it ran, the compute that

@@ -1,0 +1,192 @@
+"""The eval gate's rule, applied on the host to the per-cell predictions its job wrote.
+
+`read_predictions` reads predictions.json as untrusted input (no link followed, size
+capped, every label checked); `decide` runs the paired bootstrap of the gate's metric for
+the candidate against each comparator and applies the rule (SciDEX WS4):
+
+- against every comparator that could classify the cells, the delta is >= min_delta and the
+  CI excludes 0; when none could (a pretrained parent has no cell-type head), against the
+  logistic-regression baseline refitted on the same split;
+- no guard metric drops by more than its allowance against any of them;
+- a gate with allow_tradeoff promotes a candidate that misses the first rule (never one
+  that breaks a guard) when the call gives a justification, which is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runner.config.gate import METRICS, GateConf
+from runner.errors import EvaluationFailed
+from runner.jobs.bootstrap import Bootstrap, metric_value, pair_seed, paired_bootstrap
+from runner.jobs.handback import NotPlainFile, nesting_depth, read_job_file
+
+MAX_PREDICTIONS_BYTES = 256 * 1024**2
+MAX_CLASSES = 10_000
+BASELINE = "baseline"  # the role, and the job's model name, of the refitted baseline
+# SciDEX's improvement buckets, by the absolute delta of the gate's metric.
+BUCKETS = ((0.01, "low"), (0.03, "medium"), (0.10, "high"), (math.inf, "very_high"))
+
+
+@dataclass(frozen=True)
+class Predictions:
+    true: np.ndarray  # label codes of the held-out cells, in [0, k)
+    pred: dict[str, np.ndarray]  # model name -> codes in [0, k]; k: outside the label set
+    label_names: list[str]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.label_names)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    role: str  # parent | champion | baseline
+    comparator_id: str | None  # None: the baseline
+    result: Bootstrap
+    guards: dict[str, float]  # guard metric -> candidate minus comparator
+    passed_delta: bool
+    passed_guards: bool
+    reasons: list[str]
+
+    def row(self) -> dict:
+        """The comparison's `evaluations` columns."""
+        r = self.result
+        return dict(comparator_artifact_id=self.comparator_id, comparator_role=self.role,
+                    metric=r.metric, candidate_value=r.value_a, comparator_value=r.value_b,
+                    delta=r.delta, ci_low=r.low, ci_high=r.high, confidence=r.confidence,
+                    n_resamples=r.n_resamples, n_cells=r.n_cells, seed=r.seed,
+                    reasons=self.reasons)
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision: str  # promoted | rejected
+    notes: str
+    comparisons: list[Comparison]
+    magnitude: float | None  # the delta against the first comparison
+    bucket: str | None
+
+
+def _bad(message: str) -> EvaluationFailed:
+    return EvaluationFailed(f"predictions.json {message}", reason="missing_predictions",
+                            field="predictions.json",
+                            fix="the eval job must write predictions.json as "
+                                "trainers/gate_eval.py documents; read its job log")
+
+
+def read_predictions(out: Path, expected_cells: int) -> Predictions:
+    """The job's predictions.json, checked cell by cell; EvaluationFailed when it is missing,
+    not a plain file, too big, malformed, or about a number of cells other than the
+    candidate's recorded test split."""
+    try:
+        data, size = read_job_file(Path(out) / "predictions.json",
+                                   limit=MAX_PREDICTIONS_BYTES + 1)
+    except FileNotFoundError:
+        raise _bad("is missing") from None
+    except NotPlainFile as exc:
+        raise _bad(str(exc)) from None
+    if size > MAX_PREDICTIONS_BYTES:
+        raise _bad(f"is {size} bytes, over the {MAX_PREDICTIONS_BYTES} allowed")
+    if nesting_depth(data) > 4:
+        raise _bad("nests deeper than its format")
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise _bad(f"is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("pred"), dict):
+        raise _bad("is not an object with pred")
+    names = doc.get("label_names")
+    if not isinstance(names, list) or not 1 <= len(names) <= MAX_CLASSES \
+            or not all(isinstance(n, str) for n in names):
+        raise _bad("has no list of label names")
+    k = len(names)
+    true = _codes(doc.get("true"), 0, k - 1, "true")
+    if len(true) != expected_cells:
+        raise _bad(f"covers {len(true)} cells, not the {expected_cells} held-out cells the "
+                   "candidate was tested on")
+    pred = {}
+    for name, codes in doc["pred"].items():
+        array = _codes(codes, -1, k - 1, f"pred.{str(name)[:40]}")
+        if len(array) != len(true):
+            raise _bad(f"pred.{str(name)[:40]} has {len(array)} cells, not {len(true)}")
+        pred[str(name)] = np.where(array < 0, k, array)  # outside the label set: class k
+    return Predictions(true, pred, [str(n) for n in names])
+
+
+def _codes(values, low: int, high: int, where: str) -> np.ndarray:
+    if not isinstance(values, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise _bad(f"{where} is not a list of integers")
+    array = np.asarray(values, dtype=np.int64)
+    if len(array) and (array.min() < low or array.max() > high):
+        raise _bad(f"{where} holds codes outside [{low}, {high}]")
+    return array
+
+
+def decide(gate: GateConf, preds: Predictions, comparators: dict[str, str],
+           candidate_id: str, justification: str | None = None) -> Decision:
+    """`comparators`: role -> artifact id of the comparators the job was asked to predict
+    with; those it could not (not a classifier) are left out, and the baseline stands in
+    when none is left."""
+    if "candidate" not in preds.pred:
+        raise _bad("has no predictions of the candidate")
+    usable = {role: aid for role, aid in comparators.items() if role in preds.pred}
+    if not usable:
+        if BASELINE not in preds.pred:
+            raise _bad("has no comparator to judge the candidate against (no classifier "
+                       "among the comparators, and no baseline)")
+        usable = {BASELINE: None}
+    comparisons = [_compare(gate, preds, role, aid, candidate_id) for role, aid in usable.items()]
+    deltas_ok = all(c.passed_delta for c in comparisons)
+    guards_ok = all(c.passed_guards for c in comparisons)
+    tradeoff = bool(gate.allow_tradeoff and justification and guards_ok and not deltas_ok)
+    promoted = (deltas_ok and guards_ok) or tradeoff
+    lines = [reason for c in comparisons for reason in c.reasons]
+    if tradeoff:
+        lines.append(f"promoted on a recorded tradeoff justification: {justification[:1000]}")
+    elif justification and not gate.allow_tradeoff:
+        lines.append("a justification was given, but this gate accepts none")
+    first = comparisons[0].result
+    magnitude = first.delta
+    bucket = next(name for limit, name in BUCKETS if abs(magnitude) < limit)
+    verdict = "promoted" if promoted else "rejected"
+    return Decision(verdict, f"{verdict} by gate: " + "; ".join(lines), comparisons,
+                    magnitude, bucket)
+
+
+def _compare(gate: GateConf, preds: Predictions, role: str, comparator_id: str | None,
+             candidate_id: str) -> Comparison:
+    k = preds.n_classes
+    mine, theirs = preds.pred["candidate"], preds.pred[role]
+    seed = pair_seed(gate.seed, candidate_id, comparator_id or BASELINE)
+    result = paired_bootstrap(preds.true, mine, theirs, metric=METRICS[gate.metric],
+                              n_classes=k + 1, n_scored=k, n_resamples=gate.n_resamples,
+                              confidence=gate.confidence, seed=seed)
+    who = f"{role} {comparator_id}" if comparator_id else "the logistic-regression baseline"
+    ci = (f"{gate.confidence:.0%} CI [{result.low:+.4f}, {result.high:+.4f}]")
+    summary = (f"{gate.metric} {result.value_a:.4f} vs {result.value_b:.4f} of {who}: delta "
+               f"{result.delta:+.4f}, {ci}")
+    passed_delta = result.delta >= gate.min_delta and result.low > 0
+    if passed_delta:
+        reasons = [f"{summary} excludes 0"]
+    elif result.delta < gate.min_delta:
+        reasons = [f"{summary}: below min_delta {gate.min_delta:+.4f}"]
+    else:
+        reasons = [f"{summary} contains 0: not shown better"]
+    guards = {}
+    for name, allowance in gate.guards.items():
+        delta = (metric_value(METRICS[name], preds.true, mine, k + 1, k)
+                 - metric_value(METRICS[name], preds.true, theirs, k + 1, k))
+        guards[name] = delta
+        if delta < -allowance:
+            reasons.append(f"guard {name} drops {-delta:.4f} against {who}, over the "
+                           f"{allowance:.4f} allowed")
+    passed_guards = all(guards[n] >= -a for n, a in gate.guards.items())
+    return Comparison(role, comparator_id, result, guards, passed_delta, passed_guards, reasons)
+

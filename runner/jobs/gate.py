@@ -1,0 +1,302 @@
+"""The eval gate (SciDEX WS4): a candidate is promoted or rejected on evidence.
+
+`evaluate(candidate_id, agent_id, gate)`:
+
+1. read: the candidate (a `candidate` fine-tuned here, with its held-out split recorded),
+   the gate's rules (conf/gate/<name>.yaml), its comparators (the parent and the lineage's
+   champion, each once), and any decision already recorded (returned as it is);
+2. plan: the eval job is priced, checked and pinned by the training plan of the candidate
+   (`plan.prepare`: policy, balance, code pin, sandbox) under the gate's wall-time cap; a dry
+   run stops here;
+3. run: reserve (purpose `evaluation`) -> the weights of every model -> `trainers.gate_eval`
+   in the sandbox, which predicts the candidate's own held-out cells with each;
+4. decide: the paired bootstrap and the rule on the host (`decide.py`), written with the
+   settlement in one transaction (`registry.promotion.record_decision`);
+5. review: the MLflow side (`gate_report.publish`): the `champion` alias, version tags, the
+   report on the candidate's run. The registry is the record: a failure here is a warning.
+
+Every failure after the debit settles the allocation once (charged for what ran) and
+reaches the caller typed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from typing import Callable
+
+from runner import sandbox, settings
+from runner.config.gate import GateConf, load_gate
+from runner.errors import Conflict, EvaluationFailed, ForgeError, GateRefused, TrainingFailed
+from runner.jobs import codepin, decide, gate_report, handback, recovery, weights
+from runner.jobs.job import clean_run_dir, dataset_input, disk_problem, run_dir, sandbox_job
+from runner.jobs.plan import Plan, TrainRequest, prepare
+from runner.registry import catalog, ledger, promotion
+from runner.registry.recovery import Heartbeat, settle_retrying
+from trainers.manifest import EVAL_TASK, MANIFEST_VERSION, ManifestError, parse_eval_manifest
+
+MODULE = "trainers.gate_eval"
+
+
+def evaluate(candidate_id: str, agent_id: str, gate: str = "default", *, dry_run: bool = False,
+             justification: str | None = None, allow_dirty: bool = False,
+             on_line: Callable[[str], None] | None = None) -> dict:
+    catalog.validate_artifact_id(candidate_id, "candidate_artifact_id")
+    ledger.check_agent_id(agent_id)
+    if justification is not None and (not isinstance(justification, str)
+                                      or not 1 <= len(justification) <= 4000):
+        raise GateRefused("justification must be a string of 1 to 4000 characters",
+                          field="justification", reason="invalid_input",
+                          fix="say in words why the tradeoff is worth it, or pass none")
+    rules = load_gate(gate)
+    cand = catalog.get_model_version(candidate_id)
+    if cand["version"]["promotion_state"] != "candidate":
+        return _recorded(cand, gate, rules)
+    comparators = _comparators(cand, rules)
+    plan = prepare(TrainRequest(candidate_id, _eval_dataset(cand), agent_id,
+                                wall_time_cap_min=rules.wall_time_cap_min,
+                                allow_dirty=allow_dirty, dry_run=dry_run))
+    manifest = _manifest(cand, plan, comparators, rules)
+    if dry_run:
+        return _dry_run(cand, gate, rules, plan, comparators)
+    if plan.problems:
+        raise plan.problems[0]
+    if (problem := disk_problem(plan.resolved)) is not None:
+        raise problem
+    recovery.reap()
+    alloc = ledger.reserve(
+        agent_id, plan.estimate, _request_key(cand, gate, rules, comparators, plan),
+        wall_time_cap_min=rules.wall_time_cap_min, vram_cap_gb=plan.resolved["vram_cap_gb"],
+        price_per_hour=plan.price_per_hour, devices=plan.devices,
+        device=plan.device.price_key, resource_type=plan.device.resource_type,
+        currency=plan.currency, purpose="evaluation",
+        margin_s=plan.resolved["registry"]["expiry_margin_min"] * 60)
+    if alloc.get("existing"):
+        if alloc["status"] == "settled":
+            return _recorded(catalog.get_model_version(candidate_id), gate, rules)
+        raise Conflict(f"this gate of {candidate_id!r} is already {alloc['status']} as "
+                       f"allocation {alloc['id']}", field="candidate_artifact_id",
+                       fix="wait for it to finish, then call again to get its decision")
+    return _Evaluation(cand, gate, rules, plan, comparators, manifest, alloc, justification,
+                       on_line).run()
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def _recorded(cand: dict, gate: str, rules: GateConf) -> dict:
+    """A decided model: its recorded decision when this gate made it, else a refusal."""
+    rows = promotion.recorded(cand["id"])
+    state = cand["version"]["promotion_state"]
+    if not rows:
+        raise GateRefused(f"{cand['id']!r} is not a candidate: it is {state} and was never "
+                          "gated", field="candidate_artifact_id", reason="not_a_candidate",
+                          fix="gate a version whose promotion_state is candidate")
+    if rows[0]["gate_config_sha256"] != rules.sha256():
+        raise GateRefused(f"{cand['id']!r} was already {rows[0]['decision']} by gate "
+                          f"{rows[0]['gate_name']!r} under other rules", reason="already_gated",
+                          field="gate", fix=f"read its decision with gate={rows[0]['gate_name']!r}"
+                          " and the rules it ran under; a decision is never re-made")
+    return _result(cand, rows, recorded=True)
+
+
+def _eval_dataset(cand: dict) -> str:
+    dataset = cand["version"].get("eval_dataset_artifact_id")
+    meta = cand.get("metadata") or {}
+    test = ((meta.get("split") or {}).get("sha256") or {}).get("test")
+    if meta.get("task") != "finetune_celltype" or not dataset or not test:
+        raise GateRefused(f"{cand['id']!r} is not a cell-type classifier with a recorded "
+                          "held-out split (task, eval dataset, split digest)",
+                          field="candidate_artifact_id", reason="not_gateable",
+                          fix="gate a version fine-tuned here for cell types")
+    return dataset
+
+
+def _comparators(cand: dict, rules: GateConf) -> dict[str, dict]:
+    """role -> the comparator's artifact row: the parent and the lineage's champion, each
+    model once (the parent wins the role when it is the champion)."""
+    out: dict[str, dict] = {}
+    if "parent" in rules.comparators and cand["parent_version_id"]:
+        out["parent"] = catalog.get_artifact(cand["parent_version_id"])
+    if "champion" in rules.comparators:
+        champ = promotion.champion(promotion.lineage_root(cand))
+        if champ is not None and champ["id"] not in {cand["id"], *(a["id"] for a in out.values())}:
+            out["champion"] = champ
+    return out
+
+
+def _champion_seen(cand: dict) -> str | None:
+    champ = promotion.champion(promotion.lineage_root(cand))
+    return None if champ is None else champ["id"]
+
+
+def _manifest(cand: dict, plan: Plan, comparators: dict[str, dict], rules: GateConf) -> dict:
+    """The eval job's manifest (trainers/manifest.py EvalManifest), in sandbox paths: the
+    candidate's own test pass (seed, split, sequence length, batch size, precision)."""
+    t = (cand["version"].get("training_params_json") or {}).get("training") or {}
+    split = cand["metadata"]["split"]
+    data = plan.resolved["dataset"]
+    try:
+        manifest = {
+            "manifest_version": MANIFEST_VERSION, "task": EVAL_TASK, "output_dir": "/job/out",
+            "seed": t["seed"], "num_threads": t.get("num_threads"),
+            "device": "cpu" if plan.device is None or plan.device.sandbox == "cpu" else "cuda",
+            "vram_cap_gb": plan.resolved["vram_cap_gb"],
+            "dataset": {"name": data["source"], "path": f"{sandbox.IN_DIR}/dataset",
+                        "format": data["format"], "label_key": data["label_key"]},
+            "split": {"seed": t["seed"] if t.get("split_seed") is None else t["split_seed"],
+                      "val_fraction": t["val_fraction"], "test_fraction": t["test_fraction"],
+                      "test_sha256": split["sha256"]["test"]},
+            "models": {"candidate": f"{sandbox.IN_DIR}/candidate",
+                       **{role: f"{sandbox.IN_DIR}/{role}" for role in comparators}},
+            "max_seq_len": t["max_seq_len"],
+            "eval_batch_size": t.get("eval_batch_size") or 2 * t["batch_size"],
+            "include_zero_gene": t.get("include_zero_gene", False),
+            "precision": t.get("precision", "auto"), "baseline": True}
+        parse_eval_manifest(manifest)  # what the job would refuse, refused before any debit
+    except (KeyError, TypeError, ManifestError) as exc:
+        raise GateRefused(f"{cand['id']!r} lacks the training record to rebuild its test "
+                          f"pass: {exc}", field="candidate_artifact_id", reason="not_gateable",
+                          fix="gate a version fine-tuned here for cell types") from exc
+    return manifest
+
+
+def _request_key(cand: dict, gate: str, rules: GateConf, comparators: dict[str, dict],
+                 plan: Plan) -> str:
+    payload = {"gate": gate, "rules": rules.sha256(), "candidate": cand["id"],
+               "comparators": {r: a["id"] for r, a in comparators.items()},
+               "agent": plan.agent_id, "code": plan.code.sha, "diff": plan.code.diff_sha256}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return "gate:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _dry_run(cand: dict, gate: str, rules: GateConf, plan: Plan,
+             comparators: dict[str, dict]) -> dict:
+    out = plan.dry_run_result()
+    return {"would_launch": out["would_launch"], "reasons": out["reasons"],
+            "candidate_artifact_id": cand["id"], "gate": gate, "rules": rules.to_dict(),
+            "comparators": {role: a["id"] for role, a in comparators.items()},
+            "estimate": out["estimate"], "balance": out["balance"], "code": out["code"],
+            "sandbox": out["sandbox"], "agent_id": plan.agent_id}
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+class _Evaluation:
+    def __init__(self, cand, gate, rules, plan, comparators, manifest, alloc, justification,
+                 on_line):
+        self.cand, self.gate, self.rules, self.plan = cand, gate, rules, plan
+        self.comparators, self.manifest, self.alloc = comparators, manifest, alloc
+        self.justification, self.on_line = justification, on_line
+        self.run_dir = run_dir(alloc["id"])
+        self.seconds = 0.0
+
+    def run(self) -> dict:
+        try:
+            with Heartbeat(self.alloc["id"]):
+                result = self._run()
+        except BaseException as exc:
+            clean_run_dir(self.run_dir)
+            self._fail(exc)
+            raise _typed(exc) from exc
+        clean_run_dir(self.run_dir)
+        return result
+
+    def _run(self) -> dict:
+        plan, cand = self.plan, self.cand
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ledger.mark_running(self.alloc["id"], None)  # the candidate's MLflow run is not ours
+        codepin.snapshot(plan.code, settings.cache_dir() / "code")
+        inputs = {"dataset": dataset_input(plan.dataset, plan.resolved["dataset"]["source"]),
+                  "candidate": weights.materialize(cand, self.run_dir / "models" / "candidate")}
+        for role, art in self.comparators.items():
+            inputs[role] = weights.materialize(art, self.run_dir / "models" / role)
+        path = self.run_dir / "manifest.json"
+        path.write_text(json.dumps(self.manifest, indent=2))
+        inputs["manifest.json"] = path
+        champion_seen = _champion_seen(cand)
+        out = self.run_dir / "out"
+        job = sandbox_job(plan, inputs=inputs, output_dir=out, log_path=self.run_dir / "job.log",
+                          on_line=self.on_line, module=MODULE)
+        launched = sandbox.gpu_launch(job)
+        self.seconds = launched.wall_seconds
+        handback.read_result(out, launched)
+        expected = (cand["metadata"]["split"].get("counts") or {}).get("test")
+        preds = decide.read_predictions(out, expected)
+        verdict = decide.decide(self.rules, preds, {r: a["id"] for r, a in
+                                                    self.comparators.items()},
+                                cand["id"], self.justification)
+        detection = {"gate": self.gate, "metric": self.rules.metric,
+                     "bucket": verdict.bucket, "allocation_id": self.alloc["id"],
+                     "comparisons": [c.row() for c in verdict.comparisons]}
+        promotion.record_decision(
+            candidate_id=cand["id"], champion_id=champion_seen, decision=verdict.decision,
+            notes=verdict.notes, rows=[c.row() for c in verdict.comparisons],
+            gate_name=self.gate, gate_config=self.rules.to_dict(),
+            gate_sha256=self.rules.sha256(), agent_id=plan.agent_id,
+            allocation_id=self.alloc["id"], actual_seconds=self.seconds,
+            magnitude=verdict.magnitude, detection=detection)
+        fresh = catalog.get_model_version(cand["id"])
+        result = _result(fresh, promotion.recorded(cand["id"]), recorded=False)
+        others = {a["id"] for a in self.comparators.values()} | (
+            {fresh["parent_version_id"]} if fresh["parent_version_id"] else set())
+        result["warnings"] = gate_report.publish(
+            plan.resolved["tracking"]["tracking_uri"], fresh, verdict, preds, self.gate,
+            others=sorted(others), report=result, work_dir=self.run_dir / "gate")
+        return result
+
+    def _fail(self, exc: BaseException) -> None:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        try:
+            settle_retrying(self.alloc["id"], self.seconds, status="failed",
+                            reason=f"{reason}: {exc}"[:500])
+        except Exception as step_exc:  # noqa: BLE001 - never mask the original error
+            print(f"warning: could not settle allocation {self.alloc['id']}; `forge ledger "
+                  f"reap` settles it once it expires: {step_exc}", file=sys.stderr)
+
+
+def _typed(exc: BaseException) -> BaseException:
+    """A failed evaluation as the caller sees it: the job's failure as EvaluationFailed (a
+    split that does not rebuild as GateRefused `split_mismatch`); ForgeErrors as they are."""
+    if isinstance(exc, TrainingFailed):
+        if "split.test_sha256" in exc.message:
+            return GateRefused(f"the candidate's held-out cells cannot be rebuilt: "
+                               f"{exc.message}", reason="split_mismatch",
+                               field="candidate_artifact_id",
+                               fix="the dataset or the split code changed since it was "
+                                   "trained; retrain it, then gate it")
+        return EvaluationFailed(exc.message.replace("training ", "evaluation ", 1),
+                                reason=exc.reason, field=exc.field, fix=exc.fix,
+                                **exc.details)
+    if isinstance(exc, ForgeError) or not isinstance(exc, Exception):
+        return exc
+    return EvaluationFailed(f"the evaluation failed on the host: {type(exc).__name__}: {exc}",
+                            reason="internal_error",
+                            fix="the allocation is settled; report this with the job log")
+
+
+# --- the result ------------------------------------------------------------------------------
+
+def _result(model: dict, rows: list[dict], *, recorded: bool) -> dict:
+    """The call's return value, from the registry: the same on every retry."""
+    first = rows[0]
+    alloc = ledger.get_allocation(first["allocation_id"]) if first["allocation_id"] else None
+    version = model["version"]
+    return {
+        "candidate_artifact_id": model["id"], "gate": first["gate_name"],
+        "decision": first["decision"], "notes": version.get("promotion_notes"),
+        "recorded": recorded, "lifecycle_state": model["lifecycle_state"],
+        "promotion_state": version["promotion_state"], "is_latest": model["is_latest"],
+        "comparisons": [{k: r[k] for k in (
+            "comparator_role", "comparator_artifact_id", "metric", "candidate_value",
+            "comparator_value", "delta", "ci_low", "ci_high", "confidence", "n_resamples",
+            "n_cells", "reasons")} for r in rows],
+        "allocation_id": first["allocation_id"],
+        "cost": None if alloc is None else {
+            "estimated": str(alloc["estimated_cost"]), "debited": str(alloc["debited"]),
+            "actual": str(alloc["actual_cost"]), "refunded": str(alloc["refunded"]),
+            "currency": alloc["currency"]},
+        "mlflow": {"model_uri": version.get("mlflow_model_uri"),
+                   "run_id": version.get("mlflow_run_id")},
+    }
+
