@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import sys
 import uuid
 from datetime import datetime, timezone
@@ -114,7 +115,10 @@ class _Job:
         self.run_id = None
         self.seconds = 0.0
         self.stored = False
+        self.code_dir: Path | None = None  # the pinned code's snapshot (what the job ran)
+        self.logged: dict | None = None  # the MLflow logged model of the checkpoint
         self.registered: dict | None = None
+        self.committed = False  # registered and settled in the registry: nothing to undo
         self.code_diff: dict | None = None  # allow_dirty: the patch the job ran on top of HEAD
 
     # --- the happy path --------------------------------------------------------------------
@@ -134,6 +138,7 @@ class _Job:
             artifact_root=Path(track["artifact_root"]), run_name=self.artifact_id,
             tags=self._tags(), params=tracking.flatten(_trainable(cfg)),
             config_yaml=_yaml(cfg), parent_run_id=plan.request.mlflow_parent_run_id)
+        tracking.log_dataset_input(self.mlflow, self.run_id, self.dataset)
         ledger.mark_running(self.alloc["id"], self.run_id)
         if plan.code.dirty:
             self._keep_diff()
@@ -162,11 +167,20 @@ class _Job:
             kept = weights.weights_dir(self.artifact_id).parent / "code.diff"
             kept.write_bytes((self.run_dir / "code.diff").read_bytes())
             self.code_diff["path"] = str(kept)
-        source = tracking.log_outputs(self.mlflow, self.run_id,
-                                      [out / name for name in RUN_OUTPUTS], checkpoint)
+        tracking.log_outputs(self.mlflow, self.run_id, [out / name for name in RUN_OUTPUTS])
+        # The checkpoint goes up once, as the logged model: its raw scGPT files are the model's
+        # artifacts/checkpoint/ (and the registry's weights folder), not a second run artifact.
+        self.logged = tracking.log_model(
+            self.mlflow, run_id=self.run_id, experiment_id=exp_id, checkpoint=checkpoint,
+            vocab=_stored_file(self.artifact_id, "vocab.json"), code_dir=self.code_dir,
+            task=cfg["training"]["task"], metrics=result["metrics"], dataset=self.dataset,
+            tags={k: v for k, v in self._tags().items()
+                  if k.startswith("forge.") or k == "mlflow.source.git.commit"})
+        version_number = self.parent["version_number"] + 1 if self.parent else 1
         self.registered = tracking.register_candidate(
-            self.mlflow, name=cfg["parent"]["family"], run_id=self.run_id, source=source,
-            artifact_id=self.artifact_id,
+            self.mlflow, name=cfg["parent"]["family"], run_id=self.run_id,
+            artifact_id=self.artifact_id, model_id=self.logged["model_id"],
+            version_number=version_number,
             lifecycle_state="candidate" if self.parent else "active")
         record = hook.RunRecord(
             artifact_id=self.artifact_id,
@@ -189,14 +203,63 @@ class _Job:
         except Exception as exc:  # a database error: nothing of the registration landed
             raise RegistrationFailed(f"registration failed: {exc}", reason="registration_failed",
                                      fix="check the registry database, then retry") from exc
-        self.mlflow.set_tag(self.run_id, "forge.artifact_id", self.artifact_id)
-        tracking.finish(self.mlflow, self.run_id, ok=True, reason="ok")
+        # Registered and settled: from here on a problem is a warning, never a failed job.
+        self.committed = True
+        self._after("could not tag the MLflow run", lambda: self.mlflow.set_tag(
+            self.run_id, "forge.artifact_id", self.artifact_id))
+        self._after("could not describe the MLflow version", lambda: tracking.describe_version(
+            self.mlflow, self.registered["registered_model"], self.registered["version"],
+            self._description(result, primary, version_number)))
+        self._after(f"could not mark MLflow run {self.run_id} FINISHED",
+                    lambda: tracking.finish(self.mlflow, self.run_id, ok=True, reason="ok"))
         return result_for(self.artifact_id, detail_template=cfg["tracking"]["detail_url"])
+
+    def _after(self, what: str, step) -> None:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - the version is registered and paid for
+            line = sandbox.printable(f"warning: {what}: {type(exc).__name__}: {exc}")[:500]
+            if self.on_line is not None:
+                self.on_line(line)
+            else:
+                print(line, file=sys.stderr)
+
+    def _description(self, result: dict, primary: str, version_number: int) -> str:
+        """The MLflow version's description: lineage, the candidate's metrics beside its
+        parent's (where the registry deems them comparable) and the baseline's, and the cost."""
+        parent = (catalog.get_model_version(self.parent["id"]) if self.parent else None)
+        head = (f"{parent['id']} (v{parent['version_number']})" if parent else "from scratch")
+        lines = [f"**{head} -> {self.artifact_id} (v{version_number}) on {self.dataset['id']}**",
+                 "", "| metric | this version | parent | logistic-regression baseline |",
+                 "|---|---|---|---|"]
+        metrics = result["metrics"]
+        baseline = (result.get("baseline") or {}).get("metrics") or {}
+        split = result.get("split")
+        for name in dict.fromkeys([primary, "test_accuracy"]):
+            if not _number(metrics.get(name)):
+                continue
+            value = metrics[name]
+            gain = hook.improvement(name, value, parent, split, self.dataset["id"])
+            theirs = (f"{gain['parent_value']:.4f} ({value - gain['parent_value']:+.4f})"
+                      if gain["magnitude"] is not None else
+                      f"not comparable: {gain['magnitude_reason']}")
+            base = baseline.get(f"baseline_{name}")
+            base = f"{base:.4f} ({value - base:+.4f})" if _number(base) else "n/a"
+            label = f"{name} (primary)" if name == primary else name
+            lines.append(f"| {label} | {value:.4f} | {theirs} | {base} |")
+        alloc = ledger.get_allocation(self.alloc["id"])  # settled with the registration
+        lines += ["", f"Cost: estimated {alloc['estimated_cost']}, debited {alloc['debited']}, "
+                      f"actual {alloc['actual_cost']}, refunded {alloc['refunded']} "
+                      f"{alloc['currency']} (allocation {alloc['id']}).",
+                  "", f"Registry version {version_number} (tag `forge.version_number`); MLflow "
+                      "numbers the versions of a model in the order they register."]
+        return "\n".join(lines)
 
     # --- inputs, manifest, metadata --------------------------------------------------------
 
     def _inputs(self) -> dict[str, Path]:
-        codepin.snapshot(self.plan.code, settings.cache_dir() / "code")  # sandbox_job's code_dir
+        # sandbox_job's code_dir; the logged model carries its trainers package
+        self.code_dir = codepin.snapshot(self.plan.code, settings.cache_dir() / "code")
         inputs = {}
         if self.parent is not None:
             inputs["parent"] = weights.materialize(self.parent, self.run_dir / "parent")
@@ -254,11 +317,15 @@ class _Job:
     # --- the unhappy path ------------------------------------------------------------------
 
     def fail(self, exc: BaseException) -> None:
-        """Settle once (charge what ran, refund the rest), undo files, mark the run FAILED.
+        """Settle once (charge what ran, refund the rest), undo files and MLflow entries
+        (version, logged model), mark the run FAILED; nothing once the registration committed
+        (it settled the allocation; the version stands and a retry returns it).
 
         Never raises: `exc` is what the caller gets. A settlement that still fails after
         retrying while the database is away is left to the reaper (`forge ledger reap`).
         """
+        if self.committed:
+            return
         reason = getattr(exc, "reason", None) or type(exc).__name__
 
         def attempt(what: str, step) -> None:
@@ -271,6 +338,9 @@ class _Job:
         if self.registered and self.mlflow is not None:
             attempt("could not remove the MLflow candidate", lambda: tracking.unregister(
                 self.mlflow, self.registered["registered_model"], self.registered["version"]))
+        if self.logged and self.mlflow is not None:
+            attempt("could not delete the MLflow logged model", lambda: tracking.delete_model(
+                self.mlflow, self.logged["model_id"]))
         if self.stored:
             attempt(f"could not remove the weights of {self.artifact_id}",
                     lambda: weights.remove(self.artifact_id))
@@ -325,3 +395,19 @@ def _yaml(cfg: dict) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(cfg))
 
 
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def _stored_file(artifact_id: str, name: str) -> Path:
+    """A file of a version's stored weights: in its weights folder, or the blob it names."""
+    folder = weights.weights_dir(artifact_id)
+    index = folder / weights.BLOB_INDEX
+    if not (folder / name).is_file() and index.is_file():
+        sha = json.loads(index.read_text()).get(name)
+        if isinstance(sha, str):
+            return weights.blob_path(sha)
+    return folder / name

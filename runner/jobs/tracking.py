@@ -10,6 +10,7 @@ here only, and only when a real launch needs it: the dry run never loads it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,14 +19,18 @@ import re
 import sys
 import threading
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import trainers
 from runner.jobs.handback import NotPlainFile, read_job_file
 from runner.sandbox import printable  # stdlib only: no torch, no mlflow
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in job logs
 
 MAX_PARAM_VALUE = 6000
 PARAMS_PER_BATCH = 100
@@ -247,21 +252,227 @@ class MetricRelay:
             return len(fresh)
 
 
-def log_outputs(mlflow_client, run_id: str, files: list[Path], checkpoint: Path | None) -> str | None:
-    """Upload plots, the job log and the checkpoint; returns the checkpoint's artifact URI."""
+def log_outputs(mlflow_client, run_id: str, files: list[Path]) -> None:
+    """Upload the plots (the job log goes up when the job ends)."""
     for path in files:
         if path.is_file():
             mlflow_client.log_artifact(run_id, str(path))
-    if checkpoint is None or not checkpoint.is_dir():
-        return None
-    mlflow_client.log_artifacts(run_id, str(checkpoint), "checkpoint")
-    return f"runs:/{run_id}/checkpoint"
 
 
-def register_candidate(mlflow_client, *, name: str, run_id: str, source: str,
-                       artifact_id: str, lifecycle_state: str = "candidate") -> dict[str, Any]:
-    """Register the checkpoint as a new version of the family's registered model (a root
-    version trained from scratch is `active`, as in the registry).
+# --- the training dataset as an MLflow dataset input ---------------------------------------
+
+DIGEST_CHARS = 16  # MLflow keeps at most 36; 16 hex digits of the content hash never collide
+
+
+def dataset_digest(dataset_row: dict) -> str:
+    """The start of the dataset's content hash (of its id when it has none)."""
+    digest = dataset_row.get("content_hash") or \
+        hashlib.sha256(dataset_row["id"].encode()).hexdigest()
+    return digest[:DIGEST_CHARS]
+
+
+def log_dataset_input(mlflow_client, run_id: str, dataset_row: dict) -> None:
+    """The run's training dataset (the registry's dataset artifact) as an MLflow dataset input:
+    the run page's "Datasets" shows its id, a digest of its content and where it comes from.
+
+    name: the artifact id; digest: the start of its content_hash (the sha256 of its data);
+    source: its citation's URL (an HTTP source); profile: the citation's row count, format
+    and schema summary. Nothing is read from the data itself."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    citation = (dataset_row.get("metadata") or {}).get("citation") or {}
+    url = citation.get("url") or dataset_row.get("origin_url") or ""
+    if url.startswith(("http://", "https://")):
+        source_type, source = "http", HTTPDatasetSource(url).to_json()
+    else:
+        source_type, source = "url", json.dumps({"url": url})
+    profile = {"num_rows": citation.get("row_count"), "format": citation.get("format"),
+               "schema_summary": citation.get("schema_summary")}
+    dataset = Dataset(name=dataset_row["id"], digest=dataset_digest(dataset_row),
+                      source_type=source_type, source=source,
+                      profile=json.dumps({k: v for k, v in profile.items() if v is not None}))
+    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(
+        dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+
+
+# --- the checkpoint as an MLflow model -----------------------------------------------------
+
+# The pyfunc flavor's model file: the HOST's copy (MLflow runs it when it logs the model, so
+# it must be trusted code, never the job's); it imports only mlflow at the top.
+MODEL_CODE = Path(trainers.__file__).parent / "scgpt" / "mlflow_model.py"
+REQUIREMENTS = ("torch", "numpy", "scipy", "scikit-learn", "pandas", "mlflow")
+CLASSIFIER_TASK = "finetune_celltype"
+MAX_VOCAB_BYTES = 16 * 1024**2  # scGPT's whole-human vocab.json (60,697 genes) is ~1.4 MB
+# One optional double column per gene: 500 genes (CBMC) make a 35 KB MLmodel, 60,697 genes
+# (scGPT's human vocabulary) 4.2 MB, rebuilt in ~3 s on each log and parsed on each load. Past
+# this many genes the signature keeps the output only and the MLmodel metadata says where the
+# gene list is (the checkpoint's vocab.json): the model takes any columns, and predict()
+# drops the genes the vocabulary lacks, as the trainer does.
+MAX_SIGNATURE_GENES = 2000
+
+
+class VocabError(ValueError):
+    """vocab.json is not what a checkpoint's gene vocabulary must be."""
+
+
+def read_genes(vocab_path: Path) -> list[str]:
+    """The gene names of a stored vocab.json (a JSON object gene -> id), without `<pad>`,
+    `<cls>`, `<eoc>` or any other `<...>` token, in id order. Read without following links,
+    at most MAX_VOCAB_BYTES; anything but string keys with integer ids is refused."""
+    try:
+        data, size = read_job_file(vocab_path, limit=MAX_VOCAB_BYTES + 1)
+    except NotPlainFile as exc:
+        raise VocabError(f"vocab.json {exc}") from None
+    if size > MAX_VOCAB_BYTES:
+        raise VocabError(f"vocab.json is {size} bytes, over the {MAX_VOCAB_BYTES} allowed")
+    try:
+        vocab = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise VocabError(f"vocab.json is not JSON: {exc}") from None
+    if not isinstance(vocab, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in vocab.items()):
+        raise VocabError("vocab.json must map gene names (strings) to token ids (integers)")
+    return [g for g, _ in sorted(vocab.items(), key=lambda kv: kv[1])
+            if not (g.startswith("<") and g.endswith(">"))]
+
+
+def cell_type_signature(genes: list[str]):
+    """Input: one optional double column per gene (raw counts); output: string `cell_type`.
+    Over MAX_SIGNATURE_GENES genes: the output only (see MAX_SIGNATURE_GENES)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = None
+    if len(genes) <= MAX_SIGNATURE_GENES:
+        inputs = Schema([ColSpec("double", gene, required=False) for gene in genes])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string", "cell_type")]))
+
+
+def requirements() -> list[str]:
+    """The model's pip requirements, pinned to what is installed here; given explicitly, so
+    MLflow never infers them by loading the model (which would import the job's code and
+    load its checkpoint on the host)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in REQUIREMENTS]
+
+
+_GLOBAL_URI = threading.Lock()
+
+
+@contextmanager
+def _global_tracking_uri(uri: str):
+    """MLflow's model logging (`Model.log`) and its SQL registry store (`create_model_version`
+    with a `models:/<model_id>` source) use the process's tracking URI, not their client's.
+    Set it for the call, then put back what was there, the MLFLOW_TRACKING_URI variable
+    included (every test has its own store). One at a time within a process."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _GLOBAL_URI:
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            with _use_tracking_uri(uri):
+                yield
+        finally:
+            if env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def log_model(mlflow_client, *, run_id: str, experiment_id: str, checkpoint: Path,
+              vocab: Path | None, code_dir: Path, task: str, tags: dict[str, str],
+              metrics: dict[str, float], dataset: dict | None = None,
+              name: str = "model") -> dict[str, str]:
+    """Log the job's checkpoint folder as an MLflow model of the host's run; returns
+    {"model_id", "model_uri"} (`models:/<model_id>`).
+
+    A cell-type classifier whose pinned code has trainers/scgpt/predict.py becomes a pyfunc
+    model from code (trainers/scgpt/mlflow_model.py), loadable with mlflow.pyfunc.load_model:
+    the checkpoint is its `checkpoint` artifact, the pinned `trainers` package its code, the
+    pip requirements explicit, a signature from `vocab` (the stored vocab.json), and no input
+    example: the host never runs a checkpoint a job wrote. Any other checkpoint (a pretrained
+    base, an older trainer) becomes a logged model holding the raw checkpoint files.
+
+    The logged model is created with the run as its source and logged as the run's output
+    (the run page lists it under "Logged models"); the candidate's test metrics are linked to
+    it and to the dataset input. On failure it is deleted again and the error raised."""
+    from mlflow.entities import LoggedModelOutput
+
+    pyfunc = task == CLASSIFIER_TASK and (code_dir / "trainers/scgpt/predict.py").is_file()
+    genes = read_genes(vocab) if pyfunc and vocab is not None else None
+    model = mlflow_client.create_logged_model(
+        experiment_id, name=name, source_run_id=run_id, tags=tags,
+        model_type="scgpt-cell-type-classifier" if pyfunc else "scgpt-checkpoint")
+    model_id = model.model_id
+    try:
+        if pyfunc:
+            import mlflow
+
+            with _global_tracking_uri(mlflow_client.tracking_uri), warnings.catch_warnings():
+                # no input example on purpose: making one means running the model
+                warnings.filterwarnings("ignore", message=".*input example was not provided")
+                mlflow.pyfunc.log_model(
+                    name=name, model_id=model_id, python_model=str(MODEL_CODE),
+                    artifacts={"checkpoint": str(checkpoint)},
+                    code_paths=[str(code_dir / "trainers")], pip_requirements=requirements(),
+                    signature=cell_type_signature(genes) if genes is not None else None,
+                    metadata={"input_genes": "artifacts/checkpoint/vocab.json",
+                              "n_genes": len(genes or [])})
+        else:
+            mlflow_client.log_model_artifacts(model_id, str(checkpoint))
+        mlflow_client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+        linked = [_linked(mlflow_client, run_id, model_id, key, metrics[key], dataset)
+                  for key in sorted(metrics) if key.startswith("test_") and valid_metric_name(key)]
+        if linked:
+            mlflow_client.log_batch(run_id, metrics=linked)
+        mlflow_client.finalize_logged_model(model_id, "READY")
+    except BaseException:
+        delete_model(mlflow_client, model_id)
+        raise
+    return {"model_id": model_id, "model_uri": f"models:/{model_id}"}
+
+
+def _linked(mlflow_client, run_id: str, model_id: str, key: str, value: float,
+            dataset: dict | None):
+    """The run's last point of `key` again (the store keeps no duplicate), now linked to the
+    logged model and the dataset: the model's page shows its metrics and what they were
+    measured on."""
+    from mlflow.entities import Metric
+
+    history = mlflow_client.get_metric_history(run_id, key)
+    last = history[-1] if history else Metric(key, float(value), int(time.time() * 1000), 0)
+    return Metric(key, last.value, last.timestamp, last.step, model_id=model_id, run_id=run_id,
+                  dataset_name=dataset["id"] if dataset else None,
+                  dataset_digest=dataset_digest(dataset) if dataset else None)
+
+
+def delete_model(mlflow_client, model_id: str) -> None:
+    try:
+        mlflow_client.delete_logged_model(model_id)
+    except Exception:
+        pass
+
+
+# --- the registered version ----------------------------------------------------------------
+
+def register_candidate(mlflow_client, *, name: str, run_id: str, artifact_id: str,
+                       model_id: str | None = None, source: str | None = None,
+                       version_number: int | None = None,
+                       lifecycle_state: str = "candidate") -> dict[str, Any]:
+    """Register a new version of the family's registered model from the logged model
+    `model_id` (source `models:/<model_id>`; or from `source` without one), so
+    `mlflow.pyfunc.load_model("models:/<family>/<version>")` loads what the run logged. A
+    root version trained from scratch is `active`, as in the registry.
+
+    MLflow numbers the versions of a registered model in the order they register; the
+    registry numbers a version parent + 1. Two candidates of one parent are both registry
+    version N+1 but get two MLflow numbers, so the numbers drift apart: the registry's number
+    is the tag `forge.version_number`, beside MLflow's own, and `forge.artifact_id` names the
+    registry artifact.
 
     A candidate is a state, not a pointer: many candidates of one family coexist, each tagged
     `forge.lifecycle_state=candidate` (find them with search_model_versions). Aliases name one
@@ -273,11 +484,25 @@ def register_candidate(mlflow_client, *, name: str, run_id: str, source: str,
         if "RESOURCE_ALREADY_EXISTS" not in str(getattr(exc, "error_code", "")) and \
                 "already exists" not in str(exc) and "UNIQUE constraint" not in str(exc):
             raise
-    version = mlflow_client.create_model_version(
-        name, source=source, run_id=run_id,
-        tags={"forge.artifact_id": artifact_id, "forge.lifecycle_state": lifecycle_state})
+    tags = {"forge.artifact_id": artifact_id, "forge.lifecycle_state": lifecycle_state}
+    if version_number is not None:
+        tags["forge.version_number"] = str(version_number)
+    if model_id is not None:
+        # the SQL registry store finds the logged model through the process's tracking URI
+        with _global_tracking_uri(mlflow_client.tracking_uri):
+            version = mlflow_client.create_model_version(
+                name, source=source or f"models:/{model_id}", run_id=run_id, tags=tags,
+                model_id=model_id)
+    else:
+        version = mlflow_client.create_model_version(name, source=source, run_id=run_id,
+                                                     tags=tags)
     return {"registered_model": name, "version": str(version.version),
             "model_uri": f"models:/{name}/{version.version}"}
+
+
+def describe_version(mlflow_client, name: str, version: str, text: str) -> None:
+    """The version's description (Markdown in the MLflow UI)."""
+    mlflow_client.update_model_version(name, version, description=text)
 
 
 def unregister(mlflow_client, name: str, version: str) -> None:
