@@ -104,6 +104,7 @@ def gate_cmd(candidate_id, agent_id, gate_name, dry_run, justification, allow_di
     lineage's champion on its held-out cells, in the sandbox, and bootstrap the delta."""
     # lazy: runner.api and the registry (~350 ms) stay out of `forge --help`
     from runner.api import evaluate_candidate
+    from runner.jobs.gate import decision_text
 
     result = evaluate_candidate(candidate_id, agent_id, gate_name, dry_run,
                                 justification=justification, allow_dirty=allow_dirty)
@@ -111,23 +112,6 @@ def gate_cmd(candidate_id, agent_id, gate_name, dry_run, justification, allow_di
         echo_json(result)
         return
     click.echo(decision_text(result))
-
-
-def decision_text(result: dict) -> str:
-    """A gate's decision in a few lines: the verdict, then each comparison with its CI."""
-    lines = [f"{result['candidate_artifact_id']}: {result['decision'].upper()} by gate "
-             f"{result['gate']!r}{' (recorded earlier)' if result.get('recorded') else ''}"]
-    for c in result["comparisons"]:
-        who = c["comparator_artifact_id"] or "logistic-regression baseline"
-        lines.append(f"  vs {c['comparator_role']} {who}: {c['metric']} "
-                     f"{c['candidate_value']:.4f} vs {c['comparator_value']:.4f}, delta "
-                     f"{c['delta']:+.4f}, {c['confidence']:.0%} CI [{c['ci_low']:+.4f}, "
-                     f"{c['ci_high']:+.4f}] over {c['n_cells']} cells")
-    cost = result.get("cost")
-    if cost:
-        lines.append(f"  cost {cost['actual']} {cost['currency']} (debited {cost['debited']}, "
-                     f"refunded {cost['refunded']})")
-    return "\n".join(lines)
 
 
 @main.group()

@@ -7,9 +7,14 @@ FORGE_HOME).
    same plan -> debit -> sandbox -> register path as every job, as version 1 of
    `model-scgpt-cbmc-base`;
 4. fine-tune it for cell types with train_model_version() into a candidate version 2;
-5. print the returned dict and the command that opens the MLflow UI on the same store.
+5. gate the candidate with evaluate_candidate() (conf/gate/default.yaml): evaluated in the
+   sandbox on its held-out cells against its parent, or, as the pretrained base cannot
+   classify cells, against the logistic-regression baseline refitted on the same split;
+   the paired bootstrap's CI decides promoted or rejected;
+6. print the returned dicts, the decision with its CI, and the command that opens the
+   MLflow UI on the same store.
 
-A second run reuses the base and gets the same request's earlier result back.
+A second run reuses the base and gets the same requests' earlier results back.
 
 `python -m runner.demo smoke` (`make demo DEMO=smoke`) runs the same steps on the same
 defaults, sized to a minute or two on 2 cores: a base of its own (one short epoch) and a
@@ -27,10 +32,11 @@ from decimal import Decimal
 from rich.console import Console
 
 from runner import settings
-from runner.api import SKILLS, train_model_version
+from runner.api import SKILLS, evaluate_candidate, train_model_version
 from runner.config.compose import compose_config, to_plain
 from runner.errors import ForgeError, NotFound
 from runner.jobs.datasets import BUILTINS, builtin_citation
+from runner.jobs.gate import decision_text
 from runner.jobs.launch import launch
 from runner.jobs.plan import TrainRequest, prepare
 from runner.registry import catalog, db, ledger
@@ -119,10 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         result = train_model_version(base["id"], "dataset-geo-GSE100866",
                                      profile.finetune or None, AGENT,
                                      wall_time_cap_min=profile.wall_time_cap_min, vram_cap_gb=24)
+        print(json.dumps(result, indent=2, default=str))
+        console.print(f"gating candidate [bold]{result['artifact_id']}[/] (evaluate_candidate, "
+                      "gate default)")
+        decision = evaluate_candidate(result["artifact_id"], AGENT, "default")
     except ForgeError as exc:
         console.print(f"[red]error[/]: {type(exc).__name__}: {exc}")
         return 2
-    print(json.dumps(result, indent=2, default=str))
+    print(json.dumps(decision, indent=2, default=str))
+    console.print(decision_text(decision))
     uri = to_plain(compose_config())["tracking"]["tracking_uri"]
     console.print(f"done in {time.perf_counter() - start:.0f}s. Browse runs and the "
                   f"registered model:\n  .venv/bin/mlflow ui --backend-store-uri {uri} "

@@ -3,6 +3,7 @@
     forge-train parent=scgpt_cbmc_base dataset=cbmc training=finetune_celltype agent_id=a1
     forge-train parent_artifact_id=ID dataset_artifact_id=ID ...   # artifacts without an option
     forge-train ... dry_run=true          # print the dry-run result as JSON
+    forge-train ... gate=default          # then gate the new version (conf/gate/default.yaml)
     forge-train ... --cfg job             # print the composed config
     forge-train -m training.lr=1e-3,1e-4 ...   # a sweep, one run directory per job
 
@@ -32,8 +33,9 @@ from typing import NamedTuple
 
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.api import train_model_version
+from runner.api import evaluate_candidate, train_model_version
 from runner.config import caller, compose, options, schema
+from runner.config.gate import load_gate
 from runner.config.overrides import parse_overrides
 from runner.errors import ForgeError, InvalidOverride
 from runner.tools import jsonable
@@ -56,6 +58,7 @@ def main() -> None:
 def run(argv: list[str]) -> int:
     """Run forge-train with `argv`; returns the exit code."""
     try:
+        argv, gate = _take_gate(argv)
         if argv and all(not a.startswith("-") for a in argv):
             overrides = caller.cli_overrides(argv)
             cfg = compose.compose_config(overrides)
@@ -67,7 +70,20 @@ def run(argv: list[str]) -> int:
             overrides = caller.cli_overrides(given, multirun=multirun)
     except ForgeError as exc:
         return _fail(exc)
-    return _run_hydra(flags, overrides, multirun)
+    return _run_hydra(flags, overrides, multirun, gate)
+
+
+def _take_gate(argv: list[str]) -> tuple[list[str], str | None]:
+    """`gate=NAME` is forge-train's own argument, not a config key (conf/gate/ is the eval
+    gate's, outside the training config): the rest of argv, and the gate, checked now so an
+    unknown one fails before the training's debit."""
+    gates = [a.removeprefix("gate=") for a in argv if a.startswith("gate=")]
+    if len(gates) > 1:
+        raise InvalidOverride("gate= is given more than once", field="gate", problem="syntax",
+                              fix="name one gate of conf/gate/")
+    if gates:
+        load_gate(gates[0])
+    return [a for a in argv if not a.startswith("gate=")], (gates[0] if gates else None)
 
 
 # Hydra's flags a caller may not give: they read configs or state from elsewhere.
@@ -95,12 +111,13 @@ def _hydra_flags(argv: list[str]) -> tuple[list[str], bool, list[str]]:
     return flags, bool(args.multirun), list(args.overrides or [])
 
 
-def execute(cfg, *, under_hydra: bool = True) -> Outcome:
+def execute(cfg, *, under_hydra: bool = True, gate: str | None = None) -> Outcome:
     """The task: call train_model_version with the composed config and print its result.
 
     Inside a sweep (`-m`) the job nests its MLflow run under the sweep's parent run and
     leaves a `forge_job.json` outcome for the sweep summary; a failing job is recorded
-    there and does not stop the others.
+    there and does not stop the others. With `gate`, each new version then goes to the eval
+    gate (evaluate_candidate) and the result carries its decision under "gate".
     """
     job = _sweep_job() if under_hydra else None  # a plain dry run never imports Hydra
     try:
@@ -115,6 +132,15 @@ def execute(cfg, *, under_hydra: bool = True) -> Outcome:
         if job:
             _record(job, cfg, error=exc)
         return Outcome(_fail(exc))
+    if gate and not cfg.dry_run:
+        try:
+            decision = evaluate_candidate(result["artifact_id"], cfg.agent_id, gate,
+                                          allow_dirty=cfg.allow_dirty)
+        except ForgeError as exc:
+            if job:
+                _record(job, cfg, result=result, error=exc)
+            return Outcome(_fail(exc))
+        result = {**result, "gate": decision}
     metric = None
     if job:
         metric = _record(job, cfg, result=result).get("metric")  # the sweep summary shows it
@@ -158,6 +184,7 @@ def _record(job: dict, cfg, result: dict | None = None, error=None) -> dict:
                        error="; ".join(r["reason"] for r in result["reasons"]))
     else:
         outcome.update(status="ok", cost=result["cost"]["actual"],
+                       gate=(result.get("gate") or {}).get("decision"),
                        metric=(result["eval_metrics"] or {}).get(metric_name),
                        artifact_id=result["artifact_id"], mlflow_run_id=result["mlflow"]["run_id"])
     sweep.write_job_outcome(job["dir"], outcome)
@@ -169,7 +196,8 @@ def _fail(exc) -> int:
     return EXIT_INVALID
 
 
-def _run_hydra(flags: list[str], overrides: list[str], multirun: bool) -> int:
+def _run_hydra(flags: list[str], overrides: list[str], multirun: bool,
+               gate: str | None = None) -> int:
     """The @hydra.main app over `overrides`, which cli_overrides() has checked."""
     import hydra
 
@@ -185,7 +213,7 @@ def _run_hydra(flags: list[str], overrides: list[str], multirun: bool) -> int:
     @hydra.main(config_path=str(options.config_dir()), config_name=compose.CONFIG_NAME,
                 version_base="1.3")
     def task(cfg) -> float:
-        outcome = execute(cfg)
+        outcome = execute(cfg, gate=gate)
         codes.append(outcome.code)
         # Sweepers that optimise (Optuna) read the job's target metric from here.
         return float("nan") if outcome.metric is None else outcome.metric

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from runner import tools
-from runner.api import SKILLS, TRAIN_SKILL
+from runner.api import GATE_SKILL, SKILLS, TRAIN_SKILL
 from runner.cli import main as forge
 from runner.errors import BudgetExceeded
 from runner.registry import db
@@ -35,8 +35,10 @@ def toy(x, *, agent_id=None, fail=None, **extra):
 def test_register_tools_is_idempotent_and_describes_the_call(db_url):
     first = tools.register_tools(SKILLS)
     tools.register_tools(SKILLS)
-    (row,) = rows(db_url, skills)
-    assert row["id"] == "skill-train-model-version" == first[0]["id"]
+    by_id = {r["id"]: r for r in rows(db_url, skills)}
+    assert sorted(by_id) == ["skill-evaluate-candidate", "skill-train-model-version"]
+    row = by_id["skill-train-model-version"]
+    assert row["id"] == first[0]["id"]
     assert row["name"] == SKILL and row["skill_type"] == "model_training"
     assert row["code_path"] == "runner.api:train_model_version" and row["times_used"] == 0
     schema = row["input_schema"]
@@ -51,16 +53,26 @@ def test_register_tools_is_idempotent_and_describes_the_call(db_url):
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**row["example_input"], "wall_time_cap_min": 0}, schema)
 
+    gate = by_id["skill-evaluate-candidate"]  # the eval gate's skill, its schema the call's
+    assert gate["code_path"] == "runner.api:evaluate_candidate"
+    assert gate["skill_type"] == "model_evaluation"
+    jsonschema.validate(gate["example_input"], gate["input_schema"])
+    from runner.api import evaluate_candidate
+    params = set(inspect.signature(evaluate_candidate).parameters) - {"kw"}
+    assert params == set(gate["input_schema"]["properties"])
+
 
 def test_cli_register(db_url):
     result = CliRunner().invoke(forge, ["tools", "register"])
     assert result.exit_code == 0 and "skill-train-model-version" in result.output
-    assert len(rows(db_url, skills)) == 1
+    assert "skill-evaluate-candidate" in result.output
+    assert len(rows(db_url, skills)) == 2
 
 
 def test_skills_are_values_and_forge_db_upgrade_writes_them(db_url):
     assert TRAIN_SKILL.id == tools.skill_id(TRAIN_SKILL.name) == "skill-train-model-version"
-    assert TRAIN_SKILL.code_path == "runner.api:train_model_version" and SKILLS == (TRAIN_SKILL,)
+    assert TRAIN_SKILL.code_path == "runner.api:train_model_version"
+    assert SKILLS == (TRAIN_SKILL, GATE_SKILL)
     with pytest.raises(dataclasses.FrozenInstanceError):
         TRAIN_SKILL.name = "other"  # type: ignore[misc]
     with pytest.raises(TypeError, match="takes a Skill"):
@@ -70,11 +82,11 @@ def test_skills_are_values_and_forge_db_upgrade_writes_them(db_url):
 
     with db.get_engine(db_url).begin() as conn:
         conn.execute(sa.delete(skills))
-    assert db.upgrade(db_url) == "0002" and rows(db_url, skills) == []  # tables only
+    assert db.upgrade(db_url) == "0003" and rows(db_url, skills) == []  # tables only
     result = CliRunner().invoke(forge, ["db", "upgrade", "--url", db_url])
     assert result.exit_code == 0, result.output
-    (row,) = rows(db_url, skills)
-    assert row["id"] == TRAIN_SKILL.id and row["input_schema"] == TRAIN_SKILL.input_schema
+    written = {r["id"]: r["input_schema"] for r in rows(db_url, skills)}
+    assert written == {s.id: s.input_schema for s in SKILLS}
 
 
 def test_success_row(db_url):
@@ -86,7 +98,8 @@ def test_success_row(db_url):
     assert call["input_params"] == {"x": "1.5", "agent_id": "a1", "note": "n"}
     assert call["output_summary"] == {"value": "3.0", "extra": {"note": "n"}}
     assert isinstance(call["duration_ms"], int)
-    assert rows(db_url, skills)[0]["times_used"] == 1
+    used = {r["id"]: r["times_used"] for r in rows(db_url, skills)}
+    assert used == {"skill-train-model-version": 1, "skill-evaluate-candidate": 0}
 
 
 def test_failure_rows_never_mask_the_exception(db_url):

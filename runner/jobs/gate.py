@@ -300,3 +300,20 @@ def _result(model: dict, rows: list[dict], *, recorded: bool) -> dict:
                    "run_id": version.get("mlflow_run_id")},
     }
 
+
+def decision_text(result: dict) -> str:
+    """A gate's decision in a few lines: the verdict, then each comparison with its CI."""
+    lines = [f"{result['candidate_artifact_id']}: {result['decision'].upper()} by gate "
+             f"{result['gate']!r}{' (recorded earlier)' if result.get('recorded') else ''}"]
+    for c in result["comparisons"]:
+        who = c["comparator_artifact_id"] or "logistic-regression baseline"
+        lines.append(f"  vs {c['comparator_role']} {who}: {c['metric']} "
+                     f"{c['candidate_value']:.4f} vs {c['comparator_value']:.4f}, delta "
+                     f"{c['delta']:+.4f}, {c['confidence']:.0%} CI [{c['ci_low']:+.4f}, "
+                     f"{c['ci_high']:+.4f}] over {c['n_cells']} cells")
+        lines.extend(f"    {reason}" for reason in (c.get("reasons") or [])[1:])  # guards
+    cost = result.get("cost")
+    if cost:
+        lines.append(f"  cost {cost['actual']} {cost['currency']} (debited {cost['debited']}, "
+                     f"refunded {cost['refunded']})")
+    return "\n".join(lines)
