@@ -60,12 +60,13 @@ def models() -> None:
 @models.command("show")
 @click.argument("artifact_id")
 def models_show(artifact_id):
-    """Print a model artifact with its model_versions row and links."""
+    """Print a model artifact with its model_versions row, links and gate evaluations."""
     # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
-    from runner.registry import catalog
+    from runner.registry import catalog, promotion
 
     model = catalog.get_model_version(artifact_id)
     model["links"] = catalog.links(artifact_id)
+    model["evaluations"] = promotion.recorded(artifact_id)
     echo_json(model)
 
 
