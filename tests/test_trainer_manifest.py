@@ -213,3 +213,45 @@ def registry_and_code(sqlite_url, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path / "cache"))
     pilot_dry_run_registry(tmp_path, monkeypatch)
     return sqlite_url
+
+
+# --- the eval gate's manifest -------------------------------------------------------------------
+
+EVAL = {"output_dir": "/job/out", "seed": 3,
+        "dataset": {"name": "cbmc", "path": "/job/in/dataset", "format": "cbmc_mat"},
+        "split": {"seed": 3, "val_fraction": 0.1, "test_fraction": 0.1, "test_sha256": "a" * 64},
+        "models": {"candidate": "/job/in/candidate", "parent": "/job/in/parent"},
+        "max_seq_len": 65, "eval_batch_size": 64, "baseline": True}
+
+
+def test_an_eval_manifest_parses_with_its_models_by_name():
+    from trainers.manifest import EVAL_TASK, parse_eval_manifest
+
+    m = parse_eval_manifest(copy.deepcopy(EVAL))
+    assert m.task == EVAL_TASK and m.models == EVAL["models"] and m.split.seed == 3
+    assert m.baseline is True and m.precision == "auto"
+
+
+@pytest.mark.parametrize("path, value, field", [
+    (("models",), {}, "models"),
+    (("models",), {"baseline": "/job/in/x"}, "models"),  # the refitted baseline's name
+    (("models",), {"../x": "/job/in/x"}, "models"),
+    (("models",), {"candidate": 3}, "models.candidate"),
+    (("models",), ["/job/in/x"], "models"),
+    (("split", "test_sha256"), "not-a-digest", "split.test_sha256"),
+    (("split", "test_fraction"), 0.95, "split.test_fraction"),
+    (("task",), "finetune_celltype", "task"),
+    (("eval_batch_size",), 0, "eval_batch_size"),
+    (("surprise",), 1, "surprise"),
+])
+def test_an_eval_manifest_names_the_field_it_refuses(path, value, field):
+    from trainers.manifest import parse_eval_manifest
+
+    raw = copy.deepcopy(EVAL)
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ManifestError) as err:
+        parse_eval_manifest(raw)
+    assert err.value.field == field

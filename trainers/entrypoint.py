@@ -235,21 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train(m, state)
         code, status = EXIT_OK, {"status": "ok", "reason": "ok", "message": "ok"}
     except Exception as e:  # noqa: BLE001 -- every failure still leaves a result.json
-        from trainers.scgpt.lightning import NonFiniteLoss
-        if isinstance(e, ManifestError):
-            code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": e.field}
-        elif isinstance(e, DatasetError):
-            code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": "dataset"}
-        elif isinstance(e, NonFiniteLoss):
-            code, reason, extra = EXIT_NAN, "nan_loss", {"step": e.step, "stage": e.stage}
-        elif _is_oom(e):
-            code, reason, extra = EXIT_OOM, "oom", {}
-        else:
-            code, reason, extra = EXIT_ERROR, "error", {}
-            traceback.print_exc()
-        print(f"error ({reason}): {e}", file=sys.stderr, flush=True)
+        code, extra, status = failure(e)
         result = {**extra, "metrics": {}}
-        status = {"status": "failed", "reason": reason, "message": f"{type(e).__name__}: {e}"}
     timings = {**result.pop("timings", {}), "total_s": time.perf_counter() - t_start}
     final = {**base, **{k: state[k] for k in ("device", "split", "genes", "metrics_path")
                         if k in state}, **result, **status, "timings": timings}
@@ -257,6 +244,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"result: {final['status']} ({final['reason']}) -> {out_dir / 'result.json'}",
           flush=True)
     return code
+
+
+def failure(e: Exception) -> tuple[int, dict, dict]:
+    """A job's exception as (exit code, result.json extras, status fields), printed once."""
+    lightning = sys.modules.get("trainers.scgpt.lightning")  # NonFiniteLoss, if it was loaded
+    if isinstance(e, ManifestError):
+        code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": e.field}
+    elif isinstance(e, DatasetError):
+        code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": "dataset"}
+    elif lightning is not None and isinstance(e, lightning.NonFiniteLoss):
+        code, reason, extra = EXIT_NAN, "nan_loss", {"step": e.step, "stage": e.stage}
+    elif _is_oom(e):
+        code, reason, extra = EXIT_OOM, "oom", {}
+    else:
+        code, reason, extra = EXIT_ERROR, "error", {}
+        traceback.print_exc()
+    print(f"error ({reason}): {e}", file=sys.stderr, flush=True)
+    return code, extra, {"status": "failed", "reason": reason,
+                         "message": f"{type(e).__name__}: {e}"}
 
 
 def _raw_output_dir(path: str) -> Path | None:

@@ -23,13 +23,10 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
-from trainers.data.load import DatasetError
-from trainers.entrypoint import _raw_output_dir, _write_result
+from trainers.entrypoint import _raw_output_dir, _write_result, failure
 from trainers.manifest import (
-    EXIT_ERROR,
     EXIT_INVALID,
     EXIT_OK,
     EvalManifest,
@@ -117,16 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(m, state)
         code, status = EXIT_OK, {"status": "ok", "reason": "ok", "message": "ok"}
     except Exception as e:  # noqa: BLE001 -- every failure still leaves a result.json
-        if isinstance(e, ManifestError):
-            code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": e.field}
-        elif isinstance(e, DatasetError):
-            code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": "dataset"}
-        else:
-            code, reason, extra = EXIT_ERROR, "error", {}
-            traceback.print_exc()
-        print(f"error ({reason}): {e}", file=sys.stderr, flush=True)
-        result = extra
-        status = {"status": "failed", "reason": reason, "message": f"{type(e).__name__}: {e}"}
+        code, result, status = failure(e)
     final = {**base, **{k: state[k] for k in ("device", "split") if k in state}, **result,
              **status, "timings": {"total_s": time.perf_counter() - t_start}}
     _write_result(out_dir, final)

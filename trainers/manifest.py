@@ -218,23 +218,20 @@ def sha256_file(path: str | Path) -> str:
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ManifestError("<file>", f"{path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ManifestError("<file>", f"{path} is not valid JSON: {e}") from None
-    return parse_manifest(raw)
+    return parse_manifest(_read_json(path))
 
 
 def load_eval_manifest(path: str | Path) -> EvalManifest:
+    return parse_eval_manifest(_read_json(path))
+
+
+def _read_json(path: str | Path):
     try:
-        raw = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ManifestError("<file>", f"{path} does not exist") from None
     except json.JSONDecodeError as e:
         raise ManifestError("<file>", f"{path} is not valid JSON: {e}") from None
-    return parse_eval_manifest(raw)
 
 
 def parse_eval_manifest(raw: dict) -> EvalManifest:
