@@ -116,6 +116,26 @@ def test_a_lineage_is_gated_on_evidence(sqlite_registry, committed_code, tmp_pat
                      "gate/default/per_class_f1.png"}
     assert promoted["warnings"] == []
 
+    # The champion alias loads the promoted version as a model that predicts cell types and
+    # reproduces the test accuracy it was registered with (a model that predicts several
+    # classes, unlike the one-class tiny fine-tunes).
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from runner.jobs.datasets import fetch
+    from trainers.data.load import load, split_cells
+
+    data = load(fetch("cbmc"), "cbmc_mat")
+    split = split_cells(data.n_cells, data.labels, 0.1, 0.1, 0)
+    cells = pd.DataFrame(data.rows(split.test).astype("float32"), columns=data.genes)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    predicted = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(cells)["cell_type"]
+    truth = np.asarray(data.label_names)[data.labels[split.test]]
+    assert predicted.nunique() > 1, predicted.value_counts()
+    assert float(np.mean(predicted.to_numpy() == truth)) == pytest.approx(
+        v3["eval_metrics"]["test_accuracy"], abs=0.005)
+
     # The same gate again: the recorded decision, nothing debited, nothing written but the
     # tool call. Under other rules: refused.
     before = count_rows(sqlite_registry)

@@ -259,7 +259,7 @@ def _typed(exc: BaseException) -> BaseException:
     """A failed evaluation as the caller sees it: the job's failure as EvaluationFailed (a
     split that does not rebuild as GateRefused `split_mismatch`); ForgeErrors as they are."""
     if isinstance(exc, TrainingFailed):
-        if "split.test_sha256" in exc.message:
+        if exc.field == "split.test_sha256":
             return GateRefused(f"the candidate's held-out cells cannot be rebuilt: "
                                f"{exc.message}", reason="split_mismatch",
                                field="candidate_artifact_id",

@@ -35,6 +35,7 @@ FIXES = {"timeout": "raise wall_time_cap_min or shorten training",
          "output_quota": "write less to the output directory (sandbox.max_output_gb is the "
                          "operator's quota)"}
 
+_FIELD = re.compile(r"[A-Za-z0-9_.<>-]{1,200}")  # a manifest field the trainer blamed
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
 
@@ -63,9 +64,11 @@ def read_result(out: Path, launched) -> dict:
         elif result and result.get("reason") not in (None, "ok"):
             reason = result["reason"]
         message = message or (result or {}).get("message") or f"see {launched.log_path}"
+        field = (result or {}).get("field") if not launched.detail else None
         raise TrainingFailed(
             f"training {reason} (exit {launched.exit_code} after {launched.wall_seconds:.1f}s): "
             f"{printable(message)}", reason=reason,
+            field=field if isinstance(field, str) and _FIELD.fullmatch(field) else None,
             fix=FIXES.get(reason, f"read the job log {launched.log_path}"),
             log_path=str(launched.log_path))
     if problem:
