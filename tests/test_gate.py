@@ -376,3 +376,42 @@ def test_forge_train_chains_the_gate_and_forge_gate_reads_it(sqlite_registry, tm
     assert "95% CI [" in shown.stdout
     refused = _cli("-m", "runner.cli", "gate", BASE_ID, "--agent", AGENT, env=env)
     assert refused.returncode == 2 and "GateRefused" in refused.stderr
+
+
+# The candidate predicts like the comparators except on `WORSE` cells, where it is wrong.
+def _tied_candidate(worse: int) -> str:
+    return f"""
+    import json, sys, pathlib
+    m = json.load(open(sys.argv[1]))
+    out = pathlib.Path(m["output_dir"])
+    true = [i % 3 for i in range({N_CELLS})]
+    other = [t if i % 4 else (t + 1) % 3 for i, t in enumerate(true)]
+    mine = [(t + 1) % 3 if i < {worse} else o for i, (t, o) in enumerate(zip(true, other))]
+    pred = {{name: other for name in list(m["models"]) + ["baseline"]}}
+    pred["candidate"] = mine
+    json.dump({{"cells": list(range({N_CELLS})), "true": true, "label_names": ["a", "b", "c"],
+               "pred": pred}}, open(out / "predictions.json", "w"))
+    json.dump({{"status": "ok", "reason": "ok"}}, open(out / "result.json", "w"))
+"""
+
+
+@pytest.mark.parametrize("allow, worse, justification, decision", [
+    (False, 0, "faster at inference", "rejected"),  # the gate takes no justification
+    (True, 0, None, "rejected"),  # a tie, and nothing said
+    (True, 0, "faster at inference", "promoted"),  # a tie, justified
+    (True, 8, "faster at inference", "rejected"),  # a guard broken: no justification helps
+])
+def test_a_tradeoff_is_promoted_only_where_the_gate_allows_it(
+        sqlite_registry, tmp_path, monkeypatch, allow, worse, justification, decision):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(_stand_in_repo(tmp_path, _tied_candidate(worse))))
+    conf = operator_conf(tmp_path, monkeypatch, "")
+    (conf / "gate" / "lenient.yaml").write_text(f"allow_tradeoff: {str(allow).lower()}\n")
+    cand = _stand_in_candidate(BASE_ID, "model-standin-tradeoff")
+    result = _gate(cand, gate="lenient", justification=justification)
+    assert result["decision"] == decision, result["notes"]
+    if decision == "promoted":
+        assert "tradeoff justification: faster at inference" in result["notes"]
+    if worse:
+        assert "guard test_accuracy drops" in result["notes"]
+    if justification and not allow:
+        assert "this gate accepts none" in result["notes"]

@@ -28,7 +28,14 @@ from typing import Callable
 
 from runner import sandbox, settings
 from runner.config.gate import GateConf, load_gate
-from runner.errors import Conflict, EvaluationFailed, ForgeError, GateRefused, TrainingFailed
+from runner.errors import (
+    Conflict,
+    EvaluationFailed,
+    ForgeError,
+    GateRefused,
+    InvalidInput,
+    TrainingFailed,
+)
 from runner.jobs import codepin, decide, gate_report, handback, recovery, weights
 from runner.jobs.job import clean_run_dir, dataset_input, disk_problem, run_dir, sandbox_job
 from runner.jobs.plan import Plan, TrainRequest, prepare
@@ -46,9 +53,9 @@ def evaluate(candidate_id: str, agent_id: str, gate: str = "default", *, dry_run
     ledger.check_agent_id(agent_id)
     if justification is not None and (not isinstance(justification, str)
                                       or not 1 <= len(justification) <= 4000):
-        raise GateRefused("justification must be a string of 1 to 4000 characters",
-                          field="justification", reason="invalid_input",
-                          fix="say in words why the tradeoff is worth it, or pass none")
+        raise InvalidInput("justification must be a string of 1 to 4000 characters",
+                           field="justification",
+                           fix="say in words why the tradeoff is worth it, or pass none")
     rules = load_gate(gate)
     cand = catalog.get_model_version(candidate_id)
     if cand["version"]["promotion_state"] != "candidate":
