@@ -415,3 +415,26 @@ def test_a_tradeoff_is_promoted_only_where_the_gate_allows_it(
         assert "guard test_accuracy drops" in result["notes"]
     if justification and not allow:
         assert "this gate accepts none" in result["notes"]
+
+
+def test_the_gates_dry_run_never_imports_torch_lightning_or_mlflow(sqlite_registry, tmp_path):
+    """Like training's: the estimate, the comparators and the rules, nothing heavy, nothing
+    written but the audit row."""
+    cand = _stand_in_candidate(BASE_ID, "model-standin-dry")
+    code = (
+        "import sys, json\n"
+        "from runner.api import evaluate_candidate\n"
+        f"r = evaluate_candidate({cand!r}, {AGENT!r}, dry_run=True, allow_dirty=True)\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'lightning', 'pytorch_lightning', 'mlflow', 'matplotlib'))\n"
+        "print(json.dumps({'would_launch': r['would_launch'], 'heavy': heavy, "
+        "'estimate': r['estimate']['amount'], 'comparators': r['comparators']}, default=str))\n")
+    before = count_rows(sqlite_registry)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"would_launch": True, "heavy": [], "estimate": "0.083334",
+                      "comparators": {"parent": BASE_ID}}  # 10 min at 0.50/h
+    after = count_rows(sqlite_registry)
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {"tool_calls": 1}
