@@ -48,6 +48,7 @@ class Predictions:
 class Comparison:
     role: str  # parent | champion | baseline
     comparator_id: str | None  # None: the baseline
+    metric: str  # the gate's name for it (test_macro_f1)
     result: Bootstrap
     guards: dict[str, float]  # guard metric -> candidate minus comparator
     passed_delta: bool
@@ -58,7 +59,7 @@ class Comparison:
         """The comparison's `evaluations` columns."""
         r = self.result
         return dict(comparator_artifact_id=self.comparator_id, comparator_role=self.role,
-                    metric=r.metric, candidate_value=r.value_a, comparator_value=r.value_b,
+                    metric=self.metric, candidate_value=r.value_a, comparator_value=r.value_b,
                     delta=r.delta, ci_low=r.low, ci_high=r.high, confidence=r.confidence,
                     n_resamples=r.n_resamples, n_cells=r.n_cells, seed=r.seed,
                     reasons=self.reasons)
@@ -188,5 +189,6 @@ def _compare(gate: GateConf, preds: Predictions, role: str, comparator_id: str |
             reasons.append(f"guard {name} drops {-delta:.4f} against {who}, over the "
                            f"{allowance:.4f} allowed")
     passed_guards = all(guards[n] >= -a for n, a in gate.guards.items())
-    return Comparison(role, comparator_id, result, guards, passed_delta, passed_guards, reasons)
+    return Comparison(role, comparator_id, gate.metric, result, guards, passed_delta,
+                      passed_guards, reasons)
 
