@@ -20,7 +20,6 @@ from typing import Any
 from runner.config.caller import caller_schema
 from runner.config.schema import schema_keys
 from runner.errors import InvalidInput, InvalidOverride
-from runner.jobs import gate as gate_job
 from runner.jobs.launch import launch
 from runner.jobs.plan import TrainRequest, prepare
 from runner.tools import Skill, log_tool_call
@@ -176,6 +175,9 @@ def evaluate_candidate(candidate_artifact_id: str, agent_id: str | None = None,
         if not isinstance(flag, bool):
             raise InvalidInput(f"{name} must be true or false, got {flag!r}", field=name,
                                fix=f"pass {name}=True or {name}=False")
+    # lazy: the gate's modules (and numpy) stay off training's dry run (~80 ms cold)
+    from runner.jobs import gate as gate_job
+
     return gate_job.evaluate(candidate_artifact_id, agent_id, gate, dry_run=dry_run,
                              justification=justification, allow_dirty=allow_dirty)
 
