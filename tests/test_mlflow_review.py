@@ -218,3 +218,31 @@ def test_a_failed_registration_deletes_the_logged_model(sqlite_registry, tmp_pat
     with pytest.raises(MlflowException, match="not found|does not exist|deleted"):
         client.get_logged_model(model_id)
     assert client.search_model_versions("name='scgpt-test'") == []
+
+
+def test_a_dataset_input_raced_by_a_parallel_job_is_still_logged(tmp_path):
+    """Parallel sweep jobs log one dataset into one experiment: MLflow's store gets or creates
+    the dataset row in two steps, and the loser of the race hits its unique key (seen in CI
+    with 8 submitit jobs). The input is logged all the same, never a failed job."""
+    from mlflow.exceptions import MlflowException
+
+    client, exp, run_id = _run(tmp_path)
+    rival = client.create_run(exp).info.run_id
+    dataset = {"id": DATASET_ID, "content_hash": "ab" * 32, "origin_url": "https://x.invalid/d",
+               "metadata": {"citation": {"url": "https://x.invalid/d", "row_count": 3}}}
+
+    class Raced:
+        """The rival logs the same dataset between our lookup and our insert."""
+        calls = 0
+
+        def log_inputs(self, run, datasets):
+            Raced.calls += 1
+            if Raced.calls == 1:
+                client.log_inputs(rival, datasets=datasets)
+                raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                      "datasets.experiment_id, datasets.name, datasets.digest")
+            return client.log_inputs(run, datasets=datasets)
+
+    tracking.log_dataset_input(Raced(), run_id, dataset)
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    assert [d.dataset.name for d in inputs] == [DATASET_ID] and Raced.calls == 2

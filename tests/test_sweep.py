@@ -205,7 +205,7 @@ def test_eight_concurrent_jobs_on_postgresql(pg_registry, tmp_path, monkeypatch)
                        "training.seed=0,1", "hydra/launcher=submitit_local")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     made = candidates()
-    assert len(made) == 8 and len({m["id"] for m in made}) == 8
+    assert len(made) == 8 and len({m["id"] for m in made}) == 8, proc.stdout[-4000:]
     allocs = allocations(pg_registry)
     assert len(allocs) == 8 and {a["status"] for a in allocs} == {"settled"}
     assert sorted(a["artifact_id"] for a in allocs) == sorted(m["id"] for m in made)

@@ -293,8 +293,17 @@ def log_dataset_input(mlflow_client, run_id: str, dataset_row: dict) -> None:
     dataset = Dataset(name=dataset_row["id"], digest=dataset_digest(dataset_row),
                       source_type=source_type, source=source,
                       profile=json.dumps({k: v for k, v in profile.items() if v is not None}))
-    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(
-        dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+    inputs = [DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])]
+    # MLflow's store gets or creates the experiment's dataset row in two steps: parallel jobs
+    # on one dataset race on its unique key. The loser finds the winner's row when it retries.
+    for attempt in range(3):
+        try:
+            mlflow_client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as exc:
+            text = str(exc)
+            if attempt == 2 or not ("UNIQUE constraint" in text or "duplicate key" in text):
+                raise
 
 
 # --- the checkpoint as an MLflow model -----------------------------------------------------
