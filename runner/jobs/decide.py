@@ -15,7 +15,6 @@ the candidate against each comparator and applies the rule (SciDEX WS4):
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +22,13 @@ import numpy as np
 
 from runner.config.gate import METRICS, GateConf
 from runner.errors import EvaluationFailed
+from runner.jobs import hook
 from runner.jobs.bootstrap import Bootstrap, metric_value, pair_seed, paired_bootstrap
 from runner.jobs.handback import NotPlainFile, nesting_depth, read_job_file
 
 MAX_PREDICTIONS_BYTES = 256 * 1024**2
 MAX_CLASSES = 10_000
 BASELINE = "baseline"  # the role, and the job's model name, of the refitted baseline
-# SciDEX's improvement buckets, by the absolute delta of the gate's metric.
-BUCKETS = ((0.01, "low"), (0.03, "medium"), (0.10, "high"), (math.inf, "very_high"))
 
 
 @dataclass(frozen=True)
@@ -155,10 +153,9 @@ def decide(gate: GateConf, preds: Predictions, comparators: dict[str, str],
         lines.append("a justification was given, but this gate accepts none")
     first = comparisons[0].result
     magnitude = first.delta
-    bucket = next(name for limit, name in BUCKETS if abs(magnitude) < limit)
     verdict = "promoted" if promoted else "rejected"
     return Decision(verdict, f"{verdict} by gate: " + "; ".join(lines), comparisons,
-                    magnitude, bucket)
+                    magnitude, hook.bucket(magnitude))
 
 
 def _compare(gate: GateConf, preds: Predictions, role: str, comparator_id: str | None,

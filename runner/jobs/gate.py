@@ -60,7 +60,8 @@ def evaluate(candidate_id: str, agent_id: str, gate: str = "default", *, dry_run
     cand = catalog.get_model_version(candidate_id)
     if cand["version"]["promotion_state"] != "candidate":
         return _recorded(cand, gate, rules)
-    comparators = _comparators(cand, rules)
+    champion = promotion.champion(promotion.lineage_root(cand))  # the decision checks it
+    comparators = _comparators(cand, rules, champion)
     plan = prepare(TrainRequest(candidate_id, _eval_dataset(cand), agent_id,
                                 wall_time_cap_min=rules.wall_time_cap_min,
                                 allow_dirty=allow_dirty, dry_run=dry_run))
@@ -85,8 +86,8 @@ def evaluate(candidate_id: str, agent_id: str, gate: str = "default", *, dry_run
         raise Conflict(f"this gate of {candidate_id!r} is already {alloc['status']} as "
                        f"allocation {alloc['id']}", field="candidate_artifact_id",
                        fix="wait for it to finish, then call again to get its decision")
-    return _Evaluation(cand, gate, rules, plan, comparators, manifest, alloc, justification,
-                       on_line).run()
+    return _Evaluation(cand, gate, rules, plan, comparators, champion, manifest, alloc,
+                       justification, on_line).run()
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -119,22 +120,16 @@ def _eval_dataset(cand: dict) -> str:
     return dataset
 
 
-def _comparators(cand: dict, rules: GateConf) -> dict[str, dict]:
-    """role -> the comparator's artifact row: the parent and the lineage's champion, each
+def _comparators(cand: dict, rules: GateConf, champion: dict | None) -> dict[str, dict]:
+    """role -> the comparator's artifact row: the parent and the lineage's `champion`, each
     model once (the parent wins the role when it is the champion)."""
     out: dict[str, dict] = {}
     if "parent" in rules.comparators and cand["parent_version_id"]:
         out["parent"] = catalog.get_artifact(cand["parent_version_id"])
-    if "champion" in rules.comparators:
-        champ = promotion.champion(promotion.lineage_root(cand))
-        if champ is not None and champ["id"] not in {cand["id"], *(a["id"] for a in out.values())}:
-            out["champion"] = champ
+    if "champion" in rules.comparators and champion is not None and \
+            champion["id"] not in {cand["id"], *(a["id"] for a in out.values())}:
+        out["champion"] = champion
     return out
-
-
-def _champion_seen(cand: dict) -> str | None:
-    champ = promotion.champion(promotion.lineage_root(cand))
-    return None if champ is None else champ["id"]
 
 
 def _manifest(cand: dict, plan: Plan, comparators: dict[str, dict], rules: GateConf) -> dict:
@@ -190,10 +185,12 @@ def _dry_run(cand: dict, gate: str, rules: GateConf, plan: Plan,
 # --- the job ---------------------------------------------------------------------------------
 
 class _Evaluation:
-    def __init__(self, cand, gate, rules, plan, comparators, manifest, alloc, justification,
-                 on_line):
+    def __init__(self, cand, gate, rules, plan, comparators, champion, manifest, alloc,
+                 justification, on_line):
         self.cand, self.gate, self.rules, self.plan = cand, gate, rules, plan
         self.comparators, self.manifest, self.alloc = comparators, manifest, alloc
+        # the champion the comparators were chosen against: a decision is refused if it moved
+        self.champion_id = None if champion is None else champion["id"]
         self.justification, self.on_line = justification, on_line
         self.run_dir = run_dir(alloc["id"])
         self.seconds = 0.0
@@ -221,7 +218,6 @@ class _Evaluation:
         path = self.run_dir / "manifest.json"
         path.write_text(json.dumps(self.manifest, indent=2))
         inputs["manifest.json"] = path
-        champion_seen = _champion_seen(cand)
         out = self.run_dir / "out"
         job = sandbox_job(plan, inputs=inputs, output_dir=out, log_path=self.run_dir / "job.log",
                           on_line=self.on_line, module=MODULE)
@@ -237,7 +233,7 @@ class _Evaluation:
                      "bucket": verdict.bucket, "allocation_id": self.alloc["id"],
                      "comparisons": [c.row() for c in verdict.comparisons]}
         promotion.record_decision(
-            candidate_id=cand["id"], champion_id=champion_seen, decision=verdict.decision,
+            candidate_id=cand["id"], champion_id=self.champion_id, decision=verdict.decision,
             notes=verdict.notes, rows=[c.row() for c in verdict.comparisons],
             gate_name=self.gate, gate_config=self.rules.to_dict(),
             gate_sha256=self.rules.sha256(), agent_id=plan.agent_id,

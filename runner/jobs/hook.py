@@ -50,6 +50,11 @@ LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse")
 BUCKETS = ((0.01, "low"), (0.03, "medium"), (0.10, "high"), (math.inf, "very_high"))
 
 
+def bucket(delta: float) -> str:
+    """SciDEX's bucket of an improvement, by its absolute size."""
+    return next(name for limit, name in BUCKETS if abs(delta) < limit)
+
+
 def check_metrics(metrics: dict, primary: str) -> None:
     """Metrics must be present, numeric, finite and in range; the primary one among them."""
     if not metrics:
@@ -129,8 +134,7 @@ def improvement(primary: str, value: float, parent: dict | None, split: dict | N
     delta = value - theirs
     if any(word in primary for word in LOWER_IS_BETTER):
         delta = -delta
-    bucket = next(name for limit, name in BUCKETS if abs(delta) < limit)
-    return {"magnitude": delta, "magnitude_reason": None, "bucket": bucket,
+    return {"magnitude": delta, "magnitude_reason": None, "bucket": bucket(delta),
             "parent_value": theirs}
 
 

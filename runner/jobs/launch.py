@@ -172,7 +172,7 @@ class _Job:
         # artifacts/checkpoint/ (and the registry's weights folder), not a second run artifact.
         self.logged = tracking.log_model(
             self.mlflow, run_id=self.run_id, experiment_id=exp_id, checkpoint=checkpoint,
-            vocab=_stored_file(self.artifact_id, "vocab.json"), code_dir=self.code_dir,
+            vocab=weights.stored_file(self.artifact_id, "vocab.json"), code_dir=self.code_dir,
             task=cfg["training"]["task"], metrics=result["metrics"], dataset=self.dataset,
             tags={k: v for k, v in self._tags().items()
                   if k.startswith("forge.") or k == "mlflow.source.git.commit"})
@@ -395,19 +395,6 @@ def _yaml(cfg: dict) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(cfg))
 
 
-
-
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and \
         math.isfinite(value)
-
-
-def _stored_file(artifact_id: str, name: str) -> Path:
-    """A file of a version's stored weights: in its weights folder, or the blob it names."""
-    folder = weights.weights_dir(artifact_id)
-    index = folder / weights.BLOB_INDEX
-    if not (folder / name).is_file() and index.is_file():
-        sha = json.loads(index.read_text()).get(name)
-        if isinstance(sha, str):
-            return weights.blob_path(sha)
-    return folder / name

@@ -59,6 +59,17 @@ def blob_path(sha: str) -> Path:
     return settings.forge_home() / "blobs" / "sha256" / sha[:2] / sha
 
 
+def stored_file(artifact_id: str, name: str) -> Path:
+    """A file of a version's stored weights: in its weights folder, or the blob it names."""
+    folder = weights_dir(artifact_id)
+    index = folder / BLOB_INDEX
+    if not (folder / name).is_file() and index.is_file():
+        sha = json.loads(index.read_text()).get(name)
+        if isinstance(sha, str):
+            return blob_path(sha)
+    return folder / name
+
+
 def store(artifact_id: str, checkpoint: Path, blob_threshold_mb: float = 50) -> dict:
     """Copy a finished checkpoint folder into the registry's weights store.
 
