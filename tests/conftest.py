@@ -1,26 +1,38 @@
 """Shared fixtures: a migrated registry on SQLite and on PostgreSQL, a tiny base checkpoint, a
-clone of the committed code. Plain helpers live in helpers.py.
+clone of the committed code, the MLflow tracking server. Plain helpers live in helpers.py.
 
 Each backend's registry is migrated once per session into a template; every test gets its
 own copy (SQLite: a file copy; PostgreSQL: CREATE DATABASE ... TEMPLATE), dropped afterwards.
+One MLflow tracking server (deploy/mlflow/up.sh, on its own PostgreSQL database, port and
+artifact folder) serves the whole session; `tracking_store` runs a test on it and on the
+local store.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from helpers import (
     ARCH,
     PG_URL,
+    MlflowServer,
+    TrackingStore,
     copy_sqlite,
     drop_pg_database,
     forget_engine,
     make_pg_database,
+    operator_conf,
     seed_registry,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -132,3 +144,71 @@ def committed_code(tmp_path_factory) -> Path:
     clone = tmp_path_factory.mktemp("code") / "forge-runner"
     subprocess.run(["git", "clone", "-q", "--local", str(repo), str(clone)], check=True)
     return clone
+
+
+# --- the MLflow tracking server -------------------------------------------------------------
+
+def _unavailable(message: str) -> None:
+    """Skip here; fail under CI=true, where PostgreSQL and the server must work (.ci/run)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """deploy/mlflow/up.sh as an operator runs it: `mlflow server` on a fresh PostgreSQL
+    database (forge_mlflow_test_<pid>), a free port and an artifact folder of its own, for
+    the whole session; stopped with down.sh and the database dropped at the end."""
+    if not PG_URL:
+        _unavailable("no PostgreSQL for the MLflow server: set FORGE_TEST_PG_URL or start the "
+                     "local server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    backend = sa.engine.make_url(PG_URL).set(database=f"forge_mlflow_test_{os.getpid()}")
+    backend_url = backend.render_as_string(hide_password=False)
+    env = {**os.environ, "FORGE_MLFLOW_PORT": str(port), "FORGE_MLFLOW_BACKEND_URL": backend_url,
+           "FORGE_MLFLOW_DIR": str(folder), "MLFLOW_BIN": str(Path(sys.executable).with_name(
+               "mlflow"))}
+    server = MlflowServer(url=f"http://127.0.0.1:{port}", port=port,
+                          artifacts=folder / "artifacts", backend_url=backend_url)
+    try:
+        try:
+            up = subprocess.run(["bash", str(REPO / "deploy/mlflow/up.sh")], env=env,
+                                capture_output=True, text=True, timeout=180, check=False)
+        except subprocess.TimeoutExpired as exc:
+            _unavailable(f"deploy/mlflow/up.sh did not return in {exc.timeout:.0f}s")
+        if up.returncode != 0:
+            _unavailable(f"deploy/mlflow/up.sh failed ({up.returncode}):\n"
+                         f"{up.stdout[-2000:]}{up.stderr[-3000:]}")
+        yield server
+    finally:
+        subprocess.run(["bash", str(REPO / "deploy/mlflow/down.sh")], env=env,
+                       capture_output=True, timeout=60, check=False)
+        drop_pg_database(backend_url)
+
+
+@pytest.fixture(params=["local", pytest.param("server", marks=pytest.mark.postgres)])
+def tracking_store(request, tmp_path, monkeypatch) -> TrackingStore:
+    """The test runs twice: tracking into the local store under FORGE_HOME (conf/tracking/
+    local.yaml, the default), and into the session's MLflow server, which the operator
+    selects in conf/local/default.yaml (a caller cannot: tracking is operator-only)."""
+    since_ms = int(time.time() * 1000) - 1000  # the server's clock is this machine's
+    if request.param == "local":
+        return TrackingStore("local", None, since_ms)
+    server = request.getfixturevalue("mlflow_server")
+    monkeypatch.setenv("FORGE_MLFLOW_PORT", str(server.port))
+    store = TrackingStore("server", server, since_ms)
+    operator_conf(tmp_path, monkeypatch, store.operator_yaml)
+    return store
+
+
+@pytest.fixture(params=["local", pytest.param("server", marks=pytest.mark.postgres)])
+def scratch_tracking_uri(request, tmp_path) -> str:
+    """A store for tests of runner/jobs/tracking.py alone: a fresh SQLite store, and the
+    session's MLflow server (shared: such a test names its own experiment)."""
+    if request.param == "local":
+        return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return request.getfixturevalue("mlflow_server").url

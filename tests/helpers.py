@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import textwrap
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -121,11 +122,13 @@ def seed_registry(checkpoint: Path) -> None:
 
 def operator_conf(tmp_path: Path, monkeypatch, local_yaml: str) -> Path:
     """A copy of conf/ with `local_yaml` as the operator's conf/local/default.yaml (a
-    `# @package _global_` file), made the config directory (FORGE_CONFIG_DIR)."""
+    `# @package _global_` file), made the config directory (FORGE_CONFIG_DIR). Called again
+    in one test, it rewrites that file: a test on the tracking server passes its
+    `tracking_store.operator_yaml` along with its own lines."""
     import shutil
 
     conf = tmp_path / "conf"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", conf)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", conf, dirs_exist_ok=True)
     (conf / "local").mkdir(exist_ok=True)
     (conf / "local" / "default.yaml").write_text("# @package _global_\n" + local_yaml)
     monkeypatch.setenv("FORGE_CONFIG_DIR", str(conf))
@@ -182,3 +185,53 @@ def pilot_dry_run_registry(tmp_path: Path, monkeypatch) -> Path:
     catalog.register_dataset(PILOT_DATASET, "CBMC", builtin_citation("cbmc"))
     ledger.grant("a1", "10")
     return path
+
+
+# --- where runs are tracked: the local store or the MLflow tracking server ----------------------
+
+# The operator's selection of the tracking server (conf/tracking/server.yaml), as a
+# conf/local/default.yaml body; its port comes from FORGE_MLFLOW_PORT.
+SERVER_OPERATOR_YAML = "defaults:\n  - override /tracking: server\n"
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    """A server deploy/mlflow/up.sh started: its URL and where it keeps the artifacts."""
+    url: str
+    port: int
+    artifacts: Path  # --artifacts-destination
+    backend_url: str
+
+
+@dataclass(frozen=True)
+class TrackingStore:
+    """The `tracking_store` fixture: "local" (the default SQLite store under FORGE_HOME) or
+    "server" (the session's MLflow server, selected in the operator's conf/local)."""
+    kind: str
+    server: MlflowServer | None
+    since_ms: int  # runs of this test started at or after this (the server is shared)
+
+    @property
+    def operator_yaml(self) -> str:
+        """What the operator's conf/local/default.yaml needs for this store ("" for local)."""
+        return SERVER_OPERATOR_YAML if self.server else ""
+
+
+def assert_on_server(store: TrackingStore, client, run_id: str, *, files: tuple[str, ...] = ()
+                     ) -> Path:
+    """The run lives on the store's server and its artifacts (`files`, relative to the run's
+    artifact root) were uploaded through it: they lie under the server's artifact destination,
+    and no local MLflow store or artifact folder appeared under FORGE_HOME. Returns the run's
+    artifact folder on the server's side."""
+    assert store.server is not None
+    assert client.tracking_uri == store.server.url
+    run = client.get_run(run_id)
+    prefix = "mlflow-artifacts:/"
+    assert run.info.artifact_uri.startswith(prefix), run.info.artifact_uri
+    folder = store.server.artifacts / run.info.artifact_uri.removeprefix(prefix)
+    for name in files:
+        assert (folder / name).is_file(), (name, sorted(p.name for p in folder.rglob("*")))
+    home = Path(os.environ["FORGE_HOME"])
+    assert not (home / "mlflow.db").exists() and not (home / "mlartifacts").exists()
+    assert not list(home.rglob("MLmodel")) and not list(home.rglob("resolved.yaml"))
+    return folder

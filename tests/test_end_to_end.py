@@ -1,6 +1,7 @@
 """train_model_version() end to end: real sandbox, real MLflow store, real registry.
 
-One real fine-tune (tiny scGPT base, real CBMC cells, a few batches) checks the whole chain.
+One real fine-tune (tiny scGPT base, real CBMC cells, a few batches) checks the whole chain,
+on SQLite and PostgreSQL, tracked into the local store and into an MLflow tracking server.
 The failure paths use stand-in trainers committed to a scratch git repository (the code pin
 points at it through FORGE_CODE_REPO), so each runs in the real sandbox in about a second:
 a crash, a missing or malformed result.json, NaN metrics, a timeout, and a database error at
@@ -15,11 +16,20 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, count_rows, fake_code_repo
+from helpers import (
+    AGENT,
+    BASE_ID,
+    DATASET_ID,
+    STAND_IN_TRAINER,
+    assert_on_server,
+    count_rows,
+    fake_code_repo,
+)
 
 from runner.api import train_model_version
 from runner.errors import ForgeError, RegistrationFailed, TrainingFailed
 from runner.jobs import weights
+from runner.jobs.job import run_dir
 from runner.registry import catalog, db, ledger, recovery, schema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,16 +50,23 @@ def _rows(url: str, table: sa.Table) -> list[dict]:
         return [dict(r) for r in conn.execute(sa.select(table)).mappings()]
 
 
-def _mlflow_run(run_id: str):
+def _tracking_uri() -> str:
+    """Where the operator's config tracks runs (the local store or the server)."""
     from runner.config.compose import compose_config, to_plain
+
+    return to_plain(compose_config())["tracking"]["tracking_uri"]
+
+
+def _mlflow_run(run_id: str):
     from runner.jobs import tracking
 
-    uri = to_plain(compose_config())["tracking"]["tracking_uri"]
-    return tracking.client(uri).get_run(run_id), tracking.client(uri)
+    client = tracking.client(_tracking_uri())
+    return client.get_run(run_id), client
 
 
 @pytest.mark.slow
-def test_real_finetune_registers_a_linked_candidate(registry, committed_code, monkeypatch):
+def test_real_finetune_registers_a_linked_candidate(registry, tracking_store, committed_code,
+                                                    monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                           text=True, check=True).stdout.strip()
@@ -97,6 +114,12 @@ def test_real_finetune_registers_a_linked_candidate(registry, committed_code, mo
                                   result["mlflow"]["version"])
     assert mv.tags["forge.artifact_id"] == result["artifact_id"]
     assert mv.tags["forge.lifecycle_state"] == "candidate"
+    assert run.data.params["training.max_epochs"] == "1"
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == [DATASET_ID]
+    [output] = run.outputs.model_outputs
+    assert mv.source == f"models:/{output.model_id}"
+    if tracking_store.server:
+        _tracked_on_the_server(tracking_store, client, run, result, version["gpu_allocation_id"])
     assert (weights.weights_dir(result["artifact_id"]) / "best_model.pt").is_file()
     assert recovery.check() == []
 
@@ -105,6 +128,72 @@ def test_real_finetune_registers_a_linked_candidate(registry, committed_code, mo
     assert _train(allow_dirty=False)["artifact_id"] == result["artifact_id"]
     after = count_rows(registry)
     assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {"tool_calls": 1}
+
+
+def _tracked_on_the_server(store, client, run, result: dict, allocation_id: str) -> None:
+    """Everything the host tracked is on the server: the run page the caller is pointed at,
+    the run's files and the logged model uploaded through the server into its artifact
+    destination; and the job was never told where the server is."""
+    server = store.server
+    assert result["detail_url"] == (f"{server.url}/#/experiments/{run.info.experiment_id}"
+                                    f"/runs/{run.info.run_id}")
+    assert_on_server(store, client, run.info.run_id, files=("config/resolved.yaml", "job.log"))
+    model = client.get_logged_model(run.outputs.model_outputs[0].model_id)
+    assert model.artifact_location.startswith("mlflow-artifacts:/"), model.artifact_location
+    model_dir = server.artifacts / model.artifact_location.removeprefix("mlflow-artifacts:/")
+    assert (model_dir / "MLmodel").is_file()
+    assert (model_dir / "artifacts" / "checkpoint" / "best_model.pt").is_file()
+    manifest = (run_dir(allocation_id) / "manifest.json").read_text()
+    for leak in (server.url, f"127.0.0.1:{server.port}", "tracking_uri", "mlflow-artifacts",
+                 "postgresql"):
+        assert leak not in manifest, leak
+
+
+# The job checks itself, inside the jail: no MLflow or database setting in its environment
+# (the host's has some), nothing of the tracking store in its manifest. Then it logs a metric
+# point to its stream, which only the host's relay can carry to the run.
+NO_TRACKING_CHECK = """
+    import json, os, sys
+    text = open(sys.argv[1]).read()
+    leaks = sorted(k for k, v in os.environ.items() if any(w in v for w in WORDS) or k.startswith(
+        ("MLFLOW_TRACKING", "MLFLOW_REGISTRY", "FORGE_DB", "FORGE_MLFLOW", "PG")))
+    leaks += [w for w in WORDS + ["tracking_uri", "mlflow-artifacts"] if w in text]
+    if leaks:
+        raise SystemExit(f"the job sees tracking settings: {leaks}")
+    print(f"no tracking settings: {len(os.environ)} env keys, manifest of {len(text)} bytes")
+    with open(json.loads(text)["metrics_path"], "a") as f:
+        f.write(json.dumps({"key": "train_loss", "value": 0.75, "step": 1}) + "\\n")
+"""
+
+
+def test_the_job_gets_no_tracking_uri_and_its_metrics_are_relayed(sqlite_registry, tracking_store,
+                                                                   tmp_path, monkeypatch):
+    uri = _tracking_uri()
+    words = [uri, "postgresql", "secret-token"]
+    if tracking_store.server:
+        words += [f"127.0.0.1:{tracking_store.server.port}"]
+    trainer = NO_TRACKING_CHECK.replace("WORDS", repr(words)) + STAND_IN_TRAINER.replace(
+        "METRICS", '{"test_macro_f1": 0.5, "test_accuracy": 0.6}')
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, trainer)))
+    # What a host's shell may hold: never the job's.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "secret-token")
+    result = _train(allow_dirty=False)
+
+    alloc = ledger.get_allocation(catalog.get_model_version(result["artifact_id"])["version"]
+                                  ["gpu_allocation_id"])
+    assert "no tracking settings" in (run_dir(alloc["id"]) / "job.log").read_text()
+    manifest = (run_dir(alloc["id"]) / "manifest.json").read_text()
+    assert not [w for w in words + ["tracking_uri"] if w in manifest]
+    run, client = _mlflow_run(result["mlflow"]["run_id"])
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss")] \
+        == [(1, 0.75)]  # relayed by the host
+    if tracking_store.server:
+        assert uri == tracking_store.server.url
+        folder = assert_on_server(tracking_store, client, run.info.run_id, files=("job.log",))
+        assert "no tracking settings" in (folder / "job.log").read_text()
+    else:
+        assert uri.startswith("sqlite:///")
 
 
 # --- failure paths, with stand-in trainers --------------------------------------------------

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, count_rows, operator_conf
+from helpers import (
+    AGENT,
+    BASE_ID,
+    DATASET_ID,
+    STAND_IN_TRAINER,
+    assert_on_server,
+    count_rows,
+    operator_conf,
+)
 
 from runner.api import evaluate_candidate, train_model_version
 from runner.errors import EvaluationFailed, ForgeError, GateRefused
@@ -57,9 +65,12 @@ def _mlflow():
 
 
 @pytest.mark.slow
-def test_a_lineage_is_gated_on_evidence(sqlite_registry, committed_code, tmp_path, monkeypatch):
+def test_a_lineage_is_gated_on_evidence(sqlite_registry, tracking_store, committed_code, tmp_path,
+                                        monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
     client = _mlflow()
+    if tracking_store.server:
+        assert client.tracking_uri == tracking_store.server.url
 
     # v2: a few steps from a base with no cell-type head. Nothing in the lineage classifies,
     # so the baseline refitted on the same split is the comparator, and it wins.
@@ -114,6 +125,8 @@ def test_a_lineage_is_gated_on_evidence(sqlite_registry, committed_code, tmp_pat
     files = {f.path for f in client.list_artifacts(promoted["mlflow"]["run_id"], "gate/default")}
     assert files == {"gate/default/report.json", "gate/default/bootstrap.png",
                      "gate/default/per_class_f1.png"}
+    if tracking_store.server:  # the report went up through the server, into its artifacts
+        assert_on_server(tracking_store, client, promoted["mlflow"]["run_id"], files=tuple(files))
     assert promoted["warnings"] == []
 
     # The champion alias loads the promoted version as a model that predicts cell types and
@@ -144,7 +157,7 @@ def test_a_lineage_is_gated_on_evidence(sqlite_registry, committed_code, tmp_pat
     assert again["comparisons"] == promoted["comparisons"]
     after = count_rows(sqlite_registry)
     assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {"tool_calls": 1}
-    conf = operator_conf(tmp_path, monkeypatch, "")
+    conf = operator_conf(tmp_path, monkeypatch, tracking_store.operator_yaml)
     (conf / "gate" / "strict.yaml").write_text("min_delta: 0.05\n")
     with pytest.raises(GateRefused) as refused:
         _gate(v3["artifact_id"], gate="strict")
@@ -168,6 +181,14 @@ def test_a_lineage_is_gated_on_evidence(sqlite_registry, committed_code, tmp_pat
     assert worse["comparisons"][0]["ci_high"] < 0
     assert catalog.get_artifact(v3["artifact_id"])["is_latest"] is True
     assert recovery.check() == []
+    # Every version and its gate decision in the one store the operator chose.
+    assert _mlflow().tracking_uri == client.tracking_uri
+    for trained, gated in ((v2, rejected), (v4, same), (v5, worse)):
+        name, version = trained["mlflow"]["registered_model"], trained["mlflow"]["version"]
+        tags = client.get_model_version(name, version).tags
+        assert tags["forge.gate_decision"] == gated["decision"] == "rejected"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == \
+        v3["mlflow"]["version"]
 
 
 def test_the_base_and_unknown_ids_are_refused_before_any_debit(sqlite_registry):

@@ -104,20 +104,22 @@ def test_a_version_is_reviewable_and_loadable_in_mlflow(sqlite_registry, committ
 
 # --- tracking.py on a scratch store ---------------------------------------------------------
 
-def _run(tmp_path):
-    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+def _run(tmp_path, uri: str | None = None):
+    client = tracking.client(uri or f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp, run_id = tracking.open_run(client, experiment="review", artifact_root=tmp_path / "art",
                                     run_name="r", tags={}, params={}, config_yaml="a: 1\n")
     return client, exp, run_id
 
 
-def test_a_checkpoint_that_is_no_classifier_is_logged_as_its_files(tmp_path, monkeypatch):
+def test_a_checkpoint_that_is_no_classifier_is_logged_as_its_files(scratch_tracking_uri, tmp_path,
+                                                                    monkeypatch):
     """A pretrained base (or a trainer without predict.py) gets a logged model holding its
-    raw files; the process's tracking URI is left as it was."""
+    raw files; the process's tracking URI is left as it was. On a tracking server the files
+    go up through the server (mlflow-artifacts:), never to a folder of this host's."""
     import mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    client, exp, run_id = _run(tmp_path)
+    client, exp, run_id = _run(tmp_path, scratch_tracking_uri)
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
     for name in ("args.json", "vocab.json", "best_model.pt"):
@@ -138,6 +140,14 @@ def test_a_checkpoint_that_is_no_classifier_is_logged_as_its_files(tmp_path, mon
     mv = client.get_model_version("fam", registered["version"])
     assert mv.source == logged["model_uri"] and mv.tags["forge.version_number"] == "7"
     assert not mlflow.is_tracking_uri_set() and "MLFLOW_TRACKING_URI" not in os.environ
+    files = mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location,
+                                                tracking_uri=scratch_tracking_uri,
+                                                dst_path=str(tmp_path / "download"))
+    assert sorted(p.name for p in Path(files).iterdir()) == \
+        ["args.json", "best_model.pt", "vocab.json"]
+    if tracking.is_server(scratch_tracking_uri):
+        assert model.artifact_location.startswith("mlflow-artifacts:/")
+        assert not (tmp_path / "art").exists()
 
 
 def test_vocab_is_read_within_caps_and_must_map_names_to_ids(tmp_path, monkeypatch):

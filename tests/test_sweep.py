@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import AGENT, BASE_ID, STAND_IN_TRAINER, count_rows, fake_code_repo, operator_conf
+from helpers import (
+    AGENT,
+    BASE_ID,
+    STAND_IN_TRAINER,
+    assert_on_server,
+    count_rows,
+    fake_code_repo,
+    operator_conf,
+)
 
 from runner.registry import catalog, db, ledger, recovery, schema
 
@@ -48,13 +56,19 @@ def candidates() -> list[dict]:
     return [m for m in catalog.list_artifacts("model") if m["id"] != BASE_ID]
 
 
-def mlflow_runs() -> list:
+def mlflow_client():
     from runner.config.compose import compose_config, to_plain
     from runner.jobs import tracking
 
-    uri = to_plain(compose_config())["tracking"]["tracking_uri"]
-    client = tracking.client(uri)
-    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return tracking.client(to_plain(compose_config())["tracking"]["tracking_uri"])
+
+
+def mlflow_runs(since_ms: int = 0) -> list:
+    """Every run in the operator's tracking store started since `since_ms` (a tracking server
+    is shared by the session's tests: `tracking_store.since_ms` keeps a test to its own)."""
+    client = mlflow_client()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"attributes.start_time >= {since_ms}")
 
 
 def test_sweep_dry_run_lists_every_job_and_the_total(sqlite_registry):
@@ -181,24 +195,40 @@ def test_a_dirty_tree_refuses_the_sweep_before_any_job(sqlite_registry, tmp_path
 
 
 @pytest.mark.slow
-def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tmp_path, monkeypatch):
+def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tracking_store, tmp_path,
+                                              monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
     proc = sweep("hydra/launcher=submitit_local")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     made = candidates()
     assert len(made) == 4 and {m["parent_version_id"] for m in made} == {BASE_ID}
-    runs = mlflow_runs()
-    parent = [r for r in runs if r.data.tags.get("forge.sweep") == "true"][0]
-    assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == 4
+    runs = mlflow_runs(tracking_store.since_ms)
+    [parent] = [r for r in runs if r.data.tags.get("forge.sweep") == "true"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["forge.sweep.ok"] == "4"
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(nested) == 4 and {r.info.status for r in nested} == {"FINISHED"}
+    assert {r.data.params["training.lr"] for r in nested} == {"0.001", "0.0003"}
     home = Path(os.environ["FORGE_HOME"])  # one run folder per allocation: no collisions
     for alloc in allocations(sqlite_registry):  # cleaned after registration: the log stays
         assert (home / "runs" / alloc["id"] / "job.log").is_file()
     assert recovery.check() == []
+    if tracking_store.server:  # every process of the sweep tracked into the server
+        client = mlflow_client()
+        assert_on_server(tracking_store, client, parent.info.run_id,
+                         files=("sweep_jobs.json", "sweep_summary.json"))
+        for run in nested:
+            assert_on_server(tracking_store, client, run.info.run_id,
+                             files=("config/resolved.yaml", "job.log"))
+            assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["dataset-geo-GSE100866"]
+            assert [m.value for m in client.get_metric_history(run.info.run_id, "test_accuracy")]
+        versions = client.search_model_versions("name='scgpt-test'")
+        assert {a["artifact_id"] for a in allocations(sqlite_registry)} <= \
+            {v.tags.get("forge.artifact_id") for v in versions}
 
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_eight_concurrent_jobs_on_postgresql(pg_registry, tmp_path, monkeypatch):
+def test_eight_concurrent_jobs_on_postgresql(pg_registry, tracking_store, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
     proc = forge_train("-m", f"agent_id={AGENT}", *PARENT_ARGS, "wall_time_cap_min=5",
                        "vram_cap_gb=1", "training.lr=1e-3,2e-3,3e-3,4e-3",
@@ -214,6 +244,7 @@ def test_eight_concurrent_jobs_on_postgresql(pg_registry, tmp_path, monkeypatch)
     with db.get_engine(pg_registry).connect() as conn:
         events = conn.execute(sa.select(sa.func.count()).select_from(schema.events)).scalar_one()
     assert events == 8
-    runs = [r for r in mlflow_runs() if r.data.tags.get("forge.agent_id") == AGENT
-            and r.data.tags.get("forge.sweep") != "true"]
+    runs = [r for r in mlflow_runs(tracking_store.since_ms)
+            if r.data.tags.get("forge.agent_id") == AGENT and r.data.tags.get("forge.sweep") != "true"]
     assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(r.info.run_id for r in runs) == sorted(a["mlflow_run_id"] for a in allocs)

@@ -16,11 +16,27 @@ def test_flatten_nests_keys_and_cuts_long_values():
                     "notes": "x" * tracking.MAX_PARAM_VALUE}
 
 
-def test_relay_copies_metrics_while_the_job_runs_and_all_of_them_at_the_end(tmp_path):
-    host = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    _, run_id = tracking.open_run(host, experiment="relay", artifact_root=tmp_path / "art",
-                                  run_name="r", tags={"forge.agent_id": "a"},
-                                  params={"training.lr": "0.001"}, config_yaml="a: 1\n")
+def test_a_tracking_server_is_told_from_a_local_store():
+    assert tracking.is_server("http://127.0.0.1:5055")
+    assert tracking.is_server("https://mlflow.example.org/")
+    for local in ("sqlite:///outputs/mlflow.db", "sqlite:////abs/mlflow.db", "file:///tmp/mlruns",
+                  "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow", "/tmp/mlruns"):
+        assert not tracking.is_server(local), local
+
+
+def test_relay_copies_metrics_while_the_job_runs_and_all_of_them_at_the_end(
+        scratch_tracking_uri, tmp_path):
+    host = tracking.client(scratch_tracking_uri)
+    exp, run_id = tracking.open_run(host, experiment="relay", artifact_root=tmp_path / "art",
+                                    run_name="r", tags={"forge.agent_id": "a"},
+                                    params={"training.lr": "0.001"}, config_yaml="a: 1\n")
+    location = host.get_experiment(exp).artifact_location
+    if tracking.is_server(scratch_tracking_uri):  # the server keeps the files, not this host
+        assert location.startswith("mlflow-artifacts:/") and not (tmp_path / "art").exists()
+    else:
+        assert location == (tmp_path / "art" / "relay").as_uri()
+    assert host.download_artifacts(run_id, "config/resolved.yaml", str(tmp_path)) and \
+        (tmp_path / "config" / "resolved.yaml").read_text() == "a: 1\n"
     stream = tmp_path / "out" / "metrics.jsonl"  # what the trainer appends inside the sandbox
     stream.parent.mkdir()
 

@@ -23,6 +23,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import trainers
 from runner.jobs.handback import NotPlainFile, read_job_file
@@ -38,9 +39,17 @@ METRICS_PER_BATCH = 1000
 
 
 def client(tracking_uri: str):
+    """A client of one store: runs, models and the model registry all in `tracking_uri`."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def is_server(tracking_uri: str) -> bool:
+    """A tracking server (`tracking=server`, deploy/mlflow/up.sh) rather than a store this
+    host opens itself (`tracking=local`: sqlite). A server keeps the artifacts too: clients
+    upload and download them through it (`mlflow-artifacts:`), never to a path of their own."""
+    return urlsplit(tracking_uri).scheme in ("http", "https")
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:
@@ -56,10 +65,15 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
 
 
 def experiment_id(mlflow_client, name: str, artifact_root: Path) -> str:
+    """The experiment `name`, created when missing: in a local store its artifacts go under
+    `artifact_root/name`; a tracking server picks their location itself (`artifact_root` is
+    not used), so the host's own paths never reach a shared server."""
     existing = mlflow_client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
     try:
+        if is_server(mlflow_client.tracking_uri):
+            return mlflow_client.create_experiment(name)
         # FORGE_HOME defaults to ./outputs: a relative root is the cwd's, as for the registry
         location = (Path(artifact_root).resolve() / name).as_uri()
         return mlflow_client.create_experiment(name, artifact_location=location)
@@ -522,6 +536,8 @@ def unregister(mlflow_client, name: str, version: str) -> None:
 
 
 def finish(mlflow_client, run_id: str, ok: bool, reason: str | None = None) -> None:
+    """End the run: FINISHED, FAILED, or KILLED when the job was cancelled."""
     if reason:
         mlflow_client.set_tag(run_id, "forge.outcome", reason)
-    mlflow_client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+    status = "FINISHED" if ok else "KILLED" if reason == "cancelled" else "FAILED"
+    mlflow_client.set_terminated(run_id, status=status)
