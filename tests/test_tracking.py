@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from runner.jobs import tracking
 
@@ -35,8 +36,8 @@ def test_relay_copies_metrics_while_the_job_runs_and_all_of_them_at_the_end(
         assert location.startswith("mlflow-artifacts:/") and not (tmp_path / "art").exists()
     else:
         assert location == (tmp_path / "art" / "relay").as_uri()
-    assert host.download_artifacts(run_id, "config/resolved.yaml", str(tmp_path)) and \
-        (tmp_path / "config" / "resolved.yaml").read_text() == "a: 1\n"
+    config = host.download_artifacts(run_id, "config/resolved.yaml", str(tmp_path))
+    assert Path(config).read_text() == "a: 1\n"
     stream = tmp_path / "out" / "metrics.jsonl"  # what the trainer appends inside the sandbox
     stream.parent.mkdir()
 
