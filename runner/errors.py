@@ -95,6 +95,14 @@ class TrainingFailed(ForgeError):
     reason = "training_failed"
 
 
+class JobCancelled(ForgeError):
+    """The job was stopped before it finished: its scheduler cancelled it (scancel, a time
+    limit, preemption) or the host process got SIGTERM. Settled as cancelled: the seconds it
+    ran are charged, the rest refunded."""
+
+    reason = "cancelled"
+
+
 class RegistrationFailed(ForgeError):
     reason = "registration_failed"
 

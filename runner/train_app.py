@@ -34,7 +34,7 @@ from typing import NamedTuple
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.api import evaluate_candidate, train_model_version
-from runner.config import caller, compose, options, schema
+from runner.config import caller, compose, launchers, options, schema
 from runner.config.gate import load_gate
 from runner.config.overrides import parse_overrides
 from runner.errors import ForgeError, InvalidOverride
@@ -208,6 +208,7 @@ def _run_hydra(flags: list[str], overrides: list[str], multirun: bool,
     except ForgeError as exc:
         return _fail(exc)
     schema.register_schema()
+    launchers.register_resolvers()  # conf/hydra/launcher/forge_slurm.yaml maps caps with them
     codes: list[int] = []  # one per job; Hydra's task function returns the metric instead
 
     @hydra.main(config_path=str(options.config_dir()), config_name=compose.CONFIG_NAME,

@@ -14,5 +14,7 @@ arguments and the registry, on the host side of the jail.
 - `tracking.py`: the host's MLflow run and the relay of the job's metrics into it.
 - `handback.py`: reading what the job wrote (result.json, its schema), never following links.
 - `recovery.py`: what the reaper's settled allocations leave behind (MLflow runs, run dirs).
+- `engine.py`: the scheduler the host process runs under (SLURM): its job id, SIGTERM as a
+  cancel, and whether a dead host's job is over.
 - `archive.py`: safe tar extraction.
 """

@@ -32,6 +32,8 @@ TRAINER_REASONS = EXIT_REASONS
 FIXES = {"timeout": "raise wall_time_cap_min or shorten training",
          "nan_loss": "lower training.lr",
          "oom": "lower training.batch_size or vram",
+         "cancelled": "the job was stopped (scancel, or SIGTERM to the host): submit it again "
+                      "to run it anew",
          "output_quota": "write less to the output directory (sandbox.max_output_gb is the "
                          "operator's quota)"}
 

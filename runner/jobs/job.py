@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -100,7 +101,7 @@ def sandbox_timing(resolved: dict) -> tuple[float, float]:
 
 def sandbox_job(plan: "Plan", *, output_dir: Path, inputs: dict[str, Path] | None = None,
                 log_path: Path | None = None, on_line: Callable[[str], None] | None = None,
-                module: str = ENTRYPOINT):
+                module: str = ENTRYPOINT, stop: threading.Event | None = None):
     """The one way a plan becomes a sandbox job: the trainer entrypoint (or the eval gate's,
     `module`) on the manifest, on
     the snapshot of the pinned code and the plan's device, with the caps and env allowlist
@@ -114,8 +115,9 @@ def sandbox_job(plan: "Plan", *, output_dir: Path, inputs: dict[str, Path] | Non
         module=module, args=[f"{sandbox.IN_DIR}/manifest.json"], code_dir=code_dir,
         inputs=dict(inputs or {}), output_dir=output_dir, log_path=log_path, on_line=on_line,
         wall_time_cap_s=term_s, grace_s=grace_s, vram_cap_gb=float(resolved["vram_cap_gb"]),
-        device=device, env={k: os.environ[k] for k in box["env_allowlist"] if k in os.environ},
+        device=device, devices=plan.devices,
+        env={k: os.environ[k] for k in box["env_allowlist"] if k in os.environ},
         max_processes=box["max_processes"], tmp_size_bytes=int(box["tmp_size_gb"] * gib),
         max_memory_bytes=None if memory is None else int(memory * gib),
-        max_output_bytes=int(box["max_output_gb"] * gib))
+        max_output_bytes=int(box["max_output_gb"] * gib), stop=stop)
 

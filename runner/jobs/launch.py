@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import sys
+import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,9 +25,10 @@ from runner.errors import (
     DatasetUnavailable,
     ForgeError,
     InternalError,
+    JobCancelled,
     RegistrationFailed,
 )
-from runner.jobs import codepin, datasets, handback, hook, recovery, tracking, weights
+from runner.jobs import codepin, datasets, engine, handback, hook, recovery, tracking, weights
 from runner.jobs.job import DiskFull, clean_run_dir, disk_problem, run_dir, sandbox_job
 from runner.jobs.plan import Plan
 from runner.registry import catalog, db, ledger
@@ -43,18 +45,22 @@ def launch(plan: Plan, *, on_line: Callable[[str], None] | None = None) -> dict:
     if problem is not None:
         raise problem
     recovery.reap()  # dead jobs first: their credits count, their retries may run
+    scheduled = engine.current()  # the SLURM job this host process runs in, if any
     alloc = ledger.reserve(
         plan.agent_id, plan.estimate, plan.request_key,
         wall_time_cap_min=resolved["wall_time_cap_min"], vram_cap_gb=resolved["vram_cap_gb"],
         price_per_hour=plan.price_per_hour, devices=plan.devices, device=plan.device.price_key,
         resource_type=plan.device.resource_type, currency=plan.currency,
-        margin_s=resolved["registry"]["expiry_margin_min"] * 60)
+        margin_s=resolved["registry"]["expiry_margin_min"] * 60,
+        engine=scheduled.engine if scheduled else None,
+        engine_job_id=scheduled.job_id if scheduled else None)
     if alloc.get("existing"):
         return _earlier(alloc, resolved["tracking"]["detail_url"])
 
     job = _Job(plan, alloc, on_line)  # names only: nothing here can fail after the debit
     try:
-        result = job.run()
+        with engine.stop_on_sigterm(job.stop, on_line):  # scancel: cancelled, not killed
+            result = job.run()
     except BaseException as exc:
         clean_run_dir(job.run_dir)  # first: a full disk gets its space back for the rest
         job.fail(exc)  # settled once, whatever went wrong; then the caller gets a type
@@ -120,6 +126,7 @@ class _Job:
         self.registered: dict | None = None
         self.committed = False  # registered and settled in the registry: nothing to undo
         self.code_diff: dict | None = None  # allow_dirty: the patch the job ran on top of HEAD
+        self.stop = threading.Event()  # set on SIGTERM: the sandbox stops, the job is cancelled
 
     # --- the happy path --------------------------------------------------------------------
 
@@ -148,13 +155,20 @@ class _Job:
         inputs["manifest.json"] = self.run_dir / "manifest.json"
         out = self.run_dir / "out"
         job = sandbox_job(plan, inputs=inputs, output_dir=out,
-                          log_path=self.run_dir / "job.log", on_line=self.on_line)
+                          log_path=self.run_dir / "job.log", on_line=self.on_line,
+                          stop=self.stop)
         started = datetime.now(timezone.utc)
         with tracking.MetricRelay(self.mlflow, self.run_id, out / "metrics.jsonl",
                                   warn=self.on_line):
             launched = sandbox.gpu_launch(job)
         self.seconds = launched.wall_seconds  # the ledger multiplies by devices
         self.mlflow.log_artifact(self.run_id, str(launched.log_path))
+        if self.stop.is_set():  # whatever the job managed meanwhile, it was stopped
+            raise JobCancelled(
+                f"the job was cancelled after {launched.wall_seconds:.1f}s "
+                f"({self._engine_name()} stopped it with SIGTERM)",
+                fix="submit it again to run it anew; the seconds it ran are charged, the "
+                    "rest refunded")
         result = handback.read_result(out, launched)
         primary = PRIMARY_METRIC[cfg["training"]["task"]]
         hook.check_metrics(result.get("metrics") or {}, primary)
@@ -285,7 +299,13 @@ class _Job:
                 "mlflow.source.name": ENTRYPOINT, "mlflow.user": plan.agent_id}
         if self.parent is not None:
             tags["forge.parent_artifact_id"] = self.parent["id"]
+        if self.alloc.get("engine_job_id"):
+            tags.update(engine.EngineJob(self.alloc["engine"], self.alloc["engine_job_id"]).tags())
         return tags
+
+    def _engine_name(self) -> str:
+        job_id = self.alloc.get("engine_job_id")
+        return f"SLURM job {job_id}" if job_id else "a SIGTERM to the host process"
 
     def _keep_diff(self) -> None:
         """allow_dirty: the version records HEAD, so the changes it ran on top of HEAD are
@@ -344,9 +364,10 @@ class _Job:
         if self.stored:
             attempt(f"could not remove the weights of {self.artifact_id}",
                     lambda: weights.remove(self.artifact_id))
+        cancelled = isinstance(exc, JobCancelled)
         attempt(f"could not settle allocation {self.alloc['id']}; `forge ledger reap` "
                 "settles it once it expires", lambda: settle_retrying(
-                    self.alloc["id"], self.seconds, status="failed",
+                    self.alloc["id"], self.seconds, status="cancelled" if cancelled else "failed",
                     reason=f"{reason}: {exc}"[:500]))
         if self.mlflow is not None and self.run_id is not None:
             def mark_failed() -> None:

@@ -9,7 +9,7 @@ import sys
 from datetime import datetime
 
 from runner.config.compose import compose_config, to_plain
-from runner.jobs import tracking
+from runner.jobs import engine, tracking
 from runner.jobs.job import clean_run_dir, run_dir
 from runner.registry import recovery
 
@@ -18,7 +18,7 @@ def reap(now: datetime | None = None) -> list[dict]:
     """Settle every dead open allocation as failed, exactly once, then clean up after the ones
     this call closed; returns those. The clean-up cannot fail the reap: the books are
     settled first."""
-    reaped = recovery.reap(now)
+    reaped = recovery.reap(now, job_gone=engine.job_gone)  # SLURM knows hosts on other nodes
     clean_up(reaped)
     return reaped
 

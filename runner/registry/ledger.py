@@ -182,9 +182,11 @@ RETRYABLE = ("failed", "cancelled")  # a request whose last attempt ended so may
 def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: int,
             vram_cap_gb: int, price_per_hour: Any, devices: int = 1, device: str | None = None,
             resource_type: str = "gpu", currency: str = "credits",
-            margin_s: float = EXPIRY_MARGIN_S, purpose: str = "training", conn=None) -> dict:
+            margin_s: float = EXPIRY_MARGIN_S, purpose: str = "training",
+            engine: str | None = None, engine_job_id: str | None = None, conn=None) -> dict:
     """Check the balance, debit `amount` and insert the `reserved` allocation, atomically.
-    `purpose` says what the compute pays for: a training job or an eval-gate job.
+    `purpose` says what the compute pays for: a training job or an eval-gate job; `engine`
+    and `engine_job_id` name the scheduler job the host process runs in ("slurm", "123_4").
 
     The same `request_key` reserves once: a repeat (or a concurrent twin that lost the race on
     the unique key) returns the existing allocation with `existing=True` and debits nothing.
@@ -232,7 +234,8 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
                        vram_cap_gb=vram_cap_gb, price_per_hour=price, currency=currency,
                        estimated_cost=amount, debited=amount, request_key=request_key,
                        created_at=stamp, debited_at=stamp, expires_at=stamp + window,
-                       heartbeat_at=stamp, host=host_id(), purpose=purpose)
+                       heartbeat_at=stamp, host=host_id(), purpose=purpose, engine=engine,
+                       engine_job_id=engine_job_id)
             c.execute(resource_allocations.insert().values(**row))
             if amount > 0:
                 new_balance = account["balance"] - amount
@@ -285,11 +288,13 @@ def settle(allocation_id: str, actual_seconds: Any, status: str = "settled",
     """Charge the seconds used (capped at the debit) and refund the rest, exactly once.
 
     `actual_seconds` is wall-clock seconds; the charge is price x seconds/3600 x devices.
+    `status` is "settled", "failed", or "cancelled" (a job stopped by its scheduler or a
+    SIGTERM: the seconds it ran are charged like any others).
     A second call (or one on a cancelled allocation) is a no-op that returns the row with
     `already_settled=True`. Pass `conn` to settle inside the caller's transaction.
     """
-    if status not in ("settled", "failed"):
-        raise InvalidInput(f"status must be 'settled' or 'failed', got {status!r}",
+    if status not in FINAL_STATES:
+        raise InvalidInput(f"status must be one of {', '.join(FINAL_STATES)}, got {status!r}",
                            field="status", fix="use status='failed' for a failed run")
     seconds = _seconds(actual_seconds)
     return _close(allocation_id, status=status, seconds=seconds, reason=reason,

@@ -22,7 +22,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, Callable
 
 import sqlalchemy as sa
 
@@ -130,24 +130,38 @@ def _open_due(conn, at: datetime) -> list[dict]:
         .order_by(alloc.created_at)).mappings()]
 
 
-def overdue(now: datetime | None = None, *, conn=None) -> list[dict]:
+# Asked about an allocation with a stale heartbeat whose scheduler job (engine, engine_job_id)
+# is known: why that job is over ("SLURM job 12_3 is NODE_FAIL"), or None while it may live.
+JobGone = Callable[[dict], "str | None"]
+
+
+def overdue(now: datetime | None = None, *, conn=None,
+            job_gone: JobGone | None = None) -> list[dict]:
     """Open allocations that nobody will settle: past their expiry, or with a stale heartbeat
-    from a host process gone from this machine. Each has `overdue` saying which; `reap`
-    settles exactly these, and `check` reports them."""
+    from a host process gone from this machine, or (given `job_gone`) whose scheduler job is
+    over. Each has `overdue` saying which; `reap` settles exactly these, and `check` reports
+    them."""
     at = now or datetime.now(timezone.utc)
     with transaction(conn) as c:
         rows = _open_due(c, at)
-    return [{**a, "overdue": why} for a in rows if (why := _dead_because(a, at))]
+    return [{**a, "overdue": why} for a in rows if (why := _dead_because(a, at, job_gone))]
 
 
-def _dead_because(alloc: dict, at: datetime) -> str | None:
+def _dead_because(alloc: dict, at: datetime, job_gone: JobGone | None = None) -> str | None:
     expires, beat = _utc(alloc["expires_at"]), _utc(alloc["heartbeat_at"])
     if expires is not None and expires < at:
         return f"{alloc['status']} past its expiry {expires:%Y-%m-%d %H:%M:%S} UTC"
     stale = at - timedelta(seconds=MISSED_BEATS * heartbeat_interval())
-    if beat is not None and beat < stale and _host_gone(alloc["host"]):
-        return (f"its host process {alloc['host']} is gone "
-                f"(last heartbeat {beat:%Y-%m-%d %H:%M:%S} UTC)")
+    if beat is None or beat >= stale:
+        return None
+    last = f"last heartbeat {beat:%Y-%m-%d %H:%M:%S} UTC"
+    # The scheduler knows about hosts on other machines, which _host_gone cannot see.
+    if job_gone is not None and alloc.get("engine_job_id"):
+        why = job_gone(alloc)
+        if why:
+            return f"{why} ({last})"
+    if _host_gone(alloc["host"]):
+        return f"its host process {alloc['host']} is gone ({last})"
     return None
 
 
@@ -159,18 +173,19 @@ def _ran_seconds(alloc: dict) -> float:
     return max(0.0, (beat - started).total_seconds())
 
 
-def reap(now: datetime | None = None) -> list[dict]:
+def reap(now: datetime | None = None, *, job_gone: JobGone | None = None) -> list[dict]:
     """Settle every dead open allocation as failed, exactly once; returns those this call
     closed.
 
     Dead means past `expires_at`, or a heartbeat older than MISSED_BEATS beats from a host
-    process that is gone from this machine (a host elsewhere is left to its expiry). The
+    process that is gone from this machine or (`job_gone`) whose scheduler job is over (a
+    host elsewhere, outside a scheduler, is left to its expiry). The
     charge is the seconds between the job's start and its last heartbeat, capped at the
     debit; the rest is refunded. Their MLflow runs and run folders are the host's: the caller
     cleans them up (runner.jobs.recovery.reap does both).
     """
     reaped = []
-    for alloc in overdue(now):
+    for alloc in overdue(now, job_gone=job_gone):
         try:
             closed = ledger.settle(alloc["id"], _ran_seconds(alloc), status="failed",
                                    reason=f"reaped: {alloc['overdue']}")

@@ -131,6 +131,10 @@ resource_allocations = sa.Table(
     sa.Column("host", sa.Text),
     # What the compute paid for (migration 0003): a training job or an eval-gate job.
     sa.Column("purpose", sa.Text, nullable=False, server_default="training"),
+    # The scheduler the host process ran under (migration 0004): "slurm" and its job id
+    # ("123", or "123_4" for an array task); NULL for a job run directly on this host.
+    sa.Column("engine", sa.Text),
+    sa.Column("engine_job_id", sa.Text, index=True),
     sa.CheckConstraint("resource_type IN ('gpu', 'cpu')", name="resource_type"),
     sa.CheckConstraint(f"status IN {ALLOCATION_STATES}", name="status"),
     sa.CheckConstraint("debited >= 0", name="debited"),

@@ -66,6 +66,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -133,6 +134,9 @@ class SandboxJob:
     max_output_entries: int = 100_000  # files and directories in /job/out
     max_output_depth: int = 64  # directory levels below /job/out
     uid: int | None = None  # None: a fresh unprivileged uid per launch (host root only)
+    # Set by the host to stop the job early (its scheduler cancelled it): SIGTERM, the grace
+    # period, SIGKILL, as at the wall-time cap; the result's reason is then "cancelled".
+    stop: threading.Event | None = None
 
     def resolved_log_path(self) -> Path:
         if self.log_path is not None:
@@ -146,13 +150,13 @@ class LaunchResult:
     """How a job ended. The ledger bills `wall_seconds` x the devices the plan priced."""
 
     exit_code: int
-    reason: str  # ok | timeout | killed | oom | output_quota | error
+    reason: str  # ok | timeout | cancelled | killed | oom | output_quota | error
     started_at: datetime
     ended_at: datetime
     wall_seconds: float
     device: str
     log_path: Path
-    detail: str | None = None  # why the host stopped the job (timeout, oom, output_quota)
+    detail: str | None = None  # why the host stopped the job (timeout, cancelled, oom, ...)
 
 
 def check_free_vram(index: int, cap_gb: float) -> float:

@@ -200,6 +200,14 @@ class _Supervisor:
                 self._check_caps()
                 next_check = time.monotonic() + POLL_S
                 now = time.monotonic()
+            stop = self.job.stop
+            if stop is not None and stop.is_set() and self.stopped is None and not timed_out:
+                kill_at = now + self.job.grace_s
+                self.stopped = ("cancelled", "cancelled by the host (its scheduler stopped the "
+                                             "job): SIGTERM, then SIGKILL "
+                                             f"in {self.job.grace_s:g}s")
+                self.on_line(self.stopped[1])
+                self.signal_jobs(signal.SIGTERM)
             if not timed_out and self.stopped is None and now >= deadline:
                 timed_out, kill_at = True, now + self.job.grace_s
                 self.on_line(f"wall-time cap of {self.job.wall_time_cap_s:g}s reached: "

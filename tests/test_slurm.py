@@ -1,0 +1,269 @@
+"""Sweeps on a real SLURM cluster (deploy/slurm/up.sh: slurmctld + slurmd on this host),
+submitted through submitit by `forge-train -m ... hydra/launcher=forge_slurm`.
+
+Each sbatch task runs the host side of one job on the node: debit, the bubblewrap sandbox,
+registration. What is checked: four candidates from one job array, each allocation naming
+its SLURM job; the caps mapped onto sbatch's options; `scancel` of a running task settles its
+allocation as cancelled (the seconds it ran charged, the rest refunded) and marks its MLflow
+run KILLED; a node that dies mid-job leaves an allocation the reaper settles on SLURM's word.
+
+The trainer is a stand-in (real sandbox, registry, MLflow and SLURM; a trainer that finishes
+in a blink, or sleeps until it is stopped) so that what is measured is the orchestration.
+Without a cluster these skip; under CI=true they fail (.ci/run starts the cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from helpers import AGENT, BASE_ID, STAND_IN_TRAINER, fake_code_repo
+
+from runner.jobs import engine
+from runner.jobs import recovery as job_recovery
+from runner.registry import catalog, db, ledger, recovery, schema
+
+REPO = Path(__file__).resolve().parents[1]
+FORGE_TRAIN = [sys.executable, "-c", "from runner.train_app import main; main()"]
+STAND_IN = STAND_IN_TRAINER.replace(
+    "METRICS", '{"test_macro_f1": m["training"]["lr"] * 100, "test_accuracy": 0.5}')
+# Trains until it is stopped: says so once it runs, then sleeps.
+SLEEPER = """
+    import sys, time
+    print("sleeper started", flush=True)
+    time.sleep(600)
+    sys.exit(1)
+"""
+JOB_ID = re.compile(r"\d+_\d+")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The one-node cluster, started (or found up) by the script an operator runs."""
+    if not shutil.which("sbatch") and os.environ.get("CI") != "true":
+        pytest.skip("SLURM is not installed: bash deploy/slurm/up.sh installs and starts it")
+    proc = subprocess.run(["bash", str(REPO / "deploy" / "slurm" / "up.sh")],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        message = f"deploy/slurm/up.sh failed: {proc.stderr[-2000:]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return _node()
+
+
+@pytest.fixture
+def slurm_env(slurm_cluster, pg_registry, tmp_path, monkeypatch):
+    """The operator's settings for tasks on this small node: one CPU and 1 GB each."""
+    monkeypatch.setenv("FORGE_SLURM_CPUS_PER_TASK", "1")
+    monkeypatch.setenv("FORGE_SLURM_MEM_GB", "1")
+    return pg_registry
+
+
+def _node() -> str:
+    return subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+
+
+def forge_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*FORGE_TRAIN, *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=timeout)
+
+
+def allocations(url: str) -> list[dict]:
+    with db.get_engine(url).connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(schema.resource_allocations)).mappings()]
+
+
+def mlflow_client():
+    from runner.config.compose import compose_config, to_plain
+    from runner.jobs import tracking
+
+    return tracking.client(to_plain(compose_config())["tracking"]["tracking_uri"])
+
+
+def job_runs(client) -> list:
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return [r for r in runs if r.data.tags.get("forge.sweep") != "true"]
+
+
+def wait_for(what: str, predicate, timeout: float = 180.0, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def running_alloc(url: str, log_says: str) -> dict | None:
+    """The one running allocation once its job's log shows `log_says`."""
+    running = [a for a in allocations(url) if a["status"] == "running"]
+    if len(running) != 1:
+        return None
+    log = Path(os.environ["FORGE_HOME"]) / "runs" / running[0]["id"] / "job.log"
+    return running[0] if log.is_file() and log_says in log.read_text(errors="replace") else None
+
+
+def sbatch_scripts() -> list[str]:
+    home = Path(os.environ["FORGE_HOME"])
+    return [p.read_text() for p in home.rglob("*_submission.sh")]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_sweep_through_sbatch_registers_one_candidate_per_task(slurm_env, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
+    proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", "allow_dirty=true",
+                       f"parent_artifact_id={BASE_ID}", "hydra/launcher=forge_slurm")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    made = [m for m in catalog.list_artifacts("model") if m["id"] != BASE_ID]
+    assert len(made) == 4 and {m["parent_version_id"] for m in made} == {BASE_ID}
+    allocs = allocations(slurm_env)
+    assert len(allocs) == 4 and {a["status"] for a in allocs} == {"settled"}
+    assert {a["engine"] for a in allocs} == {"slurm"}
+    ids = [a["engine_job_id"] for a in allocs]
+    assert all(JOB_ID.fullmatch(i) for i in ids) and len(set(ids)) == 4, ids
+    assert len({i.split("_")[0] for i in ids}) == 1  # one job array, four tasks
+    for job_id in ids:  # SLURM ran them, and says they completed
+        assert engine.slurm_state(job_id) == "COMPLETED"
+    by_alloc = {r.data.tags["forge.allocation_id"]: r for r in job_runs(mlflow_client())}
+    for alloc in allocs:
+        tags = by_alloc[alloc["id"]].data.tags
+        assert tags["forge.engine"] == "slurm"
+        assert tags["forge.slurm_job_id"] == alloc["engine_job_id"]
+        assert by_alloc[alloc["id"]].info.status == "FINISHED"
+    assert ledger.balance(AGENT) == Decimal(10) - sum(a["actual_cost"] for a in allocs)
+    assert recovery.check() == []
+
+    # The caps as sbatch options: --time is the cap (5 min, tiny_grid) + the registry's
+    # expiry margin (10 min); a CPU job asks for no GPU; the operator's task size.
+    (script,) = sbatch_scripts()
+    assert "#SBATCH --time=15" in script and "gpus" not in script, script
+    assert "#SBATCH --cpus-per-task=1" in script and "#SBATCH --mem=1GB" in script, script
+    assert "#SBATCH --array=0-3" in script, script
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_scancel_settles_the_allocation_as_cancelled_and_kills_the_run(slurm_env, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLEEPER)))
+    sweep = subprocess.Popen(
+        [*FORGE_TRAIN, "-m", f"agent_id={AGENT}", "allow_dirty=true", "wall_time_cap_min=10",
+         "vram_cap_gb=1", f"parent_artifact_id={BASE_ID}", "training.lr=1e-3",
+         "hydra/launcher=forge_slurm"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        alloc = wait_for("the job to start in the sandbox",
+                         lambda: running_alloc(slurm_env, "sleeper started"))
+        assert alloc["engine"] == "slurm" and alloc["engine_job_id"].isdigit()  # not an array
+        time.sleep(2)  # some seconds run, to be charged
+        subprocess.run(["scancel", alloc["engine_job_id"]], check=True)
+        closed = wait_for("the allocation to settle", lambda: next(
+            (a for a in allocations(slurm_env) if a["id"] == alloc["id"]
+             and a["status"] != "running"), None), timeout=60)
+        out, _ = sweep.communicate(timeout=120)
+    finally:
+        _stop(sweep)
+    assert closed["status"] == "cancelled", closed
+    assert "cancelled" in closed["failure_reason"] and alloc["engine_job_id"] in \
+        closed["failure_reason"], closed["failure_reason"]
+    assert Decimal(0) < closed["actual_cost"] < closed["debited"]  # seconds run, charged
+    assert closed["refunded"] == closed["debited"] - closed["actual_cost"]
+    assert 2 <= closed["actual_seconds"] < 60
+    assert ledger.balance(AGENT) == Decimal(10) - closed["actual_cost"]
+    (run,) = [r for r in job_runs(mlflow_client())
+              if r.data.tags["forge.allocation_id"] == alloc["id"]]
+    assert run.info.status == "KILLED" and run.data.tags["forge.outcome"] == "cancelled"
+    assert [m["id"] for m in catalog.list_artifacts("model")] == [BASE_ID]
+    assert recovery.check() == []
+    assert engine.slurm_state(alloc["engine_job_id"]) in ("CANCELLED", "COMPLETING"), out[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_node_failure_mid_job_is_reaped_on_slurms_word(slurm_env, slurm_cluster, tmp_path,
+                                                         monkeypatch):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLEEPER)))
+    monkeypatch.setenv("FORGE_HEARTBEAT_S", "1")  # stale after 3 s, not 90
+    sweep = subprocess.Popen(
+        [*FORGE_TRAIN, "-m", f"agent_id={AGENT}", "allow_dirty=true", "wall_time_cap_min=10",
+         "vram_cap_gb=1", f"parent_artifact_id={BASE_ID}", "training.lr=1e-3",
+         "hydra/launcher=forge_slurm"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node = slurm_cluster
+    try:
+        alloc = wait_for("the job to start in the sandbox",
+                         lambda: running_alloc(slurm_env, "sleeper started"))
+        # The node dies: its slurmd, the job's step daemons and every process they ran.
+        subprocess.run(["pkill", "-KILL", "-x", "slurmd"], check=False)
+        subprocess.run(["pkill", "-KILL", "-x", "slurmstepd"], check=False)
+        host_pid = int(alloc["host"].rpartition(":")[2])
+        os.kill(host_pid, signal.SIGKILL)  # bwrap dies with its parent, the jail with bwrap
+        # What slurmctld concludes once the node stops answering (SlurmdTimeout), now.
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN",
+                        "Reason=forge-test-node-failure"], check=True)
+        wait_for("SLURM to fail the job", lambda: engine.slurm_state(alloc["engine_job_id"])
+                 not in engine.SLURM_LIVE, timeout=60)
+        time.sleep(3.5)  # three missed heartbeats
+
+        reaped = job_recovery.reap()
+    finally:
+        _stop(sweep)
+        _revive(node)
+    assert [a["id"] for a in reaped] == [alloc["id"]]
+    (closed,) = reaped
+    assert closed["status"] == "failed"
+    assert f"SLURM job {alloc['engine_job_id']} is NODE_FAIL" in closed["failure_reason"]
+    assert closed["refunded"] == closed["debited"] - closed["actual_cost"]
+    assert recovery.check() == []
+    (run,) = [r for r in job_runs(mlflow_client())
+              if r.data.tags["forge.allocation_id"] == alloc["id"]]
+    assert run.info.status == "FAILED"
+
+
+def _stop(sweep: subprocess.Popen) -> None:
+    """The submitting process and whatever it left queued: nothing outlives a test."""
+    if sweep.poll() is None:
+        sweep.kill()
+    sweep.communicate(timeout=60)
+    subprocess.run(["scancel", f"--user={os.getuid()}"], check=False)
+
+
+def _revive(node: str) -> None:
+    """The node back in service for the tests after this one."""
+    subprocess.run(["/usr/sbin/slurmd"], check=False)
+    subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], check=False)
+    wait_for("the node to come back", lambda: subprocess.run(
+        ["sinfo", "-h", "-N", "-n", node, "-o", "%T"], capture_output=True, text=True
+    ).stdout.strip() in ("idle", "mixed"), timeout=60)
+
+
+def test_slurm_job_ids_are_read_only_from_slurms_own_variables():
+    assert engine.current({}) is None
+    assert engine.current({"SLURM_JOB_ID": "42"}) == engine.EngineJob("slurm", "42")
+    assert engine.current({"SLURM_JOB_ID": "43", "SLURM_ARRAY_JOB_ID": "42",
+                           "SLURM_ARRAY_TASK_ID": "3"}).job_id == "42_3"
+    assert engine.current({"SLURM_JOB_ID": "42; rm -rf /"}) is None
+    assert engine.slurm_state("42 -o %all") is None  # never handed to squeue
+
+
+def test_caps_map_onto_slurm_resources():
+    from runner.config import launchers
+
+    assert launchers.slurm_time_min(120, 10) == 130
+    assert launchers.slurm_gpus("cpu", 4) is None
+    assert launchers.slurm_gpus("h200", 2) == 2
