@@ -23,7 +23,7 @@ import itertools
 import json
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from runner.config.compose import CONFIG_NAME
-from runner.errors import BudgetExceeded, CodePinError
+from runner.errors import BudgetExceeded, CodePinError, InvalidOverride
 from runner.jobs import codepin, devices, tracking
 from runner.registry import ledger, money
 
@@ -72,8 +72,15 @@ def n_trials(config) -> int | None:
     return config.hydra.sweeper.get("n_trials")
 
 
-def job_estimate(overrides: list[str]) -> tuple[Decimal, str, str | None]:
-    """(estimate, currency, agent) of one job, from its composed config alone."""
+class JobEstimate(NamedTuple):
+    amount: Decimal
+    currency: str
+    agent: str | None
+    host_minutes: int  # the job's wall-time cap + the registry's expiry margin
+
+
+def job_estimate(overrides: list[str]) -> JobEstimate:
+    """What one job will cost and how long its host may run, from its composed config alone."""
     from hydra import compose
 
     # Called inside the running Hydra app, whose config search path is already set up.
@@ -81,7 +88,24 @@ def job_estimate(overrides: list[str]) -> tuple[Decimal, str, str | None]:
     cfg = OmegaConf.to_container(composed, resolve=True)
     _, price, _ = devices.priced(cfg)  # the device and price the job itself will get
     amount = money.estimate(price, cfg["wall_time_cap_min"], cfg["devices"])
-    return amount, cfg["pricing"]["currency"], cfg["agent_id"]
+    return JobEstimate(amount, cfg["pricing"]["currency"], cfg["agent_id"],
+                       int(cfg["wall_time_cap_min"]) + int(cfg["registry"]["expiry_margin_min"]))
+
+
+def check_scheduler_time(config, estimates: list[JobEstimate]) -> None:
+    """A SLURM array gets one --time for all its tasks, resolved from the sweep's own config:
+    a job whose cap (swept upward) outlives it would be cut short. Refused before any job."""
+    launcher = config.hydra.launcher
+    if "Slurm" not in str(launcher.get("_target_", "")) or launcher.get("timeout_min") is None:
+        return
+    longest = max((e.host_minutes for e in estimates), default=0)
+    if longest > int(launcher.timeout_min):
+        raise SweepRefused(InvalidOverride(
+            f"a job of this sweep may run {longest} min (its wall_time_cap_min + the expiry "
+            f"margin), past the SLURM array's --time of {launcher.timeout_min} min",
+            field="wall_time_cap_min", problem="scheduler_time",
+            fix="give wall_time_cap_min one value for the whole sweep (its largest), or run "
+                "the longer jobs as a sweep of their own"))
 
 
 class SweepCallback(Callback):
@@ -104,8 +128,9 @@ class SweepCallback(Callback):
         else:
             jobs = expand_jobs(config)
         estimates = [job_estimate(job) for job in jobs]
-        total = sum((e[0] for e in estimates), Decimal(0))
-        currency = estimates[0][1] if estimates else "credits"
+        check_scheduler_time(config, estimates)
+        total = sum((e.amount for e in estimates), Decimal(0))
+        currency = estimates[0].currency if estimates else "credits"
         agent = config.agent_id
         console.print(f"[bold]sweep[/]: {len(jobs)} jobs, total estimate {total} {currency}"
                       f"{' (dry run)' if config.dry_run else ''}")

@@ -386,6 +386,45 @@ def test_host_killed_mid_run_is_reaped_and_the_retry_launches_anew(registry, tmp
     assert recovery.check() == []
 
 
+def test_sigterm_to_the_host_cancels_the_job_settles_and_kills_the_run(sqlite_registry,
+                                                                     tmp_path, monkeypatch):
+    """What scancel does to a SLURM task (tests/test_slurm.py), without a scheduler: the
+    host stops the sandbox, settles the allocation as cancelled (the seconds run charged,
+    the rest refunded), marks the run KILLED and reports a typed error. Before, the host
+    died with the signal and the credits waited for the reaper."""
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, HANGING_TRAINER)))
+    call = dict(parent=BASE_ID, dataset=DATASET_ID, agent_id=AGENT, wall_time_cap_min=5,
+                vram_cap_gb=1, overrides=TINY)
+    host = subprocess.Popen([sys.executable, "-c", HOST, json.dumps(call)], cwd=REPO,
+                            env={**os.environ, "NCCL_DEBUG": "forge-test-hang"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        alloc = _wait_for(lambda: next((a for a in alloc_rows(sqlite_registry)
+                                        if a["status"] == "running"), None), 180,
+                          "the allocation to run")
+        log = Path(os.environ["FORGE_HOME"]) / "runs" / alloc["id"] / "job.log"
+        _wait_for(lambda: log.is_file() and "hanging" in log.read_text(), 120,
+                  "the trainer to start")
+        time.sleep(1.0)
+        host.send_signal(signal.SIGTERM)
+        out, _ = host.communicate(timeout=60)
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+    assert host.returncode == 1 and "JobCancelled" in out, out[-3000:]
+    assert not _jail_processes(str(tmp_path))
+    closed = ledger.get_allocation(alloc["id"])
+    assert closed["status"] == "cancelled" and "SIGTERM" in closed["failure_reason"]
+    assert Decimal(0) < closed["actual_cost"] < closed["debited"]
+    assert closed["refunded"] == closed["debited"] - closed["actual_cost"]
+    assert ledger.balance(AGENT) == Decimal("10") - closed["actual_cost"]
+    run = mlflow_run(closed["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["forge.outcome"] == "cancelled"
+    assert [m["id"] for m in catalog.list_artifacts("model")] == [BASE_ID]
+    assert recovery.check() == []
+
+
 # --- the database away at registration ----------------------------------------------------------
 
 def _database_outage(url: str):

@@ -267,3 +267,17 @@ def test_caps_map_onto_slurm_resources():
     assert launchers.slurm_time_min(120, 10) == 130
     assert launchers.slurm_gpus("cpu", 4) is None
     assert launchers.slurm_gpus("h200", 2) == 2
+
+
+def test_a_sweep_whose_caps_outlive_the_arrays_time_is_refused_before_any_job(sqlite_registry):
+    from helpers import count_rows
+
+    before = count_rows(sqlite_registry)
+    # tiny_grid's cap of 5 min gives the array --time=15; a job swept to 30 min would be cut.
+    proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", "allow_dirty=true",
+                       f"parent_artifact_id={BASE_ID}", "wall_time_cap_min=5,30",
+                       "hydra/launcher=forge_slurm")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "InvalidOverride" in proc.stderr and "--time of 15 min" in proc.stderr, proc.stderr
+    assert count_rows(sqlite_registry) == before
+    assert not sbatch_scripts()  # nothing was submitted
