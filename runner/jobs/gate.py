@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import threading
 from typing import Callable
 
 from runner import sandbox, settings
@@ -34,9 +35,10 @@ from runner.errors import (
     ForgeError,
     GateRefused,
     InvalidInput,
+    JobCancelled,
     TrainingFailed,
 )
-from runner.jobs import codepin, decide, gate_report, handback, recovery, weights
+from runner.jobs import codepin, decide, engine, gate_report, handback, recovery, weights
 from runner.jobs.job import clean_run_dir, dataset_input, disk_problem, run_dir, sandbox_job
 from runner.jobs.plan import Plan, TrainRequest, prepare
 from runner.registry import catalog, ledger, promotion
@@ -73,13 +75,16 @@ def evaluate(candidate_id: str, agent_id: str, gate: str = "default", *, dry_run
     if (problem := disk_problem(plan.resolved)) is not None:
         raise problem
     recovery.reap()
+    scheduled = engine.current()  # the SLURM job this host process runs in, if any
     alloc = ledger.reserve(
         agent_id, plan.estimate, _request_key(cand, gate, rules, comparators, plan),
         wall_time_cap_min=rules.wall_time_cap_min, vram_cap_gb=plan.resolved["vram_cap_gb"],
         price_per_hour=plan.price_per_hour, devices=plan.devices,
         device=plan.device.price_key, resource_type=plan.device.resource_type,
         currency=plan.currency, purpose="evaluation",
-        margin_s=plan.resolved["registry"]["expiry_margin_min"] * 60)
+        margin_s=plan.resolved["registry"]["expiry_margin_min"] * 60,
+        engine=scheduled.engine if scheduled else None,
+        engine_job_id=scheduled.job_id if scheduled else None)
     if alloc.get("existing"):
         if alloc["status"] == "settled":
             return _recorded(catalog.get_model_version(candidate_id), gate, rules)
@@ -194,10 +199,11 @@ class _Evaluation:
         self.justification, self.on_line = justification, on_line
         self.run_dir = run_dir(alloc["id"])
         self.seconds = 0.0
+        self.stop = threading.Event()  # set on SIGTERM: the sandbox stops, the job is cancelled
 
     def run(self) -> dict:
         try:
-            with Heartbeat(self.alloc["id"]):
+            with Heartbeat(self.alloc["id"]), engine.stop_on_sigterm(self.stop, self.on_line):
                 result = self._run()
         except BaseException as exc:
             clean_run_dir(self.run_dir)
@@ -220,9 +226,14 @@ class _Evaluation:
         inputs["manifest.json"] = path
         out = self.run_dir / "out"
         job = sandbox_job(plan, inputs=inputs, output_dir=out, log_path=self.run_dir / "job.log",
-                          on_line=self.on_line, module=MODULE)
+                          on_line=self.on_line, module=MODULE, stop=self.stop)
         launched = sandbox.gpu_launch(job)
         self.seconds = launched.wall_seconds
+        if self.stop.is_set():
+            raise JobCancelled(f"the evaluation was cancelled after {launched.wall_seconds:.1f}s "
+                               "(SIGTERM: its scheduler or an operator stopped it)",
+                               fix="gate the candidate again; the seconds it ran are charged, "
+                                   "the rest refunded")
         handback.read_result(out, launched)
         expected = (cand["metadata"]["split"].get("counts") or {}).get("test")
         preds = decide.read_predictions(out, expected)
@@ -250,8 +261,9 @@ class _Evaluation:
 
     def _fail(self, exc: BaseException) -> None:
         reason = getattr(exc, "reason", None) or type(exc).__name__
+        status = "cancelled" if isinstance(exc, JobCancelled) else "failed"
         try:
-            settle_retrying(self.alloc["id"], self.seconds, status="failed",
+            settle_retrying(self.alloc["id"], self.seconds, status=status,
                             reason=f"{reason}: {exc}"[:500])
         except Exception as step_exc:  # noqa: BLE001 - never mask the original error
             print(f"warning: could not settle allocation {self.alloc['id']}; `forge ledger "
