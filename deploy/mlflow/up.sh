@@ -59,6 +59,9 @@ fail() {
 
 [[ -x $MLFLOW ]] || fail "no mlflow CLI at $MLFLOW (run \`make demo\` or set MLFLOW_BIN)"
 mkdir -p "$DIR" "$ARTIFACTS"
+# One up.sh at a time per folder: two at once would both start a server and one pid file.
+exec 9>"$DIR/up.lock"
+flock 9
 
 if pid="$(running_pid)"; then
   if healthy; then
@@ -92,7 +95,7 @@ EOF
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_DISABLE_TELEMETRY=true \
     setsid "$MLFLOW" server --backend-store-uri "$BACKEND" --host "$HOST" --port "$PORT" \
       --workers 1 --serve-artifacts --artifacts-destination "$ARTIFACTS" "$@" \
-      </dev/null >"$LOG" 2>&1 &
+      </dev/null >"$LOG" 2>&1 9>&- &
   pid=$!
   echo "$pid" >"$PID_FILE"
 fi
