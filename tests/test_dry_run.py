@@ -336,14 +336,21 @@ def test_a_real_run_that_cannot_pay_moves_nothing(registry):
     assert movement(registry) == before
 
 
-def test_more_than_one_device_is_refused_before_any_debit(registry):
-    r = reasons(dry(devices=2))["sandbox_unsupported"]
-    assert r["field"] == "devices" and r["fix"] == "ask for devices=1"
-    before, balance = movement(registry), ledger.balance("a1")
-    with pytest.raises(Exception) as info:
-        api.train_model_version(PARENT, DATASET, agent_id="a1", devices=2)
-    assert getattr(info.value, "reason", None) == "sandbox_unsupported"
-    assert movement(registry) == before and ledger.balance("a1") == balance
+def test_two_devices_are_one_job_priced_per_device(registry):
+    """devices=2 on this CPU host: one job of two processes (DDP over the jail's loopback),
+    estimated at price x hours x 2; more than policy.max_devices is refused (above)."""
+    before = count_rows(registry)
+    result = dry(devices=2)
+    assert result["would_launch"] is True and result["reasons"] == []
+    assert result["estimate"] == {"amount": Decimal("2.00"), "currency": "credits",
+                                  "price_per_hour": Decimal("0.50"),
+                                  "hours": Decimal("2.00"), "devices": 2, "device": "cpu"}
+    assert result["config"]["devices"] == 2
+    sandbox = result["sandbox"]
+    assert sandbox["devices"] == 2 and sandbox["device"] == "cpu"
+    assert "--unshare-net" in sandbox["argv"] and sandbox["network"].startswith("loopback only")
+    after = count_rows(registry)
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {"tool_calls": 1}
 
 
 # --- the dry run stays light --------------------------------------------------------------------

@@ -54,6 +54,32 @@ def test_the_plan_carries_the_rows_it_read_and_launch_reads_them_no_more(
     assert BASE_ID not in reads and DATASET_ID not in reads  # the plan's rows, not a re-read
 
 
+def test_devices_are_one_job_of_that_many_processes_priced_per_device(registry):
+    from runner.config.manifest import build_manifest
+    from trainers.manifest import parse_manifest
+
+    one, two = prepare(_request(dry_run=True)), prepare(_request(dry_run=True, devices=2))
+    assert two.problems == [] and two.devices == 2
+    assert two.estimate == money.estimate(two.price_per_hour, 5, 2) == 2 * one.estimate
+    assert two.sandbox["devices"] == 2 and two.sandbox["device"] == "cpu"
+    manifest = build_manifest(two.resolved, "run", "cpu", from_parent=True)
+    assert manifest["devices"] == 2 and parse_manifest(manifest).devices == 2
+
+
+def test_more_gpus_than_the_host_has_are_refused_before_any_debit(registry, monkeypatch):
+    """A job runs on one host: devices=2 needs two GPUs here (NCCL over the jail's
+    loopback); with one it is refused in the plan, typed, before the debit."""
+    from runner.jobs import devices
+
+    monkeypatch.setattr(devices, "gpu_names", lambda: ("NVIDIA H200",))
+    plan = prepare(_request(dry_run=True, devices=2))
+    assert plan.device.price_key == "h200"
+    assert [(p.reason, p.field) for p in plan.problems] == [("device_unavailable", "devices")]
+    assert "this host has 1" in str(plan.problems[0])
+    monkeypatch.setattr(devices, "gpu_names", lambda: ("NVIDIA H200", "NVIDIA H200"))
+    assert prepare(_request(dry_run=True, devices=2)).problems == []
+
+
 def test_callers_cannot_train_from_scratch(registry):
     with pytest.raises(InvalidInput) as err:
         train_model_version(BASE_ID, DATASET_ID, agent_id=AGENT, dry_run=True,

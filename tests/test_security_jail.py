@@ -25,7 +25,7 @@ from helpers import AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, fake_code_repo
 from test_sandbox import make_job as sandbox_make_job
 
 from runner import sandbox
-from runner.errors import ForgeError, TrainingFailed
+from runner.errors import ForgeError, InvalidInput, SandboxUnavailable, TrainingFailed
 from runner.registry import catalog, db, recovery, schema
 from runner.sandbox import SandboxJob, gpu_launch, memory, policy, sandbox_plan, seccomp
 
@@ -161,6 +161,138 @@ def test_escape_sequences_are_escaped_in_lines_and_log(tmp_path):
         assert r"carriage\x0dreturn and \x00nul and \x7fdel" in text
 
 
+NET_PROBE = r'''
+import errno, json, socket, sys
+
+def attempt(fn):
+    try:
+        return "ok: " + str(fn())
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, f"{type(exc).__name__}: {exc}")
+
+def lines(path):
+    with open(path) as f:
+        return f.read().splitlines()
+
+def tcp_connect(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(3)
+        s.connect((host, port))
+    return "connected"
+
+def udp_send(host, port):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return s.sendto(b"x", (host, port))
+
+def loopback_pair(family, host):
+    with socket.socket(family, socket.SOCK_STREAM) as server:
+        server.bind((host, 0))
+        server.listen(1)
+        with socket.create_connection(server.getsockname()[:2], timeout=3) as client:
+            peer, _ = server.accept()
+            with peer:
+                client.sendall(b"ping")
+                return peer.recv(4).decode()
+
+def open_socket(family, kind, proto):
+    socket.socket(family, kind, proto).close()
+    return "opened"
+
+targets = json.loads(sys.argv[1])
+report = {
+    "interfaces": sorted(l.split(":")[0].strip() for l in lines("/proc/net/dev")[2:]),
+    "routes": [l.split() for l in lines("/proc/net/route")[1:] if l.strip()],
+    "ipv6_routes": [l.split() for l in lines("/proc/net/ipv6_route") if l.strip()],
+    "if_nameindex": attempt(socket.if_nameindex),
+    "connect": {f"{h}:{p}": attempt(lambda h=h, p=p: tcp_connect(h, p)) for h, p in targets},
+    "udp": {f"{h}:{p}": attempt(lambda h=h, p=p: udp_send(h, p)) for h, p in targets
+            if ":" not in h},
+    "loopback_tcp": attempt(lambda: loopback_pair(socket.AF_INET, "127.0.0.1")),
+    "loopback_tcp6": attempt(lambda: loopback_pair(socket.AF_INET6, "::1")),
+    "raw_icmp": attempt(lambda: open_socket(socket.AF_INET, socket.SOCK_RAW, 1)),
+    "packet": attempt(lambda: open_socket(socket.AF_PACKET, socket.SOCK_RAW, 0)),
+    "netlink": {str(p): attempt(lambda p=p: open_socket(socket.AF_NETLINK, socket.SOCK_RAW, p))
+                for p in (0, 4, 9, 12, 15, 16)},  # route, sock_diag, audit, netfilter,
+}                                                 # kobject_uevent, generic
+json.dump(report, open("/job/out/net.json", "w"), indent=1)
+'''
+
+
+def _host_address() -> str | None:
+    """This host's own address on its default route (eth0's), if it has one."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # UDP: picks the route, sends nothing
+            return s.getsockname()[0]
+        except OSError:
+            return None
+
+
+def test_the_jail_network_is_loopback_only(tmp_path):
+    """Inet sockets are allowed (a multi-device job's process group talks TCP over loopback),
+    so the barrier is the job's own network namespace: its only interface is lo, no route
+    leads anywhere else, a TCP connect to any non-loopback address (the host's own included,
+    where a real server listens) fails with ENETUNREACH, while a loopback listen/connect pair
+    works. Packet sockets and every netlink protocol but NETLINK_ROUTE (what getifaddrs uses)
+    are still refused by the seccomp filter (EAFNOSUPPORT)."""
+    import socket
+    import socketserver
+    import threading
+
+    class Greeter(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.sendall(b"hello\n")
+
+    server = socketserver.TCPServer(("0.0.0.0", 0), Greeter)  # every host address
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,))
+    thread.start()
+    host = _host_address()
+    targets = [("10.0.0.1", 80), ("192.0.2.1", 80), ("2001:db8::1", 80)]
+    if host is not None:
+        targets.append((host, port))
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "net_probe.py").write_text(NET_PROBE)
+    try:
+        if host is not None:  # the control: the server answers the host on that address
+            with socket.create_connection((host, port), timeout=3) as s:
+                assert s.recv(16) == b"hello\n"
+        job = SandboxJob(module="net_probe", args=[json.dumps(targets)], code_dir=code,
+                         output_dir=tmp_path / "out", log_path=tmp_path / "job.log",
+                         on_line=lambda line: None, wall_time_cap_s=60)
+        with host_deadline(90):
+            result = gpu_launch(job)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert result.reason == "ok", (tmp_path / "job.log").read_text()
+    report = json.loads((tmp_path / "out" / "net.json").read_text())
+
+    assert report["interfaces"] == ["lo"] and report["if_nameindex"] == "ok: [(1, 'lo')]"
+    assert report["routes"] == []  # IPv4: not even a route via lo in the main table
+    RTF_REJECT = 0x0200
+    for dest, prefix, *_, flags, iface in report["ipv6_routes"]:
+        assert iface == "lo", report["ipv6_routes"]
+        if int(prefix, 16) == 0:  # a default route exists only as the kernel's unreachable
+            assert int(flags, 16) & RTF_REJECT, report["ipv6_routes"]
+    for target, outcome in report["connect"].items():
+        assert outcome == "ENETUNREACH", (target, outcome)
+    for target, outcome in report["udp"].items():
+        assert outcome == "ENETUNREACH", (target, outcome)
+    assert report["loopback_tcp"] == "ok: ping"  # refused (EAFNOSUPPORT) before multi-device
+    assert report["loopback_tcp6"] in ("ok: ping", "EADDRNOTAVAIL")  # ::1 where IPv6 is on
+    assert report["raw_icmp"] == "EPERM"  # inet, but raw needs CAP_NET_RAW, which it lacks
+    assert report["packet"] == "EAFNOSUPPORT"
+    assert report["netlink"] == {"0": "ok: opened", "4": "EAFNOSUPPORT", "9": "EAFNOSUPPORT",
+                                 "12": "EAFNOSUPPORT", "15": "EAFNOSUPPORT",
+                                 "16": "EAFNOSUPPORT"}
+
+
 # --------------------------------------------------------------------------- policy
 
 
@@ -188,6 +320,59 @@ def test_only_the_assigned_gpu_node_is_bound(tmp_path, monkeypatch):
     assert plan["device"] == "cpu" and plan["gpu_nodes"] == []
 
 
+def test_a_multi_device_job_gets_its_own_gpus_only(tmp_path, monkeypatch):
+    """devices=2 on cuda:1: GPUs 1 and 2, seen inside as 0 and 1 (NCCL's path is gloo's:
+    the same jail, loopback only); asking past the host's last GPU runs on none of them."""
+    real_glob = policy.glob.glob
+    monkeypatch.setattr(policy.glob, "glob", lambda pattern, *a, **k: list(FAKE_NODES)
+                        if pattern == "/dev/nvidia*" else real_glob(pattern, *a, **k))
+    plan = sandbox_plan(make_job(tmp_path, "exit", "0", device="cuda:1", devices=2))
+    assert plan["device"] == "cuda:1" and plan["devices"] == 2
+    assert plan["gpu_nodes"] == ["/dev/nvidia1", "/dev/nvidia2", "/dev/nvidiactl",
+                                 "/dev/nvidia-uvm"]
+    dev_binds = [plan["argv"][i + 1] for i, a in enumerate(plan["argv"]) if a == "--dev-bind"]
+    assert dev_binds == plan["gpu_nodes"]
+    assert "/dev/nvidia0" not in plan["argv"] and "/dev/nvidia3" not in plan["argv"]
+    env = {plan["argv"][i + 1]: plan["argv"][i + 2]
+           for i, a in enumerate(plan["argv"]) if a == "--setenv"}
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["FORGE_DEVICE"] == "cuda:0"
+    plan = sandbox_plan(make_job(tmp_path, "exit", "0", device="cuda:2", devices=3))
+    assert plan["device"] == "cpu" and plan["gpu_nodes"] == []  # the host has nvidia0..3
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(InvalidInput):
+            sandbox_plan(make_job(tmp_path, "exit", "0", devices=bad))
+
+
+def test_inet_sockets_are_never_allowed_without_a_network_namespace(tmp_path, monkeypatch):
+    """The seccomp filter allows AF_INET/AF_INET6 because the jail's network namespace holds
+    only lo: a jail without --unshare-net is refused whole, before anything runs."""
+    job = make_job(tmp_path, "exit", "0")
+    plan = sandbox_plan(job)
+    assert "--unshare-net" in plan["argv"] and "net" in plan["namespaces"]
+    assert plan["network"].startswith("loopback only")
+    assert plan["seccomp_rules"]["socket"] == (
+        "arg0 in {0x1, 0x2, 0xa}: allow, else (arg0 == 0x10: (arg2 == 0x0: allow, "
+        "else errno 97), else errno 97)")
+    assert seccomp.inet_allowed()
+    shared = tuple(a for a in policy._NAMESPACE_ARGS if a != "--unshare-net")
+    monkeypatch.setattr(policy, "_NAMESPACE_ARGS", shared)
+    for attempt in (lambda: sandbox_plan(job), lambda: gpu_launch(job)):
+        with pytest.raises(SandboxUnavailable) as err:
+            attempt()
+        assert err.value.reason == "network_not_isolated"
+    assert not (tmp_path / "job.log").exists()  # refused before bwrap started
+    # no seccomp filter on this architecture: sockets of every family, so refused too
+    monkeypatch.setattr(policy, "_seccomp_program", lambda: None)
+    with pytest.raises(SandboxUnavailable):
+        sandbox_plan(job)
+    # an AF_UNIX-only table may share the host's network namespace (the old rule)
+    monkeypatch.setattr(policy, "_seccomp_program", seccomp._seccomp_program)
+    monkeypatch.setitem(seccomp._SECCOMP_RULES, "socket",
+                        (0, "==", seccomp.AF_UNIX, "allow", seccomp.EAFNOSUPPORT))
+    assert not seccomp.inet_allowed()
+    assert "--unshare-net" not in sandbox_plan(job)["argv"]
+
+
 def test_memory_cap_mechanism_in_the_plan(tmp_path, monkeypatch):
     job = make_job(tmp_path, "exit", "0", max_memory_bytes=2 * 1024**3)
     monkeypatch.setattr(memory, "_cgroup_base", lambda: None)  # a host without delegation
@@ -208,10 +393,12 @@ def test_nesting_depth_ignores_brackets_in_strings():
     assert nesting_depth(b"[" * 5000) == 5000 and nesting_depth(b"") == 0
 
 
-def _run_bpf(program: bytes, arch: int, nr: int, arg0: int = 0) -> int:
-    """A classic-BPF interpreter for the instructions the filter uses."""
+def _run_bpf(program: bytes, arch: int, nr: int, *args: int) -> int:
+    """A classic-BPF interpreter for the instructions the filter uses; `args` are the
+    syscall's arguments (missing ones 0)."""
     prog = [struct.unpack("<HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
-    data = struct.pack("<iI", nr, arch) + struct.pack("<Q", 0) + struct.pack("<Q", arg0)
+    data = struct.pack("<iI", nr, arch) + struct.pack("<Q", 0) + struct.pack(
+        "<6Q", *(list(args) + [0] * 6)[:6])
     acc, pc = 0, 0
     while True:
         code, jt, jf, k = prog[pc]
@@ -234,13 +421,37 @@ def test_seccomp_filter_follows_its_table(arch):
     ALLOW, EPERM = 0x7FFF0000, 0x00050001
     for name in ("keyctl", "add_key", "request_key", "unshare", "io_uring_setup"):
         assert _run_bpf(program, audit, numbers[name]) == EPERM, name
-    assert _run_bpf(program, audit, numbers["socket"], arg0=1) == ALLOW  # AF_UNIX
-    assert _run_bpf(program, audit, numbers["socket"], arg0=2) == 0x00050000 | 97  # AF_INET
-    assert _run_bpf(program, audit, numbers["clone"], arg0=0x10000000) == EPERM
-    assert _run_bpf(program, audit, numbers["clone"], arg0=0x11) == ALLOW
+    EAFNOSUPPORT = 0x00050000 | 97
+    for family in (1, 2, 10):  # AF_UNIX, AF_INET, AF_INET6 (loopback only: the netns)
+        assert _run_bpf(program, audit, numbers["socket"], family, 1, 0) == ALLOW, family
+    assert _run_bpf(program, audit, numbers["socket"], 16, 3, 0) == ALLOW  # NETLINK_ROUTE
+    for protocol in (4, 9, 12, 15, 16):  # sock_diag, audit, netfilter, uevent, generic
+        assert _run_bpf(program, audit, numbers["socket"], 16, 3, protocol) == EAFNOSUPPORT
+    for family in (17, 3, 4, 5, 38, 40, 44):  # packet, ax25, ipx, appletalk, alg, vsock, xdp
+        assert _run_bpf(program, audit, numbers["socket"], family, 3, 0) == EAFNOSUPPORT
+    assert _run_bpf(program, audit, numbers["clone"], 0x10000000) == EPERM
+    assert _run_bpf(program, audit, numbers["clone"], 0x11) == ALLOW
     assert _run_bpf(program, audit, numbers["clone3"]) == 0x00050000 | 38
     assert _run_bpf(program, audit, 0) == ALLOW  # read / io_setup: anything not in the table
     assert _run_bpf(program, 0x40000003, numbers["keyctl"]) == 0x80000000  # foreign ABI
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_the_compiled_filter_agrees_with_its_table(arch):
+    """Every rule over a grid of arguments: the BPF program does what `rule_action` says the
+    table means (nested tests, "in" sets, bit tests, the jumps between them)."""
+    program = seccomp._seccomp_program(arch)
+    audit, numbers = seccomp._SYSCALLS[arch]
+
+    def code(action) -> int:
+        return 0x7FFF0000 if action == "allow" else 0x00050000 | action
+
+    for name in seccomp._SECCOMP_RULES:
+        for arg0 in (*range(48), 0x11, 0x10000000, 0x10000011, 0xFFFFFFFF):
+            for arg2 in (0, 4, 9, 0x10000000):
+                args = (arg0, 1, arg2)
+                assert _run_bpf(program, audit, numbers[name], *args) == \
+                    code(seccomp.rule_action(name, *args)), (name, args)
 
 
 # --------------------------------------------------------------------------- what comes back

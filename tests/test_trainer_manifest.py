@@ -52,6 +52,7 @@ def test_minimal_manifest_gets_defaults():
     m = parse_manifest({"task": "pretrain_mgm", "output_dir": "/o",
                         "dataset": {"path": "/d", "format": "cbmc_mat"}})
     assert m.parent is None and m.device == "auto" and m.training.max_seq_len > 1
+    assert m.devices == 1 and parse_manifest(_with("devices", 8)).devices == 8
     assert resolve_model(m.model, None) == MODEL_DEFAULTS
     assert m.metrics_path == "/o/metrics.jsonl"  # the stream the host relays
 
@@ -72,6 +73,11 @@ def test_minimal_manifest_gets_defaults():
     ("dataset.path", KeyError, "dataset.path"),
     ("output_dir", KeyError, "output_dir"),
     ("device", "tpu", "device"),
+    ("devices", 0, "devices"),
+    ("devices", 65, "devices"),
+    ("devices", "2", "devices"),
+    ("devices", 1.5, "devices"),
+    ("devices", None, "devices"),
     ("manifest_version", 2, "manifest_version"),
     ("parent", "/job/in/parent", "parent"),
     ("dataset", None, "dataset"),

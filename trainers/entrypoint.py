@@ -9,6 +9,16 @@ Exit codes: 0 ok, 1 other error, 2 invalid manifest (the message names the field
 3 non-finite loss, 4 out of memory. On failure result.json still says why
 (`status: "failed"`, `reason`: invalid_manifest | nan_loss | oom | error).
 Heavy imports (torch, lightning) happen inside `train()`, after validation.
+
+Several devices (`devices` > 1): Lightning DDP over loopback (trainers/runtime.py strategy),
+gloo on cpu and NCCL on cuda. Lightning starts ranks 1.. by re-running this module on the
+same manifest; each trains on its share of the training cells. Validation and test are not
+sharded: every rank evaluates the whole split, so the test metrics are the full test set's
+(DistributedSampler would pad and duplicate cells; `use_distributed_sampler` is off, and
+CellBatches is not a DataLoader it could wrap anyway). After the test every rank meets at a
+barrier, then rank 0 alone goes on: the baseline, figures, checkpoint, final metrics and
+result.json; the other ranks write nothing to output_dir (Lightning's own checkpoints of
+the best epoch are rank 0's too). CPU threads are split between the ranks.
 """
 
 from __future__ import annotations
@@ -33,13 +43,15 @@ from trainers.manifest import (
     load_manifest,
     sha256_file,
 )
-from trainers.runtime import choose_device, choose_precision
+from trainers.runtime import choose_device, choose_precision, process_rank, strategy
 
 
 def train(m: Manifest, state: dict) -> dict:
     """The recipe: data -> model -> fit -> test -> baseline -> figures -> checkpoint."""
     import warnings
-    for noise in (".*LeafSpec.*", ".*does not have many workers.*"):
+    # (the sync_dist advice: val/test values are equal on every rank, see lightning.py)
+    for noise in (".*LeafSpec.*", ".*does not have many workers.*",
+                  ".*when logging on epoch level in distributed setting.*"):
         warnings.filterwarnings("ignore", message=noise)
     import logging
 
@@ -66,8 +78,12 @@ def train(m: Manifest, state: dict) -> dict:
     from trainers.scgpt.prepare import checkpoint_args, prepare
 
     out, t, finetune = Path(m.output_dir), m.training, m.task == FINETUNE
+    rank, world = process_rank(), m.devices
     device = choose_device(m, state)
-    torch.set_num_threads(m.num_threads or len(os.sched_getaffinity(0)))
+    threads = m.num_threads or max(1, len(os.sched_getaffinity(0)) // world)
+    torch.set_num_threads(threads)
+    if world > 1:  # Lightning's launcher sets the ranks' threads unless it finds this
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_flush_denormal(True)  # denormal Adam states slow CPU kernels several-fold
     pl.seed_everything(m.seed, workers=True, verbose=False)
 
@@ -87,11 +103,11 @@ def train(m: Manifest, state: dict) -> dict:
                              t.class_weighting) if finetune else None)
     mask_ratio = 0.0 if finetune else t.mask_ratio
 
-    def batches(cells, shuffle, limit):
+    def batches(cells, shuffle, limit, rank=0, world=1):
         size = t.batch_size if shuffle else (t.eval_batch_size or 2 * t.batch_size)
         return CellBatches(data, prep.columns, cells, prep.tokenizer, size, m.seed, shuffle,
-                           mask_ratio, limit)
-    train_dl = batches(split.train, True, t.limit_train_batches)
+                           mask_ratio, limit, rank, world)
+    train_dl = batches(split.train, True, t.limit_train_batches, rank, world)  # rank's share
     val_dl = batches(split.val, False, t.limit_eval_batches)
     test_dl = batches(split.test, False, t.limit_eval_batches)
     module = ScGPTModule(prep.model, m.task, t.lr, t.weight_decay, t.warmup_steps,
@@ -113,15 +129,17 @@ def train(m: Manifest, state: dict) -> dict:
     callbacks.append(TQDMProgressBar() if tty else LineProgress(every=t.log_every_n_steps))
     precision = choose_precision(t.precision, device)
     trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
+        accelerator="gpu" if device == "cuda" else "cpu", devices=world,
+        strategy=strategy(world, device), use_distributed_sampler=False, precision=precision,
         max_epochs=t.max_epochs, logger=logger, callbacks=callbacks,
         enable_progress_bar=tty, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.grad_clip,
         deterministic=device == "cpu", default_root_dir=str(out))
-    print(f"{m.task}: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test "
-          f"cells, {prep.genes['in_vocab']} genes in vocab ({prep.genes['dropped']} dropped), "
-          f"{prep.model.num_params() / 1e6:.2f}M parameters, device {device}, "
-          f"precision {precision}", flush=True)
+    if rank == 0:
+        print(f"{m.task}: {len(split.train)} train / {len(split.val)} val / {len(split.test)} "
+              f"test cells, {prep.genes['in_vocab']} genes in vocab ({prep.genes['dropped']} "
+              f"dropped), {prep.model.num_params() / 1e6:.2f}M parameters, device {device}"
+              f"{f' x {world} (ddp)' if world > 1 else ''}, precision {precision}", flush=True)
 
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
@@ -130,6 +148,10 @@ def train(m: Manifest, state: dict) -> dict:
     trainer.test(module, dataloaders=test_dl, ckpt_path=best.best_model_path or None,
                  verbose=False)
     test_s = time.perf_counter() - t0
+    if world > 1:  # every rank has read the best checkpoint before rank 0 removes it
+        trainer.strategy.barrier("forge_tested")
+        if rank != 0:
+            return {}
 
     # metrics: last epoch's train/val, the best epoch, test on the best weights
     last = history.epochs[-1] if history.epochs else {}
@@ -145,6 +167,7 @@ def train(m: Manifest, state: dict) -> dict:
     result = {"per_class_f1": {}, "baseline": {}, "artifacts": []}
     if finetune:
         pred, true = module.test_outputs["pred"], module.test_outputs["true"]
+        result["test_cells"] = len(true)  # all test cells on any devices (but limit_eval_batches)
         _, result["per_class_f1"] = evaluate.classification_metrics(
             true, pred, data.label_names, "test_")
         t0 = time.perf_counter()
@@ -202,7 +225,7 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _write_result(out_dir: Path | None, result: dict) -> None:
-    if out_dir is None:
+    if out_dir is None or process_rank() != 0:  # rank 0 alone speaks for the job
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "result.json.tmp"
@@ -241,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     final = {**base, **{k: state[k] for k in ("device", "split", "genes", "metrics_path")
                         if k in state}, **result, **status, "timings": timings}
     _write_result(out_dir, final)
-    print(f"result: {final['status']} ({final['reason']}) -> {out_dir / 'result.json'}",
-          flush=True)
+    if process_rank() == 0:
+        print(f"result: {final['status']} ({final['reason']}) -> {out_dir / 'result.json'}",
+              flush=True)
     return code
 
 

@@ -16,8 +16,12 @@ pretrain 2 epochs at max_seq_len 129, then fine-tune up to 15 epochs at 257, on 
       "seed": 0,
       "device": "auto",                       # "cpu" | "cuda" | "auto" (default; cuda
                                               # falls back to cpu when no GPU is visible)
+      "devices": 1,                           # data-parallel processes (Lightning DDP over
+                                              # loopback: gloo on cpu, NCCL on cuda), one
+                                              # per GPU on cuda; rank 0 writes the outputs
       "vram_cap_gb": 24,                      # cuda: per-process memory cap (default null)
-      "num_threads": null,                    # torch CPU threads; null = CPUs available
+      "num_threads": null,                    # torch CPU threads per process; null = the
+                                              # CPUs available / devices
       "output_dir": "/job/out",
       "metrics_path": "/job/out/metrics.jsonl",  # metric points as JSON lines, for the
                                               # host to relay (null: output_dir/metrics.jsonl)
@@ -73,6 +77,7 @@ INPUT_EMB_STYLES = ("continuous", "category")
 CLASS_WEIGHTINGS = ("none", "balanced", "sqrt")
 ARCH_FIELDS = ("n_layers", "d_model", "n_heads", "d_hid", "n_bins", "input_emb_style")
 SEED_MAX = 2**32 - 1  # numpy's seeds
+MAX_DEVICES = 64  # processes of one job on one host (the host's policy.max_devices is lower)
 # Manifest fields the host's config keeps with the training settings (config `training.*`).
 CONFIG_TRAINING_FIELDS = ("task", "seed", "num_threads")
 # The metric a run is judged by, per task: registration needs it, sweeps optimise it.
@@ -155,6 +160,7 @@ class Manifest:
     manifest_version: int = MANIFEST_VERSION
     seed: int = 0
     device: str = "auto"
+    devices: int = 1
     vram_cap_gb: float | None = None
     num_threads: int | None = None
     experiment_name: str = "forge"
@@ -356,6 +362,7 @@ def _check(m: Manifest) -> None:
          f"unsupported version {m.manifest_version} (this trainer reads {MANIFEST_VERSION})")
     choice(m.task, TASKS, "task")
     choice(m.device, DEVICES, "device")
+    need(1 <= m.devices <= MAX_DEVICES, "devices", f"must be in [1, {MAX_DEVICES}]")
     need(0 <= m.seed <= SEED_MAX, "seed", f"must be in [0, {SEED_MAX}]")
     need(m.vram_cap_gb is None or m.vram_cap_gb > 0, "vram_cap_gb", "must be > 0")
     need(m.num_threads is None or m.num_threads >= 1, "num_threads", "must be >= 1")

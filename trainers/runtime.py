@@ -1,9 +1,40 @@
-"""Where and how a job computes: the device it gets and the precision "auto" means. Shared by
-the trainer, the eval gate's job and the MLflow model."""
+"""Where and how a job computes: the device it gets, the precision "auto" means, and for a
+multi-device job its rank and Lightning strategy. Shared by the trainer, the eval gate's job
+and the MLflow model."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# The process group's rendezvous. The jail has a network namespace of its own holding only
+# lo, so no other job shares this address and a fixed port never collides.
+MASTER_ADDR, MASTER_PORT = "127.0.0.1", 29500
+
+
+def process_rank() -> int:
+    """This process's rank in a multi-device job, 0 when alone. Lightning's launcher starts
+    ranks 1.. by re-running the entrypoint with LOCAL_RANK set (a job runs on one host, so
+    the local rank is the global one); rank 0 is the process the sandbox started."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def strategy(devices: int, device: str):
+    """Lightning's strategy for `devices` processes: "auto" (one device) or DDP over loopback,
+    gloo on cpu and NCCL on cuda, the same path for both. Lightning starts ranks 1.. as
+    subprocesses that re-run `python -m trainers.entrypoint MANIFEST` (start_method "popen":
+    each rank loads its own data; nothing is pickled across). The graph is static (a task
+    always uses the same heads), so DDP need not search for unused parameters each step."""
+    if devices == 1:
+        return "auto"
+    from pytorch_lightning.strategies import DDPStrategy
+
+    os.environ["MASTER_ADDR"] = MASTER_ADDR
+    os.environ.setdefault("MASTER_PORT", str(MASTER_PORT))  # a test outside the jail may pick
+    if device == "cuda":
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # the jail's only interface
+    return DDPStrategy(process_group_backend="nccl" if device == "cuda" else "gloo",
+                       start_method="popen", static_graph=True)
 
 
 def choose_device(m, state: dict) -> str:
@@ -15,9 +46,10 @@ def choose_device(m, state: dict) -> str:
     if m.device == "cuda" and not has_cuda:
         print("warning: device cuda requested but no GPU is visible; running on cpu",
               flush=True)
-    if device == "cuda" and m.vram_cap_gb:
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, m.vram_cap_gb / total), 0)
+    if device == "cuda" and m.vram_cap_gb:  # per GPU: a multi-device job's rank N has GPU N
+        index = process_rank()
+        total = torch.cuda.get_device_properties(index).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, m.vram_cap_gb / total), index)
     state["device"] = device
     return device
 

@@ -14,7 +14,7 @@ def build_manifest(cfg: dict, run_name: str, device: str, *, from_parent: bool) 
     data, training = cfg["dataset"], cfg["training"]
     return {
         "manifest_version": MANIFEST_VERSION, "device": "cpu" if device == "cpu" else "cuda",
-        "vram_cap_gb": cfg["vram_cap_gb"], "output_dir": "/job/out",
+        "devices": cfg["devices"], "vram_cap_gb": cfg["vram_cap_gb"], "output_dir": "/job/out",
         **{k: training[k] for k in CONFIG_TRAINING_FIELDS},  # task, seed, num_threads
         "metrics_path": "/job/out/metrics.jsonl",
         "experiment_name": cfg["tracking"]["experiment_name"], "run_name": run_name,

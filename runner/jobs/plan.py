@@ -380,10 +380,13 @@ def _sandbox_plan(plan: Plan, problems: list[ForgeError]) -> dict:
     never the working tree (which may hold FORGE_HOME: the registry DB and the tracking
     store); its run dir is named after the allocation, which a dry run has not made."""
     job = sandbox_job(plan, output_dir=run_dir("<allocation-id>") / "out")
-    if plan.devices > 1:
-        problems.append(ForgeError(
-            f"devices={plan.devices}: the sandbox gives a job one GPU at most", field="devices",
-            reason="sandbox_unsupported", fix="ask for devices=1"))
+    # devices > 1 (policy.max_devices bounds it) is one job of that many processes on this
+    # host, over loopback in the jail: CPU ranks share the CPUs; GPUs must all be here.
+    if plan.device is not None and plan.device.resource_type == "gpu" \
+            and plan.devices > (gpus := len(devices.gpu_names())):
+        problems.append(devices.DeviceUnavailable(
+            f"devices={plan.devices} GPUs asked for, but this host has {gpus}",
+            field="devices", fix=f"ask for devices <= {gpus} (a job runs on one host)"))
     try:
         out = sandbox.sandbox_plan(job)
     except ForgeError as exc:

@@ -2,8 +2,11 @@
 
 `gpu_launch(job)` is the only way training runs. The job gets:
 
-- no network (own network namespace with only a loopback; a seccomp filter also refuses
-  every socket family but AF_UNIX),
+- no network beyond its own loopback: its own network namespace holds only `lo`, so the
+  TCP a multi-device job's process group needs (gloo on CPU, NCCL's bootstrap on GPUs)
+  stays inside the job; the seccomp filter refuses every socket family but AF_UNIX,
+  AF_INET, AF_INET6 and route netlink (getifaddrs), and the jail is never built with inet
+  sockets allowed and no network namespace of its own,
 - its code snapshot at /job/code and its inputs at /job/in/<name>, read-only,
 - one writable directory, /job/out, plus a private size-capped /tmp and /dev/shm,
 - the system (/usr and a few files of /etc) and the Python environment, read-only,
@@ -19,20 +22,21 @@
   following a link: bytes allocated, entries, depth) and kills the job with reason
   `output_quota` when it is over `max_output_bytes`, `max_output_entries` or
   `max_output_depth`,
-- on a GPU host, only its own device node /dev/nvidiaN, plus /dev/nvidiactl and
-  /dev/nvidia-uvm,
+- on a GPU host, only its own device nodes /dev/nvidiaN (`devices` of them from N), plus
+  /dev/nvidiactl and /dev/nvidia-uvm,
 - a seccomp filter generated from a table (`seccomp._SECCOMP_RULES`): sockets other than
-  AF_UNIX, io_uring, new user namespaces and the kernel keyring (keyctl, add_key,
-  request_key) are refused; everything else is allowed (a denylist: an allowlist profile is
-  not attempted).
+  AF_UNIX, AF_INET, AF_INET6 and NETLINK_ROUTE, io_uring, new user namespaces and the
+  kernel keyring (keyctl, add_key, request_key) are refused; everything else is allowed (a
+  denylist: an allowlist profile is not attempted).
 
 Nothing else of the host is mounted: not /work (registry DB, outputs, tracking store),
 not /root or /home, not /run, not host secrets in /etc. If bubblewrap is missing or not
 permitted, `SandboxUnavailable` is raised; the job never runs unsandboxed.
 
-Inside, the job finds its device in FORGE_DEVICE ("cpu", or "cuda:0": the one GPU it is
-given is always index 0 there) and its VRAM cap in FORGE_VRAM_CAP_GB (the trainer applies it
-with torch.cuda.set_per_process_memory_fraction); its output's host owner gets it back.
+Inside, the job finds its device in FORGE_DEVICE ("cpu", or "cuda:0": the GPUs it is given
+are always indices 0.. there, CUDA_VISIBLE_DEVICES lists them) and its VRAM cap per GPU in
+FORGE_VRAM_CAP_GB (the trainer applies it with torch.cuda.set_per_process_memory_fraction);
+its output's host owner gets it back.
 
 What the job leaves in /job/out is untrusted. After every process of the job is gone,
 `output._hand_back` walks it iteratively without following links and keeps only regular
@@ -121,6 +125,7 @@ class SandboxJob:
     wall_time_cap_s: float = 7200.0
     vram_cap_gb: float = 24.0
     device: str = "cpu"  # "cpu" or "cuda:N"; cuda on a host without that GPU runs on cpu
+    devices: int = 1  # processes of a multi-device job; on cuda:N, GPUs N..N+devices-1
     env: dict[str, str] = field(default_factory=dict)  # allowlist; the reserved keys win
     log_path: str | Path | None = None  # default: <output_dir>.log next to output_dir
     on_line: Callable[[str], None] | None = None  # default: "[sandbox] line" to stderr
@@ -181,7 +186,7 @@ def sandbox_plan(job: SandboxJob, *, bwrap: str | None = None) -> dict:
     """What `gpu_launch(job)` would do, as plain data, without launching or probing.
     The uid shown is a placeholder when a fresh one is drawn per launch."""
     _validate(job, planned=True)
-    device, _ = _resolve_device(job.device)
+    device, _ = _resolve_device(job.device, job.devices)
     uid = None if os.geteuid() != 0 else (job.uid if job.uid is not None else _UID_BASE)
     plan = _policy(job, device, uid, fd=lambda name: f"<fd:{name}>",
                    memory=_memory_mechanism(job, device))
@@ -199,9 +204,10 @@ def gpu_launch(job: SandboxJob, *, bwrap: str | None = None) -> LaunchResult:
     the job outside the sandbox."""
     _validate(job)
     bwrap_path = _require_sandbox(bwrap)
-    device, gpu_index = _resolve_device(job.device)
+    device, gpu_index = _resolve_device(job.device, job.devices)
     if gpu_index is not None:
-        check_free_vram(gpu_index, job.vram_cap_gb)
+        for index in range(gpu_index, gpu_index + job.devices):
+            check_free_vram(index, job.vram_cap_gb)
     uid = _sandbox_uid(job)
 
     out = Path(job.output_dir)

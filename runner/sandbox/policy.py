@@ -4,8 +4,10 @@ refuse a job before anything is built.
 `_policy` is pure (it touches nothing on the host); `sandbox_plan` shows its result and
 `gpu_launch` runs it. It holds the namespaces, the read-only system and Python trees, a few
 files of /etc plus a synthetic passwd/group/hosts, the private /tmp and /dev/shm, the job's
-code, inputs and output, the one GPU's device nodes, the cleared environment, the job's uid
-(setpriv) and its rlimits (prlimit). The seccomp filter it passes is built in `seccomp`.
+code, inputs and output, its GPUs' device nodes, the cleared environment, the job's uid
+(setpriv) and its rlimits (prlimit). The seccomp filter it passes is built in `seccomp`; it
+lets a multi-device job's process group use TCP over loopback, so `_policy` refuses to build
+a jail that would allow inet sockets without its own network namespace.
 `_validate` refuses bad module and input names, and any bind that would expose FORGE_HOME or
 the registry DB (`_protected_paths`).
 """
@@ -23,8 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner import settings
-from runner.errors import InvalidInput
-from runner.sandbox.seccomp import _SECCOMP_RULES, _describe_rule, _seccomp_program
+from runner.errors import InvalidInput, SandboxUnavailable
+from runner.sandbox.seccomp import (
+    _SECCOMP_RULES,
+    _describe_rule,
+    _seccomp_program,
+    inet_allowed,
+)
 
 if TYPE_CHECKING:
     from runner.sandbox import SandboxJob
@@ -72,15 +79,17 @@ def _system_args() -> list[str]:
     return args
 
 
-def _resolve_device(device: str) -> tuple[str, int | None]:
-    """'cpu' -> ('cpu', None); 'cuda:N' -> ('cuda:N', N) if /dev/nvidiaN exists, else cpu."""
+def _resolve_device(device: str, count: int = 1) -> tuple[str, int | None]:
+    """'cpu' -> ('cpu', None); 'cuda:N' -> ('cuda:N', N) if /dev/nvidiaN (and the `count` - 1
+    GPUs after it, for a multi-device job) exist, else cpu."""
     if device == "cpu":
         return "cpu", None
     match = _CUDA_DEVICE.match(device)
     if not match:
         raise InvalidInput(f"device must be 'cpu' or 'cuda:N', got {device!r}", field="device")
     index = int(match.group(1) or 0)
-    if f"/dev/nvidia{index}" not in _nvidia_nodes():
+    present = _nvidia_nodes()
+    if any(f"/dev/nvidia{i}" not in present for i in range(index, index + count)):
         return "cpu", None
     return f"cuda:{index}", index
 
@@ -90,13 +99,14 @@ def _nvidia_nodes() -> set[str]:
     return set(glob.glob("/dev/nvidia*"))
 
 
-def _gpu_nodes(index: int) -> list[str]:
-    """The nodes a job on GPU `index` needs: its own /dev/nvidiaN, the control node and the
-    unified-memory node. Never the other GPUs' nodes (nor nvidia-uvm-tools, nvidia-modeset:
-    profiling and display, which CUDA compute does not need)."""
+def _gpu_nodes(index: int, count: int = 1) -> list[str]:
+    """The nodes a job on GPUs `index`..`index + count - 1` needs: its own /dev/nvidiaN, the
+    control node and the unified-memory node. Never the other GPUs' nodes (nor
+    nvidia-uvm-tools, nvidia-modeset: profiling and display, which CUDA compute does not
+    need)."""
     present = _nvidia_nodes()
-    return [n for n in (f"/dev/nvidia{index}", "/dev/nvidiactl", "/dev/nvidia-uvm")
-            if n in present]
+    own = [f"/dev/nvidia{i}" for i in range(index, index + count)]
+    return [n for n in (*own, "/dev/nvidiactl", "/dev/nvidia-uvm") if n in present]
 
 
 def _python_paths() -> list[str]:
@@ -147,9 +157,9 @@ def _job_env(job: SandboxJob, device: str, uid: int | None) -> dict[str, str]:
         "PYTHONDONTWRITEBYTECODE": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "FORGE_VRAM_CAP_GB": f"{job.vram_cap_gb:g}",
-        # The jail holds one GPU's node at most, so CUDA enumerates that one as device 0.
+        # The jail holds only its own GPUs' nodes, so CUDA enumerates them from device 0.
         "FORGE_DEVICE": "cpu" if device == "cpu" else "cuda:0",
-        "CUDA_VISIBLE_DEVICES": "" if device == "cpu" else "0",
+        "CUDA_VISIBLE_DEVICES": "" if device == "cpu" else ",".join(map(str, range(job.devices))),
     })
     if uid is not None:
         env["USER"] = env["LOGNAME"] = "forge"
@@ -157,7 +167,9 @@ def _job_env(job: SandboxJob, device: str, uid: int | None) -> dict[str, str]:
 
 
 def _synthetic_etc(uid: int | None) -> dict[str, bytes]:
-    """passwd/group/hosts that name only the jail's own users, not the host's."""
+    """passwd/group/hosts that name only the jail's own users, not the host's, and an
+    nsswitch.conf that looks names up in those files alone: the jail has no DNS to ask
+    (a process group's reverse lookup of 127.0.0.1 then answers at once)."""
     passwd = "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
     group = "root:x:0:\n"
     if uid is not None:
@@ -165,7 +177,8 @@ def _synthetic_etc(uid: int | None) -> dict[str, bytes]:
         group += f"forge:x:{uid}:\n"
     hosts = f"127.0.0.1 localhost {HOSTNAME}\n::1 localhost\n"
     return {"/etc/passwd": passwd.encode(), "/etc/group": group.encode(),
-            "/etc/hosts": hosts.encode(), "/etc/hostname": f"{HOSTNAME}\n".encode()}
+            "/etc/hosts": hosts.encode(), "/etc/hostname": f"{HOSTNAME}\n".encode(),
+            "/etc/nsswitch.conf": b"passwd: files\ngroup: files\nhosts: files\n"}
 
 
 def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], str],
@@ -214,7 +227,7 @@ def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], s
 
     gpu_nodes: list[str] = []
     if device != "cpu":
-        gpu_nodes = _gpu_nodes(int(device.split(":")[1]))
+        gpu_nodes = _gpu_nodes(int(device.split(":")[1]), job.devices)
         for node in gpu_nodes:
             bind("--dev-bind", node, node, "dev")
 
@@ -226,6 +239,13 @@ def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], s
     if seccomp is not None:
         args += ["--seccomp", fd("seccomp")]
     args += ["--info-fd", fd("info")]
+    if (seccomp is None or inet_allowed()) and "--unshare-net" not in args:
+        # inet sockets (for a process group over loopback) are safe only in a network
+        # namespace of the job's own, which holds nothing but lo
+        raise SandboxUnavailable(
+            "the job could open inet sockets, but its jail has no network namespace of its "
+            "own (--unshare-net)", reason="network_not_isolated",
+            fix="keep --unshare-net in the sandbox's namespace arguments")
 
     command = [sys.executable, "-m", job.module, *map(str, job.args)]
     if uid is not None:
@@ -243,8 +263,10 @@ def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], s
     return {
         "argv": [*enter, *prlimit, "<bwrap>", *args, "--", *command],
         "namespaces": ["net", "pid", "ipc", "uts", "cgroup", "mount"],
-        "network": "none (own network namespace, loopback only; seccomp: AF_UNIX sockets only)"
-                   if seccomp else "none (own network namespace, loopback only)",
+        "network": "loopback only (own network namespace holding just lo; seccomp: AF_UNIX, "
+                   "AF_INET, AF_INET6 and NETLINK_ROUTE sockets only)"
+                   if seccomp else "loopback only (own network namespace holding just lo)",
+        "devices": job.devices,
         "binds": binds,
         "tmpfs": {"/tmp": job.tmp_size_bytes, "/dev/shm": job.tmp_size_bytes},
         "command": command,
@@ -302,6 +324,9 @@ def _validate(job: SandboxJob, planned: bool = False) -> None:
                 raise InvalidInput(
                     f"{name} {p} would expose {keep} (registry DB, tracking store) to the job",
                     field=name, fix="bind a snapshot of the code and only the job's own files")
+    if isinstance(job.devices, bool) or not isinstance(job.devices, int) or job.devices < 1:
+        raise InvalidInput(f"devices must be an integer >= 1, got {job.devices!r}",
+                           field="devices")
     if job.wall_time_cap_s <= 0 or job.grace_s < 0:
         raise InvalidInput("wall_time_cap_s must be > 0 and grace_s >= 0",
                            field="wall_time_cap_s")

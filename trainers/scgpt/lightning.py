@@ -8,6 +8,12 @@
 - `finetune_celltype`: the classifier head reads the `<cls>` embedding; cross-entropy.
 
 A non-finite loss raises `NonFiniteLoss` at once (the entrypoint exits 3, reason nan_loss).
+
+Several devices (DDP): each rank trains on its share of the cells and the epoch's train_*
+metrics are averaged over the ranks (sync_dist); a non-finite training loss on any rank stops
+every rank at the same step, so rank 0 reports it. Validation and test run whole on every
+rank (their batches are not sharded), so each rank's val_*/test_* values are the full
+split's and equal on all ranks: they are logged without a sync.
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ PRETRAIN, FINETUNE = "pretrain_mgm", "finetune_celltype"
 
 
 class NonFiniteLoss(FloatingPointError):
-    def __init__(self, stage: str, step: int, value: float):
+    def __init__(self, stage: str, step: int, value: float, where: str = ""):
         self.stage, self.step, self.value = stage, step, value
-        super().__init__(f"non-finite {stage} loss ({value}) at global step {step}")
+        super().__init__(f"non-finite {stage} loss ({value}{where}) at global step {step}")
 
 
 def class_weights(train_labels: np.ndarray, n_cls: int, scheme: str) -> torch.Tensor | None:
@@ -78,16 +84,24 @@ class ScGPTModule(pl.LightningModule):
         return loss, {"pred": logits.argmax(-1), "labels": batch["labels"]}
 
     def _check(self, loss: torch.Tensor, stage: str) -> None:
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if stage == "train" and self._trainer is not None and self.trainer.world_size > 1:
+            # the ranks' losses differ: all stop together, or the others would wait forever
+            # for this one's gradients
+            if self.trainer.strategy.reduce_boolean_decision(not finite, all=False):
+                raise NonFiniteLoss(stage, self.global_step, float(loss),
+                                    "" if not finite else " here; non-finite on another rank")
+        if not finite:
             raise NonFiniteLoss(stage, self.global_step, float(loss))
 
     def training_step(self, batch, batch_idx):
         loss, out = self.compute_loss(batch)
         self._check(loss, "train")
         n = len(batch["genes"])
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         for name, part in out.get("parts", {}).items():
-            self.log(f"train_{name}", part, on_step=False, on_epoch=True, batch_size=n)
+            self.log(f"train_{name}", part, on_step=False, on_epoch=True, batch_size=n,
+                     sync_dist=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
                  batch_size=1)
         return loss
@@ -107,6 +121,8 @@ class ScGPTModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def _eval_epoch_end(self, stage: str) -> None:
+        """The stage's metrics over all its batches. Logged without sync_dist: with several
+        devices every rank evaluated the whole split, so its values already are the split's."""
         rows = self._eval.pop(stage, [])
         if not rows:
             return
@@ -154,7 +170,8 @@ class LineProgress(pl.Callback):
 
     One line every `every` training steps, with the time left for the whole fit at the pace
     so far (validation included; early stopping may end sooner), and one per epoch with the
-    epoch's metrics.
+    epoch's metrics. With several devices every rank prints its own lines, each starting
+    "rank N ", with that rank's own loss.
     """
 
     def __init__(self, every: int = 20, stream=None):
@@ -162,8 +179,11 @@ class LineProgress(pl.Callback):
         self._t0 = self._n = 0
         self._fit_t0, self._steps = 0.0, 0
 
-    def _print(self, msg: str) -> None:
-        print(msg, file=self.stream, flush=True)
+    def _print(self, msg: str, trainer=None) -> None:
+        if trainer is not None and trainer.world_size > 1:
+            msg = f"rank {trainer.global_rank} {msg}"
+        self.stream.write(msg + "\n")  # one write: the ranks share the pipe
+        self.stream.flush()
 
     def on_fit_start(self, trainer, pl_module):
         self._fit_t0, self._steps = time.perf_counter(), 0
@@ -183,13 +203,13 @@ class LineProgress(pl.Callback):
             loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
             self._print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
                         f"step {batch_idx + 1}/{total} loss {loss:.4f} "
-                        f"{rate:.0f} cells/s eta {format_seconds(eta)}")
+                        f"{rate:.0f} cells/s eta {format_seconds(eta)}", trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "lr"}
         shown = " ".join(f"{k} {v:.4f}" for k, v in sorted(m.items()))
         self._print(f"epoch {trainer.current_epoch + 1} done in "
-                    f"{time.perf_counter() - self._t0:.1f}s: {shown}")
+                    f"{time.perf_counter() - self._t0:.1f}s: {shown}", trainer)
 
 
 def format_seconds(seconds: float) -> str:
