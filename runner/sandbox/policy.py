@@ -167,9 +167,7 @@ def _job_env(job: SandboxJob, device: str, uid: int | None) -> dict[str, str]:
 
 
 def _synthetic_etc(uid: int | None) -> dict[str, bytes]:
-    """passwd/group/hosts that name only the jail's own users, not the host's, and an
-    nsswitch.conf that looks names up in those files alone: the jail has no DNS to ask
-    (a process group's reverse lookup of 127.0.0.1 then answers at once)."""
+    """passwd/group/hosts that name only the jail's own users, not the host's."""
     passwd = "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
     group = "root:x:0:\n"
     if uid is not None:
@@ -177,8 +175,7 @@ def _synthetic_etc(uid: int | None) -> dict[str, bytes]:
         group += f"forge:x:{uid}:\n"
     hosts = f"127.0.0.1 localhost {HOSTNAME}\n::1 localhost\n"
     return {"/etc/passwd": passwd.encode(), "/etc/group": group.encode(),
-            "/etc/hosts": hosts.encode(), "/etc/hostname": f"{HOSTNAME}\n".encode(),
-            "/etc/nsswitch.conf": b"passwd: files\ngroup: files\nhosts: files\n"}
+            "/etc/hosts": hosts.encode(), "/etc/hostname": f"{HOSTNAME}\n".encode()}
 
 
 def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], str],
