@@ -90,7 +90,7 @@ with admin.connect() as conn:
         print(f"created database {url.database}")
 EOF
   fi
-  echo "starting mlflow server at $URL (backend $(sed -E 's#//[^@/]*@#//***@#' <<<"$BACKEND"), artifacts $ARTIFACTS)"
+  echo "starting mlflow server at $URL (backend $(sed -E 's#(//[^:@/]*):[^@/]*@#\1:***@#' <<<"$BACKEND"), artifacts $ARTIFACTS)"
   # Its own session (setsid): down.sh stops the CLI and uvicorn's worker as one group.
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_DISABLE_TELEMETRY=true \
     setsid "$MLFLOW" server --backend-store-uri "$BACKEND" --host "$HOST" --port "$PORT" \
