@@ -58,7 +58,8 @@ fail() {
 }
 
 [[ -x $MLFLOW ]] || fail "no mlflow CLI at $MLFLOW (run \`make demo\` or set MLFLOW_BIN)"
-mkdir -p "$DIR" "$ARTIFACTS"
+mkdir -p "$DIR"
+[[ $ARTIFACTS == *://* ]] || mkdir -p "$ARTIFACTS"  # a local folder (not s3://...)
 # One up.sh at a time per folder: two at once would both start a server and one pid file.
 exec 9>"$DIR/up.lock"
 flock 9
