@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import AGENT, BASE_ID, STAND_IN_TRAINER, fake_code_repo
+from helpers import AGENT, BASE_ID, STAND_IN_TRAINER, assert_on_server, fake_code_repo
 
 from runner.jobs import engine
 from runner.jobs import recovery as job_recovery
@@ -122,8 +122,9 @@ def sbatch_scripts() -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_a_sweep_through_sbatch_registers_one_candidate_per_task(slurm_env, tmp_path,
-                                                                  monkeypatch):
+def test_a_sweep_through_sbatch_registers_one_candidate_per_task(slurm_env, tracking_store,
+                                                                  tmp_path, monkeypatch):
+    """On the local store and on the MLflow server a cluster's nodes would share."""
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
     proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", "allow_dirty=true",
                        f"parent_artifact_id={BASE_ID}", "hydra/launcher=forge_slurm")
@@ -139,12 +140,17 @@ def test_a_sweep_through_sbatch_registers_one_candidate_per_task(slurm_env, tmp_
     assert len({i.split("_")[0] for i in ids}) == 1  # one job array, four tasks
     for job_id in ids:  # SLURM ran them, and says they completed
         assert engine.slurm_state(job_id) == "COMPLETED"
-    by_alloc = {r.data.tags["forge.allocation_id"]: r for r in job_runs(mlflow_client())}
+    client = mlflow_client()
+    by_alloc = {r.data.tags["forge.allocation_id"]: r for r in job_runs(client)
+                if r.info.start_time >= tracking_store.since_ms}
     for alloc in allocs:
         tags = by_alloc[alloc["id"]].data.tags
         assert tags["forge.engine"] == "slurm"
         assert tags["forge.slurm_job_id"] == alloc["engine_job_id"]
         assert by_alloc[alloc["id"]].info.status == "FINISHED"
+        if tracking_store.server is not None:  # tracked through the server, from the node
+            assert_on_server(tracking_store, client, alloc["mlflow_run_id"],
+                             files=("result.json", "job.log"))
     assert ledger.balance(AGENT) == Decimal(10) - sum(a["actual_cost"] for a in allocs)
     assert recovery.check() == []
 
