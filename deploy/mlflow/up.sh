@@ -36,7 +36,14 @@ PID_FILE="$DIR/server.pid"
 LOG="$DIR/server.log"
 URL="http://$([[ $HOST == 0.0.0.0 ]] && echo 127.0.0.1 || echo "$HOST"):$PORT"
 
-healthy() { curl -fsS -o /dev/null --max-time 2 "$URL/health" 2>/dev/null; }
+healthy() {
+  if command -v curl >/dev/null; then
+    curl -fsS -o /dev/null --max-time 2 "$URL/health" 2>/dev/null
+  else
+    "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+      "$URL/health" >/dev/null 2>&1
+  fi
+}
 
 # The pid in the pid file, if that process is alive and is an mlflow server.
 running_pid() {
