@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -187,7 +188,10 @@ def mlflow_server(tmp_path_factory):
     finally:
         subprocess.run(["bash", str(REPO / "deploy/mlflow/down.sh")], env=env,
                        capture_output=True, timeout=60, check=False)
-        drop_pg_database(backend_url)
+        try:
+            drop_pg_database(backend_url)
+        except sa.exc.OperationalError as exc:  # no PostgreSQL (the skip above): nothing made
+            warnings.warn(f"could not drop {backend.database}: {exc}"[:300], stacklevel=1)
 
 
 @pytest.fixture(params=["local", pytest.param("server", marks=pytest.mark.postgres)])
