@@ -135,9 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(decision, indent=2, default=str))
     console.print(decision_text(decision))
     uri = to_plain(compose_config())["tracking"]["tracking_uri"]
-    console.print(f"done in {time.perf_counter() - start:.0f}s. Browse runs and the "
-                  f"registered model:\n  .venv/bin/mlflow ui --backend-store-uri {uri} "
-                  f"--workers 1 --port 5000   # then open {result.get('detail_url')}")
+    took = f"done in {time.perf_counter() - start:.0f}s."
+    if uri.startswith(("http://", "https://")):  # tracking=server: its UI is already up
+        console.print(f"{took} Browse runs and the registered model: {result.get('detail_url')}")
+    else:
+        console.print(f"{took} Browse runs and the registered model:\n  .venv/bin/mlflow ui "
+                      f"--backend-store-uri {uri} --workers 1 --port 5000   # then open "
+                      f"{result.get('detail_url')}")
     return 0
 
 
