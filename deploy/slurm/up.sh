@@ -58,7 +58,9 @@ SlurmdUser=root
 AuthType=auth/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+# Each task is bound to the CPUs SLURM gave it, so a job (and its torch threads) sees its
+# share: sched_getaffinity inside the sandbox.
+TaskPlugin=task/affinity
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
