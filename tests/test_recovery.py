@@ -334,22 +334,34 @@ def _wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+HANGING_CALL = dict(parent=BASE_ID, dataset=DATASET_ID, agent_id=AGENT, wall_time_cap_min=5,
+                    vram_cap_gb=1, overrides=TINY)
+
+
+def _hanging_host() -> subprocess.Popen:
+    """A host process training HANGING_CALL with a trainer that hangs."""
+    return subprocess.Popen([sys.executable, "-c", HOST, json.dumps(HANGING_CALL)], cwd=REPO,
+                            env={**os.environ, "NCCL_DEBUG": "forge-test-hang"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _running(host: subprocess.Popen, url: str) -> tuple[dict, Path]:
+    """The host's running allocation and its job log, once the trainer says it hangs."""
+    alloc = _wait_for(lambda: next((a for a in alloc_rows(url) if a["status"] == "running"),
+                                   None), 180, "the allocation to run")
+    log = Path(os.environ["FORGE_HOME"]) / "runs" / alloc["id"] / "job.log"
+    _wait_for(lambda: log.is_file() and "hanging" in log.read_text(), 120,
+              "the trainer to start")
+    return alloc, log
+
+
 def test_host_killed_mid_run_is_reaped_and_the_retry_launches_anew(registry, tmp_path,
                                                                     monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, HANGING_TRAINER)))
     monkeypatch.setenv("FORGE_HEARTBEAT_S", "0.5")
-    call = dict(parent=BASE_ID, dataset=DATASET_ID, agent_id=AGENT, wall_time_cap_min=5,
-                vram_cap_gb=1, overrides=TINY)
-    host = subprocess.Popen([sys.executable, "-c", HOST, json.dumps(call)], cwd=REPO,
-                            env={**os.environ, "NCCL_DEBUG": "forge-test-hang"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    host = _hanging_host()
     try:
-        alloc = _wait_for(lambda: next((a for a in alloc_rows(registry)
-                                        if a["status"] == "running"), None), 180,
-                          "the allocation to run")
-        log = Path(os.environ["FORGE_HOME"]) / "runs" / alloc["id"] / "job.log"
-        _wait_for(lambda: log.is_file() and "hanging" in log.read_text(), 120,
-                  "the trainer to start")
+        alloc, log = _running(host, registry)
         beats = [ledger.get_allocation(alloc["id"])]  # the host beats while the job runs
         time.sleep(1.5)
         beats.append(ledger.get_allocation(alloc["id"]))
@@ -379,7 +391,7 @@ def test_host_killed_mid_run_is_reaped_and_the_retry_launches_anew(registry, tmp
     run_dir = log.parent
     assert sorted(p.name for p in run_dir.iterdir()) == ["job.log", "manifest.json"]
 
-    result = train(**{k: v for k, v in call.items() if k not in ("parent", "dataset")})
+    result = train(**{k: v for k, v in HANGING_CALL.items() if k not in ("parent", "dataset")})
     assert result["gpu_allocation_id"] != alloc["id"]
     assert ledger.get_allocation(result["gpu_allocation_id"])["status"] == "settled"
     assert [a["status"] for a in alloc_rows(registry)] == ["failed", "settled"]
@@ -393,18 +405,9 @@ def test_sigterm_to_the_host_cancels_the_job_settles_and_kills_the_run(sqlite_re
     the rest refunded), marks the run KILLED and reports a typed error. Before, the host
     died with the signal and the credits waited for the reaper."""
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, HANGING_TRAINER)))
-    call = dict(parent=BASE_ID, dataset=DATASET_ID, agent_id=AGENT, wall_time_cap_min=5,
-                vram_cap_gb=1, overrides=TINY)
-    host = subprocess.Popen([sys.executable, "-c", HOST, json.dumps(call)], cwd=REPO,
-                            env={**os.environ, "NCCL_DEBUG": "forge-test-hang"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    host = _hanging_host()
     try:
-        alloc = _wait_for(lambda: next((a for a in alloc_rows(sqlite_registry)
-                                        if a["status"] == "running"), None), 180,
-                          "the allocation to run")
-        log = Path(os.environ["FORGE_HOME"]) / "runs" / alloc["id"] / "job.log"
-        _wait_for(lambda: log.is_file() and "hanging" in log.read_text(), 120,
-                  "the trainer to start")
+        alloc, _log = _running(host, sqlite_registry)
         time.sleep(1.0)
         host.send_signal(signal.SIGTERM)
         out, _ = host.communicate(timeout=60)
