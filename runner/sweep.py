@@ -93,19 +93,18 @@ def job_estimate(overrides: list[str]) -> JobEstimate:
 
 
 def check_scheduler_time(config, estimates: list[JobEstimate]) -> None:
-    """A SLURM array gets one --time for all its tasks, resolved from the sweep's own config:
-    a job whose cap (swept upward) outlives it would be cut short. Refused before any job."""
-    launcher = config.hydra.launcher
-    if "Slurm" not in str(launcher.get("_target_", "")) or launcher.get("timeout_min") is None:
-        return
+    """A submitit launcher kills a job at its `timeout_min` (SLURM's --time for the whole
+    array, forge_slurm's resolved from the sweep's own config; submitit_local's own, 60 min
+    by default): a job that may outlive it would be cut short. Refused before any job."""
+    timeout = config.hydra.launcher.get("timeout_min")
     longest = max((e.host_minutes for e in estimates), default=0)
-    if longest > int(launcher.timeout_min):
+    if timeout is not None and longest > int(timeout):
         raise SweepRefused(InvalidOverride(
             f"a job of this sweep may run {longest} min (its wall_time_cap_min + the expiry "
-            f"margin), past the SLURM array's --time of {launcher.timeout_min} min",
+            f"margin), past the launcher's timeout_min (SLURM's --time) of {timeout} min",
             field="wall_time_cap_min", problem="scheduler_time",
-            fix="give wall_time_cap_min one value for the whole sweep (its largest), or run "
-                "the longer jobs as a sweep of their own"))
+            fix=f"give every job a wall_time_cap_min whose sum with the margin fits {timeout} "
+                "min, or run the longer jobs as a sweep of their own"))
 
 
 class SweepCallback(Callback):

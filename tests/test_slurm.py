@@ -284,6 +284,6 @@ def test_a_sweep_whose_caps_outlive_the_arrays_time_is_refused_before_any_job(sq
                        f"parent_artifact_id={BASE_ID}", "wall_time_cap_min=5,30",
                        "hydra/launcher=forge_slurm")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "InvalidOverride" in proc.stderr and "--time of 15 min" in proc.stderr, proc.stderr
+    assert "InvalidOverride" in proc.stderr and "--time) of 15 min" in proc.stderr, proc.stderr
     assert count_rows(sqlite_registry) == before
     assert not sbatch_scripts()  # nothing was submitted

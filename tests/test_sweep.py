@@ -194,6 +194,17 @@ def test_a_dirty_tree_refuses_the_sweep_before_any_job(sqlite_registry, tmp_path
     assert count_rows(sqlite_registry) == before
 
 
+def test_a_cap_past_submitit_locals_timeout_is_refused_before_any_job(sqlite_registry):
+    """submitit_local kills a job at its timeout_min (60): the default cap of 120 min would
+    be cut short, silently, before this refusal."""
+    before = count_rows(sqlite_registry)
+    proc = forge_train("-m", f"agent_id={AGENT}", "allow_dirty=true", *PARENT_ARGS,
+                       "training.lr=1e-3,3e-4", "hydra/launcher=submitit_local")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "InvalidOverride" in proc.stderr and "of 60 min" in proc.stderr, proc.stderr
+    assert count_rows(sqlite_registry) == before
+
+
 @pytest.mark.slow
 def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tracking_store, tmp_path,
                                               monkeypatch):
