@@ -219,6 +219,91 @@ def ledger_check():
     click.echo("ledger ok")
 
 
+# --- jobs ---------------------------------------------------------------------------------
+
+@main.group("jobs")
+def jobs_group() -> None:
+    """Asynchronous training jobs (submitit: local, or SLURM with FORGE_JOBS_EXECUTOR=slurm)."""
+
+
+@jobs_group.command("submit")
+@click.argument("parent_artifact_id")
+@click.argument("dataset_artifact_id")
+@click.argument("overrides", nargs=-1)
+@click.option("--agent", "agent_id", required=True, help="The agent that pays.")
+@click.option("--cap", "wall_time_cap_min", type=int, default=120, show_default=True,
+              help="Wall-time cap in minutes (the estimate is priced on it).")
+@click.option("--device", default=None, help="auto, cpu, h100, h200, ...")
+@click.option("--allow-dirty", is_flag=True, help="Run the working tree's uncommitted code.")
+def jobs_submit(parent_artifact_id, dataset_artifact_id, overrides, agent_id,
+                wall_time_cap_min, device, allow_dirty):
+    """Debit and queue a fine-tune of PARENT on DATASET; OVERRIDES are training.<key>=<value>
+    or training=<option>. Prints the job at once."""
+    # lazy: runner.api and the registry (~350 ms) stay out of `forge --help`
+    from runner.api import submit_training
+
+    echo_json(submit_training(parent_artifact_id, dataset_artifact_id, agent_id=agent_id,
+                              wall_time_cap_min=wall_time_cap_min, device=device,
+                              overrides=list(overrides), allow_dirty=allow_dirty))
+
+
+@jobs_group.command("status")
+@click.argument("job_id")
+def jobs_status(job_id):
+    """A job's state, cost, progress, and its result or error."""
+    from runner.jobs import background
+    from runner.registry import ledger
+
+    echo_json(background.state(ledger.get_allocation(job_id)))
+
+
+@jobs_group.command("log")
+@click.argument("job_id")
+@click.option("--tail", default=50, show_default=True, help="How many lines.")
+def jobs_log(job_id, tail):
+    """The last lines of a job's log."""
+    from runner.jobs import background
+    from runner.registry import ledger
+
+    for line in background.log_tail(ledger.get_allocation(job_id), tail)["lines"]:
+        click.echo(line)
+
+
+@jobs_group.command("cancel")
+@click.argument("job_id")
+def jobs_cancel(job_id):
+    """Cancel a job: queued, refunded whole; running, stopped and charged what it ran."""
+    from runner.jobs import background
+    from runner.registry import ledger
+
+    echo_json(background.cancel(ledger.get_allocation(job_id), reason="by the operator"))
+
+
+@jobs_group.command("list")
+@click.option("--agent", "agent_id", default=None, help="Only this agent's jobs.")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def jobs_list(agent_id, limit, as_json):
+    """The newest jobs (allocations) first: state, agent, engine, cost, version."""
+    from runner.jobs.background import STATES
+    from runner.registry import ledger
+
+    rows = ledger.list_allocations(agent_id=agent_id, limit=limit)
+    if as_json:
+        echo_json(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("job id", "state", "agent", "engine", "debited", "actual", "version")
+    for row in rows:
+        engine = f"{row['engine']} {row['engine_job_id']}" if row["engine"] else ""
+        table.add_row(row["id"], STATES.get(row["status"], row["status"]), row["agent_id"],
+                      engine, str(row["debited"]), str(row["actual_cost"] or ""),
+                      row["artifact_id"] or "")
+    Console().print(table)
+
+
 # --- tools ----------------------------------------------------------------------------------
 
 @main.group("tools")
@@ -235,6 +320,87 @@ def tools_register():
 
     for skill in register_tools(SKILLS):
         click.echo(f"{skill['id']}: {skill['name']} ({skill['skill_type']})")
+
+
+# --- agents ---------------------------------------------------------------------------------
+
+@main.group("agents")
+def agents_group() -> None:
+    """Agents' bearer tokens: who a caller of the MCP server is."""
+
+
+@agents_group.command("add")
+@click.argument("name")
+def agents_add(name):
+    """Issue a bearer token for agent NAME and print it (once)."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
+    from runner.registry import agents
+
+    issued = agents.issue(name)
+    click.echo(f"agent {issued['agent_id']}: token {issued['token_id']}")
+    click.echo(issued["token"])
+    click.echo("This token is shown only once: the registry keeps only its sha256 hash.")
+
+
+@agents_group.command("revoke")
+@click.argument("name")
+@click.option("--token", "token_id", default=None, help="Revoke only this token id (tok-...).")
+def agents_revoke(name, token_id):
+    """Revoke NAME's active tokens (or the one token --token names)."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
+    from runner.registry import agents
+
+    n = agents.revoke(name, token_id)
+    click.echo(f"revoked {n} token{'' if n == 1 else 's'} of agent {name}")
+
+
+@agents_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def agents_list(as_json):
+    """List every token (ids and dates; the registry holds no token to show)."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
+    from runner.registry import agents
+
+    rows = agents.list_tokens()
+    if as_json:
+        echo_json(rows)
+        return
+    # lazy: rich (~40 ms) stays out of `forge --help`
+    from rich.console import Console
+    from rich.table import Table
+
+    def when(stamp):
+        return stamp.strftime("%Y-%m-%d %H:%M") if stamp else ""
+
+    table = Table("token", "agent", "state", "created (UTC)", "last used (UTC)")
+    for row in rows:
+        table.add_row(row["token_id"], row["agent_id"],
+                      "revoked" if row["revoked_at"] else "active",
+                      when(row["created_at"]), when(row["last_used_at"]))
+    Console().print(table)
+
+
+# --- web ------------------------------------------------------------------------------------
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The pages have no login: keep it on loopback.")
+@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--db-url", default=None,
+              help="Registry to serve (default: FORGE_DB_URL or outputs/forge.db); dry runs "
+                   "use it too.")
+def serve(host, port, db_url):
+    """Serve read-only web pages: model families, version detail pages, the tool playground."""
+    import os
+
+    # lazy: uvicorn (~100 ms) stays out of `forge --help`
+    import uvicorn
+
+    if db_url:  # the pages and the dry run's composed config read the same registry
+        os.environ["FORGE_DB_URL"] = db_url
+    click.echo(f"forge serve: http://{f'[{host}]' if ':' in host else host}:{port}/")
+    # By import string: cli and web are independent siblings (pyproject's layers contract).
+    uvicorn.run("runner.web.app:create_app", factory=True, host=host, port=port)
 
 
 if __name__ == "__main__":

@@ -288,4 +288,16 @@ tool_calls = sa.Table(
     _ts("created_at", nullable=False),
 )
 
+# Per-agent bearer tokens (migration 0005): a token names the agent its caller is; only its
+# sha256 is stored. Revoking keeps the row (revoked_at) so that the audit trail stays whole.
+agent_tokens = sa.Table(
+    "agent_tokens", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("agent_id", sa.Text, nullable=False, index=True),
+    sa.Column("token_hash", sa.Text, nullable=False, unique=True),
+    _ts("created_at", nullable=False),
+    _ts("revoked_at"),
+    _ts("last_used_at"),
+)
+
 ALL_TABLES = tuple(metadata.sorted_tables)
