@@ -137,3 +137,11 @@ class EvaluationFailed(ForgeError):
     """The eval gate's sandbox job failed (timeout, oom, a crash, unusable predictions)."""
 
     reason = "evaluation_failed"
+
+
+class Forbidden(ForgeError):
+    """The caller is not the agent it names: an `agent_id` that disagrees with the caller's
+    token (or the stdio server's --agent), or a job of another agent. Nothing is written but
+    the call's audit row, which names the caller."""
+
+    reason = "forbidden"

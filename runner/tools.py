@@ -18,6 +18,7 @@ import math
 import re
 import time
 import uuid
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -26,11 +27,13 @@ from typing import Any, Callable, Iterable
 
 from omegaconf import OmegaConf
 
+from runner.errors import Forbidden
 from runner.registry import audit
 
 log = logging.getLogger(__name__)
 
 _audit_url: ContextVar[str | None] = ContextVar("forge_audit_url", default=None)
+_acting: ContextVar[str | None] = ContextVar("forge_acting_agent", default=None)
 _SUMMARY_OMIT = ("config", "sandbox")  # large; the call's input already pins them
 _MAX_TEXT = 4000
 
@@ -67,6 +70,18 @@ def audit_to(url: str | None) -> None:
     _audit_url.set(url)
 
 
+@contextmanager
+def acting_as(agent_id: str):
+    """Calls in this block are made by `agent_id` (authenticated by the caller's transport)."""
+    if not isinstance(agent_id, str) or not agent_id:
+        raise TypeError(f"acting_as takes an agent id, got {agent_id!r}")
+    token = _acting.set(agent_id)
+    try:
+        yield
+    finally:
+        _acting.reset(token)
+
+
 def log_tool_call(skill: Skill) -> Callable:
     """Decorator: one `tool_calls` row per call of the wrapped function, naming `skill`."""
     if not isinstance(skill, Skill):
@@ -75,11 +90,16 @@ def log_tool_call(skill: Skill) -> Callable:
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)
 
+        takes_agent = "agent_id" in signature.parameters
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             token = _audit_url.set(None)
             started = time.perf_counter()
             try:
+                acting = _acting.get()
+                if acting is not None and takes_agent:
+                    kwargs = _as_caller(signature, args, kwargs, acting)
                 result = fn(*args, **kwargs)
             except BaseException as exc:
                 _record(skill, signature, args, kwargs, started, error=exc)
@@ -95,13 +115,28 @@ def log_tool_call(skill: Skill) -> Callable:
     return decorate
 
 
+def _as_caller(signature: inspect.Signature, args: tuple, kwargs: dict, acting: str) -> dict:
+    """The call's kwargs with `agent_id` the acting agent's; Forbidden when it names another."""
+    try:
+        named = signature.bind_partial(*args, **kwargs).arguments.get("agent_id")
+    except TypeError:
+        named = kwargs.get("agent_id")
+    if named is not None and named != acting:
+        raise Forbidden(f"this caller is agent {acting!r}, not {str(named)[:128]!r}",
+                        field="agent_id",
+                        fix="leave agent_id out (the token decides the agent) or pass your own")
+    if named is None:
+        kwargs = {**kwargs, "agent_id": acting}
+    return kwargs
+
+
 def _record(skill: Skill, signature: inspect.Signature, args: tuple, kwargs: dict,
             started: float, result: Any = None, error: BaseException | None = None) -> None:
     """Write the audit row; a failure here is logged, never raised over the call's outcome."""
     duration_ms = int((time.perf_counter() - started) * 1000)
     try:
         params = _params(signature, args, kwargs)
-        row = dict(id=f"call-{uuid.uuid4().hex}", agent_id=_agent(params),
+        row = dict(id=f"call-{uuid.uuid4().hex}", agent_id=_acting.get() or _agent(params),
                    input_params=jsonable(params), success=error is None,
                    duration_ms=duration_ms, created_at=datetime.now(timezone.utc))
         if error is None:

@@ -47,6 +47,11 @@ class EngineJob:
         return {"forge.engine": self.engine, f"forge.{self.engine}_job_id": self.job_id}
 
 
+def valid_job_id(job_id) -> bool:
+    """A scheduler job id as SLURM (`123`, `123_4`) or a local pid (`4567`) writes it."""
+    return isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) is not None
+
+
 def current(environ: Mapping[str, str] = os.environ) -> EngineJob | None:
     """The SLURM job this process runs in, from the variables slurmd sets; None outside one.
     An array task is named as scancel and squeue name it: `<array job>_<task>`."""

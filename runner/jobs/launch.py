@@ -38,24 +38,21 @@ from trainers.manifest import PRIMARY_METRIC
 RUN_OUTPUTS = ("result.json", "confusion_matrix.png", "learning_curves.png")
 
 
-def launch(plan: Plan, *, on_line: Callable[[str], None] | None = None) -> dict:
-    """Run a planned request whose dry-run checks passed to a registered version."""
-    resolved = plan.resolved
-    problem = disk_problem(resolved)  # before any debit: a full disk fails the job late
-    if problem is not None:
-        raise problem
-    recovery.reap()  # dead jobs first: their credits count, their retries may run
-    scheduled = engine.current()  # the SLURM job this host process runs in, if any
-    alloc = ledger.reserve(
-        plan.agent_id, plan.estimate, plan.request_key,
-        wall_time_cap_min=resolved["wall_time_cap_min"], vram_cap_gb=resolved["vram_cap_gb"],
-        price_per_hour=plan.price_per_hour, devices=plan.devices, device=plan.device.price_key,
-        resource_type=plan.device.resource_type, currency=plan.currency,
-        margin_s=resolved["registry"]["expiry_margin_min"] * 60,
-        engine=scheduled.engine if scheduled else None,
-        engine_job_id=scheduled.job_id if scheduled else None)
-    if alloc.get("existing"):
-        return _earlier(alloc, resolved["tracking"]["detail_url"])
+def launch(plan: Plan, *, on_line: Callable[[str], None] | None = None,
+           allocation: dict | None = None) -> dict:
+    """Run a planned request whose dry-run checks passed to a registered version.
+    `allocation`: the one `reserve(plan)` made when the job was submitted (runner/jobs/
+    background.py); without it, the launch reserves (debits) now."""
+    if allocation is None:
+        problem = disk_problem(plan.resolved)  # before any debit: a full disk fails it late
+        if problem is not None:
+            raise problem
+        recovery.reap()  # dead jobs first: their credits count, their retries may run
+        alloc = reserve(plan, engine.current())  # the SLURM job this process runs in, if any
+        if alloc.get("existing"):
+            return _earlier(alloc, plan.resolved["tracking"]["detail_url"])
+    else:
+        alloc = allocation
 
     job = _Job(plan, alloc, on_line)  # names only: nothing here can fail after the debit
     try:
@@ -70,6 +67,20 @@ def launch(plan: Plan, *, on_line: Callable[[str], None] | None = None) -> dict:
         raise typed from exc
     clean_run_dir(job.run_dir)
     return result
+
+
+def reserve(plan: Plan, scheduled: engine.EngineJob | None = None) -> dict:
+    """Check the balance and debit the plan's estimate: its allocation (`existing` when the
+    same request already holds one). `scheduled`: the scheduler job the host side runs in."""
+    resolved = plan.resolved
+    return ledger.reserve(
+        plan.agent_id, plan.estimate, plan.request_key,
+        wall_time_cap_min=resolved["wall_time_cap_min"], vram_cap_gb=resolved["vram_cap_gb"],
+        price_per_hour=plan.price_per_hour, devices=plan.devices, device=plan.device.price_key,
+        resource_type=plan.device.resource_type, currency=plan.currency,
+        margin_s=resolved["registry"]["expiry_margin_min"] * 60,
+        engine=scheduled.engine if scheduled else None,
+        engine_job_id=scheduled.job_id if scheduled else None)
 
 
 def _typed(exc: BaseException, job_dir: Path) -> BaseException:
@@ -305,7 +316,9 @@ class _Job:
 
     def _engine_name(self) -> str:
         job_id = self.alloc.get("engine_job_id")
-        return f"SLURM job {job_id}" if job_id else "a SIGTERM to the host process"
+        if not job_id:
+            return "a SIGTERM to the host process"
+        return f"{'SLURM' if self.alloc.get('engine') == 'slurm' else 'the local'} job {job_id}"
 
     def _keep_diff(self) -> None:
         """allow_dirty: the version records HEAD, so the changes it ran on top of HEAD are

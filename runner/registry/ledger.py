@@ -171,6 +171,19 @@ def get_allocation(allocation_id: str, *, conn=None) -> dict:
     return row
 
 
+def list_allocations(*, agent_id: str | None = None, status: str | None = None,
+                     limit: int = 50, conn=None) -> list[dict]:
+    """The newest allocations first, of one agent and/or in one status."""
+    query = sa.select(resource_allocations)
+    if agent_id is not None:
+        query = query.where(resource_allocations.c.agent_id == check_agent_id(agent_id))
+    if status is not None:
+        query = query.where(resource_allocations.c.status == status)
+    query = query.order_by(resource_allocations.c.created_at.desc()).limit(max(1, int(limit)))
+    with transaction(conn) as c:
+        return [dict(r) for r in c.execute(query).mappings()]
+
+
 def _by_key(conn, request_key: str) -> dict | None:
     return _row(conn.execute(sa.select(resource_allocations)
                              .where(resource_allocations.c.request_key == request_key)))
@@ -301,14 +314,32 @@ def settle(allocation_id: str, actual_seconds: Any, status: str = "settled",
                   artifact_id=artifact_id, conn=conn)
 
 
-def cancel(allocation_id: str, reason: str | None = None, *, conn=None) -> dict:
-    """Refund the whole debit of a job that never ran (reserved or running -> cancelled)."""
+def cancel(allocation_id: str, reason: str | None = None, *, queued_only: bool = False,
+           conn=None) -> dict:
+    """Refund the whole debit of a job that never ran (reserved or running -> cancelled).
+    `queued_only`: only while still reserved; a job that started meanwhile is left open
+    (`already_settled` is False and the status says `running`) for its host to settle."""
     return _close(allocation_id, status="cancelled", seconds=None, reason=reason,
-                  artifact_id=None, conn=conn)
+                  artifact_id=None, conn=conn,
+                  states=("reserved",) if queued_only else OPEN_STATES)
+
+
+def assign_engine(allocation_id: str, engine: str, engine_job_id: str, host: str, *,
+                  conn=None) -> bool:
+    """A queued (reserved) allocation now waits in a scheduler job: record it, and make that
+    job its host, so the reaper asks after the job rather than the process that submitted it
+    (a CLI call that has already exited). False when the allocation is no longer reserved."""
+    with transaction(conn) as c:
+        result = c.execute(
+            resource_allocations.update()
+            .where(resource_allocations.c.id == allocation_id,
+                   resource_allocations.c.status == "reserved")
+            .values(engine=engine, engine_job_id=engine_job_id, host=host, heartbeat_at=now()))
+    return result.rowcount == 1
 
 
 def _close(allocation_id: str, *, status: str, seconds: Decimal | None, reason: str | None,
-           artifact_id: str | None, conn) -> dict:
+           artifact_id: str | None, conn, states: tuple[str, ...] = OPEN_STATES) -> dict:
     with transaction(conn) as c:
         alloc = _row(c.execute(sa.select(resource_allocations)
                                .where(resource_allocations.c.id == allocation_id)
@@ -325,6 +356,8 @@ def _close(allocation_id: str, *, status: str, seconds: Decimal | None, reason: 
                     f"({alloc['failure_reason'] or 'no reason'})", reason="allocation_closed",
                     field="allocation_id", fix="retry the request: it launches anew")
             return {**alloc, "already_settled": True}
+        if alloc["status"] not in states:
+            return {**alloc, "already_settled": False}
         debited = alloc["debited"]
         if seconds is None:
             cost = Decimal(0)
@@ -334,7 +367,7 @@ def _close(allocation_id: str, *, status: str, seconds: Decimal | None, reason: 
         result = c.execute(
             resource_allocations.update()
             .where(resource_allocations.c.id == allocation_id,
-                   resource_allocations.c.status.in_(OPEN_STATES))
+                   resource_allocations.c.status.in_(states))
             .values(status=status, actual_seconds=float(seconds or 0), actual_cost=cost,
                     refunded=refund, settled_at=now(), failure_reason=reason,
                     artifact_id=artifact_id if artifact_id is not None

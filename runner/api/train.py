@@ -29,7 +29,11 @@ SKILL_NAME = "Train Model Version"
 
 # --- the skill ------------------------------------------------------------------------------------
 
-_ID = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
+ID = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
+# The paying agent. Over MCP the caller's token (or the stdio server's --agent) decides it:
+# left out, it is filled in; a different one is refused as `forbidden`.
+AGENT_ID = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$",
+            "description": "the agent that pays; over MCP, the caller's own (may be omitted)"}
 
 
 def _caller_schema() -> dict:
@@ -53,12 +57,11 @@ TRAIN_SKILL = Skill(
         "required": ["parent_artifact_id", "dataset_artifact_id", "agent_id"],
         "additionalProperties": False,
         "properties": {
-            "parent_artifact_id": {**_ID, "description": "model artifact to start from"},
-            "dataset_artifact_id": {**_ID, "description": "dataset artifact to train on"},
+            "parent_artifact_id": {**ID, "description": "model artifact to start from"},
+            "dataset_artifact_id": {**ID, "description": "dataset artifact to train on"},
             "training_config": _CALLER["training_config"],
             "overrides": _CALLER["overrides"],
-            "agent_id": {"type": "string",
-                         "pattern": r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"},
+            "agent_id": AGENT_ID,
             "wall_time_cap_min": {"type": "integer", "minimum": 1, "default": 120},
             "vram_cap_gb": {"type": "integer", "minimum": 1, "default": 24},
             "devices": {"type": ["integer", "null"], "minimum": 1},
@@ -84,38 +87,6 @@ TRAIN_SKILL = Skill(
         "dry_run": True,
     },
 )
-GATE_SKILL = Skill(
-    "Evaluate Candidate",
-    description=("Decide a candidate model version on evidence: evaluate it and its parent and "
-                 "champion in the sandbox on its own held-out cells, bootstrap the metric delta "
-                 "(paired, 95% CI) and promote it (latest, active, MLflow alias champion) or "
-                 "reject it, as the operator's gate (conf/gate/) says. Debits the evaluation "
-                 "like training; dry_run=true estimates without launching. Gating a decided "
-                 "version again returns the recorded decision."),
-    skill_type="model_evaluation",
-    code_path="runner.api:evaluate_candidate",
-    input_schema={
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "type": "object",
-        "required": ["candidate_artifact_id", "agent_id"],
-        "additionalProperties": False,
-        "properties": {
-            "candidate_artifact_id": {**_ID, "description": "the candidate version to gate"},
-            "agent_id": {"type": "string",
-                         "pattern": r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"},
-            "gate": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
-                     "default": "default", "description": "a gate of conf/gate/"},
-            "dry_run": {"type": "boolean", "default": False},
-            "justification": {"type": ["string", "null"], "maxLength": 4000,
-                              "description": "why a tradeoff should be promoted (only gates "
-                                             "with allow_tradeoff accept one)"},
-            "allow_dirty": {"type": "boolean", "default": False},
-        },
-    },
-    example_input={"candidate_artifact_id": "scgpt-0123456789ab", "agent_id": "a1",
-                   "gate": "default", "dry_run": True},
-)
-SKILLS = (TRAIN_SKILL, GATE_SKILL)  # what `forge db upgrade` and `forge tools register` write
 
 
 # --- the call -------------------------------------------------------------------------------------
@@ -156,30 +127,6 @@ def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
     if plan.problems:
         raise plan.problems[0]
     return launch(plan)
-
-
-@log_tool_call(GATE_SKILL)
-def evaluate_candidate(candidate_artifact_id: str, agent_id: str | None = None,
-                       gate: str = "default", dry_run: bool = False, *,
-                       justification: str | None = None, allow_dirty: bool = False,
-                       **kw) -> dict:
-    """Promote or reject a candidate version by the operator's gate `gate` (conf/gate/).
-
-    Returns {decision, notes, comparisons: [{comparator_role, delta, ci_low, ci_high, ...}],
-    lifecycle_state, promotion_state, is_latest, cost, ...}; with dry_run=True, returns
-    {would_launch, reasons, estimate, comparators, rules, ...} and launches nothing."""
-    if kw:
-        raise InvalidInput(f"unknown arguments: {', '.join(sorted(kw))}",
-                           field=min(kw), fix="see the skill's input_schema")
-    for name, flag in (("dry_run", dry_run), ("allow_dirty", allow_dirty)):
-        if not isinstance(flag, bool):
-            raise InvalidInput(f"{name} must be true or false, got {flag!r}", field=name,
-                               fix=f"pass {name}=True or {name}=False")
-    # lazy: the gate's modules (and numpy) stay off training's dry run (~80 ms cold)
-    from runner.jobs import gate as gate_job
-
-    return gate_job.evaluate(candidate_artifact_id, agent_id, gate, dry_run=dry_run,
-                             justification=justification, allow_dirty=allow_dirty)
 
 
 # --- the caller's dict ----------------------------------------------------------------------------

@@ -1,0 +1,43 @@
+"""The calls agents and researchers make, each declared as a skill (its input schema, an
+example) and audited in `tool_calls`:
+
+- `train_model_version` (train.py): fine-tune a parent on a dataset, blocking, or a dry run.
+- `submit_training`, `job_status`, `job_log`, `cancel_job` (jobs.py): the same, asynchronous.
+- `evaluate_candidate` (gate.py): the eval gate.
+- `describe_options`, `lineage`, `model_show` (lookups.py): read-only discovery.
+
+`SKILLS` is what `forge db upgrade` and `forge tools register` write; `TOOLS` maps each
+skill's tool name (its id without `skill-`, in snake case) to its call, for the MCP server.
+"""
+
+from runner.api.gate import GATE_SKILL, evaluate_candidate
+from runner.api.jobs import (
+    CANCEL_SKILL,
+    LOG_SKILL,
+    STATUS_SKILL,
+    SUBMIT_SKILL,
+    cancel_job,
+    job_log,
+    job_status,
+    submit_training,
+)
+from runner.api.lookups import (
+    LINEAGE_SKILL,
+    MODEL_SKILL,
+    OPTIONS_SKILL,
+    describe_options,
+    lineage,
+    model_show,
+)
+from runner.api.train import TRAIN_SKILL, nest_training_config, train_model_version
+
+CALLS = (train_model_version, submit_training, job_status, job_log, cancel_job,
+         evaluate_candidate, describe_options, lineage, model_show)
+SKILLS = tuple(call.skill for call in CALLS)
+TOOLS = {call.__name__: call for call in CALLS}
+
+__all__ = ["CALLS", "SKILLS", "TOOLS", "TRAIN_SKILL", "GATE_SKILL", "SUBMIT_SKILL",
+           "STATUS_SKILL", "LOG_SKILL", "CANCEL_SKILL", "OPTIONS_SKILL", "LINEAGE_SKILL",
+           "MODEL_SKILL", "train_model_version", "submit_training", "job_status", "job_log",
+           "cancel_job", "evaluate_candidate", "describe_options", "lineage", "model_show",
+           "nest_training_config"]

@@ -1,0 +1,116 @@
+"""Read-only calls for agents: what may be asked (`describe_options`), and what the registry
+holds (`lineage`, `model_show`). Each is a skill, audited like the others; none debits or
+writes anything but its audit row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from runner.api.train import ID
+from runner.config import caller, compose
+from runner.config.options import group_options, option_for_artifact
+from runner.config.schema import TrainingConf, training_keys
+from runner.registry import catalog, promotion
+from runner.tools import Skill, jsonable, log_tool_call
+
+_NO_INPUT = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+             "additionalProperties": False, "properties": {}}
+
+
+def _artifact_input(description: str) -> dict:
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+            "required": ["artifact_id"], "additionalProperties": False,
+            "properties": {"artifact_id": {**ID, "description": description}}}
+
+
+OPTIONS_SKILL = Skill(
+    "Describe Options",
+    description=("What a caller may choose and set: the registered parent models and "
+                 "datasets, the conf/ options of parent, dataset and training, every training "
+                 "key with its type, allowed values and default per training option, and the "
+                 "caps with the operator's limits and prices."),
+    skill_type="discovery", code_path="runner.api:describe_options",
+    input_schema=_NO_INPUT, example_input={})
+LINEAGE_SKILL = Skill(
+    "Lineage",
+    description="A model version's ancestors (root first) and its children.",
+    skill_type="discovery", code_path="runner.api:lineage",
+    input_schema=_artifact_input("a model artifact id"),
+    example_input={"artifact_id": "model-scgpt-cbmc-base"})
+MODEL_SKILL = Skill(
+    "Model Show",
+    description=("A model version: its artifact and model_versions rows (metrics, code "
+                 "commit, training params, MLflow ids), its links and its gate evaluations."),
+    skill_type="discovery", code_path="runner.api:model_show",
+    input_schema=_artifact_input("a model artifact id"),
+    example_input={"artifact_id": "model-scgpt-cbmc-base"})
+
+
+@log_tool_call(OPTIONS_SKILL)
+def describe_options() -> dict:
+    """{artifacts, groups, training_keys, training_defaults, arguments, devices}."""
+    base = compose.compose_resolved([], None, writable=False)[1]  # the operator's defaults
+    hints = typing.get_type_hints(TrainingConf)
+    fields = {f.name: f for f in dataclasses.fields(TrainingConf)}
+    keys = {}
+    for name in training_keys():
+        spec = caller._json_type(hints[name], name)
+        default = fields[name].default
+        if default is not dataclasses.MISSING:
+            spec["default"] = default
+        keys[name] = spec
+    defaults = {}
+    for option in group_options("training"):
+        resolved = compose.compose_resolved([f"training={option}"], None, writable=False)[1]
+        defaults[option] = resolved["training"]
+    policy, pricing = base["policy"], base["pricing"]
+    return jsonable({
+        "artifacts": {
+            "models": [_artifact_summary(a, "parent") for a in catalog.list_artifacts("model")],
+            "datasets": [_artifact_summary(a, "dataset")
+                         for a in catalog.list_artifacts("dataset")]},
+        "groups": {group: group_options(group) for group in caller.CHOICE_GROUPS},
+        "training_keys": keys,
+        "training_defaults": defaults,
+        "arguments": {
+            "wall_time_cap_min": {"type": "integer", "minimum": 1,
+                                  "maximum": policy["max_wall_time_cap_min"],
+                                  "default": base["wall_time_cap_min"]},
+            "vram_cap_gb": {"type": "integer", "minimum": 1, "maximum": policy["max_vram_gb"],
+                            "default": base["vram_cap_gb"]},
+            "devices": {"type": "integer", "minimum": 1, "maximum": policy["max_devices"],
+                        "default": base["devices"]},
+            "device": {"type": "string", "enum": ["auto", *sorted(pricing["per_device"])],
+                       "default": base["device"]}},
+        "pricing": {"currency": pricing["currency"], "price_per_hour": pricing["price_per_hour"],
+                    "per_device": pricing["per_device"],
+                    "estimate": "price_per_hour x wall_time_cap_min / 60 x devices, debited "
+                                "before launch; the seconds not used are refunded"},
+        "operator_only": list(caller.OPERATOR_GROUPS),
+    })
+
+
+def _artifact_summary(row: dict, group: str) -> dict:
+    return {"id": row["id"], "title": row["title"], "version_number": row["version_number"],
+            "lifecycle_state": row["lifecycle_state"], "is_latest": row["is_latest"],
+            "conf_option": option_for_artifact(group, row["id"])}
+
+
+@log_tool_call(LINEAGE_SKILL)
+def lineage(artifact_id: str) -> dict:
+    """{artifact_id, ancestors: [root, ..., itself], children: [...]}."""
+    chain = catalog.lineage(artifact_id)
+    children = [_artifact_summary(a, "parent") for a in catalog.list_artifacts("model")
+                if a["parent_version_id"] == artifact_id]
+    return jsonable({"artifact_id": artifact_id, "ancestors": chain, "children": children})
+
+
+@log_tool_call(MODEL_SKILL)
+def model_show(artifact_id: str) -> dict:
+    """The model version with its links and gate evaluations (what `forge models show` prints)."""
+    model = catalog.get_model_version(artifact_id)
+    model["links"] = catalog.links(artifact_id)
+    model["evaluations"] = promotion.recorded(artifact_id)
+    return jsonable(model)
