@@ -304,6 +304,37 @@ def jobs_list(agent_id, limit, as_json):
     Console().print(table)
 
 
+# --- mcp ----------------------------------------------------------------------------------
+
+@main.command("mcp")
+@click.option("--agent", "agent", default=None,
+              help="stdio: the agent every call of this server runs as (required).")
+@click.option("--http", "port", type=int, default=None,
+              help="Serve streamable HTTP on this port instead of stdio (bearer tokens: "
+                   "forge agents add NAME).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="HTTP: the loopback address to listen on.")
+def mcp_cmd(agent, port, host):
+    """Serve the tools (train_model_version, submit_training, job_status, ...) over MCP:
+    stdio bound to --agent, or streamable HTTP at http://HOST:PORT/mcp."""
+    # lazy: the MCP SDK and runner.api (~1 s) stay out of `forge --help`
+    from runner import mcp_server
+
+    if port is None:
+        if agent is None:
+            raise click.UsageError("stdio needs --agent NAME (the agent every call runs as)")
+        from runner.registry import ledger
+
+        mcp_server.run_stdio(ledger.check_agent_id(agent))
+        return
+    if agent is not None:
+        raise click.UsageError("over HTTP each request's bearer token names the agent; "
+                               "drop --agent")
+    click.echo(f"forge mcp: streamable HTTP at http://{host}:{port}/mcp (bearer tokens)",
+               err=True)
+    mcp_server.run_http(host, port)
+
+
 # --- tools ----------------------------------------------------------------------------------
 
 @main.group("tools")

@@ -115,6 +115,11 @@ def log_tool_call(skill: Skill) -> Callable:
     return decorate
 
 
+def record_refusal(skill: Skill, arguments: dict, error: BaseException) -> None:
+    """The audit row of a call refused before it ran (its arguments broke the skill's schema)."""
+    _record(skill, inspect.Signature(), (), dict(arguments), time.perf_counter(), error=error)
+
+
 def _as_caller(signature: inspect.Signature, args: tuple, kwargs: dict, acting: str) -> dict:
     """The call's kwargs with `agent_id` the acting agent's; Forbidden when it names another."""
     try:

@@ -36,7 +36,13 @@ def test_register_tools_is_idempotent_and_describes_the_call(db_url):
     first = tools.register_tools(SKILLS)
     tools.register_tools(SKILLS)
     by_id = {r["id"]: r for r in rows(db_url, skills)}
-    assert sorted(by_id) == ["skill-evaluate-candidate", "skill-train-model-version"]
+    assert sorted(by_id) == sorted(s.id for s in SKILLS)
+    assert {"skill-train-model-version", "skill-evaluate-candidate", "skill-submit-training",
+            "skill-job-status", "skill-job-log", "skill-cancel-job", "skill-describe-options",
+            "skill-lineage", "skill-model-show"} == set(by_id)
+    for skill in by_id.values():  # every skill's example is valid against its own schema
+        jsonschema.Draft202012Validator.check_schema(skill["input_schema"])
+        jsonschema.validate(skill["example_input"], skill["input_schema"])
     row = by_id["skill-train-model-version"]
     assert row["id"] == first[0]["id"]
     assert row["name"] == SKILL and row["skill_type"] == "model_training"
@@ -66,13 +72,13 @@ def test_cli_register(db_url):
     result = CliRunner().invoke(forge, ["tools", "register"])
     assert result.exit_code == 0 and "skill-train-model-version" in result.output
     assert "skill-evaluate-candidate" in result.output
-    assert len(rows(db_url, skills)) == 2
+    assert len(rows(db_url, skills)) == len(SKILLS) == 9
 
 
 def test_skills_are_values_and_forge_db_upgrade_writes_them(db_url):
     assert TRAIN_SKILL.id == tools.skill_id(TRAIN_SKILL.name) == "skill-train-model-version"
     assert TRAIN_SKILL.code_path == "runner.api:train_model_version"
-    assert SKILLS == (TRAIN_SKILL, GATE_SKILL)
+    assert SKILLS[0] == TRAIN_SKILL and GATE_SKILL in SKILLS
     with pytest.raises(dataclasses.FrozenInstanceError):
         TRAIN_SKILL.name = "other"  # type: ignore[misc]
     with pytest.raises(TypeError, match="takes a Skill"):
@@ -99,7 +105,7 @@ def test_success_row(db_url):
     assert call["output_summary"] == {"value": "3.0", "extra": {"note": "n"}}
     assert isinstance(call["duration_ms"], int)
     used = {r["id"]: r["times_used"] for r in rows(db_url, skills)}
-    assert used == {"skill-train-model-version": 1, "skill-evaluate-candidate": 0}
+    assert used == {s.id: int(s.id == "skill-train-model-version") for s in SKILLS}
 
 
 def test_failure_rows_never_mask_the_exception(db_url):

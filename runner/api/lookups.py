@@ -58,7 +58,7 @@ def describe_options() -> dict:
     for name in training_keys():
         spec = caller._json_type(hints[name], name)
         default = fields[name].default
-        if default is not dataclasses.MISSING:
+        if default is not dataclasses.MISSING and default != "???":  # ??? : set per option
             spec["default"] = default
         keys[name] = spec
     defaults = {}
