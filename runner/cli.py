@@ -424,14 +424,16 @@ def serve(host, port, db_url):
     """Serve read-only web pages: model families, version detail pages, the tool playground."""
     import os
 
-    # lazy: uvicorn (~100 ms) stays out of `forge --help`
+    # lazy: uvicorn, Starlette and the registry (~400 ms) stay out of `forge --help`
     import uvicorn
 
-    if db_url:  # the pages and the dry run's composed config read the same registry
+    from runner.web.app import create_app
+
+    if db_url:  # the dry run composes the operator's config, whose registry is FORGE_DB_URL
         os.environ["FORGE_DB_URL"] = db_url
+    app = create_app(db_url)
     click.echo(f"forge serve: http://{f'[{host}]' if ':' in host else host}:{port}/")
-    # By import string: cli and web are independent siblings (pyproject's layers contract).
-    uvicorn.run("runner.web.app:create_app", factory=True, host=host, port=port)
+    uvicorn.run(app, host=host, port=port)
 
 
 if __name__ == "__main__":

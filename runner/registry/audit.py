@@ -1,6 +1,6 @@
 """The skills agents can call and their audit trail: the `skills` rows, and one `tool_calls`
 row per call. What a skill is and how a call is summarised is runner.tools' business; this
-module only writes the rows.
+module only writes the rows (and reads the skills back: `list_skills`).
 """
 
 from __future__ import annotations
@@ -45,3 +45,10 @@ def record_call(skill_name: str, call: dict, *, url: str | None = None) -> None:
         if sid is not None:
             c.execute(skills_table.update().where(skills_table.c.id == sid)
                       .values(times_used=skills_table.c.times_used + 1))
+
+
+def list_skills(*, conn=None) -> list[dict]:
+    """The registered skills (the `skills` rows), by name."""
+    with transaction(conn) as c:
+        return [dict(r) for r in c.execute(
+            sa.select(skills_table).order_by(skills_table.c.name)).mappings()]

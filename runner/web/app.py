@@ -1,0 +1,185 @@
+"""`forge serve`: the registry as read-only web pages (Starlette + Jinja2).
+
+    GET  /                    model families: latest version, champion(s), candidates
+    GET  /artifacts/{id}      one version: lineage tree, metrics vs parent and baseline,
+                              per-class F1 and confusion matrix, cost, code, dataset citation,
+                              gate decision, MLflow links (a dataset: its citation)
+    GET  /artifacts/{id}/confusion_matrix.png   the run's figure, through the host's MLflow client
+    GET  /tools               the registered skills and the dry-run form
+    POST /tools/dry-run       train_model_version(..., dry_run=True) on the form's fields;
+    GET  /tools/dry-run?...   the same, read from the query (a page a browser can load)
+
+Nothing here writes but the dry run's own audit row. Every page is plain HTML and CSS (no
+JavaScript), served under a Content-Security-Policy of 'self' only; Jinja2 escapes every
+value. A typed error is a page with its reason, field and fix (400 for a malformed dry run,
+404 for an unknown or invalid id), never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from runner import settings
+from runner.config.compose import compose_resolved
+from runner.errors import ForgeError, InvalidInput
+from runner.registry import db
+from runner.web import pages
+
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger(__name__)
+
+SECURITY_HEADERS = {
+    # No script at all, nothing from elsewhere, never framed, forms post only back here.
+    "Content-Security-Policy": "default-src 'self'; script-src 'none'; object-src 'none'; "
+                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # links out to MLflow carry no page address
+}
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware: SECURITY_HEADERS on every response, static files included."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _templates() -> Jinja2Templates:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
+                             autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(segment=pages.segment, http_url=pages.http_url,
+                       pretty=lambda value: json.dumps(value, indent=2, default=str))
+    return Jinja2Templates(env=env)
+
+
+def create_app(db_url: str | None = None) -> Starlette:
+    """The app over the registry at `db_url` (default: FORGE_DB_URL, else FORGE_HOME's). A dry
+    run composes the operator's config like every call, so it uses the configured registry:
+    `forge serve --db-url` sets FORGE_DB_URL, so that both are the same."""
+    url = db_url or settings.db_url()
+    templates = _templates()
+
+    @functools.cache
+    def tracking() -> dict:
+        """The operator's tracking config (conf/ tracking group): the store, the UI's URLs."""
+        return compose_resolved(writable=False)[1]["tracking"]
+
+    def render(request: Request, name: str, context: dict, status: int = 200) -> Response:
+        return templates.TemplateResponse(request, name, context, status_code=status)
+
+    def failed(request: Request, exc: ForgeError, status: int) -> Response:
+        if isinstance(exc, db.DatabaseError):  # the registry is away, not the page
+            status = 503
+        return render(request, "error.html", {"error": exc.to_dict(), "status": status}, status)
+
+    def read(request: Request, name: str, build) -> Response:
+        """Render `name` from `build(conn)`, in one registry transaction."""
+        try:
+            with db.transaction(url=url) as conn:
+                context = build(conn)
+        except ForgeError as exc:  # InvalidArtifactId, NotFound: no such page
+            return failed(request, exc, 404)
+        except Exception as exc:
+            typed = db.unavailable(exc)
+            if typed is None:
+                raise
+            return failed(request, typed, 503)
+        return render(request, name, context)
+
+    # Sync endpoints: Starlette runs them in its thread pool (the registry calls block).
+    def index(request: Request) -> Response:
+        return read(request, "index.html", lambda c: {"families": pages.families(c)})
+
+    def artifact(request: Request) -> Response:
+        artifact_id, store = request.path_params["artifact_id"], tracking()
+        return read(request, "artifact.html", lambda c: pages.artifact(artifact_id, c, store))
+
+    def confusion_matrix(request: Request) -> Response:
+        artifact_id, store = request.path_params["artifact_id"], tracking()
+        try:
+            with db.transaction(url=url) as conn:
+                run_id = pages.confusion_run(artifact_id, conn, store)
+        except ForgeError as exc:
+            return failed(request, exc, 404)
+        # MLflow is read after the registry's transaction: it takes seconds, the registry none
+        png = pages.confusion_png(run_id, store) if run_id else None
+        if png is None:
+            raise HTTPException(404, "this version has no confusion matrix in the store")
+        return Response(png, media_type="image/png")
+
+    def tools(request: Request) -> Response:
+        return read(request, "tools.html",
+                    lambda c: {"skills": pages.skills(c), "values": {}})
+
+    async def dry_run(request: Request) -> Response:
+        if request.method == "POST":
+            async with request.form(max_files=0, max_fields=len(pages.DRY_RUN_FIELDS)) as form:
+                fields = list(form.multi_items())
+        else:
+            fields = list(request.query_params.multi_items())
+            if not fields:
+                return RedirectResponse("/tools", status_code=303)
+        values = {}
+        try:
+            for name, value in fields:
+                if isinstance(value, UploadFile) or name in values:
+                    raise InvalidInput(f"{name} must be given once, as text", field=name,
+                                       fix="submit the dry-run form as it is")
+                values[name] = value
+            result = await run_in_threadpool(pages.dry_run, values)
+        except ForgeError as exc:  # malformed input: its reason, field and fix
+            status = 503 if isinstance(exc, db.DatabaseError) else 400
+            return render(request, "dry_run.html",
+                          {"error": exc.to_dict(), "values": values}, status)
+        return render(request, "dry_run.html", {"result": result, "values": values})
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return render(request, "error.html",
+                      {"error": {"message": exc.detail}, "status": exc.status_code},
+                      exc.status_code)
+
+    async def crash(request: Request, exc: Exception) -> Response:
+        # Outside the middleware stack (Starlette's ServerErrorMiddleware): set the headers here.
+        log.error("forge serve: %s %s failed", request.method, request.url.path, exc_info=exc)
+        return Response("internal error: see the server's log\n", status_code=500,
+                        media_type="text/plain", headers=SECURITY_HEADERS)
+
+    return Starlette(
+        routes=[Route("/", index),
+                Route("/artifacts/{artifact_id}", artifact),
+                Route("/artifacts/{artifact_id}/confusion_matrix.png", confusion_matrix),
+                Route("/tools", tools),
+                Route("/tools/dry-run", dry_run, methods=["GET", "POST"]),
+                Mount("/static", StaticFiles(directory=HERE / "static"), name="static")],
+        middleware=[Middleware(SecurityHeaders)],
+        exception_handlers={HTTPException: http_error, Exception: crash})
+

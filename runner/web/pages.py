@@ -1,0 +1,278 @@
+"""What each page of `forge serve` shows, read from the registry as plain data: no HTTP, no
+HTML here (runner/web/app.py serves it, the templates render it).
+
+Every value comes from the registry and is shown as data: the templates escape it, links are
+built from validated ids and quoted, and an outside URL becomes a link only when it is
+http(s). The MLflow links and the confusion matrix use the operator's tracking config (the
+`tracking` group of conf/), never a URI stored with a version.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from runner.errors import InvalidInput
+from runner.jobs.hook import improvement
+from runner.registry import audit, catalog, ledger, promotion
+from trainers.manifest import PRIMARY_METRIC
+
+CONFUSION_PNG = "confusion_matrix.png"  # the run artifact launch.py uploads (RUN_OUTPUTS)
+MAX_PNG_BYTES = 5 * 1024 * 1024
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_RUN_ID = re.compile(r"^[A-Za-z0-9]{1,64}$")  # MLflow run ids: 32 hex digits
+
+
+# --- small rules the templates use ----------------------------------------------------------
+
+def http_url(value: Any) -> str | None:
+    """`value` when it is an http(s) URL with a host (fit for an href), else None."""
+    if not isinstance(value, str):
+        return None
+    parts = urlsplit(value)
+    return value if parts.scheme in ("http", "https") and parts.netloc else None
+
+
+def segment(value: Any) -> str:
+    """One URL path segment: everything but unreserved characters percent-encoded."""
+    return quote(str(value), safe="")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+# --- / : the model families ------------------------------------------------------------------
+
+def families(conn) -> list[dict]:
+    """Per family (metadata.family, else the nearest ancestor's): its latest version, the
+    champion of each of its lineages (promotion.champion) and its candidates."""
+    models = catalog.list_artifacts("model", conn=conn)
+    by_id = {m["id"]: m for m in models}
+
+    def ancestors(model: dict):
+        seen = set()
+        while model is not None and model["id"] not in seen:  # the registry has no cycles
+            seen.add(model["id"])
+            yield model
+            model = by_id.get(model["parent_version_id"])
+
+    groups: dict[str, list[dict]] = {}
+    for model in models:
+        family = next((a["metadata"]["family"] for a in ancestors(model)
+                       if (a.get("metadata") or {}).get("family")), "(no family)")
+        groups.setdefault(family, []).append(model)
+    out = []
+    for name, members in sorted(groups.items()):
+        roots = dict.fromkeys(list(ancestors(m))[-1]["id"] for m in members)
+        champions = [c for root in roots if (c := promotion.champion(root, conn=conn))]
+        out.append({
+            "name": name, "count": len(members),
+            "latest": max(members, key=lambda m: (m["created_at"], m["version_number"])),
+            "champions": champions,
+            "candidates": [m for m in members if m["lifecycle_state"] == "candidate"]})
+    return out
+
+
+# --- /artifacts/{id} ---------------------------------------------------------------------------
+
+def artifact(artifact_id: str, conn, tracking: dict) -> dict:
+    """Everything the detail page shows. Raises InvalidArtifactId or NotFound (a 404)."""
+    art = catalog.get_artifact(artifact_id, conn=conn)
+    page: dict = {"artifact": art, "metadata": art.get("metadata") or {},
+                  "origin_link": http_url(art.get("origin_url"))}
+    if art["artifact_type"] == "dataset":
+        page["citation"] = _citation(art)
+        return page
+    if art["artifact_type"] != "model":
+        return page
+    model = catalog.get_model_version(artifact_id, conn=conn)
+    version = model["version"] or {}
+    meta = page["metadata"]
+    parent = (catalog.get_model_version(art["parent_version_id"], conn=conn)
+              if art["parent_version_id"] else None)
+    dataset_id = version.get("eval_dataset_artifact_id") or \
+        version.get("training_dataset_artifact_id")
+    page.update(
+        version=version, parent=parent,
+        lineage=catalog.lineage(artifact_id, conn=conn),
+        children=[m for m in catalog.list_artifacts("model", conn=conn)
+                  if m["parent_version_id"] == artifact_id],
+        metrics=metric_rows(model, parent, dataset_id),
+        training=(version.get("eval_metrics_json") or {}).get("training") or {},
+        per_class=per_class_rows(meta),
+        cost=_cost(version.get("gpu_allocation_id"), conn),
+        datasets=_datasets(version, conn),
+        evaluations=promotion.recorded(artifact_id, conn=conn),
+        champion=promotion.champion(promotion.lineage_root(model), conn=conn),
+        mlflow=mlflow_links(version, meta, tracking))
+    return page
+
+
+def metric_rows(model: dict, parent: dict | None, dataset_id: str | None) -> list[dict]:
+    """The version's own metrics (primary first) beside its parent's, where the registry
+    deems them comparable (hook.improvement: same metric, dataset and held-out cells), and the
+    logistic-regression baseline's on the same split."""
+    metrics = (model["version"] or {}).get("eval_metrics_json") or {}
+    meta = model.get("metadata") or {}
+    primary = PRIMARY_METRIC.get(meta.get("task"))
+    baseline = metrics.get("baseline") or {}  # hook.split_metrics: baseline_* without prefix
+    # Metric names recur across tasks (test_loss: masked MSE, or cross-entropy): another task's
+    # value is never the same metric, whatever improvement() would say of dataset and cells.
+    their_task = ((parent or {}).get("metadata") or {}).get("task")
+    other_task = parent is not None and their_task != meta.get("task")
+    rows = []
+    for name, value in metrics.items():
+        if not _number(value):
+            continue
+        gain = improvement(name, value, parent, meta.get("split"), dataset_id)
+        if other_task and gain["magnitude"] is not None:
+            gain = {"magnitude": None,
+                    "magnitude_reason": f"the parent was trained for another task ({their_task})"}
+        theirs = gain.get("parent_value") if gain["magnitude"] is not None else None
+        base = baseline.get(name)
+        rows.append({"name": name, "value": value, "primary": name == primary,
+                     "parent": theirs, "parent_delta": None if theirs is None else value - theirs,
+                     "not_comparable": gain["magnitude_reason"],
+                     "baseline": base if _number(base) else None,
+                     "baseline_delta": value - base if _number(base) else None})
+    return sorted(rows, key=lambda r: (not r["primary"], r["name"]))
+
+
+def per_class_rows(meta: dict) -> list[dict]:
+    """Per-class F1 on the held-out cells, the version's beside the baseline's."""
+    own = meta.get("per_class_f1") or {}
+    base = (meta.get("baseline") or {}).get("per_class_f1") or {}
+    return [{"name": name, "f1": own.get(name), "baseline": base.get(name)}
+            for name in dict.fromkeys([*(meta.get("class_names") or []), *own])
+            if _number(own.get(name))]
+
+
+def _cost(allocation_id: str | None, conn) -> dict | None:
+    return ledger.get_allocation(allocation_id, conn=conn) if allocation_id else None
+
+
+def _citation(dataset: dict) -> dict:
+    citation = dict((dataset.get("metadata") or {}).get("citation") or {})
+    citation["link"] = http_url(citation.get("url"))
+    doi = citation.get("doi")
+    citation["doi_link"] = f"https://doi.org/{quote(doi, safe='/')}" if doi else None
+    return citation
+
+
+def _datasets(version: dict, conn) -> list[dict]:
+    """The training and evaluation datasets with their citations (one row when the same)."""
+    roles: dict[str, list[str]] = {}
+    for role in ("training", "eval"):
+        dataset_id = version.get(f"{role}_dataset_artifact_id")
+        if dataset_id:
+            roles.setdefault(dataset_id, []).append(role)
+    out = []
+    for dataset_id, used in roles.items():
+        dataset = catalog.get_artifact(dataset_id, conn=conn)
+        out.append({"artifact": dataset, "roles": used, "citation": _citation(dataset)})
+    return out
+
+
+def mlflow_links(version: dict, meta: dict, tracking: dict) -> dict:
+    """The run page and the registered model version in the operator's MLflow UI, and whether
+    the confusion matrix can be read: only for a version tracked in the configured store."""
+    recorded = (meta.get("mlflow") or {}).get("tracking_uri")
+    here = recorded == tracking.get("tracking_uri")
+    run_id, experiment_id = version.get("mlflow_run_id"), (meta.get("mlflow") or {}).get(
+        "experiment_id")
+    ui = http_url(tracking.get("ui_url"))
+    name, _, number = (version.get("mlflow_model_uri") or "").removeprefix(
+        "models:/").partition("/")
+    links = {"tracking_uri": recorded, "same_store": here, "run_id": run_id,
+             "model_uri": version.get("mlflow_model_uri"), "run": None, "model_version": None,
+             "confusion_matrix": here and bool(run_id) and meta.get("task") == "finetune_celltype"}
+    if here and ui and run_id and experiment_id is not None:
+        links["run"] = tracking["detail_url"].format(experiment_id=segment(experiment_id),
+                                                     run_id=segment(run_id))
+    if here and ui and name and number:
+        links["model_version"] = f"{ui.rstrip('/')}/#/models/{segment(name)}/versions/" \
+                                 f"{segment(number)}"
+    return links
+
+
+def confusion_run(artifact_id: str, conn, tracking: dict) -> str | None:
+    """The MLflow run whose confusion_matrix.png the version shows: a cell-type model's run,
+    tracked in the configured store; None otherwise."""
+    model = catalog.get_model_version(artifact_id, conn=conn)
+    version = model["version"] or {}
+    links = mlflow_links(version, model.get("metadata") or {}, tracking)
+    ok = links["confusion_matrix"] and _RUN_ID.match(links["run_id"])
+    return links["run_id"] if ok else None
+
+
+def confusion_png(run_id: str, tracking: dict) -> bytes | None:
+    """The run's confusion_matrix.png, read through the host's MLflow client from the
+    configured store into a folder of our own; None when there is none."""
+    from runner.jobs import tracking as mlflow_tracking  # lazy: mlflow, ~2 s, per figure only
+
+    with tempfile.TemporaryDirectory(prefix="forge-web-") as folder:
+        try:
+            mlflow_tracking.client(tracking["tracking_uri"]).download_artifacts(
+                run_id, CONFUSION_PNG, folder)
+        except Exception:  # noqa: BLE001 - no such artifact, or the store is away: no figure
+            return None
+        return _read_png(Path(folder) / CONFUSION_PNG)
+
+
+def _read_png(path: Path) -> bytes | None:
+    """A regular file (no link followed), within the cap, that starts like a PNG."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_PNG_BYTES:
+            return None
+        data = f.read(MAX_PNG_BYTES + 1)
+    return data if data.startswith(PNG_SIGNATURE) and len(data) <= MAX_PNG_BYTES else None
+
+
+# --- /tools --------------------------------------------------------------------------------------
+
+def skills(conn) -> list[dict]:
+    return audit.list_skills(conn=conn)
+
+
+DRY_RUN_FIELDS = ("parent_artifact_id", "dataset_artifact_id", "agent_id", "overrides",
+                  "wall_time_cap_min", "vram_cap_gb")
+
+
+def dry_run(form: dict[str, str]) -> dict:
+    """train_model_version(..., dry_run=True) on the form's fields (strings). Malformed input
+    raises its typed ForgeError, as the call does; writes nothing but the call's audit row."""
+    from runner.api import train_model_version  # lazy: composes Hydra configs, ~1 s cold
+
+    unknown = sorted(set(form) - set(DRY_RUN_FIELDS))
+    if unknown:
+        raise InvalidInput(f"unknown fields: {', '.join(unknown)}", field=unknown[0],
+                           fix=f"use only {', '.join(DRY_RUN_FIELDS)}")
+    overrides = [line.strip() for line in (form.get("overrides") or "").splitlines()
+                 if line.strip()]
+    return train_model_version(
+        form.get("parent_artifact_id") or None, form.get("dataset_artifact_id") or None, None,
+        form.get("agent_id") or None, wall_time_cap_min=_count(form, "wall_time_cap_min", 120),
+        vram_cap_gb=_count(form, "vram_cap_gb", 24), dry_run=True, overrides=overrides or None)
+
+
+def _count(form: dict[str, str], name: str, default: int) -> Any:
+    """A cap from the form: an integer when it reads as one, else the text as typed, which
+    the call refuses with its own typed error (InvalidInput on `name`)."""
+    text = (form.get(name) or "").strip()
+    if not text:
+        return default
+    return int(text) if text.isascii() and text.isdigit() else text
+
