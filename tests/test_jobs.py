@@ -83,6 +83,7 @@ def _cmdline_has(proc: Path, marker: bytes) -> bool:
 def test_submit_returns_at_once_and_the_job_registers_a_candidate(registry, committed_code,
                                                                   monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    monkeypatch.setenv("FORGE_SITE_URL", "http://127.0.0.1:8765/")  # forge serve's base URL
     started = time.monotonic()
     job = submit()
     took = time.monotonic() - started
@@ -104,6 +105,7 @@ def test_submit_returns_at_once_and_the_job_registers_a_candidate(registry, comm
     assert version["parent_version_id"] == BASE_ID
     assert version["lifecycle_state"] == "candidate"
     assert version["version"]["gpu_allocation_id"] == job["job_id"]
+    assert result["detail_url"] == f"http://127.0.0.1:8765/artifacts/{result['artifact_id']}"
     assert [row["id"] for row in catalog.lineage(result["artifact_id"])] == \
         [BASE_ID, result["artifact_id"]]
     settled = ledger.get_allocation(job["job_id"])

@@ -93,6 +93,8 @@ class TrackingConf:
     experiment_name: str = MISSING
     ui_url: str = "http://127.0.0.1:5000"
     detail_url: str = MISSING
+    # forge serve's base URL (FORGE_SITE_URL): when set, detail_url is its artifact page.
+    site_url: Optional[str] = None
 
 
 @dataclass

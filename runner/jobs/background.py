@@ -100,7 +100,7 @@ def submit(plan: Plan) -> dict:
     ledger.assign_engine(alloc["id"], name, job_id, host)
     track = plan.resolved["tracking"]
     (folder / _RECORD).write_text(json.dumps({
-        "tracking_uri": track["tracking_uri"], "detail_url": track["detail_url"],
+        "tracking_uri": track["tracking_uri"], "detail_url": launch.detail_template(track),
         "max_epochs": plan.resolved["training"]["max_epochs"],
         "grace_s": plan.resolved["sandbox"]["grace_s"]}))
     return {**state(ledger.get_allocation(alloc["id"])), "existing": False}

@@ -50,7 +50,7 @@ def launch(plan: Plan, *, on_line: Callable[[str], None] | None = None,
         recovery.reap()  # dead jobs first: their credits count, their retries may run
         alloc = reserve(plan, engine.current())  # the SLURM job this process runs in, if any
         if alloc.get("existing"):
-            return _earlier(alloc, plan.resolved["tracking"]["detail_url"])
+            return _earlier(alloc, detail_template(plan.resolved["tracking"]))
     else:
         alloc = allocation
 
@@ -237,7 +237,7 @@ class _Job:
             self._description(result, primary, version_number)))
         self._after(f"could not mark MLflow run {self.run_id} FINISHED",
                     lambda: tracking.finish(self.mlflow, self.run_id, ok=True, reason="ok"))
-        return result_for(self.artifact_id, detail_template=cfg["tracking"]["detail_url"])
+        return result_for(self.artifact_id, detail_template=detail_template(cfg["tracking"]))
 
     def _after(self, what: str, step) -> None:
         try:
@@ -390,6 +390,15 @@ class _Job:
             attempt(f"could not mark MLflow run {self.run_id} FAILED", mark_failed)
 
 
+def detail_template(tracking: dict) -> str | None:
+    """Where a result's detail_url points: forge serve's artifact page when the operator set
+    its base URL (tracking.site_url), else the MLflow run page (tracking.detail_url)."""
+    site = tracking.get("site_url")
+    if site:
+        return site.rstrip("/") + "/artifacts/{artifact_id}"
+    return tracking.get("detail_url")
+
+
 def result_for(artifact_id: str, *, detail_template: str | None = None) -> dict:
     """The call's return value, rebuilt from the registry (so a retry returns the same)."""
     model = catalog.get_model_version(artifact_id)
@@ -400,8 +409,10 @@ def result_for(artifact_id: str, *, detail_template: str | None = None) -> dict:
     name, _, number = mlflow_uri.removeprefix("models:/").partition("/")
     experiment_id = (meta.get("mlflow") or {}).get("experiment_id")
     detail = None
-    if detail_template and experiment_id:
-        detail = detail_template.format(experiment_id=experiment_id, run_id=version["mlflow_run_id"])
+    if detail_template and (experiment_id or "{experiment_id}" not in detail_template):
+        # artifact ids are [A-Za-z0-9._-] (catalog.validate_artifact_id): safe in a URL path
+        detail = detail_template.format(experiment_id=experiment_id,
+                                        run_id=version["mlflow_run_id"], artifact_id=artifact_id)
     return {
         "artifact_id": artifact_id, "version_number": model["version_number"],
         "parent_artifact_id": model["parent_version_id"],
