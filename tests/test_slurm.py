@@ -258,6 +258,40 @@ def _revive(node: str) -> None:
     ).stdout.strip() in ("idle", "mixed"), timeout=60)
 
 
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_submit_training_runs_on_slurm_and_cancel_job_scancels_it(slurm_env, tmp_path,
+                                                                  monkeypatch):
+    """The asynchronous jobs of runner.api on the cluster (FORGE_JOBS_EXECUTOR=slurm): a
+    job is an sbatch job recorded on its allocation; one runs to its candidate, another is
+    cancelled while it runs, charged what it ran and refunded the rest."""
+    from runner.api import cancel_job, job_log, job_status, submit_training
+
+    monkeypatch.setenv("FORGE_JOBS_EXECUTOR", "slurm")
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path / "ok", STAND_IN)))
+    args = dict(agent_id=AGENT, wall_time_cap_min=5, vram_cap_gb=1)
+    job = submit_training(BASE_ID, "dataset-geo-GSE100866", **args)
+    assert job["engine"] == "slurm" and job["engine_job_id"].isdigit()
+    done = wait_for("the job to finish", lambda: (s := job_status(job["job_id"], AGENT))
+                    ["status"] in ("succeeded", "failed", "cancelled") and s)
+    assert done["status"] == "succeeded", done
+    assert catalog.get_model_version(done["result"]["artifact_id"])["parent_version_id"] \
+        == BASE_ID
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path / "slow", SLEEPER)))
+    slow = submit_training(BASE_ID, "dataset-geo-GSE100866", **args)
+    wait_for("the sleeper to start", lambda: "sleeper started" in
+             "\n".join(job_log(slow["job_id"], AGENT)["lines"]))
+    out = cancel_job(slow["job_id"], AGENT)
+    assert out["status"] == "cancelled", out
+    alloc = ledger.get_allocation(slow["job_id"])
+    assert Decimal(0) < alloc["actual_cost"] < alloc["debited"]
+    assert alloc["refunded"] == alloc["debited"] - alloc["actual_cost"]
+    wait_for("SLURM to end the job", lambda: engine.slurm_state(alloc["engine_job_id"])
+             not in engine.SLURM_LIVE)
+    assert recovery.check() == []
+
+
 def test_slurm_job_ids_are_read_only_from_slurms_own_variables():
     assert engine.current({}) is None
     assert engine.current({"SLURM_JOB_ID": "42"}) == engine.EngineJob("slurm", "42")
