@@ -431,7 +431,7 @@ def serve(host, port, db_url):
 
     if db_url:  # the dry run composes the operator's config, whose registry is FORGE_DB_URL
         os.environ["FORGE_DB_URL"] = db_url
-    app = create_app(db_url)
+    app = create_app(db_url, hosts=tuple(dict.fromkeys(["127.0.0.1", "localhost", host])))
     click.echo(f"forge serve: http://{f'[{host}]' if ':' in host else host}:{port}/")
     uvicorn.run(app, host=host, port=port)
 

@@ -467,3 +467,21 @@ def test_the_demo_in_a_browser(chromium, demo, served, tmp_path):
     assert "would_launch: yes" in dry, dry
     assert f"cost {trained['cost']['estimated']} credits" in dry, dry  # same cap, same price
     assert "balance" in dry and "None: it would launch" in dry
+
+
+def test_a_foreign_host_header_is_refused(web, versions):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 must not
+    read the registry through the visitor's browser. Only loopback Host headers are served."""
+    import http.client
+
+    host, port = web.removeprefix("http://").split(":")
+    for name, expect in (("evil.example", 400), (f"evil.example:{port}", 400),
+                         (f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200)):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", f"/artifacts/{versions['v3']}", headers={"Host": name})
+        reply = conn.getresponse()
+        body = reply.read().decode(errors="replace")
+        conn.close()
+        assert reply.status == expect, (name, reply.status)
+        if expect == 400:
+            assert versions["v3"] not in body

@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -81,10 +82,15 @@ def _templates() -> Jinja2Templates:
     return Jinja2Templates(env=env)
 
 
-def create_app(db_url: str | None = None) -> Starlette:
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+def create_app(db_url: str | None = None, *, hosts: tuple[str, ...] = LOOPBACK_HOSTS) -> Starlette:
     """The app over the registry at `db_url` (default: FORGE_DB_URL, else FORGE_HOME's). A dry
     run composes the operator's config like every call, so it uses the configured registry:
-    `forge serve --db-url` sets FORGE_DB_URL, so that both are the same."""
+    `forge serve --db-url` sets FORGE_DB_URL, so that both are the same. Only requests whose
+    Host is one of `hosts` are served (400 otherwise): a page whose name was rebound to
+    127.0.0.1 cannot read the registry through a visitor's browser."""
     url = db_url or settings.db_url()
     templates = _templates()
 
@@ -180,6 +186,7 @@ def create_app(db_url: str | None = None) -> Starlette:
                 Route("/tools", tools),
                 Route("/tools/dry-run", dry_run, methods=["GET", "POST"]),
                 Mount("/static", StaticFiles(directory=HERE / "static"), name="static")],
-        middleware=[Middleware(SecurityHeaders)],
+        middleware=[Middleware(SecurityHeaders),
+                    Middleware(TrustedHostMiddleware, allowed_hosts=list(hosts))],
         exception_handlers={HTTPException: http_error, Exception: crash})
 
