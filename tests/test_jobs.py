@@ -213,6 +213,10 @@ def test_another_agents_job_is_forbidden_and_audited_as_the_caller(sqlite_regist
     ledger.grant("mallory", "10")
     job = submit(overrides=[], allow_dirty=False)
     try:
+        controller = int(job["engine_job_id"])  # detached: its own session, none of our stdio
+        assert os.getsid(controller) == controller != os.getsid(0)
+        assert os.readlink(f"/proc/{controller}/fd/1").endswith("controller.log")
+        assert os.readlink(f"/proc/{controller}/fd/0") == "/dev/null"
         with pytest.raises(Forbidden):
             job_status(job["job_id"], "mallory")
         with tools.acting_as("mallory"):

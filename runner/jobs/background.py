@@ -15,8 +15,9 @@ registered version. The engine only runs `launch()` with the allocation the subm
   SIGTERM through its engine, so the launch stops the sandbox, charges the seconds it ran,
   refunds the rest and marks the MLflow run KILLED.
 
-The local executor's controller runs in a session of its own: a job outlives the process
-that submitted it (a CLI call, or an MCP server whose client stops its process group).
+The local executor's controller runs in a session of its own, with none of the submitter's
+stdio: a job outlives the process that submitted it (a CLI call, or an MCP server whose
+client stops its process group) and never writes into an MCP server's protocol stream.
 """
 
 from __future__ import annotations
@@ -156,14 +157,19 @@ def _detached_local_executor():
         """submitit's local executor whose controller starts a session of its own."""
 
         def _submit_command(self, command):
-            detached = types.SimpleNamespace(
-                Popen=functools.partial(subprocess.Popen, start_new_session=True))
-            with _SPAWN_LOCK:  # the module's `subprocess`, swapped for this one call
-                original, local.subprocess = local.subprocess, detached
-                try:
-                    return super()._submit_command(command)
-                finally:
-                    local.subprocess = original
+            # Its own session, and none of our stdio: an MCP server's stdout is its protocol
+            # stream, which a job must neither write to nor hold open.
+            Path(self.folder).mkdir(parents=True, exist_ok=True)
+            with open(Path(self.folder) / "controller.log", "ab") as log:
+                detached = types.SimpleNamespace(Popen=functools.partial(
+                    subprocess.Popen, start_new_session=True, stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=subprocess.STDOUT))
+                with _SPAWN_LOCK:  # the module's `subprocess`, swapped for this one call
+                    original, local.subprocess = local.subprocess, detached
+                    try:
+                        return super()._submit_command(command)
+                    finally:
+                        local.subprocess = original
 
     return DetachedLocalExecutor
 
