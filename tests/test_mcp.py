@@ -24,19 +24,11 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers import AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, fake_code_repo
+from helpers import AGENT, BASE_ID, DATASET_ID, SLEEPING_TRAINER, TINY, fake_code_repo
 
 from runner.registry import agents, catalog, db, ledger, recovery, schema
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["training.max_epochs=1", "training.batch_size=32", "training.max_seq_len=33",
-        "training.limit_train_batches=4", "training.limit_eval_batches=2",
-        "training.log_every_n_steps=2"]
-SLOW_TRAINER = """
-    import time
-    print("working", flush=True)
-    time.sleep(600)
-""" + STAND_IN_TRAINER.replace("METRICS", '{"test_macro_f1": 0.5, "test_accuracy": 0.5}')
 TOOLS = {"train_model_version", "submit_training", "job_status", "job_log", "cancel_job",
          "evaluate_candidate", "describe_options", "lineage", "model_show"}
 
@@ -183,6 +175,11 @@ def test_tools_are_listed_with_the_skills_schemas_and_a_dry_run_estimates(transp
             failed, options = await call(client, "describe_options", {})
             assert not failed and "finetune_celltype" in options["groups"]["training"]
             assert options["training_keys"]["lr"]["type"] == "number"
+            assert options["training_keys"]["lr"]["exclusiveMinimum"] == 0  # the trainer's rule
+            failed, bad = await call(client, "submit_training", {
+                "parent_artifact_id": BASE_ID, "dataset_artifact_id": DATASET_ID,
+                "training_config": {"lr": -1}})
+            assert failed and bad["reason"] == "schema_violation", bad
     anyio.run(go)
     assert ledger.balance(AGENT) == Decimal("10")  # a dry run debits nothing
 
@@ -216,7 +213,7 @@ def test_submit_poll_to_success_and_read_the_lineage(transport, committed_code, 
 
 @pytest.mark.slow
 def test_submit_and_cancel_refunds_in_the_ledger(transport, tmp_path, monkeypatch):
-    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLOW_TRAINER)))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLEEPING_TRAINER)))
 
     async def go():
         async with session(transport) as client:

@@ -127,6 +127,40 @@ MODEL_DEFAULTS = {"n_layers": 4, "d_model": 64, "n_heads": 2, "d_hid": 128, "dro
                   "n_bins": 51, "input_emb_style": "category"}
 
 
+# The range of each numeric training setting, as JSON Schema words: validate_manifest checks
+# them here, and the host shows them in the skills' input schemas and describe_options.
+# None is always allowed for an Optional field. (Rules across fields stay in validate_manifest.)
+TRAINING_RANGES: dict[str, dict] = {
+    "lr": {"exclusiveMinimum": 0},
+    "max_epochs": {"minimum": 1},
+    "batch_size": {"minimum": 1},
+    "eval_batch_size": {"minimum": 1},
+    "max_seq_len": {"minimum": 2},  # <cls> + one gene
+    "mask_ratio": {"minimum": 0, "exclusiveMaximum": 1},
+    "early_stopping_patience": {"minimum": 0},
+    "val_fraction": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    "test_fraction": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    "split_seed": {"minimum": 0, "maximum": SEED_MAX},
+    "limit_train_batches": {"minimum": 1},
+    "limit_eval_batches": {"minimum": 1},
+    "weight_decay": {"minimum": 0},
+    "warmup_steps": {"minimum": 0},
+    "grad_clip": {"exclusiveMinimum": 0},
+    "log_every_n_steps": {"minimum": 1},
+}
+_COMPARE = {"minimum": (">=", lambda v, b: v >= b), "exclusiveMinimum": (">", lambda v, b: v > b),
+            "maximum": ("<=", lambda v, b: v <= b), "exclusiveMaximum": ("<", lambda v, b: v < b)}
+
+
+def in_range(value, bounds: dict) -> bool:
+    return value is None or all(_COMPARE[k][1](value, b) for k, b in bounds.items())
+
+
+def range_text(bounds: dict) -> str:
+    """{"minimum": 0, "exclusiveMaximum": 1} -> ">= 0 and < 1"."""
+    return " and ".join(f"{_COMPARE[k][0]} {b}" for k, b in bounds.items())
+
+
 @dataclass
 class TrainingSpec:
     """Defaults are the CBMC fine-tuning pilot's; its pretraining used max_seq_len 129."""
@@ -393,31 +427,16 @@ def _check(m: Manifest) -> None:
              f"must divide model.d_model ({md.d_model})")
 
     t = m.training
-    need(t.lr > 0, "training.lr", f"must be > 0, got {t.lr}")
-    need(t.max_epochs >= 1, "training.max_epochs", "must be >= 1")
-    need(t.batch_size >= 1, "training.batch_size", "must be >= 1")
-    need(t.eval_batch_size is None or t.eval_batch_size >= 1, "training.eval_batch_size",
-         "must be >= 1")
+    for name, bounds in TRAINING_RANGES.items():
+        value = getattr(t, name)
+        need(in_range(value, bounds), f"training.{name}",
+             f"must be {range_text(bounds)}, got {value!r}")
     choice(t.precision, PRECISIONS, "training.precision")
-    need(t.max_seq_len >= 2, "training.max_seq_len", "must be >= 2 (<cls> + one gene)")
-    need(0 <= t.mask_ratio < 1, "training.mask_ratio", "must be in [0, 1)")
     if m.task == "pretrain_mgm":
         need(t.mask_ratio > 0, "training.mask_ratio", "must be > 0 for pretrain_mgm")
-    need(t.early_stopping_patience >= 0, "training.early_stopping_patience", "must be >= 0")
-    need(0 < t.val_fraction < 1, "training.val_fraction", "must be in (0, 1)")
-    need(0 < t.test_fraction < 1, "training.test_fraction", "must be in (0, 1)")
     need(t.val_fraction + t.test_fraction < 1, "training.test_fraction",
          "val_fraction + test_fraction must be < 1")
-    need(t.split_seed is None or 0 <= t.split_seed <= SEED_MAX, "training.split_seed",
-         f"must be in [0, {SEED_MAX}] or null")
-    for name in ("limit_train_batches", "limit_eval_batches"):
-        v = getattr(t, name)
-        need(v is None or v >= 1, f"training.{name}", "must be >= 1 or null")
-    need(t.weight_decay >= 0, "training.weight_decay", "must be >= 0")
-    need(t.warmup_steps >= 0, "training.warmup_steps", "must be >= 0")
     choice(t.class_weighting, CLASS_WEIGHTINGS, "training.class_weighting")
-    need(t.grad_clip is None or t.grad_clip > 0, "training.grad_clip", "must be > 0 or null")
-    need(t.log_every_n_steps >= 1, "training.log_every_n_steps", "must be >= 1")
 
 
 def resolve_model(spec: ModelSpec, parent_arch: dict | None) -> dict:

@@ -329,6 +329,7 @@ def _json_type(tp: Any, name: str) -> dict:
         out["enum"] = list(choices)
     elif base is str:
         out["maxLength"] = MAX_STRING
+    out.update(contract.TRAINING_RANGES.get(name, {}))  # the trainer's own ranges
     return out
 
 
