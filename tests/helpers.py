@@ -147,6 +147,11 @@ def fake_code_repo(tmp_path: Path, body: str) -> Path:
     return repo
 
 
+# The real fine-tune, shrunk to seconds: one epoch of a few batches of short cells.
+TINY = ["training.max_epochs=1", "training.batch_size=32", "training.max_seq_len=33",
+        "training.limit_train_batches=4", "training.limit_eval_batches=2",
+        "training.log_every_n_steps=2"]
+
 # A stand-in trainer: writes a checkpoint and result.json with METRICS in a blink.
 STAND_IN_TRAINER = """
     import json, sys, pathlib
@@ -165,13 +170,9 @@ STAND_IN_TRAINER = """
 PILOT_PARENT, PILOT_DATASET = "model-scgpt-cbmc-base", "dataset-geo-GSE100866"
 
 
-def pilot_dry_run_registry(tmp_path: Path, monkeypatch) -> Path:
-    """The pilot's parent (no weights: dry runs never read them) and the CBMC dataset with its
-    real citation, agent a1 with 10 credits, and a one-commit repository as the code to pin."""
+def scratch_code_repo(tmp_path: Path, monkeypatch) -> Path:
+    """A clean one-commit repository as the code a dry run pins (FORGE_CODE_REPO)."""
     import git
-
-    from runner.jobs.datasets import builtin_citation
-    from runner.registry import catalog, ledger
 
     path = tmp_path / "code"
     repo = git.Repo.init(path, initial_branch="main")
@@ -180,6 +181,16 @@ def pilot_dry_run_registry(tmp_path: Path, monkeypatch) -> Path:
     who = git.Actor("t", "t@example.org")
     repo.index.commit("initial", author=who, committer=who)
     monkeypatch.setenv("FORGE_CODE_REPO", str(path))
+    return path
+
+
+def pilot_dry_run_registry(tmp_path: Path, monkeypatch) -> Path:
+    """The pilot's parent (no weights: dry runs never read them) and the CBMC dataset with its
+    real citation, agent a1 with 10 credits, and a one-commit repository as the code to pin."""
+    from runner.jobs.datasets import builtin_citation
+    from runner.registry import catalog, ledger
+
+    path = scratch_code_repo(tmp_path, monkeypatch)
     catalog.register_model(artifact_id=PILOT_PARENT, title="scGPT CBMC base", created_by="test",
                            metadata={"family": "scgpt", "framework": "scgpt"})
     catalog.register_dataset(PILOT_DATASET, "CBMC", builtin_citation("cbmc"))
@@ -235,3 +246,10 @@ def assert_on_server(store: TrackingStore, client, run_id: str, *, files: tuple[
     assert not (home / "mlflow.db").exists() and not (home / "mlartifacts").exists()
     assert not list(home.rglob("MLmodel")) and not list(home.rglob("resolved.yaml"))
     return folder
+
+# A stand-in trainer that says "working" once it runs, then sleeps until it is stopped.
+SLEEPING_TRAINER = """
+    import time
+    print("working", flush=True)
+    time.sleep(600)
+""" + STAND_IN_TRAINER.replace("METRICS", '{"test_macro_f1": 0.5, "test_accuracy": 0.5}')

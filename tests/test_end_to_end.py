@@ -21,6 +21,7 @@ from helpers import (
     BASE_ID,
     DATASET_ID,
     STAND_IN_TRAINER,
+    TINY,
     assert_on_server,
     count_rows,
     fake_code_repo,
@@ -33,9 +34,6 @@ from runner.jobs.job import run_dir
 from runner.registry import catalog, db, ledger, recovery, schema
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["training.max_epochs=1", "training.batch_size=32", "training.max_seq_len=33",
-        "training.limit_train_batches=4", "training.limit_eval_batches=2",
-        "training.log_every_n_steps=2"]
 
 
 def _train(**kw):

@@ -14,7 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from helpers import AGENT, BASE_ID, DATASET_ID, STAND_IN_TRAINER, fake_code_repo
+from helpers import AGENT, BASE_ID, DATASET_ID, SLEEPING_TRAINER, TINY, fake_code_repo
 
 from runner import tools
 from runner.api import cancel_job, job_log, job_status, submit_training
@@ -22,18 +22,13 @@ from runner.errors import Forbidden, InvalidInput
 from runner.jobs import background
 from runner.registry import catalog, db, ledger, recovery, schema
 
-TINY = ["training.max_epochs=2", "training.batch_size=32", "training.max_seq_len=33",
-        "training.limit_train_batches=4", "training.limit_eval_batches=2",
-        "training.log_every_n_steps=2"]
-SLOW_TRAINER = """
-    import time
-    print("working", flush=True)
-    time.sleep(600)
-""" + STAND_IN_TRAINER.replace("METRICS", '{"test_macro_f1": 0.5, "test_accuracy": 0.5}')
+# two epochs: a running job has an epoch behind it to report
+TRAINING = [o for o in TINY if not o.startswith("training.max_epochs=")] + [
+    "training.max_epochs=2"]
 
 
 def submit(**kw):
-    args = dict(agent_id=AGENT, wall_time_cap_min=5, vram_cap_gb=1, overrides=TINY)
+    args = dict(agent_id=AGENT, wall_time_cap_min=5, vram_cap_gb=1, overrides=TRAINING)
     args.update(kw)
     return submit_training(BASE_ID, DATASET_ID, **args)
 
@@ -143,7 +138,7 @@ def test_progress_is_read_from_the_hosts_mlflow_run(sqlite_registry, tmp_path):
 
 
 def _running_slow_job(tmp_path, monkeypatch) -> dict:
-    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLOW_TRAINER)))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLEEPING_TRAINER)))
     job = submit(overrides=[], allow_dirty=False)
     deadline = time.monotonic() + 120
     while "working" not in "\n".join(job_log(job["job_id"], AGENT)["lines"]):
@@ -175,7 +170,7 @@ def test_cancel_a_running_job_charges_what_ran_and_kills_the_run(registry, tmp_p
 def test_cancel_a_queued_job_refunds_it_whole(sqlite_registry, tmp_path, monkeypatch):
     """Cancelled before it starts, a job is refunded whole and never runs; if it won the race
     and started, it is stopped and charged what it ran. Either way the books balance."""
-    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLOW_TRAINER)))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLEEPING_TRAINER)))
     job = submit(overrides=[], allow_dirty=False)
     out = cancel_job(job["job_id"], AGENT)
     assert out["status"] == "cancelled", out
@@ -209,7 +204,7 @@ def test_a_killed_engine_job_is_reaped(sqlite_registry, tmp_path, monkeypatch):
 
 def test_another_agents_job_is_forbidden_and_audited_as_the_caller(sqlite_registry,
                                                                    tmp_path, monkeypatch):
-    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLOW_TRAINER)))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLEEPING_TRAINER)))
     ledger.grant("mallory", "10")
     job = submit(overrides=[], allow_dirty=False)
     try:

@@ -14,10 +14,8 @@ candidate, the gate's decision); `mlflow server` serves that store; Chromium ren
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +32,6 @@ from helpers import forget_engine
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = "dataset-geo-GSE100866"  # runner.demo trains and gates on CBMC
-INSTALL = "apt-get install -y chromium"
 BUDGET_MS = 10_000  # Chromium's virtual time for the app to fetch and render; doubled on retry
 
 pytestmark = pytest.mark.slow
@@ -71,30 +68,11 @@ class Demo:
 
 
 @pytest.fixture(scope="module")
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        message = f"no chromium on PATH: {INSTALL}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)  # CI installs it (.ci/run): missing there is a broken setup
-        pytest.skip(message)
-    return path
-
-
-@pytest.fixture(scope="module")
-def demo(chromium, committed_code, tmp_path_factory) -> Demo:
-    """`python -m runner.demo smoke` in a fresh FORGE_HOME on the committed code (the demo
-    refuses a dirty tree), with the embedded defaults: SQLite registry and MLflow store under
-    FORGE_HOME. (`chromium` first: without a browser, skip before paying for the demo.)"""
-    home = tmp_path_factory.mktemp("forge-home")
-    env = {k: v for k, v in os.environ.items() if k not in ("FORGE_DB_URL", "FORGE_CONFIG_DIR")}
-    env.update(FORGE_HOME=str(home), FORGE_CODE_REPO=str(committed_code),
-               MLFLOW_DISABLE_TELEMETRY="true")
-    done = subprocess.run([sys.executable, "-m", "runner.demo", "smoke"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert done.returncode == 0, f"the smoke demo failed:\n{done.stderr[-4000:]}"
-    printed = _json_objects(done.stdout)
-    assert len(printed) >= 2, f"expected the training result and the decision:\n{done.stdout}"
+def demo(smoke_demo) -> Demo:
+    """The session's smoke demo (conftest): its training result, decision and store."""
+    home = smoke_demo.home
+    printed = smoke_demo.printed
+    assert len(printed) >= 2, f"expected the training result and the decision: {printed}"
     trained, decision = printed[-2:]
     assert decision["candidate_artifact_id"] == trained["artifact_id"]
     assert decision["decision"] in ("promoted", "rejected"), decision
@@ -114,18 +92,6 @@ def demo(chromium, committed_code, tmp_path_factory) -> Demo:
         finally:
             forget_engine(db_url())
     return Demo(home, tracking_uri, trained, decision, digest)
-
-
-def _json_objects(text: str) -> list[dict]:
-    """The JSON objects the demo printed (indented, each starting a line)."""
-    decoder, found, i = json.JSONDecoder(), [], 0
-    while (start := text.find("{", i)) >= 0:
-        if start == 0 or text[start - 1] == "\n":
-            obj, i = decoder.raw_decode(text, start)
-            found.append(obj)
-        else:
-            i = start + 1
-    return found
 
 
 # --- the UI server ---------------------------------------------------------------------------

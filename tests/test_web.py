@@ -13,10 +13,8 @@ loaded as a GET.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from helpers import AGENT, BASE_ID, DATASET_ID, count_rows
+from helpers import AGENT, BASE_ID, DATASET_ID, count_rows, scratch_code_repo
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = {"seed": 0, "counts": {"test": 100}, "sha256": {"test": "a" * 64}}
@@ -276,17 +274,7 @@ def test_tools_lists_the_skills_with_their_schema(web, registry):
 
 @pytest.fixture
 def code_repo(tmp_path, monkeypatch) -> Path:
-    """A clean one-commit repository as the code a dry run pins."""
-    import git
-
-    path = tmp_path / "code"
-    repo = git.Repo.init(path, initial_branch="main")
-    (path / "train.py").write_text("print('train')\n")
-    repo.index.add(["train.py"])
-    who = git.Actor("t", "t@example.org")
-    repo.index.commit("initial", author=who, committer=who)
-    monkeypatch.setenv("FORGE_CODE_REPO", str(path))
-    return path
+    return scratch_code_repo(tmp_path, monkeypatch)
 
 
 def test_dry_run_renders_the_estimate_and_the_reasons(web, registry, code_repo):
@@ -350,17 +338,6 @@ def test_security_headers_on_every_response(web, versions):
 
 # --- the real demo in a browser (slow) -----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        message = "no chromium on PATH: apt-get install -y chromium"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)  # CI installs it (.ci/run)
-        pytest.skip(message)
-    return path
-
-
 @dataclass(frozen=True)
 class Demo:
     home: Path
@@ -369,21 +346,10 @@ class Demo:
 
 
 @pytest.fixture(scope="module")
-def demo(chromium, committed_code, tmp_path_factory) -> Demo:
-    """`python -m runner.demo smoke` in a fresh FORGE_HOME on the committed code, as
-    tests/test_review_ui.py runs it (SQLite registry and MLflow store under FORGE_HOME)."""
-    home = tmp_path_factory.mktemp("forge-home")
-    env = {k: v for k, v in os.environ.items() if k not in ("FORGE_DB_URL", "FORGE_CONFIG_DIR")}
-    env.update(FORGE_HOME=str(home), FORGE_CODE_REPO=str(committed_code),
-               MLFLOW_DISABLE_TELEMETRY="true")
-    done = subprocess.run([sys.executable, "-m", "runner.demo", "smoke"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert done.returncode == 0, f"the smoke demo failed:\n{done.stderr[-4000:]}"
-    decoder = json.JSONDecoder()
-    starts = [m.start() for m in re.finditer(r"(?m)^\{", done.stdout)]
-    printed = [decoder.raw_decode(done.stdout, i)[0] for i in starts]
-    trained = next(p for p in printed if "gpu_allocation_id" in p)
-    return Demo(home, committed_code, trained)
+def demo(smoke_demo) -> Demo:
+    """The session's smoke demo (conftest), as tests/test_review_ui.py reads it too."""
+    trained = next(p for p in smoke_demo.printed if "gpu_allocation_id" in p)
+    return Demo(smoke_demo.home, smoke_demo.code, trained)
 
 
 @pytest.fixture(scope="module")
