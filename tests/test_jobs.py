@@ -232,3 +232,35 @@ def test_another_agents_job_is_forbidden_and_audited_as_the_caller(sqlite_regist
     finally:
         cancel_job(job["job_id"], AGENT)
     assert recovery.check() == []
+
+
+def test_forge_jobs_cli_submits_lists_follows_and_cancels(sqlite_registry, tmp_path,
+                                                           monkeypatch):
+    import json as json_
+
+    from click.testing import CliRunner
+
+    from runner.cli import main
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLEEPING_TRAINER)))
+    cli = CliRunner()
+    out = cli.invoke(main, ["jobs", "submit", BASE_ID, DATASET_ID, "training.lr=0.001",
+                            "--agent", AGENT, "--cap", "5"])
+    assert out.exit_code == 0, out.output
+    job = json_.loads(out.output)
+    assert job["status"] in ("queued", "running") and job["engine"] == "local"
+    listed = cli.invoke(main, ["jobs", "list", "--json"])
+    assert [row["id"] for row in json_.loads(listed.output)] == [job["job_id"]]
+    deadline = time.monotonic() + 120
+    while "working" not in cli.invoke(main, ["jobs", "log", job["job_id"]]).output:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    status = json_.loads(cli.invoke(main, ["jobs", "status", job["job_id"]]).output)
+    assert status["status"] == "running" and "progress" in status
+    cancelled = json_.loads(cli.invoke(main, ["jobs", "cancel", job["job_id"]]).output)
+    assert cancelled["status"] == "cancelled"
+    assert "cancelled" in cli.invoke(main, ["jobs", "list"]).output
+    bad = cli.invoke(main, ["jobs", "submit", BASE_ID, DATASET_ID, "pricing.price_per_hour=0",
+                            "--agent", AGENT])
+    assert bad.exit_code == 2 and "operator" in bad.output  # a typed error, one line
+    assert recovery.check() == []
