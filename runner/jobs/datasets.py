@@ -269,6 +269,16 @@ def _fetch(source: str, cache: Path, sha256: str | None) -> Path:
                      f"file:///path or http(s)://url")
 
 
+def loader_input(source: str, fetched: Path) -> Path:
+    """What the loader of the source's format reads, from what `fetch` returned: a built-in's
+    folder for a folder format (cbmc_mat), else its one data file; a fetched file as it is."""
+    spec = BUILTINS.get(source)
+    if spec is None or spec.format == "cbmc_mat":
+        return fetched
+    (member,) = spec.members  # a one-file format: h5ad, mat, csv
+    return fetched / Path(member).name
+
+
 def dataset_format(source: str, path: Path | None = None) -> str:
     """The load format for a source: the builtin's, else from the file extension."""
     if source in BUILTINS:

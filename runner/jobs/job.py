@@ -51,9 +51,12 @@ def disk_problem(resolved: dict) -> ForgeError | None:
 
 def dataset_input(dataset: dict, source: str) -> Path:
     """The dataset artifact's data in the cache, fetched from `source` and checked against
-    the artifact's own sha256; DatasetUnavailable when that fails."""
+    the artifact's own sha256, as the loader of its format reads it (the one file of an h5ad
+    built-in, the folder of cbmc_mat); DatasetUnavailable when that fails."""
     try:
-        return datasets.fetch(source, cache=settings.cache_dir(), sha256=dataset.get("content_hash"))
+        fetched = datasets.fetch(source, cache=settings.cache_dir(),
+                                 sha256=dataset.get("content_hash"))
+        return datasets.loader_input(source, fetched)
     except (datasets.FetchError, OSError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise DatasetUnavailable(f"dataset {dataset['id']!r}: {why}", field="dataset.source",

@@ -22,14 +22,20 @@ from runner import sandbox, settings
 from runner.config.manifest import ENTRYPOINT, build_manifest
 from runner.errors import (
     Conflict,
-    DatasetUnavailable,
     ForgeError,
     InternalError,
     JobCancelled,
     RegistrationFailed,
 )
-from runner.jobs import codepin, datasets, engine, handback, hook, recovery, tracking, weights
-from runner.jobs.job import DiskFull, clean_run_dir, disk_problem, run_dir, sandbox_job
+from runner.jobs import codepin, engine, handback, hook, recovery, tracking, weights
+from runner.jobs.job import (
+    DiskFull,
+    clean_run_dir,
+    dataset_input,
+    disk_problem,
+    run_dir,
+    sandbox_job,
+)
 from runner.jobs.plan import Plan
 from runner.registry import catalog, db, ledger
 from runner.registry.recovery import Heartbeat, settle_retrying
@@ -288,16 +294,8 @@ class _Job:
         inputs = {}
         if self.parent is not None:
             inputs["parent"] = weights.materialize(self.parent, self.run_dir / "parent")
-        data = self.cfg["dataset"]
-        try:  # every fetch is checked against the artifact's own sha256
-            dataset_path = datasets.fetch(data["source"], cache=settings.cache_dir(),
-                                       sha256=self.dataset.get("content_hash"))
-        except (datasets.FetchError, OSError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise DatasetUnavailable(f"dataset {self.dataset['id']!r}: {why}",
-                                     field="dataset.source",
-                                     fix="check the source and the network, or delete the "
-                                         "cached copy to fetch it again") from exc
+        # every fetch is checked against the artifact's own sha256
+        dataset_path = dataset_input(self.dataset, self.cfg["dataset"]["source"])
         return {**inputs, "dataset": dataset_path}
 
     def _tags(self) -> dict[str, str]:
