@@ -9,20 +9,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from scgpt_reference import scgpt_transformer_model
+from scgpt_reference import (
+    PUBLISHED_ARGS,
+    load_into_scgpt_strictly,
+    randomise_parameters,
+    scgpt_transformer_model,
+    write_scgpt_checkpoint,
+)
 
 from trainers.scgpt.model import CheckpointError, load_checkpoint, save_checkpoint
 from trainers.scgpt.tokenize import GeneVocab, Tokenizer
 
 CFG = {"d_model": 64, "n_heads": 4, "d_hid": 96, "n_layers": 3, "n_cls": 7}
-
-
-def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter random (LayerNorm gains included) so a wrong mapping shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
 
 
 def _batch(vocab: GeneVocab, n_genes: int, style: str, seed: int = 0):
@@ -63,7 +61,7 @@ def test_scgpt_checkpoint_loads_and_matches(tmp_path, style, flash_names, mvc):
     ref = scgpt_transformer_model(vocab.stoi, CFG["d_model"], CFG["n_heads"], CFG["d_hid"],
                                   CFG["n_layers"], CFG["n_cls"], input_emb_style=style,
                                   pad_value=-2 if style == "continuous" else 51, do_mvc=mvc)
-    _randomise(ref)
+    randomise_parameters(ref)
     ref.eval()
     _write_scgpt_folder(tmp_path / "ckpt", ref, vocab, style, flash_names)
 
@@ -92,7 +90,7 @@ def test_our_checkpoint_loads_into_scgpt_strictly(tmp_path):
     vocab = GeneVocab.from_genes([f"G{i}" for i in range(30)])
     ref = scgpt_transformer_model(vocab.stoi, CFG["d_model"], CFG["n_heads"], CFG["d_hid"],
                                   CFG["n_layers"], CFG["n_cls"])
-    _randomise(ref, seed=1)
+    randomise_parameters(ref, seed=1)
     _write_scgpt_folder(tmp_path / "a", ref, vocab, "continuous")
     ours, stoi, _, _ = load_checkpoint(tmp_path / "a")
     paths = save_checkpoint(ours, stoi, tmp_path / "b")
@@ -122,3 +120,31 @@ def test_mismatched_checkpoint_is_reported(tmp_path):
     (tmp_path / "c" / "args.json").write_text(json.dumps(args))
     _, _, _, report = load_checkpoint(tmp_path / "c")
     assert report.unexpected == ["decoder.zero_logit.0.weight"]
+
+
+def test_a_published_style_checkpoint_with_shuffled_ids_round_trips(tmp_path):
+    """scGPT's own model, a vocab.json whose ids are a shuffle (specials not first) and the
+    published args.json: it loads into ours with every gene on its own row, and what we save
+    loads back into scGPT strictly, unchanged."""
+    genes = [f"G{i}" for i in range(25)]
+    folder = write_scgpt_checkpoint(tmp_path / "published", genes, seed=3)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    assert vocab["<pad>"] != 0 and list(vocab.values()) != sorted(vocab.values())
+    args = json.loads((folder / "args.json").read_text())
+    assert set(args) == set(PUBLISHED_ARGS) and args["embsize"] == 32
+    theirs = torch.load(folder / "best_model.pt")
+
+    ours, stoi, _, report = load_checkpoint(folder)
+    assert stoi == vocab and report.missing == report.unexpected == report.shape_mismatch == []
+    assert ours.config.do_mvc and ours.config.pad_token_id == vocab["<pad>"]
+    row = ours.encoder.embedding.weight.detach()
+    for gene in ("<cls>", "G0", "G17"):
+        torch.testing.assert_close(row[stoi[gene]], theirs["encoder.embedding.weight"][vocab[gene]])
+
+    save_checkpoint(ours, stoi, tmp_path / "back")
+    back = load_into_scgpt_strictly(tmp_path / "back").state_dict()
+    assert set(back) == set(theirs)
+    for key, value in theirs.items():
+        torch.testing.assert_close(back[key], value, msg=key)
+    torch.testing.assert_close(back["encoder.embedding.weight"][vocab["G17"]],
+                               row[stoi["G17"]])
