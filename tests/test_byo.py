@@ -58,3 +58,138 @@ def test_every_builtin_dataset_trains_end_to_end(name, sqlite_url, committed_cod
     assert version["version"]["training_dataset_artifact_id"] == DATASET_IDS[name]
     assert 0 <= result["eval_metrics"]["test_macro_f1"] <= 1
     assert recovery.check() == []
+
+
+# --- the checkpoint decides: registration and the dry run ---------------------------------------
+
+def _checkpoint(folder: Path, genes: list[str], **extra_args) -> Path:
+    """A tiny checkpoint in scGPT's layout (our writer), args.json updated with extra_args."""
+    import json
+
+    from trainers.scgpt.model import ScGPT, ScGPTConfig, save_checkpoint
+    from trainers.scgpt.tokenize import GeneVocab
+
+    vocab = GeneVocab.from_genes(genes)
+    config = ScGPTConfig(vocab_size=len(vocab), pad_token_id=vocab.pad_id, n_layers=2,
+                         d_model=32, n_heads=4, d_hid=64, dropout=0.0,
+                         input_emb_style="continuous")
+    save_checkpoint(ScGPT(config), vocab.stoi, folder)
+    if extra_args:
+        args = json.loads((folder / "args.json").read_text())
+        (folder / "args.json").write_text(json.dumps({**args, **extra_args}))
+    return folder
+
+
+def _cbmc_genes() -> list[str]:
+    from trainers.data.load import load
+
+    return load(fetch("cbmc"), "cbmc_mat").genes
+
+
+def test_registration_reads_the_architecture_from_args_json(sqlite_url, tmp_path):
+    from runner.jobs import parents
+
+    folder = _checkpoint(tmp_path / "ckpt", _cbmc_genes())
+    row = parents.register_parent("model-byo", folder.as_uri(), family="scgpt-byo")
+    meta = catalog.get_artifact("model-byo")["metadata"]
+    assert meta["architecture"] == {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_hid": 64,
+                                    "n_bins": 51, "dropout": 0.0,
+                                    "input_emb_style": "continuous"}
+    assert meta["checkpoint"]["vocab"]["size"] == 503
+    assert meta["checkpoint"]["vocab"]["specials"] == {"<pad>": 0, "<cls>": 1, "<eoc>": 2}
+    assert row["content_hash"] == weights.tree_hash(weights.file_hashes(folder))
+
+
+@pytest.mark.parametrize("change,reason,field", [
+    ({"args": {"pre_norm": True}}, "unsupported_checkpoint", "args.json.pre_norm"),
+    ({"args": {"use_batch_labels": True}}, "unsupported_checkpoint", "args.json.use_batch_labels"),
+    ({"args": {"nheads": 5}}, "invalid_checkpoint", "args.json.nheads"),
+    ({"drop_arg": "nlayers"}, "invalid_checkpoint", "args.json.nlayers"),
+    ({"drop_token": "<cls>"}, "vocab_specials", "vocab.json"),
+    ({"gap": True}, "vocab_gaps", "vocab.json"),
+])
+def test_a_checkpoint_this_trainer_cannot_honour_is_refused_at_registration(
+        sqlite_url, tmp_path, change, reason, field):
+    import json
+
+    from runner.jobs import parents
+
+    folder = _checkpoint(tmp_path / "ckpt", _cbmc_genes(), **change.get("args", {}))
+    args = json.loads((folder / "args.json").read_text())
+    vocab = json.loads((folder / "vocab.json").read_text())
+    if "drop_arg" in change:
+        del args[change["drop_arg"]]
+    if "drop_token" in change:
+        gone = vocab.pop(change["drop_token"])
+        vocab = {t: i - (i > gone) for t, i in vocab.items()}  # no gap, just no <cls>
+    if change.get("gap"):
+        vocab["CBMC_G0001"] = len(vocab) + 5
+    (folder / "args.json").write_text(json.dumps(args))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(parents.CheckpointProblem) as err:
+        parents.register_parent("model-bad", folder.as_uri())
+    assert err.value.reason == reason and err.value.field == field, err.value.to_dict()
+    assert catalog.list_artifacts("model") == []  # nothing registered
+
+
+def _dry_run(parent_id: str, dataset_id: str = "dataset-geo-GSE100866") -> dict:
+    return train_model_version(parent_id, dataset_id, agent_id=AGENT, wall_time_cap_min=5,
+                               vram_cap_gb=1, overrides=TINY, dry_run=True, allow_dirty=True)
+
+
+def test_the_dry_run_reports_gene_overlap_and_refuses_too_little(sqlite_url, tmp_path,
+                                                                 committed_code, monkeypatch):
+    from runner.jobs import parents
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    catalog.register_dataset("dataset-geo-GSE100866", "CBMC", builtin_citation("cbmc"))
+    ledger.grant(AGENT, "10")
+    genes = _cbmc_genes()
+    parents.register_parent("model-half", _checkpoint(
+        tmp_path / "half", genes[:300] + [f"OTHER{i}" for i in range(300)]).as_uri())
+    parents.register_parent("model-none", _checkpoint(
+        tmp_path / "none", [f"ENSG{i:011d}" for i in range(500)]).as_uri())
+
+    half = _dry_run("model-half")
+    assert half["would_launch"] is True, half["reasons"]
+    genes_seen = half["checkpoint"]["genes"]
+    assert genes_seen["dataset_genes"] == 500 and genes_seen["matched"] == 300
+    assert genes_seen["fraction"] == 0.6 and genes_seen["unmatched_examples"][0] == genes[300]
+    assert half["checkpoint"]["heads"]["classifier"].startswith("re-initialised: 13 classes")
+    assert half["config"]["parent"]["d_model"] == 32  # args.json's, not conf/'s 64
+
+    none = _dry_run("model-none")
+    assert none["would_launch"] is False
+    (reason,) = [r for r in none["reasons"] if r["reason"] == "gene_overlap"]
+    assert reason["field"] == "policy.min_gene_overlap" and reason["matched"] == 0
+    with pytest.raises(parents.CheckpointProblem):  # the real run: before any debit
+        train_model_version("model-none", "dataset-geo-GSE100866", agent_id=AGENT,
+                            wall_time_cap_min=5, vram_cap_gb=1, overrides=TINY,
+                            allow_dirty=True)
+    assert ledger.balance(AGENT) == 10 and ledger.list_allocations() == []
+
+
+def test_the_checkpoint_not_conf_decides_the_architecture(sqlite_url, tmp_path,
+                                                          committed_code, monkeypatch):
+    """A parent registered by hand without metadata.architecture: the dry run takes the
+    architecture from its args.json, not from conf/'s default parent; a registry record that
+    disagrees with the files is refused before any debit."""
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    catalog.register_dataset("dataset-geo-GSE100866", "CBMC", builtin_citation("cbmc"))
+    ledger.grant(AGENT, "10")
+    folder = _checkpoint(tmp_path / "ckpt", _cbmc_genes())
+    content = weights.tree_hash(weights.file_hashes(folder))
+    for artifact_id, arch in (("model-bare", None), ("model-wrong", {"n_layers": 4})):
+        catalog.register_model(
+            artifact_id=artifact_id, title="by hand", created_by="test",
+            metadata={"family": "scgpt-byo", "framework": "scgpt",
+                      **({"architecture": arch} if arch else {})},
+            origin_type="external", origin_url=folder.as_uri(), content_hash=content)
+    bare = _dry_run("model-bare")
+    assert bare["would_launch"] is True, bare["reasons"]
+    assert {k: bare["config"]["parent"][k] for k in ("n_layers", "d_model", "n_heads")} == \
+        {"n_layers": 2, "d_model": 32, "n_heads": 4}
+    wrong = _dry_run("model-wrong")
+    assert wrong["would_launch"] is False
+    assert [(r["reason"], r["field"]) for r in wrong["reasons"]] == \
+        [("architecture_mismatch", "parent.n_layers")]

@@ -117,6 +117,8 @@ class PolicyConf:
     max_wall_time_cap_min: int = 1440
     max_vram_gb: int = 141
     max_devices: int = 8
+    # the fraction of the dataset's genes a parent's vocabulary must have (runner/jobs/parents.py)
+    min_gene_overlap: float = 0.5
 
 
 @dataclass

@@ -51,6 +51,7 @@ _RULES: list[tuple[str, Any, str]] = [
     ("policy.max_wall_time_cap_min", _positive_int, "an integer >= 1"),
     ("policy.max_vram_gb", _positive_int, "an integer >= 1"),
     ("policy.max_devices", _positive_int, "an integer >= 1"),
+    ("policy.min_gene_overlap", lambda v: _finite(v) and 0 <= v <= 1, "a fraction in [0, 1]"),
 ]
 
 

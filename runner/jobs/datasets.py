@@ -269,6 +269,24 @@ def _fetch(source: str, cache: Path, sha256: str | None) -> Path:
                      f"file:///path or http(s)://url")
 
 
+def local_copy(source: str, cache: Path, sha256: str | None = None) -> Path | None:
+    """Where `fetch` would return the source from, if it is already on this host (no
+    download, no hashing); None otherwise. For a dry run's look at the data."""
+    if source in BUILTINS:
+        folder = cache / "datasets" / source
+        names = [Path(m).name for m in BUILTINS[source].members]
+        return folder if all((folder / n).is_file() for n in names) else None
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme == "file":
+        path = Path(urllib.parse.unquote(parsed.path))
+        return path if path.is_file() else None
+    if parsed.scheme in ("http", "https"):
+        key = sha256 or hashlib.sha256(source.encode()).hexdigest()
+        path = cache / "files" / key[:16] / (Path(parsed.path).name or "download")
+        return path if path.is_file() else None
+    return None
+
+
 def loader_input(source: str, fetched: Path) -> Path:
     """What the loader of the source's format reads, from what `fetch` returned: a built-in's
     folder for a folder format (cbmc_mat), else its one data file; a fetched file as it is."""

@@ -33,7 +33,7 @@ from runner.errors import (
     NotFound,
     WrongArtifactType,
 )
-from runner.jobs import codepin, devices
+from runner.jobs import codepin, devices, parents
 from runner.jobs.datasets import builtin_holds
 from runner.jobs.job import disk_problem, run_dir, sandbox_job
 from runner.registry import catalog, db, ledger, money
@@ -89,6 +89,7 @@ class Plan:
     request_key: str | None = None
     sandbox: dict | None = None
     problems: list[ForgeError] = field(default_factory=list)
+    checkpoint: dict | None = None  # what the parent's args.json and vocab.json say
 
     @property
     def agent_id(self) -> str:
@@ -112,6 +113,7 @@ class Plan:
                 "sha": code.sha, "dirty": code.dirty, "repo_url": code.repo_url,
                 "branch": code.branch, "diff_sha256": code.diff_sha256},
             "sandbox": self.sandbox,
+            "checkpoint": self.checkpoint,
             "balance": self.balance,
             "agent_id": self.agent_id,
             "parent_artifact_id": self.request.parent_artifact_id,
@@ -146,6 +148,13 @@ def prepare(req: TrainRequest) -> Plan:
                if any(resolved[group].get(k) != v for k, v in values.items())}
     if derived:  # the registry disagrees with conf/: it wins (a merge costs a validation)
         cfg, resolved = compose.merge_config(cfg, derived, "registry")
+    checkpoint = None
+    if parent is not None:  # its own args.json decides its architecture, before any debit
+        checkpoint, arch, found = parents.check_parent(parent, resolved, dataset)
+        problems.extend(found)
+        given = {k: v for k, v in arch.items() if resolved["parent"].get(k) != v}
+        if given:
+            cfg, resolved = compose.merge_config(cfg, {"parent": given}, "checkpoint")
     _check_dataset_content(resolved, dataset, problems)
 
     device, price, problem = devices.priced(resolved)
@@ -157,7 +166,8 @@ def prepare(req: TrainRequest) -> Plan:
                 devices=resolved["devices"],
                 estimate=money.estimate(price, resolved["wall_time_cap_min"],
                                          resolved["devices"]),
-                parent=parent, dataset=dataset, device=device, problems=problems)
+                parent=parent, dataset=dataset, device=device, problems=problems,
+                checkpoint=checkpoint)
     _check_policy(resolved, problems)
     if (disk := disk_problem(resolved)) is not None:  # FORGE_HOME below registry.min_free_gb
         problems.append(disk)
