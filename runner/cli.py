@@ -70,6 +70,26 @@ def models_show(artifact_id):
     echo_json(model)
 
 
+@models.command("register")
+@click.argument("artifact_id")
+@click.argument("origin_url")
+@click.option("--sha256", default=None, help="The checkpoint's tree hash, if published: checked.")
+@click.option("--title", default=None)
+@click.option("--family", default="scgpt", show_default=True,
+              help="Model family (the MLflow experiment and registered-model name).")
+def models_register(artifact_id, origin_url, sha256, title, family):
+    """Register an scGPT checkpoint (ORIGIN_URL: a file:// folder or archive, an http(s)://
+    archive) as a base model, from its own args.json and vocab.json."""
+    # lazy: the registry and the weights store (~300 ms) stay out of `forge --help`
+    from runner.jobs import parents
+
+    row = parents.register_parent(artifact_id, origin_url, sha256=sha256, title=title,
+                                  family=family)
+    meta = row["metadata"]
+    click.echo(f"{row['id']}: {meta['architecture']}, vocabulary of "
+               f"{meta['checkpoint']['vocab']['size']} tokens, sha256 {row['content_hash']}")
+
+
 @main.command("lineage")
 @click.argument("artifact_id")
 def lineage_cmd(artifact_id):
@@ -143,6 +163,28 @@ def datasets_list(as_json):
                       (row["content_hash"] or "")[:12])
     Console().print(table)
 
+
+
+@datasets.command("register")
+@click.argument("artifact_id")
+@click.argument("url")
+@click.option("--title", required=True)
+@click.option("--license", "license_", required=True, help="The data's license (cited).")
+@click.option("--label-key", default=None, help="The cell-type column (h5ad obs, csv column).")
+@click.option("--source", default="user", show_default=True, help="Where it comes from (geo, ...).")
+@click.option("--external-id", default=None, help="Its id there (GSE..., ...).")
+@click.option("--doi", default=None)
+def datasets_register(artifact_id, url, title, license_, label_key, source, external_id, doi):
+    """Register your own dataset file (URL: file:// or http(s)://; h5ad, mat or csv), read
+    once with the trainer's loader; its citation records the sha256 jobs are checked against."""
+    # lazy: the loader (anndata, ~1 s) stays out of `forge --help`
+    from runner.jobs import datasets as datasets_mod
+
+    row = datasets_mod.register_file(artifact_id, url, title=title, license=license_,
+                                     label_key=label_key, source=source,
+                                     external_id=external_id, doi=doi)
+    cite = row["metadata"]["citation"]
+    click.echo(f"{row['id']}: {cite['schema_summary']}, sha256 {cite['sha256']}")
 
 
 # --- ledger ---------------------------------------------------------------------------------

@@ -193,3 +193,44 @@ def test_the_checkpoint_not_conf_decides_the_architecture(sqlite_url, tmp_path,
     assert wrong["would_launch"] is False
     assert [(r["reason"], r["field"]) for r in wrong["reasons"]] == \
         [("architecture_mismatch", "parent.n_layers")]
+
+
+def test_your_own_h5ad_and_checkpoint_through_the_cli(sqlite_url, tmp_path, committed_code,
+                                                     monkeypatch):
+    """`forge datasets register` reads the file once with the trainer's loader (its citation
+    counts the cells); `forge models register` needs no hand-written architecture; a dry run
+    on the pair reports the genes the checkpoint knows."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from runner.cli import main
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    own = tmp_path / "my_cells.h5ad"
+    shutil.copy(loader_input("pbmc68k_reduced", fetch("pbmc68k_reduced")), own)
+    cli = CliRunner()
+    out = cli.invoke(main, ["datasets", "register", "dataset-mine", own.as_uri(),
+                            "--title", "my PBMCs", "--license", "CC BY 4.0",
+                            "--label-key", "bulk_labels"])
+    assert out.exit_code == 0, out.output
+    cite = catalog.get_artifact("dataset-mine")["metadata"]["citation"]
+    assert cite["row_count"] == 700 and cite["format"] == "h5ad" and "765 genes" in \
+        cite["schema_summary"]
+    bad = cli.invoke(main, ["datasets", "register", "dataset-bad", own.as_uri(), "--title",
+                            "x", "--license", "x", "--label-key", "no_such_column"])
+    assert bad.exit_code == 2 and "DatasetUnavailable" in bad.output  # typed, one line
+
+    from trainers.data.load import load
+
+    genes = load(own, "h5ad", label_key="bulk_labels").genes
+    folder = _checkpoint(tmp_path / "ckpt", genes[:700] + [f"X{i}" for i in range(1000)])
+    out = cli.invoke(main, ["models", "register", "model-mine", folder.as_uri(),
+                            "--family", "scgpt-mine"])
+    assert out.exit_code == 0, out.output
+    ledger.grant(AGENT, "10")
+    dry = _dry_run("model-mine", "dataset-mine")
+    assert dry["would_launch"] is True, dry["reasons"]
+    assert dry["checkpoint"]["genes"]["matched"] == 700
+    assert dry["checkpoint"]["genes"]["dataset_genes"] == 765
+    assert dry["config"]["dataset"]["source"] == own.as_uri()

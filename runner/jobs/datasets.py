@@ -309,6 +309,40 @@ def dataset_format(source: str, path: Path | None = None) -> str:
     return formats[suffix]
 
 
+def register_file(artifact_id: str, url: str, *, title: str, license: str,
+                  label_key: str | None = None, source: str = "user",
+                  external_id: str | None = None, doi: str | None = None,
+                  created_by: str = "operator") -> dict:
+    """Register your own dataset file (`file://` or `http(s)://`: h5ad, mat, csv): fetched,
+    hashed, and read once with the trainer's own loader, so the citation's row count and
+    summary are the data's and a file the trainer cannot read is refused now, not after a
+    debit. Jobs then fetch it from `url`, checked against this sha256."""
+    from runner.registry import catalog
+    from trainers.data.load import DatasetError, load  # numpy/scipy/anndata, never torch
+
+    catalog.validate_artifact_id(artifact_id)
+    try:
+        path = fetch(url)
+        fmt = dataset_format(url, path)
+        data = load(path, fmt, label_key=label_key)
+    except (FetchError, DatasetError, OSError, ValueError) as exc:
+        from runner.errors import DatasetUnavailable
+
+        raise DatasetUnavailable(f"{url}: {exc}", field="url" if isinstance(
+            exc, (FetchError, OSError)) else "label_key",
+            fix="check the URL, the file's format (h5ad, mat, csv) and its label column") from exc
+    citation = {"source": source, "external_id": external_id or artifact_id, "url": url,
+                "license": license, "format": fmt, "row_count": int(data.n_cells),
+                "schema_summary": (f"{data.n_cells} cells x {len(data.genes)} genes "
+                                   f"({data.value_kind}); {len(data.label_names)} labels"
+                                   + (f" in {label_key}" if label_key else "")),
+                "sha256": sha256_file(path)}
+    if doi:
+        citation["doi"] = doi
+    return catalog.register_dataset(artifact_id, title, citation, created_by=created_by,
+                                    metadata={"load_options": {"label_key": label_key}})
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m runner.jobs.datasets SOURCE [--sha256 H]`: fetch and print the path."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
