@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -101,6 +102,25 @@ def inspect(folder: Path, artifact: str) -> tuple[dict, list[CheckpointProblem]]
     return {**info, "_vocab": vocab if isinstance(vocab, dict) else {}}, problems
 
 
+def _stamp(folder: Path) -> tuple:
+    """The files' identity: a changed file is read again."""
+    out = []
+    for name in ("args.json", "vocab.json"):
+        try:
+            st = os.stat(folder / name, follow_symlinks=False)
+            out.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((name, None))
+    return tuple(out)
+
+
+@lru_cache(maxsize=16)
+def _inspect_cached(folder: str, artifact: str, stamp: tuple):
+    """inspect(), memoised per file identity: a whole-human vocab.json takes ~30 ms to parse,
+    more than a warm dry run's whole budget. Callers must not mutate what it returns."""
+    return inspect(Path(folder), artifact)
+
+
 def local_files(parent: dict) -> Path | None:
     """The folder on this host holding the parent's args.json and vocab.json, or None when
     they are not here yet (an archive fetched at launch)."""
@@ -175,19 +195,21 @@ def check_parent(parent: dict, resolved: dict, dataset: dict | None
                  "why": "the checkpoint's files are not on this host yet (fetched at launch)",
                  "architecture": stored}, stored, [])
     try:
-        info, problems = inspect(folder, parent["id"])
+        info, problems = _inspect_cached(str(folder), parent["id"], _stamp(folder))
     except CheckpointProblem as exc:
         return {"inspected": True, "error": exc.to_dict()}, stored, [exc]
-    vocab = info.pop("_vocab")
-    arch = info["architecture"]
+    problems = list(problems)
+    vocab = info["_vocab"]
+    arch = dict(info["architecture"])
     for name, value in stored.items():  # the registry's record must be the files'
         if name in arch and arch[name] != value:
             problems.append(CheckpointProblem(
                 f"{parent['id']}: the registry says {name}={value!r} but its args.json "
                 f"says {arch[name]!r}", reason="architecture_mismatch", field=f"parent.{name}",
                 fix=FIXES["architecture_mismatch"]))
-    report = {"inspected": True, "architecture": arch, "vocab_size": info["vocab"]["size"],
-              "specials": info["vocab"].get("specials"), "ignored_args": info["ignored_args"]}
+    report = {"inspected": True, "architecture": dict(arch), "vocab_size": info["vocab"]["size"],
+              "specials": dict(info["vocab"].get("specials") or {}),
+              "ignored_args": list(info["ignored_args"])}
     content = _dataset_content(resolved, dataset)
     if content is None or "error" in content:
         report["genes"] = {"checked": False, "why": (content or {}).get(
