@@ -55,7 +55,8 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32():
 def test_checkpoint_round_trip(tmp_path):
     model = _model(input_emb_style="category", pad_value=51, mask_value=52)
     vocab = {f"t{i}": i for i in range(40)}
-    vocab["<pad>"] = vocab.pop("t0")
+    for i, special in enumerate(("<pad>", "<cls>", "<eoc>")):  # a checkpoint's vocab has them
+        vocab[special] = vocab.pop(f"t{i}")
     save_checkpoint(model, vocab, tmp_path, {"label_names": list("abcde")})
     loaded, stoi, args, report = load_checkpoint(tmp_path)
     assert stoi == vocab and args["label_names"] == list("abcde") and args["MVC"] is True

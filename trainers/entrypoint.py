@@ -5,9 +5,12 @@ output_dir: `result.json`, the checkpoint in scGPT layout (`checkpoint/{args.jso
 vocab.json,best_model.pt}`), the figures; metric points are appended as JSON lines to the
 manifest's metrics_path (trainers/metrics_log.py) for the host to relay into its MLflow run.
 
-Exit codes: 0 ok, 1 other error, 2 invalid manifest (the message names the field),
-3 non-finite loss, 4 out of memory. On failure result.json still says why
-(`status: "failed"`, `reason`: invalid_manifest | nan_loss | oom | error).
+Exit codes: 0 ok, 1 other error, 2 invalid manifest (`field` names the setting; a dataset
+the loader cannot read is `dataset`), 3 non-finite loss, 4 out of memory, 5 a parent
+checkpoint that cannot be used (`field` names its file, e.g. `parent.vocab.json` or
+`parent.args.json.pre_norm`; the parent is checked before any data is read). On failure
+result.json still says why (`status: "failed"`, `reason`: invalid_manifest |
+invalid_checkpoint | nan_loss | oom | error, and `field` where there is one).
 Heavy imports (torch, lightning) happen inside `train()`, after validation.
 
 Several devices (`devices` > 1): Lightning DDP over loopback (trainers/runtime.py strategy),
@@ -33,6 +36,7 @@ from pathlib import Path
 
 from trainers.data.load import DatasetError
 from trainers.manifest import (
+    EXIT_CHECKPOINT,
     EXIT_ERROR,
     EXIT_INVALID,
     EXIT_NAN,
@@ -77,6 +81,8 @@ def train(m: Manifest, state: dict) -> dict:
     from trainers.scgpt.model import save_checkpoint
     from trainers.scgpt.prepare import checkpoint_args, prepare
 
+    if m.parent is not None:  # a parent we cannot use fails here, typed, before any data is read
+        check_parent(m.parent.checkpoint_dir)
     out, t, finetune = Path(m.output_dir), m.training, m.task == FINETUNE
     rank, world = process_rank(), m.devices
     device = choose_device(m, state)
@@ -213,6 +219,17 @@ def train(m: Manifest, state: dict) -> dict:
     return result
 
 
+def check_parent(folder: str) -> None:
+    """The parent checkpoint as load_checkpoint will read it; a CheckpointError names the
+    file as a manifest path (`parent.vocab.json`, `parent.args.json.pre_norm`)."""
+    from trainers.scgpt.model import CheckpointError, check_checkpoint
+
+    try:
+        check_checkpoint(folder)
+    except CheckpointError as e:
+        raise CheckpointError(f"parent checkpoint: {e}", f"parent.{e.field}") from None
+
+
 def _is_oom(e: BaseException) -> bool:
     if isinstance(e, MemoryError):
         return True
@@ -273,8 +290,11 @@ def main(argv: list[str] | None = None) -> int:
 def failure(e: Exception) -> tuple[int, dict, dict]:
     """A job's exception as (exit code, result.json extras, status fields), printed once."""
     lightning = sys.modules.get("trainers.scgpt.lightning")  # NonFiniteLoss, if it was loaded
+    model = sys.modules.get("trainers.scgpt.model")  # CheckpointError, if it was loaded
     if isinstance(e, ManifestError):
         code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": e.field}
+    elif model is not None and isinstance(e, model.CheckpointError):
+        code, reason, extra = EXIT_CHECKPOINT, "invalid_checkpoint", {"field": e.field}
     elif isinstance(e, DatasetError):
         code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": "dataset"}
     elif lightning is not None and isinstance(e, lightning.NonFiniteLoss):

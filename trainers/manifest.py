@@ -83,8 +83,9 @@ CONFIG_TRAINING_FIELDS = ("task", "seed", "num_threads")
 # The metric a run is judged by, per task: registration needs it, sweeps optimise it.
 PRIMARY_METRIC = {"pretrain_mgm": "test_mse", "finetune_celltype": "test_macro_f1"}
 # How trainers.entrypoint exits, and the reason the host records for each failure.
-EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_NAN, EXIT_OOM = 0, 1, 2, 3, 4
-EXIT_REASONS = {EXIT_INVALID: "invalid_manifest", EXIT_NAN: "nan_loss", EXIT_OOM: "oom"}
+EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_NAN, EXIT_OOM, EXIT_CHECKPOINT = 0, 1, 2, 3, 4, 5
+EXIT_REASONS = {EXIT_INVALID: "invalid_manifest", EXIT_NAN: "nan_loss", EXIT_OOM: "oom",
+                EXIT_CHECKPOINT: "invalid_checkpoint"}
 
 
 class ManifestError(ValueError):

@@ -6,7 +6,8 @@ result.json without following a link or blocking, checks by fstat that it is a r
 caps its size and nesting depth before the JSON parser sees it, and validates it against
 runner/jobs/result.schema.json. The checkpoint is always `out/checkpoint`
 (`CHECKPOINT_DIR`), whatever result.json says. Every failure is a TrainingFailed with a
-reason.
+reason, the `field` the trainer blamed (when it is a plain dotted name) and the host's own fix
+for that reason (`fix_for`): nothing of result.json but that field reaches the caller's fix.
 """
 
 from __future__ import annotations
@@ -35,7 +36,17 @@ FIXES = {"timeout": "raise wall_time_cap_min or shorten training",
          "cancelled": "the job was stopped (scancel, or SIGTERM to the host): submit it again "
                       "to run it anew",
          "output_quota": "write less to the output directory (sandbox.max_output_gb is the "
-                         "operator's quota)"}
+                         "operator's quota)",
+         "invalid_manifest": "the setting named by `field` is wrong: change it, or drop the "
+                             "override that set it",
+         "invalid_checkpoint": "the parent's checkpoint is unusable (`field` names the file): "
+                               "re-register it (forge models register) from a valid scGPT "
+                               "folder (args.json, vocab.json with <pad> and <cls>, "
+                               "best_model.pt)"}
+# The trainer blames the dataset as `dataset` (a file its format's loader cannot read) or
+# `dataset.<key>` (e.g. no labels under label_key): an invalid_manifest the caller fixes there.
+DATASET_FIX = ("the dataset cannot be read as registered: check its format and label_key "
+               "(the labels' column), or register it again")
 
 _FIELD = re.compile(r"[A-Za-z0-9_.<>-]{1,200}")  # a manifest field the trainer blamed
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
@@ -67,12 +78,11 @@ def read_result(out: Path, launched) -> dict:
             reason = result["reason"]
         message = message or (result or {}).get("message") or f"see {launched.log_path}"
         field = (result or {}).get("field") if not launched.detail else None
+        field = field if isinstance(field, str) and _FIELD.fullmatch(field) else None
         raise TrainingFailed(
             f"training {reason} (exit {launched.exit_code} after {launched.wall_seconds:.1f}s): "
-            f"{printable(message)}", reason=reason,
-            field=field if isinstance(field, str) and _FIELD.fullmatch(field) else None,
-            fix=FIXES.get(reason, f"read the job log {launched.log_path}"),
-            log_path=str(launched.log_path))
+            f"{printable(message)}", reason=reason, field=field,
+            fix=fix_for(reason, field, launched.log_path), log_path=str(launched.log_path))
     if problem:
         raise TrainingFailed(f"result.json is malformed: {printable(problem)}",
                              reason="malformed_result", field="result.json",
@@ -86,6 +96,14 @@ def read_result(out: Path, launched) -> dict:
                              "exited 0", reason="malformed_result", field="result.json.status",
                              fix="the trainer must write status ok with metrics")
     return result
+
+
+def fix_for(reason: str, field: str | None, log_path) -> str:
+    """The host's fix for a failed job: one per reason (a dataset's own for a manifest error
+    that blames the dataset); the job log only for a crash the trainer gave no reason for."""
+    if reason == "invalid_manifest" and field and field.split(".")[0] == "dataset":
+        return DATASET_FIX
+    return FIXES.get(reason, f"read the job log {log_path}")
 
 
 class NotPlainFile(Exception):

@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainers.scgpt import checkpoint_args
+from trainers.scgpt.tokenize import EOC, PAD
+
 INPUT_EMB_STYLES = ("continuous", "category")
 
 
@@ -351,18 +354,24 @@ class LoadReport:
 
 
 class CheckpointError(ValueError):
-    """An scGPT checkpoint folder that cannot be used; the message says what is wrong."""
+    """An scGPT checkpoint folder that cannot be used. `field` names the file at fault, with
+    the args.json key where there is one (`vocab.json`, `args.json.pre_norm`,
+    `best_model.pt`); the message says what is wrong."""
+
+    def __init__(self, message: str, field: str = "checkpoint"):
+        super().__init__(message)
+        self.field = field
 
 
-def load_scgpt_state_dict(model: ScGPT, state: dict[str, Tensor],
-                          allow_missing: tuple[str, ...] = ()) -> LoadReport:
-    """Copy an scGPT (or our own) state dict into `model`.
+def match_state_dict(ours: dict[str, Tensor], state: dict[str, Tensor],
+                     allow_missing: tuple[str, ...] = ()) -> tuple[dict[str, Tensor], LoadReport]:
+    """An scGPT (or our own) state dict in our names, checked against our `ours` (a model's
+    state dict, real or on the meta device) -> (what to load, LoadReport).
 
     Keys whose shape differs are skipped and reported (e.g. a classifier head trained for
     a different number of classes). A missing key is an error unless it starts with one
     of `allow_missing` (e.g. "cls_decoder." when fine-tuning a pretrained base).
     """
-    ours = model.state_dict()
     mapped, unexpected, mismatch = {}, [], []
     for key, value in state.items():
         name = scgpt_to_ours(key)
@@ -378,18 +387,72 @@ def load_scgpt_state_dict(model: ScGPT, state: dict[str, Tensor],
     report = LoadReport(missing, unexpected, mismatch)
     hard_missing = [k for k in missing if not k.startswith(allow_missing)]
     if hard_missing:
-        raise CheckpointError(f"checkpoint does not match the model: {report.summary()}")
+        raise CheckpointError(f"best_model.pt does not match the model args.json describes: "
+                              f"{report.summary()}", "best_model.pt")
+    return mapped, report
+
+
+def load_scgpt_state_dict(model: ScGPT, state: dict[str, Tensor],
+                          allow_missing: tuple[str, ...] = ()) -> LoadReport:
+    """Copy an scGPT (or our own) state dict into `model` (see match_state_dict)."""
+    mapped, report = match_state_dict(model.state_dict(), state, allow_missing)
     model.load_state_dict(mapped, strict=False)
     return report
+
+
+# What a checkpoint folder must hold. What its args.json and vocab.json must say is declared
+# once, torch-free, in trainers/scgpt/checkpoint_args.py (the host checks a parent with it
+# before any debit); check_args adds what only the model reads.
+CHECKPOINT_FILES = ("args.json", "vocab.json", "best_model.pt")
+
+
+def check_args(args) -> None:
+    """Raise CheckpointError (field `args.json.<key>`) unless args.json describes a network
+    this model builds (checkpoint_args.read_args: the architecture keys present and sane, no
+    unsupported setting), with sane values for the other keys ScGPTConfig reads."""
+    _, problems = checkpoint_args.read_args(args)
+    if not problems:
+        for key in ("n_layers_cls", "n_cls"):
+            value = args.get(key)
+            if value is not None and not (isinstance(value, int)
+                                          and not isinstance(value, bool) and value >= 1):
+                problems.append(_problem(f"args.json.{key}",
+                                         f"{value!r} is not a positive integer"))
+        for key in ("pad_value", "mask_value"):
+            value = args.get(key)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, float))):
+                problems.append(_problem(f"args.json.{key}", f"{value!r} is not a number"))
+        if args.get("pad_token") not in (None, PAD):
+            problems.append(_problem("args.json.pad_token", f"is {args['pad_token']!r}; the "
+                                     f"tokenizer pads with {PAD}"))
+    _raise_first(problems)
+
+
+def check_vocab(vocab) -> None:
+    """Raise CheckpointError (field `vocab.json`) unless vocab.json numbers the embedding's
+    rows 0..n-1, each once, and has the special tokens the tokenizer needs
+    (checkpoint_args.read_vocab)."""
+    _raise_first(checkpoint_args.read_vocab(vocab)[1])
+
+
+def _problem(field: str, message: str):
+    return checkpoint_args.Problem("invalid_checkpoint", field, message)
+
+
+def _raise_first(problems: list) -> None:
+    """CheckpointError blaming the first problem's field, saying every problem."""
+    if problems:
+        raise CheckpointError("; ".join(f"{p.field} {p.message}" for p in problems),
+                              problems[0].field)
 
 
 def config_from_args(args: dict, vocab_size: int, pad_token_id: int, n_cls: int = 1,
                      do_mvc: bool | None = None) -> ScGPTConfig:
     """Build our config from an scGPT args.json dict (do_mvc: has an MVC head)."""
-    missing = [k for k in ("embsize", "nheads", "d_hid", "nlayers") if k not in args]
-    if missing:
-        raise CheckpointError(f"args.json lacks {', '.join(missing)}")
-    kw = {ours: args[theirs] for theirs, ours in ARGS_TO_CONFIG.items() if theirs in args}
+    check_args(args)
+    kw = {ours: args[theirs] for theirs, ours in ARGS_TO_CONFIG.items()
+          if args.get(theirs) is not None}
     if kw.get("input_emb_style") == "category":
         # scGPT tutorials: pad with bin n_bins, mask with bin n_bins + 1
         kw.setdefault("pad_value", args.get("n_bins", 51))
@@ -409,35 +472,85 @@ def config_to_args(config: ScGPTConfig, extra: dict | None = None) -> dict:
     return args
 
 
+def read_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu"
+                    ) -> tuple[dict, dict[str, int], dict[str, Tensor]]:
+    """args.json, vocab.json and best_model.pt of an scGPT folder, checked on their own and
+    against each other (the vocabulary numbers the gene embedding's rows); CheckpointError
+    names the file at fault.
+
+    A vocabulary without `<eoc>` (which the model never reads) gets it appended, with a zero
+    embedding row, as scGPT's cell_emb appends missing specials: the tokenizer's vocabulary
+    always has it, and vocab.json must keep matching the embedding when the model is saved.
+    """
+    folder = Path(folder)
+    for name in CHECKPOINT_FILES:
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder} is not an scGPT checkpoint folder: no {name}", name)
+    args, vocab = _read_json(folder, "args.json"), _read_json(folder, "vocab.json")
+    check_args(args)
+    check_vocab(vocab)
+    try:
+        state = torch.load(folder / "best_model.pt", map_location=map_location,
+                           weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- whatever torch.load trips on, the file is at fault
+        raise CheckpointError(f"best_model.pt cannot be read as a state dict: "
+                              f"{type(e).__name__}: {str(e)[:300]}", "best_model.pt") from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise CheckpointError("best_model.pt is not a state dict (parameter name -> tensor)",
+                              "best_model.pt")
+    emb = state.get("encoder.embedding.weight")
+    if emb is None or emb.ndim != 2:
+        raise CheckpointError("best_model.pt has no gene embedding (encoder.embedding.weight)",
+                              "best_model.pt")
+    if emb.shape[0] != len(vocab):
+        raise CheckpointError(f"vocab.json has {len(vocab)} tokens but the gene embedding in "
+                              f"best_model.pt has {emb.shape[0]} rows", "vocab.json")
+    if EOC not in vocab:
+        vocab = {**vocab, EOC: len(vocab)}
+        row = emb.new_zeros(1, emb.shape[1])
+        state = {**state, "encoder.embedding.weight": torch.cat([emb, row])}
+    return args, vocab, state
+
+
+def _read_json(folder: Path, name: str):
+    try:
+        return json.loads((folder / name).read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{name} cannot be read as JSON: {str(e)[:300]}", name) from None
+
+
+def _config(args: dict, vocab: dict[str, int], state: dict[str, Tensor],
+            n_cls: int | None) -> ScGPTConfig:
+    if n_cls is None:
+        out = state.get("cls_decoder.out_layer.weight")
+        n_cls = int(out.shape[0]) if out is not None else int(args.get("n_cls", 1))
+    # the MVC head exists when the weights have it (scGPT's args.json spells it variously)
+    do_mvc = any(k.startswith("mvc_decoder.") for k in state)
+    return config_from_args(args, len(vocab), vocab[PAD], n_cls, do_mvc)
+
+
+def check_checkpoint(folder: str | Path) -> LoadReport:
+    """Everything load_checkpoint checks, without building the model's weights (it is laid
+    out on the meta device): the trainer runs this on a parent before reading any data."""
+    args, vocab, state = read_checkpoint(folder)
+    with torch.device("meta"):
+        ours = ScGPT(_config(args, vocab, state, None)).state_dict()
+    return match_state_dict(ours, state, allow_missing=("cls_decoder.",))[1]
+
+
 def load_checkpoint(folder: str | Path, n_cls: int | None = None,
                     map_location: str | torch.device = "cpu"):
     """Load an scGPT checkpoint folder -> (model, vocab dict, args dict, LoadReport).
 
     `n_cls` sizes the classifier head; when it differs from the checkpoint's (or the
     checkpoint has no head), the head starts freshly initialised and is reported missing.
+    CheckpointError (with the file at fault as `field`) when the folder cannot be used.
     """
-    folder = Path(folder)
-    for name in ("args.json", "vocab.json", "best_model.pt"):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{folder} is not an scGPT checkpoint folder: no {name}")
-    args = json.loads((folder / "args.json").read_text())
-    vocab = json.loads((folder / "vocab.json").read_text())
-    pad_token = args.get("pad_token", "<pad>")
-    if pad_token not in vocab:
-        raise CheckpointError(f"vocab.json has no pad token {pad_token!r}")
-    state = torch.load(folder / "best_model.pt", map_location=map_location, weights_only=True)
-    n_vocab = max(len(vocab), max(vocab.values()) + 1)
-    emb = state.get("encoder.embedding.weight")
-    if emb is not None and emb.shape[0] != n_vocab:
-        raise CheckpointError(f"vocab.json has {n_vocab} tokens but the gene embedding "
-                              f"has {emb.shape[0]} rows")
-    if n_cls is None:
-        out = state.get("cls_decoder.out_layer.weight")
-        n_cls = int(out.shape[0]) if out is not None else int(args.get("n_cls", 1))
-    # the MVC head exists when the weights have it (scGPT's args.json spells it variously)
-    do_mvc = any(k.startswith("mvc_decoder.") for k in state)
-    config = config_from_args(args, n_vocab, vocab[pad_token], n_cls, do_mvc)
-    model = ScGPT(config)
+    args, vocab, state = read_checkpoint(folder, map_location)
+    model = ScGPT(_config(args, vocab, state, n_cls))
     report = load_scgpt_state_dict(model, state, allow_missing=("cls_decoder.",))
     return model, vocab, args, report
 
