@@ -234,3 +234,60 @@ def test_your_own_h5ad_and_checkpoint_through_the_cli(sqlite_url, tmp_path, comm
     assert dry["checkpoint"]["genes"]["matched"] == 700
     assert dry["checkpoint"]["genes"]["dataset_genes"] == 765
     assert dry["config"]["dataset"]["source"] == own.as_uri()
+
+
+# --- done when: scGPT 0.2.4's own checkpoint, fine-tuned on the built-in pbmc68k_reduced -------
+
+@pytest.mark.slow
+def test_an_scgpt_0_2_4_checkpoint_fine_tunes_on_pbmc68k_reduced(sqlite_url, committed_code,
+                                                                 tmp_path, monkeypatch):
+    """A checkpoint written by scGPT's own TransformerModel, with the published args.json keys
+    and a shuffled 1,703-token vocabulary, is registered from its files alone, dry-run (the
+    gene overlap), fine-tuned for real on pbmc68k_reduced, and the candidate loads back into
+    scGPT strictly with its matched genes' embedding rows where they started."""
+    import json
+
+    import torch
+    from scgpt_reference import PUBLISHED_ARGS, load_into_scgpt_strictly, write_scgpt_checkpoint
+
+    from runner.jobs import parents
+    from trainers.data.load import load
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    spec = BUILTINS["pbmc68k_reduced"]
+    genes = load(loader_input("pbmc68k_reduced", fetch("pbmc68k_reduced")), spec.format,
+                 **spec.load_options).genes
+    vocab_genes = genes[:700] + [f"NOT_IN_PBMC_{i}" for i in range(1000)]
+    folder = write_scgpt_checkpoint(tmp_path / "scgpt", vocab_genes, seed=3, shuffle=True)
+    args = json.loads((folder / "args.json").read_text())
+    assert set(args) == set(PUBLISHED_ARGS)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    assert len(vocab) == 1703 and vocab["<pad>"] != 0  # shuffled ids, specials included
+
+    parents.register_parent("model-scgpt-024", folder.as_uri(), family="scgpt-ref")
+    meta = catalog.get_artifact("model-scgpt-024")["metadata"]
+    assert meta["architecture"]["n_layers"] == args["nlayers"]  # no hand-written architecture
+    assert meta["architecture"]["d_model"] == args["embsize"]
+    catalog.register_dataset(DATASET_IDS["pbmc68k_reduced"], "PBMC 68k reduced",
+                             builtin_citation("pbmc68k_reduced"))
+    ledger.grant(AGENT, "10")
+    call = dict(agent_id=AGENT, wall_time_cap_min=5, vram_cap_gb=1,
+                overrides=[*TINY, "training.lr=1e-9"])  # barely moves: rows stay comparable
+    dry = train_model_version("model-scgpt-024", DATASET_IDS["pbmc68k_reduced"],
+                              dry_run=True, **call)
+    assert dry["would_launch"] is True, dry["reasons"]
+    overlap = dry["checkpoint"]["genes"]
+    assert (overlap["matched"], overlap["dataset_genes"]) == (700, 765)
+    assert overlap["unmatched_examples"][0] == genes[700]
+
+    result = train_model_version("model-scgpt-024", DATASET_IDS["pbmc68k_reduced"], **call)
+    candidate = weights.materialize(catalog.get_artifact(result["artifact_id"]),
+                                    tmp_path / "candidate")
+    assert json.loads((candidate / "vocab.json").read_text()) == vocab  # the ids it came with
+    before = torch.load(folder / "best_model.pt", weights_only=True)["encoder.embedding.weight"]
+    after = torch.load(candidate / "best_model.pt", weights_only=True)[
+        "encoder.embedding.weight"]
+    rows = torch.tensor([vocab[g] for g in genes[:700]])
+    assert torch.allclose(after[rows], before[rows], atol=1e-5)  # started from their rows
+    load_into_scgpt_strictly(candidate)  # scGPT's own model takes it back, every key
+    assert recovery.check() == []
