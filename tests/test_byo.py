@@ -291,3 +291,34 @@ def test_an_scgpt_0_2_4_checkpoint_fine_tunes_on_pbmc68k_reduced(sqlite_url, com
     assert torch.allclose(after[rows], before[rows], atol=1e-5)  # started from their rows
     load_into_scgpt_strictly(candidate)  # scGPT's own model takes it back, every key
     assert recovery.check() == []
+
+
+def test_a_broken_parent_registered_by_hand_is_refused_before_any_debit(
+        sqlite_url, tmp_path, committed_code, monkeypatch):
+    """Registered without register_parent (by hand, or before it existed): the dry run still
+    reads its files, and the real call refuses it before the debit, typed."""
+    import json
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    catalog.register_dataset("dataset-geo-GSE100866", "CBMC", builtin_citation("cbmc"))
+    ledger.grant(AGENT, "10")
+    folder = _checkpoint(tmp_path / "ckpt", _cbmc_genes(), pre_norm=True)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    cls = vocab.pop("<cls>")
+    (folder / "vocab.json").write_text(json.dumps({t: i - (i > cls) for t, i in vocab.items()}))
+    catalog.register_model(
+        artifact_id="model-hand", title="by hand", created_by="test",
+        metadata={"family": "scgpt-byo", "framework": "scgpt"}, origin_type="external",
+        origin_url=folder.as_uri(), content_hash=weights.tree_hash(weights.file_hashes(folder)))
+    dry = _dry_run("model-hand")
+    assert dry["would_launch"] is False
+    assert {(r["reason"], r["field"]) for r in dry["reasons"]} >= {
+        ("unsupported_checkpoint", "args.json.pre_norm"), ("vocab_specials", "vocab.json")}
+    from runner.jobs.parents import CheckpointProblem
+
+    with pytest.raises(CheckpointProblem) as err:
+        train_model_version("model-hand", "dataset-geo-GSE100866", agent_id=AGENT,
+                            wall_time_cap_min=5, vram_cap_gb=1, overrides=TINY,
+                            allow_dirty=True)
+    assert err.value.fix and err.value.field
+    assert ledger.balance(AGENT) == 10 and ledger.list_allocations() == []
