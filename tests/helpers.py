@@ -106,18 +106,29 @@ ARCH_OVERRIDES = [f"parent.artifact_id={BASE_ID}", "parent.family=scgpt-test",
 
 def seed_registry(checkpoint: Path) -> None:
     """Register the CBMC dataset and the tiny base; grant the agent 10 credits."""
-    from runner.jobs import weights
     from runner.jobs.datasets import builtin_citation
     from runner.registry import catalog, ledger
 
     catalog.register_dataset(DATASET_ID, "CBMC CITE-seq", builtin_citation("cbmc"))
-    catalog.register_model(
-        artifact_id=BASE_ID, title="tiny scGPT base", created_by="test",
-        metadata={"family": "scgpt-test", "framework": "scgpt", "task": "external",
-                  "architecture": ARCH},
-        origin_type="external", origin_url=checkpoint.as_uri(),
-        content_hash=weights.tree_hash(weights.file_hashes(checkpoint)))
+    register_by_hand(BASE_ID, checkpoint, family="scgpt-test", architecture=ARCH,
+                     title="tiny scGPT base")
     ledger.grant(AGENT, "10")
+
+
+def register_by_hand(artifact_id: str, folder: Path, *, family: str,
+                     architecture: dict | None = None, title: str = "by hand") -> dict:
+    """An external checkpoint folder registered the old way: catalog.register_model with the
+    metadata written by hand (`architecture` or none), not runner.jobs.parents."""
+    from runner.jobs import weights
+    from runner.registry import catalog
+
+    meta = {"family": family, "framework": "scgpt", "task": "external"}
+    if architecture is not None:
+        meta["architecture"] = architecture
+    return catalog.register_model(
+        artifact_id=artifact_id, title=title, created_by="test", metadata=meta,
+        origin_type="external", origin_url=folder.as_uri(),
+        content_hash=weights.tree_hash(weights.file_hashes(folder)))
 
 
 def operator_conf(tmp_path: Path, monkeypatch, local_yaml: str) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import AGENT, ARCH, TINY
+from helpers import AGENT, ARCH, TINY, register_by_hand
 
 from runner.api import train_model_version
 from runner.jobs import weights
@@ -44,12 +44,7 @@ def test_every_builtin_dataset_trains_end_to_end(name, sqlite_url, committed_cod
     checkpoint = tiny_base(tmp_path / "base", name)
     base_id = f"model-byo-{name.replace('_', '-')}"
     catalog.register_dataset(DATASET_IDS[name], name, builtin_citation(name))
-    catalog.register_model(
-        artifact_id=base_id, title=f"tiny base on {name}", created_by="test",
-        metadata={"family": "scgpt-byo", "framework": "scgpt", "task": "external",
-                  "architecture": ARCH},
-        origin_type="external", origin_url=checkpoint.as_uri(),
-        content_hash=weights.tree_hash(weights.file_hashes(checkpoint)))
+    register_by_hand(base_id, checkpoint, family="scgpt-byo", architecture=ARCH)
     ledger.grant(AGENT, "10")
     result = train_model_version(base_id, DATASET_IDS[name], agent_id=AGENT,
                                  wall_time_cap_min=5, vram_cap_gb=1, overrides=TINY)
@@ -178,13 +173,8 @@ def test_the_checkpoint_not_conf_decides_the_architecture(sqlite_url, tmp_path,
     catalog.register_dataset("dataset-geo-GSE100866", "CBMC", builtin_citation("cbmc"))
     ledger.grant(AGENT, "10")
     folder = _checkpoint(tmp_path / "ckpt", _cbmc_genes())
-    content = weights.tree_hash(weights.file_hashes(folder))
     for artifact_id, arch in (("model-bare", None), ("model-wrong", {"n_layers": 4})):
-        catalog.register_model(
-            artifact_id=artifact_id, title="by hand", created_by="test",
-            metadata={"family": "scgpt-byo", "framework": "scgpt",
-                      **({"architecture": arch} if arch else {})},
-            origin_type="external", origin_url=folder.as_uri(), content_hash=content)
+        register_by_hand(artifact_id, folder, family="scgpt-byo", architecture=arch)
     bare = _dry_run("model-bare")
     assert bare["would_launch"] is True, bare["reasons"]
     assert {k: bare["config"]["parent"][k] for k in ("n_layers", "d_model", "n_heads")} == \
@@ -306,10 +296,7 @@ def test_a_broken_parent_registered_by_hand_is_refused_before_any_debit(
     vocab = json.loads((folder / "vocab.json").read_text())
     cls = vocab.pop("<cls>")
     (folder / "vocab.json").write_text(json.dumps({t: i - (i > cls) for t, i in vocab.items()}))
-    catalog.register_model(
-        artifact_id="model-hand", title="by hand", created_by="test",
-        metadata={"family": "scgpt-byo", "framework": "scgpt"}, origin_type="external",
-        origin_url=folder.as_uri(), content_hash=weights.tree_hash(weights.file_hashes(folder)))
+    register_by_hand("model-hand", folder, family="scgpt-byo")
     dry = _dry_run("model-hand")
     assert dry["would_launch"] is False
     assert {(r["reason"], r["field"]) for r in dry["reasons"]} >= {

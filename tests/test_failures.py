@@ -17,11 +17,11 @@ from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
-from helpers import AGENT, ARCH, DATASET_ID, TINY, fake_code_repo
+from helpers import AGENT, ARCH, DATASET_ID, TINY, fake_code_repo, register_by_hand
 
 from runner.api import train_model_version
 from runner.errors import TrainingFailed
-from runner.jobs import handback, weights
+from runner.jobs import handback
 from runner.registry import catalog, db, ledger, recovery, schema
 from trainers.manifest import EXIT_CHECKPOINT, EXIT_INVALID
 
@@ -55,12 +55,8 @@ def _register_broken_parent(base_checkpoint: Path, folder: Path, edit) -> None:
     """A copy of the tiny base whose vocab.json `edit` changed, registered as seed_registry
     registers the base (its own content hash)."""
     _broken_copy(base_checkpoint, folder, "vocab.json", edit)
-    catalog.register_model(
-        artifact_id=BROKEN_ID, title="tiny scGPT base, broken vocab", created_by="test",
-        metadata={"family": "scgpt-broken", "framework": "scgpt", "task": "external",
-                  "architecture": ARCH},
-        origin_type="external", origin_url=folder.as_uri(),
-        content_hash=weights.tree_hash(weights.file_hashes(folder)))
+    register_by_hand(BROKEN_ID, folder, family="scgpt-broken", architecture=ARCH,
+                     title="tiny scGPT base, broken vocab")
 
 
 def _one_token_too_many(vocab: dict) -> None:
