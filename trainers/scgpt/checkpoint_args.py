@@ -72,6 +72,21 @@ def read_args(args) -> tuple[dict, list[Problem]]:
         problems.append(Problem("invalid_checkpoint", "args.json.nheads",
                                 f"{arch['n_heads']} heads do not divide embsize "
                                 f"{arch['d_model']}"))
+    # the other keys the model reads (ScGPTConfig), when present
+    for key in ("n_layers_cls", "n_cls"):
+        value = args.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and value >= 1):
+            problems.append(Problem("invalid_checkpoint", f"args.json.{key}",
+                                    f"{value!r} is not a positive integer"))
+    for key in ("pad_value", "mask_value"):
+        value = args.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            problems.append(Problem("invalid_checkpoint", f"args.json.{key}",
+                                    f"{value!r} is not a number"))
+    if args.get("pad_token") not in (None, PAD):
+        problems.append(Problem("invalid_checkpoint", "args.json.pad_token",
+                                f"is {args['pad_token']!r}; the tokenizer pads with {PAD}"))
     return arch, problems
 
 

@@ -402,31 +402,15 @@ def load_scgpt_state_dict(model: ScGPT, state: dict[str, Tensor],
 
 # What a checkpoint folder must hold. What its args.json and vocab.json must say is declared
 # once, torch-free, in trainers/scgpt/checkpoint_args.py (the host checks a parent with it
-# before any debit); check_args adds what only the model reads.
+# before any debit).
 CHECKPOINT_FILES = ("args.json", "vocab.json", "best_model.pt")
 
 
 def check_args(args) -> None:
     """Raise CheckpointError (field `args.json.<key>`) unless args.json describes a network
     this model builds (checkpoint_args.read_args: the architecture keys present and sane, no
-    unsupported setting), with sane values for the other keys ScGPTConfig reads."""
-    _, problems = checkpoint_args.read_args(args)
-    if not problems:
-        for key in ("n_layers_cls", "n_cls"):
-            value = args.get(key)
-            if value is not None and not (isinstance(value, int)
-                                          and not isinstance(value, bool) and value >= 1):
-                problems.append(_problem(f"args.json.{key}",
-                                         f"{value!r} is not a positive integer"))
-        for key in ("pad_value", "mask_value"):
-            value = args.get(key)
-            if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, (int, float))):
-                problems.append(_problem(f"args.json.{key}", f"{value!r} is not a number"))
-        if args.get("pad_token") not in (None, PAD):
-            problems.append(_problem("args.json.pad_token", f"is {args['pad_token']!r}; the "
-                                     f"tokenizer pads with {PAD}"))
-    _raise_first(problems)
+    unsupported setting, sane values for the other keys ScGPTConfig reads)."""
+    _raise_first(checkpoint_args.read_args(args)[1])
 
 
 def check_vocab(vocab) -> None:
@@ -434,10 +418,6 @@ def check_vocab(vocab) -> None:
     rows 0..n-1, each once, and has the special tokens the tokenizer needs
     (checkpoint_args.read_vocab)."""
     _raise_first(checkpoint_args.read_vocab(vocab)[1])
-
-
-def _problem(field: str, message: str):
-    return checkpoint_args.Problem("invalid_checkpoint", field, message)
 
 
 def _raise_first(problems: list) -> None:
