@@ -13,7 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trainers.manifest import INPUT_EMB_STYLES
-from trainers.scgpt.tokenize import CLS, EOC, PAD
+
+# scGPT's special tokens (the tokenizer's too: trainers/scgpt/tokenize.py imports them here,
+# so that this module stays free of numpy for the host's dry run).
+PAD, CLS, EOC = "<pad>", "<cls>", "<eoc>"
+SPECIALS = (PAD, CLS, EOC)
 
 # scGPT args.json key -> the architecture field (trainers/manifest.py ModelSpec).
 ARCH_FROM_ARGS = {"nlayers": "n_layers", "embsize": "d_model", "nheads": "n_heads",
@@ -32,7 +36,6 @@ UNSUPPORTED = {
     "cell_emb_style": "cls",  # the cell embedding is the <cls> token's
 }
 REQUIRED_SPECIALS = (PAD, CLS)  # <eoc> is appended when missing, as scGPT's cell_emb does
-SPECIALS = (PAD, CLS, EOC)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainers.scgpt import checkpoint_args
-from trainers.scgpt.tokenize import EOC, PAD
+from trainers.scgpt.checkpoint_args import EOC, PAD
 
 INPUT_EMB_STYLES = ("continuous", "category")
 

@@ -23,9 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-PAD, CLS, EOC = "<pad>", "<cls>", "<eoc>"
-SPECIALS = (PAD, CLS, EOC)
-
+from trainers.scgpt.checkpoint_args import CLS, EOC, PAD, SPECIALS  # noqa: F401 - re-exported
 
 # ---------------------------------------------------------------- value binning
 
