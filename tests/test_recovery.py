@@ -97,12 +97,12 @@ def mlflow_run(run_id: str):
 def test_an_allocation_expires_after_cap_and_margin(db_url):
     ledger.grant("a1", "10")
     alloc = reserve(margin_s=600)  # the sandbox's grace period lies inside the cap
-    expires = recovery._utc(alloc["expires_at"]) - recovery._utc(alloc["created_at"])
+    expires = db.as_utc(alloc["expires_at"]) - db.as_utc(alloc["created_at"])
     assert expires == timedelta(minutes=120, seconds=600)
     assert alloc["host"] == f"{socket.gethostname()}:{os.getpid()}"
     assert alloc["heartbeat_at"] is not None
     running = ledger.mark_running(alloc["id"], None)  # the window restarts with the job
-    assert recovery._utc(running["expires_at"]) - recovery._utc(running["started_at"]) == expires
+    assert db.as_utc(running["expires_at"]) - db.as_utc(running["started_at"]) == expires
     assert recovery.heartbeat(alloc["id"]) is True
     assert recovery.check() == [] and recovery.reap() == []
 
@@ -296,7 +296,7 @@ def test_migration_0002_gives_open_allocations_an_expiry(db_url):
     assert db.upgrade(db_url) == "0005"
     rows = {a["id"]: a for a in alloc_rows(db_url)}
     assert {a["purpose"] for a in rows.values()} == {"training"}  # 0003's default
-    assert recovery._utc(rows["open"]["expires_at"]) == stamp + timedelta(minutes=60, seconds=610)
+    assert db.as_utc(rows["open"]["expires_at"]) == stamp + timedelta(minutes=60, seconds=610)
     assert rows["closed"]["expires_at"] is None
     assert [a["id"] for a in recovery.overdue()] == ["open"]
 

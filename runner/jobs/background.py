@@ -44,6 +44,7 @@ from runner.jobs import engine, launch, recovery, tracking
 from runner.jobs.job import disk_problem, run_dir
 from runner.jobs.plan import Plan
 from runner.registry import ledger
+from runner.registry.db import as_utc
 
 EXECUTOR_ENV = "FORGE_JOBS_EXECUTOR"  # the operator's: local (default) or slurm
 EXECUTORS = ("local", "slurm")
@@ -210,7 +211,7 @@ def _progress(alloc: dict, record: dict) -> dict:
     """Epoch, step, eta and the latest metrics, from the host's MLflow run (the relay's
     copy of the job's metrics). A tracking store that cannot answer is said, never raised."""
     uri, run_id = record.get("tracking_uri"), alloc.get("mlflow_run_id")
-    started = _utc(alloc["started_at"])
+    started = as_utc(alloc["started_at"])
     elapsed = (datetime.now(timezone.utc) - started).total_seconds() if started else 0.0
     out = {"elapsed_s": round(elapsed, 1), "epoch": None, "step": None, "eta_s": None,
            "metrics": {}}
@@ -325,14 +326,8 @@ def _record(allocation_id: str) -> dict:
         return {}
 
 
-def _utc(stamp):
-    if stamp is not None and stamp.tzinfo is None:
-        return stamp.replace(tzinfo=timezone.utc)
-    return stamp
-
-
 def _iso(stamp) -> str | None:
-    stamp = _utc(stamp)
+    stamp = as_utc(stamp)
     return stamp.isoformat() if stamp is not None else None
 
 

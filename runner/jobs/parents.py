@@ -149,7 +149,7 @@ def register_parent(artifact_id: str, origin_url: str, *, sha256: str | None = N
         raise InvalidInput(f"origin_url {origin_url!r} is not file://, http:// or https://",
                            field="origin_url", fix="point it at the checkpoint folder or "
                                                    "a tar/zip archive of it")
-    folder = weights._fetch_external({"id": artifact_id, "origin_url": origin_url,
+    folder = weights.fetch_external({"id": artifact_id, "origin_url": origin_url,
                                       "content_hash": sha256})
     tree = weights.tree_hash(weights.file_hashes(folder))
     if sha256 and tree != sha256:

@@ -112,7 +112,7 @@ def remove(artifact_id: str) -> None:
 def materialize(artifact: dict, dest: Path) -> Path:
     """Put a model's weights in `dest` (a fresh folder) as plain files, verified by hash."""
     if artifact["origin_type"] == "external":
-        source = _fetch_external(artifact)
+        source = fetch_external(artifact)
     else:
         source = weights_dir(artifact["id"])
         if not source.is_dir():
@@ -151,7 +151,7 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def _fetch_external(artifact: dict) -> Path:
+def fetch_external(artifact: dict) -> Path:
     """Download or locate an external model's weights; cached by its registered hash."""
     url = artifact.get("origin_url") or ""
     parsed = urllib.parse.urlparse(url)

@@ -36,6 +36,14 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(stamp: datetime | None) -> datetime | None:
+    """A timestamp read back from the registry, timezone-aware: SQLite hands back UTC
+    timestamps without their offset; PostgreSQL with it."""
+    if stamp is not None and stamp.tzinfo is None:
+        return stamp.replace(tzinfo=timezone.utc)
+    return stamp
+
+
 def row(result) -> dict | None:
     """The first row of a result as a plain dict, or None."""
     first = result.mappings().first()

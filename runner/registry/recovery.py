@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from runner.errors import ForgeError
 from runner.registry import ledger
-from runner.registry.db import now, transaction
+from runner.registry.db import as_utc, now, transaction
 from runner.registry.ledger import ALLOCATION, DEBIT, FINAL_STATES, GRANT, OPEN_STATES, REFUND
 from runner.registry.schema import resource_allocations, token_accounts, token_ledger
 
@@ -95,13 +95,6 @@ class Heartbeat:
 
 # --- expiry and the reaper -------------------------------------------------------------------
 
-def _utc(stamp: datetime | None) -> datetime | None:
-    """SQLite hands back UTC timestamps without their offset; PostgreSQL with it."""
-    if stamp is not None and stamp.tzinfo is None:
-        return stamp.replace(tzinfo=timezone.utc)
-    return stamp
-
-
 def _host_gone(host: str | None) -> bool:
     """True only when `host` names a process of this machine that no longer exists."""
     name, _, pid = (host or "").rpartition(":")
@@ -148,7 +141,7 @@ def overdue(now: datetime | None = None, *, conn=None,
 
 
 def _dead_because(alloc: dict, at: datetime, job_gone: JobGone | None = None) -> str | None:
-    expires, beat = _utc(alloc["expires_at"]), _utc(alloc["heartbeat_at"])
+    expires, beat = as_utc(alloc["expires_at"]), as_utc(alloc["heartbeat_at"])
     if expires is not None and expires < at:
         return f"{alloc['status']} past its expiry {expires:%Y-%m-%d %H:%M:%S} UTC"
     stale = at - timedelta(seconds=MISSED_BEATS * heartbeat_interval())
@@ -167,7 +160,7 @@ def _dead_because(alloc: dict, at: datetime, job_gone: JobGone | None = None) ->
 
 def _ran_seconds(alloc: dict) -> float:
     """What the job is known to have run: its start to its last heartbeat (0 if never started)."""
-    started, beat = _utc(alloc["started_at"]), _utc(alloc["heartbeat_at"])
+    started, beat = as_utc(alloc["started_at"]), as_utc(alloc["heartbeat_at"])
     if alloc["status"] != "running" or started is None or beat is None:
         return 0.0
     return max(0.0, (beat - started).total_seconds())
