@@ -111,18 +111,22 @@ def split_metrics(metrics: dict) -> dict:
 
 
 def improvement(primary: str, value: float, parent: dict | None, split: dict | None,
-                dataset_id: str) -> dict:
+                dataset_id: str, task: str | None = None) -> dict:
     """The magnitude of a new version: its primary metric minus its parent's, on the same
-    metric, dataset and held-out cells (signed so that > 0 is better), with SciDEX's bucket;
-    or None with the reason the two are not comparable."""
+    metric, task, dataset and held-out cells (signed so that > 0 is better), with SciDEX's
+    bucket; or None with the reason the two are not comparable. A metric name recurs across
+    tasks (test_loss: masked MSE, or cross-entropy), so another task's value never compares."""
     version = (parent or {}).get("version") or {}
     theirs = (version.get("eval_metrics_json") or {}).get(primary)
-    their_split = ((parent or {}).get("metadata") or {}).get("split") or {}
+    their_meta = (parent or {}).get("metadata") or {}
+    their_split = their_meta.get("split") or {}
     why = None
     if parent is None:
         why = "a version trained from scratch has no parent"
     elif not isinstance(theirs, (int, float)) or isinstance(theirs, bool):
         why = f"the parent has no {primary}"
+    elif task and their_meta.get("task") not in (None, task):
+        why = f"the parent was trained for another task ({their_meta['task']})"
     elif version.get("eval_dataset_artifact_id") != dataset_id:
         why = "the parent was evaluated on another dataset"
     elif not split or (their_split.get("sha256") or {}).get("test") != \
@@ -146,7 +150,7 @@ def register_model_version(parent_artifact_id: str | None, run: RunRecord) -> di
                   if parent_artifact_id else None)  # None: a root version, from scratch
         value = run.eval_metrics[run.primary_metric]
         gain = improvement(run.primary_metric, value, parent, run.metadata.get("split"),
-                           run.dataset_artifact_id)
+                           run.dataset_artifact_id, run.metadata.get("task"))
         detection = {"primary_metric": run.primary_metric, "value": value, **gain,
                      "parent_artifact_id": parent_artifact_id,
                      "dataset_artifact_id": run.dataset_artifact_id,

@@ -270,7 +270,8 @@ class _Job:
             if not _number(metrics.get(name)):
                 continue
             value = metrics[name]
-            gain = hook.improvement(name, value, parent, split, self.dataset["id"])
+            gain = hook.improvement(name, value, parent, split, self.dataset["id"],
+                                    self.cfg["training"]["task"])
             theirs = (f"{gain['parent_value']:.4f} ({value - gain['parent_value']:+.4f})"
                       if gain["magnitude"] is not None else
                       f"not comparable: {gain['magnitude_reason']}")

@@ -124,18 +124,11 @@ def metric_rows(model: dict, parent: dict | None, dataset_id: str | None) -> lis
     meta = model.get("metadata") or {}
     primary = PRIMARY_METRIC.get(meta.get("task"))
     baseline = metrics.get("baseline") or {}  # hook.split_metrics: baseline_* without prefix
-    # Metric names recur across tasks (test_loss: masked MSE, or cross-entropy): another task's
-    # value is never the same metric, whatever improvement() would say of dataset and cells.
-    their_task = ((parent or {}).get("metadata") or {}).get("task")
-    other_task = parent is not None and their_task != meta.get("task")
     rows = []
     for name, value in metrics.items():
         if not _number(value):
             continue
-        gain = improvement(name, value, parent, meta.get("split"), dataset_id)
-        if other_task and gain["magnitude"] is not None:
-            gain = {"magnitude": None,
-                    "magnitude_reason": f"the parent was trained for another task ({their_task})"}
+        gain = improvement(name, value, parent, meta.get("split"), dataset_id, meta.get("task"))
         theirs = gain.get("parent_value") if gain["magnitude"] is not None else None
         base = baseline.get(name)
         rows.append({"name": name, "value": value, "primary": name == primary,
