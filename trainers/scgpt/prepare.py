@@ -7,18 +7,16 @@ vocabulary is the manifest's vocab_path or the dataset's own genes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from trainers.data.load import CellData
 from trainers.manifest import Manifest, ManifestError, resolve_model
+from trainers.scgpt.checkpoint_args import read_args
 from trainers.scgpt.model import (
     ARGS_TO_CONFIG,
-    CheckpointError,
     Dropout,
     LoadReport,
     ScGPT,
@@ -38,28 +36,13 @@ class Prepared:
     parent: dict | None  # {"checkpoint_dir", "load_report"}
 
 
-def _parent_arch(args: dict) -> dict:
-    names = {"embsize": "d_model", "nheads": "n_heads", "d_hid": "d_hid",
-             "nlayers": "n_layers", "n_bins": "n_bins", "input_emb_style": "input_emb_style",
-             "dropout": "dropout"}
-    return {ours: args[theirs] for theirs, ours in names.items() if theirs in args}
-
-
 def prepare(m: Manifest, data: CellData, n_cls: int | None) -> Prepared:
     """n_cls: classes of the fine-tuning head; None keeps the parent's head (pretraining)."""
     report: LoadReport | None = None
     if m.parent is not None:
-        folder = Path(m.parent.checkpoint_dir)
-        try:
-            args = json.loads((folder / "args.json").read_text())
-        except FileNotFoundError:
-            raise ManifestError("parent.checkpoint_dir",
-                                f"{folder} has no args.json (not an scGPT checkpoint)") from None
-        arch = resolve_model(m.model, _parent_arch(args))
-        try:
-            model, stoi, args, report = load_checkpoint(folder, n_cls=n_cls)
-        except CheckpointError as e:
-            raise ManifestError("parent.checkpoint_dir", str(e)) from None
+        # entrypoint.check_parent has vetted the folder: a CheckpointError is its, typed
+        model, stoi, args, report = load_checkpoint(m.parent.checkpoint_dir, n_cls=n_cls)
+        arch = resolve_model(m.model, read_args(args)[0])  # args.json's architecture
         if m.task == "finetune_celltype" and args.get("label_names") and \
                 args["label_names"] != data.label_names:
             # same class count by chance is not the same classes: start the head afresh
