@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runner.api.train import AGENT_ID, ID
+from runner.api.train import AGENT_ID, ID, no_extra_arguments
 from runner.errors import InvalidInput
 from runner.tools import Skill, log_tool_call
 
@@ -47,9 +47,7 @@ def evaluate_candidate(candidate_artifact_id: str, agent_id: str | None = None,
     Returns {decision, notes, comparisons: [{comparator_role, delta, ci_low, ci_high, ...}],
     lifecycle_state, promotion_state, is_latest, cost, ...}; with dry_run=True, returns
     {would_launch, reasons, estimate, comparators, rules, ...} and launches nothing."""
-    if kw:
-        raise InvalidInput(f"unknown arguments: {', '.join(sorted(kw))}",
-                           field=min(kw), fix="see the skill's input_schema")
+    no_extra_arguments(kw)
     for name, flag in (("dry_run", dry_run), ("allow_dirty", allow_dirty)):
         if not isinstance(flag, bool):
             raise InvalidInput(f"{name} must be true or false, got {flag!r}", field=name,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from runner.api.train import AGENT_ID, TRAIN_SKILL, nest_training_config
+from runner.api.train import AGENT_ID, TRAIN_SKILL, nest_training_config, no_extra_arguments
 from runner.errors import Forbidden, InvalidInput
 from runner.jobs import background
 from runner.jobs.plan import TrainRequest, prepare
@@ -79,7 +79,7 @@ def submit_training(parent_artifact_id: str, dataset_artifact_id: str,
                     devices: int | None = None, device: str | None = None, **kw) -> dict:
     """Queue a fine-tune of `parent_artifact_id` on `dataset_artifact_id` (the arguments of
     train_model_version) and return {job_id, status: queued, engine, cost, ...} at once."""
-    _no_extra(kw)
+    no_extra_arguments(kw)
     plan = prepare(TrainRequest(
         parent_artifact_id, dataset_artifact_id, agent_id,
         training_config=nest_training_config(training_config), overrides=overrides,
@@ -93,21 +93,21 @@ def submit_training(parent_artifact_id: str, dataset_artifact_id: str,
 @log_tool_call(STATUS_SKILL)
 def job_status(job_id: str, agent_id: str | None = None, **kw) -> dict:
     """{job_id, status, cost, progress (running), result (succeeded), error (failed, cancelled)}."""
-    _no_extra(kw)
+    no_extra_arguments(kw)
     return background.state(own_job(job_id, agent_id))
 
 
 @log_tool_call(LOG_SKILL)
 def job_log(job_id: str, agent_id: str | None = None, tail: int = 50, **kw) -> dict:
     """{job_id, status, lines}: the last `tail` lines of the job's log."""
-    _no_extra(kw)
+    no_extra_arguments(kw)
     return background.log_tail(own_job(job_id, agent_id), tail)
 
 
 @log_tool_call(CANCEL_SKILL)
 def cancel_job(job_id: str, agent_id: str | None = None, **kw) -> dict:
     """Stop and settle the job; returns its state (cancelled, or how it ended first)."""
-    _no_extra(kw)
+    no_extra_arguments(kw)
     alloc = own_job(job_id, agent_id)
     return background.cancel(alloc, reason=f"by agent {alloc['agent_id']}")
 
@@ -123,9 +123,3 @@ def own_job(job_id, agent_id) -> dict:
         raise Forbidden(f"job {job_id} is not agent {agent_id!r}'s", field="job_id",
                         fix="pass a job id this agent submitted")
     return alloc
-
-
-def _no_extra(kw: dict) -> None:
-    if kw:
-        raise InvalidInput(f"unknown arguments: {', '.join(sorted(kw))}",
-                           field=min(kw), fix="see the skill's input_schema")

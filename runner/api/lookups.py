@@ -6,12 +6,11 @@ writes anything but its audit row.
 from __future__ import annotations
 
 import dataclasses
-import typing
 
 from runner.api.train import ID
 from runner.config import caller, compose
 from runner.config.options import group_options, option_for_artifact
-from runner.config.schema import TrainingConf, training_keys
+from runner.config.schema import TrainingConf
 from runner.registry import catalog, promotion
 from runner.tools import Skill, jsonable, log_tool_call
 
@@ -52,19 +51,16 @@ MODEL_SKILL = Skill(
 def describe_options() -> dict:
     """{artifacts, groups, training_keys, training_defaults, arguments, devices}."""
     base = compose.compose_resolved([], None, writable=False)[1]  # the operator's defaults
-    hints = typing.get_type_hints(TrainingConf)
-    fields = {f.name: f for f in dataclasses.fields(TrainingConf)}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingConf)}
     keys = {}
-    for name in training_keys():
-        spec = caller._json_type(hints[name], name)
-        default = fields[name].default
-        if default is not dataclasses.MISSING and default != "???":  # ??? : set per option
-            spec["default"] = default
+    for name, spec in caller.training_key_schemas().items():
+        if defaults[name] is not dataclasses.MISSING and defaults[name] != "???":  # per option
+            spec["default"] = defaults[name]
         keys[name] = spec
-    defaults = {}
+    per_option = {}
     for option in group_options("training"):
         resolved = compose.compose_resolved([f"training={option}"], None, writable=False)[1]
-        defaults[option] = resolved["training"]
+        per_option[option] = resolved["training"]
     policy, pricing = base["policy"], base["pricing"]
     return jsonable({
         "artifacts": {
@@ -73,7 +69,7 @@ def describe_options() -> dict:
                          for a in catalog.list_artifacts("dataset")]},
         "groups": {group: group_options(group) for group in caller.CHOICE_GROUPS},
         "training_keys": keys,
-        "training_defaults": defaults,
+        "training_defaults": per_option,
         "arguments": {
             "wall_time_cap_min": {"type": "integer", "minimum": 1,
                                   "maximum": policy["max_wall_time_cap_min"],

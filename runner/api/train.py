@@ -113,9 +113,7 @@ def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
     With `dry_run=True`, returns {would_launch, reasons, estimate, config, code, sandbox,
     balance, request_key, ...} and launches nothing.
     """
-    if kw:
-        raise InvalidInput(f"unknown arguments: {', '.join(sorted(kw))}",
-                           field=min(kw), fix="see the skill's input_schema")
+    no_extra_arguments(kw)
     plan = prepare(TrainRequest(
         parent_artifact_id, dataset_artifact_id, agent_id,
         training_config=nest_training_config(training_config), overrides=overrides,
@@ -127,6 +125,13 @@ def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
     if plan.problems:
         raise plan.problems[0]
     return launch(plan)
+
+
+def no_extra_arguments(kw: dict) -> None:
+    """A call's **kw must be empty: an unknown argument is refused, never ignored."""
+    if kw:
+        raise InvalidInput(f"unknown arguments: {', '.join(sorted(kw))}",
+                           field=min(kw), fix="see the skill's input_schema")
 
 
 # --- the caller's dict ----------------------------------------------------------------------------

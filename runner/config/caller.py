@@ -287,8 +287,7 @@ def check_caller_dict(data: Any, source: str = "training_config") -> None:
 def caller_schema() -> dict:
     """JSON Schema fragments for the skill's input_schema, derived from the tables above:
     `training_config` (training settings, nested or flat) and `overrides`."""
-    hints = typing.get_type_hints(TrainingConf)
-    settings = {name: _json_type(hints[name], name) for name in training_keys()}
+    settings = training_key_schemas()
     nested = {"type": "object", "additionalProperties": False,
               "properties": {CALLER_SUBTREE: {"type": "object", "additionalProperties": False,
                                               "properties": settings}}}
@@ -313,6 +312,12 @@ def caller_schema() -> dict:
                             "tracking, parent.*, dataset.* and hydra.* are operator-only"),
         },
     }
+
+
+def training_key_schemas() -> dict[str, dict]:
+    """Each training key a caller may set, as JSON Schema: type, allowed values, range."""
+    hints = typing.get_type_hints(TrainingConf)
+    return {name: _json_type(hints[name], name) for name in training_keys()}
 
 
 def _json_type(tp: Any, name: str) -> dict:
