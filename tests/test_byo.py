@@ -309,3 +309,24 @@ def test_a_broken_parent_registered_by_hand_is_refused_before_any_debit(
                             allow_dirty=True)
     assert err.value.fix and err.value.field
     assert ledger.balance(AGENT) == 10 and ledger.list_allocations() == []
+
+
+def test_a_linked_or_special_vocab_json_is_refused(sqlite_url, tmp_path):
+    """A checkpoint's JSON files are read without following a link, and only as regular
+    files: a vocab.json that is a symlink (to any file) or a FIFO is refused, typed."""
+    import os
+
+    from runner.jobs import parents
+
+    folder = _checkpoint(tmp_path / "ckpt", _cbmc_genes())
+    real = tmp_path / "elsewhere.json"
+    os.replace(folder / "vocab.json", real)
+    (folder / "vocab.json").symlink_to(real)
+    with pytest.raises(parents.CheckpointProblem) as err:
+        parents.inspect(folder, "model-x")
+    assert err.value.field == "vocab.json"
+    (folder / "vocab.json").unlink()
+    os.mkfifo(folder / "vocab.json")
+    with pytest.raises(parents.CheckpointProblem) as err:  # and it does not hang on the FIFO
+        parents.inspect(folder, "model-x")
+    assert err.value.field == "vocab.json"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -61,8 +62,8 @@ def _problem(p: checkpoint_args.Problem, artifact: str) -> CheckpointProblem:
 
 def _read_json(path: Path):
     """A checkpoint's JSON file: not a link, a regular file under the cap, valid JSON."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:  # O_NONBLOCK: a FIFO in its place must not hang the host
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise CheckpointProblem(f"{path.parent} has no {path.name}", field=path.name,
                                 fix="an scGPT checkpoint folder holds args.json, vocab.json "
@@ -71,8 +72,8 @@ def _read_json(path: Path):
         raise CheckpointProblem(f"{path.name} cannot be read: {exc.strerror}", field=path.name,
                                 fix="make it a plain file") from exc
     with os.fdopen(fd, "rb") as f:
-        if not os.path.isfile(f"/proc/self/fd/{f.fileno()}") or \
-                os.fstat(f.fileno()).st_size > MAX_JSON_BYTES:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_JSON_BYTES:
             raise CheckpointProblem(f"{path.name} is not a regular file under "
                                     f"{MAX_JSON_BYTES >> 20} MiB", field=path.name,
                                     fix="make it a plain JSON file")
