@@ -321,7 +321,9 @@ def test_code_pin_without_origin_uses_the_path(tmp_path):
     pin = codepin.pin_code(tmp_path / "r")
     assert pin.repo_url == str(tmp_path / "r") and pin.branch == "main"
     assert pin.dirty is False and pin.diff_sha256 is None
-    (tmp_path / "r" / "new").write_text("untracked")
+    (tmp_path / "r" / "new").write_text("untracked")  # never part of what runs
+    assert codepin.pin_code(tmp_path / "r").dirty is False
+    (tmp_path / "r" / "f").write_text("changed")
     assert codepin.pin_code(tmp_path / "r").dirty is True
     repo.git.checkout(repo.head.commit.hexsha)  # detached
     assert codepin.pin_code(tmp_path / "r").branch is None
@@ -436,4 +438,5 @@ def test_snapshot_holds_exactly_the_pinned_code(code_repo, tmp_path):
     dirty = codepin.pin_code(root)
     dsnap = codepin.snapshot(dirty, tmp_path / "cache")
     assert dsnap != snap and (dsnap / "train.py").read_text() == "print('edited')\n"
-    assert (dsnap / "extra.py").exists() and not (dsnap / "secret.txt").exists()
+    # untracked files, ignored or not, stay out (tests/test_security_snapshot.py)
+    assert not (dsnap / "extra.py").exists() and not (dsnap / "secret.txt").exists()

@@ -18,7 +18,7 @@ from helpers import AGENT, BASE_ID, DATASET_ID, fake_code_repo, operator_conf, s
 
 from runner.api import train_model_version
 from runner.errors import TrainingFailed
-from runner.jobs import tracking
+from runner.jobs import codepin, tracking
 from runner.registry import catalog, db, ledger, recovery, schema
 
 TINY = dict(agent_id=AGENT, wall_time_cap_min=5, vram_cap_gb=1)
@@ -64,7 +64,7 @@ def test_seed_call_positional_agent_and_flat_training_config(registry, committed
 
 REGISTER = """
 import sys, time
-from runner.jobs import tracking
+from runner.jobs import codepin, tracking
 uri, run_id, i, at = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 client = tracking.client(uri)
 time.sleep(max(0.0, at - time.time()))  # all processes register at the same instant
@@ -132,7 +132,7 @@ def test_a_trained_version_records_the_truth(registry, tmp_path, monkeypatch):
     # The candidate fine-tuned again, from a dirty tree, on the same held-out cells.
     (repo / "trainers" / "entrypoint.py").write_text(textwrap.dedent(trainer(
         metrics.replace("F1", "0.75"))))
-    (repo / "notes.txt").write_text("an untracked file\n")
+    (repo / "notes.txt").write_text("an untracked file\n")  # not part of what runs
     second = train_model_version(first["artifact_id"], DATASET_ID, **TINY, allow_dirty=True)
     wmi = {w["target_artifact_id"]: w for w in rows(registry, schema.world_model_improvements)}
     gain = wmi[second["artifact_id"]]
@@ -145,11 +145,14 @@ def test_a_trained_version_records_the_truth(registry, tmp_path, monkeypatch):
     diff = model["metadata"]["code_diff"]
     patch = Path(diff["path"]).read_bytes()
     assert hashlib.sha256(patch).hexdigest() == diff["sha256"]
-    assert b"notes.txt" in patch and b"0.75" in patch
+    assert b"notes.txt" not in patch and b"0.75" in patch
+    assert diff["sha256"] == codepin.pin_code(repo).diff_sha256  # the pin's digest is the patch's
     applied = tmp_path / "applied"
     subprocess.run(["git", "clone", "-q", str(repo), str(applied)], check=True)
     subprocess.run(["git", "apply", diff["path"]], cwd=applied, check=True)
-    assert (applied / "notes.txt").read_text() == "an untracked file\n"
+    assert not (applied / "notes.txt").exists()
+    assert (applied / "trainers" / "entrypoint.py").read_bytes() == \
+        (repo / "trainers" / "entrypoint.py").read_bytes()
     client = tracking.client(_tracking_uri())
     logged = [a.path for a in client.list_artifacts(second["mlflow"]["run_id"], "code")]
     assert logged == ["code/code.diff"]

@@ -1,8 +1,11 @@
 """Pin the code a job runs: HEAD commit, remote, branch and dirty state (GitPython).
 
 The sandbox runs exactly the pinned commit. A dirty tree (uncommitted changes to tracked
-files, or untracked files that are not ignored) is refused unless the caller allows it; then
-`diff_sha256` fingerprints the changes so two runs from different dirty trees never look alike.
+files) is refused unless the caller allows it; then the job runs the tracked files as they
+are, and `diff_sha256` is the sha256 of the one patch (`diff_patch`) that turns the commit
+into them, so two runs from different dirty trees never look alike. Untracked files never
+reach a job: `allow_dirty` is a caller's key, and the operator's checkout holds untracked
+secrets (.env, conf/local/) that a job could print to its log.
 `pin_commit()` pins a named earlier commit instead of HEAD: a sweep pins once and every job
 runs that commit, whatever is committed while the sweep runs.
 """
@@ -77,20 +80,9 @@ def pin_code(repo_path: str | Path | None = None) -> CodePin:
     except ValueError as exc:  # unborn HEAD: `git init` without a commit
         raise CodePinError(f"{root} has no commit yet", field="repo_path", reason="no_commit",
                            fix="commit the training code first (git add -A && git commit)") from exc
-    try:
-        status = repo.git.status("--porcelain=v1", "-z", "--untracked-files=all")
-        diff_sha256 = None
-        if status:
-            digest = hashlib.sha256()
-            digest.update(repo.git.diff("HEAD", "--binary", stdout_as_string=False))
-            for entry in status.split("\0"):
-                if entry.startswith("?? "):  # untracked: its name and content
-                    name = entry[3:]
-                    digest.update(b"\0untracked\0" + name.encode())
-                    file = Path(root) / name
-                    if file.is_file():
-                        digest.update(hashlib.sha256(file.read_bytes()).digest())
-            diff_sha256 = digest.hexdigest()
+    try:  # untracked files are not part of the code that runs (see snapshot)
+        patch = _tracked_diff(repo)
+        diff_sha256 = hashlib.sha256(patch).hexdigest() if patch else None
     except git.GitCommandError as exc:
         raise CodePinError(f"git failed in {root}: {exc.stderr.strip() or exc}",
                            field="repo_path", reason="git_failed",
@@ -99,7 +91,7 @@ def pin_code(repo_path: str | Path | None = None) -> CodePin:
         branch = repo.active_branch.name
     except TypeError:  # detached HEAD
         branch = None
-    return CodePin(sha=sha, repo_url=_origin_url(repo, root), dirty=bool(status), diff_sha256=diff_sha256,
+    return CodePin(sha=sha, repo_url=_origin_url(repo, root), dirty=bool(patch), diff_sha256=diff_sha256,
                    branch=branch, repo_path=str(root))
 
 
@@ -139,23 +131,17 @@ def dirty_error(pin: CodePin) -> CodePinError:
                             "or pass allow_dirty=True")
 
 
+def _tracked_diff(repo) -> bytes:
+    """The working tree's changes to tracked files (staged or not) against HEAD, as a
+    `git apply`-able binary patch; b"" for a clean tree."""
+    patch = repo.git.diff("HEAD", "--binary", stdout_as_string=False)
+    return patch.rstrip(b"\n") + b"\n" if patch else b""
+
+
 def diff_patch(pin: CodePin) -> bytes:
     """What a dirty tree runs on top of its pinned commit, as one `git apply`-able patch:
-    the changes to tracked files, then every untracked, not ignored file as a new file."""
-    repo = _repo(Path(pin.repo_path))
-    parts = [repo.git.diff("HEAD", "--binary", stdout_as_string=False)]
-    untracked = repo.git.ls_files("-z", "--others", "--exclude-standard")
-    for name in sorted(filter(None, untracked.split("\0"))):
-        # --no-index exits 1 when the files differ, which is the point here
-        status, out, err = repo.git.diff("--no-index", "--binary", "--", "/dev/null", name,
-                                         with_extended_output=True, with_exceptions=False,
-                                         stdout_as_string=False)
-        if status not in (0, 1):
-            raise CodePinError(f"git diff failed for an untracked file: {err!r}",
-                               field="allow_dirty", reason="git_failed",
-                               fix="check the repository with `git status`")
-        parts.append(out)
-    return b"\n".join(p.rstrip(b"\n") for p in parts if p) + b"\n"
+    the changes to tracked files. Its sha256 is `pin.diff_sha256` while the tree is as pinned."""
+    return _tracked_diff(_repo(Path(pin.repo_path)))
 
 
 def snapshot_path(pin: CodePin, root: str | Path) -> Path:
@@ -167,8 +153,8 @@ def snapshot_path(pin: CodePin, root: str | Path) -> Path:
 def snapshot(pin: CodePin, root: str | Path) -> Path:
     """A directory holding exactly the pinned code, for the sandbox to mount read-only.
 
-    Clean pin: `git archive` of the commit. Dirty pin (allow_dirty): the tracked and untracked,
-    not ignored, files as they are now. Cached under `root` by sha (+ diff digest); built in a
+    Clean pin: `git archive` of the commit. Dirty pin (allow_dirty): the tracked files as they
+    are now, never an untracked one. Cached under `root` by sha (+ diff digest); built in a
     temporary directory and renamed into place, so concurrent launches never see half a copy.
     """
     dest = snapshot_path(pin, root)
@@ -185,7 +171,7 @@ def snapshot(pin: CodePin, root: str | Path) -> Path:
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 extract_tar(tar, tmp)
         else:
-            listed = repo.git.ls_files("-z", "--cached", "--others", "--exclude-standard")
+            listed = repo.git.ls_files("-z", "--cached")  # tracked only: see the docstring
             for rel in filter(None, listed.split("\0")):
                 src = Path(pin.repo_path) / rel
                 if src.is_file() and not src.is_symlink():
