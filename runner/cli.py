@@ -124,11 +124,13 @@ def gate_cmd(candidate_id, agent_id, gate_name, dry_run, justification, allow_di
     """Promote or reject CANDIDATE_ID on evidence: evaluate it against its parent and the
     lineage's champion on its held-out cells, in the sandbox, and bootstrap the delta."""
     # lazy: runner.api and the registry (~350 ms) stay out of `forge --help`
+    from runner import tools
     from runner.api import evaluate_candidate
     from runner.jobs.gate import decision_text
 
-    result = evaluate_candidate(candidate_id, agent_id, gate_name, dry_run,
-                                justification=justification, allow_dirty=allow_dirty)
+    with tools.as_operator():  # the host's shell: any agent's candidate (agents go through MCP)
+        result = evaluate_candidate(candidate_id, agent_id, gate_name, dry_run,
+                                    justification=justification, allow_dirty=allow_dirty)
     if as_json or dry_run:
         echo_json(result)
         return

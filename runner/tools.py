@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 _audit_url: ContextVar[str | None] = ContextVar("forge_audit_url", default=None)
 _acting: ContextVar[str | None] = ContextVar("forge_acting_agent", default=None)
+_operator: ContextVar[bool] = ContextVar("forge_operator", default=False)
+_audited_as: ContextVar[str | None] = ContextVar("forge_audited_as", default=None)
 _SUMMARY_OMIT = ("config", "sandbox")  # large; the call's input already pins them
 _MAX_TEXT = 4000
 
@@ -80,6 +82,36 @@ def acting_as(agent_id: str):
         yield
     finally:
         _acting.reset(token)
+
+
+@contextmanager
+def as_operator():
+    """Calls in this block are the operator's: the host's own command line (`forge gate`),
+    which may act on any agent's work. Never entered for a remote caller; an `acting_as`
+    block inside it is that agent's again."""
+    token = _operator.set(True)
+    try:
+        yield
+    finally:
+        _operator.reset(token)
+
+
+def is_operator() -> bool:
+    """Whether the current call is the operator's (as_operator, and no agent acting)."""
+    return _operator.get() and _acting.get() is None
+
+
+@contextmanager
+def audited_as(caller: str):
+    """Calls in this block are audited under `caller`, whatever agent they name: a front end
+    that speaks for no agent (forge serve's page, `web`) never writes a row in an agent's name."""
+    if not isinstance(caller, str) or not caller:
+        raise TypeError(f"audited_as takes a caller name, got {caller!r}")
+    token = _audited_as.set(caller)
+    try:
+        yield
+    finally:
+        _audited_as.reset(token)
 
 
 def log_tool_call(skill: Skill) -> Callable:
@@ -141,7 +173,8 @@ def _record(skill: Skill, signature: inspect.Signature, args: tuple, kwargs: dic
     duration_ms = int((time.perf_counter() - started) * 1000)
     try:
         params = _params(signature, args, kwargs)
-        row = dict(id=f"call-{uuid.uuid4().hex}", agent_id=_acting.get() or _agent(params),
+        caller = _audited_as.get() or _acting.get() or _agent(params)
+        row = dict(id=f"call-{uuid.uuid4().hex}", agent_id=caller,
                    input_params=jsonable(params), success=error is None,
                    duration_ms=duration_ms, created_at=datetime.now(timezone.utc))
         if error is None:

@@ -21,7 +21,7 @@ from runner.config.caller import caller_schema
 from runner.config.schema import schema_keys
 from runner.errors import InvalidInput, InvalidOverride
 from runner.jobs.launch import launch
-from runner.jobs.plan import TrainRequest, prepare
+from runner.jobs.plan import MLFLOW_RUN_ID, TrainRequest, prepare
 from runner.tools import Skill, log_tool_call
 
 SKILL_NAME = "Train Model Version"
@@ -70,8 +70,9 @@ TRAIN_SKILL = Skill(
             "dry_run": {"type": "boolean", "default": False},
             "allow_dirty": {"type": "boolean", "default": False},
             "mlflow_parent_run_id": {"type": ["string", "null"],
-                                     "description": "MLflow run to nest this job's run under "
-                                                    "(sweeps set it)"},
+                                     "pattern": f"^{MLFLOW_RUN_ID.pattern}$",
+                                     "description": "a run of this agent (its sweep's) to "
+                                                    "nest this job's MLflow run under"},
             "code_commit": {"type": ["string", "null"], "pattern": "^[0-9a-f]{7,40}$",
                             "description": "run this commit of the code instead of HEAD "
                                            "(sweeps pin once for all their jobs)"},

@@ -27,11 +27,12 @@ import sys
 import threading
 from typing import Callable
 
-from runner import sandbox, settings
+from runner import sandbox, settings, tools
 from runner.config.gate import GateConf, load_gate
 from runner.errors import (
     Conflict,
     EvaluationFailed,
+    Forbidden,
     ForgeError,
     GateRefused,
     InvalidInput,
@@ -60,6 +61,7 @@ def evaluate(candidate_id: str, agent_id: str, gate: str = "default", *, dry_run
                            fix="say in words why the tradeoff is worth it, or pass none")
     rules = load_gate(gate)
     cand = catalog.get_model_version(candidate_id)
+    check_owner(cand, agent_id)  # before any read-back, plan or debit
     if cand["version"]["promotion_state"] != "candidate":
         return _recorded(cand, gate, rules)
     champion = promotion.champion(promotion.lineage_root(cand))  # the decision checks it
@@ -96,6 +98,20 @@ def evaluate(candidate_id: str, agent_id: str, gate: str = "default", *, dry_run
 
 
 # --- reading ----------------------------------------------------------------------------------
+
+def check_owner(cand: dict, agent_id: str) -> None:
+    """Only the agent that trained a version (model_versions.trained_by), or the operator,
+    gates it or reads its decision back; any other agent is refused before anything runs."""
+    owner = cand["version"].get("trained_by")
+    if owner is None and cand["version"]["promotion_state"] != "candidate":
+        return  # registered by the operator, never trained here: refused as not_a_candidate
+    if owner == agent_id or tools.is_operator():
+        return
+    raise Forbidden(f"{cand['id']!r} is not agent {agent_id!r}'s candidate",
+                    field="candidate_artifact_id",
+                    fix="gate a version this agent trained; its owner or the operator "
+                        "(forge gate) gates this one")
+
 
 def _recorded(cand: dict, gate: str, rules: GateConf) -> dict:
     """A decided model: its recorded decision when this gate made it, else a refusal."""

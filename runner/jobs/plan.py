@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -28,16 +29,19 @@ from runner.errors import (
     CodePinError,
     Conflict,
     DatasetUnavailable,
+    Forbidden,
     ForgeError,
     InvalidInput,
     NotFound,
     WrongArtifactType,
 )
-from runner.jobs import codepin, devices, parents
+from runner.jobs import codepin, devices, parents, tracking
 from runner.jobs.datasets import builtin_holds
 from runner.jobs.job import disk_problem, run_dir, sandbox_job
 from runner.registry import catalog, db, ledger, money
 from runner.tools import audit_to
+
+MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")  # what MLflow names a run: a uuid4's hex
 
 # Keys of the resolved config that do not change what gets trained: left out of the
 # request key, so a retry from another machine or as a dry run maps to the same allocation.
@@ -142,6 +146,8 @@ def prepare(req: TrainRequest) -> Plan:
     cfg, resolved = _from_config(req) if req.config is not None else _compose(req)
     db_url = resolved["registry"]["db_url"]
     audit_to(db_url)
+    if req.mlflow_parent_run_id is not None and not req.dry_run:
+        _check_parent_run(resolved, req)
     problems: list[ForgeError] = []
     parent, dataset, account = _read_registry(db_url, req, problems)
     derived = {group: values for group, values in _registry_values(parent, dataset).items()
@@ -207,9 +213,24 @@ def _validate_arguments(req: TrainRequest) -> None:
         if not isinstance(flag, bool):
             raise InvalidInput(f"{name} must be true or false, got {flag!r}", field=name,
                                fix=f"pass {name}=True or {name}=False")
+    run = req.mlflow_parent_run_id
+    if run is not None and not (isinstance(run, str) and MLFLOW_RUN_ID.fullmatch(run)):
+        raise InvalidInput(f"mlflow_parent_run_id must be an MLflow run id (32 lowercase hex "
+                           f"characters), got {str(run)[:80]!r}", field="mlflow_parent_run_id",
+                           fix="pass the run id of this agent's sweep, or none")
     if req.device is not None and not isinstance(req.device, str):
         raise InvalidInput(f"device must be a string, got {req.device!r}", field="device",
                            fix="pass device='auto' or a key of pricing.per_device")
+
+
+def _check_parent_run(resolved: dict, req: TrainRequest) -> None:
+    """A job's run nests only under a run of its own agent: its sweep's parent run or one of
+    its own jobs' runs. Read from MLflow, so a dry run (mlflow-free) checks the id's form only."""
+    store = tracking.client(resolved["tracking"]["tracking_uri"])
+    if tracking.run_agent(store, req.mlflow_parent_run_id) != req.agent_id:
+        raise Forbidden(f"MLflow run {req.mlflow_parent_run_id} is not a run of agent "
+                        f"{req.agent_id!r}", field="mlflow_parent_run_id",
+                        fix="nest under a run this agent's sweep or jobs opened, or pass none")
 
 
 def _compose(req: TrainRequest):

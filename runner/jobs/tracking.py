@@ -535,6 +535,23 @@ def unregister(mlflow_client, name: str, version: str) -> None:
         pass
 
 
+def run_agent(mlflow_client, run_id: str) -> str | None:
+    """The agent a live run of this store was opened for: its `forge.agent_id` tag, which
+    only the host writes (a job's run in launch, a sweep's parent run in runner/sweep.py).
+    None for a run that is missing, deleted, or opened by no agent."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow_client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if run.info.lifecycle_stage != "active":
+        return None
+    return run.data.tags.get("forge.agent_id")
+
+
 def finish(mlflow_client, run_id: str, ok: bool, reason: str | None = None) -> None:
     """End the run: FINISHED, FAILED, or KILLED when the job was cancelled."""
     if reason:
