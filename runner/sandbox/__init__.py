@@ -17,7 +17,9 @@
 - a memory cap (`max_memory_bytes`): cgroup v2 `memory.max` where this host lets us make a
   child cgroup with the memory controller, else RLIMIT_AS per process (cpu jobs; CUDA
   reserves more address space than it uses) plus a once-a-second watch here of the summed
-  PSS of the job's processes; either way a job over it is killed with reason `oom`,
+  PSS of the job's processes and what its /tmp and /dev/shm hold; either way a job over it
+  is killed with reason `oom`, and the tmpfs counts (the cgroup charges tmpfs pages to the
+  job that writes them),
 - an output quota: about once a second the supervisor measures /job/out (iteratively, never
   following a link: bytes allocated, entries, depth) and kills the job with reason
   `output_quota` when it is over `max_output_bytes`, `max_output_entries` or
@@ -43,8 +45,7 @@ What the job leaves in /job/out is untrusted. After every process of the job is 
 files and directories (links, FIFOs, sockets and devices are removed, setuid bits cleared,
 everything given back to the host owner); a tree over the caps is removed whole, unread, and
 the run's reason becomes `output_quota`. Every line of the job's output is printed and
-logged with its control characters escaped (`printable`). Not covered by the memory cap in
-RLIMIT_AS mode: the private /tmp and /dev/shm tmpfs (up to `tmp_size_bytes` each).
+logged with its control characters escaped (`printable`).
 
 Stdlib only at import time: the dry run calls `sandbox_plan()` without paying for torch.
 
@@ -132,7 +133,7 @@ class SandboxJob:
     grace_s: float = 10.0  # SIGTERM -> SIGKILL
     max_processes: int = 512  # RLIMIT_NPROC for the job's uid (counts threads too)
     max_file_size_bytes: int = 8 * GIB  # RLIMIT_FSIZE
-    tmp_size_bytes: int = 4 * GIB  # size of the private /tmp and /dev/shm tmpfs each
+    tmp_size_bytes: int = 4 * GIB  # /tmp and /dev/shm each; what they hold counts as memory
     max_log_bytes: int = 256 * 1024**2  # the host log file stops growing past this
     max_memory_bytes: int | None = 16 * GIB  # cgroup memory.max, else RLIMIT_AS + watch
     max_output_bytes: int = 20 * GIB  # /job/out quota (allocated blocks)

@@ -1,6 +1,8 @@
 """The memory cap (`SandboxJob.max_memory_bytes`): which mechanism enforces it on this host,
-the job's cgroup v2 (made, read for OOM kills, removed), and the summed PSS of the job's
-processes that the supervisor watches when there is no cgroup.
+the job's cgroup v2 (made, read for OOM kills, removed), and what the supervisor watches when
+there is no cgroup: the summed PSS of the job's processes plus what its private tmpfs mounts
+hold (a file in /dev/shm is memory whether or not a process maps it; a cgroup already counts
+it, as the kernel charges tmpfs pages to the cgroup of the process that writes them).
 
 The RLIMIT_AS mechanism itself is a prlimit argument in the policy (`policy._policy`); the
 watch runs in `supervisor._Supervisor`."""
@@ -9,10 +11,13 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from runner.sandbox.policy import TMPFS
 
 if TYPE_CHECKING:
     from runner.sandbox import SandboxJob
@@ -113,3 +118,31 @@ def _namespace_memory(pids: list[int]) -> int:
             except (OSError, ValueError, IndexError):
                 pass
     return total
+
+
+def _tmpfs_memory(pids: list[int], ns: tuple[int, int]) -> int:
+    """Bytes the jail's private tmpfs mounts (/tmp, /dev/shm) hold, read through the root of
+    one of the given processes of the job's pid namespace `ns` (never bwrap's init: the jail's
+    mounts are all there once the job's own processes exist). The pidfd pins the process:
+    a pid recycled meanwhile by a process of the host is never read. A tmpfs file that a
+    process also maps counts in its PSS too: counted twice, on the side of the cap."""
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            st = os.stat(f"/proc/{pid}/ns/pid")
+            if (st.st_dev, st.st_ino) != ns:
+                continue
+            used = 0
+            for mount in TMPFS:
+                fs = os.statvfs(f"/proc/{pid}/root{mount}")
+                used += (fs.f_blocks - fs.f_bfree) * fs.f_frsize
+            signal.pidfd_send_signal(pidfd, 0)  # still alive: the pid was ours throughout
+            return used
+        except OSError:
+            continue
+        finally:
+            os.close(pidfd)
+    return 0

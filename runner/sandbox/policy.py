@@ -43,6 +43,7 @@ IN_DIR = "/job/in"
 OUT_DIR = "/job/out"
 HOME_DIR = "/tmp"
 HOSTNAME = "forge-sandbox"
+TMPFS = ("/tmp", "/dev/shm")  # private, size-capped; counted in the memory cap (memory.py)
 
 # Per-launch uids come from a range no host account uses, so two concurrent jobs never
 # share RLIMIT_NPROC (which counts every task of a uid, threads included).
@@ -203,9 +204,9 @@ def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], s
         binds.append({"host": "(generated)", "sandbox": path, "mode": "ro"})
 
     args += ["--proc", "/proc", "--dev", "/dev"]
-    for tmp in ("/tmp", "/dev/shm"):
+    for tmp in TMPFS:
         args += ["--perms", "1777", "--size", str(job.tmp_size_bytes), "--tmpfs", tmp]
-    made.update({"/proc", "/dev", "/tmp", "/dev/shm"})
+    made.update({"/proc", "/dev", *TMPFS})
     if device != "cpu":
         bind("--ro-bind", "/sys", "/sys", "ro")  # NVML and the CUDA runtime read it
     elif os.path.isdir("/sys/devices/system/cpu"):  # cpu topology for torch/OpenMP
@@ -265,7 +266,7 @@ def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], s
                    if seccomp else "loopback only (own network namespace holding just lo)",
         "devices": job.devices,
         "binds": binds,
-        "tmpfs": {"/tmp": job.tmp_size_bytes, "/dev/shm": job.tmp_size_bytes},
+        "tmpfs": {tmp: job.tmp_size_bytes for tmp in TMPFS},
         "command": command,
         "uid": uid if uid is not None else os.geteuid(),
         "capabilities": "none (bounding set cleared, no_new_privs)",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner.errors import SandboxUnavailable
-from runner.sandbox.memory import _namespace_memory
+from runner.sandbox.memory import _namespace_memory, _tmpfs_memory
 from runner.sandbox.output import _scan_output, printable
 from runner.sandbox.policy import _NAMESPACE_ARGS, _system_args, _tool
 from runner.sandbox.seccomp import _seccomp_program
@@ -146,10 +146,13 @@ class _Supervisor:
             self._stop("output_quota", f"{over}: the job is killed")
             return
         if self.watch_memory and self.ns is not None:
-            used = _namespace_memory(self._members())
-            if used > self.job.max_memory_bytes:
-                self._stop("oom", f"the job's processes use {used} bytes together, over its "
-                                  f"memory cap of {self.job.max_memory_bytes}: killed")
+            members = self._members()
+            used = _namespace_memory(members)
+            held = _tmpfs_memory([p for p in members if p != self.init_pid], self.ns)
+            if used + held > self.job.max_memory_bytes:
+                self._stop("oom", f"the job's processes use {used} bytes and its /tmp and "
+                                  f"/dev/shm hold {held}, together over its memory cap of "
+                                  f"{self.job.max_memory_bytes}: killed")
 
     def _stop(self, reason: str, detail: str) -> None:
         self.stopped = (reason, detail)

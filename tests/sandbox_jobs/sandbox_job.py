@@ -225,6 +225,17 @@ def memory(mib: str, procs: str, hold_s: str) -> None:
         os.waitpid(pid, 0)
 
 
+def tmpfs(folder: str, tmpfs_mib: str, mib: str, hold_s: str) -> None:
+    """Write `tmpfs_mib` MiB into the jail's tmpfs `folder` (/tmp or /dev/shm), then hold
+    `mib` MiB of process memory too, for `hold_s` seconds."""
+    with open(os.path.join(folder, "held.bin"), "wb") as f:
+        f.writelines(b"\1" * (16 * 1024**2) for _ in range(int(tmpfs_mib) // 16))
+    held = bytearray(b"\1") * (int(mib) * 1024**2)  # touched, not just reserved
+    print(f"{folder} holds {tmpfs_mib} MiB, the process {len(held) >> 20} MiB", flush=True)
+    time.sleep(float(hold_s))
+    _write("result.json", {"held": True})
+
+
 def fill(mib: str, hold_s: str) -> None:
     """Write `mib` MiB to /job/out in 16 MiB files (RLIMIT_FSIZE caps each file, not the sum)."""
     for i in range(int(mib) // 16):
@@ -261,5 +272,5 @@ if __name__ == "__main__":
     commands = {"probe": probe, "forkbomb": forkbomb, "hang": hang, "lines": lines,
                 "exit": exit_with, "kill_self": kill_self, "links": links, "train": train,
                 "plot": plot, "keyring": keyring, "memory": memory, "fill": fill, "deep": deep,
-                "escapes": escapes}
+                "escapes": escapes, "tmpfs": tmpfs}
     commands[sys.argv[1]](*sys.argv[2:])
