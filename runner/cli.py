@@ -464,7 +464,11 @@ def agents_list(as_json):
 @click.option("--db-url", default=None,
               help="Registry to serve (default: FORGE_DB_URL or outputs/forge.db); dry runs "
                    "use it too.")
-def serve(host, port, db_url):
+@click.option("--show-balances", is_flag=True, envvar="FORGE_SERVE_SHOW_BALANCES",
+              show_envvar=True,
+              help="Show the named agent's balance on the dry-run page (it has no login: off "
+                   "by default).")
+def serve(host, port, db_url, show_balances):
     """Serve read-only web pages: model families, version detail pages, the tool playground."""
     import os
 
@@ -475,7 +479,8 @@ def serve(host, port, db_url):
 
     if db_url:  # the dry run composes the operator's config, whose registry is FORGE_DB_URL
         os.environ["FORGE_DB_URL"] = db_url
-    app = create_app(db_url, hosts=tuple(dict.fromkeys(["127.0.0.1", "localhost", host])))
+    app = create_app(db_url, hosts=tuple(dict.fromkeys(["127.0.0.1", "localhost", host])),
+                     show_balances=show_balances)
     click.echo(f"forge serve: http://{f'[{host}]' if ':' in host else host}:{port}/")
     uvicorn.run(app, host=host, port=port)
 

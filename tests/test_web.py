@@ -75,12 +75,22 @@ def fetch(url: str, form: dict | None = None) -> Reply:
 @pytest.fixture
 def web(registry):
     """create_app() over the test's registry, served by uvicorn in a thread; its base URL."""
+    yield from _serve()
+
+
+@pytest.fixture
+def web_with_balances(registry):
+    """The same, as `forge serve --show-balances` builds it (the operator's flag)."""
+    yield from _serve(show_balances=True)
+
+
+def _serve(**options):
     import uvicorn
 
     from runner.web.app import create_app
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(**options), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -277,7 +287,8 @@ def code_repo(tmp_path, monkeypatch) -> Path:
     return scratch_code_repo(tmp_path, monkeypatch)
 
 
-def test_dry_run_renders_the_estimate_and_the_reasons(web, registry, code_repo):
+def test_dry_run_renders_the_estimate_and_the_reasons(web_with_balances, registry, code_repo):
+    web = web_with_balances
     form = {"parent_artifact_id": BASE_ID, "dataset_artifact_id": DATASET_ID,
             "agent_id": AGENT, "overrides": "training.lr=0.0003\n\ntraining.max_epochs=2\n",
             "wall_time_cap_min": "60", "vram_cap_gb": "8"}

@@ -9,7 +9,8 @@
     POST /tools/dry-run       train_model_version(..., dry_run=True) on the form's fields;
     GET  /tools/dry-run?...   the same, read from the query (a page a browser can load)
 
-Nothing here writes but the dry run's own audit row. Every page is plain HTML and CSS (no
+Nothing here writes but the dry run's own audit row, under the page's name (`web`), never
+the named agent's; the agent's balance is shown only with the operator's --show-balances. Every page is plain HTML and CSS (no
 JavaScript), served under a Content-Security-Policy of 'self' only; Jinja2 escapes every
 value. A typed error is a page with its reason, field and fix (400 for a malformed dry run,
 404 for an unknown or invalid id), never a traceback.
@@ -85,12 +86,15 @@ def _templates() -> Jinja2Templates:
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
-def create_app(db_url: str | None = None, *, hosts: tuple[str, ...] = LOOPBACK_HOSTS) -> Starlette:
+def create_app(db_url: str | None = None, *, hosts: tuple[str, ...] = LOOPBACK_HOSTS,
+               show_balances: bool = False) -> Starlette:
     """The app over the registry at `db_url` (default: FORGE_DB_URL, else FORGE_HOME's). A dry
     run composes the operator's config like every call, so it uses the configured registry:
     `forge serve --db-url` sets FORGE_DB_URL, so that both are the same. Only requests whose
     Host is one of `hosts` are served (400 otherwise): a page whose name was rebound to
-    127.0.0.1 cannot read the registry through a visitor's browser."""
+    127.0.0.1 cannot read the registry through a visitor's browser. The pages have no login:
+    a dry run shows the named agent's balance only with `show_balances` (the operator's
+    `forge serve --show-balances`)."""
     url = db_url or settings.db_url()
     templates = _templates()
 
@@ -161,7 +165,8 @@ def create_app(db_url: str | None = None, *, hosts: tuple[str, ...] = LOOPBACK_H
                     raise InvalidInput(f"{name} must be given once, as text", field=name,
                                        fix="submit the dry-run form as it is")
                 values[name] = value
-            result = await run_in_threadpool(pages.dry_run, values)
+            result = await run_in_threadpool(pages.dry_run, values,
+                                             show_balances=show_balances)
         except ForgeError as exc:  # malformed input: its reason, field and fix
             status = 503 if isinstance(exc, db.DatabaseError) else 400
             return render(request, "dry_run.html",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from runner import tools
 from runner.errors import InvalidInput
 from runner.jobs.hook import improvement
 from runner.registry import audit, catalog, ledger, promotion
@@ -244,9 +245,16 @@ DRY_RUN_FIELDS = ("parent_artifact_id", "dataset_artifact_id", "agent_id", "over
                   "wall_time_cap_min", "vram_cap_gb")
 
 
-def dry_run(form: dict[str, str]) -> dict:
-    """train_model_version(..., dry_run=True) on the form's fields (strings). Malformed input
-    raises its typed ForgeError, as the call does; writes nothing but the call's audit row."""
+WEB_CALLER = "web"  # the page's own name in tool_calls: with no login, it speaks for no agent
+# What a dry run says about the named agent's account (that it has one, what is in it).
+ACCOUNT_REASONS = ("insufficient_balance", "unknown_agent")
+
+
+def dry_run(form: dict[str, str], *, show_balances: bool = False) -> dict:
+    """train_model_version(..., dry_run=True) on the form's fields (strings), audited as the
+    page's (`web`). Malformed input raises its typed ForgeError, as the call does; writes
+    nothing but the call's audit row. Without `show_balances` (the operator's flag), the
+    agent's account is left out: its balance, and the reasons that tell of it."""
     from runner.api import train_model_version  # lazy: composes Hydra configs, ~1 s cold
 
     unknown = sorted(set(form) - set(DRY_RUN_FIELDS))
@@ -255,10 +263,22 @@ def dry_run(form: dict[str, str]) -> dict:
                            fix=f"use only {', '.join(DRY_RUN_FIELDS)}")
     overrides = [line.strip() for line in (form.get("overrides") or "").splitlines()
                  if line.strip()]
-    return train_model_version(
-        form.get("parent_artifact_id") or None, form.get("dataset_artifact_id") or None, None,
-        form.get("agent_id") or None, wall_time_cap_min=_count(form, "wall_time_cap_min", 120),
-        vram_cap_gb=_count(form, "vram_cap_gb", 24), dry_run=True, overrides=overrides or None)
+    with tools.audited_as(WEB_CALLER):
+        result = train_model_version(
+            form.get("parent_artifact_id") or None, form.get("dataset_artifact_id") or None,
+            None, form.get("agent_id") or None,
+            wall_time_cap_min=_count(form, "wall_time_cap_min", 120),
+            vram_cap_gb=_count(form, "vram_cap_gb", 24), dry_run=True,
+            overrides=overrides or None)
+    return result if show_balances else _without_account(result)
+
+
+def _without_account(result: dict) -> dict:
+    """The dry run minus the agent's account: `would_launch` then means "but for the
+    balance", which the real call checks when it debits."""
+    reasons = [r for r in result["reasons"] if r.get("reason") not in ACCOUNT_REASONS]
+    return {**result, "balance": None, "balance_hidden": True, "reasons": reasons,
+            "would_launch": not reasons}
 
 
 def _count(form: dict[str, str], name: str, default: int) -> Any:
