@@ -119,6 +119,13 @@ class DatasetUnavailable(ForgeError):
     reason = "dataset_unavailable"
 
 
+class DiskFull(ForgeError):
+    """The host's disk has no room: FORGE_HOME below registry.min_free_gb before a debit, or
+    ENOSPC while writing (an archive unpacking, a download)."""
+
+    reason = "disk_full"
+
+
 class InternalError(ForgeError):
     """Something on the host side failed that has no better type (a bug, a broken library):
     the allocation is settled and the cause is chained."""

@@ -103,6 +103,11 @@ class RegistryConf:
     blob_threshold_mb: float = 50.0
     min_free_gb: float = 2.0  # free space FORGE_HOME needs before a debit (runner/jobs/launch.py)
     expiry_margin_min: float = 10.0  # allocation expiry = cap + sandbox grace + this
+    # caps on an archive registered from outside (runner/jobs/archive.py): unpacked size,
+    # members, and unpacked bytes per archive byte (a zip bomb is far above)
+    max_archive_gb: float = 20.0
+    max_archive_files: int = 100_000
+    max_archive_ratio: float = 200.0
 
 
 @dataclass

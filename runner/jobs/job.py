@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 from runner import sandbox, settings
 from runner.config.manifest import ENTRYPOINT
-from runner.errors import DatasetUnavailable, ForgeError, InvalidConfig
+from runner.errors import DatasetUnavailable, DiskFull, ForgeError, InvalidConfig
 from runner.jobs import codepin, datasets
 
 if TYPE_CHECKING:
@@ -23,10 +23,6 @@ if TYPE_CHECKING:
 def run_dir(allocation_id: str) -> Path:
     """FORGE_HOME/runs/<allocation id>: a job's manifest, log and (while it runs) files."""
     return settings.forge_home() / "runs" / allocation_id
-
-
-class DiskFull(ForgeError):
-    reason = "disk_full"
 
 
 def disk_problem(resolved: dict) -> ForgeError | None:

@@ -13,20 +13,19 @@ registered hash before any job sees them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
-import tarfile
 import tempfile
 import urllib.parse
 import urllib.request
-import zipfile
 from pathlib import Path
 
 from runner import settings
-from runner.errors import NotFound, WeightsIntegrityError
-from runner.jobs.archive import UnsafeArchive, extract_tar
+from runner.errors import DiskFull, NotFound, WeightsIntegrityError
+from runner.jobs import archive
 from runner.registry.catalog import validate_artifact_id
 
 BLOB_INDEX = "blobs.json"
@@ -152,7 +151,10 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 def fetch_external(artifact: dict) -> Path:
-    """Download or locate an external model's weights; cached by its registered hash."""
+    """Download or locate an external model's weights; cached by its registered hash.
+
+    An archive is someone else's: it is unpacked under the operator's caps
+    (runner/jobs/archive.py) into a private staging folder, which is removed whatever fails."""
     url = artifact.get("origin_url") or ""
     parsed = urllib.parse.urlparse(url)
     key = artifact.get("content_hash") or hashlib.sha256(url.encode()).hexdigest()
@@ -163,35 +165,55 @@ def fetch_external(artifact: dict) -> Path:
         local = Path(urllib.request.url2pathname(parsed.path))
         if local.is_dir():
             return local  # verified after it is materialized
-        archive = local
-    elif parsed.scheme in ("http", "https"):
-        archive = Path(tempfile.mkdtemp()) / Path(parsed.path).name
-        urllib.request.urlretrieve(url, archive)  # noqa: S310 - scheme checked above
-    else:
-        raise WeightsIntegrityError(f"unsupported origin_url {url!r}", field="origin_url",
-                                    fix="use a file:// folder or archive, or an http(s):// archive")
-    if not archive.exists():
-        raise NotFound(f"origin_url {url} does not exist", field="origin_url",
-                       fix="point origin_url at the model's checkpoint folder or archive")
-    staging = cached.with_name(cached.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(staging)
-    else:
+        if not os.path.lexists(local):
+            raise NotFound(f"origin_url {url} does not exist", field="origin_url",
+                           fix="point origin_url at the model's checkpoint folder or archive")
+        return _unpack_into_cache(artifact, local, cached, archive.operator_limits())
+    if parsed.scheme in ("http", "https"):
+        limits = archive.operator_limits()
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / (Path(parsed.path).name or "download")
+            _download(url, local, limits.max_bytes)
+            return _unpack_into_cache(artifact, local, cached, limits)
+    raise WeightsIntegrityError(f"unsupported origin_url {url!r}", field="origin_url",
+                                fix="use a file:// folder or archive, or an http(s):// archive")
+
+
+def _download(url: str, dest: Path, max_bytes: int) -> None:
+    """`url` into `dest`, at most `max_bytes` (the unpacked cap bounds the archive too)."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:
+            while chunk := r.read(CHUNK):
+                if f.tell() + len(chunk) > max_bytes:
+                    raise archive.ArchiveRefused(
+                        f"{url} is larger than {max_bytes} bytes", field="origin_url",
+                        reason="archive_too_large",
+                        fix=archive.CAPS_FIX.format(cap="max_archive_gb"))
+                f.write(chunk)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"the disk filled up downloading {url}", field="origin_url",
+                           fix="free space in the cache (FORGE_CACHE_DIR), then retry") from None
+        raise NotFound(f"origin_url {url} could not be downloaded: {exc}", field="origin_url",
+                       fix="check the URL and the network") from None
+
+
+def _unpack_into_cache(artifact: dict, source: Path, cached: Path, limits) -> Path:
+    """Unpack `source` into a fresh staging folder beside `cached`, verify, then rename it
+    into place; the staging folder never outlives the call."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{cached.name}.partial-", dir=cached.parent))
+    try:
+        archive.unpack(source, staging, limits, field="origin_url")
+        entries = list(staging.iterdir())
+        root = entries[0] if len(entries) == 1 and entries[0].is_dir() else staging
+        _verify(artifact, file_hashes(root))
+        root.chmod(0o755)  # mkdtemp's 0700: jobs run as an unprivileged uid
         try:
-            with tarfile.open(archive) as tf:
-                extract_tar(tf, staging)
-        except (UnsafeArchive, tarfile.TarError) as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise WeightsIntegrityError(f"origin_url {url}: unsafe or broken archive: {exc}",
-                                        field="origin_url",
-                                        fix="publish the checkpoint as plain files and folders "
-                                            "in a tar or zip archive") from exc
-    entries = list(staging.iterdir())
-    root = entries[0] if len(entries) == 1 and entries[0].is_dir() else staging
-    _verify(artifact, file_hashes(root))
-    os.replace(root, cached) if root != staging else os.replace(staging, cached)
-    shutil.rmtree(staging, ignore_errors=True)
+            os.replace(root, cached)
+        except OSError:  # another registration put the same weights in place first
+            if not cached.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return cached
