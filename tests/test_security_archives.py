@@ -6,6 +6,8 @@ nothing of it.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import json
 import os
@@ -174,3 +176,28 @@ def test_a_full_disk_is_typed_and_leaves_nothing(sqlite_url, small_disk, tmp_pat
     err = refused(archive, "disk_full")
     assert err.field == "origin_url"
     assert leftovers(small_disk) == []
+
+
+def test_a_dataset_download_that_fills_the_disk_is_typed_and_leaves_nothing(sqlite_url,
+                                                                           small_disk,
+                                                                           tmp_path):
+    """datasets.register_file over http: ENOSPC mid-download is disk_full, and the half
+    file is gone (a later fetch would otherwise find the disk still full)."""
+    from runner.jobs import datasets
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "big.h5ad").write_bytes(os.urandom(8 * MIB))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_port}/big.h5ad"
+        try:
+            with pytest.raises(ForgeError) as info:
+                datasets.register_file("dataset-big", url, title="big", license="CC0")
+        finally:
+            server.shutdown()
+    assert info.value.reason == "disk_full", info.value.to_dict()
+    assert info.value.field == "url"
+    assert [p.name for p in (small_disk / "files").rglob("*") if p.is_file()] == []

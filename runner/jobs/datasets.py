@@ -19,6 +19,7 @@ Cache layout (root: $FORGE_CACHE_DIR, else $FORGE_HOME/cache, FORGE_HOME default
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import hashlib
 import os
@@ -31,6 +32,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.errors import DiskFull
 from trainers.manifest import sha256_file  # one digest rule on both sides of the jail
 
 
@@ -256,6 +258,11 @@ def _fetch(source: str, cache: Path, sha256: str | None) -> Path:
                 with urllib.request.urlopen(source, timeout=60) as r, open(tmp, "wb") as f:
                     shutil.copyfileobj(r, f)
             except OSError as e:
+                tmp.unlink(missing_ok=True)  # a half file would keep the disk full
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFull(f"the disk filled up downloading {source}", field="url",
+                                   fix="free space in the cache (FORGE_CACHE_DIR), then "
+                                       "retry") from None
                 raise FetchError(f"{source}: download failed: {e}") from e
             tmp.replace(target)
         if sha256:
@@ -351,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         print(fetch(a.source, sha256=a.sha256))
-    except FetchError as e:
+    except (FetchError, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
