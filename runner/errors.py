@@ -152,3 +152,25 @@ class Forbidden(ForgeError):
     the call's audit row, which names the caller."""
 
     reason = "forbidden"
+
+
+class Busy(ForgeError):
+    """The caller already has as many blocking calls running as the server allows one agent
+    (`forge mcp --blocking-per-agent`): refused at once, nothing written but the audit row."""
+
+    reason = "busy"
+
+
+class StoreHalfMigrated(ForgeError):
+    """A store (the MLflow tracking store, or the registry) has tables but its migration
+    record is missing or behind: a migration was interrupted. Nothing runs on it until the
+    operator repairs it as the fix says; it is never reported as the registry being away."""
+
+    reason = "store_half_migrated"
+
+
+class CapacityExceeded(ForgeError):
+    """A job over the operator's limits on jobs at once (conf `policy:`: per agent, per host,
+    the sum of memory caps per host): refused before any debit; `field` names the limit."""
+
+    reason = "capacity"

@@ -81,8 +81,9 @@ def submit(plan: Plan) -> dict:
     if problem is not None:
         raise problem
     name = executor_name()
+    tracking.prepare_store(plan.resolved["tracking"]["tracking_uri"])  # a broken one: no debit
     recovery.reap()  # dead jobs first: their credits count, their retries may run
-    alloc = launch.reserve(plan)
+    alloc = launch.reserve(plan, on_this_host=name == "local")  # SLURM places its own
     if alloc.get("existing"):
         return {**state(alloc), "existing": True}
     folder = jobs_dir() / alloc["id"]

@@ -53,6 +53,7 @@ def launch(plan: Plan, *, on_line: Callable[[str], None] | None = None,
         problem = disk_problem(plan.resolved)  # before any debit: a full disk fails it late
         if problem is not None:
             raise problem
+        tracking.prepare_store(plan.resolved["tracking"]["tracking_uri"])  # a broken one: no debit
         recovery.reap()  # dead jobs first: their credits count, their retries may run
         alloc = reserve(plan, engine.current())  # the SLURM job this process runs in, if any
         if alloc.get("existing"):

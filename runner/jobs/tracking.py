@@ -10,12 +10,14 @@ here only, and only when a real launch needs it: the dry run never loads it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import os
 import posixpath
 import re
+import sqlite3
 import sys
 import threading
 import time
@@ -26,6 +28,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import trainers
+from runner import settings
+from runner.errors import ForgeError, StoreHalfMigrated
 from runner.jobs.handback import NotPlainFile, read_job_file
 from runner.sandbox import printable  # stdlib only: no torch, no mlflow
 
@@ -38,11 +42,99 @@ PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
 
 
+class TrackingUnavailable(ForgeError):
+    reason = "tracking_unavailable"
+
+
 def client(tracking_uri: str):
-    """A client of one store: runs, models and the model registry all in `tracking_uri`."""
+    """A client of one store: runs, models and the model registry all in `tracking_uri`,
+    created and migrated first if it is new (`prepare_store`)."""
     from mlflow.tracking import MlflowClient
 
+    prepare_store(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+_READY: set[str] = set()  # stores this process has opened whole: no lock needed again
+
+
+def prepare_store(tracking_uri: str) -> None:
+    """Create and migrate the store behind `tracking_uri` once, under an inter-process lock,
+    before a job uses it.
+
+    MLflow creates and migrates a database store when a client first opens it, with no lock
+    of its own: the first jobs on a fresh FORGE_HOME raced through its migrations (`table
+    latest_metrics already exists`) and could leave it half-migrated. Here the first open in
+    each process takes a file lock under FORGE_HOME/locks, so one process migrates and the
+    others find the store whole. A store that still fails to open under the lock is broken,
+    not busy: StoreHalfMigrated (with its fix), else TrackingUnavailable. A tracking server
+    migrates its own store."""
+    if is_server(tracking_uri) or tracking_uri in _READY:
+        return
+    from mlflow.tracking import MlflowClient
+
+    locks = settings.forge_home() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    with open(locks / f"mlflow-{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        try:  # the tracking store opens in the constructor; the model registry on first use
+            MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri) \
+                .search_registered_models(max_results=1)
+        except Exception as exc:
+            raise _store_problem(tracking_uri, exc) from exc
+    _READY.add(tracking_uri)
+
+
+# What MLflow (and Alembic under it) says of a store whose migrations stopped half-way.
+_HALF_MIGRATED = ("out-of-date database schema", "already exists", "duplicate column",
+                  "no such table", "expected to match one row")
+
+
+def _store_problem(tracking_uri: str, exc: Exception) -> ForgeError:
+    """Why a store could not be opened under the lock: half-migrated, or unreachable."""
+    text = str(exc)
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+    path = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") \
+        else None
+    tables, revision = _sqlite_schema(path) if path else ([], None)
+    if (tables and revision is None) or any(s in text for s in _HALF_MIGRATED):
+        where = path or tracking_uri
+        return StoreHalfMigrated(
+            f"the MLflow tracking store {where} is half-migrated: {len(tables) or 'its'} "
+            f"tables, migration record {revision or 'missing'} ({first})",
+            field="tracking.tracking_uri",
+            fix=f"stop the jobs that use it and back it up; run `mlflow db upgrade "
+                f"{tracking_uri}` to finish its migration; if that fails too, move it aside "
+                f"(mv {where} {where}.broken) and the next job creates a new store (the old "
+                "runs stay in the moved file)")
+    return TrackingUnavailable(f"cannot open the MLflow tracking store {tracking_uri}: {first}",
+                               field="tracking.tracking_uri",
+                               fix="check the tracking store the operator configured "
+                                   "(conf/tracking/, conf/local/), then retry")
+
+
+def _sqlite_schema(path: str) -> tuple[list[str], str | None]:
+    """A SQLite store's tables (Alembic's aside) and migration record, read-only; ([], None)
+    when it cannot be read."""
+    try:
+        conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error:
+        return [], None
+    try:
+        tables = [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND name NOT LIKE 'alembic%' AND name NOT LIKE 'sqlite%'")]
+        revision = None
+        if "alembic_version" in {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}:
+            found = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+            revision = found[0] if found else None
+        return tables, revision
+    except sqlite3.Error:
+        return [], None
+    finally:
+        conn.close()
 
 
 def is_server(tracking_uri: str) -> bool:

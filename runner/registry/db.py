@@ -13,7 +13,7 @@ from typing import Iterator
 import sqlalchemy as sa
 
 from runner import settings
-from runner.errors import ForgeError
+from runner.errors import ForgeError, StoreHalfMigrated
 
 _lock = threading.Lock()
 
@@ -114,10 +114,34 @@ def upgrade(url: str | None = None, revision: str = "head") -> str | None:
     from alembic import command  # lazy: alembic is ~150 ms, not on the dry run's path
 
     cfg = alembic_config(url)
-    with get_engine(url).begin() as conn:
+    with get_engine(url).begin() as conn:  # one transaction, DDL included, on both backends
+        if conn.dialect.name == "postgresql":
+            # concurrent upgrades take turns (on SQLite, BEGIN IMMEDIATE already makes them)
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+        _refuse_half_migrated(conn)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     return current_revision(url)
+
+
+_MIGRATION_LOCK = 0x666F726765  # "forge": the advisory lock key of registry migrations
+
+
+def _refuse_half_migrated(conn: sa.Connection) -> None:
+    """Registry tables without a migration record: Alembic would create them again and fail
+    half-way, so say what the store is instead."""
+    from alembic.runtime.migration import MigrationContext  # lazy: alembic, ~150 ms
+
+    if MigrationContext.configure(conn).get_current_revision() is not None:
+        return
+    tables = set(sa.inspect(conn).get_table_names())
+    if "artifacts" in tables or "resource_allocations" in tables:
+        raise StoreHalfMigrated(
+            f"the registry {conn.engine.url.render_as_string(hide_password=True)} has "
+            f"{len(tables)} tables but no migration record (alembic_version)",
+            field="registry.db_url",
+            fix="back it up, then restore it from a backup taken before the migration "
+                "stopped, or start a new registry (FORGE_DB_URL) and run `forge db upgrade`")
 
 
 def current_revision(url: str | None = None) -> str | None:
