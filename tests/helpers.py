@@ -264,3 +264,41 @@ SLEEPING_TRAINER = """
     print("working", flush=True)
     time.sleep(600)
 """ + STAND_IN_TRAINER.replace("METRICS", '{"test_macro_f1": 0.5, "test_accuracy": 0.5}')
+
+
+# --- stand-in candidates for the gate: a registered version with the real CBMC split ----------
+
+def cbmc_split() -> dict:
+    """The summary of CBMC's seed-0 split (fractions 0.1/0.1), as a trained version records it."""
+    from runner.jobs import datasets
+    from trainers.data.load import load, split_cells
+
+    data = load(datasets.loader_input("cbmc", datasets.fetch("cbmc")), "cbmc_mat")
+    return split_cells(data.n_cells, data.labels, 0.1, 0.1, 0).summary()
+
+
+def stand_in_candidate(parent_id: str, artifact_id: str, split: dict | None = None) -> str:
+    """A registered candidate of `parent_id` with the training record the gate reads (the
+    real CBMC split of seed 0, or `split`) and 8 bytes of weights."""
+    from runner.jobs import weights
+    from runner.registry import catalog, ledger
+
+    alloc = ledger.reserve(AGENT, "0.01", f"stand-in-{artifact_id}", wall_time_cap_min=1,
+                           vram_cap_gb=1, price_per_hour="0.5")
+    ledger.settle(alloc["id"], 1.0, artifact_id=artifact_id)
+    folder = weights.weights_dir(artifact_id)
+    folder.mkdir(parents=True)
+    (folder / "best_model.pt").write_bytes(b"stand-in")
+    catalog.register_model(
+        artifact_id=artifact_id, title="stand-in candidate", created_by=AGENT,
+        parent_artifact_id=parent_id, training_dataset_artifact_id=DATASET_ID,
+        eval_dataset_artifact_id=DATASET_ID,
+        content_hash=weights.tree_hash(weights.file_hashes(folder)),
+        metadata={"family": "scgpt-test", "framework": "scgpt", "task": "finetune_celltype",
+                  "split": split or cbmc_split()},
+        version={"code_repo_url": "file:///stand-in", "code_commit_sha": "0" * 40,
+                 "gpu_allocation_id": alloc["id"], "eval_metrics_json": {"test_macro_f1": 0.5},
+                 "training_params_json": {"training": {
+                     "seed": 0, "split_seed": None, "val_fraction": 0.1, "test_fraction": 0.1,
+                     "max_seq_len": 33, "batch_size": 32, "precision": "32"}}})
+    return artifact_id

@@ -25,15 +25,15 @@ from helpers import (
     AGENT,
     BASE_ID,
     DATASET_ID,
-    STAND_IN_TRAINER,
     assert_on_server,
+    cbmc_split,
     count_rows,
     operator_conf,
+    stand_in_candidate,
 )
 
 from runner.api import evaluate_candidate, train_model_version
 from runner.errors import EvaluationFailed, ForgeError, GateRefused
-from runner.jobs import weights
 from runner.registry import catalog, db, ledger, recovery, schema
 
 SHORT = ["training.batch_size=32", "training.max_seq_len=33", "training.log_every_n_steps=5",
@@ -206,60 +206,49 @@ def test_the_base_and_unknown_ids_are_refused_before_any_debit(sqlite_registry):
 
 # --- stand-in eval jobs: the refusals and the races, in seconds ---------------------------------
 
-N_CELLS = 40
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _stand_in_repo(tmp_path: Path, body: str, entrypoint: str | None = None) -> Path:
-    """A code repository whose trainers.gate_eval is `body` (and trainers.entrypoint, when
-    given, `entrypoint`)."""
+    """A code repository with this checkout's trainers/ package whose trainers.gate_eval is
+    `body` (and trainers.entrypoint, when given, `entrypoint`)."""
     repo = tmp_path / "gate-code"
-    (repo / "trainers").mkdir(parents=True)
-    (repo / "trainers" / "__init__.py").write_text("")
+    shutil.copytree(REPO / "trainers", repo / "trainers",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "trainers" / "gate_eval.py").write_text(textwrap.dedent(body))
     if entrypoint is not None:
-        (repo / "trainers" / "entrypoint.py").write_text(entrypoint)
+        (repo / "trainers" / "entrypoint.py").write_text(textwrap.dedent(entrypoint))
     for cmd in (["init", "-q"], ["add", "-A"],
                 ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "stand-in"]):
         subprocess.run(["git", *cmd], cwd=repo, check=True)
     return repo
 
 
-# Predicts every held-out cell right with the candidate and wrong with everything else.
-PERFECT_CANDIDATE = f"""
+# A stand-in job's start: the real held-out cells of its manifest (an eval manifest's split, or
+# a training manifest's seed and fractions) and their labels, read with the real loader, as
+# any job can. The host scores what it writes against its own rebuild of the same cells.
+HELD_OUT = """
     import json, sys, pathlib
+    from trainers.data.load import load, split_cells
+    from trainers.scoring import write_predictions
     m = json.load(open(sys.argv[1]))
     out = pathlib.Path(m["output_dir"])
-    true = [i % 3 for i in range({N_CELLS})]
-    pred = {{name: (true if name == "candidate" else [(t + 1) % 3 for t in true])
-            for name in list(m["models"]) + ["baseline"]}}
-    json.dump({{"cells": list(range({N_CELLS})), "true": true, "label_names": ["a", "b", "c"],
-               "pred": pred}}, open(out / "predictions.json", "w"))
-    json.dump({{"status": "ok", "reason": "ok"}}, open(out / "result.json", "w"))
+    d = m["dataset"]
+    s = m.get("split") or {**m["training"], "seed": m["seed"]}
+    data = load(d["path"], d["format"], d.get("label_key"))
+    split = split_cells(data.n_cells, data.labels, s["val_fraction"], s["test_fraction"],
+                        s["seed"])
+    cells, k = split.test, len(data.label_names)
+    true = data.labels[cells].tolist()
 """
 
-
-def _stand_in_candidate(parent_id: str, artifact_id: str) -> str:
-    """A registered candidate of `parent_id` with the training record the gate reads."""
-    alloc = ledger.reserve(AGENT, "0.01", f"stand-in-{artifact_id}", wall_time_cap_min=1,
-                           vram_cap_gb=1, price_per_hour="0.5")
-    ledger.settle(alloc["id"], 1.0, artifact_id=artifact_id)
-    folder = weights.weights_dir(artifact_id)
-    folder.mkdir(parents=True)
-    (folder / "best_model.pt").write_bytes(b"stand-in")
-    catalog.register_model(
-        artifact_id=artifact_id, title="stand-in candidate", created_by=AGENT,
-        parent_artifact_id=parent_id, training_dataset_artifact_id=DATASET_ID,
-        eval_dataset_artifact_id=DATASET_ID,
-        content_hash=weights.tree_hash(weights.file_hashes(folder)),
-        metadata={"family": "scgpt-test", "framework": "scgpt", "task": "finetune_celltype",
-                  "split": {"seed": 0, "counts": {"test": N_CELLS},
-                            "sha256": {"test": "a" * 64}}},
-        version={"code_repo_url": "file:///stand-in", "code_commit_sha": "0" * 40,
-                 "gpu_allocation_id": alloc["id"], "eval_metrics_json": {"test_macro_f1": 0.5},
-                 "training_params_json": {"training": {
-                     "seed": 0, "split_seed": None, "val_fraction": 0.1, "test_fraction": 0.1,
-                     "max_seq_len": 33, "batch_size": 32, "precision": "32"}}})
-    return artifact_id
+# Predicts every held-out cell right with the candidate and wrong with everything else.
+PERFECT_CANDIDATE = HELD_OUT + """
+    pred = {name: (true if name == "candidate" else [(t + 1) % k for t in true])
+            for name in m["models"]}
+    write_predictions(out, cells, pred, data.label_names)
+    json.dump({"status": "ok", "reason": "ok"}, open(out / "result.json", "w"))
+"""
 
 
 def test_missing_predictions_fail_typed_and_settled(sqlite_registry, tmp_path, monkeypatch):
@@ -267,7 +256,7 @@ def test_missing_predictions_fail_typed_and_settled(sqlite_registry, tmp_path, m
                           "json.dump({'status': 'ok'}, open(m['output_dir'] + '/result.json', "
                           "'w'))")
     monkeypatch.setenv("FORGE_CODE_REPO", str(repo))
-    cand = _stand_in_candidate(BASE_ID, "model-standin-nopred")
+    cand = stand_in_candidate(BASE_ID, "model-standin-nopred")
     with pytest.raises(EvaluationFailed) as failed:
         _gate(cand)
     assert failed.value.reason == "missing_predictions"
@@ -279,16 +268,16 @@ def test_missing_predictions_fail_typed_and_settled(sqlite_registry, tmp_path, m
 
 
 def test_a_split_that_does_not_rebuild_is_refused(sqlite_registry, tmp_path, monkeypatch):
-    """The real eval job, on a candidate whose recorded test digest is not what its seed and
-    fractions rebuild: refused as split_mismatch, charged for the seconds it ran."""
-    repo = Path(__file__).resolve().parents[1]
-    monkeypatch.setenv("FORGE_CODE_REPO", str(repo))
-    cand = _stand_in_candidate(BASE_ID, "model-standin-split")
+    """A candidate whose recorded test digest is not what its seed and fractions rebuild on
+    the host: refused as split_mismatch before any debit."""
+    monkeypatch.setenv("FORGE_CODE_REPO", str(REPO))
+    split = cbmc_split()
+    split["sha256"]["test"] = "a" * 64
+    cand = stand_in_candidate(BASE_ID, "model-standin-split", split)
     with pytest.raises(GateRefused) as refused:
         _gate(cand)
     assert refused.value.reason == "split_mismatch", refused.value
-    (alloc,) = [a for a in _rows(schema.resource_allocations) if a["purpose"] == "evaluation"]
-    assert alloc["status"] == "failed"
+    assert not [a for a in _rows(schema.resource_allocations) if a["purpose"] == "evaluation"]
     assert catalog.get_model_version(cand)["version"]["promotion_state"] == "candidate"
 
 
@@ -296,8 +285,10 @@ def test_concurrent_promotions_never_make_two_latest(registry, tmp_path, monkeyp
     """Two candidates of one parent that both beat it, gated at once: one is promoted, the
     other is refused (champion_changed, settled) and, gated again, is judged against the new
     champion."""
+    # two jobs at once: their memory caps must fit this host's (policy.max_host_memory_gb)
+    operator_conf(tmp_path, monkeypatch, "sandbox:\n  max_memory_gb: 2\n")
     monkeypatch.setenv("FORGE_CODE_REPO", str(_stand_in_repo(tmp_path, PERFECT_CANDIDATE)))
-    ids = [_stand_in_candidate(BASE_ID, f"model-standin-{i}") for i in range(2)]
+    ids = [stand_in_candidate(BASE_ID, f"model-standin-{i}") for i in range(2)]
     outcomes: dict[str, object] = {}
     start = threading.Barrier(2)
 
@@ -352,13 +343,15 @@ def test_gate_rules_come_from_conf_only(sqlite_registry, tmp_path, monkeypatch):
         load_gate("default")
 
 
-# A stand-in trainer that records a held-out split, as the real one does.
-SPLIT = {"seed": 0, "stratified": True, "counts": {"train": 1, "val": 1, "test": N_CELLS},
-         "sha256": {"train": "b" * 64, "val": "c" * 64, "test": "a" * 64}}
-STAND_IN_WITH_SPLIT = STAND_IN_TRAINER.replace(
-    "METRICS", '{"test_macro_f1": 0.5, "test_accuracy": 0.5}').replace(
-    '"checkpoint": {"dir": "checkpoint"}}', f'"checkpoint": {{"dir": "checkpoint"}}, '
-                                           f'"split": {SPLIT!r}}}')
+# A stand-in trainer: the real held-out cells predicted right, a checkpoint, its claims.
+STAND_IN_WITH_SPLIT = HELD_OUT + """
+    write_predictions(out, cells, {"candidate": true}, data.label_names)
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "best_model.pt").write_bytes(json.dumps(m["training"]).encode())
+    json.dump({"status": "ok", "metrics": {"test_macro_f1": 1.0, "test_accuracy": 1.0},
+               "checkpoint": {"dir": "checkpoint"}, "split": split.summary()},
+              open(out / "result.json", "w"))
+"""
 
 
 def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -370,8 +363,7 @@ def test_forge_train_chains_the_gate_and_forge_gate_reads_it(sqlite_registry, tm
     """`forge-train ... gate=default` trains, then gates the new version and prints both;
     `forge gate ID` afterwards prints the recorded decision. An unknown gate fails before
     the training's debit."""
-    repo = _stand_in_repo(tmp_path, PERFECT_CANDIDATE,
-                          entrypoint=textwrap.dedent(STAND_IN_WITH_SPLIT))
+    repo = _stand_in_repo(tmp_path, PERFECT_CANDIDATE, entrypoint=STAND_IN_WITH_SPLIT)
     env = {"FORGE_CODE_REPO": str(repo)}
     train = ["-c", "from runner.train_app import main; main()", f"parent_artifact_id={BASE_ID}",
              f"agent_id={AGENT}", "allow_dirty=true", "wall_time_cap_min=5", "vram_cap_gb=1"]
@@ -401,17 +393,12 @@ def test_forge_train_chains_the_gate_and_forge_gate_reads_it(sqlite_registry, tm
 
 # The candidate predicts like the comparators except on `WORSE` cells, where it is wrong.
 def _tied_candidate(worse: int) -> str:
-    return f"""
-    import json, sys, pathlib
-    m = json.load(open(sys.argv[1]))
-    out = pathlib.Path(m["output_dir"])
-    true = [i % 3 for i in range({N_CELLS})]
-    other = [t if i % 4 else (t + 1) % 3 for i, t in enumerate(true)]
-    mine = [(t + 1) % 3 if i < {worse} else o for i, (t, o) in enumerate(zip(true, other))]
-    pred = {{name: other for name in list(m["models"]) + ["baseline"]}}
+    return HELD_OUT + f"""
+    other = [t if i % 4 else (t + 1) % k for i, t in enumerate(true)]
+    mine = [(t + 1) % k if i < {worse} else o for i, (t, o) in enumerate(zip(true, other))]
+    pred = {{name: other for name in m["models"]}}
     pred["candidate"] = mine
-    json.dump({{"cells": list(range({N_CELLS})), "true": true, "label_names": ["a", "b", "c"],
-               "pred": pred}}, open(out / "predictions.json", "w"))
+    write_predictions(out, cells, pred, data.label_names)
     json.dump({{"status": "ok", "reason": "ok"}}, open(out / "result.json", "w"))
 """
 
@@ -420,14 +407,14 @@ def _tied_candidate(worse: int) -> str:
     (False, 0, "faster at inference", "rejected"),  # the gate takes no justification
     (True, 0, None, "rejected"),  # a tie, and nothing said
     (True, 0, "faster at inference", "promoted"),  # a tie, justified
-    (True, 8, "faster at inference", "rejected"),  # a guard broken: no justification helps
+    (True, 80, "faster at inference", "rejected"),  # a guard broken: no justification helps
 ])
 def test_a_tradeoff_is_promoted_only_where_the_gate_allows_it(
         sqlite_registry, tmp_path, monkeypatch, allow, worse, justification, decision):
     monkeypatch.setenv("FORGE_CODE_REPO", str(_stand_in_repo(tmp_path, _tied_candidate(worse))))
     conf = operator_conf(tmp_path, monkeypatch, "")
     (conf / "gate" / "lenient.yaml").write_text(f"allow_tradeoff: {str(allow).lower()}\n")
-    cand = _stand_in_candidate(BASE_ID, "model-standin-tradeoff")
+    cand = stand_in_candidate(BASE_ID, "model-standin-tradeoff")
     result = _gate(cand, gate="lenient", justification=justification)
     assert result["decision"] == decision, result["notes"]
     if decision == "promoted":
@@ -441,7 +428,7 @@ def test_a_tradeoff_is_promoted_only_where_the_gate_allows_it(
 def test_the_gates_dry_run_never_imports_torch_lightning_or_mlflow(sqlite_registry, tmp_path):
     """Like training's: the estimate, the comparators and the rules, nothing heavy, nothing
     written but the audit row."""
-    cand = _stand_in_candidate(BASE_ID, "model-standin-dry")
+    cand = stand_in_candidate(BASE_ID, "model-standin-dry")
     code = (
         "import sys, json\n"
         "from runner.api import evaluate_candidate\n"

@@ -134,7 +134,7 @@ def test_baseline_is_the_same_whatever_the_thread_count():
     script = (
         "from runner.jobs.datasets import fetch\n"
         "from trainers.data.load import load, split_cells, baseline_features\n"
-        "from trainers.scgpt.evaluate import logistic_regression_baseline\n"
+        "from trainers.scoring import logistic_regression_baseline\n"
         "d = load(fetch('cbmc'), 'cbmc_mat')\n"
         "s = split_cells(d.n_cells, d.labels, 0.1, 0.1, 1)\n"
         "r = logistic_regression_baseline(baseline_features(d), d.labels, s.train, s.test,\n"

@@ -67,6 +67,7 @@ def train(m: Manifest, state: dict) -> dict:
         lambda record: "litlogger" not in record.getMessage())
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 
+    from trainers import scoring
     from trainers.data.load import baseline_features, load, split_cells
     from trainers.metrics_log import JsonLinesLogger
     from trainers.scgpt import evaluate
@@ -115,7 +116,7 @@ def train(m: Manifest, state: dict) -> dict:
                            mask_ratio, limit, rank, world)
     train_dl = batches(split.train, True, t.limit_train_batches, rank, world)  # rank's share
     val_dl = batches(split.val, False, t.limit_eval_batches)
-    test_dl = batches(split.test, False, t.limit_eval_batches)
+    test_dl = batches(split.test, False, None)  # every held-out cell: the host scores them all
     module = ScGPTModule(prep.model, m.task, t.lr, t.weight_decay, t.warmup_steps,
                          total_steps=t.max_epochs * len(train_dl), class_weights=weights,
                          n_cls=len(data.label_names))
@@ -173,11 +174,14 @@ def train(m: Manifest, state: dict) -> dict:
     result = {"per_class_f1": {}, "baseline": {}, "artifacts": []}
     if finetune:
         pred, true = module.test_outputs["pred"], module.test_outputs["true"]
-        result["test_cells"] = len(true)  # all test cells on any devices (but limit_eval_batches)
-        _, result["per_class_f1"] = evaluate.classification_metrics(
+        result["test_cells"] = len(true)  # every rank tests the whole split, in its order
+        # The host scores these against its own truth (runner/jobs/truth.py); the metrics
+        # below are this job's claims, for its log.
+        scoring.write_predictions(out, split.test, {"candidate": pred}, data.label_names)
+        _, result["per_class_f1"] = scoring.classification_metrics(
             true, pred, data.label_names, "test_")
         t0 = time.perf_counter()
-        base = evaluate.logistic_regression_baseline(
+        base = scoring.logistic_regression_baseline(
             baseline_features(data), data.labels, split.train, split.test, data.label_names,
             m.seed)
         base["seconds"] = time.perf_counter() - t0
@@ -202,7 +206,7 @@ def train(m: Manifest, state: dict) -> dict:
     # the final metrics to the stream (the host uploads the figures); the checkpoint in
     # scGPT layout
     logger.log_metrics({k: v for k, v in metrics.items() if not k.startswith(("train_", "val_"))})
-    logger.log_metrics({f"test_f1/{evaluate.metric_key(k)}": v
+    logger.log_metrics({f"test_f1/{scoring.metric_key(k)}": v
                         for k, v in result["per_class_f1"].items()})
     paths = save_checkpoint(prep.model, prep.vocab.stoi, out / "checkpoint",
                             checkpoint_args(m, data.label_names))

@@ -5,21 +5,23 @@ dataset and refuses to go on unless its test cells hash to the recorded digest, 
 those cells with every checkpoint named in the manifest, drawing tokens as the candidate's own
 test pass did. Writes into output_dir:
 
-- `predictions.json`: {"cells": [row indices], "true": [label codes], "label_names": [...],
-  "pred": {model name: [label codes, -1 for a class the dataset lacks]}};
+- `predictions.json` (trainers/scoring.py write_predictions): {"cells": [row indices],
+  "label_names": [...], "pred": {model name: [label codes, -1 for a class the dataset lacks]}},
+  and no labels: the host scores them against the truth it rebuilds itself;
 - `result.json`: status and reason as trainers.entrypoint writes them, the split summary,
   and per model its label names, or why it could not predict (`not_a_classifier`).
 
 With `baseline: true` the logistic-regression baseline the trainer reports is refitted on
 the split's train cells and predicts the same cells, as model "baseline".
 
-The host computes every metric and the bootstrap from predictions.json; nothing here
-decides. Exit codes are trainers.entrypoint's (2: invalid manifest, e.g. `split.test_sha256`).
+The host rebuilds the split and its labels, refits the baseline and computes every metric
+and the bootstrap (runner/jobs/truth.py, decide.py); nothing here decides, and nothing
+written here counts as the truth. Exit codes are trainers.entrypoint's (2: invalid manifest,
+e.g. `split.test_sha256`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -34,6 +36,7 @@ from trainers.manifest import (
     load_eval_manifest,
 )
 from trainers.runtime import choose_device, choose_precision
+from trainers.scoring import write_predictions
 
 
 def evaluate(m: EvalManifest, state: dict) -> dict:
@@ -86,16 +89,14 @@ def evaluate(m: EvalManifest, state: dict) -> dict:
     if m.baseline:  # the trainer's own baseline, refitted on the same train cells
         t0 = time.perf_counter()
         from trainers.data.load import baseline_features
-        from trainers.scgpt.evaluate import logistic_regression_predict
+        from trainers.scoring import logistic_regression_predict
         preds["baseline"] = logistic_regression_predict(
             baseline_features(data), data.labels, split.train, cells, m.seed).tolist()
         models["baseline"] = {"ok": True, "label_names": data.label_names,
                               "seconds": time.perf_counter() - t0}
         print(f"baseline: logistic regression ({time.perf_counter() - t0:.1f}s)", flush=True)
 
-    (out / "predictions.json").write_text(json.dumps({
-        "cells": cells.tolist(), "true": data.labels[cells].tolist(),
-        "label_names": data.label_names, "pred": preds}))
+    write_predictions(out, cells, preds, data.label_names)
     return {"models": models, "n_cells": len(cells), "precision": precision}
 
 

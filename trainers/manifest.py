@@ -69,6 +69,7 @@ from pathlib import Path
 
 MANIFEST_VERSION = 1
 TASKS = ("pretrain_mgm", "finetune_celltype")
+FINETUNE = "finetune_celltype"  # scored per cell: the host measures its test metrics
 EVAL_TASK = "evaluate_celltype"  # the eval gate's job (EvalManifest), not a training task
 DEVICES = ("cpu", "cuda", "auto")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "auto")  # auto: bf16 where it is fast
@@ -321,7 +322,7 @@ def parse_manifest(raw: dict) -> Manifest:
 
 # ---------------------------------------------------------------- parsing
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)  # slow, and the host checks a manifest per dry run
 

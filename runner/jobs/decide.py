@@ -1,7 +1,6 @@
-"""The eval gate's rule, applied on the host to the per-cell predictions its job wrote.
-
-`read_predictions` reads predictions.json as untrusted input (no link followed, size
-capped, every label checked); `decide` runs the paired bootstrap of the gate's metric for
+"""The eval gate's rule, applied on the host to the per-cell predictions its job wrote,
+scored against the host's own truth (truth.read_predictions: the labels, the cells and the
+baseline are the host's). `decide` runs the paired bootstrap of the gate's metric for
 the candidate against each comparator and applies the rule (SciDEX WS4):
 
 - against every comparator that could classify the cells, the delta is >= min_delta and the
@@ -14,32 +13,13 @@ the candidate against each comparator and applies the rule (SciDEX WS4):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
 
 from runner.config.gate import METRICS, GateConf
 from runner.errors import EvaluationFailed
 from runner.jobs import hook
 from runner.jobs.bootstrap import Bootstrap, metric_value, pair_seed, paired_bootstrap
-from runner.jobs.handback import NotPlainFile, nesting_depth, read_job_file
-
-MAX_PREDICTIONS_BYTES = 256 * 1024**2
-MAX_CLASSES = 10_000
-BASELINE = "baseline"  # the role, and the job's model name, of the refitted baseline
-
-
-@dataclass(frozen=True)
-class Predictions:
-    true: np.ndarray  # label codes of the held-out cells, in [0, k)
-    pred: dict[str, np.ndarray]  # model name -> codes in [0, k]; k: outside the label set
-    label_names: list[str]
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.label_names)
+from runner.jobs.truth import BASELINE, Predictions
 
 
 @dataclass(frozen=True)
@@ -79,53 +59,11 @@ def _bad(message: str) -> EvaluationFailed:
                                 "trainers/gate_eval.py documents; read its job log")
 
 
-def read_predictions(out: Path, expected_cells: int) -> Predictions:
-    """The job's predictions.json, checked cell by cell; EvaluationFailed when it is missing,
-    not a plain file, too big, malformed, or about a number of cells other than the
-    candidate's recorded test split."""
-    try:
-        data, size = read_job_file(Path(out) / "predictions.json",
-                                   limit=MAX_PREDICTIONS_BYTES + 1)
-    except FileNotFoundError:
-        raise _bad("is missing") from None
-    except NotPlainFile as exc:
-        raise _bad(str(exc)) from None
-    if size > MAX_PREDICTIONS_BYTES:
-        raise _bad(f"is {size} bytes, over the {MAX_PREDICTIONS_BYTES} allowed")
-    if nesting_depth(data) > 4:
-        raise _bad("nests deeper than its format")
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise _bad(f"is not valid JSON: {str(exc)[:200]}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("pred"), dict):
-        raise _bad("is not an object with pred")
-    names = doc.get("label_names")
-    if not isinstance(names, list) or not 1 <= len(names) <= MAX_CLASSES \
-            or not all(isinstance(n, str) for n in names):
-        raise _bad("has no list of label names")
-    k = len(names)
-    true = _codes(doc.get("true"), 0, k - 1, "true")
-    if len(true) != expected_cells:
-        raise _bad(f"covers {len(true)} cells, not the {expected_cells} held-out cells the "
-                   "candidate was tested on")
-    pred = {}
-    for name, codes in doc["pred"].items():
-        array = _codes(codes, -1, k - 1, f"pred.{str(name)[:40]}")
-        if len(array) != len(true):
-            raise _bad(f"pred.{str(name)[:40]} has {len(array)} cells, not {len(true)}")
-        pred[str(name)] = np.where(array < 0, k, array)  # outside the label set: class k
-    return Predictions(true, pred, [str(n) for n in names])
-
-
-def _codes(values, low: int, high: int, where: str) -> np.ndarray:
-    if not isinstance(values, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise _bad(f"{where} is not a list of integers")
-    array = np.asarray(values, dtype=np.int64)
-    if len(array) and (array.min() < low or array.max() > high):
-        raise _bad(f"{where} holds codes outside [{low}, {high}]")
-    return array
+def _bad(message: str) -> EvaluationFailed:
+    return EvaluationFailed(f"predictions.json {message}", reason="missing_predictions",
+                            field="predictions.json",
+                            fix="the eval job must write predictions.json as "
+                                "trainers/gate_eval.py documents; read its job log")
 
 
 def decide(gate: GateConf, preds: Predictions, comparators: dict[str, str],

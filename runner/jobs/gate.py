@@ -8,11 +8,14 @@
 2. plan: the eval job is priced, checked and pinned by the training plan of the candidate
    (`plan.prepare`: policy, balance, code pin, sandbox) under the gate's wall-time cap; a dry
    run stops here;
-3. run: reserve (purpose `evaluation`) -> the weights of every model -> `trainers.gate_eval`
-   in the sandbox, which predicts the candidate's own held-out cells with each;
-4. decide: the paired bootstrap and the rule on the host (`decide.py`), written with the
-   settlement in one transaction (`registry.promotion.record_decision`);
-5. review: the MLflow side (`gate_report.publish`): the `champion` alias, version tags, the
+3. truth: the host rebuilds the held-out cells from the registered dataset (checked against
+   the recorded split digest), their labels and the logistic-regression baseline
+   (`truth.py`), before any debit;
+4. run: reserve (purpose `evaluation`) -> the weights of every model -> `trainers.gate_eval`
+   in the sandbox, which predicts the candidate's own held-out cells with each: claims;
+5. decide: the paired bootstrap and the rule on the host (`decide.py`) against the host's
+   truth, written with the settlement in one transaction (`registry.promotion.record_decision`);
+6. review: the MLflow side (`gate_report.publish`): the `champion` alias, version tags, the
    report on the candidate's run. The registry is the record: a failure here is a warning.
 
 Every failure after the debit settles the allocation once (charged for what ran) and
@@ -25,7 +28,7 @@ import hashlib
 import json
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from runner import sandbox, settings, tools
 from runner.config.gate import GateConf, load_gate
@@ -39,10 +42,19 @@ from runner.errors import (
     JobCancelled,
     TrainingFailed,
 )
-from runner.jobs import codepin, decide, engine, gate_report, handback, recovery, weights
+from runner.jobs import (
+    codepin,
+    decide,
+    engine,
+    gate_report,
+    handback,
+    recovery,
+    truth,
+    weights,
+)
 from runner.jobs.job import clean_run_dir, dataset_input, disk_problem, run_dir, sandbox_job
 from runner.jobs.plan import Plan, TrainRequest, prepare
-from runner.registry import catalog, ledger, promotion
+from runner.registry import capacity, catalog, ledger, promotion
 from runner.registry.recovery import Heartbeat, settle_retrying
 from trainers.manifest import EVAL_TASK, MANIFEST_VERSION, ManifestError, parse_eval_manifest
 
@@ -76,6 +88,7 @@ def evaluate(candidate_id: str, agent_id: str, gate: str = "default", *, dry_run
         raise plan.problems[0]
     if (problem := disk_problem(plan.resolved)) is not None:
         raise problem
+    held = _held_out(cand, plan, manifest)  # the truth, on the host, before any debit
     recovery.reap()
     scheduled = engine.current()  # the SLURM job this host process runs in, if any
     alloc = ledger.reserve(
@@ -86,14 +99,15 @@ def evaluate(candidate_id: str, agent_id: str, gate: str = "default", *, dry_run
         currency=plan.currency, purpose="evaluation",
         margin_s=plan.resolved["registry"]["expiry_margin_min"] * 60,
         engine=scheduled.engine if scheduled else None,
-        engine_job_id=scheduled.job_id if scheduled else None)
+        engine_job_id=scheduled.job_id if scheduled else None,
+        limits=capacity.limits(plan.resolved))
     if alloc.get("existing"):
         if alloc["status"] == "settled":
             return _recorded(catalog.get_model_version(candidate_id), gate, rules)
         raise Conflict(f"this gate of {candidate_id!r} is already {alloc['status']} as "
                        f"allocation {alloc['id']}", field="candidate_artifact_id",
                        fix="wait for it to finish, then call again to get its decision")
-    return _Evaluation(cand, gate, rules, plan, comparators, champion, manifest, alloc,
+    return _Evaluation(cand, gate, rules, plan, comparators, champion, manifest, held, alloc,
                        justification, on_line).run()
 
 
@@ -175,13 +189,23 @@ def _manifest(cand: dict, plan: Plan, comparators: dict[str, dict], rules: GateC
             "max_seq_len": t["max_seq_len"],
             "eval_batch_size": t.get("eval_batch_size") or 2 * t["batch_size"],
             "include_zero_gene": t.get("include_zero_gene", False),
-            "precision": t.get("precision", "auto"), "baseline": True}
+            "precision": t.get("precision", "auto"), "baseline": False}  # the host refits it
         parse_eval_manifest(manifest)  # what the job would refuse, refused before any debit
     except (KeyError, TypeError, ManifestError) as exc:
         raise GateRefused(f"{cand['id']!r} lacks the training record to rebuild its test "
                           f"pass: {exc}", field="candidate_artifact_id", reason="not_gateable",
                           fix="gate a version fine-tuned here for cell types") from exc
     return manifest
+
+
+def _held_out(cand: dict, plan: Plan, manifest: dict) -> truth.HeldOut:
+    """The candidate's held-out cells, their labels and the baseline, rebuilt by the host from
+    the registered dataset; a split that does not hash to the recorded digest is refused."""
+    split = manifest["split"]
+    return truth.rebuild(dataset_input(plan.dataset, plan.resolved["dataset"]["source"]),
+                         plan.resolved["dataset"], seed=manifest["seed"],
+                         split_seed=split["seed"], val_fraction=split["val_fraction"],
+                         test_fraction=split["test_fraction"], test_sha256=split["test_sha256"])
 
 
 def _request_key(cand: dict, gate: str, rules: GateConf, comparators: dict[str, dict],
@@ -206,10 +230,11 @@ def _dry_run(cand: dict, gate: str, rules: GateConf, plan: Plan,
 # --- the job ---------------------------------------------------------------------------------
 
 class _Evaluation:
-    def __init__(self, cand, gate, rules, plan, comparators, champion, manifest, alloc,
+    def __init__(self, cand, gate, rules, plan, comparators, champion, manifest, held, alloc,
                  justification, on_line):
         self.cand, self.gate, self.rules, self.plan = cand, gate, rules, plan
         self.comparators, self.manifest, self.alloc = comparators, manifest, alloc
+        self.held = held  # the host's truth: the job's predictions are scored against it
         # the champion the comparators were chosen against: a decision is refused if it moved
         self.champion_id = None if champion is None else champion["id"]
         self.justification, self.on_line = justification, on_line
@@ -251,8 +276,7 @@ class _Evaluation:
                                fix="gate the candidate again; the seconds it ran are charged, "
                                    "the rest refunded")
         handback.read_result(out, launched)
-        expected = (cand["metadata"]["split"].get("counts") or {}).get("test")
-        preds = decide.read_predictions(out, expected)
+        preds = truth.read_predictions(out, self.held)
         verdict = decide.decide(self.rules, preds, {r: a["id"] for r, a in
                                                     self.comparators.items()},
                                 cand["id"], self.justification)

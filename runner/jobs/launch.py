@@ -12,9 +12,9 @@ import math
 import sys
 import threading
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 from omegaconf import OmegaConf
 
@@ -27,7 +27,17 @@ from runner.errors import (
     JobCancelled,
     RegistrationFailed,
 )
-from runner.jobs import codepin, engine, handback, hook, recovery, tracking, weights
+from runner.jobs import (
+    codepin,
+    engine,
+    handback,
+    hook,
+    intents,
+    recovery,
+    tracking,
+    truth,
+    weights,
+)
 from runner.jobs.job import (
     DiskFull,
     clean_run_dir,
@@ -37,11 +47,13 @@ from runner.jobs.job import (
     sandbox_job,
 )
 from runner.jobs.plan import Plan
-from runner.registry import catalog, db, ledger
+from runner.registry import capacity, catalog, db, ledger
 from runner.registry.recovery import Heartbeat, settle_retrying
-from trainers.manifest import PRIMARY_METRIC
+from trainers.manifest import FINETUNE, PRIMARY_METRIC
 
 RUN_OUTPUTS = ("result.json", "confusion_matrix.png", "learning_curves.png")
+# A fine-tune's test metrics, per-class F1 and baseline: measured on the host (truth.py)
+HOST_MEASURED = ("test_", "baseline_test_")
 
 
 def launch(plan: Plan, *, on_line: Callable[[str], None] | None = None,
@@ -76,9 +88,12 @@ def launch(plan: Plan, *, on_line: Callable[[str], None] | None = None,
     return result
 
 
-def reserve(plan: Plan, scheduled: engine.EngineJob | None = None) -> dict:
-    """Check the balance and debit the plan's estimate: its allocation (`existing` when the
-    same request already holds one). `scheduled`: the scheduler job the host side runs in."""
+def reserve(plan: Plan, scheduled: engine.EngineJob | None = None, *,
+            on_this_host: bool = True) -> dict:
+    """Check the capacity limits and the balance and debit the plan's estimate: its
+    allocation (`existing` when the same request already holds one). `scheduled`: the
+    scheduler job the host side runs in; `on_this_host`: False for a job queued on SLURM,
+    which runs elsewhere (only the agent's limit applies)."""
     resolved = plan.resolved
     return ledger.reserve(
         plan.agent_id, plan.estimate, plan.request_key,
@@ -87,7 +102,8 @@ def reserve(plan: Plan, scheduled: engine.EngineJob | None = None) -> dict:
         resource_type=plan.device.resource_type, currency=plan.currency,
         margin_s=resolved["registry"]["expiry_margin_min"] * 60,
         engine=scheduled.engine if scheduled else None,
-        engine_job_id=scheduled.job_id if scheduled else None)
+        engine_job_id=scheduled.job_id if scheduled else None,
+        limits=capacity.limits(resolved, on_this_host=on_this_host))
 
 
 def _typed(exc: BaseException, job_dir: Path) -> BaseException:
@@ -119,6 +135,8 @@ def _earlier(alloc: dict, detail_template: str | None) -> dict:
     """The same request again: return what it produced; never debit or register twice."""
     if alloc["status"] == "settled" and alloc.get("artifact_id"):
         return result_for(alloc["artifact_id"], detail_template=detail_template)
+    if intents.path_for(alloc["id"]).exists():  # trained; the reaper could not register it yet
+        raise intents.pending_error(alloc["id"], "the registry did not answer the reaper")
     raise Conflict(f"request {alloc['request_key'][:12]}... is already {alloc['status']} "
                    f"as allocation {alloc['id']}", field="request_key",
                    fix="wait for it to finish, then call again to get its result")
@@ -140,9 +158,11 @@ class _Job:
         self.seconds = 0.0
         self.stored = False
         self.code_dir: Path | None = None  # the pinned code's snapshot (what the job ran)
+        self.dataset_path: Path | None = None  # what the job's loader read, and the host's
         self.logged: dict | None = None  # the MLflow logged model of the checkpoint
         self.registered: dict | None = None
         self.committed = False  # registered and settled in the registry: nothing to undo
+        self.pending = False  # an intent holds the registration: it settles or undoes
         self.code_diff: dict | None = None  # allow_dirty: the patch the job ran on top of HEAD
         self.stop = threading.Event()  # set on SIGTERM: the sandbox stops, the job is cancelled
 
@@ -175,9 +195,9 @@ class _Job:
         job = sandbox_job(plan, inputs=inputs, output_dir=out,
                           log_path=self.run_dir / "job.log", on_line=self.on_line,
                           stop=self.stop)
-        started = datetime.now(timezone.utc)
+        started = datetime.now(UTC)
         with tracking.MetricRelay(self.mlflow, self.run_id, out / "metrics.jsonl",
-                                  warn=self.on_line):
+                                  warn=self.on_line, host_measured=self._host_measured()):
             launched = sandbox.gpu_launch(job)
         self.seconds = launched.wall_seconds  # the ledger multiplies by devices
         self.mlflow.log_artifact(self.run_id, str(launched.log_path))
@@ -187,7 +207,7 @@ class _Job:
                 f"({self._engine_name()} stopped it with SIGTERM)",
                 fix="submit it again to run it anew; the seconds it ran are charged, the "
                     "rest refunded")
-        result = handback.read_result(out, launched)
+        result = self._measured(handback.read_result(out, launched), out)
         primary = PRIMARY_METRIC[cfg["training"]["task"]]
         hook.check_metrics(result.get("metrics") or {}, primary)
 
@@ -233,8 +253,11 @@ class _Job:
         except ForgeError:
             raise
         except Exception as exc:  # a database error: nothing of the registration landed
-            raise RegistrationFailed(f"registration failed: {exc}", reason="registration_failed",
-                                     fix="check the registry database, then retry") from exc
+            if not db.outage(exc):
+                raise RegistrationFailed(f"registration failed: {exc}",
+                                         reason="registration_failed",
+                                         fix="check the registry database, then retry") from exc
+            self._register_later(record, exc)
         # Registered and settled: from here on a problem is a warning, never a failed job.
         self.committed = True
         self._after("could not tag the MLflow run", lambda: self.mlflow.set_tag(
@@ -246,15 +269,26 @@ class _Job:
                     lambda: tracking.finish(self.mlflow, self.run_id, ok=True, reason="ok"))
         return result_for(self.artifact_id, detail_template=detail_template(cfg["tracking"]))
 
+    def _register_later(self, record: hook.RunRecord, exc: Exception) -> None:
+        """The registry is away or locked: keep the registration as an intent and retry it
+        while this process lives (intents.py); returns once the version is registered."""
+        self.pending = True  # from here the intent settles the allocation, or undoes
+        path = intents.write(record, self.parent["id"] if self.parent else None, {
+            "tracking_uri": self.cfg["tracking"]["tracking_uri"], "run_id": self.run_id,
+            "registered_model": self.registered["registered_model"],
+            "version": self.registered["version"], "model_id": self.logged["model_id"]})
+        outcome = intents.complete_retrying(
+            path, self.cfg["registry"].get("registration_retry_s", 60.0))
+        if outcome is None:
+            raise intents.pending_error(self.alloc["id"], _first_line(exc)) from exc
+        if outcome["status"] != "registered":
+            raise outcome["error"]
+
     def _after(self, what: str, step) -> None:
         try:
             step()
         except Exception as exc:  # noqa: BLE001 - the version is registered and paid for
-            line = sandbox.printable(f"warning: {what}: {type(exc).__name__}: {exc}")[:500]
-            if self.on_line is not None:
-                self.on_line(line)
-            else:
-                print(line, file=sys.stderr)
+            self._warn(f"{what}: {type(exc).__name__}: {exc}")
 
     def _description(self, result: dict, primary: str, version_number: int) -> str:
         """The MLflow version's description: lineage, the candidate's metrics beside its
@@ -297,8 +331,44 @@ class _Job:
         if self.parent is not None:
             inputs["parent"] = weights.materialize(self.parent, self.run_dir / "parent")
         # every fetch is checked against the artifact's own sha256
-        dataset_path = dataset_input(self.dataset, self.cfg["dataset"]["source"])
-        return {**inputs, "dataset": dataset_path}
+        self.dataset_path = dataset_input(self.dataset, self.cfg["dataset"]["source"])
+        return {**inputs, "dataset": self.dataset_path}
+
+    def _host_measured(self) -> tuple[str, ...]:
+        """The metric keys whose values the host measures (not relayed from the job)."""
+        return HOST_MEASURED if self.cfg["training"]["task"] == FINETUNE else ()
+
+    def _measured(self, result: dict, out: Path) -> dict:
+        """A fine-tune's test metrics as the host measures them: its per-cell predictions of
+        every held-out cell scored against the host's own split, labels and baseline
+        (truth.py); the job's numbers are claims, replaced, and a claim the host does not
+        reproduce is a warning. Other tasks (masked MSE) keep the job's numbers."""
+        from trainers.scoring import metric_key
+
+        t = self.cfg["training"]
+        if t["task"] != FINETUNE:
+            return result
+        held = truth.rebuild(self.dataset_path, self.cfg["dataset"], seed=t["seed"],
+                             split_seed=t.get("split_seed"), val_fraction=t["val_fraction"],
+                             test_fraction=t["test_fraction"])
+        measured = truth.measure(out, held)
+        claims = result.get("metrics") or {}
+        for key, value in measured["metrics"].items():
+            claim = claims.get(key)
+            if not _number(claim) or abs(claim - value) > 1e-6:
+                self._warn(f"the job reported {key} {claim!r}; the host measured {value:.6f} "
+                           f"on {measured['test_cells']} held-out cells and records that")
+        tracking.log_measured(self.mlflow, self.run_id, {
+            **measured["metrics"], **{f"test_f1/{metric_key(k)}": v
+                                      for k, v in measured["per_class_f1"].items()}})
+        return {**result, **measured, "metrics": {**claims, **measured["metrics"]}}
+
+    def _warn(self, line: str) -> None:
+        line = sandbox.printable(f"warning: {line}")[:500]
+        if self.on_line is not None:
+            self.on_line(line)
+        else:
+            print(line, file=sys.stderr)
 
     def _tags(self) -> dict[str, str]:
         plan = self.plan
@@ -338,7 +408,8 @@ class _Job:
                 "task": self.cfg["training"]["task"], "architecture": arch,
                 "weights": {k: stored[k] for k in ("sha256", "files", "size_bytes", "path", "blob")
                             if k in stored},
-                "split": result.get("split"), "device": result.get("device"),
+                "split": result.get("split"), "test_cells": result.get("test_cells"),
+                "device": result.get("device"),
                 "baseline": result.get("baseline"), "per_class_f1": result.get("per_class_f1"),
                 "mlflow": {"experiment_id": experiment_id,
                            "tracking_uri": self.cfg["tracking"]["tracking_uri"]}}
@@ -352,12 +423,13 @@ class _Job:
     def fail(self, exc: BaseException) -> None:
         """Settle once (charge what ran, refund the rest), undo files and MLflow entries
         (version, logged model), mark the run FAILED; nothing once the registration committed
-        (it settled the allocation; the version stands and a retry returns it).
+        (it settled the allocation; the version stands and a retry returns it) or was left to
+        an intent (intents.py settles it, or undoes, once the registry answers).
 
         Never raises: `exc` is what the caller gets. A settlement that still fails after
         retrying while the database is away is left to the reaper (`forge ledger reap`).
         """
-        if self.committed:
+        if self.committed or self.pending:
             return
         reason = getattr(exc, "reason", None) or type(exc).__name__
 

@@ -221,8 +221,10 @@ class MetricRelay:
     MAX_LINE = 64 * 1024
 
     def __init__(self, host_client, host_run_id: str, metrics_path: Path, interval_s: float = 2.0,
-                 *, max_bytes: int = 64 * 1024**2, max_points: int = 200_000, warn=None):
+                 *, max_bytes: int = 64 * 1024**2, max_points: int = 200_000, warn=None,
+                 host_measured: tuple[str, ...] = ()):
         self.host = host_client
+        self.host_measured = host_measured  # key prefixes the host logs itself: not relayed
         self.run_id = host_run_id
         self.path = Path(metrics_path)
         self.interval_s = interval_s
@@ -238,7 +240,7 @@ class MetricRelay:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="metric-relay", daemon=True)
 
-    def __enter__(self) -> "MetricRelay":
+    def __enter__(self) -> MetricRelay:
         self._thread.start()
         return self
 
@@ -305,6 +307,8 @@ class MetricRelay:
             if point is None:
                 self.skipped += 1
                 continue
+            if point[0].startswith(self.host_measured):  # a claim: the host measures it
+                continue
             if self._relayed + len(points) >= self.max_points:
                 self._warn(f"over {self.max_points} metric points: the rest is not relayed",
                            once="points")
@@ -356,6 +360,16 @@ class MetricRelay:
                 self.host.log_batch(self.run_id, metrics=fresh[i:i + METRICS_PER_BATCH])
                 self._relayed += len(fresh[i:i + METRICS_PER_BATCH])
             return len(fresh)
+
+
+def log_measured(mlflow_client, run_id: str, metrics: dict[str, float]) -> None:
+    """The host's own measurements on the run, stamped now at step 0."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    points = [Metric(k, float(v), now, 0) for k, v in metrics.items() if valid_metric_name(k)]
+    for i in range(0, len(points), METRICS_PER_BATCH):
+        mlflow_client.log_batch(run_id, metrics=points[i:i + METRICS_PER_BATCH])
 
 
 def log_outputs(mlflow_client, run_id: str, files: list[Path]) -> None:

@@ -1,54 +1,11 @@
-"""Evaluation helpers: the logistic-regression baseline, per-class F1, the figures."""
+"""The trainer's figures and metric names; the measures themselves are trainers/scoring.py's."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
-
-
-def classification_metrics(true: np.ndarray, pred: np.ndarray, label_names: list[str],
-                           prefix: str) -> tuple[dict[str, float], dict[str, float]]:
-    """Accuracy and macro-F1 under `prefix`, plus per-class F1 keyed by label name."""
-    labels = np.arange(len(label_names))
-    per_class = f1_score(true, pred, labels=labels, average=None, zero_division=0)
-    metrics = {f"{prefix}accuracy": float(accuracy_score(true, pred)),
-               f"{prefix}macro_f1": float(f1_score(true, pred, labels=labels,
-                                                   average="macro", zero_division=0))}
-    return metrics, {name: float(f) for name, f in zip(label_names, per_class)}
-
-
-def logistic_regression_predict(features: np.ndarray, labels: np.ndarray, train: np.ndarray,
-                                test: np.ndarray, seed: int) -> np.ndarray:
-    """scikit-learn LogisticRegression on standardised log1p CP10k features, fitted on `train`,
-    predicting `test`. Standardising makes lbfgs converge in a few hundred steps; unscaled, it
-    stops at max_iter somewhere that depends on the BLAS thread count (CBMC seed 1: 0.9385
-    with one thread, 0.9362 with two), and the same split would not give the same baseline."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
-    clf.fit(features[train], labels[train])
-    return clf.predict(features[test])
-
-
-def logistic_regression_baseline(features: np.ndarray, labels: np.ndarray, train: np.ndarray,
-                                 test: np.ndarray, label_names: list[str], seed: int) -> dict:
-    """The baseline's test metrics, on the same split as the model."""
-    pred = logistic_regression_predict(features, labels, train, test, seed)
-    metrics, per_class = classification_metrics(labels[test], pred, label_names,
-                                                "baseline_test_")
-    return {"model": "sklearn StandardScaler + LogisticRegression(max_iter=1000), "
-                     "log1p CP10k features",
-            "metrics": metrics, "per_class_f1": per_class}
-
-
-def metric_key(name: str) -> str:
-    """A label name as an MLflow metric key fragment (letters, digits, _ - . / space)."""
-    return re.sub(r"[^A-Za-z0-9_./ -]", "_", name)
+from sklearn.metrics import confusion_matrix
 
 
 def plot_confusion_matrix(true: np.ndarray, pred: np.ndarray, label_names: list[str],

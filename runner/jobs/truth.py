@@ -1,0 +1,175 @@
+"""The held-out truth, measured on the host.
+
+A job's per-cell predictions are claims. What they are scored against is rebuilt here, with
+the host's own code, from the registered dataset the host fetched and checked: the split
+(the seed and fractions recorded with the version; for a gate, checked against the split
+digest the candidate was tested on), the labels of the held-out cells, and the
+logistic-regression baseline refitted on the split's train cells. Nothing a job writes (its
+labels, its split, its metrics, its baseline) changes what counts as correct.
+
+`rebuild` gives the `HeldOut` truth; `read_predictions` reads a job's predictions.json
+(trainers/scoring.py write_predictions) against it; `measure` scores one model's predictions
+as the recorded test metrics. numpy, scipy and scikit-learn, loaded on first use (a dry run
+never gets here).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from runner.errors import EvaluationFailed, GateRefused, TrainingFailed
+from runner.jobs.handback import NotPlainFile, nesting_depth, read_job_file
+
+if TYPE_CHECKING:
+    import numpy as np
+
+MAX_PREDICTIONS_BYTES = 256 * 1024**2
+BASELINE = "baseline"  # the host's logistic-regression baseline, as a model name and a role
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    cells: np.ndarray  # row indices of the held-out (test) cells, sorted
+    true: np.ndarray  # their label codes, in [0, k)
+    label_names: list[str]
+    split: dict  # the split's summary: seed, counts, sha256 per part
+    baseline: np.ndarray  # the baseline's predicted codes for the held-out cells
+    seed: int
+
+
+@dataclass(frozen=True)
+class Predictions:
+    true: np.ndarray  # the host's label codes of the held-out cells, in [0, k)
+    pred: dict[str, np.ndarray]  # model name -> codes in [0, k]; k: outside the label set
+    label_names: list[str]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.label_names)
+
+
+def rebuild(path: Path, dataset: dict, *, seed: int, split_seed: int | None,
+            val_fraction: float, test_fraction: float,
+            test_sha256: str | None = None) -> HeldOut:
+    """The held-out truth of `dataset` (its conf: format, label_key, gene_key, use_raw, source)
+    read from `path` (what the job's loader reads, job.dataset_input). With `test_sha256`, the
+    rebuilt test cells must hash to it (GateRefused `split_mismatch` otherwise)."""
+    import numpy as np
+
+    from trainers.data.load import DatasetError, baseline_features, load, split_cells
+    from trainers.scoring import logistic_regression_predict
+
+    try:
+        data = load(str(path), dataset["format"], dataset.get("label_key"),
+                    dataset.get("gene_key"), bool(dataset.get("use_raw", False)),
+                    name=dataset.get("source") or "")
+    except DatasetError as exc:
+        raise GateRefused(f"the host cannot read the dataset to rebuild the held-out truth: "
+                          f"{exc}", reason="dataset_unreadable", field="dataset",
+                          fix="check the registered dataset's file and label column") from exc
+    if data.labels is None:
+        raise GateRefused("the dataset has no labels: there is no held-out truth to score "
+                          "against", reason="not_gateable", field="dataset.label_key",
+                          fix="fine-tune and gate on a dataset with a label column")
+    split = split_cells(data.n_cells, data.labels, val_fraction, test_fraction,
+                        seed if split_seed is None else split_seed)
+    summary = split.summary()
+    if test_sha256 is not None and summary["sha256"]["test"] != test_sha256:
+        raise GateRefused(
+            f"the candidate's held-out cells cannot be rebuilt: they hash to "
+            f"{summary['sha256']['test'][:12]}... on the host, not the recorded "
+            f"{test_sha256[:12]}...", reason="split_mismatch", field="candidate_artifact_id",
+            fix="the dataset or the split code changed since it was trained; retrain it, "
+                "then gate it")
+    baseline = logistic_regression_predict(baseline_features(data), data.labels, split.train,
+                                           split.test, seed)
+    return HeldOut(split.test, data.labels[split.test], list(data.label_names), summary,
+                   np.asarray(baseline, dtype=np.int64), seed)
+
+
+def read_predictions(out: Path, held: HeldOut, error=EvaluationFailed) -> Predictions:
+    """The job's predictions.json, checked against the host's truth: no link followed, size
+    capped, the same cells in the same order and the same label names as the host's, every
+    code in range. A model the job names `baseline` is dropped: the baseline is the host's.
+    Anything else is `error` (reason `missing_predictions`, field predictions.json)."""
+    import numpy as np
+
+    def bad(message: str):
+        return error(f"predictions.json {message}", reason="missing_predictions",
+                     field="predictions.json",
+                     fix="the job must write predictions.json as trainers/scoring.py "
+                         "write_predictions documents; read its job log")
+
+    try:
+        data, size = read_job_file(Path(out) / "predictions.json",
+                                   limit=MAX_PREDICTIONS_BYTES + 1)
+    except FileNotFoundError:
+        raise bad("is missing") from None
+    except NotPlainFile as exc:
+        raise bad(str(exc)) from None
+    if size > MAX_PREDICTIONS_BYTES:
+        raise bad(f"is {size} bytes, over the {MAX_PREDICTIONS_BYTES} allowed")
+    if nesting_depth(data) > 4:
+        raise bad("nests deeper than its format")
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("pred"), dict):
+        raise bad("is not an object with pred")
+    if doc.get("label_names") != held.label_names:
+        raise bad("names other labels, or in another order, than the dataset's on the host")
+    k = len(held.label_names)
+    cells = _codes(doc.get("cells"), 0, np.iinfo(np.int64).max, "cells", bad)
+    if not np.array_equal(cells, held.cells):
+        raise bad(f"is about {len(cells)} cells that are not the {len(held.cells)} held-out "
+                  "cells the host rebuilt")
+    pred = {}
+    for name, codes in doc["pred"].items():
+        if name == BASELINE:
+            continue
+        array = _codes(codes, -1, k - 1, f"pred.{str(name)[:40]}", bad)
+        if len(array) != len(cells):
+            raise bad(f"pred.{str(name)[:40]} has {len(array)} cells, not {len(cells)}")
+        pred[str(name)] = np.where(array < 0, k, array)  # outside the label set: class k
+    pred[BASELINE] = held.baseline
+    return Predictions(held.true, pred, list(held.label_names))
+
+
+def _codes(values, low: int, high: int, where: str, bad) -> np.ndarray:
+    import numpy as np
+
+    if not isinstance(values, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise bad(f"{where} is not a list of integers")
+    array = np.asarray(values, dtype=np.int64)
+    if len(array) and (array.min() < low or array.max() > high):
+        raise bad(f"{where} holds codes outside [{low}, {high}]")
+    return array
+
+
+def measure(out: Path, held: HeldOut) -> dict:
+    """A training job's test metrics, measured: its candidate's predictions of every
+    held-out cell scored against the host's labels, beside the host's baseline. Returns
+    {"metrics": {test_accuracy, test_macro_f1, baseline_test_accuracy, baseline_test_macro_f1},
+    "per_class_f1", "baseline": {model, metrics, per_class_f1}, "test_cells", "split"}."""
+    from trainers.scoring import BASELINE_MODEL, classification_metrics
+
+    preds = read_predictions(out, held, error=TrainingFailed)
+    if "candidate" not in preds.pred:
+        raise TrainingFailed("predictions.json has no predictions of the candidate",
+                             reason="missing_predictions", field="predictions.json",
+                             fix="the trainer must predict every held-out cell; read its "
+                                 "job log")
+    # code k (outside the label set) matches no true label: it counts as wrong
+    own, per_class = classification_metrics(held.true, preds.pred["candidate"],
+                                            held.label_names, "test_")
+    base, base_per_class = classification_metrics(held.true, held.baseline, held.label_names,
+                                                  "baseline_test_")
+    return {"metrics": {**own, **base}, "per_class_f1": per_class,
+            "baseline": {"model": BASELINE_MODEL, "metrics": base,
+                         "per_class_f1": base_per_class},
+            "test_cells": len(held.cells), "split": held.split}

@@ -1,0 +1,72 @@
+"""Family-blind measures of per-cell predictions: accuracy, macro-F1 and per-class F1, and
+the logistic-regression baseline refitted on a split's train cells.
+
+numpy and scikit-learn only (never torch): the host measures every recorded test metric and
+the gate's comparisons with these, from a job's per-cell predictions and its own truth
+(runner/jobs/truth.py); the trainer uses them for the claims it prints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+
+BASELINE_MODEL = ("sklearn StandardScaler + LogisticRegression(max_iter=1000), log1p CP10k "
+                  "features")
+PREDICTIONS = "predictions.json"  # what a job hands back to be scored, in its output folder
+
+
+def write_predictions(out: Path, cells: np.ndarray, pred: dict[str, np.ndarray],
+                      label_names: list[str]) -> Path:
+    """`{"cells": [row indices], "label_names": [...], "pred": {model: [label codes]}}`, the
+    codes indexing label_names (-1: a class the dataset lacks). No labels: the host has them."""
+    path = Path(out) / PREDICTIONS
+    path.write_text(json.dumps({"cells": np.asarray(cells).tolist(),
+                                "label_names": list(label_names),
+                                "pred": {k: np.asarray(v).tolist() for k, v in pred.items()}}))
+    return path
+
+
+def classification_metrics(true: np.ndarray, pred: np.ndarray, label_names: list[str],
+                           prefix: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Accuracy and macro-F1 under `prefix`, plus per-class F1 keyed by label name."""
+    labels = np.arange(len(label_names))
+    per_class = f1_score(true, pred, labels=labels, average=None, zero_division=0)
+    metrics = {f"{prefix}accuracy": float(accuracy_score(true, pred)),
+               f"{prefix}macro_f1": float(f1_score(true, pred, labels=labels,
+                                                   average="macro", zero_division=0))}
+    return metrics, {name: float(f) for name, f in zip(label_names, per_class)}
+
+
+def logistic_regression_predict(features: np.ndarray, labels: np.ndarray, train: np.ndarray,
+                                test: np.ndarray, seed: int) -> np.ndarray:
+    """scikit-learn LogisticRegression on standardised log1p CP10k features, fitted on `train`,
+    predicting `test`. Standardising makes lbfgs converge in a few hundred steps; unscaled, it
+    stops at max_iter somewhere that depends on the BLAS thread count (CBMC seed 1: 0.9385
+    with one thread, 0.9362 with two), and the same split would not give the same baseline."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+    clf.fit(features[train], labels[train])
+    return clf.predict(features[test])
+
+
+def logistic_regression_baseline(features: np.ndarray, labels: np.ndarray, train: np.ndarray,
+                                 test: np.ndarray, label_names: list[str], seed: int) -> dict:
+    """The baseline's test metrics, on the same split as the model."""
+    pred = logistic_regression_predict(features, labels, train, test, seed)
+    metrics, per_class = classification_metrics(labels[test], pred, label_names,
+                                                "baseline_test_")
+    return {"model": BASELINE_MODEL,
+            "metrics": metrics, "per_class_f1": per_class}
+
+
+def metric_key(name: str) -> str:
+    """A label name as an MLflow metric key fragment (letters, digits, _ - . / space)."""
+    return re.sub(r"[^A-Za-z0-9_./ -]", "_", name)
