@@ -28,5 +28,15 @@ def db_url() -> str:
     return os.environ.get("FORGE_DB_URL") or f"sqlite:///{forge_home() / 'forge.db'}"
 
 
+def db_lock_timeout_s() -> float:
+    """How long a registry statement waits for a lock another session holds before it fails
+    (SQLite busy timeout, PostgreSQL lock_timeout): FORGE_DB_LOCK_TIMEOUT_S, else 60."""
+    try:
+        value = float(os.environ.get("FORGE_DB_LOCK_TIMEOUT_S") or 60)
+    except ValueError:
+        value = 60.0
+    return value if value > 0 else 60.0
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("FORGE_CACHE_DIR") or forge_home() / "cache").resolve()

@@ -103,6 +103,9 @@ class RegistryConf:
     blob_threshold_mb: float = 50.0
     min_free_gb: float = 2.0  # free space FORGE_HOME needs before a debit (runner/jobs/launch.py)
     expiry_margin_min: float = 10.0  # allocation expiry = cap + sandbox grace + this
+    # how long the host retries a finished job's registration while the registry is away
+    # (runner/jobs/intents.py); after that the reaper completes it
+    registration_retry_s: float = 60.0
     # caps on an archive registered from outside (runner/jobs/archive.py): unpacked size,
     # members, and unpacked bytes per archive byte (a zip bomb is far above)
     max_archive_gb: float = 20.0

@@ -9,15 +9,17 @@ import sys
 from datetime import datetime
 
 from runner.config.compose import compose_config, to_plain
-from runner.jobs import engine, tracking
+from runner.jobs import engine, intents, tracking
 from runner.jobs.job import clean_run_dir, run_dir
 from runner.registry import recovery
 
 
 def reap(now: datetime | None = None) -> list[dict]:
-    """Settle every dead open allocation as failed, exactly once, then clean up after the ones
-    this call closed; returns those. The clean-up cannot fail the reap: the books are
-    settled first."""
+    """Complete the settle-and-register intents of finished jobs whose registration met a
+    registry outage (intents.py: registered, or failed charging what ran), then settle every
+    dead open allocation as failed, exactly once, and clean up after the ones this call
+    closed; returns those. The clean-up cannot fail the reap: the books are settled first."""
+    intents.complete_pending()  # first: a finished job is registered, not refunded whole
     reaped = recovery.reap(now, job_gone=engine.job_gone)  # SLURM knows hosts on other nodes
     clean_up(reaped)
     return reaped

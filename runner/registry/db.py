@@ -31,6 +31,13 @@ def unavailable(exc: BaseException, doing: str = "read the registry") -> Databas
     return None
 
 
+def outage(exc: BaseException) -> bool:
+    """The database is away or locked past its lock timeout (not a bad statement): a retry
+    may succeed once it answers."""
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError,
+                            sa.exc.DisconnectionError))
+
+
 def now() -> datetime:
     """The registry's clock: timezone-aware UTC."""
     return datetime.now(timezone.utc)
@@ -56,7 +63,8 @@ def _engine(url: str) -> sa.Engine:
         path = sa.engine.make_url(url).database
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 60})
+        wait_s = settings.db_lock_timeout_s()
+        engine = sa.create_engine(url, connect_args={"timeout": wait_s})
 
         @sa.event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):
@@ -67,7 +75,7 @@ def _engine(url: str) -> sa.Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute(f"PRAGMA busy_timeout={int(wait_s * 1000)}")
             cur.close()
 
         @sa.event.listens_for(engine, "begin")
@@ -77,7 +85,9 @@ def _engine(url: str) -> sa.Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
-    return sa.create_engine(url, pool_pre_ping=True)
+    lock_ms = int(settings.db_lock_timeout_s() * 1000)  # a lock held too long fails, typed
+    return sa.create_engine(url, pool_pre_ping=True,
+                            connect_args={"options": f"-c lock_timeout={lock_ms}"})
 
 
 def get_engine(url: str | None = None) -> sa.Engine:
