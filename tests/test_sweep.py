@@ -32,6 +32,10 @@ FORGE_TRAIN = [sys.executable, "-c", "from runner.train_app import main; main()"
 # The tiny base has no conf/parent option: forge-train names it by id, and the registry says
 # what its family and architecture are.
 PARENT_ARGS = [f"parent_artifact_id={BASE_ID}"]
+# The operator lets a parallel sweep's jobs run at once (runner/registry/capacity.py): more
+# jobs per agent and per host than the defaults, and memory caps that all fit this host.
+PARALLEL = ("policy:\n  max_jobs_per_agent: 8\n  max_jobs_per_host: 8\n"
+            "sandbox:\n  max_memory_gb: 1\n")
 STAND_IN = STAND_IN_TRAINER.replace(
     "METRICS", '{"test_macro_f1": m["training"]["lr"] * 100, "test_accuracy": 0.5}')
 
@@ -208,6 +212,7 @@ def test_a_cap_past_submitit_locals_timeout_is_refused_before_any_job(sqlite_reg
 @pytest.mark.slow
 def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tracking_store, tmp_path,
                                               monkeypatch):
+    operator_conf(tmp_path, monkeypatch, tracking_store.operator_yaml + PARALLEL)
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
     proc = sweep("hydra/launcher=submitit_local")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -240,6 +245,7 @@ def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tracking_store, t
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_eight_concurrent_jobs_on_postgresql(pg_registry, tracking_store, tmp_path, monkeypatch):
+    operator_conf(tmp_path, monkeypatch, tracking_store.operator_yaml + PARALLEL)
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
     proc = forge_train("-m", f"agent_id={AGENT}", *PARENT_ARGS, "wall_time_cap_min=5",
                        "vram_cap_gb=1", "training.lr=1e-3,2e-3,3e-3,4e-3",

@@ -88,7 +88,7 @@ def test_skills_are_values_and_forge_db_upgrade_writes_them(db_url):
 
     with db.get_engine(db_url).begin() as conn:
         conn.execute(sa.delete(skills))
-    assert db.upgrade(db_url) == "0005" and rows(db_url, skills) == []  # tables only
+    assert db.upgrade(db_url) == "0006" and rows(db_url, skills) == []  # tables only
     result = CliRunner().invoke(forge, ["db", "upgrade", "--url", db_url])
     assert result.exit_code == 0, result.output
     written = {r["id"]: r["input_schema"] for r in rows(db_url, skills)}

@@ -127,6 +127,11 @@ class PolicyConf:
     max_devices: int = 8
     # the fraction of the dataset's genes a parent's vocabulary must have (runner/jobs/parents.py)
     min_gene_overlap: float = 0.5
+    # jobs queued or running at once (runner/registry/capacity.py): per agent, per host, and
+    # the sum of their memory caps per host (None: this host's physical memory)
+    max_jobs_per_agent: int = 2
+    max_jobs_per_host: int = 4
+    max_host_memory_gb: Optional[float] = None
 
 
 @dataclass

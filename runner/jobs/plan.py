@@ -38,7 +38,7 @@ from runner.errors import (
 from runner.jobs import codepin, devices, parents, tracking
 from runner.jobs.datasets import builtin_holds
 from runner.jobs.job import disk_problem, run_dir, sandbox_job
-from runner.registry import catalog, db, ledger, money
+from runner.registry import capacity, catalog, db, ledger, money
 from runner.tools import audit_to
 
 MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")  # what MLflow names a run: a uuid4's hex
@@ -149,7 +149,7 @@ def prepare(req: TrainRequest) -> Plan:
     if req.mlflow_parent_run_id is not None and not req.dry_run:
         _check_parent_run(resolved, req)
     problems: list[ForgeError] = []
-    parent, dataset, account = _read_registry(db_url, req, problems)
+    parent, dataset, account = _read_registry(db_url, req, resolved, problems)
     derived = {group: values for group, values in _registry_values(parent, dataset).items()
                if any(resolved[group].get(k) != v for k, v in values.items())}
     if derived:  # the registry disagrees with conf/: it wins (a merge costs a validation)
@@ -266,8 +266,9 @@ def _from_config(req: TrainRequest):
     return req.config, resolved
 
 
-def _read_registry(db_url, req: TrainRequest, problems: list[ForgeError]):
-    """Parent, dataset and the agent's account, in one short read."""
+def _read_registry(db_url, req: TrainRequest, resolved: dict, problems: list[ForgeError]):
+    """Parent, dataset and the agent's account, in one short read; and whether one more job
+    of the agent fits the capacity limits (the reserve checks them again, under its locks)."""
     with db.get_engine(db_url).connect() as conn:
         try:
             if req.from_scratch:
@@ -279,8 +280,11 @@ def _read_registry(db_url, req: TrainRequest, problems: list[ForgeError]):
             dataset = _artifact(catalog, req.dataset_artifact_id, "dataset",
                                 "dataset_artifact_id", conn, problems)
             account = ledger.account(req.agent_id, conn=conn)
+            busy = capacity.problem(conn, req.agent_id, capacity.limits(resolved))
         except Exception as exc:  # noqa: BLE001 - re-raised, typed where we can
             _raise_db_error(exc)
+    if busy is not None:
+        problems.append(busy)
     return parent, dataset, account
 
 

@@ -10,10 +10,11 @@ Every movement is one `token_ledger` row between two accounts and updates the ag
     cancel    system:compute -> agent            reason 'compute_refund'  (the whole debit)
 
 System accounts are only ever named in the ledger; agents have rows in `token_accounts`.
-`reserve` checks the balance, debits and inserts the allocation in ONE transaction (the
-account row is locked: SELECT ... FOR UPDATE on PostgreSQL, BEGIN IMMEDIATE on SQLite), and
-the same request key reserves once. `settle` and `cancel` move money exactly once: the status
-in the UPDATE's WHERE clause makes a second call a no-op.
+`reserve` checks the operator's capacity limits (capacity.py) and the balance, debits and
+inserts the allocation in ONE transaction (the account row is locked: SELECT ... FOR UPDATE
+on PostgreSQL, BEGIN IMMEDIATE on SQLite), and the same request key reserves once. `settle`
+and `cancel` move money exactly once: the status in the UPDATE's WHERE clause makes a second
+call a no-op.
 
 Every allocation expires and is kept alive by its host's heartbeat; recovery.py closes the
 ones whose host is gone (`reap`, which every launch runs before it reserves) and checks the
@@ -39,6 +40,7 @@ from runner.errors import (
     NotFound,
     UnknownAgent,
 )
+from runner.registry import capacity
 from runner.registry.db import now, transaction
 from runner.registry.db import row as _row
 from runner.registry.ids import AGENT_ID
@@ -196,15 +198,17 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
             vram_cap_gb: int, price_per_hour: Any, devices: int = 1, device: str | None = None,
             resource_type: str = "gpu", currency: str = "credits",
             margin_s: float = EXPIRY_MARGIN_S, purpose: str = "training",
-            engine: str | None = None, engine_job_id: str | None = None, conn=None) -> dict:
-    """Check the balance, debit `amount` and insert the `reserved` allocation, atomically.
+            engine: str | None = None, engine_job_id: str | None = None,
+            limits: capacity.Limits | None = None, conn=None) -> dict:
+    """Check the capacity `limits` and the balance, debit `amount` and insert the `reserved`
+    allocation, atomically.
     `purpose` says what the compute pays for: a training job or an eval-gate job; `engine`
     and `engine_job_id` name the scheduler job the host process runs in ("slurm", "123_4").
 
     The same `request_key` reserves once: a repeat (or a concurrent twin that lost the race on
     the unique key) returns the existing allocation with `existing=True` and debits nothing.
     Only a request whose earlier attempt failed or was cancelled reserves (and debits) again.
-    Raises UnknownAgent or BudgetExceeded, leaving no trace.
+    Raises UnknownAgent, CapacityExceeded or BudgetExceeded, leaving no trace.
 
     The allocation expires `wall_time_cap_min` (the sandbox's grace period lies inside it)
     + `margin_s` from now, and this
@@ -238,6 +242,8 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
                 c.execute(resource_allocations.update()
                           .where(resource_allocations.c.id == existing["id"])
                           .values(request_key=f"{request_key}:{existing['id']}"))
+            if limits is not None:  # under the account's lock: one agent's reservers queue
+                capacity.check(c, agent_id, limits)
             if account["balance"] < amount:
                 raise insufficient(agent_id, account["balance"], amount, currency)
             stamp = now()
@@ -248,7 +254,8 @@ def reserve(agent_id: str, amount: Any, request_key: str, *, wall_time_cap_min: 
                        estimated_cost=amount, debited=amount, request_key=request_key,
                        created_at=stamp, debited_at=stamp, expires_at=stamp + window,
                        heartbeat_at=stamp, host=host_id(), purpose=purpose, engine=engine,
-                       engine_job_id=engine_job_id)
+                       engine_job_id=engine_job_id,
+                       memory_cap_gb=limits.memory_gb if limits is not None else None)
             c.execute(resource_allocations.insert().values(**row))
             if amount > 0:
                 new_balance = account["balance"] - amount

@@ -135,6 +135,9 @@ resource_allocations = sa.Table(
     # ("123", or "123_4" for an array task); NULL for a job run directly on this host.
     sa.Column("engine", sa.Text),
     sa.Column("engine_job_id", sa.Text, index=True),
+    # The memory cap its sandbox runs under (migration 0006): the capacity limits sum them
+    # per host (runner/registry/capacity.py). NULL: reserved without capacity limits.
+    sa.Column("memory_cap_gb", sa.Float),
     sa.CheckConstraint("resource_type IN ('gpu', 'cpu')", name="resource_type"),
     sa.CheckConstraint(f"status IN {ALLOCATION_STATES}", name="status"),
     sa.CheckConstraint("debited >= 0", name="debited"),
