@@ -210,11 +210,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _stand_in_repo(tmp_path: Path, body: str, entrypoint: str | None = None) -> Path:
-    """A code repository with this checkout's trainers/ package whose trainers.gate_eval is
-    `body` (and trainers.entrypoint, when given, `entrypoint`)."""
+    """A code repository with this checkout's dataset loader and scoring (what HELD_OUT
+    needs), whose trainers.gate_eval is `body` (and trainers.entrypoint, when given,
+    `entrypoint`)."""
     repo = tmp_path / "gate-code"
-    shutil.copytree(REPO / "trainers", repo / "trainers",
+    shutil.copytree(REPO / "trainers" / "data", repo / "trainers" / "data",
                     ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("__init__.py", "scoring.py"):
+        shutil.copy(REPO / "trainers" / name, repo / "trainers" / name)
     (repo / "trainers" / "gate_eval.py").write_text(textwrap.dedent(body))
     if entrypoint is not None:
         (repo / "trainers" / "entrypoint.py").write_text(textwrap.dedent(entrypoint))

@@ -92,8 +92,9 @@ def reserve(plan: Plan, scheduled: engine.EngineJob | None = None, *,
             on_this_host: bool = True) -> dict:
     """Check the capacity limits and the balance and debit the plan's estimate: its
     allocation (`existing` when the same request already holds one). `scheduled`: the
-    scheduler job the host side runs in; `on_this_host`: False for a job queued on SLURM,
-    which runs elsewhere (only the agent's limit applies)."""
+    scheduler job the host side runs in. The host's limits apply to a job this host runs
+    and places itself: not to one queued on SLURM (`on_this_host` False) nor to one inside a
+    SLURM job, which SLURM placed by its own resources; the agent's limit applies to all."""
     resolved = plan.resolved
     return ledger.reserve(
         plan.agent_id, plan.estimate, plan.request_key,
@@ -103,7 +104,7 @@ def reserve(plan: Plan, scheduled: engine.EngineJob | None = None, *,
         margin_s=resolved["registry"]["expiry_margin_min"] * 60,
         engine=scheduled.engine if scheduled else None,
         engine_job_id=scheduled.job_id if scheduled else None,
-        limits=capacity.limits(resolved, on_this_host=on_this_host))
+        limits=capacity.limits(resolved, on_this_host=on_this_host and scheduled is None))
 
 
 def _typed(exc: BaseException, job_dir: Path) -> BaseException:
@@ -355,7 +356,7 @@ class _Job:
         claims = result.get("metrics") or {}
         for key, value in measured["metrics"].items():
             claim = claims.get(key)
-            if not _number(claim) or abs(claim - value) > 1e-6:
+            if _number(claim) and abs(claim - value) > 1e-6:
                 self._warn(f"the job reported {key} {claim!r}; the host measured {value:.6f} "
                            f"on {measured['test_cells']} held-out cells and records that")
         tracking.log_measured(self.mlflow, self.run_id, {
