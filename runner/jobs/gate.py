@@ -100,7 +100,7 @@ def evaluate(candidate_id: str, agent_id: str, gate: str = "default", *, dry_run
         margin_s=plan.resolved["registry"]["expiry_margin_min"] * 60,
         engine=scheduled.engine if scheduled else None,
         engine_job_id=scheduled.job_id if scheduled else None,
-        limits=capacity.limits(plan.resolved))
+        limits=capacity.limits(plan.resolved, on_this_host=scheduled is None))
     if alloc.get("existing"):
         if alloc["status"] == "settled":
             return _recorded(catalog.get_model_version(candidate_id), gate, rules)

@@ -35,7 +35,7 @@ from runner.errors import (
     NotFound,
     WrongArtifactType,
 )
-from runner.jobs import codepin, devices, parents, tracking
+from runner.jobs import codepin, devices, engine, parents, tracking
 from runner.jobs.datasets import builtin_holds
 from runner.jobs.job import disk_problem, run_dir, sandbox_job
 from runner.registry import capacity, catalog, db, ledger, money
@@ -140,8 +140,12 @@ def request_key(req: TrainRequest, config: dict, code_sha: str,
                                      default=str).encode()).hexdigest()
 
 
-def prepare(req: TrainRequest) -> Plan:
-    """validate -> compose -> read the registry -> price -> pin code -> the sandbox job."""
+def prepare(req: TrainRequest, *, on_this_host: bool | None = None) -> Plan:
+    """validate -> compose -> read the registry -> price -> pin code -> the sandbox job.
+    `on_this_host`: whether this host would place the job, so that its capacity limits
+    apply (by default: unless this process runs inside a SLURM job, which SLURM placed)."""
+    if on_this_host is None:
+        on_this_host = engine.current() is None
     _validate_arguments(req)
     cfg, resolved = _from_config(req) if req.config is not None else _compose(req)
     db_url = resolved["registry"]["db_url"]
@@ -149,7 +153,8 @@ def prepare(req: TrainRequest) -> Plan:
     if req.mlflow_parent_run_id is not None and not req.dry_run:
         _check_parent_run(resolved, req)
     problems: list[ForgeError] = []
-    parent, dataset, account = _read_registry(db_url, req, resolved, problems)
+    parent, dataset, account = _read_registry(db_url, req, problems,
+                                              capacity.limits(resolved, on_this_host=on_this_host))
     derived = {group: values for group, values in _registry_values(parent, dataset).items()
                if any(resolved[group].get(k) != v for k, v in values.items())}
     if derived:  # the registry disagrees with conf/: it wins (a merge costs a validation)
@@ -266,7 +271,8 @@ def _from_config(req: TrainRequest):
     return req.config, resolved
 
 
-def _read_registry(db_url, req: TrainRequest, resolved: dict, problems: list[ForgeError]):
+def _read_registry(db_url, req: TrainRequest, problems: list[ForgeError],
+                   limits: capacity.Limits):
     """Parent, dataset and the agent's account, in one short read; and whether one more job
     of the agent fits the capacity limits (the reserve checks them again, under its locks)."""
     with db.get_engine(db_url).connect() as conn:
@@ -280,7 +286,7 @@ def _read_registry(db_url, req: TrainRequest, resolved: dict, problems: list[For
             dataset = _artifact(catalog, req.dataset_artifact_id, "dataset",
                                 "dataset_artifact_id", conn, problems)
             account = ledger.account(req.agent_id, conn=conn)
-            busy = capacity.problem(conn, req.agent_id, capacity.limits(resolved))
+            busy = capacity.problem(conn, req.agent_id, limits)
         except Exception as exc:  # noqa: BLE001 - re-raised, typed where we can
             _raise_db_error(exc)
     if busy is not None:
