@@ -26,7 +26,16 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from helpers import AGENT, BASE_ID, DATASET_ID, PG_URL, STAND_IN_TRAINER, count_rows, fake_code_repo
+from helpers import (
+    AGENT,
+    BASE_ID,
+    DATASET_ID,
+    PG_URL,
+    STAND_IN_TRAINER,
+    count_rows,
+    fake_code_repo,
+    operator_conf,
+)
 
 from runner.cli import main as forge
 from runner.errors import ForgeError, LedgerError, RegistrationFailed
@@ -450,49 +459,56 @@ def _database_outage(url: str):
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("outage_s", [3.0, None])
-def test_database_away_at_registration_fails_typed_and_settles(pg_registry, tmp_path,
-                                                               monkeypatch, outage_s):
-    """The database goes away inside the registration transaction. Back within the retry
-    budget: the failure settles. Away for longer: the caller still gets RegistrationFailed
-    (not the settlement's error), and the reaper settles the allocation later."""
+def test_database_away_at_registration_keeps_the_job_and_registers_it_once_back(
+        pg_registry, tmp_path, monkeypatch, outage_s):
+    """The database goes away inside the registration transaction: none of it lands, and the
+    finished job is kept as a settle-and-register intent (runner/jobs/intents.py). Back within
+    the host's retry budget: the call returns the version, its seconds charged. Away for
+    longer: the caller gets RegistrationFailed (registration_pending), the allocation stays
+    open with its intent, and the reaper registers the version once the database is back."""
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(
         tmp_path, STAND_IN_TRAINER.replace("METRICS", OK_METRICS))))
-    monkeypatch.setattr(recovery, "SETTLE_RETRY_S", 15.0 if outage_s else 2.0, raising=False)
+    operator_conf(tmp_path, monkeypatch,
+                  f"registry:\n  registration_retry_s: {15 if outage_s else 2}\n")
     cut, restore = _database_outage(pg_registry)
     real_links = catalog._write_links
+    cuts = []
 
     def links_during_an_outage(*a, **kw):
-        cut()
-        if outage_s:
-            threading.Timer(outage_s, restore).start()
+        if not cuts:  # the first registration only: the retries find the database back
+            cuts.append(cut())
+            if outage_s:
+                threading.Timer(outage_s, restore).start()
         return real_links(*a, **kw)  # on a connection the server just closed
 
     monkeypatch.setattr(catalog, "_write_links", links_during_an_outage)
     before = count_rows(pg_registry)
     try:
-        with pytest.raises(RegistrationFailed) as err:
-            train()
+        if outage_s:
+            result = train()
+        else:
+            with pytest.raises(RegistrationFailed) as err:
+                train()
     finally:
         restore()
-    assert err.value.reason == "registration_failed"
-
-    after = count_rows(pg_registry)
-    changed = {k: after[k] - before[k] for k in after if after[k] != before[k]}
-    assert not any(changed.get(t) for t in ("artifacts", "model_versions", "artifact_links",
-                                             "world_model_improvements", "events"))
-    assert [a["id"] for a in catalog.list_artifacts("model")] == [BASE_ID]
     [alloc] = alloc_rows(pg_registry)
     if outage_s:
-        assert alloc["status"] == "failed" and "registration_failed" in alloc["failure_reason"]
+        assert alloc["status"] == "settled" and alloc["artifact_id"] == result["artifact_id"]
     else:
-        assert alloc["status"] == "running"  # left to the reaper, never masking the error
+        assert err.value.reason == "registration_pending"
+        after = count_rows(pg_registry)
+        changed = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+        assert not any(changed.get(t) for t in ("artifacts", "model_versions", "artifact_links",
+                                                 "world_model_improvements", "events"))
+        assert alloc["status"] == "running"  # its intent settles it, never a whole refund
         assert recovery.check() == []  # not overdue yet: its host (this process) is alive
-        assert [a["id"] for a in host_recovery.reap(now=later())] == [alloc["id"]]
+        assert host_recovery.reap(now=later()) == []  # the intent came first: registered
         alloc = ledger.get_allocation(alloc["id"])
-        assert alloc["status"] == "failed" and alloc["failure_reason"].startswith("reaped")
+        assert alloc["status"] == "settled" and alloc["artifact_id"]
+    assert alloc["actual_cost"] > 0
     assert alloc["debited"] == alloc["actual_cost"] + alloc["refunded"]
     assert recovery.check(now=later()) == []
-    assert mlflow_run(alloc["mlflow_run_id"]).info.status == "FAILED"
+    assert mlflow_run(alloc["mlflow_run_id"]).info.status == "FINISHED"
 
 
 # --- a full disk ----------------------------------------------------------------------------------
