@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(decision, indent=2, default=str))
     console.print(decision_text(decision))
+    unreproduced = [w for w in decision.get("warnings") or [] if w.startswith("unreproduced")]
+    if unreproduced:  # one metric, one number: the gate re-measures what training recorded
+        console.print(f"[red]error[/]: {unreproduced[0]}")
+        return 1
     uri = to_plain(compose_config())["tracking"]["tracking_uri"]
     took = f"done in {time.perf_counter() - start:.0f}s."
     if uri.startswith(("http://", "https://")):  # tracking=server: its UI is already up

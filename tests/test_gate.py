@@ -84,9 +84,10 @@ def test_a_lineage_is_gated_on_evidence(sqlite_registry, tracking_store, committ
     assert vs_baseline["comparator_role"] == "baseline" and vs_baseline["delta"] < 0
     assert vs_baseline["n_cells"] == 862 and vs_baseline["n_resamples"] == 1000
     assert vs_baseline["ci_low"] <= vs_baseline["delta"] <= vs_baseline["ci_high"]
-    # The eval job predicted the candidate's own held-out cells as its training run did.
+    # The eval job predicted the candidate's own held-out cells as its training run did: one
+    # metric, one number.
     assert vs_baseline["candidate_value"] == pytest.approx(
-        v2["eval_metrics"]["test_macro_f1"], abs=0.005)
+        v2["eval_metrics"]["test_macro_f1"], abs=1e-6)
     alloc = ledger.get_allocation(rejected["allocation_id"])
     assert alloc["purpose"] == "evaluation" and alloc["status"] == "settled"
     assert alloc["debited"] == alloc["actual_cost"] + alloc["refunded"]

@@ -59,6 +59,7 @@ from runner.registry.recovery import Heartbeat, settle_retrying
 from trainers.manifest import EVAL_TASK, MANIFEST_VERSION, ManifestError, parse_eval_manifest
 
 MODULE = "trainers.gate_eval"
+REPRODUCE_TOLERANCE = 1e-6  # the gate's value of the candidate vs the one training recorded
 
 
 def evaluate(candidate_id: str, agent_id: str, gate: str = "default", *, dry_run: bool = False,
@@ -280,9 +281,11 @@ class _Evaluation:
         verdict = decide.decide(self.rules, preds, {r: a["id"] for r, a in
                                                     self.comparators.items()},
                                 cand["id"], self.justification)
+        unreproduced = _unreproduced(cand, self.rules.metric, verdict)
         detection = {"gate": self.gate, "metric": self.rules.metric,
                      "bucket": verdict.bucket, "allocation_id": self.alloc["id"],
-                     "comparisons": [c.row() for c in verdict.comparisons]}
+                     "comparisons": [c.row() for c in verdict.comparisons],
+                     "warnings": unreproduced}
         promotion.record_decision(
             candidate_id=cand["id"], champion_id=self.champion_id, decision=verdict.decision,
             notes=verdict.notes, rows=[c.row() for c in verdict.comparisons],
@@ -294,7 +297,7 @@ class _Evaluation:
         result = _result(fresh, promotion.recorded(cand["id"]), recorded=False)
         others = {a["id"] for a in self.comparators.values()} | (
             {fresh["parent_version_id"]} if fresh["parent_version_id"] else set())
-        result["warnings"] = gate_report.publish(
+        result["warnings"] = unreproduced + gate_report.publish(
             plan.resolved["tracking"]["tracking_uri"], fresh, verdict, preds, self.gate,
             others=sorted(others), report=result, work_dir=self.run_dir / "gate")
         return result
@@ -308,6 +311,17 @@ class _Evaluation:
         except Exception as step_exc:  # noqa: BLE001 - never mask the original error
             print(f"warning: could not settle allocation {self.alloc['id']}; `forge ledger "
                   f"reap` settles it once it expires: {step_exc}", file=sys.stderr)
+
+
+def _unreproduced(cand: dict, metric: str, verdict: decide.Decision) -> list[str]:
+    """The gate's measurement of the candidate must be the one its training recorded (both are
+    the host's scores of the same held-out cells): a difference is a warning on the decision."""
+    recorded = (cand["version"].get("eval_metrics_json") or {}).get(metric)
+    measured = verdict.comparisons[0].result.value_a
+    if isinstance(recorded, (int, float)) and abs(recorded - measured) <= REPRODUCE_TOLERANCE:
+        return []
+    return [f"unreproduced: the gate measured {metric} {measured:.6f} for the candidate, its "
+            f"training recorded {recorded!r} on the same held-out cells"]
 
 
 def _typed(exc: BaseException) -> BaseException:
