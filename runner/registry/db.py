@@ -85,9 +85,19 @@ def _engine(url: str) -> sa.Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
-    lock_ms = int(settings.db_lock_timeout_s() * 1000)  # a lock held too long fails, typed
-    return sa.create_engine(url, pool_pre_ping=True,
-                            connect_args={"options": f"-c lock_timeout={lock_ms}"})
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    lock_ms = int(settings.db_lock_timeout_s() * 1000)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect_pg(dbapi_conn, _record):
+        # A lock held past this fails the statement (an outage the caller can retry) instead
+        # of hanging it; set for the session, outside any transaction that could undo it.
+        autocommit, dbapi_conn.autocommit = dbapi_conn.autocommit, True
+        with dbapi_conn.cursor() as cur:
+            cur.execute(f"SET lock_timeout = {lock_ms}")
+        dbapi_conn.autocommit = autocommit
+
+    return engine
 
 
 def get_engine(url: str | None = None) -> sa.Engine:
