@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from helpers import AGENT, BASE_ID, DATASET_ID, TINY, cbmc_split, stand_in_candidate
 
-from runner.api import evaluate_candidate
-from runner.errors import EvaluationFailed, GateRefused
+from runner.api import evaluate_candidate, train_model_version
+from runner.errors import EvaluationFailed, GateRefused, TrainingFailed
 from runner.registry import catalog, ledger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,34 +112,57 @@ def test_a_split_that_does_not_rebuild_is_refused_before_any_debit(sqlite_regist
                 if a.get("purpose") == "evaluation"]
 
 
-def test_training_metrics_are_the_hosts(sqlite_registry, tmp_path, monkeypatch):
-    """A training job that claims a perfect test score gets the host's measurement of its
-    per-cell predictions recorded, not its claim."""
-    from runner.api import train_model_version
+# A training job: the real trainer, then `TAIL` on its outputs.
+WRAPPED_TRAINER = """
+import json, pathlib, sys
+from trainers import entrypoint_real
+code = entrypoint_real.main()
+m = json.load(open(sys.argv[1]))
+out = pathlib.Path(m["output_dir"])
+TAIL
+sys.exit(code)
+"""
 
-    repo = tmp_path / "boasting-code"
+BOAST = """
+doc = json.load(open(out / "result.json"))
+for k in ("test_accuracy", "test_macro_f1"):
+    doc["metrics"][k] = 1.0
+doc["metrics"]["baseline_test_macro_f1"] = 0.0
+json.dump(doc, open(out / "result.json", "w"))
+"""
+
+# a test pass over half the held-out cells, as limit_eval_batches made one
+HALF_TEST = """
+doc = json.load(open(out / "predictions.json"))
+half = len(doc["cells"]) // 2
+doc["cells"] = doc["cells"][:half]
+doc["pred"] = {k: v[:half] for k, v in doc["pred"].items()}
+json.dump(doc, open(out / "predictions.json", "w"))
+"""
+
+
+def _wrapped_trainer(tmp_path: Path, tail: str) -> Path:
+    repo = tmp_path / "wrapped-code"
     shutil.copytree(REPO / "trainers", repo / "trainers",
                     ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "trainers" / "entrypoint.py").rename(repo / "trainers" / "entrypoint_real.py")
-    (repo / "trainers" / "entrypoint.py").write_text(textwrap.dedent("""
-        import json, pathlib, sys
-        from trainers import entrypoint_real
-        code = entrypoint_real.main()
-        m = json.load(open(sys.argv[1]))
-        path = pathlib.Path(m["output_dir"]) / "result.json"
-        doc = json.load(open(path))
-        for k in ("test_accuracy", "test_macro_f1"):
-            doc["metrics"][k] = 1.0
-        doc["metrics"]["baseline_test_macro_f1"] = 0.0
-        json.dump(doc, open(path, "w"))
-        sys.exit(code)
-    """))
+    (repo / "trainers" / "entrypoint.py").write_text(WRAPPED_TRAINER.replace("TAIL", tail))
     for cmd in (["init", "-q"], ["add", "-A"],
-                ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "boaster"]):
+                ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "wrapped"]):
         subprocess.run(["git", *cmd], cwd=repo, check=True)
-    monkeypatch.setenv("FORGE_CODE_REPO", str(repo))
-    out = train_model_version(BASE_ID, DATASET_ID, agent_id=AGENT, wall_time_cap_min=5,
-                              vram_cap_gb=1, overrides=TINY, allow_dirty=True)
+    return repo
+
+
+def _train() -> dict:
+    return train_model_version(BASE_ID, DATASET_ID, agent_id=AGENT, wall_time_cap_min=5,
+                               vram_cap_gb=1, overrides=TINY, allow_dirty=True)
+
+
+def test_training_metrics_are_the_hosts(sqlite_registry, tmp_path, monkeypatch):
+    """A training job that claims a perfect test score gets the host's measurement of its
+    per-cell predictions recorded, not its claim."""
+    monkeypatch.setenv("FORGE_CODE_REPO", str(_wrapped_trainer(tmp_path, BOAST)))
+    out = _train()
     metrics = out["eval_metrics"]
     assert metrics["test_macro_f1"] < 0.9 and metrics["test_accuracy"] < 1.0, metrics
     assert metrics["baseline"]["test_macro_f1"] > 0.8, metrics
@@ -147,3 +170,13 @@ def test_training_metrics_are_the_hosts(sqlite_registry, tmp_path, monkeypatch):
     assert meta["split"] == cbmc_split() and meta["test_cells"] == meta["split"]["counts"]["test"]
     assert np.isclose(meta["baseline"]["metrics"]["baseline_test_macro_f1"],
                       metrics["baseline"]["test_macro_f1"])
+
+
+def test_a_partial_test_pass_is_refused(sqlite_registry, tmp_path, monkeypatch):
+    """Test metrics cover every held-out cell or are not recorded: `partial_test`, settled."""
+    monkeypatch.setenv("FORGE_CODE_REPO", str(_wrapped_trainer(tmp_path, HALF_TEST)))
+    with pytest.raises(TrainingFailed) as failed:
+        _train()
+    assert failed.value.reason == "partial_test" and failed.value.field == "predictions.json"
+    (alloc,) = ledger.list_allocations(agent_id=AGENT, status="failed")
+    assert alloc["debited"] == alloc["actual_cost"] + alloc["refunded"]

@@ -94,12 +94,12 @@ def read_predictions(out: Path, held: HeldOut, error=EvaluationFailed) -> Predic
     """The job's predictions.json, checked against the host's truth: no link followed, size
     capped, the same cells in the same order and the same label names as the host's, every
     code in range. A model the job names `baseline` is dropped: the baseline is the host's.
-    Anything else is `error` (reason `missing_predictions`, field predictions.json)."""
+    Anything else is `error` (field predictions.json; reason `partial_test` for fewer or more
+    cells than held out, else `missing_predictions`)."""
     import numpy as np
 
-    def bad(message: str):
-        return error(f"predictions.json {message}", reason="missing_predictions",
-                     field="predictions.json",
+    def bad(message: str, reason: str = "missing_predictions"):
+        return error(f"predictions.json {message}", reason=reason, field="predictions.json",
                      fix="the job must write predictions.json as trainers/scoring.py "
                          "write_predictions documents; read its job log")
 
@@ -124,9 +124,12 @@ def read_predictions(out: Path, held: HeldOut, error=EvaluationFailed) -> Predic
         raise bad("names other labels, or in another order, than the dataset's on the host")
     k = len(held.label_names)
     cells = _codes(doc.get("cells"), 0, np.iinfo(np.int64).max, "cells", bad)
+    if len(cells) != len(held.cells):  # every held-out cell, or no test metric at all
+        raise bad(f"covers {len(cells)} cells, not the {len(held.cells)} held-out cells",
+                  reason="partial_test")
     if not np.array_equal(cells, held.cells):
-        raise bad(f"is about {len(cells)} cells that are not the {len(held.cells)} held-out "
-                  "cells the host rebuilt")
+        raise bad(f"is about {len(cells)} cells that are not the held-out cells the host "
+                  "rebuilt")
     pred = {}
     for name, codes in doc["pred"].items():
         if name == BASELINE:
