@@ -17,7 +17,6 @@ import math
 import os
 import posixpath
 import re
-import sqlite3
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ import trainers
 from runner import settings
 from runner.errors import ForgeError, StoreHalfMigrated
 from runner.jobs.handback import NotPlainFile, read_job_file
+from runner.registry import db  # the only code that talks SQL (the store's schema, here)
 from runner.sandbox import printable  # stdlib only: no torch, no mlflow
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -95,11 +95,9 @@ def _store_problem(tracking_uri: str, exc: Exception) -> ForgeError:
     """Why a store could not be opened under the lock: half-migrated, or unreachable."""
     text = str(exc)
     first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
-    path = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") \
-        else None
-    tables, revision = _sqlite_schema(path) if path else ([], None)
+    tables, revision = db.migration_state(tracking_uri)
     if (tables and revision is None) or any(s in text for s in _HALF_MIGRATED):
-        where = path or tracking_uri
+        where = tracking_uri.removeprefix("sqlite:///")  # the file, for a local store
         return StoreHalfMigrated(
             f"the MLflow tracking store {where} is half-migrated: {len(tables) or 'its'} "
             f"tables, migration record {revision or 'missing'} ({first})",
@@ -112,29 +110,6 @@ def _store_problem(tracking_uri: str, exc: Exception) -> ForgeError:
                                field="tracking.tracking_uri",
                                fix="check the tracking store the operator configured "
                                    "(conf/tracking/, conf/local/), then retry")
-
-
-def _sqlite_schema(path: str) -> tuple[list[str], str | None]:
-    """A SQLite store's tables (Alembic's aside) and migration record, read-only; ([], None)
-    when it cannot be read."""
-    try:
-        conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
-    except sqlite3.Error:
-        return [], None
-    try:
-        tables = [r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' "
-            "AND name NOT LIKE 'alembic%' AND name NOT LIKE 'sqlite%'")]
-        revision = None
-        if "alembic_version" in {r[0] for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}:
-            found = conn.execute("SELECT version_num FROM alembic_version").fetchone()
-            revision = found[0] if found else None
-        return tables, revision
-    except sqlite3.Error:
-        return [], None
-    finally:
-        conn.close()
 
 
 def is_server(tracking_uri: str) -> bool:

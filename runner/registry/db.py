@@ -164,6 +164,28 @@ def _refuse_half_migrated(conn: sa.Connection) -> None:
                 "stopped, or start a new registry (FORGE_DB_URL) and run `forge db upgrade`")
 
 
+def migration_state(url: str) -> tuple[list[str], str | None]:
+    """Another store's tables (Alembic's aside) and its Alembic revision, read on a connection
+    of its own: runner/jobs/tracking.py asks why the MLflow store would not open. ([], None)
+    when it cannot be read; a SQLite file that does not exist is never created."""
+    from alembic.runtime.migration import MigrationContext  # lazy: alembic, ~150 ms
+
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if not path or not Path(path).is_file():
+            return [], None
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            tables = [t for t in sa.inspect(conn).get_table_names()
+                      if not t.startswith("alembic")]
+            return tables, MigrationContext.configure(conn).get_current_revision()
+    except sa.exc.SQLAlchemyError:
+        return [], None
+    finally:
+        engine.dispose()
+
+
 def current_revision(url: str | None = None) -> str | None:
     from alembic.runtime.migration import MigrationContext  # lazy: alembic, ~150 ms
 
