@@ -8,8 +8,9 @@ FORGE_HOME/intents/<allocation id>.json, atomically. The host retries with backo
 (runner.jobs.recovery.reap: every launch and submit, and `forge ledger reap`) completes it as
 soon as the registry answers. Completing re-validates the outputs with the checks of the first
 attempt (the stored weights against their hash, the metrics, the metadata schema), then
-registers the version and settles the allocation in one transaction (hook.register_model_
-version), or settles it `failed`, charging the seconds the job ran. Then the intent is gone,
+registers the version and settles the allocation in one transaction
+(hook.register_model_version), or settles it `failed`, charging the seconds the job ran
+(and undoes the weights and MLflow entries, as a failed launch does). Then the intent is gone,
 and a retry of the same request gets that outcome. One process completes an intent at a
 time (a lock on its file).
 """

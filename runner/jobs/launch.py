@@ -273,11 +273,11 @@ class _Job:
     def _register_later(self, record: hook.RunRecord, exc: Exception) -> None:
         """The registry is away or locked: keep the registration as an intent and retry it
         while this process lives (intents.py); returns once the version is registered."""
-        self.pending = True  # from here the intent settles the allocation, or undoes
         path = intents.write(record, self.parent["id"] if self.parent else None, {
             "tracking_uri": self.cfg["tracking"]["tracking_uri"], "run_id": self.run_id,
             "registered_model": self.registered["registered_model"],
             "version": self.registered["version"], "model_id": self.logged["model_id"]})
+        self.pending = True  # from here the intent settles the allocation, or undoes
         outcome = intents.complete_retrying(
             path, self.cfg["registry"].get("registration_retry_s", 60.0))
         if outcome is None:
