@@ -104,9 +104,35 @@ def test_seven_submits_from_one_agent_run_at_most_the_limit(sqlite_registry, tmp
     third = submit(8)  # the slot it held is free again
     assert third["existing"] is False
     wait_working(third["job_id"])
-    assert live_jobs() <= {accepted[1]["job_id"], third["job_id"]}
+    deadline = time.monotonic() + 30  # the cancelled job's controller exits after settling
+    while not live_jobs() <= {accepted[1]["job_id"], third["job_id"]}:
+        assert time.monotonic() < deadline, live_jobs()
+        time.sleep(0.3)
     for job in (accepted[1], third):
         assert cancel_job(job["job_id"], AGENT)["status"] == "cancelled"
+    assert recovery.check() == []
+
+
+@pytest.mark.slow
+def test_the_local_engine_runs_at_most_the_hosts_job_slots(sqlite_registry, tmp_path,
+                                                           monkeypatch):
+    """Another agent's submit waits for no slot it cannot have: with one job slot on this
+    host, B is refused while A's job runs, and gets the slot once A's job is cancelled."""
+    operator_conf(tmp_path, monkeypatch, "policy:\n  max_jobs_per_host: 1\n"
+                                         "sandbox:\n  max_memory_gb: 1\n")
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLEEPING_TRAINER)))
+    ledger.grant("agent-b", "10")
+    first = submit(0)
+    wait_working(first["job_id"])
+    args = {"agent_id": "agent-b", "wall_time_cap_min": 5, "vram_cap_gb": 1}
+    with pytest.raises(ForgeError) as full:
+        submit_training(BASE_ID, DATASET_ID, **args)
+    assert (full.value.reason, full.value.field) == ("capacity", "policy.max_jobs_per_host")
+    assert ledger.balance("agent-b") == Decimal(10)
+    assert live_jobs() == {first["job_id"]}
+    assert cancel_job(first["job_id"], AGENT)["status"] == "cancelled"
+    second = submit_training(BASE_ID, DATASET_ID, **args)
+    assert cancel_job(second["job_id"], "agent-b")["status"] == "cancelled"
     assert recovery.check() == []
 
 
