@@ -41,15 +41,10 @@ def db() -> None:
 @click.option("--url", default=None, help="Database URL (default: FORGE_DB_URL or outputs/forge.db).")
 def db_upgrade(url):
     """Create or migrate every registry table and write the skills rows (idempotent)."""
-    # lazy: runner.api and the registry (~350 ms) stay out of `forge --help`
-    from runner.api import SKILLS
+    # lazy: the registry (~350 ms) stays out of `forge --help`
     from runner.registry import db as dbmod
-    from runner.tools import register_tools
 
-    rev = dbmod.upgrade(url)
-    with dbmod.transaction(url=url) as conn:
-        register_tools(SKILLS, conn=conn)
-    click.echo(f"registry at revision {rev}")
+    click.echo(f"registry at revision {dbmod.upgrade(url)}")  # skills included
 
 
 @main.group()

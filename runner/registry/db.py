@@ -4,6 +4,7 @@ PostgreSQL."""
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from runner import settings
 from runner.errors import ForgeError, StoreHalfMigrated
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 
 
@@ -128,9 +130,8 @@ def alembic_config(url: str | None = None):
 
 
 def upgrade(url: str | None = None, revision: str = "head") -> str | None:
-    """Bring the registry schema to `revision`; a no-op when it is already there. Tables
-    only: the skills rows are the caller's (`forge db upgrade` writes runner.api.SKILLS with
-    runner.tools.register_tools)."""
+    """Bring the registry schema to `revision` (a no-op when it is already there) and, at
+    head, write the skills rows in the same transaction: what `forge db upgrade` runs."""
     from alembic import command  # lazy: alembic is ~150 ms, not on the dry run's path
 
     cfg = alembic_config(url)
@@ -141,7 +142,23 @@ def upgrade(url: str | None = None, revision: str = "head") -> str | None:
         _refuse_half_migrated(conn)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+        if revision == "head":
+            _register_skills(conn)
     return current_revision(url)
+
+
+def _register_skills(conn: sa.Connection) -> None:
+    """The skills rows (runner.api's calls), so that audit rows link to their skill. The
+    skills are declared above this layer, which must not import them: the installed package
+    names their writer as its `forge_runner.skills` entry point (pyproject.toml)."""
+    from importlib.metadata import entry_points
+
+    writers = entry_points(group="forge_runner.skills")
+    if not writers:
+        log.warning("no forge_runner.skills entry point: the skills rows were not written "
+                    "(install the package: pip install -e .)")
+    for writer in writers:
+        writer.load()(conn=conn)
 
 
 _MIGRATION_LOCK = 0x666F726765  # "forge": the advisory lock key of registry migrations
