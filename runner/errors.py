@@ -174,3 +174,11 @@ class CapacityExceeded(ForgeError):
     the sum of memory caps per host): refused before any debit; `field` names the limit."""
 
     reason = "capacity"
+
+
+class ParentStateRefused(ForgeError):
+    """A parent in a lifecycle state the operator's `policy.parent_states` leaves out (by
+    default a rejected, superseded, deprecated or draft version): refused before any debit;
+    `state` names it."""
+
+    reason = "parent_state"

@@ -132,6 +132,8 @@ class PolicyConf:
     max_jobs_per_agent: int = 2
     max_jobs_per_host: int = 4
     max_host_memory_gb: Optional[float] = None
+    # the lifecycle states a parent may be fine-tuned from (runner/jobs/parents.py)
+    parent_states: List[str] = field(default_factory=lambda: ["active", "candidate"])
 
 
 @dataclass

@@ -82,6 +82,8 @@ def evaluate(candidate_id: str, agent_id: str, gate: str = "default", *, dry_run
     plan = prepare(TrainRequest(candidate_id, _eval_dataset(cand), agent_id,
                                 wall_time_cap_min=rules.wall_time_cap_min,
                                 allow_dirty=allow_dirty, dry_run=dry_run))
+    # policy.parent_states rules what may be fine-tuned; the gate evaluates its candidate
+    plan.problems = [p for p in plan.problems if p.reason != "parent_state"]
     manifest = _manifest(cand, plan, comparators, rules)
     if dry_run:
         return _dry_run(cand, gate, rules, plan, comparators)

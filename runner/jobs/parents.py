@@ -5,6 +5,8 @@
   vocabulary's size, digest and special tokens go into the artifact's metadata; a setting
   this trainer cannot honour (`pre_norm: true`, batch labels, DSBN, ...) is refused with
   its key named, never dropped.
+- `state_problem()`: whether the operator's rule (`policy.parent_states`) lets a version in its
+  lifecycle state be fine-tuned (a rejected or superseded one is not, by default).
 - `check_parent()`: what a dry run knows about a registered parent before any debit, without
   torch and without the weights: the architecture its args.json gives (which the config
   takes), the vocabulary's specials and gaps, the dataset's genes it matches, and which heads
@@ -25,7 +27,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from runner import settings
-from runner.errors import ForgeError, InvalidInput, WeightsIntegrityError
+from runner.errors import ForgeError, InvalidInput, ParentStateRefused, WeightsIntegrityError
 from runner.jobs import datasets, weights
 from runner.registry import catalog
 from trainers.scgpt import checkpoint_args
@@ -180,6 +182,19 @@ def register_parent(artifact_id: str, origin_url: str, *, sha256: str | None = N
 
 
 # --- the dry run's look ---------------------------------------------------------------------------
+
+def state_problem(parent: dict, allowed: list[str]) -> ParentStateRefused | None:
+    """A parent whose lifecycle state is not among the operator's `allowed` states."""
+    state = parent["lifecycle_state"]
+    if state in allowed:
+        return None
+    return ParentStateRefused(
+        f"parent {parent['id']!r} is {state!r}; this host fine-tunes versions that are "
+        f"{' or '.join(map(repr, allowed))} (policy.parent_states)", field="parent_artifact_id",
+        state=state, allowed=list(allowed),
+        fix="fine-tune an active or candidate version (its lineage names them), or the "
+            f"operator adds {state!r} to policy.parent_states")
+
 
 def check_parent(parent: dict, resolved: dict, dataset: dict | None
                  ) -> tuple[dict, dict, list[ForgeError]]:

@@ -161,6 +161,8 @@ def prepare(req: TrainRequest, *, on_this_host: bool | None = None) -> Plan:
         cfg, resolved = compose.merge_config(cfg, derived, "registry")
     checkpoint = None
     if parent is not None:  # its own args.json decides its architecture, before any debit
+        if (refused := parents.state_problem(parent, resolved["policy"]["parent_states"])):
+            problems.append(refused)
         checkpoint, arch, found = parents.check_parent(parent, resolved, dataset)
         problems.extend(found)
         given = {k: v for k, v in arch.items() if resolved["parent"].get(k) != v}
