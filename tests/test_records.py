@@ -18,7 +18,7 @@ from helpers import AGENT, BASE_ID, DATASET_ID, fake_code_repo, operator_conf, s
 
 from runner.api import train_model_version
 from runner.errors import TrainingFailed
-from runner.jobs import codepin, tracking
+from runner.jobs import codepin, tracking, weights
 from runner.registry import catalog, db, ledger, recovery, schema
 
 TINY = dict(agent_id=AGENT, wall_time_cap_min=5, vram_cap_gb=1)
@@ -143,13 +143,14 @@ def test_a_trained_version_records_the_truth(registry, tmp_path, monkeypatch):
     model = catalog.get_model_version(second["artifact_id"])
     assert model["version"]["base_model_id"] == BASE_ID  # the root, not the parent
     diff = model["metadata"]["code_diff"]
-    patch = Path(diff["path"]).read_bytes()
+    kept = weights.version_dir(second["artifact_id"]) / diff["artifact"]
+    patch = kept.read_bytes()
     assert hashlib.sha256(patch).hexdigest() == diff["sha256"]
     assert b"notes.txt" not in patch and b"0.75" in patch
     assert diff["sha256"] == codepin.pin_code(repo).diff_sha256  # the pin's digest is the patch's
     applied = tmp_path / "applied"
     subprocess.run(["git", "clone", "-q", str(repo), str(applied)], check=True)
-    subprocess.run(["git", "apply", diff["path"]], cwd=applied, check=True)
+    subprocess.run(["git", "apply", str(kept)], cwd=applied, check=True)
     assert not (applied / "notes.txt").exists()
     assert (applied / "trainers" / "entrypoint.py").read_bytes() == \
         (repo / "trainers" / "entrypoint.py").read_bytes()

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import math
+import shutil
 import sys
 import threading
 import uuid
@@ -52,6 +53,8 @@ from runner.registry.recovery import Heartbeat, settle_retrying
 from trainers.manifest import FINETUNE, PRIMARY_METRIC
 
 RUN_OUTPUTS = ("result.json", "confusion_matrix.png", "learning_curves.png")
+# allow_dirty's patch: its name in the run dir, in the version's folder, under the run's code/
+CODE_DIFF = "code.diff"
 # A fine-tune's test metrics, per-class F1 and baseline: measured on the host (truth.py)
 HOST_MEASURED = ("test_", "baseline_test_")
 
@@ -217,9 +220,8 @@ class _Job:
                                cfg["registry"].get("blob_threshold_mb", 50))
         self.stored = True
         if self.code_diff is not None:  # kept with the version, beside its weights
-            kept = weights.weights_dir(self.artifact_id).parent / "code.diff"
-            kept.write_bytes((self.run_dir / "code.diff").read_bytes())
-            self.code_diff["path"] = str(kept)
+            shutil.copyfile(self.run_dir / CODE_DIFF,
+                            weights.version_dir(self.artifact_id) / self.code_diff["artifact"])
         tracking.log_outputs(self.mlflow, self.run_id, [out / name for name in RUN_OUTPUTS])
         # The checkpoint goes up once, as the logged model: its raw scGPT files are the model's
         # artifacts/checkpoint/ (and the registry's weights folder), not a second run artifact.
@@ -393,13 +395,16 @@ class _Job:
 
     def _keep_diff(self) -> None:
         """allow_dirty: the version records HEAD, so the changes it ran on top of HEAD are
-        kept as a patch (with its sha256) in the run dir and on the MLflow run."""
+        kept as a patch (with its sha256) on the MLflow run now, and in the version's folder
+        once its weights are stored. The record names it relative to each, never by a host
+        path: the version's folder moves with FORGE_HOME, the run with its store."""
         patch = codepin.diff_patch(self.plan.code)
-        path = self.run_dir / "code.diff"
+        path = self.run_dir / CODE_DIFF
         path.write_bytes(patch)
         self.mlflow.log_artifact(self.run_id, str(path), "code")
         self.code_diff = {"sha256": hashlib.sha256(patch).hexdigest(),
-                          "size_bytes": len(patch), "base_commit": self.plan.code.sha}
+                          "size_bytes": len(patch), "base_commit": self.plan.code.sha,
+                          "artifact": CODE_DIFF, "mlflow_artifact": f"code/{CODE_DIFF}"}
 
     def _metadata(self, result: dict, stored: dict, experiment_id: str) -> dict:
         parent = self.cfg["parent"]

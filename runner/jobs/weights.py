@@ -50,8 +50,13 @@ def tree_hash(files: dict[str, str]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+def version_dir(artifact_id: str) -> Path:
+    """A model version's folder: its weights/ and the files kept beside them (code.diff)."""
+    return settings.forge_home() / "artifacts" / "models" / validate_artifact_id(artifact_id)
+
+
 def weights_dir(artifact_id: str) -> Path:
-    return settings.forge_home() / "artifacts" / "models" / validate_artifact_id(artifact_id) / "weights"
+    return version_dir(artifact_id) / "weights"
 
 
 def blob_path(sha: str) -> Path:
@@ -105,7 +110,7 @@ def store(artifact_id: str, checkpoint: Path, blob_threshold_mb: float = 50) -> 
 
 def remove(artifact_id: str) -> None:
     """Undo store() when registration fails (blobs stay: they are shared by content)."""
-    shutil.rmtree(weights_dir(artifact_id).parent, ignore_errors=True)
+    shutil.rmtree(version_dir(artifact_id), ignore_errors=True)
 
 
 def materialize(artifact: dict, dest: Path) -> Path:
