@@ -84,8 +84,7 @@ def submit_training(parent_artifact_id: str, dataset_artifact_id: str,
         parent_artifact_id, dataset_artifact_id, agent_id,
         training_config=nest_training_config(training_config), overrides=overrides,
         wall_time_cap_min=wall_time_cap_min, vram_cap_gb=vram_cap_gb, allow_dirty=allow_dirty,
-        devices=devices, device=device),
-        on_this_host=background.executor_name() == "local")  # SLURM places its own
+        devices=devices, device=device))
     if plan.problems:
         raise plan.problems[0]
     return background.submit(plan)

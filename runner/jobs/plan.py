@@ -140,12 +140,8 @@ def request_key(req: TrainRequest, config: dict, code_sha: str,
                                      default=str).encode()).hexdigest()
 
 
-def prepare(req: TrainRequest, *, on_this_host: bool | None = None) -> Plan:
-    """validate -> compose -> read the registry -> price -> pin code -> the sandbox job.
-    `on_this_host`: whether this host would place the job, so that its capacity limits
-    apply (by default: unless this process runs inside a SLURM job, which SLURM placed)."""
-    if on_this_host is None:
-        on_this_host = engine.current() is None
+def prepare(req: TrainRequest) -> Plan:
+    """validate -> compose -> read the registry -> price -> pin code -> the sandbox job."""
     _validate_arguments(req)
     cfg, resolved = _from_config(req) if req.config is not None else _compose(req)
     db_url = resolved["registry"]["db_url"]
@@ -153,8 +149,12 @@ def prepare(req: TrainRequest, *, on_this_host: bool | None = None) -> Plan:
     if req.mlflow_parent_run_id is not None and not req.dry_run:
         _check_parent_run(resolved, req)
     problems: list[ForgeError] = []
-    parent, dataset, account = _read_registry(db_url, req, problems,
-                                              capacity.limits(resolved, on_this_host=on_this_host))
+    # Capacity: the dry run's reading (of a blocking call: this host places it, unless this
+    # process runs in a SLURM job); a real request is checked by the reserve, under its
+    # locks, after the reaper has closed the jobs of dead hosts.
+    limits = (capacity.limits(resolved, on_this_host=engine.current() is None)
+              if req.dry_run else None)
+    parent, dataset, account = _read_registry(db_url, req, problems, limits)
     derived = {group: values for group, values in _registry_values(parent, dataset).items()
                if any(resolved[group].get(k) != v for k, v in values.items())}
     if derived:  # the registry disagrees with conf/: it wins (a merge costs a validation)
@@ -274,9 +274,9 @@ def _from_config(req: TrainRequest):
 
 
 def _read_registry(db_url, req: TrainRequest, problems: list[ForgeError],
-                   limits: capacity.Limits):
-    """Parent, dataset and the agent's account, in one short read; and whether one more job
-    of the agent fits the capacity limits (the reserve checks them again, under its locks)."""
+                   limits: capacity.Limits | None):
+    """Parent, dataset and the agent's account, in one short read; and, given `limits`,
+    whether one more job of the agent fits them."""
     with db.get_engine(db_url).connect() as conn:
         try:
             if req.from_scratch:
@@ -288,7 +288,7 @@ def _read_registry(db_url, req: TrainRequest, problems: list[ForgeError],
             dataset = _artifact(catalog, req.dataset_artifact_id, "dataset",
                                 "dataset_artifact_id", conn, problems)
             account = ledger.account(req.agent_id, conn=conn)
-            busy = capacity.problem(conn, req.agent_id, limits)
+            busy = capacity.problem(conn, req.agent_id, limits) if limits else None
         except Exception as exc:  # noqa: BLE001 - re-raised, typed where we can
             _raise_db_error(exc)
     if busy is not None:
