@@ -141,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     uri = to_plain(compose_config())["tracking"]["tracking_uri"]
     took = f"done in {time.perf_counter() - start:.0f}s."
     if uri.startswith(("http://", "https://")):  # tracking=server: its UI is already up
-        console.print(f"{took} Browse runs and the registered model: {result.get('detail_url')}")
+        console.print(f"{took} Browse runs and the registered model: {result.get('mlflow_url')}")
     else:
         console.print(f"{took} Browse runs and the registered model:\n  .venv/bin/mlflow ui "
                       f"--backend-store-uri {uri} --workers 1 --port 5000   # then open "
-                      f"{result.get('detail_url')}")
+                      f"{result.get('mlflow_url')}")
+    console.print(f"The version's page (lineage, metrics, cost, gate):\n  .venv/bin/forge serve"
+                  f"   # then open {result.get('detail_url')}")
     return 0
 
 

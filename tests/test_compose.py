@@ -83,7 +83,7 @@ def test_tracking_uri_follows_forge_home(monkeypatch, tmp_path):
     monkeypatch.setenv("FORGE_HOME", str(tmp_path))
     plain = compose.to_plain(compose_config())
     assert plain["tracking"]["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
-    assert "{run_id}" in plain["tracking"]["detail_url"]
+    assert "{run_id}" in plain["tracking"]["mlflow_url"]
 
 
 def test_forge_config_dir_and_the_cache_sees_edits(monkeypatch, tmp_path):

@@ -133,7 +133,7 @@ def _tracked_on_the_server(store, client, run, result: dict, allocation_id: str)
     the run's files and the logged model uploaded through the server into its artifact
     destination; and the job was never told where the server is."""
     server = store.server
-    assert result["detail_url"] == (f"{server.url}/#/experiments/{run.info.experiment_id}"
+    assert result["mlflow_url"] == (f"{server.url}/#/experiments/{run.info.experiment_id}"
                                     f"/runs/{run.info.run_id}")
     assert_on_server(store, client, run.info.run_id, files=("config/resolved.yaml", "job.log"))
     model = client.get_logged_model(run.outputs.model_outputs[0].model_id)

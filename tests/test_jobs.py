@@ -101,6 +101,7 @@ def test_submit_returns_at_once_and_the_job_registers_a_candidate(registry, comm
     assert version["lifecycle_state"] == "candidate"
     assert version["version"]["gpu_allocation_id"] == job["job_id"]
     assert result["detail_url"] == f"http://127.0.0.1:8765/artifacts/{result['artifact_id']}"
+    assert result["mlflow_url"].endswith(f"/runs/{result['mlflow']['run_id']}")
     assert [row["id"] for row in catalog.lineage(result["artifact_id"])] == \
         [BASE_ID, result["artifact_id"]]
     settled = ledger.get_allocation(job["job_id"])

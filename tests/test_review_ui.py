@@ -4,7 +4,7 @@ headless Chromium renders (the DOM after the single-page app ran), not from the 
 The real smoke demo builds its store in a temporary FORGE_HOME (a base, a fine-tuned
 candidate, the gate's decision); `mlflow server` serves that store; Chromium renders:
 
-- the candidate's run page (the demo's own detail_url route): the dataset input under
+- the candidate's run page (the demo's own mlflow_url route): the dataset input under
   "Datasets", the logged model under "Logged models", the registered version, the decision tag;
 - the model version page: the decision in the description, the `champion` alias when
   promoted (none when rejected), the registry's version number as a tag;
@@ -50,7 +50,7 @@ class Demo:
     @property
     def run_route(self) -> str:
         """The run page the demo tells the reviewer to open, on whichever server serves it."""
-        return self.trained["detail_url"].partition("#")[2]
+        return self.trained["mlflow_url"].partition("#")[2]
 
     @property
     def experiment_id(self) -> str:

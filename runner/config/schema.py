@@ -92,9 +92,9 @@ class TrackingConf:
     artifact_root: str = MISSING
     experiment_name: str = MISSING
     ui_url: str = "http://127.0.0.1:5000"
-    detail_url: str = MISSING
-    # forge serve's base URL (FORGE_SITE_URL): when set, detail_url is its artifact page.
-    site_url: Optional[str] = None
+    mlflow_url: str = MISSING  # the run's page, returned as mlflow_url
+    # forge serve's base URL (FORGE_SITE_URL): detail_url is the new version's page there
+    site_url: str = "http://127.0.0.1:8765"
 
 
 @dataclass

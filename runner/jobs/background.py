@@ -103,7 +103,7 @@ def submit(plan: Plan) -> dict:
     ledger.assign_engine(alloc["id"], name, job_id, host)
     track = plan.resolved["tracking"]
     (folder / _RECORD).write_text(json.dumps({
-        "tracking_uri": track["tracking_uri"], "detail_url": launch.detail_template(track),
+        "tracking_uri": track["tracking_uri"], "links": launch.links(track),
         "max_epochs": plan.resolved["training"]["max_epochs"],
         "grace_s": plan.resolved["sandbox"]["grace_s"]}))
     return {**state(ledger.get_allocation(alloc["id"])), "existing": False}
@@ -200,8 +200,7 @@ def state(alloc: dict) -> dict:
     if status == "running":
         out["progress"] = _progress(alloc, record)
     elif status == "succeeded" and alloc.get("artifact_id"):
-        out["result"] = launch.result_for(alloc["artifact_id"],
-                                          detail_template=record.get("detail_url"))
+        out["result"] = launch.result_for(alloc["artifact_id"], links=record.get("links"))
     elif status in ("failed", "cancelled"):
         reason, _, message = (alloc["failure_reason"] or "").partition(": ")
         out["error"] = {"reason": reason or status, "message": message or None}

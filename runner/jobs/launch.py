@@ -72,7 +72,7 @@ def launch(plan: Plan, *, on_line: Callable[[str], None] | None = None,
         recovery.reap()  # dead jobs first: their credits count, their retries may run
         alloc = reserve(plan, engine.current())  # the SLURM job this process runs in, if any
         if alloc.get("existing"):
-            return _earlier(alloc, detail_template(plan.resolved["tracking"]))
+            return _earlier(alloc, links(plan.resolved["tracking"]))
     else:
         alloc = allocation
 
@@ -135,10 +135,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _earlier(alloc: dict, detail_template: str | None) -> dict:
+def _earlier(alloc: dict, urls: dict) -> dict:
     """The same request again: return what it produced; never debit or register twice."""
     if alloc["status"] == "settled" and alloc.get("artifact_id"):
-        return result_for(alloc["artifact_id"], detail_template=detail_template)
+        return result_for(alloc["artifact_id"], links=urls)
     if intents.path_for(alloc["id"]).exists():  # trained; the reaper could not register it yet
         raise intents.pending_error(alloc["id"], "the registry did not answer the reaper")
     raise Conflict(f"request {alloc['request_key'][:12]}... is already {alloc['status']} "
@@ -270,7 +270,7 @@ class _Job:
             self._description(result, primary, version_number)))
         self._after(f"could not mark MLflow run {self.run_id} FINISHED",
                     lambda: tracking.finish(self.mlflow, self.run_id, ok=True, reason="ok"))
-        return result_for(self.artifact_id, detail_template=detail_template(cfg["tracking"]))
+        return result_for(self.artifact_id, links=links(cfg["tracking"]))
 
     def _register_later(self, record: hook.RunRecord, exc: Exception) -> None:
         """The registry is away or locked: keep the registration as an intent and retry it
@@ -468,17 +468,16 @@ class _Job:
             attempt(f"could not mark MLflow run {self.run_id} FAILED", mark_failed)
 
 
-def detail_template(tracking: dict) -> str | None:
-    """Where a result's detail_url points: forge serve's artifact page when the operator set
-    its base URL (tracking.site_url), else the MLflow run page (tracking.detail_url)."""
-    site = tracking.get("site_url")
-    if site:
-        return site.rstrip("/") + "/artifacts/{artifact_id}"
-    return tracking.get("detail_url")
+def links(tracking: dict) -> dict[str, str]:
+    """The templates of a result's links: `detail_url`, the new version's page on forge serve
+    (tracking.site_url), and `mlflow_url`, its MLflow run (tracking.mlflow_url)."""
+    return {"detail_url": tracking["site_url"].rstrip("/") + "/artifacts/{artifact_id}",
+            "mlflow_url": tracking["mlflow_url"]}
 
 
-def result_for(artifact_id: str, *, detail_template: str | None = None) -> dict:
-    """The call's return value, rebuilt from the registry (so a retry returns the same)."""
+def result_for(artifact_id: str, *, links: dict[str, str] | None = None) -> dict:
+    """The call's return value, rebuilt from the registry (so a retry returns the same);
+    `links`: the templates links() gives, filled in for this version."""
     model = catalog.get_model_version(artifact_id)
     version = model["version"]
     alloc = ledger.get_allocation(version["gpu_allocation_id"])
@@ -486,10 +485,11 @@ def result_for(artifact_id: str, *, detail_template: str | None = None) -> dict:
     mlflow_uri = version.get("mlflow_model_uri") or ""
     name, _, number = mlflow_uri.removeprefix("models:/").partition("/")
     experiment_id = (meta.get("mlflow") or {}).get("experiment_id")
-    detail = None
-    if detail_template and (experiment_id or "{experiment_id}" not in detail_template):
-        # artifact ids are [A-Za-z0-9._-] (catalog.validate_artifact_id): safe in a URL path
-        detail = detail_template.format(experiment_id=experiment_id,
+    urls = {"detail_url": None, "mlflow_url": None}
+    for key, template in (links or {}).items():
+        if template and (experiment_id or "{experiment_id}" not in template):
+            # artifact ids are [A-Za-z0-9._-] (catalog.validate_artifact_id): safe in a path
+            urls[key] = template.format(experiment_id=experiment_id,
                                         run_id=version["mlflow_run_id"], artifact_id=artifact_id)
     return {
         "artifact_id": artifact_id, "version_number": model["version_number"],
@@ -504,7 +504,7 @@ def result_for(artifact_id: str, *, detail_template: str | None = None) -> dict:
                    "registered_model": name or None, "version": number or None},
         "code_commit_sha": version["code_commit_sha"],
         "device": meta.get("device"),
-        "detail_url": detail,
+        **urls,
     }
 
 

@@ -189,7 +189,7 @@ def mlflow_links(version: dict, meta: dict, tracking: dict) -> dict:
              "model_uri": version.get("mlflow_model_uri"), "run": None, "model_version": None,
              "confusion_matrix": here and bool(run_id) and meta.get("task") == "finetune_celltype"}
     if here and ui and run_id and experiment_id is not None:
-        links["run"] = tracking["detail_url"].format(experiment_id=segment(experiment_id),
+        links["run"] = tracking["mlflow_url"].format(experiment_id=segment(experiment_id),
                                                      run_id=segment(run_id))
     if here and ui and name and number:
         links["model_version"] = f"{ui.rstrip('/')}/#/models/{segment(name)}/versions/" \
