@@ -147,10 +147,17 @@ def operator_conf(tmp_path: Path, monkeypatch, local_yaml: str) -> Path:
 
 
 def fake_code_repo(tmp_path: Path, body: str) -> Path:
-    """A git repository whose trainers.entrypoint is `body`: a stand-in trainer."""
+    """A git repository whose trainers.entrypoint is `body`: a stand-in trainer. It carries
+    this checkout's dataset loader and scoring, with which a stand-in predicts the held-out
+    cells the host scores (STAND_IN_TRAINER)."""
+    import shutil
+
     repo = tmp_path / "fake-code"
-    (repo / "trainers").mkdir(parents=True)
-    (repo / "trainers" / "__init__.py").write_text("")
+    trainers = Path(__file__).resolve().parents[1] / "trainers"
+    shutil.copytree(trainers / "data", repo / "trainers" / "data",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("__init__.py", "scoring.py"):
+        shutil.copy(trainers / name, repo / "trainers" / name)
     (repo / "trainers" / "entrypoint.py").write_text(textwrap.dedent(body))
     for cmd in (["init", "-q"], ["add", "-A"],
                 ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "fake"]):
@@ -163,13 +170,30 @@ TINY = ["training.max_epochs=1", "training.batch_size=32", "training.max_seq_len
         "training.limit_train_batches=4", "training.limit_eval_batches=2",
         "training.log_every_n_steps=2"]
 
-# A stand-in trainer: writes a checkpoint and result.json with METRICS in a blink.
+# A stand-in trainer: writes a checkpoint and result.json with METRICS in a blink. A fine-tune
+# also predicts every held-out cell, which the host scores (runner/jobs/truth.py): the
+# first RIGHT of them (a fraction, in the split's order) right, the others wrong; METRICS'
+# test_* values are claims the host replaces with its measurement.
 STAND_IN_TRAINER = """
     import json, sys, pathlib
     m = json.load(open(sys.argv[1]))
     out = pathlib.Path(m["output_dir"])
     (out / "checkpoint").mkdir()
     (out / "checkpoint" / "best_model.pt").write_bytes(json.dumps(m["training"]).encode())
+    RIGHT = 1.0
+    if m["task"] == "finetune_celltype":
+        from trainers.data.load import load, split_cells
+        from trainers.scoring import write_predictions
+        d, t = m["dataset"], m["training"]
+        data = load(d["path"], d["format"], d.get("label_key"), d.get("gene_key"),
+                    d.get("use_raw"))
+        seed = m["seed"] if t.get("split_seed") is None else t["split_seed"]
+        test = split_cells(data.n_cells, data.labels, t["val_fraction"], t["test_fraction"],
+                           seed).test
+        k, right = len(data.label_names), int(round(RIGHT * len(test)))
+        pred = [int(c) if i < right else (int(c) + 1) % k
+                for i, c in enumerate(data.labels[test])]
+        write_predictions(out, test, {"candidate": pred}, data.label_names)
     print("trained", flush=True)
     json.dump({"status": "ok", "metrics": METRICS, "checkpoint": {"dir": "checkpoint"}},
               open(out / "result.json", "w"))
@@ -195,15 +219,28 @@ def scratch_code_repo(tmp_path: Path, monkeypatch) -> Path:
     return path
 
 
+def stand_in_weights(artifact_id: str) -> None:
+    """A few bytes as the stored weights of a model registered by hand with no content hash:
+    a dry run finds weights there (a model without any is refused, weights_missing), and
+    nothing here trains from them."""
+    from runner.jobs import weights
+
+    folder = weights.weights_dir(artifact_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "best_model.pt").write_bytes(b"stand-in")
+
+
 def pilot_dry_run_registry(tmp_path: Path, monkeypatch) -> Path:
-    """The pilot's parent (no weights: dry runs never read them) and the CBMC dataset with its
-    real citation, agent a1 with 10 credits, and a one-commit repository as the code to pin."""
+    """The pilot's parent (stand-in weights: dry runs never unpickle them) and the CBMC dataset
+    with its real citation, agent a1 with 10 credits, and a one-commit repository as the code
+    to pin."""
     from runner.jobs.datasets import builtin_citation
     from runner.registry import catalog, ledger
 
     path = scratch_code_repo(tmp_path, monkeypatch)
     catalog.register_model(artifact_id=PILOT_PARENT, title="scGPT CBMC base", created_by="test",
                            metadata={"family": "scgpt", "framework": "scgpt"})
+    stand_in_weights(PILOT_PARENT)
     catalog.register_dataset(PILOT_DATASET, "CBMC", builtin_citation("cbmc"))
     ledger.grant("a1", "10")
     return path
@@ -302,3 +339,44 @@ def stand_in_candidate(parent_id: str, artifact_id: str, split: dict | None = No
                      "seed": 0, "split_seed": None, "val_fraction": 0.1, "test_fraction": 0.1,
                      "max_seq_len": 33, "batch_size": 32, "precision": "32"}}})
     return artifact_id
+
+
+# --- stand-in eval jobs for the real gate (tests/test_gate.py, tests/test_improvements.py) --------
+
+# A stand-in job's start: the real held-out cells of its manifest (an eval manifest's split, or
+# a training manifest's seed and fractions) and their labels, read with the real loader, as
+# any job can. The host scores what it writes against its own rebuild of the same cells.
+GATE_HELD_OUT = """
+    import json, sys, pathlib
+    from trainers.data.load import load, split_cells
+    from trainers.scoring import write_predictions
+    m = json.load(open(sys.argv[1]))
+    out = pathlib.Path(m["output_dir"])
+    d = m["dataset"]
+    s = m.get("split") or {**m["training"], "seed": m["seed"]}
+    data = load(d["path"], d["format"], d.get("label_key"))
+    split = split_cells(data.n_cells, data.labels, s["val_fraction"], s["test_fraction"],
+                        s["seed"])
+    cells, k = split.test, len(data.label_names)
+    true = data.labels[cells].tolist()
+"""
+
+
+def stand_in_gate_repo(repo: Path, body: str, entrypoint: str | None = None) -> Path:
+    """A code repository at `repo` with this checkout's dataset loader and scoring (what
+    GATE_HELD_OUT needs), whose trainers.gate_eval is `body` (and trainers.entrypoint, when
+    given, `entrypoint`)."""
+    import shutil
+
+    checkout = Path(__file__).resolve().parents[1]
+    shutil.copytree(checkout / "trainers" / "data", repo / "trainers" / "data",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("__init__.py", "scoring.py"):
+        shutil.copy(checkout / "trainers" / name, repo / "trainers" / name)
+    (repo / "trainers" / "gate_eval.py").write_text(textwrap.dedent(body))
+    if entrypoint is not None:
+        (repo / "trainers" / "entrypoint.py").write_text(textwrap.dedent(entrypoint))
+    for cmd in (["init", "-q"], ["add", "-A"],
+                ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "stand-in"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True)
+    return repo

@@ -64,7 +64,7 @@ def rebuild(path: Path, dataset: dict, *, seed: int, split_seed: int | None,
 
     try:
         data = load(str(path), dataset["format"], dataset.get("label_key"),
-                    dataset.get("gene_key"), bool(dataset.get("use_raw", False)),
+                    dataset.get("gene_key"), dataset.get("use_raw"),
                     name=dataset.get("source") or "")
     except DatasetError as exc:
         raise GateRefused(f"the host cannot read the dataset to rebuild the held-out truth: "
