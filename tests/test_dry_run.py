@@ -12,7 +12,7 @@ from pathlib import Path
 import git
 import pytest
 import sqlalchemy as sa
-from helpers import count_rows
+from helpers import count_rows, stand_in_weights
 
 from runner import api, tools
 from runner.errors import (
@@ -58,6 +58,7 @@ def registry(db_url, code_repo):
     """Parent model, two datasets and agent a1 with 10 credits."""
     catalog.register_model(artifact_id=PARENT, title="scGPT CBMC base", created_by="test",
                            metadata={"family": "scgpt", "framework": "scgpt"})
+    stand_in_weights(PARENT)
     from runner.jobs.datasets import builtin_citation
 
     catalog.register_dataset(DATASET, "CBMC", builtin_citation("cbmc"))
@@ -153,6 +154,7 @@ def test_registry_architecture_for_parents_without_a_conf_option(registry):
         artifact_id="model-scgpt-wide", title="wide", created_by="test",
         metadata={"family": "scgpt-wide", "framework": "scgpt",
                   "architecture": {"n_layers": 2, "d_model": 64, "n_heads": 8}})
+    stand_in_weights("model-scgpt-wide")
     result = dry(parent="model-scgpt-wide")
     parent = result["config"]["parent"]
     assert parent["artifact_id"] == "model-scgpt-wide" and parent["family"] == "scgpt-wide"

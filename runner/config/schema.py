@@ -102,6 +102,9 @@ class RegistryConf:
     db_url: Optional[str] = None
     blob_threshold_mb: float = 50.0
     min_free_gb: float = 2.0  # free space FORGE_HOME needs before a debit (runner/jobs/launch.py)
+    # a dry run hashes a parent's weights up to this size (else names and sizes only); a real
+    # call always hashes them before the debit (runner/jobs/weights.py check)
+    dry_run_hash_mb: float = 64.0
     expiry_margin_min: float = 10.0  # allocation expiry = cap + sandbox grace + this
     # how long the host retries a finished job's registration while the registry is away
     # (runner/jobs/intents.py); after that the reaper completes it

@@ -43,6 +43,7 @@ _RULES: list[tuple[str, Any, str]] = [
     ("sandbox.tmp_size_gb", lambda v: _finite(v) and v > 0, "a number > 0"),
     ("pricing.price_per_hour", lambda v: _finite(v) and v >= 0, "a number >= 0"),
     ("registry.blob_threshold_mb", lambda v: _finite(v) and v >= 0, "a number >= 0 (MB)"),
+    ("registry.dry_run_hash_mb", lambda v: _finite(v) and v >= 0, "a number >= 0 (MB)"),
     ("agent_id", lambda v: v is None or (isinstance(v, str) and bool(AGENT_ID.match(v))),
      f"null or an id matching {AGENT_ID.pattern}"),
     ("wall_time_cap_min", _positive_int, "an integer >= 1 (minutes)"),

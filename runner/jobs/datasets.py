@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import urllib.parse
@@ -292,6 +293,28 @@ def local_copy(source: str, cache: Path, sha256: str | None = None) -> Path | No
         path = cache / "files" / key[:16] / (Path(parsed.path).name or "download")
         return path if path.is_file() else None
     return None
+
+
+def known_fetch_failure(source: str) -> str | None:
+    """Why `fetch(source)` is sure to fail on this host now, found without downloading or
+    hashing: a file:// source whose file is gone or is no regular file the host can open.
+    None otherwise: a built-in or URL not cached yet needs the network, which only the fetch
+    itself can try."""
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme != "file":
+        return None
+    path = Path(urllib.parse.unquote(parsed.path))
+    try:  # O_NONBLOCK: a FIFO in its place must not hang the host
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return f"its file {path.name} is gone"
+    except OSError as exc:
+        return f"its file {path.name} cannot be opened ({exc.strerror})"
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    return None if regular else f"its file {path.name} is not a regular file"
 
 
 def loader_input(source: str, fetched: Path) -> Path:

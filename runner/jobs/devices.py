@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
 
+from runner import sandbox
 from runner.errors import ForgeError
 from runner.registry import money
 
@@ -80,6 +81,24 @@ def resolve(requested: str, per_device: dict) -> Device:
             f"device {requested!r} asked for, but this host's GPU is {gpus[0]} ({key})",
             field="device", fix=f"ask for device=auto or device={key}")
     return Device(key, "cuda:0", gpus[0])
+
+
+def not_visible(device: Device, count: int) -> DeviceUnavailable | None:
+    """Why the jail could not give a job the GPUs it is priced for: nvidia-smi lists them,
+    but a device node the sandbox binds (/dev/nvidiaN, nvidiactl, nvidia-uvm) is absent, so
+    the job would run on the CPU or fail in CUDA at GPU prices. None when all are there."""
+    if device.resource_type != "gpu":
+        return None
+    index = int(device.sandbox.split(":")[1])
+    missing = sandbox.missing_gpu_nodes(index, count)
+    if not missing:
+        return None
+    return DeviceUnavailable(
+        f"device {device.price_key} ({device.name}) x{count} asked for, but this host has no "
+        f"{', '.join(missing)}: the job could not see its GPU", field="device",
+        reason="gpu_not_visible",
+        fix="ask for device=cpu, or the operator makes the GPU's device nodes visible to this "
+            "host (nvidia-modprobe -u -c=0 creates nvidia-uvm; a container needs them mapped)")
 
 
 def priced(resolved: dict) -> tuple[Device | None, Decimal, ForgeError | None]:

@@ -35,8 +35,8 @@ from runner.errors import (
     NotFound,
     WrongArtifactType,
 )
-from runner.jobs import codepin, devices, engine, parents, tracking
-from runner.jobs.datasets import builtin_holds
+from runner.jobs import codepin, devices, engine, parents, tracking, weights
+from runner.jobs.datasets import builtin_holds, known_fetch_failure
 from runner.jobs.job import disk_problem, run_dir, sandbox_job
 from runner.registry import capacity, catalog, db, ledger, money
 from runner.tools import audit_to
@@ -168,6 +168,12 @@ def prepare(req: TrainRequest) -> Plan:
         given = {k: v for k, v in arch.items() if resolved["parent"].get(k) != v}
         if given:
             cfg, resolved = compose.merge_config(cfg, {"parent": given}, "checkpoint")
+        # the weights the launch will copy, as the registry recorded them: a dry run hashes
+        # small ones only; a real call hashes them all, still before the debit
+        limit = (resolved["registry"]["dry_run_hash_mb"] * 1024**2 if req.dry_run
+                 else float("inf"))
+        checkpoint["weights"], found = weights.check(parent, hash_limit_bytes=limit)
+        problems.extend(found)
     _check_dataset_content(resolved, dataset, problems)
 
     device, price, problem = devices.priced(resolved)
@@ -398,6 +404,11 @@ def _check_dataset_content(resolved: dict, dataset: dict | None,
     if dataset is None:
         return
     source = resolved["dataset"]["source"]
+    if (why := known_fetch_failure(source)) is not None:
+        problems.append(DatasetUnavailable(
+            f"dataset {dataset['id']!r} cannot be fetched: {why}", field="dataset_artifact_id",
+            fix="the operator restores the file the dataset was registered from, or registers "
+                "the data again; else pick another dataset"))
     expected = dataset.get("content_hash")
     if expected and not builtin_holds(source, expected):
         problems.append(DatasetUnavailable(
@@ -430,6 +441,10 @@ def _sandbox_plan(plan: Plan, problems: list[ForgeError]) -> dict:
         problems.append(devices.DeviceUnavailable(
             f"devices={plan.devices} GPUs asked for, but this host has {gpus}",
             field="devices", fix=f"ask for devices <= {gpus} (a job runs on one host)"))
+    elif plan.device is not None and (hidden := devices.not_visible(plan.device, plan.devices)):
+        problems.append(hidden)
+    if (no_jail := sandbox.unavailable()) is not None:  # probed once per bwrap, cached
+        problems.append(no_jail)
     try:
         out = sandbox.sandbox_plan(job)
     except ForgeError as exc:

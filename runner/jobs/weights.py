@@ -14,10 +14,12 @@ registered hash before any job sees them.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import urllib.parse
 import urllib.request
@@ -146,6 +148,144 @@ def _verify(artifact: dict, files: dict[str, str]) -> None:
             f"weights of {artifact['id']!r} hash to {actual[:12]}..., registry says "
             f"{expected[:12]}...", field="content_hash",
             fix="the weights changed since registration: restore them or register a new version")
+
+
+# --- before a debit: what the host can tell without unpickling ---------------------------------
+
+def check(artifact: dict, *, hash_limit_bytes: float) -> tuple[dict, list[WeightsIntegrityError]]:
+    """(report, problems): whether `materialize(artifact)` would find the weights the registry
+    recorded, told from the files alone (never unpickled). Every file must be there as a
+    regular file the host can open; their total size must be the recorded `size_bytes`; and,
+    when they total at most `hash_limit_bytes`, their sha256 must give the registered
+    content_hash (a file's hash is kept per file identity, so a second look is free).
+    Weights fetched at launch (an http(s) or file:// archive not unpacked yet) are not here
+    to check: their download and hash are checked by the launch."""
+    name = artifact["id"]
+    try:
+        files = _local_files(artifact)
+    except WeightsIntegrityError as exc:
+        return {"checked": False}, [exc]
+    if files is None:
+        return {"checked": False, "why": "an archive, unpacked and checked at launch"}, []
+    recorded_meta = (artifact.get("metadata") or {}).get("weights") or {}
+    recorded = recorded_meta.get("files") if isinstance(recorded_meta.get("files"), dict) else {}
+    problems: list[WeightsIntegrityError] = []
+    if absent := sorted(set(recorded) - set(files)):
+        problems.append(_weights_problem(name, "weights_missing", f"{', '.join(absent)} missing"))
+    extra = sorted(set(files) - set(recorded)) if recorded else []
+    if extra:  # materialize() hashes every file it finds: the tree hash would differ
+        problems.append(_weights_problem(name, "weights_integrity",
+                                         f"{', '.join(extra)} not in the registry's record"))
+    sizes, unreadable, gone = {}, [], []
+    for rel, path in files.items():
+        try:
+            sizes[rel] = _regular_size(path)
+        except FileNotFoundError:
+            gone.append(rel)
+        except OSError as exc:
+            unreadable.append(f"{rel} ({exc.strerror or exc})")
+    if gone:
+        problems.append(_weights_problem(name, "weights_missing", f"{', '.join(gone)} missing"))
+    if unreadable:
+        problems.append(_weights_problem(name, "weights_unreadable",
+                                         f"{', '.join(unreadable)} cannot be read"))
+    total = sum(sizes.values())
+    report = {"checked": True, "files": len(files), "size_bytes": total, "hashed": False}
+    if problems:
+        return report, problems
+    expected_size = recorded_meta.get("size_bytes")
+    if isinstance(expected_size, int) and total != expected_size:
+        return report, [_weights_problem(
+            name, "weights_size", f"{total} bytes on disk, the registry recorded "
+            f"{expected_size}", size_bytes=total, recorded_bytes=expected_size)]
+    expected = artifact.get("content_hash")
+    if expected and total <= hash_limit_bytes:
+        hashes = {rel: _cached_sha256(str(path), _identity(path)) for rel, path in files.items()}
+        report["hashed"] = True
+        if tree_hash(hashes) != expected:
+            changed = sorted(rel for rel, sha in hashes.items() if recorded.get(rel) != sha)
+            detail = f" ({', '.join(changed)} changed)" if recorded and changed else ""
+            problems.append(_weights_problem(
+                name, "weights_integrity",
+                f"their sha256 differs from the registry's {expected[:12]}...{detail}"))
+    return report, problems
+
+
+def _local_files(artifact: dict) -> dict[str, Path] | None:
+    """name -> the file on this host that materialize() would put there under that name;
+    None when the weights come as an archive fetched or unpacked at launch."""
+    if artifact["origin_type"] == "external":
+        url = artifact.get("origin_url") or ""
+        key = artifact.get("content_hash") or hashlib.sha256(url.encode()).hexdigest()
+        folder = settings.cache_dir() / "weights" / key
+        parsed = urllib.parse.urlparse(url)
+        if not folder.is_dir():
+            if parsed.scheme != "file":
+                return None
+            folder = Path(urllib.request.url2pathname(parsed.path))
+            if not os.path.lexists(folder):
+                raise _weights_problem(artifact["id"], "weights_missing",
+                                       "the file:// origin the registry names is gone")
+            if not folder.is_dir():
+                return None
+    else:
+        folder = weights_dir(artifact["id"])
+        if not folder.is_dir():
+            raise _weights_problem(artifact["id"], "weights_missing",
+                                   "the stored weights folder is gone")
+    files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+             if p.name != BLOB_INDEX and not p.is_dir()}
+    if (folder / BLOB_INDEX).exists():
+        try:
+            blobs = json.loads((folder / BLOB_INDEX).read_text())
+        except (OSError, ValueError) as exc:
+            raise _weights_problem(artifact["id"], "weights_unreadable",
+                                   f"{BLOB_INDEX} cannot be read ({exc})") from None
+        files.update({rel: blob_path(sha) for rel, sha in blobs.items()
+                      if isinstance(rel, str) and isinstance(sha, str)})
+    return files
+
+
+def _regular_size(path: Path) -> int:
+    """The size of a regular file the host can open; OSError otherwise. O_NONBLOCK: a FIFO in
+    its place must not hang the dry run."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    return info.st_size
+
+
+def _identity(path: Path) -> tuple:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_sha256(path: str, identity: tuple) -> str:
+    """file_sha256, kept per file identity (a rewritten file has another mtime/ctime)."""
+    return file_sha256(Path(path))
+
+
+def _weights_problem(artifact_id: str, reason: str, what: str,
+                     **details) -> WeightsIntegrityError:
+    fixes = {
+        "weights_missing": "the operator restores the model's weights (FORGE_HOME/artifacts, "
+                           "the blob store, or the origin the registry names); else train "
+                           "from another parent",
+        "weights_unreadable": "the operator makes each weights file a plain file the host "
+                              "can read; else train from another parent",
+        "weights_size": "the weights changed since registration: the operator restores them, "
+                        "or registers them as a new model; else train from another parent",
+        "weights_integrity": "the weights changed since registration: the operator restores "
+                             "them, or registers them as a new model; else train from another "
+                             "parent",
+    }
+    return WeightsIntegrityError(f"weights of {artifact_id!r}: {what}", reason=reason,
+                                 field="parent_artifact_id", fix=fixes[reason], **details)
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:

@@ -53,8 +53,10 @@ Where things live:
 
 - here: the public surface: `SandboxJob` (one job), `LaunchResult` (how it ended),
   `sandbox_plan` (the policy as data, for the dry run), `gpu_launch` (the run, start to
-  end), the VRAM pre-flight (`check_free_vram`, `VramUnavailable`), and re-exported for
-  other packages: `printable` (from `output`), `IN_DIR` (from `policy`), `EXIT_OOM`;
+  end), the VRAM pre-flight (`check_free_vram`, `VramUnavailable`), the GPU nodes a job
+  would lack (`missing_gpu_nodes`), and re-exported for other packages: `unavailable` (the
+  cached bwrap probe, from `supervisor`), `printable` (from `output`), `IN_DIR` (from
+  `policy`), `EXIT_OOM`;
 - `policy`: what the jail looks like: the bwrap arguments (mounts, synthetic /etc, env,
   uid, rlimits, GPU device nodes) and the validation of a job (protected paths);
 - `seccomp`: the seccomp BPF program, compiled from its syscall table;
@@ -89,6 +91,8 @@ from runner.sandbox.output import _hand_back, printable
 from runner.sandbox.policy import (
     _UID_BASE,
     IN_DIR,
+    _needed_gpu_nodes,
+    _nvidia_nodes,
     _policy,
     _resolve_device,
     _sandbox_uid,
@@ -96,11 +100,18 @@ from runner.sandbox.policy import (
     _validate,
 )
 from runner.sandbox.seccomp import _seccomp_program
-from runner.sandbox.supervisor import _bwrap_path, _reason, _require_sandbox, _Supervisor
+from runner.sandbox.supervisor import (
+    _bwrap_path,
+    _reason,
+    _require_sandbox,
+    _Supervisor,
+    unavailable,
+)
 from trainers.manifest import EXIT_OOM  # the trainer's exit code for out-of-memory ("oom")
 
 __all__ = ["EXIT_OOM", "IN_DIR", "LaunchResult", "SandboxJob", "VramUnavailable",
-           "check_free_vram", "gpu_launch", "printable", "sandbox_plan"]
+           "check_free_vram", "gpu_launch", "missing_gpu_nodes", "printable", "sandbox_plan",
+           "unavailable"]
 
 GIB = 1024**3
 
@@ -181,6 +192,14 @@ def check_free_vram(index: int, cap_gb: float) -> float:
             field="vram_cap_gb", fix="lower vram_cap_gb or wait for the GPU to free up",
             free_gb=round(free_gb, 2))
     return free_gb
+
+
+def missing_gpu_nodes(index: int, count: int = 1) -> list[str]:
+    """The device nodes a job on GPUs `index`..`index + count - 1` needs that this host
+    lacks. Without them the jail cannot give the job its GPUs (it would run on the CPU, or
+    CUDA would fail inside), so the host refuses such a job before any debit."""
+    present = _nvidia_nodes()
+    return [n for n in _needed_gpu_nodes(index, count) if n not in present]
 
 
 def sandbox_plan(job: SandboxJob, *, bwrap: str | None = None) -> dict:

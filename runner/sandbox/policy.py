@@ -100,14 +100,19 @@ def _nvidia_nodes() -> set[str]:
     return set(glob.glob("/dev/nvidia*"))
 
 
-def _gpu_nodes(index: int, count: int = 1) -> list[str]:
+def _needed_gpu_nodes(index: int, count: int = 1) -> list[str]:
     """The nodes a job on GPUs `index`..`index + count - 1` needs: its own /dev/nvidiaN, the
     control node and the unified-memory node. Never the other GPUs' nodes (nor
     nvidia-uvm-tools, nvidia-modeset: profiling and display, which CUDA compute does not
     need)."""
-    present = _nvidia_nodes()
     own = [f"/dev/nvidia{i}" for i in range(index, index + count)]
-    return [n for n in (*own, "/dev/nvidiactl", "/dev/nvidia-uvm") if n in present]
+    return [*own, "/dev/nvidiactl", "/dev/nvidia-uvm"]
+
+
+def _gpu_nodes(index: int, count: int = 1) -> list[str]:
+    """Those of the needed nodes this host has (the ones the jail binds)."""
+    present = _nvidia_nodes()
+    return [n for n in _needed_gpu_nodes(index, count) if n in present]
 
 
 def _python_paths() -> list[str]:

@@ -6,6 +6,7 @@ from bwrap's exit code to a reason (`_reason`). `gpu_launch` starts bwrap and dr
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import selectors
@@ -36,10 +37,34 @@ POLL_S = 1.0  # how often the supervisor measures /job/out and, without a cgroup
 
 
 _probed: set[str] = set()
+# A failed probe's answer, per bwrap path: kept a short while, so that the dry runs of a busy
+# host run bwrap once, and an operator who fixes the host (installs it, enables user
+# namespaces) is seen without a restart.
+_failed: dict[str, tuple[float, SandboxUnavailable]] = {}
+FAILED_PROBE_TTL_S = 30.0
 
 
 def _bwrap_path(bwrap: str | None) -> str:
     return bwrap or os.environ.get("FORGE_BWRAP") or shutil.which("bwrap") or "/usr/bin/bwrap"
+
+
+def unavailable(bwrap: str | None = None) -> SandboxUnavailable | None:
+    """Why no job can run in the sandbox on this host now (no usable bubblewrap), or None:
+    the probe `gpu_launch` makes, run at most once per bwrap path (a success for the
+    process's life, a failure for FAILED_PROBE_TTL_S), so a dry run can ask it cheaply."""
+    path = _bwrap_path(bwrap)
+    if path in _probed:
+        return None
+    failed = _failed.get(path)
+    if failed is not None and time.monotonic() - failed[0] < FAILED_PROBE_TTL_S:
+        return copy.copy(failed[1])  # each caller raises its own (tracebacks stay apart)
+    try:
+        _require_sandbox(path)
+    except SandboxUnavailable as exc:
+        _failed[path] = (time.monotonic(), exc.with_traceback(None))
+        return copy.copy(exc)
+    _failed.pop(path, None)
+    return None
 
 
 def _require_sandbox(bwrap: str | None) -> str:
@@ -50,11 +75,11 @@ def _require_sandbox(bwrap: str | None) -> str:
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
         raise SandboxUnavailable(
             f"bubblewrap not found at {path}; training only runs inside the sandbox",
-            fix=BWRAP_INSTALL, bwrap=path)
+            field="FORGE_BWRAP", fix=BWRAP_INSTALL, bwrap=path)
     for tool in ("setpriv", "prlimit"):
         if not _tool(tool):
             raise SandboxUnavailable(f"{tool} not found; the sandbox needs util-linux",
-                                     fix="apt-get install -y util-linux")
+                                     field="sandbox.backend", fix="apt-get install -y util-linux")
     argv = [path, *_NAMESPACE_ARGS, *_system_args(), "--proc", "/proc", "--dev", "/dev"]
     seccomp = _seccomp_program()
     pass_fds: list[int] = []
@@ -70,7 +95,7 @@ def _require_sandbox(bwrap: str | None) -> str:
                                check=False)
     except (OSError, subprocess.SubprocessError) as exc:
         raise SandboxUnavailable(f"cannot run bubblewrap at {path}: {exc}",
-                                 fix=BWRAP_INSTALL, bwrap=path) from exc
+                                 field="FORGE_BWRAP", fix=BWRAP_INSTALL, bwrap=path) from exc
     finally:
         for fd in pass_fds:
             os.close(fd)
@@ -80,7 +105,7 @@ def _require_sandbox(bwrap: str | None) -> str:
         if os.geteuid() != 0 or "namespace" in err.lower() or "permission" in err.lower():
             fix += f"; if user namespaces are disabled: {USERNS_SYSCTL}"
         raise SandboxUnavailable(f"bubblewrap at {path} cannot create the sandbox: {err}",
-                                 fix=fix, bwrap=path)
+                                 field="FORGE_BWRAP", fix=fix, bwrap=path)
     _probed.add(path)
     return path
 
