@@ -17,6 +17,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import pytest
 from helpers import (
     AGENT,
@@ -32,6 +33,7 @@ from runner.api import cancel_job, evaluate_candidate, job_log, job_status, trai
 from runner.errors import Forbidden, InvalidInput
 from runner.registry import db, ledger, promotion, schema
 
+REPO = Path(__file__).resolve().parents[1]
 OWNER = "agent-bob"  # trained the candidate
 OTHER = AGENT  # funded, and would like to decide it
 
@@ -205,3 +207,44 @@ def test_a_foreign_parent_run_is_forbidden_before_the_debit(sqlite_registry, tmp
     assert client.get_run(nested["mlflow"]["run_id"]).data.tags["mlflow.parentRunId"] == \
         result["mlflow"]["run_id"]
     assert client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{theirs}'") == []
+
+
+# --- over MCP: the connection names the agent ---------------------------------------------------
+
+def test_over_mcp_a_foreign_candidate_and_parent_run_are_forbidden(sqlite_registry):
+    """The official client, `forge mcp --agent` (stdio) bound to the other agent."""
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    cand, theirs = _candidate_of(OWNER, "model-bob-mcp"), _sweep_run_of(OWNER)
+    balance = ledger.balance(OTHER)
+    before = count_rows(sqlite_registry)
+    train = {"parent_artifact_id": BASE_ID, "dataset_artifact_id": DATASET_ID,
+             "wall_time_cap_min": 5, "vram_cap_gb": 1}
+
+    async def go() -> list[dict]:
+        params = StdioServerParameters(command=sys.executable,
+                                       args=["-m", "runner.cli", "mcp", "--agent", OTHER],
+                                       env=dict(os.environ), cwd=str(REPO))
+        async with Client(params, read_timeout_seconds=120) as client:
+            calls = [("evaluate_candidate", {"candidate_artifact_id": cand}),
+                     ("evaluate_candidate", {"candidate_artifact_id": cand, "dry_run": True}),
+                     ("train_model_version", {**train, "mlflow_parent_run_id": theirs}),
+                     ("train_model_version", {**train, "mlflow_parent_run_id": "../" * 11})]
+            out = []
+            for name, arguments in calls:
+                result = await client.call_tool(name, arguments)
+                assert result.is_error, result.structured_content
+                out.append(result.structured_content)
+            return out
+
+    gate, gate_dry, nested, malformed = anyio.run(go)
+    assert gate["reason"] == gate_dry["reason"] == "forbidden"
+    assert gate["field"] == "candidate_artifact_id"
+    assert nested["reason"] == "forbidden" and nested["field"] == "mlflow_parent_run_id"
+    assert malformed["reason"] == "schema_violation"
+    assert malformed["field"] == "mlflow_parent_run_id"
+    assert _changed(before, count_rows(sqlite_registry)) == {"tool_calls"}
+    assert ledger.balance(OTHER) == balance and promotion.recorded(cand) == []
+    assert [r["error_code"] for r in _audit(sqlite_registry, OTHER)] == [
+        "forbidden", "forbidden", "forbidden", "schema_violation"]
