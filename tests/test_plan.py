@@ -70,6 +70,7 @@ def test_more_gpus_than_the_host_has_are_refused_before_any_debit(registry, monk
     """A job runs on one host: devices=2 needs two GPUs here (NCCL over the jail's
     loopback); with one it is refused in the plan, typed, before the debit."""
     from runner.jobs import devices
+    from runner.sandbox import policy
 
     monkeypatch.setattr(devices, "gpu_names", lambda: ("NVIDIA H200",))
     plan = prepare(_request(dry_run=True, devices=2))
@@ -77,6 +78,12 @@ def test_more_gpus_than_the_host_has_are_refused_before_any_debit(registry, monk
     assert [(p.reason, p.field) for p in plan.problems] == [("device_unavailable", "devices")]
     assert "this host has 1" in str(plan.problems[0])
     monkeypatch.setattr(devices, "gpu_names", lambda: ("NVIDIA H200", "NVIDIA H200"))
+    plan = prepare(_request(dry_run=True, devices=2))  # listed, but this host has no nodes
+    assert [(p.reason, p.field) for p in plan.problems] == [("gpu_not_visible", "device")]
+    nodes = ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
+    real_glob = policy.glob.glob
+    monkeypatch.setattr(policy.glob, "glob", lambda pattern, *a, **k: list(nodes)
+                        if pattern == "/dev/nvidia*" else real_glob(pattern, *a, **k))
     assert prepare(_request(dry_run=True, devices=2)).problems == []
 
 
