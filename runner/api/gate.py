@@ -13,7 +13,8 @@ GATE_SKILL = Skill(
                  "(paired, 95% CI) and promote it (latest, active, MLflow alias champion) or "
                  "reject it, as the operator's gate (conf/gate/) says. Debits the evaluation "
                  "like training; dry_run=true estimates without launching. Gating a decided "
-                 "version again returns the recorded decision."),
+                 "version again returns the recorded decision. Only the agent that trained the "
+                 "candidate gates it or reads its decision (another agent: forbidden)."),
     skill_type="model_evaluation",
     code_path="runner.api:evaluate_candidate",
     input_schema={
@@ -46,7 +47,8 @@ def evaluate_candidate(candidate_artifact_id: str, agent_id: str | None = None,
 
     Returns {decision, notes, comparisons: [{comparator_role, delta, ci_low, ci_high, ...}],
     lifecycle_state, promotion_state, is_latest, cost, ...}; with dry_run=True, returns
-    {would_launch, reasons, estimate, comparators, rules, ...} and launches nothing."""
+    {would_launch, reasons, estimate, comparators, rules, ...} and launches nothing.
+    Another agent's candidate is Forbidden (its owner, or the operator's `forge gate`, only)."""
     no_extra_arguments(kw)
     for name, flag in (("dry_run", dry_run), ("allow_dirty", allow_dirty)):
         if not isinstance(flag, bool):
