@@ -247,3 +247,19 @@ def test_a_builtin_not_in_the_cache_is_not_a_reason(host):
     assert sandbox.unavailable() is None
     result = dry()
     assert result["would_launch"] is True and result["reasons"] == []
+
+
+def test_weights_in_the_blob_store_are_checked_too(host, base_checkpoint):
+    """Files over registry.blob_threshold_mb live in the content-addressed blob store, named
+    by the weights folder's blobs.json: a blob gone is the parent's weights gone."""
+    stored = weights.store("model-test-blobs", base_checkpoint, blob_threshold_mb=0)
+    catalog.register_model(
+        artifact_id="model-test-blobs", title="blobs", created_by="test",
+        content_hash=stored["sha256"],
+        metadata={"family": "scgpt-test", "framework": "scgpt", "architecture": ARCH,
+                  "weights": {k: stored[k] for k in ("sha256", "files", "size_bytes")}})
+    result = dry("model-test-blobs")
+    assert result["would_launch"] is True and result["checkpoint"]["weights"]["hashed"] is True
+    weight_file("model-test-blobs").unlink()  # the blob itself
+    reason = only_reason(dry("model-test-blobs"))
+    assert reason["reason"] == "weights_missing" and "best_model.pt" in reason["message"]
