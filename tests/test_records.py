@@ -292,19 +292,3 @@ def test_the_dry_run_plans_the_operators_sandbox_caps(registry, committed_code, 
     caps = train_model_version(BASE_ID, DATASET_ID, None, AGENT, dry_run=True)["sandbox"]["caps"]
     assert caps["memory"]["bytes"] == 3 * 1024**3
     assert caps["output"]["bytes"] == 2 * 1024**3
-
-
-def test_a_metric_of_another_task_never_compares():
-    """test_loss is masked MSE after pretraining and cross-entropy after fine-tuning: the same
-    name on the same cells is still not the same metric (hook.improvement, which the registry's
-    magnitude, the MLflow description and forge serve's page all use)."""
-    from runner.jobs.hook import improvement
-
-    split = {"sha256": {"test": "t" * 64}}
-    parent = {"metadata": {"task": "pretrain_mgm", "split": split},
-              "version": {"eval_metrics_json": {"test_loss": 0.9},
-                          "eval_dataset_artifact_id": DATASET_ID}}
-    same = improvement("test_loss", 0.5, parent, split, DATASET_ID, "pretrain_mgm")
-    assert same["magnitude"] == pytest.approx(0.4)
-    other = improvement("test_loss", 0.5, parent, split, DATASET_ID, "finetune_celltype")
-    assert other["magnitude"] is None and "another task" in other["magnitude_reason"]

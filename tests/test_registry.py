@@ -17,7 +17,7 @@ from runner.errors import (
     SchemaViolation,
     WrongArtifactType,
 )
-from runner.registry import catalog, db, schema
+from runner.registry import catalog, db, improvements, schema
 
 SHA = "a" * 64
 CITATION = {
@@ -49,7 +49,7 @@ def test_upgrade_creates_every_table_and_is_idempotent(db_url):
     names = set(sa.inspect(engine).get_table_names())
     assert {t.name for t in schema.ALL_TABLES} <= names
     before = {t: sa.inspect(engine).get_columns(t) for t in sorted(names)}
-    assert db.upgrade(db_url) == "0006"  # 0006: allocation memory caps
+    assert db.upgrade(db_url) == "0007"  # 0007: improvement payouts (agent, allocation, cost)
     after = {t: sa.inspect(db.get_engine(db_url)).get_columns(t) for t in sorted(names)}
     assert [c["name"] for t in before for c in before[t]] == \
         [c["name"] for t in after for c in after[t]]
@@ -206,7 +206,8 @@ def _trained(**kw):
                 content_hash="b" * 64, changelog="fine-tuned",
                 version={"code_repo_url": "file:///code", "code_commit_sha": "c" * 40,
                          "gpu_allocation_id": alloc["id"], "eval_metrics_json": metrics},
-                magnitude=0.05, detection={"primary_metric": "test_accuracy", "value": 0.9})
+                magnitude=0.05, detection={"primary_metric": "test_accuracy", "value": 0.9},
+                cost=Decimal("0.25"))
     return catalog.register_trained_version(**{**args, **kw})
 
 
@@ -233,7 +234,13 @@ def test_a_trained_version_is_registered_and_published_in_one_transaction(db_url
         [event] = conn.execute(sa.select(schema.events)).mappings().all()
     assert wmi["target_artifact_id"] == "model-ft2" and wmi["magnitude"] == pytest.approx(0.05)
     assert wmi["event_type"] == event["type"] == "model_version_trained"
-    assert wmi["detection_metadata"] == {"primary_metric": "test_accuracy", "value": 0.9}
+    assert wmi["detection_metadata"] == {"primary_metric": "test_accuracy", "value": 0.9,
+                                         "payout_reason": improvements.payout(
+                                             wmi["event_type"], 0.05)[1]}
+    # training is logged as work: the agent, the allocation, its cost; paid only on promotion
+    assert wmi["payout_status"] == "ineligible" and wmi["agent_id"] == "agent-1"
+    assert wmi["allocation_id"] == model["version"]["gpu_allocation_id"]
+    assert wmi["cost"] == Decimal("0.25")
     assert event["payload"] == {"artifact_id": "model-ft2", "version_number": 2,
                                 "parent_artifact_id": "model-base",
                                 "eval_metrics": {"test_accuracy": 0.9},
@@ -291,7 +298,7 @@ def test_cli(db_url):
                                    parent_artifact_id="model-base", **OUTSIDE)
     runner = CliRunner()
     result = runner.invoke(forge, ["db", "upgrade"])
-    assert result.exit_code == 0 and "0006" in result.output
+    assert result.exit_code == 0 and "0007" in result.output
     result = runner.invoke(forge, ["models", "show", child["id"]])
     assert result.exit_code == 0 and '"version_number": 2' in result.output
     result = runner.invoke(forge, ["lineage", child["id"]])

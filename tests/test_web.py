@@ -121,7 +121,8 @@ def _register(artifact_id: str, parent_id: str, metrics: dict, *, title: str,
                            vram_cap_gb=1, price_per_hour="0.5")
     now = datetime.now(timezone.utc)
     meta = {"family": "scgpt-test", "framework": "scgpt", "task": "finetune_celltype",
-            "split": SPLIT, "class_names": list(per_class), "per_class_f1": per_class,
+            "split": SPLIT, "test_cells": SPLIT["counts"]["test"],
+            "class_names": list(per_class), "per_class_f1": per_class,
             "baseline": {"metrics": {}, "per_class_f1": {k: 0.9 for k in per_class}},
             "mlflow": {"experiment_id": "7", "tracking_uri": tracking_uri}}
     register_model_version(parent_id, RunRecord(

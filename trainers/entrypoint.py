@@ -195,6 +195,7 @@ def train(m: Manifest, state: dict) -> dict:
                                        f"{d.name or 'dataset'} test set, fine-tuned model")
         result["artifacts"].append("confusion_matrix.png")
     else:
+        result["test_cells"] = len(split.test)  # the test loader is never cut: every cell
         print(f"test masked MSE {metrics.get('test_mse', float('nan')):.4f}", flush=True)
     evaluate.plot_learning_curves(history.epochs, out / "learning_curves.png",
                                   f"{m.task} on {d.name or 'dataset'}")

@@ -48,8 +48,8 @@ class Decision:
     decision: str  # promoted | rejected
     notes: str
     comparisons: list[Comparison]
-    magnitude: float | None  # the delta against the first comparison
-    bucket: str | None
+    magnitude: float | None  # the smallest gain over a comparator (hook.gain)
+    bucket: str | None  # SciDEX's, of a gain > 0 only (hook.bucket)
 
 
 def _bad(message: str) -> EvaluationFailed:
@@ -89,8 +89,8 @@ def decide(gate: GateConf, preds: Predictions, comparators: dict[str, str],
         lines.append(f"promoted on a recorded tradeoff justification: {justification[:1000]}")
     elif justification and not gate.allow_tradeoff:
         lines.append("a justification was given, but this gate accepts none")
-    first = comparisons[0].result
-    magnitude = first.delta
+    # the improvement is over the best model it was compared with: the smallest gain
+    magnitude = min(hook.gain(gate.metric, c.result.delta) for c in comparisons)
     verdict = "promoted" if promoted else "rejected"
     return Decision(verdict, f"{verdict} by gate: " + "; ".join(lines), comparisons,
                     magnitude, hook.bucket(magnitude))

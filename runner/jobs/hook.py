@@ -1,9 +1,14 @@
 """The post-run hook: a finished MLflow run becomes a registered candidate version.
 
 `register_model_version()` checks the metrics and computes the improvement over the parent,
-then writes, in ONE transaction: the `artifacts` and `model_versions` rows and links, the
-`world_model_improvements` row and the `events` row (`catalog.register_trained_version`),
-and the allocation's settlement (`ledger.settle`). Either all of it lands or none of it does.
+then writes, in ONE transaction: the allocation's settlement (`ledger.settle`), the
+`artifacts` and `model_versions` rows and links, the `world_model_improvements` row (with the
+agent, the allocation and its settled cost) and the `events` row
+(`catalog.register_trained_version`). Either all of it lands or none of it does.
+
+`improvement()` and `bucket()` are the one rule for how much better a version is: like with
+like (same metric, task, dataset and held-out cells, every one of them scored) or nothing, and
+signed by the metric's direction, so that only a gain > 0 has a SciDEX bucket.
 """
 
 from __future__ import annotations
@@ -46,13 +51,26 @@ _FRACTION = ("accuracy", "f1", "precision", "recall", "auroc")
 _NON_NEGATIVE = ("loss", "mse", "mae", "rmse")
 # Metrics where lower is better (the rest: higher is better).
 LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse")
-# SciDEX's improvement buckets, by the absolute delta of the primary metric.
+# SciDEX's improvement buckets, by the size of a gain (> 0) of the primary metric.
 BUCKETS = ((0.01, "low"), (0.03, "medium"), (0.10, "high"), (math.inf, "very_high"))
 
 
-def bucket(delta: float) -> str:
-    """SciDEX's bucket of an improvement, by its absolute size."""
-    return next(name for limit, name in BUCKETS if abs(delta) < limit)
+def lower_is_better(metric: str) -> bool:
+    return any(word in metric.lower() for word in LOWER_IS_BETTER)
+
+
+def gain(metric: str, delta: float) -> float:
+    """A difference of `metric` (new minus old) as a gain: > 0 is better, whatever the
+    metric's direction (a loss that drops by 0.1 gains 0.1)."""
+    return -delta if lower_is_better(metric) else delta
+
+
+def bucket(gain: float | None) -> str | None:
+    """SciDEX's bucket of an improvement, by the size of its gain; None for no improvement (a
+    gain at or below zero, or none measured): a regression is never a large improvement."""
+    if gain is None or not gain > 0:  # NaN too
+        return None
+    return next(name for limit, name in BUCKETS if gain < limit)
 
 
 def check_metrics(metrics: dict, primary: str) -> None:
@@ -110,36 +128,57 @@ def split_metrics(metrics: dict) -> dict:
     return own
 
 
-def improvement(primary: str, value: float, parent: dict | None, split: dict | None,
-                dataset_id: str, task: str | None = None) -> dict:
-    """The magnitude of a new version: its primary metric minus its parent's, on the same
-    metric, task, dataset and held-out cells (signed so that > 0 is better), with SciDEX's
-    bucket; or None with the reason the two are not comparable. A metric name recurs across
-    tasks (test_loss: masked MSE, or cross-entropy), so another task's value never compares."""
+def improvement(metric: str, value: float, parent: dict | None, record: dict,
+                dataset_id: str) -> dict:
+    """The magnitude of a new version: its `metric` minus its parent's, signed so that > 0 is
+    better (`gain`), with SciDEX's bucket; or None with the reason the two are not comparable.
+    `record` is the new version's metadata (task, split, test_cells). Like with like: the same
+    metric of the same task (test_loss is masked MSE after pretraining, cross-entropy after
+    fine-tuning), the same dataset, the same held-out cells (the split's test digest, on both
+    sides) and every one of them scored (test_cells equal to the split's test count)."""
     version = (parent or {}).get("version") or {}
-    theirs = (version.get("eval_metrics_json") or {}).get(primary)
-    their_meta = (parent or {}).get("metadata") or {}
-    their_split = their_meta.get("split") or {}
-    why = None
-    if parent is None:
-        why = "a version trained from scratch has no parent"
-    elif not isinstance(theirs, (int, float)) or isinstance(theirs, bool):
-        why = f"the parent has no {primary}"
-    elif task and their_meta.get("task") not in (None, task):
-        why = f"the parent was trained for another task ({their_meta['task']})"
-    elif version.get("eval_dataset_artifact_id") != dataset_id:
-        why = "the parent was evaluated on another dataset"
-    elif not split or (their_split.get("sha256") or {}).get("test") != \
-            (split.get("sha256") or {}).get("test"):
-        why = "the parent was evaluated on other held-out cells"
+    theirs = (version.get("eval_metrics_json") or {}).get(metric)
+    why = _not_comparable(metric, theirs, parent, record, dataset_id)
+    parent_value = theirs if _number(theirs) else None
     if why:
         return {"magnitude": None, "magnitude_reason": why, "bucket": None,
-                "parent_value": theirs if isinstance(theirs, (int, float)) else None}
-    delta = value - theirs
-    if any(word in primary for word in LOWER_IS_BETTER):
-        delta = -delta
-    return {"magnitude": delta, "magnitude_reason": None, "bucket": bucket(delta),
-            "parent_value": theirs}
+                "parent_value": parent_value}
+    magnitude = gain(metric, value - theirs)
+    return {"magnitude": magnitude, "magnitude_reason": None, "bucket": bucket(magnitude),
+            "parent_value": parent_value}
+
+
+def _not_comparable(metric: str, theirs, parent: dict | None, record: dict,
+                    dataset_id: str) -> str | None:
+    if parent is None:
+        return "a version trained from scratch has no parent"
+    if not _number(theirs):
+        return f"the parent has no {metric}"
+    their_record = parent.get("metadata") or {}
+    if their_record.get("task") != record.get("task"):
+        return f"the parent was trained for another task ({their_record.get('task')})"
+    if (parent.get("version") or {}).get("eval_dataset_artifact_id") != dataset_id:
+        return "the parent was evaluated on another dataset"
+    mine = _test_digest(record)
+    if mine is None:
+        return "this version records no held-out cells (no split digest)"
+    if _test_digest(their_record) != mine:
+        return "the parent was evaluated on other held-out cells"
+    for who, rec in (("this version", record), ("the parent", their_record)):
+        cells = rec.get("test_cells")
+        held_out = ((rec.get("split") or {}).get("counts") or {}).get("test")
+        if not isinstance(cells, int) or cells != held_out:
+            scored = "an unrecorded number" if cells is None else cells
+            return f"{who}'s test metrics cover {scored} of its {held_out} held-out cells"
+    return None
+
+
+def _test_digest(record: dict) -> str | None:
+    return ((record.get("split") or {}).get("sha256") or {}).get("test")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def register_model_version(parent_artifact_id: str | None, run: RunRecord) -> dict:
@@ -149,12 +188,15 @@ def register_model_version(parent_artifact_id: str | None, run: RunRecord) -> di
         parent = (catalog.get_model_version(parent_artifact_id, conn=conn)
                   if parent_artifact_id else None)  # None: a root version, from scratch
         value = run.eval_metrics[run.primary_metric]
-        gain = improvement(run.primary_metric, value, parent, run.metadata.get("split"),
-                           run.dataset_artifact_id, run.metadata.get("task"))
-        detection = {"primary_metric": run.primary_metric, "value": value, **gain,
+        change = improvement(run.primary_metric, value, parent, run.metadata,
+                             run.dataset_artifact_id)
+        detection = {"primary_metric": run.primary_metric, "value": value, **change,
                      "parent_artifact_id": parent_artifact_id,
                      "dataset_artifact_id": run.dataset_artifact_id,
                      "mlflow_run_id": run.mlflow_run_id, "allocation_id": run.allocation_id}
+        # settled first, so that the improvement row carries the cost the work settled at
+        alloc = ledger.settle(run.allocation_id, run.actual_seconds, status="settled",
+                              artifact_id=run.artifact_id, conn=conn)
         model = catalog.register_trained_version(
             parent_artifact_id=parent_artifact_id, dataset_artifact_id=run.dataset_artifact_id,
             artifact_id=run.artifact_id, title=run.title, metadata=run.metadata,
@@ -168,7 +210,6 @@ def register_model_version(parent_artifact_id: str | None, run: RunRecord) -> di
                 training_params_json=run.training_params,
                 eval_metrics_json=split_metrics(run.eval_metrics),
                 mlflow_run_id=run.mlflow_run_id, mlflow_model_uri=run.mlflow_model_uri),
-            magnitude=gain["magnitude"], detection=detection, conn=conn)
-        ledger.settle(run.allocation_id, run.actual_seconds, status="settled",
-                      artifact_id=model["id"], conn=conn)
+            magnitude=change["magnitude"], detection=detection, cost=alloc["actual_cost"],
+            conn=conn)
     return model

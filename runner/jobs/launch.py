@@ -303,13 +303,13 @@ class _Job:
                  "|---|---|---|---|"]
         metrics = result["metrics"]
         baseline = (result.get("baseline") or {}).get("metrics") or {}
-        split = result.get("split")
+        record = {"task": self.cfg["training"]["task"], "split": result.get("split"),
+                  "test_cells": result.get("test_cells")}  # as _metadata records them
         for name in dict.fromkeys([primary, "test_accuracy"]):
             if not _number(metrics.get(name)):
                 continue
             value = metrics[name]
-            gain = hook.improvement(name, value, parent, split, self.dataset["id"],
-                                    self.cfg["training"]["task"])
+            gain = hook.improvement(name, value, parent, record, self.dataset["id"])
             theirs = (f"{gain['parent_value']:.4f} ({value - gain['parent_value']:+.4f})"
                       if gain["magnitude"] is not None else
                       f"not comparable: {gain['magnitude_reason']}")

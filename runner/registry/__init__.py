@@ -11,6 +11,8 @@ runner.api or runner.tools.
     catalog   artifacts, model_versions, artifact_links: reads, lineage, and every
               registration (`register_dataset`, `register_model`, `register_trained_version`
               with its world_model_improvements and events rows)
+    improvements  the world_model_improvements rows (agent, allocation, settled cost) and
+              the payout rule: only a promotion that gains is `pending`
     schemas/  the JSON Schemas the catalog validates metadata and citations against
     money     exact amounts, prices, rounding, `estimate` and `charge` (no database)
     ledger    credits: accounts, grant, reserve (debit before launch), mark_running,

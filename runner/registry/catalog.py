@@ -12,12 +12,14 @@ import functools
 import json
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from importlib import resources
 from typing import Any
 
 import sqlalchemy as sa
 
 from runner.errors import Conflict, InvalidArtifactId, NotFound, SchemaViolation, WrongArtifactType
+from runner.registry import improvements
 from runner.registry.db import now, transaction
 from runner.registry.db import row as _row
 from runner.registry.ids import ARTIFACT_ID, SHA256
@@ -27,10 +29,9 @@ from runner.registry.schema import (
     artifacts,
     events,
     model_versions,
-    world_model_improvements,
 )
 
-TRAINED_EVENT = "model_version_trained"
+TRAINED_EVENT = improvements.TRAINED
 
 
 def validate_artifact_id(value: Any, field: str = "artifact_id") -> str:
@@ -231,13 +232,16 @@ def register_model(*, title: str, metadata: dict, created_by: str,
 def register_trained_version(*, parent_artifact_id: str | None, dataset_artifact_id: str,
                              artifact_id: str, title: str, metadata: dict, created_by: str,
                              content_hash: str, changelog: str | None, version: dict,
-                             magnitude: float | None, detection: dict, conn=None) -> dict:
+                             magnitude: float | None, detection: dict, cost: Decimal | None,
+                             conn=None) -> dict:
     """Register a version trained here and publish it, in one transaction: the artifact, its
     model_versions row and links (`register_model`, trained on and evaluated on
     `dataset_artifact_id`), a `world_model_improvements` row of `magnitude` (None when the
-    parent is not comparable) with `detection` as its metadata, and a `model_version_trained`
-    event carrying the version, its metrics and `detection`. Pass `conn` to add more to the
-    transaction (the hook settles the allocation in it)."""
+    parent is not comparable) with `detection` as its metadata, crediting `created_by` with
+    the work of the allocation `version["gpu_allocation_id"]`, settled at `cost` (never
+    payable itself: improvements.payout), and a `model_version_trained` event carrying the
+    version, its metrics and `detection`. Pass `conn` to add more to the transaction (the hook
+    settles the allocation in it)."""
     with transaction(conn) as c:
         model = register_model(
             artifact_id=artifact_id, title=title, metadata=metadata, created_by=created_by,
@@ -246,11 +250,10 @@ def register_trained_version(*, parent_artifact_id: str | None, dataset_artifact
             eval_dataset_artifact_id=dataset_artifact_id, origin_type="internal",
             content_hash=content_hash, changelog=changelog, version=version, conn=c)
         stamp = now()
-        c.execute(world_model_improvements.insert().values(
-            id=f"wmi-{uuid.uuid4().hex}", event_type=TRAINED_EVENT,
-            target_artifact_id=model["id"], target_artifact_type="model",
-            magnitude=magnitude, payout_status="pending", detection_metadata=detection,
-            detected_at=stamp))
+        improvements.record(c, event_type=TRAINED_EVENT, target_artifact_id=model["id"],
+                            magnitude=magnitude, detection=detection, agent_id=created_by,
+                            allocation_id=version.get("gpu_allocation_id"), cost=cost,
+                            stamp=stamp)
         c.execute(events.insert().values(
             id=f"evt-{uuid.uuid4().hex}", type=TRAINED_EVENT, source="forge-runner",
             created_at=stamp,

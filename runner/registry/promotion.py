@@ -2,8 +2,9 @@
 decided, and `record_decision`, which writes a decision in ONE transaction: the
 `evaluations` rows, the lifecycle flip (promoted: the candidate becomes the lineage's latest
 and `active`, the parent and the old champion `superseded` by it; rejected: `rejected`),
-the `artifact_lifecycle_history` rows, the `world_model_improvements` row and the event,
-and the settlement of the evaluation's allocation.
+the `artifact_lifecycle_history` rows, the settlement of the evaluation's allocation, the
+`world_model_improvements` row (payable only for a promotion with a magnitude > 0:
+improvements.payout) and the event.
 
 A lineage is a root model and every version whose base_model_id is that root. Its champion
 is the one version with is_latest set. Gates of one lineage serialise on the root's row
@@ -19,17 +20,16 @@ import uuid
 import sqlalchemy as sa
 
 from runner.errors import GateRefused
-from runner.registry import catalog, ledger
+from runner.registry import catalog, improvements, ledger
 from runner.registry.db import now, transaction
 from runner.registry.schema import (
     artifacts,
     evaluations,
     events,
     model_versions,
-    world_model_improvements,
 )
 
-PROMOTED_EVENT, REJECTED_EVENT = "model_version_promoted", "model_version_rejected"
+PROMOTED_EVENT, REJECTED_EVENT = improvements.PROMOTED, improvements.REJECTED
 
 
 def lineage_root(model: dict) -> str:
@@ -102,16 +102,21 @@ def record_decision(*, candidate_id: str, champion_id: str | None, decision: str
             catalog.set_lifecycle(c, cand, "rejected", stamp, agent_id, notes, promotion_state="rejected",
                        notes=notes)
         event = PROMOTED_EVENT if decision == "promoted" else REJECTED_EVENT
-        c.execute(world_model_improvements.insert().values(
-            id=f"wmi-{uuid.uuid4().hex}", event_type=event, target_artifact_id=candidate_id,
-            target_artifact_type="model", magnitude=magnitude, payout_status="pending",
-            detection_metadata=detection, detected_at=stamp))
+        # settled first: the improvement row carries what the evaluation cost
+        alloc = ledger.settle(allocation_id, actual_seconds, status="settled",
+                              artifact_id=candidate_id, conn=c)
+        # the version's trainer is credited; whoever decided (its owner or the operator) and
+        # the training's allocation (its cost is on the trained row) are named beside
+        trainer = cand["version"].get("trained_by") or agent_id
+        detection = {**detection, "decided_by": agent_id,
+                     "training_allocation_id": cand["version"].get("gpu_allocation_id")}
+        improvements.record(c, event_type=event, target_artifact_id=candidate_id,
+                            magnitude=magnitude, detection=detection, agent_id=trainer,
+                            allocation_id=allocation_id, cost=alloc["actual_cost"], stamp=stamp)
         c.execute(events.insert().values(
             id=f"evt-{uuid.uuid4().hex}", type=event, source="forge-runner", created_at=stamp,
             payload={"artifact_id": candidate_id, "decision": decision, "gate": gate_name,
                      "notes": notes, **detection}))
-        ledger.settle(allocation_id, actual_seconds, status="settled", artifact_id=candidate_id,
-                      conn=c)
         return catalog.get_artifact(candidate_id, conn=c)
 
 

@@ -206,9 +206,14 @@ world_model_improvements = sa.Table(
     sa.Column("target_artifact_id", sa.Text, sa.ForeignKey("artifacts.id"), index=True),
     sa.Column("target_artifact_type", sa.Text),
     sa.Column("magnitude", sa.Float),
-    sa.Column("payout_status", sa.Text, nullable=False, server_default="pending"),
+    # what nobody decided is never paid (runner/registry/improvements.py: the payout rule)
+    sa.Column("payout_status", sa.Text, nullable=False, server_default="ineligible"),
     sa.Column("detection_metadata", sa.JSON),
     _ts("detected_at", nullable=False),
+    # migration 0007: who is credited, the allocation the work ran under, what it settled at
+    sa.Column("agent_id", sa.Text, index=True),
+    sa.Column("allocation_id", sa.Text, sa.ForeignKey("resource_allocations.id")),
+    sa.Column("cost", Money),
 )
 
 events = sa.Table(

@@ -129,7 +129,7 @@ def metric_rows(model: dict, parent: dict | None, dataset_id: str | None) -> lis
     for name, value in metrics.items():
         if not _number(value):
             continue
-        gain = improvement(name, value, parent, meta.get("split"), dataset_id, meta.get("task"))
+        gain = improvement(name, value, parent, meta, dataset_id)
         theirs = gain.get("parent_value") if gain["magnitude"] is not None else None
         base = baseline.get(name)
         rows.append({"name": name, "value": value, "primary": name == primary,
