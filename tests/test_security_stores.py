@@ -45,6 +45,7 @@ from runner.jobs import tracking
 from runner.registry import db
 
 go = Path(sys.argv[1])
+(go.parent / f"ready-{os.getpid()}").touch()
 while not go.exists():
     time.sleep(0.01)
 db.upgrade()
@@ -72,7 +73,9 @@ def test_eight_first_uses_at_once_on_a_fresh_home_all_succeed(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE, str(go)], cwd=REPO,
                               env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(PROCESSES)]
-    time.sleep(8)  # every process has imported what it needs and waits for the go-file
+    deadline = time.monotonic() + 240
+    while len(list(tmp_path.glob("ready-*"))) < PROCESSES and time.monotonic() < deadline:
+        time.sleep(0.1)  # every process has imported what it needs and waits for the go-file
     go.touch()
     outcomes = [p.communicate(timeout=300) for p in procs]
     failed = [(p.returncode, err.strip().splitlines()[-1:])
