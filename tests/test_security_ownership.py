@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -207,6 +208,24 @@ def test_a_foreign_parent_run_is_forbidden_before_the_debit(sqlite_registry, tmp
     assert client.get_run(nested["mlflow"]["run_id"]).data.tags["mlflow.parentRunId"] == \
         result["mlflow"]["run_id"]
     assert client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{theirs}'") == []
+
+
+def test_a_runs_agent_is_read_from_the_store(scratch_tracking_uri):
+    """The owner of a run on both stores (local SQLite and the MLflow server): its
+    `forge.agent_id` tag while it lives; none for a missing or deleted run."""
+    from runner.jobs import tracking
+
+    client = tracking.client(scratch_tracking_uri)
+    name = f"ownership-{os.getpid()}-{time.time_ns()}"  # the server is shared by the session
+    exp_id = client.create_experiment(name)
+    tagged = client.create_run(exp_id, tags={"forge.agent_id": OWNER}).info.run_id
+    untagged = client.create_run(exp_id).info.run_id
+    deleted = client.create_run(exp_id, tags={"forge.agent_id": OWNER}).info.run_id
+    client.delete_run(deleted)
+    assert tracking.run_agent(client, tagged) == OWNER
+    assert tracking.run_agent(client, untagged) is None
+    assert tracking.run_agent(client, deleted) is None
+    assert tracking.run_agent(client, "f" * 32) is None
 
 
 # --- over MCP: the connection names the agent ---------------------------------------------------
