@@ -353,25 +353,37 @@ def jobs_list(agent_id, limit, as_json):
                    "forge agents add NAME).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="HTTP: the loopback address to listen on.")
-def mcp_cmd(agent, port, host):
+@click.option("--blocking-per-agent", type=click.IntRange(min=1), default=2, show_default=True,
+              envvar="FORGE_MCP_BLOCKING_PER_AGENT", show_envvar=True,
+              help="Blocking calls (train_model_version, evaluate_candidate, cancel_job) one "
+                   "agent may have running at once; one more is refused as busy.")
+@click.option("--sessions-per-agent", type=click.IntRange(min=1), default=8, show_default=True,
+              envvar="FORGE_MCP_SESSIONS_PER_AGENT", show_envvar=True,
+              help="HTTP: open sessions one agent's tokens may hold; one more answers 503.")
+@click.option("--session-idle-s", type=click.FloatRange(min=0, min_open=True), default=900,
+              show_default=True, envvar="FORGE_MCP_SESSION_IDLE_S", show_envvar=True,
+              help="HTTP: a session with no request in flight this long is closed.")
+def mcp_cmd(agent, port, host, blocking_per_agent, sessions_per_agent, session_idle_s):
     """Serve the tools (train_model_version, submit_training, job_status, ...) over MCP:
     stdio bound to --agent, or streamable HTTP at http://HOST:PORT/mcp."""
     # lazy: the MCP SDK and runner.api (~1 s) stay out of `forge --help`
     from runner import mcp_server
 
+    lanes = mcp_server.Lanes(blocking_per_agent=blocking_per_agent)
     if port is None:
         if agent is None:
             raise click.UsageError("stdio needs --agent NAME (the agent every call runs as)")
         from runner.registry import ledger
 
-        mcp_server.run_stdio(ledger.check_agent_id(agent))
+        mcp_server.run_stdio(ledger.check_agent_id(agent), lanes)
         return
     if agent is not None:
         raise click.UsageError("over HTTP each request's bearer token names the agent; "
                                "drop --agent")
     click.echo(f"forge mcp: streamable HTTP at http://{host}:{port}/mcp (bearer tokens)",
                err=True)
-    mcp_server.run_http(host, port)
+    mcp_server.run_http(host, port, lanes=lanes, sessions=mcp_server.SessionLimits(
+        per_agent=sessions_per_agent, idle_s=session_idle_s))
 
 
 # --- tools ----------------------------------------------------------------------------------
