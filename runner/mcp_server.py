@@ -272,6 +272,10 @@ def cap_sessions_per_agent(manager, per_agent: int) -> None:
     the caller's identity and keeps it in `_session_owners` until the session ends (client
     DELETE, idle timeout); its limit is for all callers together, so this wraps that one
     admission step to count the caller's own."""
+    if not (hasattr(manager, "_admit_session") and hasattr(manager, "_session_owners")):
+        # a newer SDK moved them: serve no sessions rather than unbounded ones
+        raise RuntimeError("this mcp SDK has no StreamableHTTPSessionManager._admit_session "
+                           "and _session_owners: the per-agent session cap cannot hold")
     admit = manager._admit_session
 
     def admit_within_cap(requestor):

@@ -148,7 +148,8 @@ def log_tool_call(skill: Skill) -> Callable:
 
 
 def record_refusal(skill: Skill, arguments: dict, error: BaseException) -> None:
-    """The audit row of a call refused before it ran (its arguments broke the skill's schema)."""
+    """The audit row of a call refused before it ran (its arguments broke the skill's schema,
+    or the MCP server was busy for its agent)."""
     _record(skill, inspect.Signature(), (), dict(arguments), time.perf_counter(), error=error)
 
 
