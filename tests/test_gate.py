@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import threading
 from pathlib import Path
 
@@ -25,11 +24,13 @@ from helpers import (
     AGENT,
     BASE_ID,
     DATASET_ID,
+    GATE_HELD_OUT,
     assert_on_server,
     cbmc_split,
     count_rows,
     operator_conf,
     stand_in_candidate,
+    stand_in_gate_repo,
 )
 
 from runner.api import evaluate_candidate, train_model_version
@@ -211,40 +212,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _stand_in_repo(tmp_path: Path, body: str, entrypoint: str | None = None) -> Path:
-    """A code repository with this checkout's dataset loader and scoring (what HELD_OUT
-    needs), whose trainers.gate_eval is `body` (and trainers.entrypoint, when given,
-    `entrypoint`)."""
-    repo = tmp_path / "gate-code"
-    shutil.copytree(REPO / "trainers" / "data", repo / "trainers" / "data",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("__init__.py", "scoring.py"):
-        shutil.copy(REPO / "trainers" / name, repo / "trainers" / name)
-    (repo / "trainers" / "gate_eval.py").write_text(textwrap.dedent(body))
-    if entrypoint is not None:
-        (repo / "trainers" / "entrypoint.py").write_text(textwrap.dedent(entrypoint))
-    for cmd in (["init", "-q"], ["add", "-A"],
-                ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "stand-in"]):
-        subprocess.run(["git", *cmd], cwd=repo, check=True)
-    return repo
+    return stand_in_gate_repo(tmp_path / "gate-code", body, entrypoint)
 
 
-# A stand-in job's start: the real held-out cells of its manifest (an eval manifest's split, or
-# a training manifest's seed and fractions) and their labels, read with the real loader, as
-# any job can. The host scores what it writes against its own rebuild of the same cells.
-HELD_OUT = """
-    import json, sys, pathlib
-    from trainers.data.load import load, split_cells
-    from trainers.scoring import write_predictions
-    m = json.load(open(sys.argv[1]))
-    out = pathlib.Path(m["output_dir"])
-    d = m["dataset"]
-    s = m.get("split") or {**m["training"], "seed": m["seed"]}
-    data = load(d["path"], d["format"], d.get("label_key"))
-    split = split_cells(data.n_cells, data.labels, s["val_fraction"], s["test_fraction"],
-                        s["seed"])
-    cells, k = split.test, len(data.label_names)
-    true = data.labels[cells].tolist()
-"""
+# A stand-in job's start: the real held-out cells of its manifest and their labels.
+HELD_OUT = GATE_HELD_OUT
 
 # Predicts every held-out cell right with the candidate and wrong with everything else.
 PERFECT_CANDIDATE = HELD_OUT + """
