@@ -65,12 +65,12 @@ def gain(metric: str, delta: float) -> float:
     return -delta if lower_is_better(metric) else delta
 
 
-def bucket(gain: float | None) -> str | None:
+def bucket(magnitude: float | None) -> str | None:
     """SciDEX's bucket of an improvement, by the size of its gain; None for no improvement (a
     gain at or below zero, or none measured): a regression is never a large improvement."""
-    if gain is None or not gain > 0:  # NaN too
+    if magnitude is None or not magnitude > 0:  # NaN too
         return None
-    return next(name for limit, name in BUCKETS if gain < limit)
+    return next(name for limit, name in BUCKETS if magnitude < limit)
 
 
 def check_metrics(metrics: dict, primary: str) -> None:
