@@ -222,8 +222,9 @@ def test_failures_settle_once_and_register_nothing(registry, tmp_path, monkeypat
 
         monkeypatch.setattr(sandbox, "gpu_launch", short_cap)
     if case == "db_error":
-        def broken(*_a, **_k):
-            raise sa.exc.OperationalError("INSERT INTO artifact_links", {}, Exception("disk I/O"))
+        def broken(*_a, **_k):  # a registration the registry refuses; one it cannot answer is
+        # kept as an intent (tests/test_security_registration.py)
+            raise sa.exc.IntegrityError("INSERT INTO artifact_links", {}, Exception("refused"))
 
         monkeypatch.setattr(catalog, "_write_links", broken)
     balance = ledger.balance(AGENT)

@@ -248,10 +248,10 @@ def test_forge_jobs_cli_submits_lists_follows_and_cancels(sqlite_registry, tmp_p
     out = cli.invoke(main, ["jobs", "submit", BASE_ID, DATASET_ID, "training.lr=0.001",
                             "--agent", AGENT, "--cap", "5"])
     assert out.exit_code == 0, out.output
-    job = json_.loads(out.output)
+    job = json_.loads(out.stdout)
     assert job["status"] in ("queued", "running") and job["engine"] == "local"
     listed = cli.invoke(main, ["jobs", "list", "--json"])
-    assert [row["id"] for row in json_.loads(listed.output)] == [job["job_id"]]
+    assert [row["id"] for row in json_.loads(listed.stdout)] == [job["job_id"]]
     deadline = time.monotonic() + 120
     while "working" not in cli.invoke(main, ["jobs", "log", job["job_id"]]).output:
         assert time.monotonic() < deadline

@@ -184,7 +184,7 @@ def test_a_description_that_fails_is_a_warning(sqlite_registry, tmp_path, monkey
                                                capsys):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
 
-    def broken(*_a, **_k):
+    def broken(*_a, **_k):  # refused by the registry (not an outage, which is kept)
         raise RuntimeError("MLflow went away")
 
     monkeypatch.setattr(tracking, "describe_version", broken)
@@ -217,7 +217,7 @@ def test_a_failed_registration_deletes_the_logged_model(sqlite_registry, tmp_pat
         return model
 
     def broken(*_a, **_k):
-        raise sa.exc.OperationalError("INSERT INTO artifact_links", {}, Exception("disk I/O"))
+        raise sa.exc.IntegrityError("INSERT INTO artifact_links", {}, Exception("refused"))
 
     monkeypatch.setattr(tracking, "log_model", log_model)
     monkeypatch.setattr(catalog, "_write_links", broken)

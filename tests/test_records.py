@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import AGENT, BASE_ID, DATASET_ID, fake_code_repo, operator_conf, seed_registry
+from helpers import (
+    AGENT,
+    BASE_ID,
+    DATASET_ID,
+    STAND_IN_TRAINER,
+    cbmc_split,
+    fake_code_repo,
+    operator_conf,
+    seed_registry,
+)
 
 from runner.api import train_model_version
 from runner.errors import TrainingFailed
@@ -23,22 +32,12 @@ from runner.registry import catalog, db, ledger, recovery, schema
 
 TINY = dict(agent_id=AGENT, wall_time_cap_min=5, vram_cap_gb=1)
 
-# A stand-in trainer that reports METRICS on a fixed split, and a checkpoint.
-TRAINER = """
-    import json, sys, pathlib
-    m = json.load(open(sys.argv[1]))
-    out = pathlib.Path(m["output_dir"])
-    (out / "checkpoint").mkdir()
-    (out / "checkpoint" / "best_model.pt").write_bytes(json.dumps(m["training"]).encode())
-    split = {"seed": 0, "counts": {"train": 8, "val": 1, "test": 1},
-             "sha256": {"train": "a" * 64, "val": "b" * 64, "test": "c" * 64}}
-    json.dump({"status": "ok", "metrics": METRICS, "split": split,
-               "checkpoint": {"dir": "checkpoint"}}, open(out / "result.json", "w"))
-"""
 
-
-def trainer(metrics: str) -> str:
-    return TRAINER.replace("METRICS", metrics)
+def trainer(metrics: str, right: float = 1.0) -> str:
+    """A stand-in trainer that claims METRICS and predicts the first `right` (a fraction) of
+    the held-out cells right, which the host measures."""
+    return STAND_IN_TRAINER.replace("METRICS", metrics).replace("RIGHT = 1.0",
+                                                                f"RIGHT = {right}")
 
 
 def rows(url: str, table: sa.Table) -> list[dict]:
@@ -114,31 +113,35 @@ def test_a_trained_version_records_the_truth(registry, tmp_path, monkeypatch):
     """Own metrics apart from baseline and curves; magnitude against the parent on the same
     split, else null with a reason; base_model_id is the root; the device's price; the diff
     of a dirty tree kept with its sha256."""
-    metrics = ('{"test_macro_f1": F1, "test_accuracy": 0.8, "test_loss": 0.4, '
+    metrics = ('{"test_macro_f1": 0.99, "test_accuracy": 0.99, "test_loss": 0.4, '
                '"baseline_test_macro_f1": 0.6, "baseline_test_accuracy": 0.7, '
                '"val_macro_f1": 0.75, "train_loss": 0.3, "epochs_trained": 2.0}')
-    repo = fake_code_repo(tmp_path, trainer(metrics.replace("F1", "0.70")))
+    repo = fake_code_repo(tmp_path, trainer(metrics, right=0.70))
     monkeypatch.setenv("FORGE_CODE_REPO", str(repo))
     first = train_model_version(BASE_ID, DATASET_ID, **TINY)
 
+    # The test metrics are the host's scores of the predictions of every held-out cell (70%
+    # right), the baseline the host's own; the job's test claims are not recorded.
     own = catalog.get_model_version(first["artifact_id"])["version"]["eval_metrics_json"]
-    assert own == {"test_macro_f1": 0.70, "test_accuracy": 0.8, "test_loss": 0.4,
-                   "baseline": {"test_macro_f1": 0.6, "test_accuracy": 0.7},
-                   "training": {"val_macro_f1": 0.75, "train_loss": 0.3, "epochs_trained": 2.0}}
+    n_test = cbmc_split()["counts"]["test"]
+    assert own["test_accuracy"] == pytest.approx(round(0.70 * n_test) / n_test)
+    assert 0 < own["test_macro_f1"] < 0.9 and "test_loss" not in own
+    assert own["baseline"]["test_macro_f1"] == pytest.approx(0.9095, abs=1e-4)
+    assert own["training"] == {"val_macro_f1": 0.75, "train_loss": 0.3, "epochs_trained": 2.0}
     [wmi] = rows(registry, schema.world_model_improvements)
     assert wmi["magnitude"] is None  # the base reports no macro-F1: nothing to compare with
     assert wmi["detection_metadata"]["magnitude_reason"] == "the parent has no test_macro_f1"
 
     # The candidate fine-tuned again, from a dirty tree, on the same held-out cells.
-    (repo / "trainers" / "entrypoint.py").write_text(textwrap.dedent(trainer(
-        metrics.replace("F1", "0.75"))))
+    (repo / "trainers" / "entrypoint.py").write_text(textwrap.dedent(trainer(metrics, 0.80)))
     (repo / "notes.txt").write_text("an untracked file\n")  # not part of what runs
     second = train_model_version(first["artifact_id"], DATASET_ID, **TINY, allow_dirty=True)
+    better = catalog.get_model_version(second["artifact_id"])["version"]["eval_metrics_json"]
     wmi = {w["target_artifact_id"]: w for w in rows(registry, schema.world_model_improvements)}
     gain = wmi[second["artifact_id"]]
-    assert gain["magnitude"] == pytest.approx(0.05)
-    assert gain["detection_metadata"]["bucket"] == "high"
-    assert gain["detection_metadata"]["parent_value"] == pytest.approx(0.70)
+    assert gain["magnitude"] == pytest.approx(better["test_macro_f1"] - own["test_macro_f1"])
+    assert gain["magnitude"] > 0
+    assert gain["detection_metadata"]["parent_value"] == pytest.approx(own["test_macro_f1"])
 
     model = catalog.get_model_version(second["artifact_id"])
     assert model["version"]["base_model_id"] == BASE_ID  # the root, not the parent
@@ -146,7 +149,7 @@ def test_a_trained_version_records_the_truth(registry, tmp_path, monkeypatch):
     kept = weights.version_dir(second["artifact_id"]) / diff["artifact"]
     patch = kept.read_bytes()
     assert hashlib.sha256(patch).hexdigest() == diff["sha256"]
-    assert b"notes.txt" not in patch and b"0.75" in patch
+    assert b"notes.txt" not in patch and b"RIGHT = 0.8" in patch
     assert diff["sha256"] == codepin.pin_code(repo).diff_sha256  # the pin's digest is the patch's
     applied = tmp_path / "applied"
     subprocess.run(["git", "clone", "-q", str(repo), str(applied)], check=True)

@@ -188,7 +188,8 @@ def test_a_sweep_runs_the_commit_pinned_at_its_start(sqlite_registry, tmp_path, 
 
 def test_a_dirty_tree_refuses_the_sweep_before_any_job(sqlite_registry, tmp_path, monkeypatch):
     code = fake_code_repo(tmp_path, STAND_IN)
-    (code / "notes.txt").write_text("uncommitted")
+    with (code / "trainers" / "entrypoint.py").open("a") as f:  # a tracked file changed
+        f.write("# uncommitted\n")
     monkeypatch.setenv("FORGE_CODE_REPO", str(code))
     before = count_rows(sqlite_registry)
     proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", *PARENT_ARGS)

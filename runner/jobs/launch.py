@@ -211,9 +211,10 @@ class _Job:
                 f"({self._engine_name()} stopped it with SIGTERM)",
                 fix="submit it again to run it anew; the seconds it ran are charged, the "
                     "rest refunded")
-        result = self._measured(handback.read_result(out, launched), out)
+        result = handback.read_result(out, launched)
         primary = PRIMARY_METRIC[cfg["training"]["task"]]
-        hook.check_metrics(result.get("metrics") or {}, primary)
+        hook.check_metrics(result.get("metrics") or {}, primary)  # a job's own failure
+        result = self._measured(result, out)
 
         checkpoint = out / handback.CHECKPOINT_DIR  # never a path result.json names
         stored = weights.store(self.artifact_id, checkpoint,
@@ -344,8 +345,8 @@ class _Job:
     def _measured(self, result: dict, out: Path) -> dict:
         """A fine-tune's test metrics as the host measures them: its per-cell predictions of
         every held-out cell scored against the host's own split, labels and baseline
-        (truth.py); the job's numbers are claims, replaced, and a claim the host does not
-        reproduce is a warning. Other tasks (masked MSE) keep the job's numbers."""
+        (truth.py); the job's test numbers are claims, not recorded, and one the host does
+        not reproduce is a warning. Other tasks (masked MSE) keep the job's numbers."""
         from trainers.scoring import metric_key
 
         t = self.cfg["training"]
@@ -364,7 +365,8 @@ class _Job:
         tracking.log_measured(self.mlflow, self.run_id, {
             **measured["metrics"], **{f"test_f1/{metric_key(k)}": v
                                       for k, v in measured["per_class_f1"].items()}})
-        return {**result, **measured, "metrics": {**claims, **measured["metrics"]}}
+        kept = {k: v for k, v in claims.items() if not k.startswith(HOST_MEASURED)}
+        return {**result, **measured, "metrics": {**kept, **measured["metrics"]}}
 
     def _warn(self, line: str) -> None:
         line = sandbox.printable(f"warning: {line}")[:500]
