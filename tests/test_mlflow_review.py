@@ -79,6 +79,8 @@ def test_a_version_is_reviewable_and_loadable_in_mlflow(sqlite_registry, committ
     cost = result["cost"]
     assert f"{BASE_ID} (v1) -> {result['artifact_id']} (v2) on {DATASET_ID}" in mv.description
     assert "not comparable: the parent has no test_macro_f1" in mv.description
+    n_test = version["metadata"]["test_cells"]
+    assert f"measured by the host on all {n_test} held-out cells" in mv.description
     assert f"actual {cost['actual']}, refunded {cost['refunded']} {cost['currency']}" in \
         mv.description
 

@@ -200,6 +200,7 @@ def test_detail_page_shows_lineage_metrics_cost_code_and_citation(web, versions)
     assert re.search(r"test_macro_f1 primary 0\.7500 0\.7000 \(\+0\.0500\) 0\.8500 "
                      r"\(-0\.1000\)", text), text
     assert "test_accuracy 0.8200 0.8000 (+0.0200) n/a" in text
+    assert f"measured by the host on all {SPLIT['counts']['test']} held-out cells" in text
     # the cost: the allocation, as settled with the registration
     alloc = versions["alloc3"]
     assert alloc["status"] == "settled"

@@ -318,6 +318,9 @@ class _Job:
             base = f"{base:.4f} ({value - base:+.4f})" if _number(base) else "n/a"
             label = f"{name} (primary)" if name == primary else name
             lines.append(f"| {label} | {value:.4f} | {theirs} | {base} |")
+        if result.get("test_cells"):
+            lines += ["", f"Test metrics measured by the host on all {result['test_cells']} "
+                          "held-out cells."]
         alloc = ledger.get_allocation(self.alloc["id"])  # settled with the registration
         lines += ["", f"Cost: estimated {alloc['estimated_cost']}, debited {alloc['debited']}, "
                       f"actual {alloc['actual_cost']}, refunded {alloc['refunded']} "
