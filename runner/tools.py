@@ -73,27 +73,27 @@ def audit_to(url: str | None) -> None:
 
 
 @contextmanager
+def _bound(var, value):
+    """`var` is `value` inside the block, whatever it was outside."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 def acting_as(agent_id: str):
     """Calls in this block are made by `agent_id` (authenticated by the caller's transport)."""
     if not isinstance(agent_id, str) or not agent_id:
         raise TypeError(f"acting_as takes an agent id, got {agent_id!r}")
-    token = _acting.set(agent_id)
-    try:
-        yield
-    finally:
-        _acting.reset(token)
+    return _bound(_acting, agent_id)
 
 
-@contextmanager
 def as_operator():
     """Calls in this block are the operator's: the host's own command line (`forge gate`),
     which may act on any agent's work. Never entered for a remote caller; an `acting_as`
     block inside it is that agent's again."""
-    token = _operator.set(True)
-    try:
-        yield
-    finally:
-        _operator.reset(token)
+    return _bound(_operator, True)
 
 
 def is_operator() -> bool:
@@ -101,17 +101,12 @@ def is_operator() -> bool:
     return _operator.get() and _acting.get() is None
 
 
-@contextmanager
 def audited_as(caller: str):
     """Calls in this block are audited under `caller`, whatever agent they name: a front end
     that speaks for no agent (forge serve's page, `web`) never writes a row in an agent's name."""
     if not isinstance(caller, str) or not caller:
         raise TypeError(f"audited_as takes a caller name, got {caller!r}")
-    token = _audited_as.set(caller)
-    try:
-        yield
-    finally:
-        _audited_as.reset(token)
+    return _bound(_audited_as, caller)
 
 
 def log_tool_call(skill: Skill) -> Callable:
