@@ -94,7 +94,10 @@ def test_a_lineage_is_gated_on_evidence(sqlite_registry, tracking_store, committ
     assert alloc["debited"] == alloc["actual_cost"] + alloc["refunded"]
     assert catalog.get_artifact(BASE_ID)["is_latest"] is True  # nothing moved
 
-    # v3: longer from v2. v2 can classify now, so it is the comparator; v3 beats it.
+    # v3: longer from v2. v2 can classify now, so it is the comparator; v3 beats it. v2 is
+    # rejected: the operator lets rejected versions be fine-tuned here (policy.parent_states).
+    operator_conf(tmp_path, monkeypatch, tracking_store.operator_yaml +
+                  "policy:\n  parent_states: [active, candidate, rejected]\n")
     v3 = _train(v2["artifact_id"], "training.max_epochs=3")
     promoted = _gate(v3["artifact_id"])
     assert promoted["decision"] == "promoted", promoted["notes"]
