@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import textwrap
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -380,3 +381,51 @@ def stand_in_gate_repo(repo: Path, body: str, entrypoint: str | None = None) -> 
                 ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "stand-in"]):
         subprocess.run(["git", *cmd], cwd=repo, check=True)
     return repo
+
+
+# --- concurrency and servers --------------------------------------------------------------------
+
+def race(code: str, argvs: list[list[str]], env: dict, go: Path) -> list[str]:
+    """Run `python -c code ARGV... GO` once per argv, released together when `go` appears (each
+    worker waits for it), and return their stripped stdouts, in order; a worker that fails
+    fails the test."""
+    import sys
+    import time
+
+    procs = [subprocess.Popen([sys.executable, "-c", code, *argv, str(go)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv in argvs]
+    time.sleep(1.0)  # every interpreter up and waiting
+    go.touch()
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        outs.append(out.strip())
+    return outs
+
+
+@contextmanager
+def serving(app):
+    """`app` served by uvicorn on a free loopback port in a thread; yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from helpers import count_rows
+from helpers import count_rows, race
 
 from runner.cli import main as forge
 from runner.errors import BudgetExceeded, InvalidAmount, InvalidInput, LedgerError, UnknownAgent
@@ -300,19 +297,8 @@ except BudgetExceeded:
 
 
 def _race(db_url, tmp_path, keys: list[str]) -> list[str]:
-    go = tmp_path / "go"
-    env = {**os.environ, "FORGE_DB_URL": db_url}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, key, str(go)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for key in keys]
-    time.sleep(0.5)
-    go.touch()  # release them together
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        outs.append(out.strip())
-    return outs
+    return race(WORKER, [[key] for key in keys], {**os.environ, "FORGE_DB_URL": db_url},
+                tmp_path / "go")
 
 
 def test_16_concurrent_reservations_against_a_balance_for_10(db_url, tmp_path):

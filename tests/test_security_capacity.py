@@ -11,8 +11,6 @@ reservers cannot all slip under them (processes racing on SQLite and on PostgreS
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +25,7 @@ from helpers import (
     count_rows,
     fake_code_repo,
     operator_conf,
+    race,
 )
 
 from runner.api import cancel_job, job_log, job_status, submit_training, train_model_version
@@ -201,20 +200,8 @@ except ForgeError as exc:
 
 
 def _race(db_url, tmp_path, agents: list[str]) -> list[str]:
-    go = tmp_path / "go"
-    env = {**os.environ, "FORGE_DB_URL": db_url}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, agent, f"key-{i}", str(go)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-             for i, agent in enumerate(agents)]
-    time.sleep(1.0)
-    go.touch()  # release them together
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        outs.append(out.strip())
-    return outs
+    return race(WORKER, [[agent, f"key-{i}"] for i, agent in enumerate(agents)],
+                {**os.environ, "FORGE_DB_URL": db_url}, tmp_path / "go")
 
 
 def _open(db_url) -> list[dict]:

@@ -9,36 +9,17 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import AGENT, BASE_ID, DATASET_ID, scratch_code_repo
+from helpers import AGENT, BASE_ID, DATASET_ID, scratch_code_repo, serving
 
 from runner.registry import db, ledger, schema
-
-
-def _serve(app):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(params=[False, True], ids=["default", "show-balances"])
@@ -49,10 +30,8 @@ def page(request, sqlite_registry, tmp_path, monkeypatch):
 
     scratch_code_repo(tmp_path, monkeypatch)
     app = create_app(show_balances=True) if request.param else create_app()
-    server, thread, url = _serve(app)
-    yield url, request.param
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as url:
+        yield url, request.param
 
 
 def _dry_run(url: str, agent: str) -> str:

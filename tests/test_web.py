@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -30,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from helpers import AGENT, BASE_ID, DATASET_ID, count_rows, scratch_code_repo
+from helpers import AGENT, BASE_ID, DATASET_ID, count_rows, scratch_code_repo, serving
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = {"seed": 0, "counts": {"test": 100}, "sha256": {"test": "a" * 64}}
@@ -85,22 +84,10 @@ def web_with_balances(registry):
 
 
 def _serve(**options):
-    import uvicorn
-
     from runner.web.app import create_app
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(**options), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(create_app(**options)) as url:
+        yield url
 
 
 # --- a registry with versions ------------------------------------------------------------------
