@@ -179,3 +179,49 @@ def test_a_half_migrated_store_fails_the_call_typed_before_any_debit(sqlite_regi
     assert err.value.reason == "store_half_migrated", err.value.to_dict()
     assert ledger.balance(AGENT) == Decimal(10)
     assert ledger.list_allocations(agent_id=AGENT) == []
+
+
+# Eight agents submit a real job each at once, on a registry whose MLflow store does not exist
+# yet: the store is made once, under the lock, and every job runs to its candidate.
+SUBMIT = """
+import json, sys, time
+from pathlib import Path
+from runner.api import submit_training
+
+agent, go = sys.argv[1], Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.01)
+job = submit_training("%s", "%s", {"seed": 0}, agent, wall_time_cap_min=5, vram_cap_gb=1)
+print(json.dumps({"job_id": job["job_id"]}))
+""" % (BASE_ID, DATASET_ID)
+
+
+def test_eight_concurrent_submits_on_a_fresh_home_all_succeed(sqlite_registry, tmp_path,
+                                                              monkeypatch):
+    from helpers import operator_conf, race
+
+    from runner.api import job_status
+
+    home = Path(os.environ["FORGE_HOME"])
+    assert not (home / "mlflow.db").exists()  # the tracking store is made by the submits
+    conf = operator_conf(tmp_path, monkeypatch, "policy:\n  max_jobs_per_host: 8\n"
+                         "sandbox:\n  max_memory_gb: 1\n")
+    code = fake_code_repo(tmp_path, STAND_IN_TRAINER.replace(
+        "METRICS", '{"test_macro_f1": 0.5, "test_accuracy": 0.5}'))
+    agents = [f"agent-{i}" for i in range(PROCESSES)]
+    for agent in agents:
+        ledger.grant(agent, "1")
+    env = {**os.environ, "FORGE_CODE_REPO": str(code), "FORGE_CONFIG_DIR": str(conf)}
+    outs = race(SUBMIT, [[agent] for agent in agents], env, tmp_path / "go")
+    jobs = {agent: json.loads(out.splitlines()[-1])["job_id"] for agent, out in zip(agents, outs)}
+    deadline = time.monotonic() + 600
+    states = {}
+    while time.monotonic() < deadline:
+        states = {a: job_status(j, a)["status"] for a, j in jobs.items()}
+        if all(s in ("succeeded", "failed", "cancelled") for s in states.values()):
+            break
+        time.sleep(2)
+    failed = {a: job_status(j, a).get("error") for a, j in jobs.items()
+              if states.get(a) != "succeeded"}
+    assert not failed, failed
+    assert ledger.balance(agents[0]) < Decimal("1")  # each paid for its own job
