@@ -5,31 +5,18 @@
 The host relays new lines into its own MLflow run while the job runs (runner/jobs/tracking.py
 MetricRelay). A plain append-only file is the whole channel: the host opens it without
 following links and without blocking, and never points an MLflow client at a tree the job
-wrote. `JsonLinesLogger` is the Lightning logger that writes it.
+wrote. `JsonLinesLogger` is the Lightning logger that writes it; the lines themselves are
+trainers/metrics_stream.py's, which families without Lightning use directly.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from pathlib import Path
 
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
-
-def metric_lines(metrics: dict, step: int | None, ts_ms: int | None = None) -> str:
-    """The JSON lines for one call to log_metrics (non-finite values are written as they are:
-    the host skips them with a warning, and the trainer's own checks fail the run)."""
-    ts = int(time.time() * 1000) if ts_ms is None else ts_ms
-    lines = []
-    for key, value in metrics.items():
-        value = float(value)
-        point = {"key": str(key), "value": value if math.isfinite(value) else str(value),
-                 "step": int(step or 0), "ts": ts}
-        lines.append(json.dumps(point) + "\n")
-    return "".join(lines)
+from trainers.metrics_stream import append_metrics
 
 
 class JsonLinesLogger(Logger):
@@ -57,6 +44,4 @@ class JsonLinesLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        if metrics:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(metric_lines(metrics, step))
+        append_metrics(self.path, metrics, step)
