@@ -22,7 +22,7 @@ from trainers.data.load import baseline_features, load, split_cells
 from trainers.family import CheckpointError, gene_overlap
 from trainers.linear import checkpoint
 from trainers.linear.family import FAMILY
-from trainers.manifest import ManifestError, sha256_file
+from trainers.manifest import ManifestError, resolve_model, sha256_file
 from trainers.metrics_stream import append_metrics
 
 
@@ -34,7 +34,7 @@ def train(m, state: dict) -> dict:
     from threadpoolctl import threadpool_limits
 
     parent = _load_parent(m.parent.checkpoint_dir) if m.parent is not None else None
-    arch = FAMILY.resolve_architecture(dict(m.model), parent.architecture if parent else None)
+    arch = resolve_model(FAMILY, m.model, parent.architecture if parent else None)
     out, t = Path(m.output_dir), m.training
     state["device"] = "cpu"
     threads = m.num_threads or len(os.sched_getaffinity(0))

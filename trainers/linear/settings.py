@@ -44,17 +44,5 @@ TRAINING_RANGES: dict[str, dict] = {
     "tol": {"exclusiveMinimum": 0},
 }
 CHOICES = {"features": FEATURES, "class_weight": CLASS_WEIGHTS}
+# No rules across fields: the manifest parser checks the task, types, ranges and choices.
 
-
-def check(m) -> None:
-    """The rules across fields, and the architecture's, for a parsed manifest."""
-    from trainers.manifest import need
-
-    features = m.model.get("features")
-    need(features is None or features in FEATURES, "model.features",
-         f"must be one of {', '.join(FEATURES)}, got {features!r}")
-    standardize = m.model.get("standardize")
-    need(standardize is None or isinstance(standardize, bool), "model.standardize",
-         f"must be true or false, got {standardize!r}")
-    need(m.task == "finetune_celltype", "task",
-         f"the linear family only has finetune_celltype, not {m.task!r}")
