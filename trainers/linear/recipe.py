@@ -46,7 +46,7 @@ def train(m, state: dict) -> dict:
     split_seed = m.seed if t.split_seed is None else t.split_seed
     split = split_cells(data.n_cells, data.labels, t.val_fraction, t.test_fraction, split_seed)
     state["split"] = split.summary()
-    state["genes"] = {"in_model": len(data.genes), "dropped": 0, "vocab_size": len(data.genes)}
+    state["genes"] = {"in_vocab": len(data.genes), "dropped": 0, "vocab_size": len(data.genes)}
     state["metrics_path"] = m.metrics_path
 
     features = baseline_features(data)  # the baseline's own features, every cell
