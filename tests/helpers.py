@@ -101,7 +101,7 @@ AGENT = "agent-e2e"
 ARCH = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_hid": 64, "n_bins": 51,
         "dropout": 0.0, "input_emb_style": "continuous"}
 # The same architecture as overrides, for the forge-train command line.
-ARCH_OVERRIDES = [f"parent.artifact_id={BASE_ID}", "parent.family=scgpt-test",
+ARCH_OVERRIDES = [f"parent.artifact_id={BASE_ID}", "parent.family=scgpt",
                   *(f"parent.{k}={v}" for k, v in ARCH.items())]
 
 
@@ -111,7 +111,7 @@ def seed_registry(checkpoint: Path) -> None:
     from runner.registry import catalog, ledger
 
     catalog.register_dataset(DATASET_ID, "CBMC CITE-seq", builtin_citation("cbmc"))
-    register_by_hand(BASE_ID, checkpoint, family="scgpt-test", architecture=ARCH,
+    register_by_hand(BASE_ID, checkpoint, family="scgpt", architecture=ARCH,
                      title="tiny scGPT base")
     ledger.grant(AGENT, "10")
 
@@ -332,7 +332,7 @@ def stand_in_candidate(parent_id: str, artifact_id: str, split: dict | None = No
         parent_artifact_id=parent_id, training_dataset_artifact_id=DATASET_ID,
         eval_dataset_artifact_id=DATASET_ID,
         content_hash=weights.tree_hash(weights.file_hashes(folder)),
-        metadata={"family": "scgpt-test", "framework": "scgpt", "task": "finetune_celltype",
+        metadata={"family": "scgpt", "framework": "scgpt", "task": "finetune_celltype",
                   "split": split or cbmc_split()},
         version={"code_repo_url": "file:///stand-in", "code_commit_sha": "0" * 40,
                  "gpu_allocation_id": alloc["id"], "eval_metrics_json": {"test_macro_f1": 0.5},

@@ -44,7 +44,7 @@ def test_every_builtin_dataset_trains_end_to_end(name, sqlite_url, committed_cod
     checkpoint = tiny_base(tmp_path / "base", name)
     base_id = f"model-byo-{name.replace('_', '-')}"
     catalog.register_dataset(DATASET_IDS[name], name, builtin_citation(name))
-    register_by_hand(base_id, checkpoint, family="scgpt-byo", architecture=ARCH)
+    register_by_hand(base_id, checkpoint, family="scgpt", architecture=ARCH)
     ledger.grant(AGENT, "10")
     result = train_model_version(base_id, DATASET_IDS[name], agent_id=AGENT,
                                  wall_time_cap_min=5, vram_cap_gb=1, overrides=TINY)
@@ -85,7 +85,7 @@ def test_registration_reads_the_architecture_from_args_json(sqlite_url, tmp_path
     from runner.jobs import parents
 
     folder = _checkpoint(tmp_path / "ckpt", _cbmc_genes())
-    row = parents.register_parent("model-byo", folder.as_uri(), family="scgpt-byo")
+    row = parents.register_parent("model-byo", folder.as_uri(), family="scgpt")
     meta = catalog.get_artifact("model-byo")["metadata"]
     assert meta["architecture"] == {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_hid": 64,
                                     "n_bins": 51, "dropout": 0.0,
@@ -174,7 +174,7 @@ def test_the_checkpoint_not_conf_decides_the_architecture(sqlite_url, tmp_path,
     ledger.grant(AGENT, "10")
     folder = _checkpoint(tmp_path / "ckpt", _cbmc_genes())
     for artifact_id, arch in (("model-bare", None), ("model-wrong", {"n_layers": 4})):
-        register_by_hand(artifact_id, folder, family="scgpt-byo", architecture=arch)
+        register_by_hand(artifact_id, folder, family="scgpt", architecture=arch)
     bare = _dry_run("model-bare")
     assert bare["would_launch"] is True, bare["reasons"]
     assert {k: bare["config"]["parent"][k] for k in ("n_layers", "d_model", "n_heads")} == \
@@ -216,7 +216,7 @@ def test_your_own_h5ad_and_checkpoint_through_the_cli(sqlite_url, tmp_path, comm
     genes = load(own, "h5ad", label_key="bulk_labels").genes
     folder = _checkpoint(tmp_path / "ckpt", genes[:700] + [f"X{i}" for i in range(1000)])
     out = cli.invoke(main, ["models", "register", "model-mine", folder.as_uri(),
-                            "--family", "scgpt-mine"])
+                            "--family", "scgpt"])
     assert out.exit_code == 0, out.output
     ledger.grant(AGENT, "10")
     dry = _dry_run("model-mine", "dataset-mine")
@@ -254,7 +254,7 @@ def test_an_scgpt_0_2_4_checkpoint_fine_tunes_on_pbmc68k_reduced(sqlite_url, com
     vocab = json.loads((folder / "vocab.json").read_text())
     assert len(vocab) == 1703 and vocab["<pad>"] != 0  # shuffled ids, specials included
 
-    parents.register_parent("model-scgpt-024", folder.as_uri(), family="scgpt-ref")
+    parents.register_parent("model-scgpt-024", folder.as_uri(), family="scgpt")
     meta = catalog.get_artifact("model-scgpt-024")["metadata"]
     assert meta["architecture"]["n_layers"] == args["nlayers"]  # no hand-written architecture
     assert meta["architecture"]["d_model"] == args["embsize"]
@@ -296,7 +296,7 @@ def test_a_broken_parent_registered_by_hand_is_refused_before_any_debit(
     vocab = json.loads((folder / "vocab.json").read_text())
     cls = vocab.pop("<cls>")
     (folder / "vocab.json").write_text(json.dumps({t: i - (i > cls) for t, i in vocab.items()}))
-    register_by_hand("model-hand", folder, family="scgpt-byo")
+    register_by_hand("model-hand", folder, family="scgpt")
     dry = _dry_run("model-hand")
     assert dry["would_launch"] is False
     assert {(r["reason"], r["field"]) for r in dry["reasons"]} >= {

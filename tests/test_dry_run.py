@@ -152,12 +152,12 @@ def test_request_key_ignores_volatile_fields_and_tracks_the_rest(registry):
 def test_registry_architecture_for_parents_without_a_conf_option(registry):
     catalog.register_model(
         artifact_id="model-scgpt-wide", title="wide", created_by="test",
-        metadata={"family": "scgpt-wide", "framework": "scgpt",
+        metadata={"family": "scgpt", "framework": "scgpt",
                   "architecture": {"n_layers": 2, "d_model": 64, "n_heads": 8}})
     stand_in_weights("model-scgpt-wide")
     result = dry(parent="model-scgpt-wide")
     parent = result["config"]["parent"]
-    assert parent["artifact_id"] == "model-scgpt-wide" and parent["family"] == "scgpt-wide"
+    assert parent["artifact_id"] == "model-scgpt-wide" and parent["family"] == "scgpt"
     assert parent["d_model"] == 64 and parent["n_heads"] == 8 and parent["n_layers"] == 2
     assert result["would_launch"]
 

@@ -247,7 +247,7 @@ def test_failures_settle_once_and_register_nothing(registry, tmp_path, monkeypat
     assert not _rows(registry, schema.world_model_improvements)
     run, _ = _mlflow_run(alloc["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["forge.outcome"] == expected[case]
-    assert not list((weights.weights_dir("x").parent.parent).glob("scgpt-test-*"))
+    assert not list((weights.weights_dir("x").parent.parent).glob("scgpt-*"))
     failed_call = _rows(registry, schema.tool_calls)[-1]
     assert failed_call["success"] is False and failed_call["error_code"] == expected[case]
 

@@ -55,7 +55,7 @@ def _register_broken_parent(base_checkpoint: Path, folder: Path, edit) -> None:
     """A copy of the tiny base whose vocab.json `edit` changed, registered as seed_registry
     registers the base (its own content hash)."""
     _broken_copy(base_checkpoint, folder, "vocab.json", edit)
-    register_by_hand(BROKEN_ID, folder, family="scgpt-broken", architecture=ARCH,
+    register_by_hand(BROKEN_ID, folder, family="scgpt", architecture=ARCH,
                      title="tiny scGPT base, broken vocab")
 
 

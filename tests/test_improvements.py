@@ -44,7 +44,7 @@ def _trained(artifact_id: str, parent_id: str, metrics: dict, *, primary: str = 
     returns its allocation."""
     alloc = ledger.reserve(AGENT, "0.5", f"imp-{artifact_id}", wall_time_cap_min=60,
                            vram_cap_gb=1, price_per_hour="0.5")
-    meta = {"family": "scgpt-test", "framework": "scgpt", "task": task, "split": split,
+    meta = {"family": "scgpt", "framework": "scgpt", "task": task, "split": split,
             "test_cells": test_cells}
     now = datetime.now(UTC)
     register_model_version(parent_id, RunRecord(

@@ -229,7 +229,7 @@ def test_a_failed_registration_deletes_the_logged_model(sqlite_registry, tmp_pat
     [(client, model_id)] = logged
     with pytest.raises(MlflowException, match="not found|does not exist|deleted"):
         client.get_logged_model(model_id)
-    assert client.search_model_versions("name='scgpt-test'") == []
+    assert client.search_model_versions("name='scgpt'") == []
 
 
 def test_a_dataset_input_raced_by_a_parallel_job_is_still_logged(tmp_path):

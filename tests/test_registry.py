@@ -29,7 +29,7 @@ CITATION = {
 }
 # A version whose weights came from outside (no training record of ours to require).
 OUTSIDE = {"origin_type": "external", "origin_url": "file:///weights/x"}
-META = {"family": "scgpt-test", "framework": "scgpt", "task": "external",
+META = {"family": "scgpt", "framework": "scgpt", "task": "external",
         "architecture": {"n_layers": 2, "d_model": 32}}
 
 

@@ -47,12 +47,12 @@ def host(registry, base_checkpoint, tmp_path, monkeypatch):
     catalog.register_model(
         artifact_id=INTERNAL, title="internal parent", created_by="test",
         content_hash=stored["sha256"],
-        metadata={"family": "scgpt-test", "framework": "scgpt", "task": "finetune_celltype",
+        metadata={"family": "scgpt", "framework": "scgpt", "task": "finetune_celltype",
                   "architecture": ARCH,
                   "weights": {k: stored[k] for k in ("sha256", "files", "size_bytes")}})
     outside = tmp_path / "outside-checkpoint"
     shutil.copytree(base_checkpoint, outside)
-    register_by_hand(EXTERNAL, outside, family="scgpt-test", architecture=ARCH)
+    register_by_hand(EXTERNAL, outside, family="scgpt", architecture=ARCH)
     return {"url": registry, "outside": outside}
 
 
@@ -256,7 +256,7 @@ def test_weights_in_the_blob_store_are_checked_too(host, base_checkpoint):
     catalog.register_model(
         artifact_id="model-test-blobs", title="blobs", created_by="test",
         content_hash=stored["sha256"],
-        metadata={"family": "scgpt-test", "framework": "scgpt", "architecture": ARCH,
+        metadata={"family": "scgpt", "framework": "scgpt", "architecture": ARCH,
                   "weights": {k: stored[k] for k in ("sha256", "files", "size_bytes")}})
     result = dry("model-test-blobs")
     assert result["would_launch"] is True and result["checkpoint"]["weights"]["hashed"] is True

@@ -64,7 +64,7 @@ def _candidate_of(agent: str, artifact_id: str) -> str:
     alloc = ledger.reserve(agent, "0.5", f"own-{artifact_id}", wall_time_cap_min=60,
                            vram_cap_gb=1, price_per_hour="0.5")
     now = datetime.now(UTC)
-    meta = {"family": "scgpt-test", "framework": "scgpt", "task": "finetune_celltype",
+    meta = {"family": "scgpt", "framework": "scgpt", "task": "finetune_celltype",
             "split": {"seed": 0, "counts": {"test": 40}, "sha256": {"test": "a" * 64}}}
     register_model_version(BASE_ID, RunRecord(
         artifact_id=artifact_id, title="bob's candidate", metadata=meta,

@@ -238,7 +238,7 @@ def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tracking_store, t
                              files=("config/resolved.yaml", "job.log"))
             assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["dataset-geo-GSE100866"]
             assert [m.value for m in client.get_metric_history(run.info.run_id, "test_accuracy")]
-        versions = client.search_model_versions("name='scgpt-test'")
+        versions = client.search_model_versions("name='scgpt'")
         assert {a["artifact_id"] for a in allocations(sqlite_registry)} <= \
             {v.tags.get("forge.artifact_id") for v in versions}
 

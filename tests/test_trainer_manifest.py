@@ -4,13 +4,9 @@ import copy
 
 import pytest
 
-from trainers.manifest import (
-    MODEL_DEFAULTS,
-    ManifestError,
-    ModelSpec,
-    parse_manifest,
-    resolve_model,
-)
+from trainers.manifest import ManifestError, parse_manifest, resolve_model
+from trainers.scgpt.family import FAMILY as SCGPT
+from trainers.scgpt.settings import MODEL_DEFAULTS
 
 GOOD = {
     "manifest_version": 1, "task": "finetune_celltype", "seed": 0, "device": "cpu",
@@ -44,7 +40,7 @@ def _with(path: str, value):
 def test_the_issue_example_parses():
     m = parse_manifest(GOOD)
     assert m.task == "finetune_celltype" and m.parent.checkpoint_dir == "/job/in/parent"
-    assert m.training.lr == 1e-3 and m.model.d_model == 128 and m.dataset.label_key is None
+    assert m.training.lr == 1e-3 and m.model["d_model"] == 128 and m.dataset.label_key is None
     assert parse_manifest(m.to_dict()) == m  # round trip
 
 
@@ -53,7 +49,7 @@ def test_minimal_manifest_gets_defaults():
                         "dataset": {"path": "/d", "format": "cbmc_mat"}})
     assert m.parent is None and m.device == "auto" and m.training.max_seq_len > 1
     assert m.devices == 1 and parse_manifest(_with("devices", 8)).devices == 8
-    assert resolve_model(m.model, None) == MODEL_DEFAULTS
+    assert resolve_model(SCGPT, m.model, None) == MODEL_DEFAULTS
     assert m.metrics_path == "/o/metrics.jsonl"  # the stream the host relays
 
 
@@ -98,31 +94,37 @@ def test_h5ad_finetune_needs_a_label_key():
 def test_parent_architecture_must_agree():
     parent = {"n_layers": 4, "d_model": 128, "n_heads": 4, "d_hid": 256, "dropout": 0.2,
               "n_bins": 51, "input_emb_style": "continuous"}
-    arch = resolve_model(ModelSpec(d_model=128, dropout=0.0), parent)
+    arch = resolve_model(SCGPT, {"d_model": 128, "dropout": 0.0}, parent)
     assert arch["d_model"] == 128 and arch["dropout"] == 0.0  # dropout may be overridden
-    assert resolve_model(ModelSpec(), parent)["dropout"] == 0.2
+    assert resolve_model(SCGPT, {}, parent)["dropout"] == 0.2
     with pytest.raises(ManifestError, match=r"model\.d_model: is 256 but the parent"):
-        resolve_model(ModelSpec(d_model=256), parent)
+        resolve_model(SCGPT, {"d_model": 256}, parent)
 
 
 # --- one contract: the host's config and dry run are derived from this module ---------------------
 
-def test_the_config_schema_is_derived_from_the_manifest():
+def test_the_config_schema_is_derived_from_the_families():
     import dataclasses
     import typing
 
-    from runner.config import schema
-    from trainers import manifest
+    from runner.config import compose, schema
+    from trainers import family, manifest
 
     training = typing.get_type_hints(schema.TrainingConf)
-    spec = typing.get_type_hints(manifest.TrainingSpec)
-    assert set(training) == set(spec) | set(manifest.CONFIG_TRAINING_FIELDS)
-    for name, tp in spec.items():
-        assert typing.get_args(training[name]) == typing.get_args(tp) or training[name] is tp
+    keys, arch = set(manifest.CONFIG_TRAINING_FIELDS), {"artifact_id", "family"}
+    for fam in family.all_families():
+        spec = typing.get_type_hints(fam.training)
+        keys |= set(spec)
+        arch |= set(fam.architecture_keys())
+        for name, tp in spec.items():  # Optional[the family's type]: None is its default
+            inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+            assert set(typing.get_args(training[name])) == {inner[0], type(None)}
+    assert set(training) == keys
     defaults = {f.name: f.default for f in dataclasses.fields(schema.TrainingConf)}
-    assert defaults["warmup_steps"] == manifest.TrainingSpec().warmup_steps
-    parent = {f.name for f in dataclasses.fields(schema.ParentConf)}
-    assert parent == {"artifact_id", "family", *manifest.MODEL_DEFAULTS}
+    assert defaults["warmup_steps"] == "${forge_family:warmup_steps}"  # the family's own
+    assert compose.compose_config().training.warmup_steps == 50  # scGPT's, the default parent
+    assert family.get("scgpt").defaults("finetune_celltype")["warmup_steps"] == 50
+    assert {f.name for f in dataclasses.fields(schema.ParentConf)} == arch
 
 
 def test_the_manifest_imports_without_torch_or_the_host():
@@ -152,12 +154,20 @@ def test_every_preset_composes_to_a_manifest_the_trainer_accepts(tmp_path, monke
     from runner.config import compose, options
     from runner.config.manifest import build_manifest
 
+    from trainers import family
+
     monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path))
+    parents = {option: compose.to_plain(compose.compose_config([f"parent={option}"]))
+               ["parent"]["family"] for option in options.group_options("parent")}
     for training in options.group_options("training"):
         for dataset in options.group_options("dataset"):
-            plain = compose.to_plain(compose.compose_config([f"training={training}",
-                                                             f"dataset={dataset}"]))
-            parse_manifest(build_manifest(plain, "run", "cpu", from_parent=True))
+            for parent, name in parents.items():
+                plain = compose.to_plain(compose.compose_config(
+                    [f"training={training}", f"dataset={dataset}", f"parent={parent}"]))
+                if plain["training"]["task"] not in family.get(name).tasks:
+                    continue  # plan.py refuses it, naming the family's tasks
+                from_parent = not plain["training"]["task"].startswith("pretrain_scvi")
+                parse_manifest(build_manifest(plain, "run", "cpu", from_parent=from_parent))
 
 
 @pytest.mark.parametrize("override", ["training.class_weighting=foo",

@@ -107,7 +107,7 @@ def _register(artifact_id: str, parent_id: str, metrics: dict, *, title: str,
     alloc = ledger.reserve(AGENT, "0.5", f"web-{artifact_id}", wall_time_cap_min=60,
                            vram_cap_gb=1, price_per_hour="0.5")
     now = datetime.now(timezone.utc)
-    meta = {"family": "scgpt-test", "framework": "scgpt", "task": "finetune_celltype",
+    meta = {"family": "scgpt", "framework": "scgpt", "task": "finetune_celltype",
             "split": SPLIT, "test_cells": SPLIT["counts"]["test"],
             "class_names": list(per_class), "per_class_f1": per_class,
             "baseline": {"metrics": {}, "per_class_f1": {k: 0.9 for k in per_class}},
@@ -119,7 +119,7 @@ def _register(artifact_id: str, parent_id: str, metrics: dict, *, title: str,
         code_entrypoint="trainers.entrypoint", training_started_at=now,
         training_completed_at=now, training_params={"training": {"lr": 1e-4}},
         eval_metrics=metrics, primary_metric="test_macro_f1", content_hash="b" * 64,
-        mlflow_run_id=uuid.uuid4().hex, mlflow_model_uri="models:/scgpt-test/2",
+        mlflow_run_id=uuid.uuid4().hex, mlflow_model_uri="models:/scgpt/2",
         changelog=f"changelog {SCRIPT}"))
     return ledger.get_allocation(alloc["id"])
 
@@ -203,7 +203,7 @@ def test_detail_page_shows_lineage_metrics_cost_code_and_citation(web, versions)
     assert f'href="{citation["url"]}"' in html
     # MLflow: the operator's UI, the run and the registered version
     assert re.search(r'href="http://127\.0\.0\.1:5000/#/experiments/7/runs/\w+"', html)
-    assert 'href="http://127.0.0.1:5000/#/models/scgpt-test/versions/2"' in html
+    assert 'href="http://127.0.0.1:5000/#/models/scgpt/versions/2"' in html
     assert f'src="/artifacts/{versions["v3"]}/confusion_matrix.png"' in html
 
 
@@ -234,7 +234,7 @@ def test_an_outside_url_is_a_link_only_when_http(web, registry):
     from runner.registry import catalog
 
     catalog.register_model(artifact_id="model-web-js", title="js", created_by="test",
-                           metadata={"family": "scgpt-test", "framework": "scgpt"},
+                           metadata={"family": "scgpt", "framework": "scgpt"},
                            origin_type="external", origin_url="javascript:alert(1)")
     page = fetch(f"{web}/artifacts/model-web-js")
     assert page.status == 200
@@ -256,7 +256,7 @@ def test_index_lists_families_with_latest_champion_and_candidates(web, versions)
     page = fetch(f"{web}/")
     assert page.status == 200
     text = _visible(page.text)
-    assert re.search(rf"scgpt-test 3 versions latest {versions['v3']} v3 candidate "
+    assert re.search(rf"scgpt 3 versions latest {versions['v3']} v3 candidate "
                      rf"champion {BASE_ID} v1 active candidates {versions['v3']} v3 candidate",
                      text), text
     assert f'href="/artifacts/{versions["v3"]}"' in page.text

@@ -1,9 +1,11 @@
 """Sandbox entrypoint: `python -m trainers.entrypoint MANIFEST.json`.
 
-Reads the run manifest (trainers/manifest.py), trains, evaluates, and writes into
-output_dir: `result.json`, the checkpoint in scGPT layout (`checkpoint/{args.json,
-vocab.json,best_model.pt}`), the figures; metric points are appended as JSON lines to the
-manifest's metrics_path (trainers/metrics_log.py) for the host to relay into its MLflow run.
+Reads the run manifest (trainers/manifest.py), hands it to its family's recipe
+(trainers/family.py: `train(manifest, state)`), and writes `result.json` into output_dir,
+whatever happened. The recipe writes the checkpoint at `output_dir/checkpoint` in its
+family's layout, the figures, per-cell predictions of a fine-tune's test cells, and appends
+metric points as JSON lines to the manifest's metrics_path (trainers/metrics_log.py) for the
+host to relay into its MLflow run.
 
 Exit codes: 0 ok, 1 other error, 2 invalid manifest (`field` names the setting; a dataset
 the loader cannot read is `dataset`), 3 non-finite loss, 4 out of memory, 5 a parent
@@ -11,30 +13,21 @@ checkpoint that cannot be used (`field` names its file, e.g. `parent.vocab.json`
 `parent.args.json.pre_norm`; the parent is checked before any data is read). On failure
 result.json still says why (`status: "failed"`, `reason`: invalid_manifest |
 invalid_checkpoint | nan_loss | oom | error, and `field` where there is one).
-Heavy imports (torch, lightning) happen inside `train()`, after validation.
-
-Several devices (`devices` > 1): Lightning DDP over loopback (trainers/runtime.py strategy),
-gloo on cpu and NCCL on cuda. Lightning starts ranks 1.. by re-running this module on the
-same manifest; each trains on its share of the training cells. Validation and test are not
-sharded: every rank evaluates the whole split, so the test metrics are the full test set's
-(DistributedSampler would pad and duplicate cells; `use_distributed_sampler` is off, and
-CellBatches is not a DataLoader it could wrap anyway). After the test every rank meets at a
-barrier, then rank 0 alone goes on: the baseline, figures, checkpoint, final metrics and
-result.json; the other ranks write nothing to output_dir (Lightning's own checkpoints of
-the best epoch are rank 0's too). CPU threads are split between the ranks.
+With several devices only rank 0 writes result.json (trainers/scgpt/recipe.py says how the
+ranks share the work).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from trainers import family
 from trainers.data.load import DatasetError
+from trainers.family import CheckpointError, NonFiniteLoss
 from trainers.manifest import (
     EXIT_CHECKPOINT,
     EXIT_ERROR,
@@ -42,197 +35,15 @@ from trainers.manifest import (
     EXIT_NAN,
     EXIT_OK,
     EXIT_OOM,
-    Manifest,
     ManifestError,
     load_manifest,
-    sha256_file,
 )
-from trainers.runtime import choose_device, choose_precision, process_rank, strategy
+from trainers.runtime import process_rank
 
 
-def train(m: Manifest, state: dict) -> dict:
-    """The recipe: data -> model -> fit -> test -> baseline -> figures -> checkpoint."""
-    import warnings
-    # (the sync_dist advice: val/test values are equal on every rank, see lightning.py)
-    for noise in (".*LeafSpec.*", ".*does not have many workers.*",
-                  ".*when logging on epoch level in distributed setting.*"):
-        warnings.filterwarnings("ignore", message=noise)
-    import logging
-
-    import numpy as np
-    import pytorch_lightning as pl
-    import torch
-    # Lightning advertises its cloud logger at INFO on every fit; keep the job log to facts.
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage())
-    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
-
-    from trainers import scoring
-    from trainers.data.load import baseline_features, load, split_cells
-    from trainers.metrics_log import JsonLinesLogger
-    from trainers.scgpt import evaluate
-    from trainers.scgpt.batches import CellBatches
-    from trainers.scgpt.lightning import (
-        FINETUNE,
-        History,
-        LineProgress,
-        ScGPTModule,
-        class_weights,
-    )
-    from trainers.scgpt.model import save_checkpoint
-    from trainers.scgpt.prepare import checkpoint_args, prepare
-
-    if m.parent is not None:  # a parent we cannot use fails here, typed, before any data is read
-        check_parent(m.parent.checkpoint_dir)
-    out, t, finetune = Path(m.output_dir), m.training, m.task == FINETUNE
-    rank, world = process_rank(), m.devices
-    device = choose_device(m, state)
-    threads = m.num_threads or max(1, len(os.sched_getaffinity(0)) // world)
-    torch.set_num_threads(threads)
-    if world > 1:  # Lightning's launcher sets the ranks' threads unless it finds this
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_flush_denormal(True)  # denormal Adam states slow CPU kernels several-fold
-    pl.seed_everything(m.seed, workers=True, verbose=False)
-
-    # data and split (the same seed gives the same split for pretraining and fine-tuning)
-    d = m.dataset
-    data = load(d.path, d.format, d.label_key, d.gene_key, d.use_raw, name=d.name)
-    if finetune and data.labels is None:
-        raise ManifestError("dataset.label_key", f"dataset {d.path} has no labels to fine-tune on")
-    split_seed = m.seed if t.split_seed is None else t.split_seed
-    split = split_cells(data.n_cells, data.labels, t.val_fraction, t.test_fraction, split_seed)
-    state["split"] = split.summary()
-
-    # model, vocabulary, tokenizer
-    prep = prepare(m, data, len(data.label_names) if finetune else None)
-    state["genes"] = prep.genes
-    weights = (class_weights(data.labels[split.train], len(data.label_names),
-                             t.class_weighting) if finetune else None)
-    mask_ratio = 0.0 if finetune else t.mask_ratio
-
-    def batches(cells, shuffle, limit, rank=0, world=1):
-        size = t.batch_size if shuffle else (t.eval_batch_size or 2 * t.batch_size)
-        return CellBatches(data, prep.columns, cells, prep.tokenizer, size, m.seed, shuffle,
-                           mask_ratio, limit, rank, world)
-    train_dl = batches(split.train, True, t.limit_train_batches, rank, world)  # rank's share
-    val_dl = batches(split.val, False, t.limit_eval_batches)
-    test_dl = batches(split.test, False, None)  # every held-out cell: the host scores them all
-    module = ScGPTModule(prep.model, m.task, t.lr, t.weight_decay, t.warmup_steps,
-                         total_steps=t.max_epochs * len(train_dl), class_weights=weights,
-                         n_cls=len(data.label_names))
-
-    # tracking, callbacks, trainer
-    logger = JsonLinesLogger(m.metrics_path, name=m.experiment_name, version=m.run_name or "0")
-    state["metrics_path"] = m.metrics_path
-    monitor, mode = ("val_macro_f1", "max") if finetune else ("val_loss", "min")
-    history = History()
-    ckpt_dir = out / ".lightning_checkpoints"
-    best = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode=mode, save_top_k=1,
-                           save_weights_only=True, filename="best")
-    callbacks = [history, best]
-    if t.early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor, patience=t.early_stopping_patience, mode=mode))
-    tty = sys.stdout.isatty()
-    callbacks.append(TQDMProgressBar() if tty else LineProgress(every=t.log_every_n_steps))
-    precision = choose_precision(t.precision, device)
-    trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu", devices=world,
-        strategy=strategy(world, device), use_distributed_sampler=False, precision=precision,
-        max_epochs=t.max_epochs, logger=logger, callbacks=callbacks,
-        enable_progress_bar=tty, enable_model_summary=False, num_sanity_val_steps=0,
-        log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.grad_clip,
-        deterministic=device == "cpu", default_root_dir=str(out))
-    if rank == 0:
-        print(f"{m.task}: {len(split.train)} train / {len(split.val)} val / {len(split.test)} "
-              f"test cells, {prep.genes['in_vocab']} genes in vocab ({prep.genes['dropped']} "
-              f"dropped), {prep.model.num_params() / 1e6:.2f}M parameters, device {device}"
-              f"{f' x {world} (ddp)' if world > 1 else ''}, precision {precision}", flush=True)
-
-    t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
-    train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    trainer.test(module, dataloaders=test_dl, ckpt_path=best.best_model_path or None,
-                 verbose=False)
-    test_s = time.perf_counter() - t0
-    if world > 1:  # every rank has read the best checkpoint before rank 0 removes it
-        trainer.strategy.barrier("forge_tested")
-        if rank != 0:
-            return {}
-
-    # metrics: last epoch's train/val, the best epoch, test on the best weights
-    last = history.epochs[-1] if history.epochs else {}
-    metrics = {k: v for k, v in last.items() if k != "epoch"}
-    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
-                    if k.startswith("test_")})
-    metrics["epochs_trained"] = float(len(history.epochs))
-    if best.best_model_score is not None:
-        metrics[f"best_{monitor}"] = float(best.best_model_score)
-        scores = [h.get(monitor, np.nan) for h in history.epochs]
-        metrics["best_epoch"] = float(1 + (np.nanargmax(scores) if mode == "max"
-                                           else np.nanargmin(scores)))
-    result = {"per_class_f1": {}, "baseline": {}, "artifacts": []}
-    if finetune:
-        pred, true = module.test_outputs["pred"], module.test_outputs["true"]
-        result["test_cells"] = len(true)  # every rank tests the whole split, in its order
-        # The host scores these against its own truth (runner/jobs/truth.py); the metrics
-        # below are this job's claims, for its log.
-        scoring.write_predictions(out, split.test, {"candidate": pred}, data.label_names)
-        _, result["per_class_f1"] = scoring.classification_metrics(
-            true, pred, data.label_names, "test_")
-        t0 = time.perf_counter()
-        base = scoring.logistic_regression_baseline(
-            baseline_features(data), data.labels, split.train, split.test, data.label_names,
-            m.seed)
-        base["seconds"] = time.perf_counter() - t0
-        result["baseline"] = base
-        metrics.update(base["metrics"])
-        print(f"test accuracy {metrics['test_accuracy']:.4f} macro-F1 "
-              f"{metrics['test_macro_f1']:.4f} | logistic-regression baseline "
-              f"{metrics['baseline_test_accuracy']:.4f} / "
-              f"{metrics['baseline_test_macro_f1']:.4f}", flush=True)
-        evaluate.plot_confusion_matrix(true, pred, data.label_names, out / "confusion_matrix.png",
-                                       f"{d.name or 'dataset'} test set, fine-tuned model")
-        result["artifacts"].append("confusion_matrix.png")
-    else:
-        result["test_cells"] = len(split.test)  # the test loader is never cut: every cell
-        print(f"test masked MSE {metrics.get('test_mse', float('nan')):.4f}", flush=True)
-    evaluate.plot_learning_curves(history.epochs, out / "learning_curves.png",
-                                  f"{m.task} on {d.name or 'dataset'}")
-    result["artifacts"].append("learning_curves.png")
-    bad = [k for k, v in metrics.items() if not np.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"non-finite metrics: {', '.join(bad)}")
-
-    # the final metrics to the stream (the host uploads the figures); the checkpoint in
-    # scGPT layout
-    logger.log_metrics({k: v for k, v in metrics.items() if not k.startswith(("train_", "val_"))})
-    logger.log_metrics({f"test_f1/{scoring.metric_key(k)}": v
-                        for k, v in result["per_class_f1"].items()})
-    paths = save_checkpoint(prep.model, prep.vocab.stoi, out / "checkpoint",
-                            checkpoint_args(m, data.label_names))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    result.update(
-        metrics=metrics, history=history.epochs,
-        checkpoint={"dir": "checkpoint",
-                    "files": {name: sha256_file(p) for name, p in paths.items()}},
-        model={"n_params": prep.model.num_params(),
-               "config": {k: v for k, v in vars(prep.model.config).items()}},
-        parent=prep.parent, precision=precision,
-        timings={"train_s": train_s, "test_s": test_s,
-                 "baseline_s": result["baseline"].get("seconds", 0.0)})
-    return result
-
-
-def check_parent(folder: str) -> None:
-    """The parent checkpoint as load_checkpoint will read it; a CheckpointError names the
-    file as a manifest path (`parent.vocab.json`, `parent.args.json.pre_norm`)."""
-    from trainers.scgpt.model import CheckpointError, check_checkpoint
-
-    try:
-        check_checkpoint(folder)
-    except CheckpointError as e:
-        raise CheckpointError(f"parent checkpoint: {e}", f"parent.{e.field}") from None
+def train(m, state: dict) -> dict:
+    """The manifest's family trains it (the family's recipe, imported only now)."""
+    return family.get(m.family).load_recipe().train(m, state)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -294,15 +105,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def failure(e: Exception) -> tuple[int, dict, dict]:
     """A job's exception as (exit code, result.json extras, status fields), printed once."""
-    lightning = sys.modules.get("trainers.scgpt.lightning")  # NonFiniteLoss, if it was loaded
-    model = sys.modules.get("trainers.scgpt.model")  # CheckpointError, if it was loaded
     if isinstance(e, ManifestError):
         code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": e.field}
-    elif model is not None and isinstance(e, model.CheckpointError):
+    elif isinstance(e, CheckpointError):
         code, reason, extra = EXIT_CHECKPOINT, "invalid_checkpoint", {"field": e.field}
     elif isinstance(e, DatasetError):
         code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": "dataset"}
-    elif lightning is not None and isinstance(e, lightning.NonFiniteLoss):
+    elif isinstance(e, NonFiniteLoss):
         code, reason, extra = EXIT_NAN, "nan_loss", {"step": e.step, "stage": e.stage}
     elif _is_oom(e):
         code, reason, extra = EXIT_OOM, "oom", {}

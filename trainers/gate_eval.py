@@ -2,8 +2,9 @@
 
 Reads an `EvalManifest` (trainers/manifest.py), rebuilds the candidate's split of the
 dataset and refuses to go on unless its test cells hash to the recorded digest, then predicts
-those cells with every checkpoint named in the manifest, drawing tokens as the candidate's own
-test pass did. Writes into output_dir:
+those cells with every checkpoint named in the manifest, each by its own family's recipe
+(`families`; scGPT draws tokens as the candidate's own test pass did). Family-blind: one
+label per cell per model comes out. Writes into output_dir:
 
 - `predictions.json` (trainers/scoring.py write_predictions): {"cells": [row indices],
   "label_names": [...], "pred": {model name: [label codes, -1 for a class the dataset lacks]}},
@@ -27,7 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+from trainers import family
 from trainers.entrypoint import _raw_output_dir, _write_result, failure
+from trainers.family import CheckpointError
 from trainers.manifest import (
     EXIT_INVALID,
     EXIT_OK,
@@ -36,21 +39,18 @@ from trainers.manifest import (
     load_eval_manifest,
 )
 from trainers.runtime import choose_device, choose_precision
-from trainers.scoring import write_predictions
+from trainers.scoring import as_dataset_codes, write_predictions
 
 
 def evaluate(m: EvalManifest, state: dict) -> dict:
-    import torch
-
     from trainers.data.load import load, split_cells
-    from trainers.scgpt.model import CheckpointError
-    from trainers.scgpt.predict import as_dataset_codes, load_classifier, predict
 
     out = Path(m.output_dir)
     device = choose_device(m, state)
-    torch.set_num_threads(m.num_threads or len(os.sched_getaffinity(0)))
-    torch.set_flush_denormal(True)
     precision = choose_precision(m.precision, device)
+    options = {"seed": m.seed, "max_seq_len": m.max_seq_len, "precision": precision,
+               "eval_batch_size": m.eval_batch_size, "include_zero_gene": m.include_zero_gene,
+               "device": device, "num_threads": m.num_threads or len(os.sched_getaffinity(0))}
 
     d = m.dataset
     data = load(d.path, d.format, d.label_key, d.gene_key, d.use_raw, name=d.name)
@@ -70,19 +70,18 @@ def evaluate(m: EvalManifest, state: dict) -> dict:
     preds, models = {}, {}
     for name, folder in m.models.items():
         t0 = time.perf_counter()
+        fam = family.get(m.families.get(name, "scgpt"))
         try:
-            clf = load_classifier(folder)
+            head, names = fam.load_recipe().predict(folder, data, cells, options)
         except CheckpointError as e:
-            models[name] = {"ok": False, "why": "not_a_classifier", "message": str(e)}
+            models[name] = {"ok": False, "why": "not_a_classifier", "message": str(e),
+                            "family": fam.name}
             print(f"{name}: skipped: {e}", flush=True)
             continue
-        head = predict(clf, data, cells, seed=m.seed, max_seq_len=m.max_seq_len,
-                       batch_size=m.eval_batch_size, include_zero_gene=m.include_zero_gene,
-                       precision=precision, device=device)
-        codes = as_dataset_codes(head, clf.label_names, data.label_names)
+        codes = as_dataset_codes(head, names, data.label_names)
         preds[name] = codes.tolist()
         acc = float((codes == data.labels[cells]).mean())
-        models[name] = {"ok": True, "label_names": clf.label_names,
+        models[name] = {"ok": True, "label_names": list(names), "family": fam.name,
                         "seconds": time.perf_counter() - t0}
         print(f"{name}: accuracy {acc:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
 

@@ -6,13 +6,14 @@ the exit codes and primary metrics, and checks every manifest it builds with
 a `Manifest` or raise `ManifestError`, whose `field` is the dotted path of the offending
 entry (e.g. `training.lr`). Unknown fields are errors too, so a typo never goes unnoticed.
 
-Example (every field shown; only task, output_dir and dataset are required;
-the model and training values shown are the defaults, which are the CBMC pilot's:
-pretrain 2 epochs at max_seq_len 129, then fine-tune up to 15 epochs at 257, on 2 CPU cores):
+Example (every field shown; only task, output_dir and dataset are required; `model` and
+`training` hold the settings of the manifest's `family` (trainers/family.py; for scGPT,
+trainers/scgpt/settings.py), with the family's pilot values as defaults):
 
     {
       "manifest_version": 1,
-      "task": "finetune_celltype",            # or "pretrain_mgm"
+      "family": "scgpt",                      # scgpt | scvi | linear (trainers/family.py)
+      "task": "finetune_celltype",            # one of the family's tasks
       "seed": 0,
       "device": "auto",                       # "cpu" | "cuda" | "auto" (default; cuda
                                               # falls back to cpu when no GPU is visible)
@@ -20,39 +21,32 @@ pretrain 2 epochs at max_seq_len 129, then fine-tune up to 15 epochs at 257, on 
                                               # loopback: gloo on cpu, NCCL on cuda), one
                                               # per GPU on cuda; rank 0 writes the outputs
       "vram_cap_gb": 24,                      # cuda: per-process memory cap (default null)
-      "num_threads": null,                    # torch CPU threads per process; null = the
+      "num_threads": null,                    # CPU threads per process; null = the
                                               # CPUs available / devices
       "output_dir": "/job/out",
       "metrics_path": "/job/out/metrics.jsonl",  # metric points as JSON lines, for the
                                               # host to relay (null: output_dir/metrics.jsonl)
       "experiment_name": "scgpt-cbmc",
       "run_name": null,
-      "parent": {"checkpoint_dir": "/job/in/parent"},  # scGPT folder, or null: from scratch
-      "vocab_path": null,                     # from scratch only: a vocab.json to use (e.g.
-                                              # scGPT's default human vocab); null = build
-                                              # one from the dataset's genes
+      "parent": {"checkpoint_dir": "/job/in/parent"},  # the family's folder, or null
+      "vocab_path": null,                     # scgpt from scratch only: a vocab.json to use
       "dataset": {"name": "cbmc", "path": "/job/in/dataset", "format": "cbmc_mat",
                   "label_key": null, "gene_key": null, "use_raw": null},
       "model": {"n_layers": 4, "d_model": 64, "n_heads": 2, "d_hid": 128,
                 "dropout": 0.0, "n_bins": 51, "input_emb_style": "category"},
-      "training": {"lr": 2e-3, "max_epochs": 15, "batch_size": 64, "precision": "auto",
-                   "max_seq_len": 257, "mask_ratio": 0.4, "early_stopping_patience": 4,
-                   "val_fraction": 0.1, "test_fraction": 0.1, "split_seed": null,
-                   "limit_train_batches": null,
-                   "limit_eval_batches": null, "weight_decay": 0.0, "warmup_steps": 50,
-                   "eval_batch_size": null, "class_weighting": "sqrt",
-                   "grad_clip": 1.0, "log_every_n_steps": 20, "include_zero_gene": false}
+      "training": {"lr": 2e-3, "max_epochs": 15, "batch_size": 64, "val_fraction": 0.1,
+                   "test_fraction": 0.1, "split_seed": 0, ...}
     }
 
-With a parent checkpoint its args.json decides the architecture: model fields given in
-the manifest must equal the parent's (dropout may differ: it is a training setting).
-The parent's vocab.json is the vocabulary; dataset genes outside it are dropped.
+With a parent checkpoint, the checkpoint decides the architecture: model fields given in the
+manifest must equal the parent's (the family's `arch_fields`). A training key of another
+family is refused, naming the family whose key it is.
 
-This module is the one declaration of the trainer's contract: the settings (`TrainingSpec`,
-plus `CONFIG_TRAINING_FIELDS` of `Manifest`) with their types and rules (`_check`), the exit
-codes and the primary metric per task. The host derives its config schema
-(runner/config/schema.py TrainingConf) from it and runs `parse_manifest` on the manifest it would
-send in every dry run, so whatever the trainer would refuse is refused before any debit.
+This module is the one declaration of the trainer's contract across families: the manifest's
+fields, the exit codes, the tasks and the primary metric per task; each family declares its
+settings with their types, ranges and rules. The host derives its config schema
+(runner/config/schema.py) from the families and runs `parse_manifest` on the manifest it
+would send in every dry run, so whatever the trainer would refuse is refused before any debit.
 """
 
 from __future__ import annotations
@@ -66,23 +60,25 @@ import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from trainers import family as families
+from trainers.family import FAMILIES
 
 MANIFEST_VERSION = 1
-TASKS = ("pretrain_mgm", "finetune_celltype")
+TASKS = ("pretrain_mgm", "pretrain_scvi", "finetune_celltype")  # every family's
 FINETUNE = "finetune_celltype"  # scored per cell: the host measures its test metrics
 EVAL_TASK = "evaluate_celltype"  # the eval gate's job (EvalManifest), not a training task
 DEVICES = ("cpu", "cuda", "auto")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "auto")  # auto: bf16 where it is fast
 DATASET_FORMATS = ("cbmc_mat", "h5ad", "mat", "csv")
-INPUT_EMB_STYLES = ("continuous", "category")
-CLASS_WEIGHTINGS = ("none", "balanced", "sqrt")
-ARCH_FIELDS = ("n_layers", "d_model", "n_heads", "d_hid", "n_bins", "input_emb_style")
 SEED_MAX = 2**32 - 1  # numpy's seeds
 MAX_DEVICES = 64  # processes of one job on one host (the host's policy.max_devices is lower)
 # Manifest fields the host's config keeps with the training settings (config `training.*`).
 CONFIG_TRAINING_FIELDS = ("task", "seed", "num_threads")
 # The metric a run is judged by, per task: registration needs it, sweeps optimise it.
-PRIMARY_METRIC = {"pretrain_mgm": "test_mse", "finetune_celltype": "test_macro_f1"}
+PRIMARY_METRIC = {"pretrain_mgm": "test_mse", "pretrain_scvi": "test_elbo",
+                  "finetune_celltype": "test_macro_f1"}
 # How trainers.entrypoint exits, and the reason the host records for each failure.
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_NAN, EXIT_OOM, EXIT_CHECKPOINT = 0, 1, 2, 3, 4, 5
 EXIT_REASONS = {EXIT_INVALID: "invalid_manifest", EXIT_NAN: "nan_loss", EXIT_OOM: "oom",
@@ -112,44 +108,6 @@ class DatasetSpec:
     use_raw: bool | None = None  # h5ad: use .raw (default: when X has negative values)
 
 
-@dataclass
-class ModelSpec:
-    """Architecture; a None field takes the parent's value, else MODEL_DEFAULTS."""
-    n_layers: int | None = None  # 4
-    d_model: int | None = None  # 64
-    n_heads: int | None = None  # 2
-    d_hid: int | None = None  # 128
-    dropout: float | None = None  # 0.0
-    n_bins: int | None = None  # 51
-    input_emb_style: str | None = None  # "category" (or "continuous")
-
-
-# The CBMC pilot's architecture (see the module docstring): small enough for 2 CPU cores.
-MODEL_DEFAULTS = {"n_layers": 4, "d_model": 64, "n_heads": 2, "d_hid": 128, "dropout": 0.0,
-                  "n_bins": 51, "input_emb_style": "category"}
-
-
-# The range of each numeric training setting, as JSON Schema words: validate_manifest checks
-# them here, and the host shows them in the skills' input schemas and describe_options.
-# None is always allowed for an Optional field. (Rules across fields stay in validate_manifest.)
-TRAINING_RANGES: dict[str, dict] = {
-    "lr": {"exclusiveMinimum": 0},
-    "max_epochs": {"minimum": 1},
-    "batch_size": {"minimum": 1},
-    "eval_batch_size": {"minimum": 1},
-    "max_seq_len": {"minimum": 2},  # <cls> + one gene
-    "mask_ratio": {"minimum": 0, "exclusiveMaximum": 1},
-    "early_stopping_patience": {"minimum": 0},
-    "val_fraction": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
-    "test_fraction": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
-    "split_seed": {"minimum": 0, "maximum": SEED_MAX},
-    "limit_train_batches": {"minimum": 1},
-    "limit_eval_batches": {"minimum": 1},
-    "weight_decay": {"minimum": 0},
-    "warmup_steps": {"minimum": 0},
-    "grad_clip": {"exclusiveMinimum": 0},
-    "log_every_n_steps": {"minimum": 1},
-}
 _COMPARE = {"minimum": (">=", lambda v, b: v >= b), "exclusiveMinimum": (">", lambda v, b: v > b),
             "maximum": ("<=", lambda v, b: v <= b), "exclusiveMaximum": ("<", lambda v, b: v < b)}
 
@@ -161,30 +119,6 @@ def in_range(value, bounds: dict) -> bool:
 def range_text(bounds: dict) -> str:
     """{"minimum": 0, "exclusiveMaximum": 1} -> ">= 0 and < 1"."""
     return " and ".join(f"{_COMPARE[k][0]} {b}" for k, b in bounds.items())
-
-
-@dataclass
-class TrainingSpec:
-    """Defaults are the CBMC fine-tuning pilot's; its pretraining used max_seq_len 129."""
-    lr: float = 2e-3
-    max_epochs: int = 15
-    batch_size: int = 64
-    precision: str = "auto"  # bf16-mixed on cuda and on CPUs with AMX or AVX512-BF16, else 32
-    max_seq_len: int = 257  # tokens per cell including <cls>
-    mask_ratio: float = 0.4  # pretrain_mgm: fraction of expressed genes masked
-    early_stopping_patience: int = 4  # epochs without val improvement; 0 disables
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    split_seed: int | None = None  # the train/val/test split; null: the manifest's seed
-    limit_train_batches: int | None = None  # batches per epoch (tests, smoke runs)
-    limit_eval_batches: int | None = None
-    weight_decay: float = 0.0
-    warmup_steps: int = 50  # linear warmup, then cosine decay to 10% at the last step
-    eval_batch_size: int | None = None  # default: 2 x batch_size
-    class_weighting: str = "sqrt"  # cross-entropy class weights: none|balanced|sqrt
-    grad_clip: float | None = 1.0  # gradient norm clip; null disables
-    log_every_n_steps: int = 20  # progress line (and step metrics) every N steps
-    include_zero_gene: bool = False  # also sample unexpressed genes as tokens
 
 
 @dataclass
@@ -203,8 +137,9 @@ class Manifest:
     run_name: str | None = None
     parent: ParentSpec | None = None
     vocab_path: str | None = None
-    model: ModelSpec = field(default_factory=ModelSpec)
-    training: TrainingSpec = field(default_factory=TrainingSpec)
+    family: str = "scgpt"  # trainers/family.py: whose settings model and training are
+    model: dict = field(default_factory=dict)  # the family's architecture keys given
+    training: Any = None  # an instance of the family's training dataclass
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -230,6 +165,7 @@ class EvalManifest:
     dataset: DatasetSpec
     split: SplitSpec
     models: dict[str, str]
+    families: dict[str, str] = field(default_factory=dict)  # model name -> family (scgpt)
     manifest_version: int = MANIFEST_VERSION
     task: str = EVAL_TASK
     seed: int = 0
@@ -278,7 +214,6 @@ def _read_json(path: str | Path):
 
 def parse_eval_manifest(raw: dict) -> EvalManifest:
     m = _build(EvalManifest, raw, "")
-    need = _need
     need(m.manifest_version == MANIFEST_VERSION, "manifest_version",
          f"unsupported version {m.manifest_version} (this trainer reads {MANIFEST_VERSION})")
     need(m.task == EVAL_TASK, "task", f"must be {EVAL_TASK}")
@@ -297,6 +232,10 @@ def parse_eval_manifest(raw: dict) -> EvalManifest:
         need(bool(MODEL_NAME.match(name)) and name != "baseline", "models",
              f"{name!r} is not a model name")
         need(bool(folder), f"models.{name}", "must not be empty")
+    for name, family in m.families.items():
+        need(name in m.models, f"families.{name}", "names no model")
+        need(family in FAMILIES, f"families.{name}",
+             f"must be one of {', '.join(FAMILIES)}, got {family!r}")
     s = m.split
     need(0 <= s.seed <= SEED_MAX, "split.seed", f"must be in [0, {SEED_MAX}]")
     need(0 < s.val_fraction < 1 and 0 < s.test_fraction < 1
@@ -307,14 +246,46 @@ def parse_eval_manifest(raw: dict) -> EvalManifest:
     return m
 
 
-def _need(ok: bool, where: str, msg: str) -> None:
+def need(ok: bool, where: str, msg: str) -> None:
     if not ok:
         raise ManifestError(where, msg)
 
 
+_need = need
+
+
 def parse_manifest(raw: dict) -> Manifest:
+    """The manifest, its model and training read with the settings of its family."""
+    if not isinstance(raw, dict):
+        raise ManifestError("<root>", f"must be an object, got {_tn(raw)}")
+    raw = dict(raw)
+    model, training = raw.pop("model", {}), raw.pop("training", {})
     m = _build(Manifest, raw, "")
-    _check(m)
+    try:
+        fam = families.get(m.family)
+    except families.UnknownFamily:
+        raise ManifestError("family", f"must be one of {', '.join(FAMILIES)}, "
+                                      f"got {m.family!r}") from None
+    need(m.task in fam.tasks, "task", f"must be one of {', '.join(fam.tasks)} for family "
+                                      f"{fam.name}, got {m.task!r}")
+    for part, given, spec in (("model", model, fam.architecture),
+                              ("training", training, fam.training)):
+        if not isinstance(given, dict):
+            raise ManifestError(part, f"must be an object, got {_tn(given)}")
+        known = [f.name for f in fields(spec)]
+        for key in given:
+            if key not in known:
+                others = [f for f in families.of_key(key) if f != fam.name] \
+                    if part == "training" else []
+                raise ManifestError(f"{part}.{key}", (
+                    f"is a setting of family {', '.join(others)}, not of {fam.name}"
+                    if others else "unknown field") + f" (known: {', '.join(known)})")
+    m.model = {k: v for k, v in asdict(_build(fam.architecture, model, "model")).items()
+               if v is not None}
+    task_defaults = {k: v for k, v in fam.task_defaults.get(m.task, {}).items()
+                     if k not in training}
+    m.training = _build(fam.training, {**task_defaults, **training}, "training")
+    _check(m, fam)
     if m.metrics_path is None:
         m.metrics_path = str(Path(m.output_dir) / "metrics.jsonl")
     return m
@@ -386,11 +357,7 @@ def _coerce(tp, value, where: str):
     raise TypeError(f"unsupported manifest type {tp} at {where}")
 
 
-def _check(m: Manifest) -> None:
-    def need(ok: bool, where: str, msg: str):
-        if not ok:
-            raise ManifestError(where, msg)
-
+def _check(m: Manifest, fam) -> None:
     def choice(value, options, where):
         need(value in options, where, f"must be one of {', '.join(options)}, got {value!r}")
 
@@ -407,51 +374,40 @@ def _check(m: Manifest) -> None:
     need(bool(m.experiment_name), "experiment_name", "must not be empty")
     if m.parent is not None:
         need(bool(m.parent.checkpoint_dir), "parent.checkpoint_dir", "must not be empty")
-        need(m.vocab_path is None, "vocab_path",
-             "must be null with a parent checkpoint (the parent's vocab.json is used)")
 
     choice(m.dataset.format, DATASET_FORMATS, "dataset.format")
     need(bool(m.dataset.path), "dataset.path", "must not be empty")
-    if m.task == "finetune_celltype" and m.dataset.format in ("h5ad", "csv"):
+    if m.task == FINETUNE and m.dataset.format in ("h5ad", "csv"):
         need(bool(m.dataset.label_key), "dataset.label_key",
              f"is required to fine-tune on a {m.dataset.format} dataset")
 
-    md = m.model
-    for name in ("n_layers", "d_model", "n_heads", "d_hid"):
-        v = getattr(md, name)
-        need(v is None or v >= 1, f"model.{name}", f"must be >= 1, got {v}")
-    need(md.n_bins is None or md.n_bins >= 3, "model.n_bins", "must be >= 3")
-    need(md.dropout is None or 0 <= md.dropout < 1, "model.dropout", "must be in [0, 1)")
-    if md.input_emb_style is not None:
-        choice(md.input_emb_style, INPUT_EMB_STYLES, "model.input_emb_style")
-    if md.d_model and md.n_heads:
-        need(md.d_model % md.n_heads == 0, "model.n_heads",
-             f"must divide model.d_model ({md.d_model})")
-
     t = m.training
-    for name, bounds in TRAINING_RANGES.items():
+    for name, bounds in fam.ranges.items():
         value = getattr(t, name)
         need(in_range(value, bounds), f"training.{name}",
              f"must be {range_text(bounds)}, got {value!r}")
-    choice(t.precision, PRECISIONS, "training.precision")
-    if m.task == "pretrain_mgm":
-        need(t.mask_ratio > 0, "training.mask_ratio", "must be > 0 for pretrain_mgm")
+    for name, options in fam.choices.items():
+        if name in m.model:
+            choice(m.model[name], options, f"model.{name}")
+        elif hasattr(t, name):
+            choice(getattr(t, name), options, f"training.{name}")
     need(t.val_fraction + t.test_fraction < 1, "training.test_fraction",
          "val_fraction + test_fraction must be < 1")
-    choice(t.class_weighting, CLASS_WEIGHTINGS, "training.class_weighting")
+    fam.check(m)
 
 
-def resolve_model(spec: ModelSpec, parent_arch: dict | None) -> dict:
-    """Architecture to build: the parent's (manifest must agree), else spec over defaults."""
-    given = {k: v for k, v in asdict(spec).items() if v is not None}
+def resolve_model(fam, given: dict, parent_arch: dict | None) -> dict:
+    """The architecture to build for family `fam`: the parent's (the manifest must agree on
+    the family's arch_fields), else `given` over the family's defaults."""
+    given = {k: v for k, v in given.items() if v is not None}
     if parent_arch is None:
-        return {**MODEL_DEFAULTS, **given}
-    for name in ARCH_FIELDS:
+        return {**fam.arch_defaults, **given}
+    for name in fam.arch_fields:
         if name in given and name in parent_arch and given[name] != parent_arch[name]:
             raise ManifestError(f"model.{name}", f"is {given[name]!r} but the parent "
-                                f"checkpoint's args.json has {parent_arch[name]!r}")
-    return {**MODEL_DEFAULTS, **parent_arch, **{k: v for k, v in given.items()
-                                                 if k not in ARCH_FIELDS}}
+                                f"{fam.arch_source} has {parent_arch[name]!r}")
+    return {**fam.arch_defaults, **parent_arch,
+            **{k: v for k, v in given.items() if k not in fam.arch_fields}}
 
 
 def _join(path: str, key: str) -> str:

@@ -31,6 +31,15 @@ def write_predictions(out: Path, cells: np.ndarray, pred: dict[str, np.ndarray],
     return path
 
 
+def as_dataset_codes(head_index: np.ndarray, head_names: list[str],
+                     dataset_names: list[str]) -> np.ndarray:
+    """A model's outputs (indices into its own label names) as the dataset's label codes; a
+    class the dataset lacks becomes -1 (never equal to a true label)."""
+    code = {name: i for i, name in enumerate(dataset_names)}
+    table = np.array([code.get(name, -1) for name in head_names], dtype=np.int64)
+    return table[np.asarray(head_index, dtype=np.int64)]
+
+
 def classification_metrics(true: np.ndarray, pred: np.ndarray, label_names: list[str],
                            prefix: str) -> tuple[dict[str, float], dict[str, float]]:
     """Accuracy and macro-F1 under `prefix`, plus per-class F1 keyed by label name."""

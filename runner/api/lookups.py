@@ -13,6 +13,7 @@ from runner.config.options import group_options, option_for_artifact
 from runner.config.schema import TrainingConf
 from runner.registry import catalog, promotion
 from runner.tools import Skill, jsonable, log_tool_call
+from trainers import family as families
 
 _NO_INPUT = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
              "additionalProperties": False, "properties": {}}
@@ -27,8 +28,9 @@ def _artifact_input(description: str) -> dict:
 OPTIONS_SKILL = Skill(
     "Describe Options",
     description=("What a caller may choose and set: the registered parent models and "
-                 "datasets, the conf/ options of parent, dataset and training, every training "
-                 "key with its type, allowed values and default per training option, and the "
+                 "datasets (a model's family decides its training keys), the conf/ options of "
+                 "parent, dataset and training, every training key with its type and allowed "
+                 "values, each family's keys and defaults per task, and the "
                  "caps with the operator's limits and prices."),
     skill_type="discovery", code_path="runner.api:describe_options",
     input_schema=_NO_INPUT, example_input={})
@@ -54,9 +56,15 @@ def describe_options() -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingConf)}
     keys = {}
     for name, spec in caller.training_key_schemas().items():
-        if defaults[name] is not dataclasses.MISSING and defaults[name] != "???":  # per option
+        if defaults[name] not in (dataclasses.MISSING, "???", None):  # per option or family
             spec["default"] = defaults[name]
         keys[name] = spec
+    # Each family's own keys and defaults: a parent's registry record names its family, and a
+    # key of another family is refused (the artifacts below say which family each model is).
+    by_family = {fam.name: {"summary": fam.summary, "tasks": dict(fam.tasks),
+                            "training_keys": list(fam.training_keys()),
+                            "defaults": {task: fam.defaults(task) for task in fam.tasks}}
+                 for fam in families.all_families()}
     per_option = {}
     for option in group_options("training"):
         resolved = compose.compose_resolved([f"training={option}"], None, writable=False)[1]
@@ -69,6 +77,7 @@ def describe_options() -> dict:
                          for a in catalog.list_artifacts("dataset")]},
         "groups": {group: group_options(group) for group in caller.CHOICE_GROUPS},
         "training_keys": keys,
+        "families": by_family,
         "training_defaults": per_option,
         "arguments": {
             "wall_time_cap_min": {"type": "integer", "minimum": 1,
@@ -89,7 +98,9 @@ def describe_options() -> dict:
 
 
 def _artifact_summary(row: dict, group: str) -> dict:
+    family = (row.get("metadata") or {}).get("family") if group == "parent" else None
     return {"id": row["id"], "title": row["title"], "version_number": row["version_number"],
+            **({"family": family} if family else {}),
             "lifecycle_state": row["lifecycle_state"], "is_latest": row["is_latest"],
             "conf_option": option_for_artifact(group, row["id"])}
 

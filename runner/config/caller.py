@@ -23,6 +23,7 @@ from runner.config.overrides import (
 from runner.config.schema import TrainingConf, schema_keys, training_keys
 from runner.errors import InvalidArtifactId, InvalidOverride
 from runner.registry.ids import ARTIFACT_ID
+from trainers import family as families
 from trainers import manifest as contract
 
 # --- who may set what -----------------------------------------------------------------------------
@@ -320,6 +321,16 @@ def training_key_schemas() -> dict[str, dict]:
     return {name: _json_type(hints[name], name) for name in training_keys()}
 
 
+def _family_table(part: str) -> dict:
+    """Every family's `ranges` or `choices` in one table (a key two families share is
+    described by the first: the parser checks each family's own on the manifest)."""
+    out: dict = {}
+    for fam in families.all_families():
+        for key, value in getattr(fam, part).items():
+            out.setdefault(key, value)
+    return out
+
+
 def _json_type(tp: Any, name: str) -> dict:
     """A TrainingConf field's type as JSON Schema."""
     out: dict[str, Any] = {}
@@ -328,13 +339,12 @@ def _json_type(tp: Any, name: str) -> dict:
     base = next((a for a in args if a is not type(None)), tp) if args else tp
     kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[base]
     out["type"] = [kind, "null"] if nullable else kind
-    choices = {"task": contract.TASKS, "precision": contract.PRECISIONS,
-               "class_weighting": contract.CLASS_WEIGHTINGS}.get(name)
+    choices = {"task": contract.TASKS, **_family_table("choices")}.get(name)
     if choices:
         out["enum"] = list(choices)
     elif base is str:
         out["maxLength"] = MAX_STRING
-    out.update(contract.TRAINING_RANGES.get(name, {}))  # the trainer's own ranges
+    out.update(_family_table("ranges").get(name, {}))  # the family's own range
     return out
 
 

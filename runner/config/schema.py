@@ -1,10 +1,10 @@
 """The typed schema of conf/: one dataclass per config group, `TrainConfig` at the root.
 
 Registered in Hydra's ConfigStore as `forge_train_schema` (conf/train.yaml's first default),
-so struct mode and these types check every key and value composed. The trainer's settings
-and architecture are not declared here: `TrainingConf` and `ParentConf` are derived from
-trainers/manifest.py, the trainer's one declaration, so the config and the manifest cannot
-drift apart. Also here: what the schema declares at a path (its keys, its field types), for
+so struct mode and these types check every key and value composed. The families' settings
+and architectures are not declared here: `TrainingConf` and `ParentConf` are derived from
+each family's declaration (trainers/family.py), so the config and the manifest cannot drift
+apart. Also here: what the schema declares at a path (its keys, its field types), for
 error messages and the caller's allowlist.
 """
 
@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
-from trainers import manifest as contract  # the trainer's settings, declared once
+from trainers import family as families  # each family's settings, declared once
+from trainers import manifest as contract  # the manifest's own fields
 
 SCHEMA_NAME = "forge_train_schema"
 
@@ -46,12 +47,48 @@ def _from_contract(name: str, spec: type, names: tuple[str, ...], *, head=(),
     return cls
 
 
-# parent: the registry artifact's id and family, then the architecture the trainer rebuilds
-# (trainers/manifest.py ModelSpec, its defaults MODEL_DEFAULTS).
-ParentConf = _from_contract(
-    "ParentConf", contract.ModelSpec, tuple(contract.MODEL_DEFAULTS),
-    head=[("artifact_id", str, field(default=MISSING)), ("family", str, field(default="scgpt"))],
-    defaults=contract.MODEL_DEFAULTS, required=True)
+def _family_default(key: str, *, _root_) -> Any:
+    """`${forge_family:KEY}`: the training key's default for the parent's family and the task
+    (trainers/<family>/settings.py), None for a key the family lacks. An interpolation, so a
+    registry record that names another family (runner/jobs/plan.py merges it) changes every
+    default that nothing else set."""
+    try:
+        fam = families.get(_root_.parent.family or "scgpt")
+    except families.UnknownFamily:
+        return None  # plan.py refuses the family itself, naming it
+    return fam.defaults(_root_.training.task).get(key)
+
+
+OmegaConf.register_new_resolver("forge_family", _family_default, replace=True)
+
+
+def _union(name: str, part: str, head: list) -> type:
+    """A config dataclass holding `head`, then every family's `part` ("architecture" or
+    "training") fields, each Optional. A training key defaults to its family's default
+    (`${forge_family:KEY}`); an architecture key to None (the parent option, the registry or
+    the checkpoint decides). A key two families share must have one type."""
+    out, seen = list(head), {h[0]: h[1] for h in head}
+    for fam in families.all_families():
+        spec = getattr(fam, part)
+        hints = typing.get_type_hints(spec)
+        for f in dataclasses.fields(spec):
+            if f.name in seen:
+                continue
+            tp, args = hints[f.name], typing.get_args(hints[f.name])
+            inner = next(a for a in args if a is not type(None)) if args else tp
+            seen[f.name] = inner
+            default = f"${{forge_family:{f.name}}}" if part == "training" else None
+            out.append((f.name, Optional[inner], field(default=default)))
+    cls = dataclasses.make_dataclass(name, out)
+    cls.__module__ = __name__  # pickled with composed configs (the disk cache)
+    return cls
+
+
+# parent: the registry artifact's id and family, then every family's architecture keys
+# (None: the parent's checkpoint or the family's default decides).
+ParentConf = _union("ParentConf", "architecture",
+                    [("artifact_id", str, field(default=MISSING)),
+                     ("family", Optional[str], field(default=None))])
 
 
 @dataclass
@@ -62,16 +99,15 @@ class DatasetConf:
     label_key: Optional[str] = None
 
 
-# training: the trainer's settings (trainers/manifest.py TrainingSpec) and the manifest's
-# task, seed and num_threads. Their rules are the trainer's too: validate_config()
-# (runner/config/validate.py) checks the manifest the host would send.
+# training: the manifest's task, seed and num_threads, then every family's training keys. Their
+# rules are the families' own: validate_config() (runner/config/validate.py) checks the
+# manifest the host would send with the trainer's parser once the family is known.
 _TrainingHead = _from_contract("_TrainingHead", contract.Manifest,
                                contract.CONFIG_TRAINING_FIELDS)
-TrainingConf = _from_contract(
-    "TrainingConf", contract.TrainingSpec,
-    tuple(f.name for f in dataclasses.fields(contract.TrainingSpec)),
-    head=[(f.name, typing.get_type_hints(_TrainingHead)[f.name], field(default=f.default))
-          for f in dataclasses.fields(_TrainingHead)])
+TrainingConf = _union(
+    "TrainingConf", "training",
+    [(f.name, typing.get_type_hints(_TrainingHead)[f.name], field(default=f.default))
+     for f in dataclasses.fields(_TrainingHead)])
 
 
 @dataclass

@@ -20,6 +20,7 @@ from runner.config.overrides import _first_line, _problem, override_key
 from runner.config.schema import _schema_paths
 from runner.errors import InvalidOverride
 from runner.registry.ids import AGENT_ID
+from trainers import family as families
 from trainers import manifest as contract  # the trainer's settings, declared once
 
 INT_MAX = 2**31 - 1  # caps live in INTEGER columns
@@ -106,12 +107,21 @@ _MANIFEST_SOURCES = {**{name: f"training.{name}" for name in contract.CONFIG_TRA
                      "experiment_name": "tracking.experiment_name"}
 
 
-def _check_manifest(plain: dict, by_key: dict[str, str]) -> None:
+def _check_manifest(plain: dict, by_key: dict[str, str], *, final: bool = False) -> None:
     """Build the manifest the host would send for `plain` and check it with the trainer's
     own parser: what the trainer would refuse after the debit is refused here, naming the
-    config key that set it."""
+    config key that set it. Until the parent's family is `final` (the registry may name
+    another family than conf/'s option), a training key of another family waits for
+    check_family()."""
+    manifest = build_manifest(plain, "dry-run", "cpu", from_parent=True)
+    if not final:
+        fam = families.get(manifest["family"])
+        if manifest["task"] not in fam.tasks and manifest["task"] in contract.TASKS:
+            return  # the task of another family: check_family() decides, with the registry's
+        own = set(fam.training_keys())
+        manifest["training"] = {k: v for k, v in manifest["training"].items() if k in own}
     try:
-        contract.parse_manifest(build_manifest(plain, "dry-run", "cpu", from_parent=True))
+        contract.parse_manifest(manifest)
     except contract.ManifestError as exc:
         where = exc.field
         path = _MANIFEST_SOURCES.get(where) or (
@@ -123,6 +133,13 @@ def _check_manifest(plain: dict, by_key: dict[str, str]) -> None:
                               fix=(f"set {path} to {rule.removeprefix('must be ')}"
                                    if rule.startswith("must be ")
                                    else f"change {path} ({rule})")) from None
+
+
+def check_family(plain: dict, overrides: list[str] | None = None) -> None:
+    """The manifest for `plain`, whose parent's family is now known, checked whole: a training
+    key of another family is refused, naming the family it belongs to."""
+    by_key = {override_key(line): line for line in overrides or []}
+    _check_manifest(plain, by_key, final=True)
 
 
 _ABSENT = object()

@@ -34,6 +34,7 @@ from runner.jobs import (
     handback,
     hook,
     intents,
+    parents,
     recovery,
     tracking,
     truth,
@@ -50,6 +51,7 @@ from runner.jobs.job import (
 from runner.jobs.plan import Plan
 from runner.registry import capacity, catalog, db, ledger
 from runner.registry.recovery import Heartbeat, settle_retrying
+from trainers import family as families
 from trainers.manifest import FINETUNE, PRIMARY_METRIC
 
 RUN_OUTPUTS = ("result.json", "confusion_matrix.png", "learning_curves.png")
@@ -226,9 +228,14 @@ class _Job:
         tracking.log_outputs(self.mlflow, self.run_id, [out / name for name in RUN_OUTPUTS])
         # The checkpoint goes up once, as the logged model: its raw scGPT files are the model's
         # artifacts/checkpoint/ (and the registry's weights folder), not a second run artifact.
+        vocab = weights.stored_file(self.artifact_id, "vocab.json")  # scGPT's gene list
+        family = cfg["parent"]["family"]
         self.logged = tracking.log_model(
             self.mlflow, run_id=self.run_id, experiment_id=exp_id, checkpoint=checkpoint,
-            vocab=weights.stored_file(self.artifact_id, "vocab.json"), code_dir=self.code_dir,
+            vocab=vocab if vocab.is_file() else None, family=family,
+            genes=None if vocab.is_file() else parents.inspect(
+                weights.weights_dir(self.artifact_id), self.artifact_id, family)[0].genes,
+            code_dir=self.code_dir,
             task=cfg["training"]["task"], metrics=result["metrics"], dataset=self.dataset,
             tags={k: v for k, v in self._tags().items()
                   if k.startswith("forge.") or k == "mlflow.source.git.commit"})
@@ -413,9 +420,9 @@ class _Job:
 
     def _metadata(self, result: dict, stored: dict, experiment_id: str) -> dict:
         parent = self.cfg["parent"]
-        arch = {k: parent[k] for k in ("n_layers", "d_model", "n_heads", "d_hid", "n_bins",
-                                       "dropout", "input_emb_style") if k in parent}
-        meta = {"family": parent["family"], "framework": "scgpt",
+        fam = families.get(parent["family"])
+        arch = {k: parent[k] for k in fam.architecture_keys() if parent.get(k) is not None}
+        meta = {"family": fam.name, "framework": fam.framework,
                 "task": self.cfg["training"]["task"], "architecture": arch,
                 "weights": {k: stored[k] for k in ("sha256", "files", "size_bytes", "path", "blob")
                             if k in stored},

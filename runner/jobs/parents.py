@@ -1,19 +1,19 @@
-"""A parent checkpoint, seen from the host: its own files decide what it is.
+"""A parent checkpoint, seen from the host: its own files, read by its family's inspect()
+(trainers/family.py), decide what it is.
 
-- `register_parent()`: register an scGPT checkpoint (a `file://` folder or archive, an
-  `http(s)://` archive) from its args.json and vocab.json alone. The architecture, the
-  vocabulary's size, digest and special tokens go into the artifact's metadata; a setting
-  this trainer cannot honour (`pre_norm: true`, batch labels, DSBN, ...) is refused with
-  its key named, never dropped.
+- `register_parent()`: register a checkpoint of a family (a `file://` folder or archive, an
+  `http(s)://` archive) from its small files alone (scGPT: args.json and vocab.json; scvi:
+  forge.json; linear: model.json). The architecture, the genes and classes go into the
+  artifact's metadata; a setting the family's trainer cannot honour (`pre_norm: true`, batch
+  labels, DSBN, ...) is refused with its key named, never dropped.
 - `state_problem()`: whether the operator's rule (`policy.parent_states`) lets a version in its
   lifecycle state be fine-tuned (a rejected or superseded one is not, by default).
 - `check_parent()`: what a dry run knows about a registered parent before any debit, without
-  torch and without the weights: the architecture its args.json gives (which the config
-  takes), the vocabulary's specials and gaps, the dataset's genes it matches, and which heads
-  start fresh. Each problem is a typed reason.
+  torch and without the weights: the architecture its files give (which the config takes),
+  the dataset's genes it matches, and which heads start fresh. Each problem is a typed reason.
 
-args.json and vocab.json are the checkpoint's own (someone else's files): they are parsed as
-size-capped JSON, never executed, and a symlink in their place is refused.
+Those files are the checkpoint's own (someone else's files): they are parsed as size-capped
+JSON, never executed or unpickled, and a link or FIFO in their place is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,10 +29,8 @@ from runner import settings
 from runner.errors import ForgeError, InvalidInput, ParentStateRefused, WeightsIntegrityError
 from runner.jobs import datasets, weights
 from runner.registry import catalog
-from trainers.scgpt import checkpoint_args
+from trainers import family as families
 
-MAX_JSON_BYTES = 64 * 1024**2  # a whole-human vocab.json is ~1.5 MB
-CHECKPOINT_FILES = ("args.json", "vocab.json", "best_model.pt")
 FIXES = {
     "unsupported_checkpoint": "this trainer cannot build that network: use a checkpoint "
                               "trained without the setting",
@@ -55,60 +52,37 @@ class CheckpointProblem(ForgeError):
     reason = "invalid_checkpoint"
 
 
-def _problem(p: checkpoint_args.Problem, artifact: str) -> CheckpointProblem:
-    return CheckpointProblem(f"{artifact}: {p.field} {p.message}", reason=p.reason,
-                             field=p.field, fix=FIXES[p.reason])
+def _family(name: str | None) -> families.Family:
+    try:
+        return families.get(name or "scgpt")
+    except families.UnknownFamily:
+        raise InvalidInput(f"no model family {name!r} on this host", field="family",
+                           fix=f"use one of {', '.join(families.FAMILIES)}") from None
 
 
 # --- reading the checkpoint's own files -------------------------------------------------------
 
-def _read_json(path: Path):
-    """A checkpoint's JSON file: not a link, a regular file under the cap, valid JSON."""
-    try:  # O_NONBLOCK: a FIFO in its place must not hang the host
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise CheckpointProblem(f"{path.parent} has no {path.name}", field=path.name,
-                                fix="an scGPT checkpoint folder holds args.json, vocab.json "
-                                    "and best_model.pt") from None
-    except OSError as exc:
-        raise CheckpointProblem(f"{path.name} cannot be read: {exc.strerror}", field=path.name,
-                                fix="make it a plain file") from exc
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_JSON_BYTES:
-            raise CheckpointProblem(f"{path.name} is not a regular file under "
-                                    f"{MAX_JSON_BYTES >> 20} MiB", field=path.name,
-                                    fix="make it a plain JSON file")
-        raw = f.read(MAX_JSON_BYTES + 1)
+def inspect(folder: Path, artifact: str, family: str | None = None
+            ) -> tuple[families.Inspection, list[CheckpointProblem]]:
+    """What a checkpoint folder's small files say, by its family's own reader (torch-free,
+    never unpickling; links, FIFOs and oversized files refused), and its problems."""
+    fam = _family(family)
     try:
-        return json.loads(raw), hashlib.sha256(raw).hexdigest()
-    except ValueError as exc:
-        raise CheckpointProblem(f"{path.name} is not valid JSON: {exc}", field=path.name,
-                                fix="write it as JSON") from exc
+        found = fam.inspect(Path(folder))
+    except families.CheckpointError as exc:
+        raise CheckpointProblem(f"{artifact}: {exc}", field=exc.field,
+                                fix=f"a {fam.name} checkpoint folder holds "
+                                    f"{', '.join(fam.checkpoint_files)} as plain files") from None
+    problems = [CheckpointProblem(f"{artifact}: {p.field} {p.message}", reason=p.reason,
+                                  field=p.field, fix=FIXES.get(p.reason, FIXES["invalid_checkpoint"]))
+                for p in found.problems]
+    return found, problems
 
 
-def inspect(folder: Path, artifact: str) -> tuple[dict, list[CheckpointProblem]]:
-    """args.json and vocab.json of a checkpoint folder -> (what they say, their problems)."""
-    args, args_sha = _read_json(folder / "args.json")
-    vocab, vocab_sha = _read_json(folder / "vocab.json")
-    arch, arch_problems = checkpoint_args.read_args(args)
-    vocab_info, vocab_problems = checkpoint_args.read_vocab(vocab)
-    known = set(checkpoint_args.ARCH_FROM_ARGS) | set(checkpoint_args.UNSUPPORTED)
-    info = {"architecture": arch,
-            "vocab": {**vocab_info, "sha256": vocab_sha},
-            "args_sha256": args_sha,
-            "n_cls": args.get("n_cls") if isinstance(args, dict) else None,
-            # the training script's own settings: no network depends on them
-            "ignored_args": sorted(k for k in args if k not in known)
-            if isinstance(args, dict) else []}
-    problems = [_problem(p, artifact) for p in arch_problems + vocab_problems]
-    return {**info, "_vocab": vocab if isinstance(vocab, dict) else {}}, problems
-
-
-def _stamp(folder: Path) -> tuple:
+def _stamp(folder: Path, family: str | None) -> tuple:
     """The files' identity: a changed file is read again."""
     out = []
-    for name in ("args.json", "vocab.json"):
+    for name in _family(family).checkpoint_files:
         try:
             st = os.stat(folder / name, follow_symlinks=False)
             out.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
@@ -118,10 +92,10 @@ def _stamp(folder: Path) -> tuple:
 
 
 @lru_cache(maxsize=16)
-def _inspect_cached(folder: str, artifact: str, stamp: tuple):
+def _inspect_cached(folder: str, artifact: str, family: str | None, stamp: tuple):
     """inspect(), memoised per file identity: a whole-human vocab.json takes ~30 ms to parse,
     more than a warm dry run's whole budget. Callers must not mutate what it returns."""
-    return inspect(Path(folder), artifact)
+    return inspect(Path(folder), artifact, family)
 
 
 def local_files(parent: dict) -> Path | None:
@@ -129,7 +103,8 @@ def local_files(parent: dict) -> Path | None:
     they are not here yet (an archive fetched at launch)."""
     if parent.get("origin_type") != "external":
         folder = weights.weights_dir(parent["id"])
-        return folder if (folder / "args.json").is_file() else None
+        first = _family((parent.get("metadata") or {}).get("family")).checkpoint_files[0]
+        return folder if (folder / first).is_file() else None
     cached = settings.cache_dir() / "weights" / (parent.get("content_hash") or "-")
     if cached.is_dir():
         return cached
@@ -144,10 +119,12 @@ def local_files(parent: dict) -> Path | None:
 def register_parent(artifact_id: str, origin_url: str, *, sha256: str | None = None,
                     title: str | None = None, family: str = "scgpt",
                     created_by: str = "operator") -> dict:
-    """Register an scGPT checkpoint as an external base model, from its own files: fetch it
-    (checked against `sha256`, the tree hash, when given), read args.json and vocab.json,
-    refuse what this trainer cannot honour, and store what they say in the metadata."""
+    """Register a checkpoint of `family` (trainers/family.py) as an external base model, from
+    its own files: fetch it (checked against `sha256`, the tree hash, when given), read what
+    the family's inspect() may read (small JSON files: never a pickle), refuse what its
+    trainer cannot honour, and store what they say in the metadata."""
     catalog.validate_artifact_id(artifact_id)
+    fam = _family(family)
     if urlparse(origin_url).scheme not in ("file", "http", "https"):
         raise InvalidInput(f"origin_url {origin_url!r} is not file://, http:// or https://",
                            field="origin_url", fix="point it at the checkpoint folder or "
@@ -158,13 +135,13 @@ def register_parent(artifact_id: str, origin_url: str, *, sha256: str | None = N
     if sha256 and tree != sha256:
         raise WeightsIntegrityError(f"{origin_url} hashes to {tree}, not {sha256}",
                                     field="sha256", fix="check the download, or the hash")
-    missing = [n for n in CHECKPOINT_FILES if not (folder / n).is_file()]
+    missing = [n for n in fam.checkpoint_files if not (folder / n).is_file()]
     if missing:
-        raise CheckpointProblem(f"{origin_url} is not an scGPT checkpoint: no "
+        raise CheckpointProblem(f"{origin_url} is not a {fam.name} checkpoint: no "
                                 f"{', '.join(missing)}", field=missing[0],
-                                fix="register a folder (or archive of one) holding args.json, "
-                                    "vocab.json and best_model.pt")
-    info, problems = inspect(folder, artifact_id)
+                                fix=f"register a folder (or archive of one) holding "
+                                    f"{', '.join(fam.checkpoint_files)}")
+    info, problems = inspect(folder, artifact_id, fam.name)
     if problems:
         raise problems[0]
     cached = settings.cache_dir() / "weights"
@@ -172,11 +149,12 @@ def register_parent(artifact_id: str, origin_url: str, *, sha256: str | None = N
         target = cached / tree
         if not target.exists():
             os.replace(folder, target)
-    info.pop("_vocab")
-    metadata = {"family": family, "framework": "scgpt", "task": "external",
-                "architecture": info.pop("architecture"), "checkpoint": info}
+    metadata = {"family": fam.name, "framework": fam.framework, "task": "external",
+                "architecture": info.architecture, "checkpoint": info.metadata}
+    if info.label_names is not None:
+        metadata["class_names"] = info.label_names
     return catalog.register_model(
-        artifact_id=artifact_id, title=title or f"scGPT checkpoint {artifact_id}",
+        artifact_id=artifact_id, title=title or f"{fam.name} checkpoint {artifact_id}",
         metadata=metadata, created_by=created_by, origin_type="external",
         origin_url=origin_url, content_hash=tree)
 
@@ -210,28 +188,34 @@ def check_parent(parent: dict, resolved: dict, dataset: dict | None
         return ({"inspected": False,
                  "why": "the checkpoint's files are not on this host yet (fetched at launch)",
                  "architecture": stored}, stored, [])
+    family = meta.get("family")
     try:
-        info, problems = _inspect_cached(str(folder), parent["id"], _stamp(folder))
+        info, problems = _inspect_cached(str(folder), parent["id"], family,
+                                         _stamp(folder, family))
     except CheckpointProblem as exc:
         return {"inspected": True, "error": exc.to_dict()}, stored, [exc]
     problems = list(problems)
-    vocab = info["_vocab"]
-    arch = dict(info["architecture"])
+    arch = dict(info.architecture)
     for name, value in stored.items():  # the registry's record must be the files'
         if name in arch and arch[name] != value:
             problems.append(CheckpointProblem(
                 f"{parent['id']}: the registry says {name}={value!r} but its args.json "
                 f"says {arch[name]!r}", reason="architecture_mismatch", field=f"parent.{name}",
                 fix=FIXES["architecture_mismatch"]))
-    report = {"inspected": True, "architecture": dict(arch), "vocab_size": info["vocab"]["size"],
-              "specials": dict(info["vocab"].get("specials") or {}),
-              "ignored_args": list(info["ignored_args"])}
+    report = {"inspected": True, "family": family or "scgpt", "architecture": dict(arch)}
+    if "vocab" in info.metadata:  # scGPT's: its vocabulary and the args no network reads
+        report.update(vocab_size=info.metadata["vocab"]["size"],
+                      specials=dict(info.metadata["vocab"].get("specials") or {}),
+                      ignored_args=list(info.metadata.get("ignored_args") or []))
     content = _dataset_content(resolved, dataset)
     if content is None or "error" in content:
         report["genes"] = {"checked": False, "why": (content or {}).get(
             "error", "the dataset is not on this host yet (fetched at launch)")}
+    elif info.genes is None:
+        report["genes"] = {"checked": False, "why": "the checkpoint does not list its genes "
+                           "(read from its weights inside the job)"}
     else:
-        overlap = checkpoint_args.gene_overlap(vocab, content["genes"])
+        overlap = families.gene_overlap(info.genes, content["genes"])
         report["genes"] = overlap
         floor = resolved["policy"].get("min_gene_overlap", 0.0)
         if overlap["matched"] == 0 or overlap["fraction"] < floor:
@@ -242,7 +226,7 @@ def check_parent(parent: dict, resolved: dict, dataset: dict | None
                 f"{', '.join(overlap['unmatched_examples'][:5])}", reason="gene_overlap",
                 field="policy.min_gene_overlap", fix=FIXES["gene_overlap"],
                 matched=overlap["matched"], fraction=overlap["fraction"]))
-        report["heads"] = _heads(resolved, meta, info, content)
+        report["heads"] = _heads(resolved, meta, info.metadata, content)
     return report, arch, problems
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from runner import sandbox
 from runner.config import caller, compose, validate
-from runner.config.options import option_for_artifact
+from runner.config.options import group_options, option_for_artifact
 from runner.config.schema import ParentConf
 from runner.config.validate import INT_MAX
 from runner.errors import (
@@ -31,7 +31,9 @@ from runner.errors import (
     DatasetUnavailable,
     Forbidden,
     ForgeError,
+    InvalidConfig,
     InvalidInput,
+    InvalidOverride,
     NotFound,
     WrongArtifactType,
 )
@@ -40,6 +42,7 @@ from runner.jobs.datasets import builtin_holds, known_fetch_failure
 from runner.jobs.job import disk_problem, run_dir, sandbox_job
 from runner.registry import capacity, catalog, db, ledger, money
 from runner.tools import audit_to
+from trainers import family as families
 
 MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")  # what MLflow names a run: a uuid4's hex
 
@@ -53,8 +56,9 @@ VOLATILE_KEYS = ("agent_id", "dry_run", "allow_dirty", "fit_budget", "tracking",
 class TrainRequest:
     """One call's arguments. `training_config` is already nested at the config root.
 
-    `from_scratch` is the operator's (the demo's base), never a caller's: train the parent
-    option's architecture from random weights and register the result as `parent_artifact_id`,
+    `from_scratch` is the operator's (the demo's bases), never a caller's: train the parent
+    option's architecture (`parent_option`, else the one whose artifact_id matches, else
+    conf/'s default) from random weights and register the result as `parent_artifact_id`,
     a root version. Every other request fine-tunes the registered parent.
     """
     parent_artifact_id: str
@@ -72,6 +76,7 @@ class TrainRequest:
     code_commit: str | None = None  # run this commit instead of HEAD (a sweep pins once)
     mlflow_parent_run_id: str | None = None  # nest the MLflow run (a sweep's)
     from_scratch: bool = False
+    parent_option: str | None = None  # from scratch: the conf/parent option to build
 
 
 @dataclass
@@ -174,6 +179,7 @@ def prepare(req: TrainRequest) -> Plan:
                  else float("inf"))
         checkpoint["weights"], found = weights.check(parent, hash_limit_bytes=limit)
         problems.extend(found)
+    cfg, resolved = _family_defaults(cfg, resolved, req)
     _check_dataset_content(resolved, dataset, problems)
 
     device, price, problem = devices.priced(resolved)
@@ -236,6 +242,36 @@ def _validate_arguments(req: TrainRequest) -> None:
                            fix="pass device='auto' or a key of pricing.per_device")
 
 
+def _family_defaults(cfg, resolved: dict, req: TrainRequest):
+    """The parent's family is known now (its registry record, else the conf/ option): its
+    defaults fill what nothing set, so the record says what ran, and the manifest is checked
+    whole (a training key of another family is refused, naming it)."""
+    name = resolved["parent"]["family"] or "scgpt"
+    try:
+        fam = families.get(name)
+    except families.UnknownFamily:
+        raise InvalidConfig(f"parent {req.parent_artifact_id!r} is of family {name!r}, which "
+                            f"this host does not have ({', '.join(families.FAMILIES)})",
+                            field="parent.family", reason="unknown_family",
+                            fix="register the parent with one of these families") from None
+    if resolved["training"]["task"] not in fam.tasks:
+        raise InvalidOverride(
+            f"training.task {resolved['training']['task']!r} is not a task of family "
+            f"{name} ({', '.join(fam.tasks)})", field="training.task", problem="family",
+            fix=f"choose one of {', '.join(fam.tasks)}, or a parent of another family")
+    fill = {"parent": {k: v for k, v in fam.arch_defaults.items()
+                       if resolved["parent"].get(k) is None},
+            "training": {k: v for k, v in fam.defaults(resolved["training"]["task"]).items()
+                         if resolved["training"].get(k) is None and v is not None}}
+    if resolved["parent"]["family"] != name:
+        fill["parent"]["family"] = name
+    fill = {group: values for group, values in fill.items() if values}
+    if fill:
+        cfg, resolved = compose.merge_config(cfg, fill, "family")
+    validate.check_family(resolved, list(req.overrides or []))
+    return cfg, resolved
+
+
 def _check_parent_run(resolved: dict, req: TrainRequest) -> None:
     """A job's run nests only under a run of its own agent: its sweep's parent run or one of
     its own jobs' runs. Read from MLflow, so a dry run (mlflow-free) checks the id's form only."""
@@ -253,7 +289,14 @@ def _compose(req: TrainRequest):
     composed config is memoised per distinct call."""
     caller.check_caller_overrides(req.overrides)  # the arguments, operator settings,
     caller.check_caller_dict(req.training_config)  # interpolation, over-long input
-    lines = list(req.overrides or []) + caller.call_lines(
+    chosen = []
+    if req.parent_option is not None:
+        if not req.from_scratch or req.parent_option not in group_options("parent"):
+            raise InvalidInput(f"parent_option {req.parent_option!r} is not a conf/parent "
+                               "option to train from scratch", field="parent_option",
+                               fix=f"use one of {', '.join(group_options('parent'))}")
+        chosen = [f"parent={req.parent_option}"]
+    lines = chosen + list(req.overrides or []) + caller.call_lines(
         req.parent_artifact_id, req.dataset_artifact_id, agent_id=req.agent_id,
         wall_time_cap_min=req.wall_time_cap_min, vram_cap_gb=req.vram_cap_gb,
         dry_run=req.dry_run, allow_dirty=req.allow_dirty, devices=req.devices,

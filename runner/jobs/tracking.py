@@ -32,6 +32,7 @@ from runner.errors import ForgeError, StoreHalfMigrated
 from runner.jobs.handback import NotPlainFile, read_job_file
 from runner.registry import db  # the only code that talks SQL (the store's schema, here)
 from runner.sandbox import printable  # stdlib only: no torch, no mlflow
+from trainers import family as families
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -403,11 +404,11 @@ def log_dataset_input(mlflow_client, run_id: str, dataset_row: dict) -> None:
 
 # --- the checkpoint as an MLflow model -----------------------------------------------------
 
-# The pyfunc flavor's model file: the HOST's copy (MLflow runs it when it logs the model, so
-# it must be trusted code, never the job's); it imports only mlflow at the top.
-MODEL_CODE = Path(trainers.__file__).parent / "scgpt" / "mlflow_model.py"
-REQUIREMENTS = ("torch", "numpy", "scipy", "scikit-learn", "pandas", "mlflow")
-CLASSIFIER_TASK = "finetune_celltype"
+# The pyfunc flavor's model file is the family's `mlflow_model` in the HOST's copy of trainers/
+# (MLflow runs it when it logs the model, so it must be trusted code, never the job's); it
+# imports only mlflow at the top.
+CODE_ROOT = Path(trainers.__file__).parent.parent
+REQUIREMENTS = ("numpy", "scipy", "scikit-learn", "pandas", "mlflow")
 MAX_VOCAB_BYTES = 16 * 1024**2  # scGPT's whole-human vocab.json (60,697 genes) is ~1.4 MB
 # One optional double column per gene: 500 genes (CBMC) make a 35 KB MLmodel, 60,697 genes
 # (scGPT's human vocabulary) 4.2 MB, rebuilt in ~3 s on each log and parsed on each load. Past
@@ -455,13 +456,14 @@ def cell_type_signature(genes: list[str]):
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string", "cell_type")]))
 
 
-def requirements() -> list[str]:
+def requirements(family: str = "scgpt") -> list[str]:
     """The model's pip requirements, pinned to what is installed here; given explicitly, so
     MLflow never infers them by loading the model (which would import the job's code and
     load its checkpoint on the host)."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in REQUIREMENTS]
+    names = (*families.get(family).requirements, *REQUIREMENTS)
+    return [f"{name}=={version(name)}" for name in names]
 
 
 _GLOBAL_URI = threading.Lock()
@@ -490,14 +492,16 @@ def _global_tracking_uri(uri: str):
 def log_model(mlflow_client, *, run_id: str, experiment_id: str, checkpoint: Path,
               vocab: Path | None, code_dir: Path, task: str, tags: dict[str, str],
               metrics: dict[str, float], dataset: dict | None = None,
-              name: str = "model") -> dict[str, str]:
+              name: str = "model", family: str = "scgpt",
+              genes: list[str] | None = None) -> dict[str, str]:
     """Log the job's checkpoint folder as an MLflow model of the host's run; returns
     {"model_id", "model_uri"} (`models:/<model_id>`).
 
-    A cell-type classifier whose pinned code has trainers/scgpt/predict.py becomes a pyfunc
-    model from code (trainers/scgpt/mlflow_model.py), loadable with mlflow.pyfunc.load_model:
-    the checkpoint is its `checkpoint` artifact, the pinned `trainers` package its code, the
-    pip requirements explicit, a signature from `vocab` (the stored vocab.json), and no input
+    A cell-type classifier whose pinned code has its family's MLflow model code (e.g.
+    trainers/scgpt/mlflow_model.py) becomes a pyfunc model from code, loadable with
+    mlflow.pyfunc.load_model: the checkpoint is its `checkpoint` artifact, the pinned
+    `trainers` package its code, the pip requirements explicit, a signature from `vocab` (the
+    stored vocab.json of scGPT) or `genes` (what the family's inspect() read), and no input
     example: the host never runs a checkpoint a job wrote. Any other checkpoint (a pretrained
     base, an older trainer) becomes a logged model holding the raw checkpoint files.
 
@@ -506,11 +510,13 @@ def log_model(mlflow_client, *, run_id: str, experiment_id: str, checkpoint: Pat
     it and to the dataset input. On failure it is deleted again and the error raised."""
     from mlflow.entities import LoggedModelOutput
 
-    pyfunc = task == CLASSIFIER_TASK and (code_dir / "trainers/scgpt/predict.py").is_file()
-    genes = read_genes(vocab) if pyfunc and vocab is not None else None
+    fam = families.get(family)
+    pyfunc = task == fam.classifier_task and (code_dir / fam.mlflow_model).is_file()
+    if pyfunc and vocab is not None:
+        genes = read_genes(vocab)
     model = mlflow_client.create_logged_model(
         experiment_id, name=name, source_run_id=run_id, tags=tags,
-        model_type="scgpt-cell-type-classifier" if pyfunc else "scgpt-checkpoint")
+        model_type=f"{fam.name}-cell-type-classifier" if pyfunc else f"{fam.name}-checkpoint")
     model_id = model.model_id
     try:
         if pyfunc:
@@ -520,12 +526,14 @@ def log_model(mlflow_client, *, run_id: str, experiment_id: str, checkpoint: Pat
                 # no input example on purpose: making one means running the model
                 warnings.filterwarnings("ignore", message=".*input example was not provided")
                 mlflow.pyfunc.log_model(
-                    name=name, model_id=model_id, python_model=str(MODEL_CODE),
+                    name=name, model_id=model_id, python_model=str(CODE_ROOT / fam.mlflow_model),
                     artifacts={"checkpoint": str(checkpoint)},
-                    code_paths=[str(code_dir / "trainers")], pip_requirements=requirements(),
+                    code_paths=[str(code_dir / "trainers")],
+                    pip_requirements=requirements(fam.name),
                     signature=cell_type_signature(genes) if genes is not None else None,
-                    metadata={"input_genes": "artifacts/checkpoint/vocab.json",
-                              "n_genes": len(genes or [])})
+                    metadata={"family": fam.name, "n_genes": len(genes or []),
+                              **({"input_genes": "artifacts/checkpoint/vocab.json"}
+                                 if vocab is not None else {})})
         else:
             mlflow_client.log_model_artifacts(model_id, str(checkpoint))
         mlflow_client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])

@@ -10,16 +10,15 @@ bookkeeping (lr, epochs, paths, ...), which no network depends on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from trainers.manifest import INPUT_EMB_STYLES
+from trainers.family import Problem
+from trainers.scgpt.settings import INPUT_EMB_STYLES
 
 # scGPT's special tokens (the tokenizer's too: trainers/scgpt/tokenize.py imports them here,
 # so that this module stays free of numpy for the host's dry run).
 PAD, CLS, EOC = "<pad>", "<cls>", "<eoc>"
 SPECIALS = (PAD, CLS, EOC)
 
-# scGPT args.json key -> the architecture field (trainers/manifest.py ModelSpec).
+# scGPT args.json key -> the architecture field (trainers/scgpt/settings.py ModelSpec).
 ARCH_FROM_ARGS = {"nlayers": "n_layers", "embsize": "d_model", "nheads": "n_heads",
                   "d_hid": "d_hid", "n_bins": "n_bins", "dropout": "dropout",
                   "input_emb_style": "input_emb_style"}
@@ -36,14 +35,6 @@ UNSUPPORTED = {
     "cell_emb_style": "cls",  # the cell embedding is the <cls> token's
 }
 REQUIRED_SPECIALS = (PAD, CLS)  # <eoc> is appended when missing, as scGPT's cell_emb does
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One reason a checkpoint cannot be used: what (`field`), why, and the reason code."""
-    reason: str  # unsupported_checkpoint | invalid_checkpoint | vocab_specials | vocab_gaps
-    field: str  # args.json.<key> or vocab.json
-    message: str
 
 
 def read_args(args) -> tuple[dict, list[Problem]]:
@@ -115,13 +106,3 @@ def read_vocab(vocab) -> tuple[dict, list[Problem]]:
                                 f"lacks the special token(s) {', '.join(missing)}"))
     specials = {s: vocab.get(s) for s in SPECIALS}
     return {"size": len(vocab), "specials": specials}, problems
-
-
-def gene_overlap(vocab: dict, genes: list[str], examples: int = 10) -> dict:
-    """How many of the dataset's genes the vocabulary has: count, fraction, unmatched."""
-    genes = list(dict.fromkeys(genes))
-    unmatched = [g for g in genes if g not in vocab or g in SPECIALS]
-    matched = len(genes) - len(unmatched)
-    return {"dataset_genes": len(genes), "matched": matched,
-            "fraction": round(matched / len(genes), 4) if genes else 0.0,
-            "unmatched_examples": unmatched[:examples]}

@@ -28,15 +28,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 
+from trainers import family
 from trainers.scgpt.model import ScGPT
 
 PRETRAIN, FINETUNE = "pretrain_mgm", "finetune_celltype"
 
 
-class NonFiniteLoss(FloatingPointError):
-    def __init__(self, stage: str, step: int, value: float, where: str = ""):
-        self.stage, self.step, self.value = stage, step, value
-        super().__init__(f"non-finite {stage} loss ({value}{where}) at global step {step}")
+NonFiniteLoss = family.NonFiniteLoss
 
 
 def class_weights(train_labels: np.ndarray, n_cls: int, scheme: str) -> torch.Tensor | None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainers import family
 from trainers.scgpt import checkpoint_args
 from trainers.scgpt.checkpoint_args import EOC, PAD
 
@@ -353,14 +354,9 @@ class LoadReport:
         return "; ".join(parts) or "all keys matched"
 
 
-class CheckpointError(ValueError):
-    """An scGPT checkpoint folder that cannot be used. `field` names the file at fault, with
-    the args.json key where there is one (`vocab.json`, `args.json.pre_norm`,
-    `best_model.pt`); the message says what is wrong."""
-
-    def __init__(self, message: str, field: str = "checkpoint"):
-        super().__init__(message)
-        self.field = field
+# An scGPT checkpoint folder that cannot be used: `field` names the file at fault, with the
+# args.json key where there is one (`vocab.json`, `args.json.pre_norm`, `best_model.pt`).
+CheckpointError = family.CheckpointError
 
 
 def match_state_dict(ours: dict[str, Tensor], state: dict[str, Tensor],

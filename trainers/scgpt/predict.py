@@ -17,6 +17,7 @@ from trainers.scgpt.batches import CellBatches
 from trainers.scgpt.model import CheckpointError, ScGPT, load_checkpoint
 from trainers.scgpt.prepare import tokenizer_for
 from trainers.scgpt.tokenize import GeneVocab
+from trainers.scoring import as_dataset_codes  # noqa: F401 -- where the callers look for it
 
 
 @dataclass
@@ -64,12 +65,3 @@ def predict(clf: Classifier, data: CellData, cells: np.ndarray, *, seed: int, ma
             logits = model.cls_decoder(h[:, 0, :]).float()
         out.append(logits.argmax(-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-
-def as_dataset_codes(head_index: np.ndarray, head_names: list[str],
-                     dataset_names: list[str]) -> np.ndarray:
-    """Head outputs as the dataset's label codes; a class the dataset lacks becomes -1 (never
-    equal to a true label)."""
-    code = {name: i for i, name in enumerate(dataset_names)}
-    table = np.array([code.get(name, -1) for name in head_names], dtype=np.int64)
-    return table[head_index]

@@ -15,6 +15,7 @@ import torch
 from trainers.data.load import CellData
 from trainers.manifest import Manifest, ManifestError, resolve_model
 from trainers.scgpt.checkpoint_args import read_args
+from trainers.scgpt.family import FAMILY
 from trainers.scgpt.model import (
     ARGS_TO_CONFIG,
     Dropout,
@@ -42,7 +43,7 @@ def prepare(m: Manifest, data: CellData, n_cls: int | None) -> Prepared:
     if m.parent is not None:
         # entrypoint.check_parent has vetted the folder: a CheckpointError is its, typed
         model, stoi, args, report = load_checkpoint(m.parent.checkpoint_dir, n_cls=n_cls)
-        arch = resolve_model(m.model, read_args(args)[0])  # args.json's architecture
+        arch = resolve_model(FAMILY, m.model, read_args(args)[0])  # args.json's architecture
         if m.task == "finetune_celltype" and args.get("label_names") and \
                 args["label_names"] != data.label_names:
             # same class count by chance is not the same classes: start the head afresh
@@ -52,7 +53,7 @@ def prepare(m: Manifest, data: CellData, n_cls: int | None) -> Prepared:
         vocab = GeneVocab(stoi)
         _set_dropout(model, arch["dropout"])
     else:
-        arch = resolve_model(m.model, None)
+        arch = resolve_model(FAMILY, m.model, None)
         if m.vocab_path:
             try:
                 vocab = GeneVocab.from_file(m.vocab_path)

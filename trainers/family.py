@@ -1,0 +1,202 @@
+"""The seam every model family implements, and the one registry of families.
+
+A family is a folder under `trainers/` whose `family.py` declares `FAMILY = Family(...)`:
+
+- its settings as plain data: `architecture` (the parent's `model.*` keys; a checkpoint's
+  own files decide them when there is a parent) and `training` (the training keys), both
+  dataclasses whose defaults are the family's pilot values, `task_defaults` over them per
+  task, `ranges` (JSON Schema words) and `choices` for the host's schema and messages, and
+  `check(manifest)` for the rules across fields;
+- `inspect(checkpoint_dir) -> Inspection`: what the host's dry run and registration may
+  know about a checkpoint, from small JSON files only: torch-free and unpickle-free;
+- `recipe`: the module, imported inside the jail only, with `train(manifest, state) ->
+  result` and `predict(checkpoint_dir, data, cells, options) -> Predicted` (one label per
+  held-out cell, for the family-blind gate);
+- its tasks with their primary metric, and its MLflow model code (`mlflow_model`, a path in
+  the pinned code).
+
+`get(name)` is the one lookup. The parent's registry record names the family (the operator
+or the registry), never a caller string; this module itself imports no family package, so
+that the host (runner/), which may import this module, never does either: a family's
+`family.py` is loaded by name from `FAMILIES`. Plain data: no numpy, no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+# Family name -> the module declaring FAMILY. Adding a family is a folder and a line here.
+FAMILIES = {
+    "scgpt": "trainers.scgpt.family",
+    "scvi": "trainers.scvi.family",
+    "linear": "trainers.linear.family",
+}
+NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used. `field` names the file at fault, with the key
+    where there is one (`vocab.json`, `args.json.pre_norm`); the message says what is wrong."""
+
+    def __init__(self, message: str, field: str = "checkpoint"):
+        super().__init__(message)
+        self.field = field
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Training produced a NaN or infinite loss: the job fails as `nan_loss`."""
+
+    def __init__(self, stage: str, step: int, value: float, where: str = ""):
+        self.stage, self.step, self.value = stage, step, value
+        super().__init__(f"non-finite {stage} loss ({value}{where}) at global step {step}")
+
+
+@dataclass
+class SplitSettings:
+    """The training keys every family has: the train/val/test split, which the host rebuilds
+    to measure the held-out cells itself (runner/jobs/truth.py). A family's `training`
+    dataclass extends this one."""
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int | None = None  # the train/val/test split; null: the manifest's seed
+
+
+SPLIT_RANGES = {"val_fraction": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                "test_fraction": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                "split_seed": {"minimum": 0, "maximum": 2**32 - 1}}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a checkpoint cannot be used: what (`field`), why, and the reason code
+    (unsupported_checkpoint | invalid_checkpoint | vocab_specials | vocab_gaps)."""
+    reason: str
+    field: str
+    message: str
+
+
+@dataclass
+class Inspection:
+    """What a checkpoint's small files say, read on the host without torch or unpickling."""
+    architecture: dict = field(default_factory=dict)  # in the family's `architecture` names
+    genes: list[str] | None = None  # the genes it reads (None: it does not say)
+    label_names: list[str] | None = None  # a classifier's classes (None: not a classifier)
+    metadata: dict = field(default_factory=dict)  # registry metadata (vocabulary digest, ...)
+    problems: list[Problem] = field(default_factory=list)
+
+
+MAX_JSON_BYTES = 64 * 1024**2  # a whole-human vocab.json is ~1.5 MB
+
+
+def read_json(path: Path, cap: int = MAX_JSON_BYTES) -> tuple[object, str]:
+    """A checkpoint's JSON file and its sha256: not a link, a regular file under `cap`, valid
+    JSON (someone else's file: parsed, never executed). CheckpointError names the file."""
+    import hashlib
+    import json
+    import os
+    import stat
+
+    path = Path(path)
+    try:  # O_NONBLOCK: a FIFO in its place must not hang the reader
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} has no {path.name}", path.name) from None
+    except OSError as exc:
+        raise CheckpointError(f"{path.name} cannot be read: {exc.strerror}", path.name) from exc
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > cap:
+            raise CheckpointError(f"{path.name} is not a regular file under {cap >> 20} MiB",
+                                  path.name)
+        raw = f.read(cap + 1)
+    try:
+        return json.loads(raw), hashlib.sha256(raw).hexdigest()
+    except ValueError as exc:
+        raise CheckpointError(f"{path.name} is not valid JSON: {exc}", path.name) from exc
+
+
+def gene_overlap(known: list[str] | set[str], genes: list[str], examples: int = 10) -> dict:
+    """How many of the dataset's genes a checkpoint reads: count, fraction, unmatched."""
+    known = set(known)
+    genes = list(dict.fromkeys(genes))
+    unmatched = [g for g in genes if g not in known]
+    matched = len(genes) - len(unmatched)
+    return {"dataset_genes": len(genes), "matched": matched,
+            "fraction": round(matched / len(genes), 4) if genes else 0.0,
+            "unmatched_examples": unmatched[:examples]}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    summary: str
+    tasks: dict[str, str]  # task -> primary metric (what registration needs, sweeps optimise)
+    architecture: type  # dataclass: the model.* keys, None fields = the parent's or default
+    training: type  # dataclass: training keys with the pilot's defaults
+    inspect: Callable[[Path], Inspection]
+    recipe: str  # module imported in the jail: train(m, state), predict(...)
+    mlflow_model: str  # the MLflow model code, relative to the pinned code's root
+    checkpoint_files: tuple[str, ...]  # what a checkpoint folder must hold
+    framework: str  # registry metadata: the library whose layout the checkpoint follows
+    task_defaults: dict[str, dict] = field(default_factory=dict)
+    ranges: dict[str, dict] = field(default_factory=dict)  # training key -> JSON Schema bounds
+    choices: dict[str, tuple] = field(default_factory=dict)  # key -> allowed strings
+    arch_fields: tuple[str, ...] = ()  # architecture keys a manifest must not change
+    arch_defaults: dict = field(default_factory=dict)
+    arch_source: str = "checkpoint"  # where a parent's architecture is read, for messages
+    check: Callable[[Any], None] = lambda m: None  # rules across fields (ManifestError)
+    requirements: tuple[str, ...] = ()  # pip packages its MLflow model needs beyond numpy,
+    #                                     scipy, scikit-learn, pandas and mlflow
+    classifier_task: str | None = "finetune_celltype"  # the task scored per cell
+
+    def training_keys(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.training))
+
+    def architecture_keys(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.architecture))
+
+    def defaults(self, task: str) -> dict:
+        """The training settings' values for `task` when nothing else sets them."""
+        base = {f.name: f.default for f in dataclasses.fields(self.training)}
+        return {**base, **self.task_defaults.get(task, {})}
+
+    def load_recipe(self):
+        return importlib.import_module(self.recipe)
+
+
+class UnknownFamily(ValueError):
+    def __init__(self, name: object):
+        self.name = name
+        super().__init__(f"no family {name!r} (families: {', '.join(FAMILIES)})")
+
+
+def get(name: str) -> Family:
+    """The family called `name`, loaded from its folder; UnknownFamily otherwise."""
+    if not isinstance(name, str) or name not in FAMILIES:
+        raise UnknownFamily(name)
+    return _load(name)
+
+
+_loaded: dict[str, Family] = {}
+
+
+def _load(name: str) -> Family:
+    if name not in _loaded:
+        found = importlib.import_module(FAMILIES[name]).FAMILY
+        assert found.name == name, f"{FAMILIES[name]} declares {found.name!r}, not {name!r}"
+        _loaded[name] = found
+    return _loaded[name]
+
+
+def all_families() -> list[Family]:
+    return [get(name) for name in FAMILIES]
+
+
+def of_key(key: str) -> list[str]:
+    """The families with a training key called `key` (for 'a key of another family')."""
+    return [f.name for f in all_families() if key in f.training_keys()]
