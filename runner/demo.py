@@ -1,24 +1,26 @@
 """`make demo`: the pilot, on the embedded defaults (SQLite registry and MLflow store under
-FORGE_HOME).
+FORGE_HOME), for three model families on CBMC's cells.
 
 1. migrate the registry; register the CBMC and pbmc68k datasets with their citations;
 2. grant the agent `demo-agent` credits;
-3. once: pretrain a small scGPT-style base on CBMC (masked gene expression), through the
-   same plan -> debit -> sandbox -> register path as every job, as version 1 of
-   `model-scgpt-cbmc-base`;
-4. fine-tune it for cell types with train_model_version() into a candidate version 2;
-5. gate the candidate with evaluate_candidate() (conf/gate/default.yaml): evaluated in the
-   sandbox on its held-out cells against its parent, or, as the pretrained base cannot
-   classify cells, against the logistic-regression baseline refitted on the same split;
-   the paired bootstrap's CI decides promoted or rejected;
-6. print the returned dicts, the decision with its CI, and the command that opens the
-   MLflow UI on the same store.
+3. per family (scgpt, scvi, linear), once: train its base from scratch through the same plan
+   -> debit -> sandbox -> register path as every job, as version 1 (scGPT: masked gene
+   modelling; scvi: SCVI, unsupervised; linear: logistic regression on log1p counts, a
+   classifier already);
+4. fine-tune each base for cell types with train_model_version() into a candidate version 2
+   (scGPT's cell-type head; scANVI from the SCVI base; the linear base warm-started);
+5. gate each candidate with evaluate_candidate() (conf/gate/default.yaml): evaluated in the
+   sandbox, by its own family's code, on its held-out cells against its parent, or, when the
+   parent cannot classify cells, against the logistic-regression baseline refitted on the
+   same split; the paired bootstrap's CI decides promoted or rejected;
+6. print one table (family, version, test accuracy, macro-F1, cost, the gate's decision
+   against its comparator) and the commands that open the MLflow UI and forge serve.
 
-A second run reuses the base and gets the same requests' earlier results back.
+A second run reuses the bases and gets the same requests' earlier results back.
 
 `python -m runner.demo smoke` (`make demo DEMO=smoke`) runs the same steps on the same
-defaults, sized to a minute or two on 2 cores: a base of its own (one short epoch) and a
-one-epoch fine-tune. CI runs it in a fresh clone to prove the main command works there.
+defaults, sized to a minute or two on 2 cores: bases of their own (one short epoch) and
+one-epoch fine-tunes. CI runs it in a fresh clone to prove the main command works there.
 """
 
 from __future__ import annotations
@@ -43,28 +45,46 @@ from runner.registry import catalog, db, ledger
 from runner.tools import register_tools
 
 AGENT = "demo-agent"
-BASE_ID = "model-scgpt-cbmc-base"
-DATASETS = {"dataset-geo-GSE100866": ("cbmc", "CBMC CITE-seq, 8,617 cord blood cells"),
+DATASET = "dataset-geo-GSE100866"
+DATASETS = {DATASET: ("cbmc", "CBMC CITE-seq, 8,617 cord blood cells"),
             "dataset-10x-pbmc68k-reduced": ("pbmc68k_reduced", "PBMC 68k (reduced), 700 cells")}
-CREDITS = Decimal("5")
+CREDITS = Decimal("20")
 
 
 @dataclass(frozen=True)
-class Profile:
+class Pilot:
+    """One family's pilot: its base (a conf/parent option trained from scratch with
+    `base_training`) and the fine-tune's settings."""
+    family: str
     base_id: str
-    pretrain: tuple[str, ...]  # training overrides for the base
+    base_option: str
+    base_training: tuple[str, ...]  # overrides for the base
     finetune: dict  # training settings for train_model_version
-    wall_time_cap_min: int
 
 
-PROFILES = {
-    "full": Profile(BASE_ID, (), {}, 60),
-    "smoke": Profile(f"{BASE_ID}-smoke",
-                     ("training.max_epochs=1", "training.limit_train_batches=8",
-                      "training.limit_eval_batches=2", "training.max_seq_len=33"),
-                     {"max_epochs": 1, "limit_train_batches": 16, "limit_eval_batches": 4,
-                      "max_seq_len": 65, "log_every_n_steps": 4}, 10),
+# Sized for 2 CPU cores, all three in at most 12 minutes: scGPT's pilot as before (2
+# pretraining epochs, up to 15 fine-tuning epochs early-stopped), SCVI 20 epochs then scANVI
+# 10, the linear model's lbfgs to convergence (seconds).
+PILOTS = {
+    "full": (
+        Pilot("linear", "model-linear-cbmc", "linear_cbmc_base", (), {}),
+        Pilot("scvi", "model-scvi-cbmc-base", "scvi_cbmc_base", ("training=pretrain_scvi",),
+              {}),
+        Pilot("scgpt", "model-scgpt-cbmc-base", "scgpt_cbmc_base", ("training=pretrain_mgm",),
+              {}),
+    ),
+    "smoke": (
+        Pilot("linear", "model-linear-cbmc-smoke", "linear_cbmc_base", (), {"max_iter": 50}),
+        Pilot("scvi", "model-scvi-cbmc-base-smoke", "scvi_cbmc_base",
+              ("training=pretrain_scvi", "training.max_epochs=1"), {"max_epochs": 1}),
+        Pilot("scgpt", "model-scgpt-cbmc-base-smoke", "scgpt_cbmc_base",
+              ("training=pretrain_mgm", "training.max_epochs=1", "training.limit_train_batches=8",
+               "training.limit_eval_batches=2", "training.max_seq_len=33"),
+              {"max_epochs": 1, "limit_train_batches": 16, "limit_eval_batches": 4,
+               "max_seq_len": 65, "log_every_n_steps": 4}),
+    ),
 }
+WALL_TIME_CAP_MIN = {"full": 60, "smoke": 10}
 
 console = Console(stderr=True)
 
@@ -86,69 +106,99 @@ def fund_agent() -> None:
     console.print(f"agent [bold]{AGENT}[/] balance {ledger.balance(AGENT)} credits")
 
 
-def ensure_base(profile: Profile) -> dict:
+def ensure_base(pilot: Pilot, cap: int) -> dict:
     """Version 1: trained from scratch once, on the same path as every job (plan, debit,
     sandbox, MLflow run, registration, settlement), then reused."""
     try:
-        return catalog.get_artifact(profile.base_id)
+        return catalog.get_artifact(pilot.base_id)
     except NotFound:
         pass
-    console.print(f"pretraining the base [bold]{profile.base_id}[/] "
-                  "(masked gene expression on CBMC)")
-    plan = prepare(TrainRequest(profile.base_id, "dataset-geo-GSE100866", AGENT,
-                                overrides=("training=pretrain_mgm", *profile.pretrain),
-                                wall_time_cap_min=profile.wall_time_cap_min, from_scratch=True))
+    console.print(f"training the {pilot.family} base [bold]{pilot.base_id}[/] from scratch")
+    plan = prepare(TrainRequest(pilot.base_id, DATASET, AGENT, overrides=pilot.base_training,
+                                wall_time_cap_min=cap, from_scratch=True,
+                                parent_option=pilot.base_option))
     if plan.problems:
         raise plan.problems[0]
     launch(plan)
-    return catalog.get_artifact(profile.base_id)
+    return catalog.get_artifact(pilot.base_id)
+
+
+def run_pilot(pilot: Pilot, cap: int) -> dict:
+    """Base, fine-tune, gate: one row of the table."""
+    base = ensure_base(pilot, cap)
+    console.print(f"{pilot.family}: fine-tuning [bold]{base['id']}[/] v{base['version_number']}"
+                  " for cell types on CBMC (train_model_version)")
+    result = train_model_version(base["id"], DATASET, pilot.finetune or None, AGENT,
+                                 wall_time_cap_min=cap, vram_cap_gb=24)
+    console.print(f"{pilot.family}: gating [bold]{result['artifact_id']}[/] "
+                  "(evaluate_candidate, gate default)")
+    decision = evaluate_candidate(result["artifact_id"], AGENT, "default")
+    console.print(decision_text(decision))
+    return {"family": pilot.family, "result": result, "decision": decision}
+
+
+def table(rows: list[dict]) -> str:
+    """family | version | test accuracy | macro-F1 | cost | the gate's decision."""
+    lines = [f"{'family':<8} {'version':<20} {'v':>2} {'accuracy':>8} {'macro-F1':>8} "
+             f"{'cost':>9}  decision (macro-F1 delta, 95% CI, vs comparator)"]
+    for row in rows:
+        r, d = row["result"], row["decision"]
+        m = r.get("eval_metrics") or {}
+        c = min(d["comparisons"], key=lambda c: c["delta"]) if d.get("comparisons") else None
+        vs = (f"{c['delta']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] vs "
+              f"{c['comparator_role']} {c['comparator_value']:.3f}" if c else "")
+        lines.append(f"{row['family']:<8} {r['artifact_id']:<20} {r['version_number']:>2} "
+                     f"{m.get('test_accuracy', float('nan')):>8.4f} "
+                     f"{m.get('test_macro_f1', float('nan')):>8.4f} "
+                     f"{Decimal(str(r['cost']['actual'])):>9.6f}  {d['decision']} {vs}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     name = args[0] if args else "full"
-    if name not in PROFILES:
+    if name not in PILOTS:
         console.print(f"[red]error[/]: unknown demo profile {name!r}; use one of "
-                      f"{', '.join(PROFILES)}")
+                      f"{', '.join(PILOTS)}")
         return 2
-    profile = PROFILES[name]
     start = time.perf_counter()
     console.print(f"[bold]forge-runner pilot[/]: registry {settings.db_url()}")
+    rows = []
     try:
         console.print(f"registry schema at revision {db.upgrade()}")
         register_tools(SKILLS)
         register_datasets()
         fund_agent()
-        base = ensure_base(profile)
-        console.print(f"base [bold]{base['id']}[/] version {base['version_number']}")
-        console.print("fine-tuning it for cell types on CBMC (train_model_version)")
-        result = train_model_version(base["id"], "dataset-geo-GSE100866",
-                                     profile.finetune or None, AGENT,
-                                     wall_time_cap_min=profile.wall_time_cap_min, vram_cap_gb=24)
-        print(json.dumps(result, indent=2, default=str))
-        console.print(f"gating candidate [bold]{result['artifact_id']}[/] (evaluate_candidate, "
-                      "gate default)")
-        decision = evaluate_candidate(result["artifact_id"], AGENT, "default")
+        for pilot in PILOTS[name]:
+            t0 = time.perf_counter()
+            rows.append(run_pilot(pilot, WALL_TIME_CAP_MIN[name]))
+            console.print(f"{pilot.family}: done in {time.perf_counter() - t0:.0f}s")
     except ForgeError as exc:
         console.print(f"[red]error[/]: {type(exc).__name__}: {exc}")
         return 2
-    print(json.dumps(decision, indent=2, default=str))
-    console.print(decision_text(decision))
-    unreproduced = [w for w in decision.get("warnings") or [] if w.startswith("unreproduced")]
-    if unreproduced:  # one metric, one number: the gate re-measures what training recorded
-        console.print(f"[red]error[/]: {unreproduced[0]}")
-        return 1
+    for row in rows:  # each family's returned dicts: the new version, then the gate's decision
+        print(json.dumps(row["result"], indent=2, default=str))
+        print(json.dumps(row["decision"], indent=2, default=str))
+    print(table(rows))
+    status = 0
+    for row in rows:
+        unreproduced = [w for w in row["decision"].get("warnings") or []
+                        if w.startswith("unreproduced")]
+        if unreproduced:  # one metric, one number: the gate re-measures what training recorded
+            console.print(f"[red]error[/]: {row['family']}: {unreproduced[0]}")
+            status = 1
+    result = rows[-1]["result"]
     uri = to_plain(compose_config())["tracking"]["tracking_uri"]
     took = f"done in {time.perf_counter() - start:.0f}s."
     if uri.startswith(("http://", "https://")):  # tracking=server: its UI is already up
-        console.print(f"{took} Browse runs and the registered model: {result.get('mlflow_url')}")
+        console.print(f"{took} Browse runs and the registered models: {result.get('mlflow_url')}")
     else:
-        console.print(f"{took} Browse runs and the registered model:\n  .venv/bin/mlflow ui "
+        console.print(f"{took} Browse runs and the registered models:\n  .venv/bin/mlflow ui "
                       f"--backend-store-uri {uri} --workers 1 --port 5000   # then open "
-                      f"{result.get('mlflow_url')}")
-    console.print(f"The version's page (lineage, metrics, cost, gate):\n  .venv/bin/forge serve"
-                  f"   # then open {result.get('detail_url')}")
-    return 0
+                      f"{result.get('mlflow_url')}", soft_wrap=True)
+    console.print(f"The versions' pages (lineage, metrics, cost, gate):\n  .venv/bin/forge serve"
+                  f"   # then open {result.get('detail_url')}", soft_wrap=True)
+    return status
 
 
 if __name__ == "__main__":

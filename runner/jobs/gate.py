@@ -170,6 +170,11 @@ def _comparators(cand: dict, rules: GateConf, champion: dict | None) -> dict[str
     return out
 
 
+def _family(artifact: dict) -> str:
+    """The family its registry record names (versions made before families were scGPT's)."""
+    return (artifact.get("metadata") or {}).get("family") or "scgpt"
+
+
 def _manifest(cand: dict, plan: Plan, comparators: dict[str, dict], rules: GateConf) -> dict:
     """The eval job's manifest (trainers/manifest.py EvalManifest), in sandbox paths: the
     candidate's own test pass (seed, split, sequence length, batch size, precision)."""
@@ -189,10 +194,15 @@ def _manifest(cand: dict, plan: Plan, comparators: dict[str, dict], rules: GateC
                       "test_sha256": split["sha256"]["test"]},
             "models": {"candidate": f"{sandbox.IN_DIR}/candidate",
                        **{role: f"{sandbox.IN_DIR}/{role}" for role in comparators}},
-            "max_seq_len": t["max_seq_len"],
-            "eval_batch_size": t.get("eval_batch_size") or 2 * t["batch_size"],
-            "include_zero_gene": t.get("include_zero_gene", False),
-            "precision": t.get("precision", "auto"), "baseline": False}  # the host refits it
+            # each model predicts by its own family's recipe: the gate is family-blind
+            "families": {"candidate": _family(cand),
+                         **{role: _family(art) for role, art in comparators.items()}},
+            # the candidate's test pass, for the families that draw tokens (scGPT)
+            **{k: t[k] for k in ("max_seq_len", "include_zero_gene", "precision")
+               if t.get(k) is not None},
+            **({"eval_batch_size": t.get("eval_batch_size") or 2 * t["batch_size"]}
+               if t.get("batch_size") else {}),
+            "baseline": False}  # the host refits it
         parse_eval_manifest(manifest)  # what the job would refuse, refused before any debit
     except (KeyError, TypeError, ManifestError) as exc:
         raise GateRefused(f"{cand['id']!r} lacks the training record to rebuild its test "
