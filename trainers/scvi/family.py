@@ -72,6 +72,8 @@ FAMILY = Family(
     mlflow_model="trainers/scvi/mlflow_model.py",
     checkpoint_files=("model.pt", SIDECAR),
     framework="scvi-tools",
+    arch_source="forge.json",
+    requirements=("scvi-tools", "torch", "anndata"),
 )
 
 __all__ = ["FAMILY", "inspect"]

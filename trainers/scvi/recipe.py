@@ -67,7 +67,7 @@ def train(m, state: dict) -> dict:
 
     from trainers import scoring
     from trainers.data.load import baseline_features, load, split_cells
-    from trainers.manifest import ManifestError, sha256_file
+    from trainers.manifest import ManifestError, resolve_model, sha256_file
     from trainers.runtime import choose_device
 
     out, t, finetune = Path(m.output_dir), m.training, m.task == "finetune_celltype"
@@ -110,8 +110,8 @@ def train(m, state: dict) -> dict:
 
     # a parent's architecture is its own (model.* given must agree); the built model's
     # init_params_ are what the checkpoint records
-    arch = FAMILY.resolve_architecture(dict(m.model), (parent_doc.get("architecture") or {})
-                                       if parent_doc else None)
+    arch = resolve_model(FAMILY, m.model, (parent_doc.get("architecture") or {})
+                         if parent_doc else None)
     mapping = None
     if finetune:
         names = data.label_names
@@ -146,7 +146,9 @@ def train(m, state: dict) -> dict:
         plan_kwargs={"lr": t.lr, "weight_decay": t.weight_decay},
         early_stopping=bool(t.early_stopping_patience),
         early_stopping_patience=max(1, t.early_stopping_patience),
-        early_stopping_monitor="elbo_validation", check_val_every_n_epoch=1,
+        # scANVI stops on its classifier (the ELBO of a pretrained encoder has settled)
+        early_stopping_monitor="validation_classification_loss" if finetune
+        else "elbo_validation", check_val_every_n_epoch=1,
         limit_train_batches=t.limit_train_batches or 1.0,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=False,
         callbacks=[stream])

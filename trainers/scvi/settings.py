@@ -38,11 +38,12 @@ MODEL_DEFAULTS = {"n_latent": 10, "n_hidden": 128, "n_layers": 1, "dropout_rate"
 @dataclass
 class TrainingSpec(SplitSettings):
     """Defaults are the CBMC fine-tuning pilot's (scANVI); its pretraining is TASK_DEFAULTS'."""
-    max_epochs: int = 20
+    max_epochs: int = 30
     lr: float = 1e-3
     batch_size: int = 128
     weight_decay: float = 1e-6
-    early_stopping_patience: int = 5  # epochs without val ELBO improvement; 0 disables
+    early_stopping_patience: int = 5  # epochs without improvement (pretrain: val ELBO,
+    #                                   finetune: val classification loss); 0 disables
     limit_train_batches: int | None = None  # batches per epoch (tests, smoke runs)
     n_samples_per_label: int | None = None  # scANVI: labelled cells drawn per class per epoch
     log_every_n_steps: int = 10  # Lightning's logging interval
@@ -50,7 +51,7 @@ class TrainingSpec(SplitSettings):
 
 # Per task, over TrainingSpec's defaults (conf/training/*.yaml may set them again).
 TASK_DEFAULTS = {
-    "pretrain_scvi": {"max_epochs": 40},
+    "pretrain_scvi": {"max_epochs": 60},
     "finetune_celltype": {},
 }
 
