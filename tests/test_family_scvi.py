@@ -5,6 +5,9 @@ reads forge.json only."""
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from runner.jobs.datasets import fetch
 from trainers.family import CheckpointError, get
 from trainers.manifest import ManifestError, parse_manifest
 
+ROOT = Path(__file__).parents[1]
 FAST = {"max_epochs": 4, "batch_size": 128}
 
 
@@ -99,6 +103,20 @@ def test_inspect_reads_forge_json_only(tmp_path):
     (tmp_path / "forge.json").unlink()  # saved by scvi-tools elsewhere: the job reads model.pt
     found = inspect(tmp_path)
     assert found.genes is None and not found.problems and "model.pt" in found.metadata["note"]
+
+
+def test_the_host_side_imports_nothing_heavy(tmp_path):
+    """The dry run loads the family and inspects a checkpoint: no numpy, torch or scvi."""
+    (tmp_path / "forge.json").write_text(json.dumps({"model_class": "SCVI", "genes": ["A"],
+                                                      "architecture": {"n_latent": 5}}))
+    code = ("import sys; from trainers.family import get; f = get('scvi'); "
+            f"f.inspect({str(tmp_path)!r}); "
+            "print(sorted({k.split('.')[0] for k in sys.modules} & "
+            "{'numpy', 'torch', 'scvi', 'anndata', 'lightning', 'mlflow'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 # --- real training ---------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def quiet_imports(tmp: str | None = None) -> None:
                   ".*Last batch will have a small size.*", ".*LeafSpec.*",
                   ".*already passed in to pretrained.*", ".*jax.*", ".*Observation names.*",
                   ".*is_categorical_dtype.*", ".*GPU available but not used.*",
-                  ".*reduce_lr_on_plateau.*", ".*early stopping.*", ".*srun.*"):
+                  ".*reduce_lr_on_plateau.*", ".*early stopping.*", ".*srun.*",
+                  ".*hasn't been trained yet.*"):  # a query model, before its own training
         warnings.filterwarnings("ignore", message=noise)
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("scvi", "lightning", "lightning.pytorch", "lightning.fabric"):
@@ -76,6 +77,7 @@ def train(m, state: dict) -> dict:
     scvi.settings.seed = m.seed
     scvi.settings.verbosity = logging.WARNING
     scvi.settings.dl_num_workers = 0
+    scvi.settings.logging_dir = os.path.join(tempfile.gettempdir(), "scvi_log")  # not the cwd
     parent = m.parent.checkpoint_dir if m.parent is not None else None
     parent_doc = parent_info(parent) if parent else None
 
@@ -269,7 +271,9 @@ def scanvi_model(scvi, adata, parent, parent_doc, same_genes, arch, labels_key, 
     if parent_doc["model_class"] == "SCANVI":
         if same_genes:
             return SCANVI.load(parent, adata=adata), "scanvi_continued"
-        return SCANVI.load_query_data(adata, parent, unfrozen=True), "scanvi_query_mapped"
+        model = SCANVI.load_query_data(adata, parent, unfrozen=True)
+        model.module.train()  # scArches leaves it in eval mode (frozen dropout, batch norm)
+        return model, "scanvi_query_mapped"
     if same_genes:
         base, how = SCVI.load(parent, adata=adata), "from_scvi_model"
     else:  # scArches surgery onto the dataset, then scANVI over it (every weight trains)

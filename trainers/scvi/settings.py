@@ -82,6 +82,7 @@ def check(m) -> None:
          "must be in [0, 1)")
     need(md.get("gene_likelihood") in (None, *GENE_LIKELIHOODS), "model.gene_likelihood",
          f"must be one of {', '.join(GENE_LIKELIHOODS)}")
+    need(m.devices == 1, "devices", "must be 1: the scvi family trains on one device")
     if m.task == "pretrain_scvi":
         need(m.parent is None, "parent",
              "must be null for pretrain_scvi (an SCVI model is trained from scratch)")
