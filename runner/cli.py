@@ -71,18 +71,23 @@ def models_show(artifact_id):
 @click.option("--sha256", default=None, help="The checkpoint's tree hash, if published: checked.")
 @click.option("--title", default=None)
 @click.option("--family", default="scgpt", show_default=True,
-              help="Model family (the MLflow experiment and registered-model name).")
+              help="The model family whose checkpoint it is (scgpt, scvi, linear): its code "
+                   "trains and evaluates it; also the MLflow registered-model name.")
 def models_register(artifact_id, origin_url, sha256, title, family):
-    """Register an scGPT checkpoint (ORIGIN_URL: a file:// folder or archive, an http(s)://
-    archive) as a base model, from its own args.json and vocab.json."""
+    """Register a checkpoint of a model family (ORIGIN_URL: a file:// folder or archive, an
+    http(s):// archive) as a base model, from its own small files (scGPT: args.json and
+    vocab.json; scvi: a folder saved by scvi-tools, forge.json when it has one; linear:
+    model.json). Weights are never unpickled on this host."""
     # lazy: the registry and the weights store (~300 ms) stay out of `forge --help`
     from runner.jobs import parents
 
     row = parents.register_parent(artifact_id, origin_url, sha256=sha256, title=title,
                                   family=family)
     meta = row["metadata"]
-    click.echo(f"{row['id']}: {meta['architecture']}, vocabulary of "
-               f"{meta['checkpoint']['vocab']['size']} tokens, sha256 {row['content_hash']}")
+    vocab = (meta.get("checkpoint") or {}).get("vocab")
+    click.echo(f"{row['id']}: {meta['family']} {meta['architecture']}"
+               + (f", vocabulary of {vocab['size']} tokens" if vocab else "")
+               + f", sha256 {row['content_hash']}")
 
 
 @main.command("lineage")
@@ -130,6 +135,76 @@ def gate_cmd(candidate_id, agent_id, gate_name, dry_run, justification, allow_di
         echo_json(result)
         return
     click.echo(decision_text(result))
+
+
+@main.group("benchmarks")
+def benchmarks_group() -> None:
+    """Benchmarks (dataset + task + held-out split + metric) and their leaderboards."""
+
+
+def _columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """A plain-text table: columns padded to their widest cell, never wrapped (a pipe keeps
+    every word whole)."""
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
+            for r in (header, *rows)]
+
+
+def _vs_best(entry: dict) -> str:
+    ci = entry["vs_best"]
+    if ci is None:
+        return "not compared"
+    return (f"{ci['delta']:+.4f} {ci['confidence']:.0%} CI "
+            f"[{ci['ci_low']:+.4f}, {ci['ci_high']:+.4f}]")
+
+
+@benchmarks_group.command("show")
+@click.argument("benchmark_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the leaderboard as JSON.")
+def benchmarks_show(benchmark_id, as_json):
+    """The leaderboard of BENCHMARK_ID: every version of every family measured on it, best
+    first, with the logistic-regression baseline's row; values as the gates recorded them."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
+    from runner.registry import benchmarks
+
+    board = benchmarks.leaderboard(benchmark_id)
+    if as_json:
+        echo_json(board)
+        return
+    click.echo(f"benchmark {board['id']}")
+    click.echo(f"dataset {board['dataset']}, task {board['task']}, metric {board['metric']}, "
+               f"held-out split sha256 {board['split_sha256']}")
+    rows, rank = [], 0
+    for e in board["entries"]:
+        if e["kind"] == "baseline":
+            rows.append(("-", "baseline", "logistic-regression baseline", "-",
+                         f"{e['value']:.4f}", _vs_best(e), "-"))
+            continue
+        rank += 1
+        rows.append((str(rank), e["family"], e["id"], f"v{e['version_number']}",
+                     f"{e['value']:.4f}", "best" if e is board["best"] else _vs_best(e),
+                     e["lifecycle_state"]))
+    header = ("rank", "family", "version", "number", board["metric"], "vs best", "state")
+    for line in _columns(header, rows):
+        click.echo(line)
+
+
+@benchmarks_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def benchmarks_list(as_json):
+    """Every benchmark a version was gated on: dataset, task, metric, versions, best."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
+    from runner.registry import benchmarks
+
+    rows = benchmarks.list_benchmarks()
+    if as_json:
+        echo_json(rows)
+        return
+    table = [(b["id"], b["dataset"], b["task"], b["metric"], str(b["versions"]),
+              f"{b['best']['id']} ({b['best']['value']:.4f})") for b in rows]
+    for line in _columns(("benchmark", "dataset", "task", "metric", "versions", "best"),
+                         table):
+        click.echo(line)
 
 
 @main.group()

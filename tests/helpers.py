@@ -315,9 +315,13 @@ def cbmc_split() -> dict:
     return split_cells(data.n_cells, data.labels, 0.1, 0.1, 0).summary()
 
 
-def stand_in_candidate(parent_id: str, artifact_id: str, split: dict | None = None) -> str:
-    """A registered candidate of `parent_id` with the training record the gate reads (the
-    real CBMC split of seed 0, or `split`) and 8 bytes of weights."""
+FRAMEWORKS = {"scgpt": "scgpt", "scvi": "scvi-tools", "linear": "scikit-learn"}
+
+
+def stand_in_candidate(parent_id: str, artifact_id: str, split: dict | None = None, *,
+                       family: str = "scgpt", weights_file: bytes = b"stand-in") -> str:
+    """A registered candidate of `parent_id` (of `family`) with the training record the gate
+    reads (the real CBMC split of seed 0, or `split`) and `weights_file` as its weights."""
     from runner.jobs import weights
     from runner.registry import catalog, ledger
 
@@ -326,13 +330,13 @@ def stand_in_candidate(parent_id: str, artifact_id: str, split: dict | None = No
     ledger.settle(alloc["id"], 1.0, artifact_id=artifact_id)
     folder = weights.weights_dir(artifact_id)
     folder.mkdir(parents=True)
-    (folder / "best_model.pt").write_bytes(b"stand-in")
+    (folder / "best_model.pt").write_bytes(weights_file)
     catalog.register_model(
         artifact_id=artifact_id, title="stand-in candidate", created_by=AGENT,
         parent_artifact_id=parent_id, training_dataset_artifact_id=DATASET_ID,
         eval_dataset_artifact_id=DATASET_ID,
         content_hash=weights.tree_hash(weights.file_hashes(folder)),
-        metadata={"family": "scgpt", "framework": "scgpt", "task": "finetune_celltype",
+        metadata={"family": family, "framework": FRAMEWORKS[family], "task": "finetune_celltype",
                   "split": split or cbmc_split()},
         version={"code_repo_url": "file:///stand-in", "code_commit_sha": "0" * 40,
                  "gpu_allocation_id": alloc["id"], "eval_metrics_json": {"test_macro_f1": 0.5},

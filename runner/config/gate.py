@@ -16,7 +16,7 @@ from runner.config.options import config_dir, group_options
 from runner.errors import InvalidConfig, InvalidInput
 
 METRICS = {"test_macro_f1": "macro_f1", "test_accuracy": "accuracy"}  # -> bootstrap metric
-COMPARATORS = ("parent", "champion")
+COMPARATORS = ("parent", "champion", "benchmark_best")  # gate.py _comparators
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from runner.jobs.truth import BASELINE, Predictions
 
 @dataclass(frozen=True)
 class Comparison:
-    role: str  # parent | champion | baseline
+    role: str  # parent | champion | benchmark_best | baseline
     comparator_id: str | None  # None: the baseline
     metric: str  # the gate's name for it (test_macro_f1)
     result: Bootstrap
@@ -50,6 +50,11 @@ class Decision:
     comparisons: list[Comparison]
     magnitude: float | None  # the smallest gain over a comparator (hook.gain)
     bucket: str | None  # SciDEX's, of a gain > 0 only (hook.bucket)
+    baseline_value: float  # the baseline's metric on the same cells, compared or not
+
+    def rows(self) -> list[dict]:
+        """The `evaluations` rows: one per comparison, each with the baseline's value."""
+        return [{**c.row(), "baseline_value": self.baseline_value} for c in self.comparisons]
 
 
 def _bad(message: str) -> EvaluationFailed:
@@ -92,8 +97,10 @@ def decide(gate: GateConf, preds: Predictions, comparators: dict[str, str],
     # the improvement is over the best model it was compared with: the smallest gain
     magnitude = min(hook.gain(gate.metric, c.result.delta) for c in comparisons)
     verdict = "promoted" if promoted else "rejected"
+    k = preds.n_classes
+    baseline = metric_value(METRICS[gate.metric], preds.true, preds.pred[BASELINE], k + 1, k)
     return Decision(verdict, f"{verdict} by gate: " + "; ".join(lines), comparisons,
-                    magnitude, hook.bucket(magnitude))
+                    magnitude, hook.bucket(magnitude), float(baseline))
 
 
 def _compare(gate: GateConf, preds: Predictions, role: str, comparator_id: str | None,

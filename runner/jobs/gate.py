@@ -3,8 +3,9 @@
 `evaluate(candidate_id, agent_id, gate)`:
 
 1. read: the candidate (a `candidate` fine-tuned here, with its held-out split recorded),
-   the gate's rules (conf/gate/<name>.yaml), its comparators (the parent and the lineage's
-   champion, each once), and any decision already recorded (returned as it is);
+   the gate's rules (conf/gate/<name>.yaml), its comparators (those the rules name, each model
+   once: the parent, the lineage's champion, the best version of any family on the
+   candidate's benchmark), and any decision already recorded (returned as it is);
 2. plan: the eval job is priced, checked and pinned by the training plan of the candidate
    (`plan.prepare`: policy, balance, code pin, sandbox) under the gate's wall-time cap; a dry
    run stops here;
@@ -14,7 +15,8 @@
 4. run: reserve (purpose `evaluation`) -> the weights of every model -> `trainers.gate_eval`
    in the sandbox, which predicts the candidate's own held-out cells with each: claims;
 5. decide: the paired bootstrap and the rule on the host (`decide.py`) against the host's
-   truth, written with the settlement in one transaction (`registry.promotion.record_decision`);
+   truth, written with the settlement and the candidate's benchmark (`registry.benchmarks`)
+   in one transaction (`registry.promotion.record_decision`);
 6. review: the MLflow side (`gate_report.publish`): the `champion` alias, version tags, the
    report on the candidate's run. The registry is the record: a failure here is a warning.
 
@@ -54,7 +56,7 @@ from runner.jobs import (
 )
 from runner.jobs.job import clean_run_dir, dataset_input, disk_problem, run_dir, sandbox_job
 from runner.jobs.plan import Plan, TrainRequest, prepare
-from runner.registry import capacity, catalog, ledger, promotion
+from runner.registry import benchmarks, capacity, catalog, ledger, promotion
 from runner.registry.recovery import Heartbeat, settle_retrying
 from trainers.manifest import EVAL_TASK, MANIFEST_VERSION, ManifestError, parse_eval_manifest
 
@@ -159,20 +161,22 @@ def _eval_dataset(cand: dict) -> str:
 
 
 def _comparators(cand: dict, rules: GateConf, champion: dict | None) -> dict[str, dict]:
-    """role -> the comparator's artifact row: the parent and the lineage's `champion`, each
-    model once (the parent wins the role when it is the champion)."""
+    """role -> the comparator's artifact row, as the operator's rules name them, each model
+    once (an earlier role wins): the parent, the lineage's `champion`, and `benchmark_best`,
+    the best version of any family recorded on the candidate's benchmark. Resolved from the
+    registry alone: a caller names a gate, never a comparator."""
     out: dict[str, dict] = {}
     if "parent" in rules.comparators and cand["parent_version_id"]:
         out["parent"] = catalog.get_artifact(cand["parent_version_id"])
     if "champion" in rules.comparators and champion is not None and \
             champion["id"] not in {cand["id"], *(a["id"] for a in out.values())}:
         out["champion"] = champion
+    bench = benchmarks.of_version(cand, rules.metric)
+    if "benchmark_best" in rules.comparators and bench is not None:
+        best = benchmarks.best_version(bench, exclude={cand["id"]})
+        if best is not None and best["id"] not in {a["id"] for a in out.values()}:
+            out["benchmark_best"] = best
     return out
-
-
-def _family(artifact: dict) -> str:
-    """The family its registry record names (versions made before families were scGPT's)."""
-    return (artifact.get("metadata") or {}).get("family") or "scgpt"
 
 
 def _manifest(cand: dict, plan: Plan, comparators: dict[str, dict], rules: GateConf) -> dict:
@@ -195,8 +199,8 @@ def _manifest(cand: dict, plan: Plan, comparators: dict[str, dict], rules: GateC
             "models": {"candidate": f"{sandbox.IN_DIR}/candidate",
                        **{role: f"{sandbox.IN_DIR}/{role}" for role in comparators}},
             # each model predicts by its own family's recipe: the gate is family-blind
-            "families": {"candidate": _family(cand),
-                         **{role: _family(art) for role, art in comparators.items()}},
+            "families": {"candidate": benchmarks.family(cand),
+                         **{role: benchmarks.family(art) for role, art in comparators.items()}},
             # the candidate's test pass, for the families that draw tokens (scGPT)
             **{k: t[k] for k in ("max_seq_len", "include_zero_gene", "precision")
                if t.get(k) is not None},
@@ -300,11 +304,12 @@ class _Evaluation:
                      "warnings": unreproduced}
         promotion.record_decision(
             candidate_id=cand["id"], champion_id=self.champion_id, decision=verdict.decision,
-            notes=verdict.notes, rows=[c.row() for c in verdict.comparisons],
+            notes=verdict.notes, rows=verdict.rows(),
             gate_name=self.gate, gate_config=self.rules.to_dict(),
             gate_sha256=self.rules.sha256(), agent_id=plan.agent_id,
             allocation_id=self.alloc["id"], actual_seconds=self.seconds,
-            magnitude=verdict.magnitude, detection=detection)
+            magnitude=verdict.magnitude, detection=detection,
+            benchmark_id=benchmarks.of_version(cand, self.rules.metric))
         fresh = catalog.get_model_version(cand["id"])
         result = _result(fresh, promotion.recorded(cand["id"]), recorded=False)
         others = {a["id"] for a in self.comparators.values()} | (

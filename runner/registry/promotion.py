@@ -1,10 +1,10 @@
 """The eval gate's decision in the registry (SciDEX WS4): who the champion is, what was
 decided, and `record_decision`, which writes a decision in ONE transaction: the
-`evaluations` rows, the lifecycle flip (promoted: the candidate becomes the lineage's latest
-and `active`, the parent and the old champion `superseded` by it; rejected: `rejected`),
-the `artifact_lifecycle_history` rows, the settlement of the evaluation's allocation, the
-`world_model_improvements` row (payable only for a promotion with a magnitude > 0:
-improvements.payout) and the event.
+`evaluations` rows, the version's benchmark, the lifecycle flip (promoted: the candidate
+becomes the lineage's latest and `active`, the parent and the old champion `superseded` by
+it; rejected: `rejected`), the `artifact_lifecycle_history` rows, the settlement of the
+evaluation's allocation, the `world_model_improvements` row (payable only for a promotion
+with a magnitude > 0: improvements.payout) and the event.
 
 A lineage is a root model and every version whose base_model_id is that root. Its champion
 is the one version with is_latest set. Gates of one lineage serialise on the root's row
@@ -60,9 +60,11 @@ def recorded(candidate_id: str, *, conn=None) -> list[dict]:
 def record_decision(*, candidate_id: str, champion_id: str | None, decision: str,
                     notes: str, rows: list[dict], gate_name: str, gate_config: dict,
                     gate_sha256: str, agent_id: str, allocation_id: str,
-                    actual_seconds: float, magnitude: float | None, detection: dict) -> dict:
+                    actual_seconds: float, magnitude: float | None, detection: dict,
+                    benchmark_id: str | None = None) -> dict:
     """Write the decision; returns the candidate's new artifact row. `rows` are the
-    comparisons (comparator_artifact_id, comparator_role, metric, values, delta, CI, ...).
+    comparisons (comparator_artifact_id, comparator_role, metric, values, delta, CI, ...);
+    `benchmark_id` the benchmark they measured it on (registry.benchmarks), recorded with it.
     Raises GateRefused (nothing written) when the candidate was decided meanwhile or the
     lineage's champion is no longer `champion_id`."""
     with transaction() as c:
@@ -88,6 +90,8 @@ def record_decision(*, candidate_id: str, champion_id: str | None, decision: str
             gate_name=gate_name, gate_config=gate_config, gate_config_sha256=gate_sha256,
             decision=decision, allocation_id=allocation_id, agent_id=agent_id,
             created_at=stamp, **row) for row in rows])
+        c.execute(model_versions.update().where(model_versions.c.artifact_id == candidate_id)
+                  .values(benchmark_id=benchmark_id))
         if decision == "promoted":
             catalog.set_lifecycle(c, cand, "active", stamp, agent_id, notes, is_latest=True,
                        promotion_state="promoted", notes=notes)

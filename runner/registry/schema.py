@@ -64,7 +64,7 @@ PROMOTION_STATES = ("candidate", "promoted", "rejected", "superseded")
 ALLOCATION_STATES = ("reserved", "running", "settled", "failed", "cancelled")
 ALLOCATION_PURPOSES = ("training", "evaluation")
 GATE_DECISIONS = ("promoted", "rejected")
-COMPARATOR_ROLES = ("parent", "champion", "baseline")
+COMPARATOR_ROLES = ("parent", "champion", "baseline", "benchmark_best")
 
 artifacts = sa.Table(
     "artifacts", metadata,
@@ -161,7 +161,8 @@ model_versions = sa.Table(
     sa.Column("training_params_json", sa.JSON),
     sa.Column("eval_metrics_json", sa.JSON),
     sa.Column("eval_dataset_artifact_id", sa.Text, sa.ForeignKey("artifacts.id")),
-    sa.Column("benchmark_id", sa.Text),
+    # the benchmark its gate measured it on (runner/registry/benchmarks.py; indexed: 0008)
+    sa.Column("benchmark_id", sa.Text, index=True),
     sa.Column("promotion_state", sa.Text, nullable=False, server_default="candidate"),
     sa.Column("promotion_notes", sa.Text),
     _ts("created_at", nullable=False),
@@ -247,6 +248,9 @@ evaluations = sa.Table(
     sa.Column("n_resamples", sa.Integer, nullable=False),
     sa.Column("n_cells", sa.Integer, nullable=False),
     sa.Column("seed", sa.BigInteger, nullable=False),
+    # the baseline's value of `metric` on the same cells (migration 0008): every gate
+    # measures it, whether or not its rule compares against it (the leaderboard shows it)
+    sa.Column("baseline_value", sa.Float),
     sa.Column("decision", sa.Text, nullable=False),
     sa.Column("reasons", sa.JSON),
     sa.Column("allocation_id", sa.Text, sa.ForeignKey("resource_allocations.id")),

@@ -5,6 +5,8 @@
                               per-class F1 and confusion matrix, cost, code, dataset citation,
                               gate decision, MLflow links (a dataset: its citation)
     GET  /artifacts/{id}/confusion_matrix.png   the run's figure, through the host's MLflow client
+    GET  /benchmarks          every benchmark: dataset, task, metric, versions, the best
+    GET  /benchmarks/{id}     its leaderboard: every version of every family measured on it
     GET  /tools               the registered skills and the dry-run form
     POST /tools/dry-run       train_model_version(..., dry_run=True) on the form's fields;
     GET  /tools/dry-run?...   the same, read from the query (a page a browser can load)
@@ -146,6 +148,13 @@ def create_app(db_url: str | None = None, *, hosts: tuple[str, ...] = LOOPBACK_H
             raise HTTPException(404, "this version has no confusion matrix in the store")
         return Response(png, media_type="image/png")
 
+    def benchmark_index(request: Request) -> Response:
+        return read(request, "benchmarks.html", lambda c: {"benchmarks": pages.benchmarks(c)})
+
+    def benchmark(request: Request) -> Response:
+        bench_id = request.path_params["benchmark_id"]
+        return read(request, "benchmark.html", lambda c: pages.benchmark(bench_id, c))
+
     def tools(request: Request) -> Response:
         return read(request, "tools.html",
                     lambda c: {"skills": pages.skills(c), "values": {}})
@@ -188,6 +197,8 @@ def create_app(db_url: str | None = None, *, hosts: tuple[str, ...] = LOOPBACK_H
         routes=[Route("/", index),
                 Route("/artifacts/{artifact_id}", artifact),
                 Route("/artifacts/{artifact_id}/confusion_matrix.png", confusion_matrix),
+                Route("/benchmarks", benchmark_index),
+                Route("/benchmarks/{benchmark_id}", benchmark),
                 Route("/tools", tools),
                 Route("/tools/dry-run", dry_run, methods=["GET", "POST"]),
                 Mount("/static", StaticFiles(directory=HERE / "static"), name="static")],

@@ -22,6 +22,7 @@ from runner import tools
 from runner.errors import InvalidInput
 from runner.jobs.hook import improvement
 from runner.registry import audit, catalog, ledger, promotion
+from runner.registry import benchmarks as registry_benchmarks
 from trainers.manifest import PRIMARY_METRIC
 
 CONFUSION_PNG = "confusion_matrix.png"  # the run artifact launch.py uploads (RUN_OUTPUTS)
@@ -233,6 +234,17 @@ def _read_png(path: Path) -> bytes | None:
             return None
         data = f.read(MAX_PNG_BYTES + 1)
     return data if data.startswith(PNG_SIGNATURE) and len(data) <= MAX_PNG_BYTES else None
+
+
+# --- /benchmarks ----------------------------------------------------------------------------------
+
+def benchmarks(conn) -> list[dict]:
+    return registry_benchmarks.list_benchmarks(conn=conn)
+
+
+def benchmark(bench_id: str, conn) -> dict:
+    """The leaderboard. Raises InvalidArtifactId or NotFound (a 404)."""
+    return {"board": registry_benchmarks.leaderboard(bench_id, conn=conn)}
 
 
 # --- /tools --------------------------------------------------------------------------------------
