@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from runner.jobs.datasets import fetch
-from trainers.family import CheckpointError, get
+from trainers.family import CheckpointError, NonFiniteLoss, get
 from trainers.manifest import ManifestError, parse_manifest
 
 ROOT = Path(__file__).parents[1]
@@ -177,6 +177,14 @@ def test_finetune_from_scvi_and_read_back(finetuned, cbmc, tmp_path):
     frame = pd.DataFrame(cbmc.X[cells[:200]], columns=cbmc.genes)
     served = mlflow.pyfunc.load_model(str(saved)).predict(frame)
     assert served["cell_type"].tolist() == names[:200].tolist()
+
+
+@pytest.mark.slow
+def test_a_diverging_run_is_a_non_finite_loss(tmp_path):
+    with pytest.raises(NonFiniteLoss) as e:
+        _train(_manifest(tmp_path, "pretrain_scvi",
+                         training={"lr": 1e6, "max_epochs": 2, "limit_train_batches": 5}))
+    assert e.value.stage == "train" and 0 < e.value.step <= 10
 
 
 @pytest.mark.slow

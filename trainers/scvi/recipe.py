@@ -95,6 +95,7 @@ def train(m, state: dict) -> dict:
 
     adata = counts_anndata(data.X, data.genes)
     genes = {"in_vocab": len(adata.var_names), "dropped": 0, "vocab_size": len(adata.var_names)}
+    same_genes = True
     if parent:  # the dataset on the parent's genes, in its order
         ref_genes = list(scvi.model.SCVI.prepare_query_anndata(
             adata, parent, return_reference_var_names=True))
@@ -129,8 +130,8 @@ def train(m, state: dict) -> dict:
         shown = np.array(names, dtype=object)[data.labels]
         shown[split.test] = unlabeled  # the test labels are never seen
         adata.obs[labels_key] = shown.astype(str)
-        model, mapping = scanvi_model(scvi, adata, parent, parent_doc, same_genes if parent
-                                      else True, arch, labels_key, unlabeled)
+        model, mapping = scanvi_model(scvi, adata, parent, parent_doc, same_genes, arch,
+                                      labels_key, unlabeled)
     else:
         scvi.model.SCVI.setup_anndata(adata)
         model = scvi.model.SCVI(adata, **{k: arch[k] for k in ARCH_KEYS})
@@ -157,7 +158,12 @@ def train(m, state: dict) -> dict:
     if finetune:
         kwargs["n_samples_per_label"] = t.n_samples_per_label
     t0 = time.perf_counter()
-    model.train(**kwargs)
+    try:
+        model.train(**kwargs)
+    except ValueError as e:  # a NaN reaches torch.distributions' argument checks first
+        if "found invalid values" not in str(e):
+            raise
+        raise NonFiniteLoss("train", stream.step, float("nan"), " in the model's outputs") from e
     train_s = time.perf_counter() - t0
     history = epoch_history(model.history)
 
@@ -340,6 +346,11 @@ def metrics_stream(path):
     from trainers.metrics_stream import append_metrics
 
     class MetricsStream(Callback):
+        step = 0  # the global step training is at, for a failure's message
+
+        def on_train_batch_start(self, trainer, *args):
+            self.step = trainer.global_step
+
         def write(self, metrics: dict, step: int) -> None:
             append_metrics(path, metrics, step)
 
