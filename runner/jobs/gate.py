@@ -171,8 +171,8 @@ def _comparators(cand: dict, rules: GateConf, champion: dict | None) -> dict[str
     if "champion" in rules.comparators and champion is not None and \
             champion["id"] not in {cand["id"], *(a["id"] for a in out.values())}:
         out["champion"] = champion
-    bench = benchmarks.of_version(cand, rules.metric)
-    if "benchmark_best" in rules.comparators and bench is not None:
+    if "benchmark_best" in rules.comparators and \
+            (bench := benchmarks.of_version(cand, rules.metric)) is not None:
         best = benchmarks.best_version(bench, exclude={cand["id"]})
         if best is not None and best["id"] not in {a["id"] for a in out.values()}:
             out["benchmark_best"] = best
