@@ -83,7 +83,7 @@ def test_settings_are_checked(tmp_path):
 def test_inspect_reads_forge_json_only(tmp_path):
     inspect = get("scvi").inspect
     doc = {"model_class": "SCANVI", "scvi_version": "1.4.2", "task": "finetune_celltype",
-           "architecture": {"n_latent": 10, "n_hidden": 128, "n_layers": 1,
+           "architecture": {"n_latent": 30, "n_hidden": 128, "n_layers": 1,
                             "dropout_rate": 0.1, "gene_likelihood": "nb"},
            "genes": ["A", "B", "C"], "label_names": ["T", "B cell"], "labels_key": "forge_label",
            "unlabeled_category": "forge:unlabeled"}
@@ -92,7 +92,7 @@ def test_inspect_reads_forge_json_only(tmp_path):
     found = inspect(tmp_path)
     assert (found.genes, found.label_names, found.problems) == (["A", "B", "C"],
                                                                  ["T", "B cell"], [])
-    assert found.architecture["n_latent"] == 10 and found.metadata["model_class"] == "SCANVI"
+    assert found.architecture["n_latent"] == 30 and found.metadata["model_class"] == "SCANVI"
 
     (tmp_path / "forge.json").write_text(json.dumps({**doc, "model_class": "TOTALVI"}))
     assert [p.field for p in inspect(tmp_path).problems] == ["forge.json.model_class"]
@@ -188,8 +188,13 @@ def test_a_diverging_run_is_a_non_finite_loss(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_scvi_checkpoint_is_not_a_classifier(pretrained, cbmc):
+def test_an_scvi_checkpoint_is_not_a_classifier(pretrained, cbmc, tmp_path):
     from trainers.scvi import recipe
+
+    with pytest.raises(ManifestError) as e:  # the parent's forge.json decides the network
+        _train(_manifest(tmp_path, "finetune_celltype", pretrained[0] / "checkpoint",
+                         model={"n_latent": 12}))
+    assert e.value.field == "model.n_latent" and "forge.json has 30" in str(e.value)
 
     with pytest.raises(CheckpointError, match="not a classifier") as e:
         recipe.predict(pretrained[0] / "checkpoint", cbmc, np.arange(10), {})

@@ -52,7 +52,8 @@ def quiet_imports(tmp: str | None = None) -> None:
                   ".*already passed in to pretrained.*", ".*jax.*", ".*Observation names.*",
                   ".*is_categorical_dtype.*", ".*GPU available but not used.*",
                   ".*reduce_lr_on_plateau.*", ".*early stopping.*", ".*srun.*",
-                  ".*hasn't been trained yet.*"):  # a query model, before its own training
+                  ".*hasn.t been trained yet.*",  # a query model, before its own training
+                  ".*smaller than the logging interval.*"):
         warnings.filterwarnings("ignore", message=noise)
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("scvi", "lightning", "lightning.pytorch", "lightning.fabric"):
