@@ -174,7 +174,7 @@ def train(m, state: dict) -> dict:
     result = {"per_class_f1": {}, "baseline": {}, "artifacts": [], "test_cells": len(split.test)}
     if finetune:
         head, head_names = predict_with(model, adata, split.test)
-        pred = as_dataset_codes(head, head_names, data.label_names)
+        pred = scoring.as_dataset_codes(head, head_names, data.label_names)
         scoring.write_predictions(out, split.test, {"candidate": pred}, data.label_names)
         claims, result["per_class_f1"] = scoring.classification_metrics(
             data.labels[split.test], pred, data.label_names, "test_")
@@ -294,14 +294,6 @@ def predict_with(model, adata, cells: np.ndarray) -> tuple[np.ndarray, list[str]
     names = scanvi_label_names(model.registry, model.registry["setup_args"]["unlabeled_category"])
     probs = model.predict(adata, indices=np.asarray(cells), soft=True)
     return np.asarray(probs[names].to_numpy().argmax(1), dtype=np.int64), names
-
-
-def as_dataset_codes(head_index: np.ndarray, head_names: list[str],
-                     dataset_names: list[str]) -> np.ndarray:
-    """Model classes as the dataset's label codes; a class the dataset lacks becomes -1."""
-    code = {name: i for i, name in enumerate(dataset_names)}
-    table = np.array([code.get(name, -1) for name in head_names], dtype=np.int64)
-    return table[head_index]
 
 
 def model_arch(model) -> dict:
