@@ -318,6 +318,8 @@ def caller_schema() -> dict:
 def training_key_schemas() -> dict[str, dict]:
     """Each training key a caller may set, as JSON Schema: type, allowed values, range."""
     hints = typing.get_type_hints(TrainingConf)
+    for fam in reversed(families.all_families()):  # a family's own type: null only where it
+        hints.update(typing.get_type_hints(fam.training))  # means something (scGPT's first)
     return {name: _json_type(hints[name], name) for name in training_keys()}
 
 

@@ -107,13 +107,15 @@ _MANIFEST_SOURCES = {**{name: f"training.{name}" for name in contract.CONFIG_TRA
                      "experiment_name": "tracking.experiment_name"}
 
 
-def _check_manifest(plain: dict, by_key: dict[str, str], *, final: bool = False) -> None:
+def _check_manifest(plain: dict, by_key: dict[str, str], *, final: bool = False,
+                    from_parent: bool = False) -> None:
     """Build the manifest the host would send for `plain` and check it with the trainer's
     own parser: what the trainer would refuse after the debit is refused here, naming the
-    config key that set it. Until the parent's family is `final` (the registry may name
-    another family than conf/'s option), a training key of another family waits for
+    config key that set it. Until the parent's family and whether there is a parent are
+    `final` (the registry may name another family than conf/'s option; the operator may train
+    from scratch), a training key of another family and the parent's rules wait for
     check_family()."""
-    manifest = build_manifest(plain, "dry-run", "cpu", from_parent=True)
+    manifest = build_manifest(plain, "dry-run", "cpu", from_parent=from_parent)
     if not final:
         fam = families.get(manifest["family"])
         if manifest["task"] not in fam.tasks and manifest["task"] in contract.TASKS:
@@ -135,11 +137,12 @@ def _check_manifest(plain: dict, by_key: dict[str, str], *, final: bool = False)
                                    else f"change {path} ({rule})")) from None
 
 
-def check_family(plain: dict, overrides: list[str] | None = None) -> None:
+def check_family(plain: dict, overrides: list[str] | None = None, *,
+                 from_parent: bool = True) -> None:
     """The manifest for `plain`, whose parent's family is now known, checked whole: a training
     key of another family is refused, naming the family it belongs to."""
     by_key = {override_key(line): line for line in overrides or []}
-    _check_manifest(plain, by_key, final=True)
+    _check_manifest(plain, by_key, final=True, from_parent=from_parent)
 
 
 _ABSENT = object()

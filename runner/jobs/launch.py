@@ -233,9 +233,7 @@ class _Job:
         self.logged = tracking.log_model(
             self.mlflow, run_id=self.run_id, experiment_id=exp_id, checkpoint=checkpoint,
             vocab=vocab if vocab.is_file() else None, family=family,
-            genes=None if vocab.is_file() else parents.inspect(
-                weights.weights_dir(self.artifact_id), self.artifact_id, family)[0].genes,
-            code_dir=self.code_dir,
+            genes=None if vocab.is_file() else self._genes(family), code_dir=self.code_dir,
             task=cfg["training"]["task"], metrics=result["metrics"], dataset=self.dataset,
             tags={k: v for k, v in self._tags().items()
                   if k.startswith("forge.") or k == "mlflow.source.git.commit"})
@@ -417,6 +415,15 @@ class _Job:
         self.code_diff = {"sha256": hashlib.sha256(patch).hexdigest(),
                           "size_bytes": len(patch), "base_commit": self.plan.code.sha,
                           "artifact": CODE_DIFF, "mlflow_artifact": f"code/{CODE_DIFF}"}
+
+    def _genes(self, family: str) -> list[str] | None:
+        """The genes the stored checkpoint reads, as its family's inspect() says (the MLflow
+        model's signature); None when its files do not say."""
+        try:
+            return parents.inspect(weights.weights_dir(self.artifact_id), self.artifact_id,
+                                   family)[0].genes
+        except parents.CheckpointProblem:
+            return None
 
     def _metadata(self, result: dict, stored: dict, experiment_id: str) -> dict:
         parent = self.cfg["parent"]

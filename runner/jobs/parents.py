@@ -80,9 +80,14 @@ def inspect(folder: Path, artifact: str, family: str | None = None
 
 
 def _stamp(folder: Path, family: str | None) -> tuple:
-    """The files' identity: a changed file is read again."""
-    out = []
-    for name in _family(family).checkpoint_files:
+    """The files' identity (every entry of the folder, links not followed): a changed file is
+    read again."""
+    out = [family]
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        names = []
+    for name in names:
         try:
             st = os.stat(folder / name, follow_symlinks=False)
             out.append((name, st.st_ino, st.st_size, st.st_mtime_ns))

@@ -268,7 +268,7 @@ def _family_defaults(cfg, resolved: dict, req: TrainRequest):
     fill = {group: values for group, values in fill.items() if values}
     if fill:
         cfg, resolved = compose.merge_config(cfg, fill, "family")
-    validate.check_family(resolved, list(req.overrides or []))
+    validate.check_family(resolved, list(req.overrides or []), from_parent=not req.from_scratch)
     return cfg, resolved
 
 
