@@ -115,6 +115,8 @@ def _check_manifest(plain: dict, by_key: dict[str, str], *, final: bool = False,
     `final` (the registry may name another family than conf/'s option; the operator may train
     from scratch), a training key of another family and the parent's rules wait for
     check_family()."""
+    if not final and (plain["parent"]["family"] or "scgpt") not in families.FAMILIES:
+        return  # a registry record naming an unknown family: check_family()'s caller refuses it
     manifest = build_manifest(plain, "dry-run", "cpu", from_parent=from_parent)
     if not final:
         fam = families.get(manifest["family"])

@@ -57,6 +57,7 @@ def _family(name: str | None) -> families.Family:
         return families.get(name or "scgpt")
     except families.UnknownFamily:
         raise InvalidInput(f"no model family {name!r} on this host", field="family",
+                           reason="unknown_family",
                            fix=f"use one of {', '.join(families.FAMILIES)}") from None
 
 
