@@ -10,10 +10,7 @@ Every run is a couple of epochs of a few batches: the file takes a few minutes o
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +95,20 @@ def _read_back(cand: dict, recorded_accuracy: float) -> None:
     the host's accuracy; the registered MLflow model gives the same labels."""
     import mlflow
     import pandas as pd
+
+    data, test, names = _scanvi_predicts(cand)
+    truth = np.asarray(data.label_names)[data.labels[test]]
+    assert (names == truth).mean() == pytest.approx(recorded_accuracy, abs=1e-6)
+
+    mlflow.set_tracking_uri(_tracking_uri())
+    served = mlflow.pyfunc.load_model(cand["version"]["mlflow_model_uri"]).predict(
+        pd.DataFrame(data.X[test], columns=data.genes))
+    assert served["cell_type"].tolist() == names.tolist()
+
+
+def _scanvi_predicts(cand: dict):
+    """(CBMC, the recorded split's test cells, the labels SCANVI.load(stored weights)
+    predicts for them), the split rebuilt from the recorded seed and fractions."""
     import scvi
 
     from trainers.data.load import split_cells
@@ -109,18 +120,123 @@ def _read_back(cand: dict, recorded_accuracy: float) -> None:
     split = split_cells(data.n_cells, data.labels, params["val_fraction"],
                         params["test_fraction"], seed)
     assert split.summary() == meta["split"]
-    test = split.test
 
     folder = weights.weights_dir(cand["id"])
     sidecar = json.loads((folder / "forge.json").read_text())
-    adata = counts_anndata(data.X[test], data.genes)
+    adata = counts_anndata(data.X[split.test], data.genes)
     adata.obs[sidecar["labels_key"]] = sidecar["unlabeled_category"]
     model = scvi.model.SCANVI.load(str(folder), adata=adata, accelerator="cpu")
-    names = np.asarray(model.predict(adata)).astype(str)
-    truth = np.asarray(data.label_names)[data.labels[test]]
-    assert (names == truth).mean() == pytest.approx(recorded_accuracy, abs=1e-6)
+    return data, split.test, np.asarray(model.predict(adata)).astype(str)
 
-    mlflow.set_tracking_uri(_tracking_uri())
-    served = mlflow.pyfunc.load_model(cand["version"]["mlflow_model_uri"]).predict(
-        pd.DataFrame(data.X[test], columns=data.genes))
-    assert served["cell_type"].tolist() == names.tolist()
+
+# --- 3: the SCVI base mapped onto a dataset with other genes (scArches) ----------------------
+
+def _other_genes_dataset(folder: Path) -> tuple[str, list[str]]:
+    """CBMC with 400 of its 500 genes plus 50 under names the base never saw, as an h5ad of
+    counts with a label column, registered with its citation (read by the trainer's loader)."""
+    import anndata
+    import pandas as pd
+
+    from runner.jobs.datasets import register_file
+
+    data = _cbmc()
+    renamed = [f"RENAMED_{i}" for i in range(50)]
+    adata = anndata.AnnData(X=np.asarray(data.X[:, :450], dtype=np.float32),
+                            var=pd.DataFrame(index=data.genes[:400] + renamed))
+    adata.obs["cell_type"] = np.asarray(data.label_names)[data.labels]
+    path = folder / "cbmc_other_genes.h5ad"
+    adata.write_h5ad(path)
+    register_file(OTHER_DATASET, path.as_uri(), title="CBMC, 400 genes + 50 renamed",
+                  license="CC BY 4.0", label_key="cell_type")
+    return OTHER_DATASET, renamed
+
+
+@pytest.mark.slow
+def test_reference_mapping_onto_other_genes(sqlite_registry, committed_code, tmp_path,
+                                            monkeypatch):
+    from runner.jobs.job import run_dir
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    _train_base()
+    dataset, renamed = _other_genes_dataset(tmp_path)
+
+    dry = _finetune(SCVI_BASE, dataset, dry_run=True)
+    assert dry["would_launch"], dry["reasons"]
+    overlap = dry["checkpoint"]["genes"]
+    assert (overlap["matched"], overlap["dataset_genes"], overlap["fraction"]) == \
+        (400, 450, round(400 / 450, 4))
+    assert overlap["unmatched_examples"] == renamed[:10]
+
+    result = _finetune(SCVI_BASE, dataset)
+    cand = catalog.get_model_version(result["artifact_id"])
+    assert cand["parent_version_id"] == SCVI_BASE and cand["lifecycle_state"] == "candidate"
+    assert cand["version"]["training_dataset_artifact_id"] == dataset
+    assert cand["metadata"]["genes"] == overlap  # the host's reading, recorded
+    log = (run_dir(cand["version"]["gpu_allocation_id"]) / "job.log").read_text()
+    assert "400 genes (50 dropped)" in log and "parent scvi_query_mapped" in log
+    # the candidate reads the base's 500 genes (scArches keeps the reference's)
+    sidecar = json.loads((weights.weights_dir(cand["id"]) / "forge.json").read_text())
+    assert sidecar["genes"] == _cbmc().genes and sidecar["model_class"] == "SCANVI"
+
+
+# --- 4: the jail is the same for every family; a scANVI job is judged on the host's truth ----
+
+def _scvi_parent_files(folder: Path) -> Path:
+    """An SCVI checkpoint folder as the recipe writes it: forge.json over CBMC's genes, and a
+    stand-in model.pt (a dry run never opens it)."""
+    from trainers.scvi.settings import MODEL_DEFAULTS
+
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"stand-in")
+    (folder / "forge.json").write_text(json.dumps({
+        "model_class": "SCVI", "scvi_version": "1.4.2", "task": "pretrain_scvi",
+        "architecture": MODEL_DEFAULTS, "genes": _cbmc().genes, "label_names": None,
+        "labels_key": None, "unlabeled_category": None}))
+    return folder
+
+
+def test_a_scvi_job_gets_the_jail_of_an_scgpt_job(sqlite_registry, tmp_path, monkeypatch):
+    from runner.jobs.parents import register_parent
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(REPO))
+    register_parent(SCVI_BASE, _scvi_parent_files(tmp_path / "scvi").as_uri(), family="scvi")
+    plans = {}
+    for family, parent in (("scvi", SCVI_BASE), ("scgpt", BASE_ID)):
+        dry = _finetune(parent, dry_run=True, allow_dirty=True)
+        assert dry["would_launch"], dry["reasons"]
+        assert dry["config"]["parent"]["family"] == family
+        plans[family] = dry["sandbox"]
+    # the same code pin and caps: the same bwrap argv (binds, namespaces, limits, env), word
+    # for word; the family is only the manifest's business
+    assert plans["scvi"] == plans["scgpt"]
+    assert "--unshare-net" in plans["scvi"]["argv"]
+    assert plans["scvi"]["network"].startswith("loopback only")
+    assert plans["scvi"]["inputs_planned"] == ["manifest.json", "dataset", "parent"]
+
+
+@pytest.mark.slow
+def test_a_scanvi_job_is_judged_on_the_hosts_truth(sqlite_registry, committed_code, tmp_path,
+                                                  monkeypatch):
+    """tests/test_security_gate_truth.py's attacks on a scANVI job: the real recipe claims a
+    perfect test score (BOAST) and gets the host's measurement recorded; the real eval job
+    swaps in held-out cells and a truth of its own (forged_cells) and is refused."""
+    from test_security_gate_truth import BOAST, _forging_repo, _wrapped_trainer
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    _train_base()
+    monkeypatch.setenv("FORGE_CODE_REPO", str(_wrapped_trainer(tmp_path, BOAST)))
+    result = _finetune(SCVI_BASE)
+    metrics = result["eval_metrics"]
+    assert metrics["test_accuracy"] < 1.0 and metrics["test_macro_f1"] < 1.0, metrics
+    assert metrics["baseline"]["test_macro_f1"] > 0.8, metrics  # not the claimed 0.0
+    cand = catalog.get_model_version(result["artifact_id"])
+    data, test, names = _scanvi_predicts(cand)  # the host's number is the model's
+    truth = np.asarray(data.label_names)[data.labels[test]]
+    assert cand["version"]["eval_metrics_json"]["test_accuracy"] == \
+        pytest.approx((names == truth).mean(), abs=1e-6)
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(_forging_repo(tmp_path, "forged_cells")))
+    with pytest.raises(EvaluationFailed) as failed:
+        evaluate_candidate(cand["id"], AGENT)
+    assert failed.value.field == "predictions.json", failed.value
+    assert catalog.get_model_version(cand["id"])["version"]["promotion_state"] == "candidate"

@@ -440,6 +440,9 @@ class _Job:
                            "tracking_uri": self.cfg["tracking"]["tracking_uri"]}}
         if result.get("class_names"):
             meta["class_names"] = list(result["class_names"])
+        genes = (self.plan.checkpoint or {}).get("genes") or {}
+        if "matched" in genes:  # how the dataset met the parent's genes: the host's reading
+            meta["genes"] = genes
         meta["code_diff"] = self.code_diff
         return {k: v for k, v in meta.items() if v is not None}
 
