@@ -17,7 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from helpers import count_rows, scratch_code_repo, stand_in_weights
+from helpers import count_rows, operator_conf, scratch_code_repo, stand_in_weights
 
 from runner import api
 from runner.errors import ForgeError, InvalidOverride
@@ -253,3 +253,128 @@ def test_linear_trains_registers_and_is_gated(db_url, committed_code, monkeypatc
     assert vs_parent["comparator_artifact_id"] == root["id"]
     assert vs_parent["delta"] == 0.0 and vs_parent["ci_low"] == vs_parent["ci_high"] == 0.0
     assert catalog.get_model_version(result["artifact_id"])["lifecycle_state"] == "rejected"
+
+
+# --- 5. adding a family is a folder -------------------------------------------------------------
+
+FAMILY_DIR = Path(__file__).resolve().parent / "families"
+CENTROID_ROOT = "model-centroid-cbmc"
+REGISTRY_LINE = '    "centroid": "trainers.centroid.family",\n'
+
+# The host, in a process of its own: the one registry line is in FAMILIES before runner/ is
+# imported (as a line in trainers/family.py would be), and trainers.centroid is imported from
+# the scratch code repository. It trains v1 from scratch, v2 from it, and gates v2.
+CENTROID_HOST = """
+import json, sys
+import trainers
+from trainers import family as families
+trainers.__path__.append(sys.argv[1] + "/trainers")
+families.FAMILIES["centroid"] = "trainers.centroid.family"
+
+from runner import api
+from runner.errors import ForgeError
+from runner.jobs.launch import launch
+from runner.jobs.plan import TrainRequest, prepare
+from runner.registry import catalog
+ROOT, DATASET, AGENT = sys.argv[2:5]
+
+def refusal(**kw):
+    try:
+        api.train_model_version(ROOT, DATASET, None, AGENT, dry_run=True, **kw)
+    except ForgeError as exc:
+        return exc.to_dict()
+
+plan = prepare(TrainRequest(ROOT, DATASET, AGENT, wall_time_cap_min=5, from_scratch=True,
+                            parent_option="centroid_cbmc"))
+assert not plan.problems, [p.to_dict() for p in plan.problems]
+launch(plan)
+dry = api.train_model_version(ROOT, DATASET, None, AGENT, dry_run=True,
+                              overrides=["training.distance=cosine"])
+result = api.train_model_version(ROOT, DATASET, None, AGENT, wall_time_cap_min=5,
+                                 vram_cap_gb=1)
+decision = api.evaluate_candidate(result["artifact_id"], AGENT, "default")
+options = api.describe_options()["families"]["centroid"]
+print(json.dumps({"dry": {"would_launch": dry["would_launch"],
+                          "distance": dry["config"]["training"]["distance"]},
+                  "result": result, "decision": decision, "options": options,
+                  "refused_key": refusal(overrides=["training.C=0.5"]),
+                  "refused_choice": refusal(overrides=["training.distance=manhattan"])},
+                 default=str))
+"""
+
+
+def centroid_code_repo(tmp_path: Path) -> Path:
+    """A code repository for the jail, as tests/helpers.py fake_code_repo makes one: this
+    checkout's trainers/, the test family as trainers/centroid/, and its one line in
+    trainers/family.py FAMILIES."""
+    repo = tmp_path / "centroid-code"
+    shutil.copytree(REPO / "trainers", repo / "trainers",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(FAMILY_DIR / "centroid", repo / "trainers" / "centroid",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    registry = repo / "trainers" / "family.py"
+    text = registry.read_text()
+    anchor = '    "linear": "trainers.linear.family",\n'
+    assert anchor in text
+    registry.write_text(text.replace(anchor, anchor + REGISTRY_LINE))
+    for cmd in (["init", "-q"], ["add", "-A"],
+                ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "centroid"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True)
+    return repo
+
+
+@pytest.mark.slow
+def test_a_family_added_by_its_folder_trains_and_is_gated(sqlite_url, tmp_path, monkeypatch):
+
+    code = centroid_code_repo(tmp_path)
+    conf = operator_conf(tmp_path, monkeypatch, "")
+    shutil.copy(FAMILY_DIR / "centroid_cbmc.yaml", conf / "parent" / "centroid_cbmc.yaml")
+    _registry_for_roots(monkeypatch, code)
+    assert "centroid" not in families.FAMILIES  # nothing of it on this side: runner/ untouched
+
+    done = subprocess.run([sys.executable, "-c", CENTROID_HOST, str(code), CENTROID_ROOT,
+                           DATASET, AGENT], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+
+    root = catalog.get_model_version(CENTROID_ROOT)
+    assert root["version_number"] == 1 and root["metadata"]["family"] == "centroid"
+    assert out["dry"] == {"would_launch": True, "distance": "cosine"}
+    assert out["refused_key"]["field"] == "training.C"
+    assert "is a setting of family linear, not of centroid" in out["refused_key"]["message"]
+    assert out["refused_choice"]["field"] == "training.distance"
+    assert out["options"]["training_keys"] == ["val_fraction", "test_fraction", "split_seed",
+                                               "distance"]
+
+    result = out["result"]
+    version = catalog.get_model_version(result["artifact_id"])
+    assert version["version_number"] == 2 and version["parent_version_id"] == CENTROID_ROOT
+    assert version["metadata"]["family"] == "centroid"
+    assert version["metadata"]["framework"] == "numpy"
+    assert version["version"]["code_commit_sha"] == subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=code, capture_output=True, text=True).stdout.strip()
+    metrics = result["eval_metrics"]
+    assert 0.5 < metrics["test_macro_f1"] < metrics["test_accuracy"] < 1.0, metrics
+
+    decision = out["decision"]
+    assert decision["decision"] == "rejected", decision["notes"]
+    [vs_parent] = [c for c in decision["comparisons"] if c["comparator_role"] == "parent"]
+    assert vs_parent["comparator_artifact_id"] == CENTROID_ROOT and vs_parent["delta"] == 0.0
+    assert vs_parent["candidate_value"] == pytest.approx(metrics["test_macro_f1"])
+
+    # its MLflow model is the family's own pyfunc, carrying its code: a fresh process that
+    # has not imported this checkout's trainers loads it and predicts the test cells
+    cells, truth = _test_cells()
+    cells.to_pickle(tmp_path / "cells.pkl")
+    load = ("import sys, json, mlflow, pandas as pd\n"
+            "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+            "print(json.dumps(model.predict(pd.read_pickle(sys.argv[2]))['cell_type'].tolist()))")
+    served = subprocess.run([sys.executable, "-c", load, result["mlflow"]["model_uri"],
+                             str(tmp_path / "cells.pkl")], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": _tracking_uri()})
+    assert served.returncode == 0, served.stderr[-3000:]
+    predicted = json.loads(served.stdout.strip().splitlines()[-1])
+    accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-9)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import trainers
 from runner import settings
 from runner.errors import ForgeError, StoreHalfMigrated
 from runner.jobs.handback import NotPlainFile, read_job_file
@@ -404,10 +403,9 @@ def log_dataset_input(mlflow_client, run_id: str, dataset_row: dict) -> None:
 
 # --- the checkpoint as an MLflow model -----------------------------------------------------
 
-# The pyfunc flavor's model file is the family's `mlflow_model` in the HOST's copy of trainers/
-# (MLflow runs it when it logs the model, so it must be trusted code, never the job's); it
-# imports only mlflow at the top.
-CODE_ROOT = Path(trainers.__file__).parent.parent
+# The pyfunc flavor's model file is the family's `mlflow_model` in the HOST's copy of the
+# family's code (MLflow runs it when it logs the model, so it must be trusted code, never the
+# job's); it imports only mlflow at the top.
 REQUIREMENTS = ("numpy", "scipy", "scikit-learn", "pandas", "mlflow")
 MAX_VOCAB_BYTES = 16 * 1024**2  # scGPT's whole-human vocab.json (60,697 genes) is ~1.4 MB
 # One optional double column per gene: 500 genes (CBMC) make a 35 KB MLmodel, 60,697 genes
@@ -454,6 +452,14 @@ def cell_type_signature(genes: list[str]):
     if len(genes) <= MAX_SIGNATURE_GENES:
         inputs = Schema([ColSpec("double", gene, required=False) for gene in genes])
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string", "cell_type")]))
+
+
+def host_code_root(family: str) -> Path:
+    """The root of the host's copy of `family`'s code: above the package its family.py was
+    imported from (trainers.<name>.family -> the folder holding trainers/), wherever
+    trainers/family.py FAMILIES finds it."""
+    module = families.FAMILIES[family]
+    return Path(sys.modules[module].__file__).parents[module.count(".")]
 
 
 def requirements(family: str = "scgpt") -> list[str]:
@@ -526,7 +532,8 @@ def log_model(mlflow_client, *, run_id: str, experiment_id: str, checkpoint: Pat
                 # no input example on purpose: making one means running the model
                 warnings.filterwarnings("ignore", message=".*input example was not provided")
                 mlflow.pyfunc.log_model(
-                    name=name, model_id=model_id, python_model=str(CODE_ROOT / fam.mlflow_model),
+                    name=name, model_id=model_id,
+                    python_model=str(host_code_root(fam.name) / fam.mlflow_model),
                     artifacts={"checkpoint": str(checkpoint)},
                     code_paths=[str(code_dir / "trainers")],
                     pip_requirements=requirements(fam.name),
