@@ -41,6 +41,30 @@ def _train_base() -> dict:
     return catalog.get_artifact(SCVI_BASE)
 
 
+@pytest.fixture(scope="module")
+def scvi_checkpoint(tmp_path_factory) -> Path:
+    """An SCVI checkpoint trained once for the tests below by the recipe in-process (the same
+    2 short epochs), which each registers as an external base from its folder
+    (register_parent: a scvi-tools folder with forge.json, as an operator brings one)."""
+    from runner.jobs.datasets import fetch
+    from trainers.manifest import parse_manifest
+    from trainers.scvi import recipe
+
+    out = tmp_path_factory.mktemp("scvi-base")
+    recipe.train(parse_manifest({
+        "family": "scvi", "task": "pretrain_scvi", "seed": 0, "device": "cpu",
+        "output_dir": str(out), "parent": None, "model": {},
+        "dataset": {"path": str(fetch("cbmc")), "format": "cbmc_mat", "name": "cbmc"},
+        "training": {"max_epochs": 2, "limit_train_batches": 4, "split_seed": 0}}), {})
+    return out / "checkpoint"
+
+
+def _register_base(folder: Path) -> None:
+    from runner.jobs.parents import register_parent
+
+    register_parent(SCVI_BASE, folder.as_uri(), family="scvi")
+
+
 def _finetune(parent: str, dataset: str = DATASET_ID, **kw) -> dict:
     return train_model_version(parent, dataset, agent_id=AGENT, wall_time_cap_min=5,
                                vram_cap_gb=1, overrides=SHORT, **kw)
@@ -152,12 +176,12 @@ def _other_genes_dataset(folder: Path) -> tuple[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_reference_mapping_onto_other_genes(sqlite_registry, committed_code, tmp_path,
-                                            monkeypatch):
+def test_reference_mapping_onto_other_genes(sqlite_registry, scvi_checkpoint, committed_code,
+                                            tmp_path, monkeypatch):
     from runner.jobs.job import run_dir
 
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
-    _train_base()
+    _register_base(scvi_checkpoint)
     dataset, renamed = _other_genes_dataset(tmp_path)
 
     dry = _finetune(SCVI_BASE, dataset, dry_run=True)
@@ -196,10 +220,8 @@ def _scvi_parent_files(folder: Path) -> Path:
 
 
 def test_a_scvi_job_gets_the_jail_of_an_scgpt_job(sqlite_registry, tmp_path, monkeypatch):
-    from runner.jobs.parents import register_parent
-
     monkeypatch.setenv("FORGE_CODE_REPO", str(REPO))
-    register_parent(SCVI_BASE, _scvi_parent_files(tmp_path / "scvi").as_uri(), family="scvi")
+    _register_base(_scvi_parent_files(tmp_path / "scvi"))
     plans = {}
     for family, parent in (("scvi", SCVI_BASE), ("scgpt", BASE_ID)):
         dry = _finetune(parent, dry_run=True, allow_dirty=True)
@@ -215,15 +237,14 @@ def test_a_scvi_job_gets_the_jail_of_an_scgpt_job(sqlite_registry, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_a_scanvi_job_is_judged_on_the_hosts_truth(sqlite_registry, committed_code, tmp_path,
+def test_a_scanvi_job_is_judged_on_the_hosts_truth(sqlite_registry, scvi_checkpoint, tmp_path,
                                                   monkeypatch):
     """tests/test_security_gate_truth.py's attacks on a scANVI job: the real recipe claims a
     perfect test score (BOAST) and gets the host's measurement recorded; the real eval job
     swaps in held-out cells and a truth of its own (forged_cells) and is refused."""
     from test_security_gate_truth import BOAST, _forging_repo, _wrapped_trainer
 
-    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
-    _train_base()
+    _register_base(scvi_checkpoint)
     monkeypatch.setenv("FORGE_CODE_REPO", str(_wrapped_trainer(tmp_path, BOAST)))
     result = _finetune(SCVI_BASE)
     metrics = result["eval_metrics"]
