@@ -1,13 +1,15 @@
 """The scvi family through the real job path: plan -> debit -> jail -> register -> gate.
 
-An SCVI base trained from scratch (as the demo trains it), a scANVI candidate fine-tuned from
-it with train_model_version() and gated, on SQLite and PostgreSQL; the candidate's stored
-weights read back by scvi-tools itself and its MLflow model served; the candidate mapped onto
-a dataset with other genes (scArches); the jail the same as scGPT's; and a scANVI job that
-boasts a perfect score, or forges the held-out cells, is judged on the host's truth.
-Every run is a couple of epochs of a few batches: the file takes a few minutes on 2 cores.
-"""
+1-2. An SCVI base trained from scratch (as the demo trains it), a scANVI candidate fine-tuned
+     from it with train_model_version() and gated, on SQLite and PostgreSQL; the candidate's
+     stored weights read back by scvi-tools itself and its registered MLflow model served.
+3.   An SCVI base (trained once in-process, registered from its folder) mapped onto a dataset
+     with other genes (scArches): the dry run's overlap, recorded with the version.
+4.   The jail of a scvi job is an scGPT job's; a scANVI job that boasts a perfect score, or
+     whose eval forges the held-out cells, is judged on the host's truth.
 
+Every run is 2 epochs of 4 batches: the file takes 3-4 minutes on 2 shared cores.
+"""
 from __future__ import annotations
 
 import json
@@ -242,10 +244,10 @@ def test_a_scanvi_job_is_judged_on_the_hosts_truth(sqlite_registry, scvi_checkpo
     """tests/test_security_gate_truth.py's attacks on a scANVI job: the real recipe claims a
     perfect test score (BOAST) and gets the host's measurement recorded; the real eval job
     swaps in held-out cells and a truth of its own (forged_cells) and is refused."""
-    from test_security_gate_truth import BOAST, _forging_repo, _wrapped_trainer
+    from test_security_gate_truth import BOAST, forging_repo, wrapped_trainer
 
     _register_base(scvi_checkpoint)
-    monkeypatch.setenv("FORGE_CODE_REPO", str(_wrapped_trainer(tmp_path, BOAST)))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(wrapped_trainer(tmp_path, BOAST)))
     result = _finetune(SCVI_BASE)
     metrics = result["eval_metrics"]
     assert metrics["test_accuracy"] < 1.0 and metrics["test_macro_f1"] < 1.0, metrics
@@ -256,7 +258,7 @@ def test_a_scanvi_job_is_judged_on_the_hosts_truth(sqlite_registry, scvi_checkpo
     assert cand["version"]["eval_metrics_json"]["test_accuracy"] == \
         pytest.approx((names == truth).mean(), abs=1e-6)
 
-    monkeypatch.setenv("FORGE_CODE_REPO", str(_forging_repo(tmp_path, "forged_cells")))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(forging_repo(tmp_path, "forged_cells")))
     with pytest.raises(EvaluationFailed) as failed:
         evaluate_candidate(cand["id"], AGENT)
     assert failed.value.field == "predictions.json", failed.value

@@ -57,7 +57,9 @@ FORGERIES = {
 }
 
 
-def _forging_repo(tmp_path: Path, mode: str) -> Path:
+def forging_repo(tmp_path: Path, mode: str) -> Path:
+    """This checkout's trainers/, committed, whose eval job runs the real one and then forges
+    its predictions.json (FORGERIES[mode]); tests/test_family_scvi_jobs.py uses it too."""
     repo = tmp_path / "forging-code"
     shutil.copytree(REPO / "trainers", repo / "trainers",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -71,7 +73,7 @@ def _forging_repo(tmp_path: Path, mode: str) -> Path:
 
 
 def test_a_job_that_forges_the_truth_cannot_promote(sqlite_registry, tmp_path, monkeypatch):
-    monkeypatch.setenv("FORGE_CODE_REPO", str(_forging_repo(tmp_path, "forged_truth")))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(forging_repo(tmp_path, "forged_truth")))
     cand = stand_in_candidate(BASE_ID, "model-forged-truth")
     result = evaluate_candidate(cand, AGENT, allow_dirty=True)
     assert result["decision"] == "rejected", result
@@ -88,7 +90,7 @@ def test_a_job_that_forges_the_truth_cannot_promote(sqlite_registry, tmp_path, m
 @pytest.mark.parametrize("mode", ["forged_cells", "forged_names"])
 def test_a_job_that_forges_the_cells_or_labels_is_refused(sqlite_registry, tmp_path,
                                                          monkeypatch, mode):
-    monkeypatch.setenv("FORGE_CODE_REPO", str(_forging_repo(tmp_path, mode)))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(forging_repo(tmp_path, mode)))
     cand = stand_in_candidate(BASE_ID, f"model-{mode.replace('_', '-')}")
     with pytest.raises(EvaluationFailed) as failed:
         evaluate_candidate(cand, AGENT, allow_dirty=True)
@@ -141,7 +143,9 @@ json.dump(doc, open(out / "predictions.json", "w"))
 """
 
 
-def _wrapped_trainer(tmp_path: Path, tail: str) -> Path:
+def wrapped_trainer(tmp_path: Path, tail: str) -> Path:
+    """This checkout's trainers/, committed, whose training job runs the real trainer and then
+    `tail` on its outputs; tests/test_family_scvi_jobs.py uses it too."""
     repo = tmp_path / "wrapped-code"
     shutil.copytree(REPO / "trainers", repo / "trainers",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -161,7 +165,7 @@ def _train() -> dict:
 def test_training_metrics_are_the_hosts(sqlite_registry, tmp_path, monkeypatch):
     """A training job that claims a perfect test score gets the host's measurement of its
     per-cell predictions recorded, not its claim."""
-    monkeypatch.setenv("FORGE_CODE_REPO", str(_wrapped_trainer(tmp_path, BOAST)))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(wrapped_trainer(tmp_path, BOAST)))
     out = _train()
     metrics = out["eval_metrics"]
     assert metrics["test_macro_f1"] < 0.9 and metrics["test_accuracy"] < 1.0, metrics
@@ -174,7 +178,7 @@ def test_training_metrics_are_the_hosts(sqlite_registry, tmp_path, monkeypatch):
 
 def test_a_partial_test_pass_is_refused(sqlite_registry, tmp_path, monkeypatch):
     """Test metrics cover every held-out cell or are not recorded: `partial_test`, settled."""
-    monkeypatch.setenv("FORGE_CODE_REPO", str(_wrapped_trainer(tmp_path, HALF_TEST)))
+    monkeypatch.setenv("FORGE_CODE_REPO", str(wrapped_trainer(tmp_path, HALF_TEST)))
     with pytest.raises(TrainingFailed) as failed:
         _train()
     assert failed.value.reason == "partial_test" and failed.value.field == "predictions.json"
