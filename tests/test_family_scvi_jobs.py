@@ -26,7 +26,6 @@ from runner.jobs.launch import launch
 from runner.jobs.plan import TrainRequest, prepare
 from runner.registry import catalog
 
-REPO = Path(__file__).resolve().parents[1]
 SCVI_BASE = "model-scvi-cbmc-base"  # conf/parent/scvi_cbmc_base.yaml's artifact id
 SHORT = ["training.max_epochs=2", "training.limit_train_batches=4"]
 OTHER_DATASET = "dataset-cbmc-other-genes"
@@ -221,12 +220,13 @@ def _scvi_parent_files(folder: Path) -> Path:
     return folder
 
 
-def test_a_scvi_job_gets_the_jail_of_an_scgpt_job(sqlite_registry, tmp_path, monkeypatch):
-    monkeypatch.setenv("FORGE_CODE_REPO", str(REPO))
+def test_a_scvi_job_gets_the_jail_of_an_scgpt_job(sqlite_registry, committed_code, tmp_path,
+                                                  monkeypatch):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
     _register_base(_scvi_parent_files(tmp_path / "scvi"))
     plans = {}
     for family, parent in (("scvi", SCVI_BASE), ("scgpt", BASE_ID)):
-        dry = _finetune(parent, dry_run=True, allow_dirty=True)
+        dry = _finetune(parent, dry_run=True)
         assert dry["would_launch"], dry["reasons"]
         assert dry["config"]["parent"]["family"] == family
         plans[family] = dry["sandbox"]
