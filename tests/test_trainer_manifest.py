@@ -153,7 +153,6 @@ def test_exit_codes_and_the_primary_metric_are_declared_once():
 def test_every_preset_composes_to_a_manifest_the_trainer_accepts(tmp_path, monkeypatch):
     from runner.config import compose, options
     from runner.config.manifest import build_manifest
-
     from trainers import family
 
     monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path))
