@@ -76,6 +76,32 @@ def logistic_regression_baseline(features: np.ndarray, labels: np.ndarray, train
             "metrics": metrics, "per_class_f1": per_class}
 
 
+def test_claims(out: Path, data, split, pred: np.ndarray, seed: int,
+                note: str = "") -> dict:
+    """A fine-tune's hand-back for its held-out cells, the same for every family: writes
+    predictions.json (what the host scores against its own truth), and returns this job's
+    claims for its log: {"metrics": test accuracy and macro-F1, then the logistic-regression
+    baseline refitted on the split's train cells, "per_class_f1", "baseline"}. The host
+    measures both itself (runner/jobs/truth.py); `note` goes into the printed line."""
+    import time
+
+    from trainers.data.load import baseline_features
+
+    write_predictions(out, split.test, {"candidate": pred}, data.label_names)
+    metrics, per_class = classification_metrics(data.labels[split.test], pred,
+                                                data.label_names, "test_")
+    t0 = time.perf_counter()
+    base = logistic_regression_baseline(baseline_features(data), data.labels, split.train,
+                                        split.test, data.label_names, seed)
+    base["seconds"] = time.perf_counter() - t0
+    metrics.update(base["metrics"])
+    print(f"test accuracy {metrics['test_accuracy']:.4f} macro-F1 "
+          f"{metrics['test_macro_f1']:.4f}{note} | logistic-regression baseline "
+          f"{metrics['baseline_test_accuracy']:.4f} / "
+          f"{metrics['baseline_test_macro_f1']:.4f}", flush=True)
+    return {"metrics": metrics, "per_class_f1": per_class, "baseline": base}
+
+
 def metric_key(name: str) -> str:
     """A label name as an MLflow metric key fragment (letters, digits, _ - . / space)."""
     return re.sub(r"[^A-Za-z0-9_./ -]", "_", name)

@@ -49,6 +49,16 @@ class CellData:
         return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
 
 
+def counts_frame(frame) -> CellData:
+    """An MLflow model's input, a DataFrame of raw counts (cells as rows, gene names as
+    columns, missing values 0), as CellData; ValueError unless finite and non-negative."""
+    X = frame.to_numpy(dtype=np.float32, na_value=0.0)
+    if X.size and (not np.isfinite(X).all() or X.min() < 0):
+        raise ValueError("model_input must hold raw counts: finite and non-negative")
+    return CellData(X=X, genes=[str(c) for c in frame.columns], labels=None, label_names=[],
+                    value_kind="counts")
+
+
 def load(path: str | Path, format: str, label_key: str | None = None,
          gene_key: str | None = None, use_raw: bool | None = None, name: str = "") -> CellData:
     path = Path(path)

@@ -28,16 +28,12 @@ class LinearCellTypes(mlflow.pyfunc.PythonModel):
         does not read are ignored; genes it reads that are missing count 0)."""
         import numpy as np
 
-        from trainers.data.load import CellData
+        from trainers.data.load import counts_frame
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        X = frame.to_numpy(dtype=np.float32, na_value=0.0)
-        if X.size and (not np.isfinite(X).all() or X.min() < 0):
-            raise ValueError("model_input must hold raw counts: finite and non-negative")
+        data = counts_frame(frame)
         if len(frame) == 0:
             return pd.DataFrame({"cell_type": pd.Series([], dtype=str)})
-        data = CellData(X=X, genes=[str(c) for c in frame.columns], labels=None,
-                        label_names=[], value_kind="counts")
         head = self.model.predict(data, np.arange(len(frame)))
         return pd.DataFrame({"cell_type": [self.model.label_names[i] for i in head]},
                             index=frame.index)

@@ -96,19 +96,10 @@ def train(m, state: dict) -> dict:
     t0 = time.perf_counter()
     pred = codes(split.test)
     test_s = time.perf_counter() - t0
-    scoring.write_predictions(out, split.test, {"candidate": pred}, data.label_names)
-    test_metrics, per_class = scoring.classification_metrics(y[split.test], pred,
-                                                             data.label_names, "test_")
-    metrics.update(test_metrics)
-    t0 = time.perf_counter()
-    base = scoring.logistic_regression_baseline(features, y, split.train, split.test,
-                                                data.label_names, m.seed)
-    base["seconds"] = time.perf_counter() - t0
-    metrics.update(base["metrics"])
-    print(f"test accuracy {metrics['test_accuracy']:.4f} macro-F1 {metrics['test_macro_f1']:.4f}"
-          f" ({int(metrics['n_iter'])} lbfgs iterations) | logistic-regression baseline "
-          f"{metrics['baseline_test_accuracy']:.4f} / {metrics['baseline_test_macro_f1']:.4f}",
-          flush=True)
+    claims = scoring.test_claims(out, data, split, pred, m.seed,
+                                 note=f" ({int(metrics['n_iter'])} lbfgs iterations)")
+    per_class, base = claims["per_class_f1"], claims["baseline"]
+    metrics.update(claims["metrics"])
     bad = [k for k, v in metrics.items() if not np.isfinite(v)]
     if bad:
         raise FloatingPointError(f"non-finite metrics: {', '.join(bad)}")

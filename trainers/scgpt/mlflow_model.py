@@ -31,18 +31,14 @@ class ScGPTCellTypes(mlflow.pyfunc.PythonModel):
         vocabulary lacks are dropped; missing values count as 0)."""
         import numpy as np
 
-        from trainers.data.load import CellData
+        from trainers.data.load import counts_frame
         from trainers.runtime import choose_precision
         from trainers.scgpt.predict import predict
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        X = frame.to_numpy(dtype=np.float32, na_value=0.0)
-        if X.size and (not np.isfinite(X).all() or X.min() < 0):
-            raise ValueError("model_input must hold raw counts: finite and non-negative")
+        data = counts_frame(frame)
         if len(frame) == 0:
             return pd.DataFrame({"cell_type": pd.Series([], dtype=str)})
-        data = CellData(X=X, genes=[str(c) for c in frame.columns], labels=None,
-                        label_names=[], value_kind="counts")
         args = self.clf.args
         head = predict(self.clf, data, np.arange(len(frame)), seed=args["seed"],
                        max_seq_len=args["max_seq_len"],

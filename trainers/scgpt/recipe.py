@@ -44,7 +44,7 @@ def train(m: Manifest, state: dict) -> dict:
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 
     from trainers import scoring
-    from trainers.data.load import baseline_features, load, split_cells
+    from trainers.data.load import load, split_cells
     from trainers.metrics_log import JsonLinesLogger
     from trainers.scgpt import evaluate
     from trainers.scgpt.batches import CellBatches
@@ -153,20 +153,9 @@ def train(m: Manifest, state: dict) -> dict:
         result["test_cells"] = len(true)  # every rank tests the whole split, in its order
         # The host scores these against its own truth (runner/jobs/truth.py); the metrics
         # below are this job's claims, for its log.
-        scoring.write_predictions(out, split.test, {"candidate": pred}, data.label_names)
-        _, result["per_class_f1"] = scoring.classification_metrics(
-            true, pred, data.label_names, "test_")
-        t0 = time.perf_counter()
-        base = scoring.logistic_regression_baseline(
-            baseline_features(data), data.labels, split.train, split.test, data.label_names,
-            m.seed)
-        base["seconds"] = time.perf_counter() - t0
-        result["baseline"] = base
-        metrics.update(base["metrics"])
-        print(f"test accuracy {metrics['test_accuracy']:.4f} macro-F1 "
-              f"{metrics['test_macro_f1']:.4f} | logistic-regression baseline "
-              f"{metrics['baseline_test_accuracy']:.4f} / "
-              f"{metrics['baseline_test_macro_f1']:.4f}", flush=True)
+        claims = scoring.test_claims(out, data, split, pred, m.seed)
+        result["per_class_f1"], result["baseline"] = claims["per_class_f1"], claims["baseline"]
+        metrics.update(claims["baseline"]["metrics"])  # test_*: the test loop's own
         evaluate.plot_confusion_matrix(true, pred, data.label_names, out / "confusion_matrix.png",
                                        f"{d.name or 'dataset'} test set, fine-tuned model")
         result["artifacts"].append("confusion_matrix.png")

@@ -28,17 +28,13 @@ class ScanviCellTypes(mlflow.pyfunc.PythonModel):
         lacks are dropped, genes it reads that are absent count as 0, as do missing values)."""
         import numpy as np
 
-        from trainers.data.load import CellData
+        from trainers.data.load import counts_frame
         from trainers.scvi.recipe import predict
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        X = frame.to_numpy(dtype=np.float32, na_value=0.0)
-        if X.size and (not np.isfinite(X).all() or X.min() < 0):
-            raise ValueError("model_input must hold raw counts: finite and non-negative")
+        data = counts_frame(frame)
         if len(frame) == 0:
             return pd.DataFrame({"cell_type": pd.Series([], dtype=str)})
-        data = CellData(X=X, genes=[str(c) for c in frame.columns], labels=None,
-                        label_names=[], value_kind="counts")
         head, names = predict(self.folder, data, np.arange(len(frame)))
         return pd.DataFrame({"cell_type": [names[i] for i in head]}, index=frame.index)
 

@@ -68,7 +68,7 @@ def train(m, state: dict) -> dict:
     import torch
 
     from trainers import scoring
-    from trainers.data.load import baseline_features, load, split_cells
+    from trainers.data.load import load, split_cells
     from trainers.manifest import ManifestError, resolve_model, sha256_file
     from trainers.runtime import choose_device
 
@@ -175,22 +175,10 @@ def train(m, state: dict) -> dict:
     if finetune:
         head, head_names = predict_with(model, adata, split.test)
         pred = scoring.as_dataset_codes(head, head_names, data.label_names)
-        scoring.write_predictions(out, split.test, {"candidate": pred}, data.label_names)
-        claims, result["per_class_f1"] = scoring.classification_metrics(
-            data.labels[split.test], pred, data.label_names, "test_")
-        metrics.update(claims)
         test_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        base = scoring.logistic_regression_baseline(
-            baseline_features(data), data.labels, split.train, split.test, data.label_names,
-            m.seed)
-        base["seconds"] = time.perf_counter() - t0
-        result["baseline"] = base
-        metrics.update(base["metrics"])
-        print(f"test accuracy {metrics['test_accuracy']:.4f} macro-F1 "
-              f"{metrics['test_macro_f1']:.4f} | logistic-regression baseline "
-              f"{metrics['baseline_test_accuracy']:.4f} / "
-              f"{metrics['baseline_test_macro_f1']:.4f}", flush=True)
+        claims = scoring.test_claims(out, data, split, pred, m.seed)
+        result["per_class_f1"], result["baseline"] = claims["per_class_f1"], claims["baseline"]
+        metrics.update(claims["metrics"])
     else:
         metrics["test_elbo"] = float(model.get_elbo(indices=split.test,
                                                     batch_size=t.batch_size))
