@@ -132,6 +132,11 @@ def _check_manifest(plain: dict, by_key: dict[str, str], *, final: bool = False,
             f"parent.{where[len('model.'):]}" if where.startswith("model.") else where)
         message = str(exc).split(f"{where}: ", 1)[-1]
         rule = message.split(", got ", 1)[0]
+        if rule.startswith("is a setting of family"):  # trainers/manifest.py parse_manifest
+            raise InvalidOverride(
+                f"{path} {rule}", field=path, override=by_key.get(path), problem="family",
+                fix=f"drop {path}: the parent's family is {manifest['family']} "
+                    "(describe_options lists each family's keys)") from None
         raise InvalidOverride(f"{path} {rule}, got {_get(plain, path)!r}", field=path,
                               override=by_key.get(path), problem="value",
                               fix=(f"set {path} to {rule.removeprefix('must be ')}"
