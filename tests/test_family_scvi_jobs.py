@@ -125,9 +125,11 @@ def _read_back(cand: dict, recorded_accuracy: float) -> None:
     truth = np.asarray(data.label_names)[data.labels[test]]
     assert (names == truth).mean() == pytest.approx(recorded_accuracy, abs=1e-6)
 
-    mlflow.set_tracking_uri(_tracking_uri())
-    served = mlflow.pyfunc.load_model(cand["version"]["mlflow_model_uri"]).predict(
-        pd.DataFrame(data.X[test], columns=data.genes))
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(_tracking_uri()):  # for this load only: later tests set their own
+        served = mlflow.pyfunc.load_model(cand["version"]["mlflow_model_uri"]).predict(
+            pd.DataFrame(data.X[test], columns=data.genes))
     assert served["cell_type"].tolist() == names.tolist()
 
 
