@@ -56,8 +56,9 @@ def describe_options() -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingConf)}
     keys = {}
     for name, spec in caller.training_key_schemas().items():
-        if defaults[name] not in (dataclasses.MISSING, "???", None):  # per option or family
-            spec["default"] = defaults[name]
+        value = defaults[name]  # a family's key defaults per family ("${forge_family:...}")
+        if value not in (dataclasses.MISSING, "???", None) and not str(value).startswith("${"):
+            spec["default"] = value
         keys[name] = spec
     # Each family's own keys and defaults: a parent's registry record names its family, and a
     # key of another family is refused (the artifacts below say which family each model is).
