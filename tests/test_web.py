@@ -262,6 +262,67 @@ def test_index_lists_families_with_latest_champion_and_candidates(web, versions)
     assert f'href="/artifacts/{versions["v3"]}"' in page.text
 
 
+def _index_rows(html: str) -> list[str]:
+    """The index table's rows, as visible text, in the order the page shows them."""
+    return [_visible(row) for row in re.findall(r'<tr class="version">(.*?)</tr>', html,
+                                                re.DOTALL)]
+
+
+def test_index_table_shows_every_version_with_metric_delta_cost_and_date(web, versions):
+    page = fetch(f"{web}/")
+    assert page.status == 200
+    rows = {row.split()[0]: row for row in _index_rows(page.text)}
+    assert set(rows) == {BASE_ID, versions["v2"], versions["v3"]}
+    # the rejected version, with its metric and the gate's delta against the baseline
+    assert re.fullmatch(rf"{versions['v2']} scgpt v2 rejected {DATASET_ID} 0\.7000 "
+                        rf"test_macro_f1 -0\.1500 vs baseline \(gate\) "
+                        rf"{versions['alloc2']['actual_cost']} credits \d{{4}}-\d\d-\d\d "
+                        rf"\d\d:\d\d", rows[versions["v2"]]), rows[versions["v2"]]
+    # an ungated candidate: against its parent, comparable on the same cells
+    assert re.search(rf"{versions['v3']} scgpt v3 candidate {DATASET_ID} 0\.7500 "
+                     rf"test_macro_f1 \+0\.0500 vs parent "
+                     rf"{versions['alloc3']['actual_cost']} credits", rows[versions["v3"]])
+    assert rows[BASE_ID].startswith(f"{BASE_ID} scgpt v1 active - - - - ")  # no metric, cost
+    assert '<a href="/?sort=metric">' in page.text  # sortable from the headers, no script
+
+
+def test_index_sorts_on_the_server_by_a_whitelisted_key(web, versions):
+    def order(query: str) -> list[str]:
+        page = fetch(f"{web}/?{query}")
+        assert page.status == 200, page.text
+        return [row.split()[0] for row in _index_rows(page.text)]
+
+    v2, v3 = versions["v2"], versions["v3"]
+    assert order("sort=metric&order=desc") == [v3, v2, BASE_ID]  # no metric: last either way
+    assert order("sort=metric&order=asc") == [v2, v3, BASE_ID]
+    assert order("sort=version&order=asc") == [BASE_ID, v2, v3]
+    assert order("sort=state") == [BASE_ID, v3, v2]  # asc by default for text
+    # the header of the sorted column flips the order
+    assert '<a href="/?sort=metric&amp;order=asc">' in fetch(f"{web}/?sort=metric").text
+    for query, field in (("sort=created_at;drop", "sort"), ("sort=metric&order=up", "order"),
+                         ("sort=" + urllib.parse.quote("<b>"), "sort")):
+        page = fetch(f"{web}/?{query}")
+        assert page.status == 400, (query, page.status)
+        assert f"field {field} fix" in _visible(page.text) and "<b>" not in page.text
+    assert "did you mean &#39;metric&#39;" in fetch(f"{web}/?sort=metrc").text
+
+
+def test_datasets_page_lists_each_dataset_with_the_versions_trained_on_it(web, versions):
+    from runner.registry import catalog
+
+    page = fetch(f"{web}/datasets")
+    assert page.status == 200, page.text
+    citation = catalog.get_artifact(DATASET_ID)["metadata"]["citation"]
+    (row,) = [_visible(r) for r in re.findall(r'<tr class="dataset">(.*?)</tr>', page.text,
+                                              re.DOTALL)]
+    assert row.startswith(f"{DATASET_ID} CBMC CITE-seq {citation['source']} "
+                          f"{citation['external_id']} {citation['license']} "
+                          f"{citation['row_count']:,} 500 "), row
+    assert f"{versions['v2']} v2 rejected" in row and f"{versions['v3']} v3 candidate" in row
+    assert f'href="/artifacts/{versions["v3"]}"' in page.text
+    assert '<a href="/datasets">Datasets</a>' in fetch(f"{web}/").text  # in the nav
+
+
 def test_tools_lists_the_skills_with_their_schema(web, registry):
     page = fetch(f"{web}/tools")
     assert page.status == 200

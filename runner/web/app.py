@@ -1,6 +1,11 @@
 """`forge serve`: the registry as read-only web pages (Starlette + Jinja2).
 
-    GET  /                    model families: latest version, champion(s), candidates
+    GET  /                    every model version as a table (rejected ones too): family,
+                              state, dataset, primary metric, delta against its comparator,
+                              cost, date; sorted on the server (?sort=metric&order=desc);
+                              then the families: latest version, champion(s), candidates
+    GET  /datasets            every dataset: citation, cells and genes, label key, the
+                              versions trained on it
     GET  /artifacts/{id}      one version: lineage tree, metrics vs parent and baseline,
                               per-class F1 and confusion matrix, cost, code, dataset citation,
                               gate decision, MLflow links (a dataset: its citation)
@@ -12,10 +17,11 @@
     GET  /tools/dry-run?...   the same, read from the query (a page a browser can load)
 
 Nothing here writes but the dry run's own audit row, under the page's name (`web`), never
-the named agent's; the agent's balance is shown only with the operator's --show-balances. Every page is plain HTML and CSS (no
-JavaScript), served under a Content-Security-Policy of 'self' only; Jinja2 escapes every
-value. A typed error is a page with its reason, field and fix (400 for a malformed dry run,
-404 for an unknown or invalid id), never a traceback.
+the named agent's; the agent's balance is shown only with the operator's --show-balances.
+Every page is plain HTML and CSS (no JavaScript), served under a Content-Security-Policy of
+'self' only; Jinja2 escapes every value. A typed error is a page with its reason, field and
+fix (400 for a malformed dry run or sort, 404 for an unknown or invalid id), never a
+traceback.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from runner import settings
 from runner.config.compose import compose_resolved
 from runner.errors import ForgeError, InvalidInput
 from runner.registry import db
-from runner.web import pages
+from runner.web import listings, pages
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger(__name__)
@@ -129,7 +135,17 @@ def create_app(db_url: str | None = None, *, hosts: tuple[str, ...] = LOOPBACK_H
 
     # Sync endpoints: Starlette runs them in its thread pool (the registry calls block).
     def index(request: Request) -> Response:
-        return read(request, "index.html", lambda c: {"families": pages.families(c)})
+        try:  # caller input: only the whitelisted keys and orders
+            sort, order = listings.sort_request(request.query_params.get("sort"),
+                                                request.query_params.get("order"))
+        except ForgeError as exc:
+            return failed(request, exc, 400)
+        return read(request, "index.html", lambda c: {
+            "rows": listings.version_rows(c, sort, order), "sort": sort, "order": order,
+            "families": pages.families(c)})
+
+    def datasets(request: Request) -> Response:
+        return read(request, "datasets.html", lambda c: {"datasets": listings.datasets(c)})
 
     def artifact(request: Request) -> Response:
         artifact_id, store = request.path_params["artifact_id"], tracking()
@@ -195,6 +211,7 @@ def create_app(db_url: str | None = None, *, hosts: tuple[str, ...] = LOOPBACK_H
 
     return Starlette(
         routes=[Route("/", index),
+                Route("/datasets", datasets),
                 Route("/artifacts/{artifact_id}", artifact),
                 Route("/artifacts/{artifact_id}/confusion_matrix.png", confusion_matrix),
                 Route("/benchmarks", benchmark_index),
