@@ -77,7 +77,11 @@ def test_a_version_is_reviewable_and_loadable_in_mlflow(sqlite_registry, committ
     assert mv.tags["forge.artifact_id"] == result["artifact_id"]
     assert mv.tags["forge.lifecycle_state"] == "candidate"
     cost = result["cost"]
-    assert f"{BASE_ID} (v1) -> {result['artifact_id']} (v2) on {DATASET_ID}" in mv.description
+    assert mv.description.startswith(
+        f"**{result['artifact_id']}** (registry v2): a `scgpt` model, task `finetune_celltype`, "
+        f"fine-tuned from `{BASE_ID} v1` (not tracked in this MLflow store), on dataset "
+        f"`{DATASET_ID}`. Host-measured test_macro_f1: ")
+    assert run.data.tags[tracking.NOTE_TAG] == mv.description.split("\n")[0]  # the run's note
     assert "not comparable: the parent has no test_macro_f1" in mv.description
     n_test = version["metadata"]["test_cells"]
     assert f"measured by the host on all {n_test} held-out cells" in mv.description

@@ -188,7 +188,8 @@ class _Job:
             self.mlflow, experiment=track["experiment_name"],
             artifact_root=Path(track["artifact_root"]), run_name=self.artifact_id,
             tags=self._tags(), params=tracking.flatten(_trainable(cfg)),
-            config_yaml=_yaml(cfg), parent_run_id=plan.request.mlflow_parent_run_id)
+            config_yaml=_yaml(cfg), parent_run_id=plan.request.mlflow_parent_run_id,
+            note=self._note())
         tracking.log_dataset_input(self.mlflow, self.run_id, self.dataset)
         ledger.mark_running(self.alloc["id"], self.run_id)
         if plan.code.dirty:
@@ -271,6 +272,8 @@ class _Job:
         self.committed = True
         self._after("could not tag the MLflow run", lambda: self.mlflow.set_tag(
             self.run_id, "forge.artifact_id", self.artifact_id))
+        self._after("could not describe the MLflow run", lambda: tracking.describe_run(
+            self.mlflow, self.run_id, self._note(result, primary, version_number)))
         self._after("could not describe the MLflow version", lambda: tracking.describe_version(
             self.mlflow, self.registered["registered_model"], self.registered["version"],
             self._description(result, primary, version_number)))
@@ -299,12 +302,25 @@ class _Job:
         except Exception as exc:  # noqa: BLE001 - the version is registered and paid for
             self._warn(f"{what}: {type(exc).__name__}: {exc}")
 
+    def _note(self, result: dict | None = None, primary: str | None = None,
+              version_number: int | None = None) -> str:
+        """What this version is, for the MLflow UI (tracking.describe): at the run's start,
+        then with the host's measured metric once registered."""
+        parent = catalog.get_model_version(self.parent["id"]) if self.parent else None
+        metrics = (result or {}).get("metrics") or {}
+        return tracking.describe(
+            artifact_id=self.artifact_id, family=self.cfg["parent"]["family"],
+            version_number=version_number or (parent["version_number"] + 1 if parent else 1),
+            task=self.cfg["training"]["task"], dataset_id=self.dataset["id"], parent=parent,
+            tracking_uri=self.cfg["tracking"]["tracking_uri"], metric=primary,
+            value=metrics.get(primary), test_cells=(result or {}).get("test_cells"))
+
     def _description(self, result: dict, primary: str, version_number: int) -> str:
-        """The MLflow version's description: lineage, the candidate's metrics beside its
-        parent's (where the registry deems them comparable) and the baseline's, and the cost."""
+        """The MLflow version's description: what it is (linked to its parent's version and
+        run), the candidate's metrics beside its parent's (where the registry deems them
+        comparable) and the baseline's, and the cost."""
         parent = (catalog.get_model_version(self.parent["id"]) if self.parent else None)
-        head = (f"{parent['id']} (v{parent['version_number']})" if parent else "from scratch")
-        lines = [f"**{head} -> {self.artifact_id} (v{version_number}) on {self.dataset['id']}**",
+        lines = [self._note(result, primary, version_number),
                  "", "| metric | this version | parent | logistic-regression baseline |",
                  "|---|---|---|---|"]
         metrics = result["metrics"]

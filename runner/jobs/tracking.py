@@ -24,7 +24,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from runner import settings
 from runner.errors import ForgeError, StoreHalfMigrated
@@ -131,19 +131,31 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+# MLflow's UI opens an experiment on its GenAI overview unless the experiment says it holds
+# model training (the UI reads this tag; MLflow's own client never sets it for us).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
+
+
 def experiment_id(mlflow_client, name: str, artifact_root: Path) -> str:
     """The experiment `name`, created when missing: in a local store its artifacts go under
     `artifact_root/name`; a tracking server picks their location itself (`artifact_root` is
-    not used), so the host's own paths never reach a shared server."""
+    not used), so the host's own paths never reach a shared server. Either way it is marked a
+    model-training experiment (EXPERIMENT_KIND), an older one the first time it is used again;
+    a kind someone set by hand is left as it is."""
     existing = mlflow_client.get_experiment_by_name(name)
     if existing is not None:
+        if EXPERIMENT_KIND_TAG not in existing.tags:
+            mlflow_client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG,
+                                             EXPERIMENT_KIND)
         return existing.experiment_id
+    kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
     try:
         if is_server(mlflow_client.tracking_uri):
-            return mlflow_client.create_experiment(name)
+            return mlflow_client.create_experiment(name, tags=kind)
         # FORGE_HOME defaults to ./outputs: a relative root is the cwd's, as for the registry
         location = (Path(artifact_root).resolve() / name).as_uri()
-        return mlflow_client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(name, artifact_location=location, tags=kind)
     except Exception:  # created concurrently by another job
         existing = mlflow_client.get_experiment_by_name(name)
         if existing is None:
@@ -151,15 +163,82 @@ def experiment_id(mlflow_client, name: str, artifact_root: Path) -> str:
         return existing.experiment_id
 
 
+# --- what a reviewer reads: descriptions and links in the MLflow UI --------------------------
+
+def ui_routes(model: dict | None, tracking_uri: str) -> dict[str, str]:
+    """The MLflow UI's routes of a registry version (catalog.get_model_version) tracked in the
+    store `tracking_uri`: `version` (#/models/NAME/versions/N) and `run`
+    (#/experiments/E/runs/R), relative to the UI, so a description links them in whichever
+    server shows it. Empty for a version tracked in another store, or in none."""
+    if model is None:
+        return {}
+    recorded = (model.get("metadata") or {}).get("mlflow") or {}
+    if recorded.get("tracking_uri") != tracking_uri:
+        return {}
+    version = model.get("version") or {}
+    routes = {}
+    name, _, number = (version.get("mlflow_model_uri") or "").removeprefix(
+        "models:/").partition("/")
+    if name and number:
+        routes["version"] = f"#/models/{quote(name, safe='')}/versions/{quote(number, safe='')}"
+    run_id, exp_id = version.get("mlflow_run_id"), recorded.get("experiment_id")
+    if run_id and exp_id is not None:
+        routes["run"] = f"#/experiments/{quote(str(exp_id), safe='')}/runs/" \
+                        f"{quote(run_id, safe='')}"
+    return routes
+
+
+def describe(*, artifact_id: str, version_number: int, family: str, task: str,
+             dataset_id: str, parent: dict | None, tracking_uri: str,
+             metric: str | None = None, value: float | None = None,
+             test_cells: int | None = None) -> str:
+    """What a version is, in one Markdown paragraph for the MLflow UI (its run's note, the
+    head of its registered version's description): family, task, parent (linked to the
+    parent's registered version and run where they are in this store), dataset and, once
+    measured, the host's primary metric."""
+    if parent is None:
+        lineage = "trained from scratch"
+    else:
+        routes = ui_routes(parent, tracking_uri)
+        head = f"{parent['id']} v{parent['version_number']}"
+        head = f"[{head}]({routes['version']})" if "version" in routes else f"`{head}`"
+        run = f" (its [training run]({routes['run']}))" if "run" in routes else \
+            " (not tracked in this MLflow store)"
+        lineage = f"fine-tuned from {head}{run}"
+    text = (f"**{artifact_id}** (registry v{version_number}): a `{family}` model, task "
+            f"`{task}`, {lineage}, on dataset `{dataset_id}`.")
+    if metric and isinstance(value, (int, float)) and math.isfinite(value):
+        cells = f" on all {test_cells} held-out cells" if test_cells else ""
+        text += f" Host-measured {metric}: {value:.4f}{cells}."
+    return text
+
+
+def describe_run(mlflow_client, run_id: str, text: str) -> None:
+    """The run's description (its note, shown above the run's details)."""
+    mlflow_client.set_tag(run_id, NOTE_TAG, text)
+
+
+def family_description(family: str) -> str:
+    """The registered model's description: one registered model per family."""
+    return (f"Every `{family}` model version that forge-runner trained and registered. Each "
+            "version's description says what it is (task, parent, dataset, the host's "
+            "measured metric) and links its parent; the tags `forge.artifact_id` and "
+            "`forge.version_number` name it in the forge registry, `forge.lifecycle_state` "
+            "and the `champion` alias say what the eval gate decided.")
+
+
 def open_run(mlflow_client, *, experiment: str, artifact_root: Path, run_name: str,
              tags: dict[str, str], params: dict[str, str], config_yaml: str,
-             parent_run_id: str | None = None) -> tuple[str, str]:
-    """Create the host run with tags, flattened params and the resolved config artifact."""
+             parent_run_id: str | None = None, note: str | None = None) -> tuple[str, str]:
+    """Create the host run with tags, flattened params, the resolved config artifact and its
+    description (`note`, Markdown: describe())."""
     from mlflow.entities import Param
 
     exp_id = experiment_id(mlflow_client, experiment, artifact_root)
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}
+    if note:
+        tags = {**tags, NOTE_TAG: note}
     run = mlflow_client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     items = [Param(k, v) for k, v in params.items()]
@@ -598,11 +677,13 @@ def register_candidate(mlflow_client, *, name: str, run_id: str, artifact_id: st
     version each (the eval gate's `champion`), so registering a candidate moves none of them,
     and parallel jobs never race on one."""
     try:
-        mlflow_client.create_registered_model(name)
+        mlflow_client.create_registered_model(name, description=family_description(name))
     except Exception as exc:  # already exists, or created concurrently by another job
         if "RESOURCE_ALREADY_EXISTS" not in str(getattr(exc, "error_code", "")) and \
                 "already exists" not in str(exc) and "UNIQUE constraint" not in str(exc):
             raise
+        if not mlflow_client.get_registered_model(name).description:  # made before this
+            mlflow_client.update_registered_model(name, description=family_description(name))
     tags = {"forge.artifact_id": artifact_id, "forge.lifecycle_state": lifecycle_state}
     if version_number is not None:
         tags["forge.version_number"] = str(version_number)
