@@ -90,19 +90,19 @@ def test_dry_run_would_launch_and_writes_only_its_audit_row(registry, code_repo)
     before = count_rows(registry)
     result = dry()
     assert result["would_launch"] is True and result["reasons"] == []
-    assert result["estimate"] == {"amount": Decimal("1.00"), "currency": "credits",
-                                  "price_per_hour": Decimal("0.50"),
-                                  "hours": Decimal("2.00"), "devices": 1, "device": "cpu"}
-    assert str(result["estimate"]["amount"]) == "1.00"
-    assert result["balance"] == Decimal("10")
+    assert result["estimate"] == {"amount": "1.00", "currency": "credits",
+                                  "price_per_hour": "0.50", "hours": "2.00", "devices": 1,
+                                  "device": "cpu"}  # money: decimal strings, JSON-safe
+    assert Decimal(result["balance"]["amount"]) == Decimal("10")
+    assert result["balance"]["currency"] == "credits"
     assert result["code"]["sha"] == code_repo.head.commit.hexsha
     assert result["code"]["dirty"] is False
     assert result["code"]["repo_url"] == "https://example.org/forge-runner.git"
     config = result["config"]
     assert config["parent"]["artifact_id"] == PARENT and config["agent_id"] == "a1"
     assert config["training"]["task"] == "finetune_celltype" and config["dry_run"] is True
-    json.dumps(tools.jsonable(result))  # plain data all the way down
-    assert result["sandbox"]["argv"][-2:] == ["trainers.entrypoint", "/job/in/manifest.json"]
+    json.dumps(result)  # plain data all the way down
+    assert "argv" not in result["sandbox"] and "sandbox" not in config  # bulk: verbose only
     caps = result["sandbox"]["caps"]  # SIGTERM, then the grace period, within the 2 h cap
     assert caps["wall_time_s"] + caps["grace_s"] == 7200.0 and caps["grace_s"] == 10.0
     assert len(result["request_key"]) == 64
@@ -116,6 +116,8 @@ def test_dry_run_would_launch_and_writes_only_its_audit_row(registry, code_repo)
     assert call["output_summary"]["would_launch"] is True
     assert call["output_summary"]["estimate"]["amount"] == "1.00"
     assert "config" not in call["output_summary"] and call["duration_ms"] >= 0
+    argv = dry(verbose=True)["sandbox"]["argv"]  # the bulk, when asked for
+    assert argv[-2:] == ["trainers.entrypoint", "/job/in/manifest.json"]
 
 
 def test_overrides_training_config_and_group_choice_by_artifact_id(registry):
@@ -129,13 +131,13 @@ def test_overrides_training_config_and_group_choice_by_artifact_id(registry):
     assert config["training"]["lr"] == pytest.approx(1e-4)
     assert config["training"]["max_epochs"] == 2
     assert config["wall_time_cap_min"] == 30 and config["vram_cap_gb"] == 40
-    assert result["estimate"]["amount"] == Decimal("0.25") and result["would_launch"]
+    assert Decimal(result["estimate"]["amount"]) == Decimal("0.25") and result["would_launch"]
 
 
 def test_device_prices(registry):
     result = dry(device="h200", wall_time_cap_min=60)
-    assert result["estimate"]["price_per_hour"] == Decimal("3.00")
-    assert result["estimate"]["amount"] == Decimal("3.00")
+    assert result["estimate"]["price_per_hour"] == "3.00"
+    assert result["estimate"]["amount"] == "3.00"
     # This host has no H200: the job would run (and be billed) on something else, so no.
     assert not result["would_launch"]
     assert [r["reason"] for r in result["reasons"]] == ["device_unavailable"]
@@ -291,11 +293,16 @@ def test_code_commit_pins_an_earlier_commit_even_on_a_dirty_tree(registry, code_
     assert reasons(dry())["dirty_tree"]  # without code_commit: HEAD plus the dirty tree
 
 
-@pytest.mark.parametrize("sha, reason", [("main", "bad_commit"), ("ABCDEF1", "bad_commit"),
-                                         ("0" * 40, "unknown_commit"), (7, "bad_commit")])
-def test_bad_code_commit_is_a_reason_naming_the_field(registry, sha, reason):
-    r = reasons(dry(code_commit=sha))[reason]
+def test_bad_code_commit_is_a_reason_naming_the_field(registry):
+    r = reasons(dry(code_commit="0" * 40))["unknown_commit"]
     assert r["field"] == "code_commit" and "git log" in r["fix"]
+
+
+@pytest.mark.parametrize("sha", ["main", "ABCDEF1", 7])
+def test_malformed_code_commit_raises_naming_the_field(registry, sha):
+    with pytest.raises(InvalidInput) as info:  # the declaration's pattern: 7-40 lowercase hex
+        dry(code_commit=sha)
+    assert info.value.field == "code_commit"
 
 
 def test_not_a_git_repo_is_a_reason(registry, tmp_path, monkeypatch):
@@ -344,11 +351,11 @@ def test_two_devices_are_one_job_priced_per_device(registry):
     """devices=2 on this CPU host: one job of two processes (DDP over the jail's loopback),
     estimated at price x hours x 2; more than policy.max_devices is refused (above)."""
     before = count_rows(registry)
-    result = dry(devices=2)
+    result = dry(devices=2, verbose=True)
     assert result["would_launch"] is True and result["reasons"] == []
-    assert result["estimate"] == {"amount": Decimal("2.00"), "currency": "credits",
-                                  "price_per_hour": Decimal("0.50"),
-                                  "hours": Decimal("2.00"), "devices": 2, "device": "cpu"}
+    assert result["estimate"] == {"amount": "2.00", "currency": "credits",
+                                  "price_per_hour": "0.50", "hours": "2.00", "devices": 2,
+                                  "device": "cpu"}
     assert result["config"]["devices"] == 2
     sandbox = result["sandbox"]
     assert sandbox["devices"] == 2 and sandbox["device"] == "cpu"

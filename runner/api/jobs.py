@@ -8,27 +8,44 @@ from __future__ import annotations
 
 import re
 
-from runner.api.train import AGENT_ID, TRAIN_SKILL, nest_training_config, no_extra_arguments
+from pydantic import Field
+
+from runner.api import declare
+from runner.api.train import AGENT_HELP, TRAIN_SKILL, TrainArgs, request
 from runner.errors import Forbidden, InvalidInput
 from runner.jobs import background
-from runner.jobs.plan import TrainRequest, prepare
+from runner.jobs.plan import prepare
 from runner.registry import ledger
+from runner.registry.ids import AGENT_ID as AGENT_PATTERN
 from runner.tools import Skill, log_tool_call
 
-JOB_ID = {"type": "string", "pattern": r"^alloc-[0-9a-f]{32}$",
-          "description": "the job id submit_training returned (its allocation id)"}
-_JOB_ID = re.compile(JOB_ID["pattern"])
+JOB_PATTERN = r"^alloc-[0-9a-f]{32}$"
+_JOB_ID = re.compile(JOB_PATTERN)
+
 # A submission takes what a real train_model_version call takes, less what only a dry run
-# or a sweep sets: the same definitions, never a copy.
-_NOT_SUBMITTED = ("dry_run", "mlflow_parent_run_id", "code_commit")
+# or a sweep sets: the same declarations, never a copy.
+SubmitArgs = declare.less(TrainArgs, "dry_run", "verbose", "mlflow_parent_run_id",
+                          "code_commit", "config", name="SubmitArgs",
+                          doc="submit_training's arguments: train_model_version's, less "
+                              "the dry run's and the sweep's")
 
 
-def _schema(properties: dict, required: list[str]) -> dict:
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
-            "required": required, "additionalProperties": False, "properties": properties}
+class JobArgs(declare.Arguments):
+    """job_status's and cancel_job's arguments: the job and its agent."""
+
+    positional = ("job_id", "agent_id")
+    job_id: str = Field(pattern=JOB_PATTERN,
+                        description="the job id submit_training returned (its allocation id)")
+    agent_id: str = Field(pattern=AGENT_PATTERN.pattern, description=AGENT_HELP)
 
 
-_TRAIN = TRAIN_SKILL.input_schema
+class LogArgs(JobArgs):
+    """job_log's arguments: the job, its agent and how many lines."""
+
+    positional = ("job_id", "agent_id", "tail")
+    tail: int = Field(50, ge=1, le=background.MAX_TAIL, description="how many lines")
+
+
 SUBMIT_SKILL = Skill(
     "Submit Training",
     description=("Like Train Model Version, but returns at once: checks the request as a dry "
@@ -37,8 +54,7 @@ SUBMIT_SKILL = Skill(
                  "Job Log and Cancel Job. The same request again returns the same job."),
     skill_type="model_training",
     code_path="runner.api:submit_training",
-    input_schema=_schema({k: v for k, v in _TRAIN["properties"].items()
-                          if k not in _NOT_SUBMITTED}, list(_TRAIN["required"])),
+    input_schema=declare.input_schema(SubmitArgs),
     example_input={k: v for k, v in TRAIN_SKILL.example_input.items() if k != "dry_run"},
 )
 STATUS_SKILL = Skill(
@@ -47,17 +63,14 @@ STATUS_SKILL = Skill(
                  "its cost, its progress while it runs (epoch, step, eta, the latest "
                  "metrics) and, once done, the registered version or the error."),
     skill_type="job_control", code_path="runner.api:job_status",
-    input_schema=_schema({"job_id": JOB_ID, "agent_id": AGENT_ID}, ["job_id", "agent_id"]),
+    input_schema=declare.input_schema(JobArgs),
     example_input={"job_id": "alloc-" + "0" * 32, "agent_id": "a1"},
 )
 LOG_SKILL = Skill(
     "Job Log",
     description="The last lines of a submitted job's log.",
     skill_type="job_control", code_path="runner.api:job_log",
-    input_schema=_schema({"job_id": JOB_ID, "agent_id": AGENT_ID,
-                          "tail": {"type": "integer", "minimum": 1,
-                                   "maximum": background.MAX_TAIL, "default": 50}},
-                         ["job_id", "agent_id"]),
+    input_schema=declare.input_schema(LogArgs),
     example_input={"job_id": "alloc-" + "0" * 32, "agent_id": "a1", "tail": 50},
 )
 CANCEL_SKILL = Skill(
@@ -66,49 +79,41 @@ CANCEL_SKILL = Skill(
                  "stopped in its sandbox, charged the seconds it ran and refunded the rest; "
                  "its MLflow run ends KILLED. Returns its state once settled."),
     skill_type="job_control", code_path="runner.api:cancel_job",
-    input_schema=_schema({"job_id": JOB_ID, "agent_id": AGENT_ID}, ["job_id", "agent_id"]),
+    input_schema=declare.input_schema(JobArgs),
     example_input={"job_id": "alloc-" + "0" * 32, "agent_id": "a1"},
 )
 
 
 @log_tool_call(SUBMIT_SKILL)
-def submit_training(parent_artifact_id: str, dataset_artifact_id: str,
-                    training_config: dict | None = None, agent_id: str | None = None,
-                    wall_time_cap_min: int = 120, vram_cap_gb: int = 24, *,
-                    overrides: list[str] | None = None, allow_dirty: bool = False,
-                    devices: int | None = None, device: str | None = None, **kw) -> dict:
+@declare.declared(SubmitArgs)
+def submit_training(args) -> dict:
     """Queue a fine-tune of `parent_artifact_id` on `dataset_artifact_id` (the arguments of
     train_model_version) and return {job_id, status: queued, engine, cost, ...} at once."""
-    no_extra_arguments(kw)
-    plan = prepare(TrainRequest(
-        parent_artifact_id, dataset_artifact_id, agent_id,
-        training_config=nest_training_config(training_config), overrides=overrides,
-        wall_time_cap_min=wall_time_cap_min, vram_cap_gb=vram_cap_gb, allow_dirty=allow_dirty,
-        devices=devices, device=device))
+    plan = prepare(request(args))
     if plan.problems:
         raise plan.problems[0]
     return background.submit(plan)
 
 
 @log_tool_call(STATUS_SKILL)
-def job_status(job_id: str, agent_id: str | None = None, **kw) -> dict:
+@declare.declared(JobArgs)
+def job_status(args: JobArgs) -> dict:
     """{job_id, status, cost, progress (running), result (succeeded), error (failed, cancelled)}."""
-    no_extra_arguments(kw)
-    return background.state(own_job(job_id, agent_id))
+    return background.state(own_job(args.job_id, args.agent_id))
 
 
 @log_tool_call(LOG_SKILL)
-def job_log(job_id: str, agent_id: str | None = None, tail: int = 50, **kw) -> dict:
+@declare.declared(LogArgs)
+def job_log(args: LogArgs) -> dict:
     """{job_id, status, lines}: the last `tail` lines of the job's log."""
-    no_extra_arguments(kw)
-    return background.log_tail(own_job(job_id, agent_id), tail)
+    return background.log_tail(own_job(args.job_id, args.agent_id), args.tail)
 
 
 @log_tool_call(CANCEL_SKILL)
-def cancel_job(job_id: str, agent_id: str | None = None, **kw) -> dict:
+@declare.declared(JobArgs)
+def cancel_job(args: JobArgs) -> dict:
     """Stop and settle the job; returns its state (cancelled, or how it ended first)."""
-    no_extra_arguments(kw)
-    alloc = own_job(job_id, agent_id)
+    alloc = own_job(args.job_id, args.agent_id)
     return background.cancel(alloc, reason=f"by agent {alloc['agent_id']}")
 
 

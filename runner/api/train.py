@@ -15,34 +15,80 @@ mlflow at import time; the dry run never imports them at all.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Optional
 
+from pydantic import Field, WithJsonSchema
+
+from runner.api import declare
 from runner.config.caller import caller_schema
 from runner.config.schema import schema_keys
-from runner.errors import InvalidInput, InvalidOverride
+from runner.config.validate import INT_MAX
+from runner.errors import CapOutOfPolicy, InvalidArtifactId, InvalidInput, InvalidOverride
 from runner.jobs.launch import launch
 from runner.jobs.plan import MLFLOW_RUN_ID, TrainRequest, prepare
+from runner.registry.ids import AGENT_ID as AGENT_PATTERN
+from runner.registry.ids import ARTIFACT_ID
 from runner.tools import Skill, log_tool_call
 
 SKILL_NAME = "Train Model Version"
 
 
-# --- the skill ------------------------------------------------------------------------------------
+# --- the arguments, declared once -----------------------------------------------------------------
 
-ID = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
+ID = {"type": "string", "pattern": ARTIFACT_ID.pattern}
+AGENT_HELP = "the agent that pays; over MCP, the caller's own (may be omitted)"
 # The paying agent. Over MCP the caller's token (or the stdio server's --agent) decides it:
 # left out, it is filled in; a different one is refused as `forbidden`.
-AGENT_ID = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$",
-            "description": "the agent that pays; over MCP, the caller's own (may be omitted)"}
+AGENT_ID = {"type": "string", "pattern": AGENT_PATTERN.pattern, "description": AGENT_HELP}
+Count = Annotated[int, Field(ge=1, le=INT_MAX)]
+# What a caller may put in training_config and overrides: runner.config.caller's tables (the
+# ones train_model_version and forge-train enforce) as JSON Schema, never a copy. Checked by
+# caller.py itself, with its reason-coded errors, so any value passes the model.
+_CALLER = caller_schema()
 
 
-def _caller_schema() -> dict:
-    """What a caller may put in training_config and overrides, derived from runner.config.caller's
-    tables (the ones train_model_version and forge-train enforce), never a copy."""
-    return caller_schema()
+class TrainArgs(declare.Arguments):
+    """train_model_version's arguments (submit_training's, less the dry run's and sweep's)."""
+
+    positional = ("parent_artifact_id", "dataset_artifact_id", "training_config", "agent_id",
+                  "wall_time_cap_min", "vram_cap_gb", "dry_run")
+    python_only = frozenset({"config"})
+    errors = {"parent_artifact_id": InvalidArtifactId, "dataset_artifact_id": InvalidArtifactId,
+              "wall_time_cap_min": CapOutOfPolicy, "vram_cap_gb": CapOutOfPolicy,
+              "devices": CapOutOfPolicy}
+    flags = {"agent_id": ("--agent",), "parent_artifact_id": ("--parent",),
+             "dataset_artifact_id": ("--dataset",), "wall_time_cap_min": ("--cap",)}
+
+    parent_artifact_id: str = Field(pattern=ARTIFACT_ID.pattern,
+                                    description="model artifact to start from")
+    dataset_artifact_id: str = Field(pattern=ARTIFACT_ID.pattern,
+                                     description="dataset artifact to train on")
+    training_config: Annotated[Any, WithJsonSchema(_CALLER["training_config"])] = None
+    agent_id: str = Field(pattern=AGENT_PATTERN.pattern, description=AGENT_HELP)
+    wall_time_cap_min: Count = Field(
+        default_factory=declare.from_conf("wall_time_cap_min"),
+        description="minutes before the sandbox is killed; the estimate is priced on it")
+    vram_cap_gb: Count = Field(default_factory=declare.from_conf("vram_cap_gb"),
+                               description="GPU memory the job may use, in GB")
+    dry_run: bool = Field(False, description="validate, compose, pin the code and estimate; "
+                                             "launch nothing")
+    overrides: Annotated[Any, WithJsonSchema(_CALLER["overrides"])] = None
+    allow_dirty: bool = Field(False, description="run the working tree's uncommitted code")
+    devices: Optional[Count] = Field(None, description="how many devices (default: conf/'s)")
+    device: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                                  description="auto, cpu, h100, h200, ...")
+    mlflow_parent_run_id: Optional[str] = Field(
+        None, pattern=f"^{MLFLOW_RUN_ID.pattern}$",
+        description="a run of this agent (its sweep's) to nest this job's MLflow run under")
+    code_commit: Optional[str] = Field(
+        None, pattern="^[0-9a-f]{7,40}$",
+        description="run this commit of the code instead of HEAD (sweeps pin once for all "
+                    "their jobs)")
+    verbose: bool = Field(False, description="a dry run's reply in full: the sandbox's argv, "
+                                             "binds and environment, the whole config")
+    config: Any = None  # a DictConfig forge-train composed; replaces the composition
 
 
-_CALLER = _caller_schema()
 TRAIN_SKILL = Skill(
     SKILL_NAME,
     description=("Fine-tune a registered parent model on a registered dataset inside the "
@@ -51,40 +97,14 @@ TRAIN_SKILL = Skill(
                  "the code and estimates the cost without launching."),
     skill_type="model_training",
     code_path="runner.api:train_model_version",
-    input_schema={
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "type": "object",
-        "required": ["parent_artifact_id", "dataset_artifact_id", "agent_id"],
-        "additionalProperties": False,
-        "properties": {
-            "parent_artifact_id": {**ID, "description": "model artifact to start from"},
-            "dataset_artifact_id": {**ID, "description": "dataset artifact to train on"},
-            "training_config": _CALLER["training_config"],
-            "overrides": _CALLER["overrides"],
-            "agent_id": AGENT_ID,
-            "wall_time_cap_min": {"type": "integer", "minimum": 1, "default": 120},
-            "vram_cap_gb": {"type": "integer", "minimum": 1, "default": 24},
-            "devices": {"type": ["integer", "null"], "minimum": 1},
-            "device": {"type": ["string", "null"], "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-                       "description": "auto, cpu, h100, h200, ..."},
-            "dry_run": {"type": "boolean", "default": False},
-            "allow_dirty": {"type": "boolean", "default": False},
-            "mlflow_parent_run_id": {"type": ["string", "null"],
-                                     "pattern": f"^{MLFLOW_RUN_ID.pattern}$",
-                                     "description": "a run of this agent (its sweep's) to "
-                                                    "nest this job's MLflow run under"},
-            "code_commit": {"type": ["string", "null"], "pattern": "^[0-9a-f]{7,40}$",
-                            "description": "run this commit of the code instead of HEAD "
-                                           "(sweeps pin once for all their jobs)"},
-        },
-    },
+    input_schema=declare.input_schema(TrainArgs),
     example_input={
         "parent_artifact_id": "model-scgpt-cbmc-base",
         "dataset_artifact_id": "dataset-geo-GSE100866",
         "agent_id": "a1",
         "overrides": ["training=finetune_celltype", "training.lr=1e-4"],
-        "wall_time_cap_min": 120,
-        "vram_cap_gb": 24,
+        "wall_time_cap_min": declare.conf_default("wall_time_cap_min"),
+        "vram_cap_gb": declare.conf_default("vram_cap_gb"),
         "dry_run": True,
     },
 )
@@ -93,39 +113,39 @@ TRAIN_SKILL = Skill(
 # --- the call -------------------------------------------------------------------------------------
 
 @log_tool_call(TRAIN_SKILL)
-def train_model_version(parent_artifact_id: str, dataset_artifact_id: str,
-                        training_config: dict | None = None, agent_id: str | None = None,
-                        wall_time_cap_min: int = 120, vram_cap_gb: int = 24,
-                        dry_run: bool = False, *, overrides: list[str] | None = None,
-                        allow_dirty: bool = False, devices: int | None = None,
-                        device: str | None = None, config=None,
-                        mlflow_parent_run_id: str | None = None,
-                        code_commit: str | None = None, **kw) -> dict:
+@declare.declared(TrainArgs)
+def train_model_version(args: TrainArgs) -> dict:
     """Fine-tune `parent_artifact_id` on `dataset_artifact_id` as a new candidate version.
 
     `training_config` is a dict of training settings (`{"lr": 1e-4}` means `training.lr`), or
     a nested dict merged at the config root (`{"training": {"lr": 1e-4}}`); `overrides` are Hydra
     override strings (`training.lr=1e-4`, `training=pretrain_mgm`). Caps, devices, the agent
-    and the flags come from the arguments. `config` is an already composed config (what
-    forge-train passes); it replaces the composition and must agree with the arguments.
-    `code_commit` runs that commit of the code repository instead of HEAD (a sweep pins
-    once and passes it to every job).
+    and the flags come from the arguments (TrainArgs declares them; the caps default to
+    conf/train.yaml's). `config` is an already composed config (what forge-train passes); it
+    replaces the composition and must agree with the arguments. `code_commit` runs that commit
+    of the code repository instead of HEAD (a sweep pins once and passes it to every job).
 
     With `dry_run=True`, returns {would_launch, reasons, estimate, config, code, sandbox,
-    balance, request_key, ...} and launches nothing.
+    balance, request_key, ...} (the sandbox's argv and binds with `verbose=True`) and
+    launches nothing. Money is a decimal string beside its currency.
     """
-    no_extra_arguments(kw)
-    plan = prepare(TrainRequest(
-        parent_artifact_id, dataset_artifact_id, agent_id,
-        training_config=nest_training_config(training_config), overrides=overrides,
-        wall_time_cap_min=wall_time_cap_min, vram_cap_gb=vram_cap_gb, dry_run=dry_run,
-        allow_dirty=allow_dirty, devices=devices, device=device, config=config,
-        code_commit=code_commit, mlflow_parent_run_id=mlflow_parent_run_id))
-    if dry_run:
-        return plan.dry_run_result()
+    plan = prepare(request(args, dry_run=args.dry_run, config=args.config,
+                           code_commit=args.code_commit,
+                           mlflow_parent_run_id=args.mlflow_parent_run_id))
+    if args.dry_run:
+        return plan.dry_run_result(verbose=args.verbose)
     if plan.problems:
         raise plan.problems[0]
     return launch(plan)
+
+
+def request(args: declare.Arguments, **extra) -> TrainRequest:
+    """The TrainRequest of a train or submit call's arguments."""
+    return TrainRequest(
+        args.parent_artifact_id, args.dataset_artifact_id, args.agent_id,
+        training_config=nest_training_config(args.training_config), overrides=args.overrides,
+        wall_time_cap_min=args.wall_time_cap_min, vram_cap_gb=args.vram_cap_gb,
+        allow_dirty=args.allow_dirty, devices=args.devices, device=args.device, **extra)
 
 
 def no_extra_arguments(kw: dict) -> None:

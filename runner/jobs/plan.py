@@ -41,7 +41,7 @@ from runner.jobs import codepin, devices, engine, parents, tracking, weights
 from runner.jobs.datasets import builtin_holds, known_fetch_failure
 from runner.jobs.job import disk_problem, run_dir, sandbox_job
 from runner.registry import capacity, catalog, db, ledger, money
-from runner.tools import audit_to
+from runner.tools import audit_to, jsonable
 from trainers import family as families
 
 MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")  # what MLflow names a run: a uuid4's hex
@@ -108,27 +108,51 @@ class Plan:
     def would_launch(self) -> bool:
         return not self.problems
 
-    def dry_run_result(self) -> dict:
-        code = self.code
+    def dry_run_result(self, verbose: bool = False) -> dict:
+        """What a dry run says, as plain JSON data (money: decimal strings beside their
+        currency). Without `verbose`, a few hundred bytes of the sandbox plan (its caps and
+        inputs, not its argv, binds and environment) and of the config (what the caller
+        chose and the registry decided: parent, dataset, training, the caps)."""
+        code, currency = self.code, self.currency
         return {
             "would_launch": self.would_launch,
-            "reasons": [p.to_dict() for p in self.problems],
-            "estimate": {"amount": self.estimate, "currency": self.currency,
-                         "price_per_hour": self.price_per_hour, "hours": self.hours,
+            "reasons": [jsonable(p.to_dict()) for p in self.problems],
+            "estimate": {"amount": str(self.estimate), "currency": currency,
+                         "price_per_hour": str(self.price_per_hour), "hours": str(self.hours),
                          "devices": self.devices,
                          "device": None if self.device is None else self.device.price_key},
-            "config": self.resolved,
+            "config": jsonable(self.resolved if verbose else {
+                k: v for k, v in self.resolved.items() if k not in OPERATOR_PARTS}),
             "code": None if code is None else {
                 "sha": code.sha, "dirty": code.dirty, "repo_url": code.repo_url,
                 "branch": code.branch, "diff_sha256": code.diff_sha256},
-            "sandbox": self.sandbox,
-            "checkpoint": self.checkpoint,
-            "balance": self.balance,
+            "sandbox": jsonable(self.sandbox if verbose or self.sandbox is None else {
+                k: v for k, v in self.sandbox.items() if k in SANDBOX_SUMMARY}),
+            "checkpoint": jsonable(self.checkpoint if verbose else _brief(self.checkpoint)),
+            "balance": None if self.balance is None else {"amount": str(self.balance),
+                                                          "currency": currency},
             "agent_id": self.agent_id,
             "parent_artifact_id": self.request.parent_artifact_id,
             "dataset_artifact_id": self.request.dataset_artifact_id,
             "request_key": self.request_key,
         }
+
+
+# A dry run's reply without `verbose`: the operator's config groups (the same for every call)
+# and the sandbox's argv, binds and environment (kilobytes of bwrap flags) are left out.
+OPERATOR_PARTS = ("sandbox", "tracking", "registry", "pricing", "policy")
+SANDBOX_SUMMARY = ("backend", "caps", "inputs_planned", "error")
+
+
+def _brief(checkpoint: dict | None) -> dict | None:
+    """The parent's checkpoint facts without the per-file listing of its weights."""
+    if checkpoint is None:
+        return None
+    out = dict(checkpoint)
+    weights = out.get("weights")
+    if isinstance(weights, dict):
+        out["weights"] = {k: v for k, v in weights.items() if not isinstance(v, (list, dict))}
+    return out
 
 
 def request_key(req: TrainRequest, config: dict, code_sha: str,
@@ -390,7 +414,7 @@ def _check_agrees(resolved: dict, req: TrainRequest) -> None:
 def _artifact(catalog, artifact_id: str, kind: str, field: str, conn,
               problems: list[ForgeError]) -> dict | None:
     try:
-        row = catalog.get_artifact(artifact_id, conn=conn)
+        row = catalog.get_artifact(artifact_id, conn=conn, kind=kind, field=field)
     except NotFound as exc:
         exc.field = field
         problems.append(exc)
