@@ -26,14 +26,17 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import logging
 import math
+import time
 
 import anyio
 import jsonschema
 import mcp_types as types
+from jsonschema.exceptions import best_match
 from mcp.server.auth.provider import AccessToken
 from mcp.server.lowlevel import Server
 
@@ -55,6 +58,124 @@ def tool_schema(skill: tools.Skill) -> dict:
 
 
 TOOLS = {call.__name__: (call, call.skill, tool_schema(call.skill)) for call in CALLS}
+
+
+# --- what each tool does and returns (tools/list) ---------------------------------------------
+
+# Tools that debit the calling agent's credits before they run (not as a dry run). Spending
+# cannot be undone by the caller, so they are marked destructive: a client asks before it
+# calls one. A retry of the same request returns the first one's job or result (its
+# request key), so they are idempotent.
+SPENDS_CREDITS = frozenset({"train_model_version", "submit_training", "evaluate_candidate"})
+READ_ONLY = frozenset({"describe_options", "lineage", "model_show", "job_status", "job_log"})
+
+
+def tool_annotations(name: str, skill: tools.Skill) -> types.ToolAnnotations:
+    """The MCP hints: read-only lookups; credit-spending (destructive, idempotent) calls;
+    cancel_job stops a job (destructive, idempotent: a settled job stays settled). Every
+    tool acts on this server's registry alone (openWorldHint false)."""
+    if name in READ_ONLY:
+        return types.ToolAnnotations(title=skill.name, read_only_hint=True,
+                                     open_world_hint=False)
+    return types.ToolAnnotations(title=tool_title(name, skill), read_only_hint=False,
+                                 destructive_hint=True, idempotent_hint=True,
+                                 open_world_hint=False)
+
+
+def tool_title(name: str, skill: tools.Skill) -> str:
+    return f"{skill.name} (spends credits)" if name in SPENDS_CREDITS else skill.name
+
+
+def tool_description(name: str, skill: tools.Skill) -> str:
+    if name in SPENDS_CREDITS:
+        return ("SPENDS CREDITS: debits the agent's balance by the estimate before it runs "
+                "(unused time is refunded); dry_run=true, where offered, spends nothing. "
+                + skill.description)
+    return skill.description
+
+
+def _t(*names: str) -> dict:
+    return {"type": list(names) if len(names) > 1 else names[0]}
+
+
+# Money: an amount with its currency (its exact shape is runner.api's).
+_COST = {"type": "object", "description": "what the job costs, each amount with its currency"}
+_MONEY = _t("object", "string", "number", "null")
+
+
+def _object(required: list[str], description: str = "", **properties) -> dict:
+    """A result's schema: its top-level keys and their types; more keys may follow."""
+    out = {"type": "object", "required": required, "properties": properties}
+    if description:
+        out["description"] = description
+    return out
+
+
+_JOB = _object(
+    ["job_id", "status", "agent_id", "cost"],
+    "a job as its caller sees it: progress while it runs, the result or error once it ended",
+    job_id=_t("string"), status=_t("string"), agent_id=_t("string"),
+    engine=_t("string", "null"), engine_job_id=_t("string", "null"),
+    submitted_at=_t("string", "null"), started_at=_t("string", "null"),
+    ended_at=_t("string", "null"), mlflow_run_id=_t("string", "null"), cost=_COST,
+    progress=_t("object"), result=_t("object"), error=_t("object"), existing=_t("boolean"))
+_DRY_RUN = dict(would_launch=_t("boolean"), reasons=_t("array"), estimate=_t("object"),
+                balance=_MONEY, code=_t("object", "null"),
+                agent_id=_t("string", "null"))
+OUTPUT_SCHEMAS = {
+    "train_model_version": {"type": "object", "anyOf": [
+        _object(["would_launch", "reasons"], "dry_run=true: whether it would launch, and why not",
+                **_DRY_RUN, config=_t("object", "null"), request_key=_t("string", "null"),
+                parent_artifact_id=_t("string"), dataset_artifact_id=_t("string")),
+        _object(["artifact_id", "lifecycle_state", "cost"], "the registered candidate version",
+                artifact_id=_t("string"), version_number=_t("integer"),
+                parent_artifact_id=_t("string", "null"), lifecycle_state=_t("string"),
+                cost=_COST, gpu_allocation_id=_t("string"),
+                eval_metrics=_t("object", "null"), mlflow=_t("object"),
+                code_commit_sha=_t("string", "null"), detail_url=_t("string", "null"),
+                mlflow_url=_t("string", "null"))]},
+    "submit_training": _JOB,
+    "job_status": _JOB,
+    "cancel_job": _JOB,
+    "job_log": _object(["job_id", "lines"], "the last lines of the job's log",
+                       job_id=_t("string"), status=_t("string", "null"),
+                       lines={"type": "array", "items": _t("string")}),
+    "evaluate_candidate": {"type": "object", "anyOf": [
+        _object(["would_launch", "reasons"], "dry_run=true: whether it would launch, and why not",
+                **_DRY_RUN, candidate_artifact_id=_t("string"), gate=_t("string"),
+                rules=_t("object"), comparators=_t("object")),
+        _object(["candidate_artifact_id", "gate", "decision", "comparisons"],
+                "the gate's decision, recorded on the candidate",
+                candidate_artifact_id=_t("string"), gate=_t("string"), decision=_t("string"),
+                notes=_t("string", "null"), recorded=_t("boolean"),
+                lifecycle_state=_t("string"), promotion_state=_t("string", "null"),
+                is_latest=_t("boolean"), comparisons=_t("array"),
+                allocation_id=_t("string", "null"), cost=_t("object", "null"),
+                mlflow=_t("object"), warnings=_t("array"))]},
+    "describe_options": _object(
+        ["artifacts", "groups", "training_keys", "arguments"],
+        "what a caller may choose: registered artifacts, training options and keys, limits",
+        artifacts=_t("object"), groups=_t("object"), training_keys=_t("object"),
+        families=_t("object"), training_defaults=_t("object"), arguments=_t("object"),
+        pricing=_t("object"), operator_only=_t("array")),
+    "lineage": _object(["artifact_id", "ancestors", "children"],
+                       "the version's ancestors (root first, itself last) and children",
+                       artifact_id=_t("string"), ancestors=_t("array"), children=_t("array")),
+    "model_show": _object(["id", "version"], "the model version, its links and evaluations",
+                          id=_t("string"), title=_t("string", "null"),
+                          version_number=_t("integer"), lifecycle_state=_t("string"),
+                          version=_t("object"), links=_t("array", "object"),
+                          evaluations=_t("array")),
+}
+
+
+def mcp_tool(name: str) -> types.Tool:
+    """The tool as tools/list shows it: the skill's input schema, what it returns, its hints."""
+    _call, skill, schema = TOOLS[name]
+    return types.Tool(name=name, title=tool_title(name, skill),
+                      description=tool_description(name, skill), input_schema=schema,
+                      output_schema=OUTPUT_SCHEMAS[name],
+                      annotations=tool_annotations(name, skill))
 
 
 # --- fair service -------------------------------------------------------------------------------
@@ -112,10 +233,7 @@ def build_server(bound_agent: str | None = None, lanes: Lanes | None = None) -> 
     lanes = lanes or Lanes()
 
     async def list_tools(ctx, params) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=[
-            types.Tool(name=name, title=skill.name, description=skill.description,
-                       input_schema=schema)
-            for name, (_call, skill, schema) in TOOLS.items()])
+        return types.ListToolsResult(tools=[mcp_tool(name) for name in TOOLS])
 
     async def call_tool(ctx, params) -> types.CallToolResult:
         agent = bound_agent or _token_agent(ctx)
@@ -126,12 +244,19 @@ def build_server(bound_agent: str | None = None, lanes: Lanes | None = None) -> 
             return _error(SchemaViolation(f"no tool {name[:100]!r}", field="name",
                                           fix=f"one of {', '.join(TOOLS)}"))
         arguments = dict(arguments)
-        try:
-            return await lanes.run(agent, name, arguments,
-                                   functools.partial(_run, name, arguments, agent))
-        except Busy as exc:  # audited like a call its schema refuses
-            return await anyio.to_thread.run_sync(
-                functools.partial(_refuse, name, arguments, agent, exc), limiter=lanes.short)
+
+        async def work() -> types.CallToolResult:
+            try:
+                return await lanes.run(agent, name, arguments,
+                                       functools.partial(_run, name, arguments, agent))
+            except Busy as exc:  # audited like a call its schema refuses
+                return await anyio.to_thread.run_sync(
+                    functools.partial(_refuse, name, arguments, agent, exc),
+                    limiter=lanes.short)
+
+        if not blocks(name, arguments):
+            return await work()
+        return await _reporting_progress(ctx, _cap_s(arguments), work)
 
     return Server(SERVER_NAME, version=_version(),
                   instructions=("forge-runner: fine-tune a registered parent model on a "
@@ -139,6 +264,40 @@ def build_server(bound_agent: str | None = None, lanes: Lanes | None = None) -> 
                                 "with describe_options; train_model_version(dry_run=true) "
                                 "estimates; submit_training + job_status run asynchronously."),
                   on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+# How often a blocking call tells a client that asked (a progressToken) that it still runs.
+PROGRESS_EVERY_S = 5.0
+
+
+async def _reporting_progress(ctx, cap_s: float | None, work):
+    """`await work()`, sending notifications/progress while it runs when the request carries
+    a progressToken (the SDK sends nothing otherwise): the seconds since the call began,
+    out of the wall-time cap, measured here on the host, never read from the job."""
+    async with anyio.create_task_group() as group:
+        async def beat() -> None:
+            start = time.monotonic()
+            while True:
+                elapsed = round(time.monotonic() - start, 1)
+                cap = f" of at most {cap_s:.0f} s (wall_time_cap_min)" if cap_s else ""
+                await ctx.session.report_progress(
+                    elapsed if cap_s is None else min(elapsed, cap_s), cap_s,
+                    f"running for {elapsed:.0f} s{cap}")
+                await anyio.sleep(PROGRESS_EVERY_S)
+
+        group.start_soon(beat)
+        try:
+            return await work()
+        finally:
+            group.cancel_scope.cancel()
+
+
+def _cap_s(arguments: dict) -> float | None:
+    """The call's wall-time cap in seconds, when the caller gave one (the operator's
+    default applies otherwise, unknown here)."""
+    cap = arguments.get("wall_time_cap_min")
+    ok = isinstance(cap, int) and not isinstance(cap, bool) and cap > 0
+    return float(cap * 60) if ok else None
 
 
 def _run(name: str, arguments: dict, agent: str) -> types.CallToolResult:
@@ -169,18 +328,97 @@ def _refuse(name: str, arguments: dict, agent: str, problem: ForgeError) -> type
 
 
 def _schema_problem(schema: dict, arguments: dict) -> ForgeError | None:
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(arguments),
-                    key=lambda e: list(e.path))
-    if not errors:
+    """The arguments' first schema error, saying which key and which rule:
+    "training_config.lrr: unknown key (did you mean lr?)", "wall_time_cap_min: 0 is less than
+    the minimum of 1" (jsonschema's own "not valid under any of the given schemas" says
+    neither)."""
+    top = best_match(jsonschema.Draft202012Validator(schema).iter_errors(arguments))
+    if top is None:
         return None
-    first = errors[0]
-    where = ".".join(str(p) for p in first.path)
-    if first.validator == "additionalProperties" and isinstance(first.instance, dict):
-        known = first.schema.get("properties", {})
-        where = ".".join(filter(None, [where, min(k for k in first.instance if k not in known)]))
-    return SchemaViolation(f"arguments do not match the tool's input schema: "
-                           f"{first.message[:300]}", field=where or None,
-                           fix="see the tool's inputSchema (tools/list)")
+    leaves = _leaves(top)
+    deepest = max(len(e.absolute_path) for e in leaves)
+    leaves = [e for e in leaves if len(e.absolute_path) == deepest]
+    said = {}  # (where, what) -> None: each distinct finding once, in order
+    for error in leaves:
+        said.setdefault(_finding(error, leaves), None)
+    if len(said) == 1:
+        (where, what), = said
+        message = f"{where or 'arguments'}: {what}"
+    else:  # the value fits none of the forms its key allows: say how each is missed
+        where = _path(top.absolute_path)
+        message = (f"{where or 'arguments'} matches none of its allowed forms: "
+                   + "; ".join(f"{w}: {what}" for w, what in said))
+        where = where or min(w for w, _ in said)
+    return SchemaViolation(message[:600], field=where or None, fix=_fix(schema, top))
+
+
+def _leaves(error) -> list:
+    """The errors under an anyOf/oneOf that say what is wrong: each allowed form's, less
+    the forms of another type than the value (a dict is not faulted for not being null)."""
+    if error.validator not in ("anyOf", "oneOf") or not error.context:
+        return [error]
+    same_type = [e for e in error.context
+                 if not (e.validator == "type" and e.absolute_path == error.absolute_path)]
+    return [leaf for e in same_type or error.context for leaf in _leaves(e)]
+
+
+def _finding(error, leaves: list) -> tuple[str, str]:
+    """(where, what) for one error: an unknown key with the nearest known ones, a missing
+    required key, a pattern refused (without the pattern's text), else jsonschema's words."""
+    where = _path(error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = {k for e in leaves if e.validator == "additionalProperties"
+                 and e.absolute_path == error.absolute_path
+                 for k in (e.schema.get("properties") or {})}
+        unknown = sorted(k for k in error.instance if k not in (error.schema.get("properties")
+                                                                or {}))
+        key = str(unknown[0]) if unknown else "?"
+        if key in known:  # a key of another of the value's allowed forms
+            return _join(where, key), "not allowed in this form"
+        near = difflib.get_close_matches(key, sorted(known), n=3)
+        hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+        return _join(where, key), f"unknown key{hint}"
+    if error.validator == "required" and isinstance(error.instance, dict):
+        missing = [k for k in error.validator_value if k not in error.instance]
+        if missing:
+            return _join(where, missing[0]), "missing, and it is required"
+    if error.validator == "type" and all(e.validator == "type" for e in leaves):
+        wanted = sorted({t for e in leaves for t in _types(e.validator_value)})
+        return where, f"{_short(error.instance)} is not of type {' or '.join(wanted)}"
+    if error.validator == "pattern":
+        return where, f"{_short(error.instance)} is not of the allowed form"
+    return where, error.message[:300]
+
+
+def _fix(schema: dict, error) -> str:
+    """Where to read the rule: the top-level argument's description when it has one."""
+    key = next(iter(error.absolute_path), None)
+    if error.validator in ("additionalProperties", "required") and not error.absolute_path:
+        return "see the tool's inputSchema (tools/list) for its arguments"
+    spec = (schema.get("properties") or {}).get(key) or {}
+    if spec.get("description"):
+        return f"{key}: {spec['description']}"[:500]
+    return "see the tool's inputSchema (tools/list)"
+
+
+def _path(path) -> str:
+    out = ""
+    for part in path:
+        out = f"{out}[{part}]" if isinstance(part, int) else _join(out, str(part))
+    return out
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _types(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _error(exc: ForgeError) -> types.CallToolResult:
@@ -259,9 +497,10 @@ def http_app(host: str, port: int, db_url: str | None = None, *, lanes: Lanes | 
     app = server.streamable_http_app(
         host=host, token_verifier=AgentTokens(db_url, limiter=lanes.tokens),
         session_idle_timeout=sessions.idle_s,
-        auth=AuthSettings(issuer_url=base, resource_server_url=f"{base}/mcp",
-                          validate_token_resource=False,  # forge's own tokens: verify() decides
-                          required_scopes=[]))
+        # forge's tokens come from `forge agents issue`, not from an OAuth server: with no
+        # resource_server_url the 401 advertises no OAuth metadata (it named an authorization
+        # server whose metadata answered 404) and no metadata route is served.
+        auth=AuthSettings(issuer_url=base, resource_server_url=None, required_scopes=[]))
     cap_sessions_per_agent(server.session_manager, sessions.per_agent)
     return app
 
