@@ -1,12 +1,19 @@
-"""`forge`: the admin CLI (registry, ledger, tools). Heavy modules are imported per command."""
+"""`forge`: the admin CLI (registry, ledger, tools). Heavy modules are imported per command.
+
+Every command prints for people by default and ends with a "next: ..." line naming the
+natural next command; `--json` prints the dict for machines instead. Tables are plain
+padded columns (`_columns`), never wrapped, so that every id can be copied from a pipe.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
+from runner import settings
 from runner.errors import ForgeError
 
 
@@ -22,12 +29,93 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
-def main() -> None:
-    """forge-runner administration: registry, lineage, ledger, tools."""
+@click.pass_context
+def main(ctx) -> None:
+    """forge-runner administration: registry, lineage, ledger, tools.
+
+    Its home (registry, runs, MLflow store) is FORGE_HOME, else the folder named by the
+    nearest forge.toml in the working directory or above; `forge init DIR` makes one."""
+    _export_home(ctx)
+
+
+def _export_home(ctx) -> None:
+    """Name the home found through forge.toml in FORGE_HOME for this command, so that conf/'s
+    ${oc.env:FORGE_HOME} and the processes it starts use the same home; no home, nothing
+    (the command that needs one refuses: settings.NoForgeHome)."""
+    if os.environ.get("FORGE_HOME") or ctx.invoked_subcommand == "init":
+        return
+    try:
+        home = settings.forge_home()
+    except ForgeError:
+        return
+    os.environ["FORGE_HOME"] = str(home)
+    ctx.call_on_close(lambda: os.environ.pop("FORGE_HOME", None))
 
 
 def echo_json(data) -> None:
+    """JSON for machines: Decimal money, datetimes and paths as strings."""
     click.echo(json.dumps(data, indent=2, default=str))
+
+
+def echo_next(*commands: str) -> None:
+    """The last line of a command for people: what to run next."""
+    click.echo("next: " + "   or   ".join(commands))
+
+
+def echo_table(header: tuple[str, ...], rows: list[tuple], empty: str) -> None:
+    """Rows as plain padded columns, or `empty` when there are none."""
+    if not rows:
+        click.echo(empty)
+        return
+    for line in _columns(header, [tuple("" if c is None else str(c) for c in r)
+                                  for r in rows]):
+        click.echo(line)
+
+
+def _when(stamp) -> str:
+    return stamp.strftime("%Y-%m-%d %H:%M") if stamp else ""
+
+
+JSON_OPTION = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as JSON (for machines).")
+
+
+# --- home -----------------------------------------------------------------------------------
+
+@main.command("init")
+@click.argument("directory", default=".", type=click.Path(file_okay=False))
+@click.option("--home", "home_name", default="outputs", show_default=True,
+              help="The home's folder (registry, runs, MLflow store), relative to DIRECTORY.")
+@JSON_OPTION
+def init_cmd(directory, home_name, as_json):
+    """Make DIRECTORY (default: here) a forge home: write its forge.toml and create the
+    registry in it. Commands run in DIRECTORY or below find it."""
+    from pathlib import Path
+
+    # lazy: the registry (~350 ms) stays out of `forge --help`
+    from runner.errors import Conflict
+    from runner.registry import db as dbmod
+
+    folder = Path(directory).resolve()
+    marker = folder / settings.HOME_FILE
+    if marker.exists():
+        raise Conflict(f"{marker} already exists", field="directory",
+                       fix=f"use that home (cd {folder}), or pick another directory")
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"# A forge home (forge init): its registry, runs and MLflow store.\n"
+                      f"home = {json.dumps(home_name)}\n")
+    home = settings.home_from_file(marker)
+    url = os.environ.get("FORGE_DB_URL") or settings.sqlite_url(home)
+    revision = dbmod.upgrade(url)
+    if as_json:
+        echo_json({"forge_toml": str(marker), "home": str(home),
+                   "registry": dbmod.shown(url), "revision": revision})
+        return
+    click.echo(f"forge home {home} (forge.toml in {folder}); registry at revision {revision}")
+    if os.environ.get("FORGE_HOME"):
+        click.echo(f"note: FORGE_HOME is set ({os.environ['FORGE_HOME']}): it wins over "
+                   "forge.toml until you unset it")
+    echo_next(f"cd {folder} && forge datasets list")
 
 
 # --- registry -------------------------------------------------------------------------------
@@ -38,13 +126,21 @@ def db() -> None:
 
 
 @db.command("upgrade")
-@click.option("--url", default=None, help="Database URL (default: FORGE_DB_URL or outputs/forge.db).")
-def db_upgrade(url):
+@click.option("--url", default=None,
+              help="Database URL (default: FORGE_DB_URL, else the forge home's forge.db).")
+@JSON_OPTION
+def db_upgrade(url, as_json):
     """Create or migrate every registry table and write the skills rows (idempotent)."""
     # lazy: the registry (~350 ms) stays out of `forge --help`
     from runner.registry import db as dbmod
 
-    click.echo(f"registry at revision {dbmod.upgrade(url)}")  # skills included
+    url = url or settings.db_url()
+    revision = dbmod.upgrade(url)  # skills included
+    if as_json:
+        echo_json({"registry": dbmod.shown(url), "revision": revision})
+        return
+    click.echo(f"registry {dbmod.shown(url)} at revision {revision}")
+    echo_next("forge datasets list", "forge models list")
 
 
 @main.group()
@@ -52,17 +148,83 @@ def models() -> None:
     """Model artifacts and versions."""
 
 
+@models.command("list")
+@JSON_OPTION
+def models_list(as_json):
+    """Every model version, newest first (candidates and rejected ones included): family,
+    version, state, training dataset, primary metric, created."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
+    from runner.registry import catalog
+
+    rows = catalog.list_model_versions()
+    if as_json:
+        echo_json(rows)
+        return
+    echo_table(("id", "family", "v", "state", "dataset", "primary metric", "created (UTC)"),
+               [(r["id"], (r["metadata"] or {}).get("family", ""), r["version_number"],
+                 _state(r), r["training_dataset_artifact_id"] or "", _primary(r),
+                 _when(r["created_at"])) for r in rows],
+               empty="no models registered yet")
+    if rows:
+        echo_next(f"forge models show {rows[0]['id']}")
+    else:
+        echo_next("forge models register ID URL --family scgpt", "make demo")
+
+
+def _state(row: dict) -> str:
+    """Where a version stands: its gate's verdict (candidate, promoted, rejected, superseded)
+    where it has one, else its lifecycle state."""
+    return row.get("promotion_state") or row["lifecycle_state"]
+
+
+def _primary(row: dict) -> str:
+    """`name value` of a version's primary metric (its task's), else ''."""
+    from trainers.manifest import PRIMARY_METRIC
+
+    metrics = row.get("eval_metrics_json") or {}
+    name = PRIMARY_METRIC.get((row.get("metadata") or {}).get("task"))
+    value = metrics.get(name) if name else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{name} {value:.4f}"
+    return ""
+
+
 @models.command("show")
 @click.argument("artifact_id")
-def models_show(artifact_id):
-    """Print a model artifact with its model_versions row, links and gate evaluations."""
+@JSON_OPTION
+def models_show(artifact_id, as_json):
+    """A model version: family, state, parent, dataset, metrics, links, gate decisions
+    (--json: the artifact with its model_versions row, links and evaluations)."""
     # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
     from runner.registry import catalog, promotion
 
     model = catalog.get_model_version(artifact_id)
     model["links"] = catalog.links(artifact_id)
     model["evaluations"] = promotion.recorded(artifact_id)
-    echo_json(model)
+    if as_json:
+        echo_json(model)
+        return
+    version, meta = model["version"] or {}, model["metadata"] or {}
+    row = {**model, **version}
+    click.echo(f"{model['id']}: {model['title']}")
+    facts = [("family", meta.get("family", "")), ("version", model["version_number"]),
+             ("state", _state(row)), ("parent", model["parent_version_id"] or "none (a base)"),
+             ("dataset", version.get("training_dataset_artifact_id") or ""),
+             ("primary metric", _primary(row)), ("trained by", version.get("trained_by") or ""),
+             ("created (UTC)", _when(model["created_at"])),
+             ("mlflow run", version.get("mlflow_run_id") or "")]
+    for name, value in facts:
+        if value not in ("", None):
+            click.echo(f"  {name + ':':<16}{value}")
+    for ev in model["evaluations"]:
+        click.echo(f"  {'gate:':<16}{ev['decision']} ({ev['gate_name']}): {ev['metric']} "
+                   f"{ev['delta']:+.4f} [{ev['ci_low']:+.4f}, {ev['ci_high']:+.4f}] vs "
+                   f"{ev['comparator_role']} {ev['comparator_value']:.4f}")
+    if _state(row) == "candidate" and model["parent_version_id"]:
+        echo_next(f"forge gate {model['id']} --agent {version.get('trained_by') or 'AGENT'}",
+                  f"forge lineage {model['id']}")
+    else:
+        echo_next(f"forge lineage {model['id']}")
 
 
 @models.command("register")
@@ -73,7 +235,8 @@ def models_show(artifact_id):
 @click.option("--family", default="scgpt", show_default=True,
               help="The model family whose checkpoint it is (scgpt, scvi, linear): its code "
                    "trains and evaluates it; also the MLflow registered-model name.")
-def models_register(artifact_id, origin_url, sha256, title, family):
+@JSON_OPTION
+def models_register(artifact_id, origin_url, sha256, title, family, as_json):
     """Register a checkpoint of a model family (ORIGIN_URL: a file:// folder or archive, an
     http(s):// archive) as a base model, from its own small files (scGPT: args.json and
     vocab.json; scvi: a folder saved by scvi-tools, forge.json when it has one; linear:
@@ -83,31 +246,33 @@ def models_register(artifact_id, origin_url, sha256, title, family):
 
     row = parents.register_parent(artifact_id, origin_url, sha256=sha256, title=title,
                                   family=family)
+    if as_json:
+        echo_json(row)
+        return
     meta = row["metadata"]
     vocab = (meta.get("checkpoint") or {}).get("vocab")
     click.echo(f"{row['id']}: {meta['family']} {meta['architecture']}"
                + (f", vocabulary of {vocab['size']} tokens" if vocab else "")
                + f", sha256 {row['content_hash']}")
+    echo_next(f"forge models show {row['id']}")
 
 
 @main.command("lineage")
 @click.argument("artifact_id")
-def lineage_cmd(artifact_id):
-    """Show the version chain from the root model down to ARTIFACT_ID as a tree."""
-    # lazy: rich (~40 ms) and the registry's SQLAlchemy (~150 ms) stay out of `forge --help`
-    from rich.console import Console
-    from rich.tree import Tree
-
+@JSON_OPTION
+def lineage_cmd(artifact_id, as_json):
+    """Show the version chain from the root model down to ARTIFACT_ID, one version a line."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
     from runner.registry import catalog
 
     chain = catalog.lineage(artifact_id)
-    tree = node = None
-    for row in chain:
-        label = (f"[bold]{row['id']}[/] v{row['version_number']} "
-                 f"[dim]{row['lifecycle_state']} {row['origin_type']}[/]")
-        node = Tree(label) if node is None else node.add(label)
-        tree = tree or node
-    Console().print(tree)
+    if as_json:
+        echo_json(chain)
+        return
+    for depth, row in enumerate(chain):  # plain text: a pipe keeps every id whole
+        click.echo(f"{'  ' * depth}{'└─ ' if depth else ''}{row['id']} v{row['version_number']}"
+                   f"  {row['lifecycle_state']} {row['origin_type']}")
+    echo_next(f"forge models show {chain[-1]['id']}")
 
 
 @main.command("gate")
@@ -131,10 +296,22 @@ def gate_cmd(candidate_id, agent_id, gate_name, dry_run, justification, allow_di
     with tools.as_operator():  # the host's shell: any agent's candidate (agents go through MCP)
         result = evaluate_candidate(candidate_id, agent_id, gate_name, dry_run,
                                     justification=justification, allow_dirty=allow_dirty)
-    if as_json or dry_run:
+    if as_json:
         echo_json(result)
         return
+    if dry_run:
+        est = result["estimate"]
+        click.echo(f"{candidate_id}: {'would' if result['would_launch'] else 'would NOT'} "
+                   f"launch gate {gate_name!r}, against "
+                   f"{', '.join(f'{r} {a}' for r, a in result['comparators'].items()) or '-'}; "
+                   f"estimate {est['amount']} {est['currency']} (balance {result['balance']})")
+        for reason in result["reasons"]:
+            click.echo(f"  {reason['reason']}: {reason['message']}"
+                       + (f" (fix: {reason['fix']})" if reason.get("fix") else ""))
+        echo_next(f"forge gate {candidate_id} --agent {agent_id} --gate {gate_name}")
+        return
     click.echo(decision_text(result))
+    echo_next(f"forge models show {candidate_id}", "forge models list")
 
 
 @main.group("benchmarks")
@@ -187,6 +364,8 @@ def benchmarks_show(benchmark_id, as_json):
     header = ("rank", "family", "version", "number", board["metric"], "vs best", "state")
     for line in _columns(header, rows):
         click.echo(line)
+    best = board.get("best")
+    echo_next(f"forge models show {best['id']}" if best else "forge benchmarks list")
 
 
 @benchmarks_group.command("list")
@@ -202,9 +381,9 @@ def benchmarks_list(as_json):
         return
     table = [(b["id"], b["dataset"], b["task"], b["metric"], str(b["versions"]),
               f"{b['best']['id']} ({b['best']['value']:.4f})") for b in rows]
-    for line in _columns(("benchmark", "dataset", "task", "metric", "versions", "best"),
-                         table):
-        click.echo(line)
+    echo_table(("benchmark", "dataset", "task", "metric", "versions", "best"), table,
+               empty="no benchmarks yet: a gate's evaluation makes one")
+    echo_next(f"forge benchmarks show {rows[0]['id']}" if rows else "forge models list")
 
 
 @main.group()
@@ -223,18 +402,20 @@ def datasets_list(as_json):
     if as_json:
         echo_json(rows)
         return
-    # lazy: rich (~40 ms) stays out of `forge --help`
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("id", "title", "source", "rows", "license", "sha256")
+    table = []
     for row in rows:
         cite = (row["metadata"] or {}).get("citation", {})
-        table.add_row(row["id"], row["title"], cite.get("source", ""),
-                      str(cite.get("row_count", "")), cite.get("license", ""),
-                      (row["content_hash"] or "")[:12])
-    Console().print(table)
-
+        table.append((row["id"], row["title"], cite.get("source", ""),
+                      cite.get("row_count", ""), cite.get("license", ""),
+                      (row["content_hash"] or "")[:12]))
+    echo_table(("id", "title", "source", "rows", "license", "sha256"), table,
+               empty="no datasets registered yet")
+    if rows:
+        echo_next(f"forge train --parent MODEL_ID --dataset {rows[0]['id']} --agent AGENT "
+                  "--dry-run", "forge models list")
+    else:
+        echo_next("forge datasets register ID file:///path/cells.h5ad --title T --license L",
+                  "make demo")
 
 
 @datasets.command("register")
@@ -246,7 +427,9 @@ def datasets_list(as_json):
 @click.option("--source", default="user", show_default=True, help="Where it comes from (geo, ...).")
 @click.option("--external-id", default=None, help="Its id there (GSE..., ...).")
 @click.option("--doi", default=None)
-def datasets_register(artifact_id, url, title, license_, label_key, source, external_id, doi):
+@JSON_OPTION
+def datasets_register(artifact_id, url, title, license_, label_key, source, external_id, doi,
+                      as_json):
     """Register your own dataset file (URL: file:// or http(s)://; h5ad, mat or csv), read
     once with the trainer's loader; its citation records the sha256 jobs are checked against."""
     # lazy: the loader (anndata, ~1 s) stays out of `forge --help`
@@ -255,8 +438,12 @@ def datasets_register(artifact_id, url, title, license_, label_key, source, exte
     row = datasets_mod.register_file(artifact_id, url, title=title, license=license_,
                                      label_key=label_key, source=source,
                                      external_id=external_id, doi=doi)
+    if as_json:
+        echo_json(row)
+        return
     cite = row["metadata"]["citation"]
     click.echo(f"{row['id']}: {cite['schema_summary']}, sha256 {cite['sha256']}")
+    echo_next("forge datasets list")
 
 
 # --- ledger ---------------------------------------------------------------------------------
@@ -270,14 +457,19 @@ def ledger_group() -> None:
 @click.argument("agent")
 @click.argument("amount")
 @click.option("--memo", default=None, help="Why (kept in the ledger row).")
-def ledger_grant(agent, amount, memo):
+@JSON_OPTION
+def ledger_grant(agent, amount, memo, as_json):
     """Credit AMOUNT (a decimal such as 10 or 2.50) to AGENT, opening its account."""
     # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
     from runner.registry import ledger as ledger_mod
     from runner.registry import money
 
     new_balance = ledger_mod.grant(agent, amount, memo=memo)
+    if as_json:
+        echo_json({"agent_id": agent, "balance": money.fmt(new_balance)})
+        return
     click.echo(f"{agent}: balance {money.fmt(new_balance)}")
+    echo_next(f"forge ledger balance {agent}")
 
 
 @ledger_group.command("balance")
@@ -296,6 +488,7 @@ def ledger_balance(agent, as_json):
         echo_json(row)
         return
     click.echo(money.fmt(ledger_mod.balance(agent)))
+    echo_next(f"forge jobs list --agent {agent}", f"forge tools calls --agent {agent}")
 
 
 @ledger_group.command("reap")
@@ -317,20 +510,26 @@ def ledger_reap(as_json):
                    f"{money.fmt(alloc['actual_cost'])}, refunded "
                    f"{money.fmt(alloc['refunded'])} {alloc['currency']}")
     click.echo(f"reaped {len(reaped)} allocation{'' if len(reaped) == 1 else 's'}")
+    echo_next("forge ledger check")
 
 
 @ledger_group.command("check")
-def ledger_check():
+@JSON_OPTION
+def ledger_check(as_json):
     """Verify the books balance and nothing is overdue; exit 1 and list the problems if not."""
     # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
     from runner.registry import recovery
 
     problems = recovery.check()
+    if as_json:
+        echo_json({"ok": not problems, "problems": problems})
+        raise SystemExit(1 if problems else 0)
     for problem in problems:
         click.echo(f"problem: {problem}", err=True)
     if problems:
         raise SystemExit(1)
     click.echo("ledger ok")
+    echo_next("forge jobs list")
 
 
 # --- jobs ---------------------------------------------------------------------------------
@@ -363,34 +562,76 @@ def jobs_submit(parent_artifact_id, dataset_artifact_id, overrides, agent_id,
 
 @jobs_group.command("status")
 @click.argument("job_id")
-def jobs_status(job_id):
+@JSON_OPTION
+def jobs_status(job_id, as_json):
     """A job's state, cost, progress, and its result or error."""
     from runner.jobs import background
     from runner.registry import ledger
 
-    echo_json(background.state(ledger.get_allocation(job_id)))
+    job = background.state(ledger.get_allocation(job_id))
+    if as_json:
+        echo_json(job)
+        return
+    _echo_job(job)
+
+
+def _echo_job(job: dict) -> None:
+    """A job for people: state and cost, then its progress, version or error; next line."""
+    cost, job_id = job["cost"], job["job_id"]
+    spent = (f"charged {cost['actual']}, refunded {cost['refunded']}" if cost["actual"]
+             else f"debited {cost['debited']} (estimate {cost['estimated']})")
+    click.echo(f"{job_id} ({job['agent_id']}): {job['status']}; {spent} {cost['currency']}")
+    if job.get("progress"):
+        progress = job["progress"]
+        shown = ", ".join(f"{k} {v}" for k, v in progress.items()
+                          if isinstance(v, (int, float, str)) and not isinstance(v, bool))
+        click.echo(f"  progress: {shown}")
+    result = job.get("result") or {}
+    if result.get("artifact_id"):
+        click.echo(f"  version: {result['artifact_id']} v{result.get('version_number', '')}")
+    if job.get("error"):
+        error = job["error"]
+        click.echo(f"  error: {error['reason']}"
+                   + (f": {error['message']}" if error.get("message") else ""))
+    if result.get("artifact_id"):
+        echo_next(f"forge models show {result['artifact_id']}")
+    elif job["status"] in ("queued", "running"):
+        echo_next(f"forge jobs log {job_id}", f"forge jobs status {job_id}")
+    else:
+        echo_next(f"forge jobs log {job_id}")
 
 
 @jobs_group.command("log")
 @click.argument("job_id")
 @click.option("--tail", default=50, show_default=True, help="How many lines.")
-def jobs_log(job_id, tail):
+@JSON_OPTION
+def jobs_log(job_id, tail, as_json):
     """The last lines of a job's log."""
     from runner.jobs import background
     from runner.registry import ledger
 
-    for line in background.log_tail(ledger.get_allocation(job_id), tail)["lines"]:
+    log = background.log_tail(ledger.get_allocation(job_id), tail)
+    if as_json:
+        echo_json(log)
+        return
+    for line in log["lines"]:
         click.echo(line)
+    echo_next(f"forge jobs status {job_id}")
 
 
 @jobs_group.command("cancel")
 @click.argument("job_id")
-def jobs_cancel(job_id):
+@JSON_OPTION
+def jobs_cancel(job_id, as_json):
     """Cancel a job: queued, refunded whole; running, stopped and charged what it ran."""
     from runner.jobs import background
     from runner.registry import ledger
 
-    echo_json(background.cancel(ledger.get_allocation(job_id), reason="by the operator"))
+    job = background.cancel(ledger.get_allocation(job_id), reason="by the operator")
+    if as_json:
+        echo_json(job)
+        return
+    _echo_job(job)
 
 
 @jobs_group.command("list")
@@ -406,16 +647,13 @@ def jobs_list(agent_id, limit, as_json):
     if as_json:
         echo_json(rows)
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("job id", "state", "agent", "engine", "debited", "actual", "version")
-    for row in rows:
-        engine = f"{row['engine']} {row['engine_job_id']}" if row["engine"] else ""
-        table.add_row(row["id"], STATES.get(row["status"], row["status"]), row["agent_id"],
-                      engine, str(row["debited"]), str(row["actual_cost"] or ""),
-                      row["artifact_id"] or "")
-    Console().print(table)
+    echo_table(("job id", "state", "agent", "engine", "debited", "actual", "version"),
+               [(r["id"], STATES.get(r["status"], r["status"]), r["agent_id"],
+                 f"{r['engine']} {r['engine_job_id']}" if r["engine"] else "", r["debited"],
+                 r["actual_cost"] or "", r["artifact_id"] or "") for r in rows],
+               empty="no jobs yet")
+    echo_next(f"forge jobs status {rows[0]['id']}" if rows else
+              "forge train --parent MODEL_ID --dataset DATASET_ID --agent AGENT --dry-run")
 
 
 # --- mcp ----------------------------------------------------------------------------------
@@ -443,7 +681,9 @@ def mcp_cmd(agent, port, host, blocking_per_agent, sessions_per_agent, session_i
     stdio bound to --agent, or streamable HTTP at http://HOST:PORT/mcp."""
     # lazy: the MCP SDK and runner.api (~1 s) stay out of `forge --help`
     from runner import mcp_server
+    from runner.registry import db as dbmod
 
+    dbmod.get_engine()  # no registry: refuse now, not on every call
     lanes = mcp_server.Lanes(blocking_per_agent=blocking_per_agent)
     if port is None:
         if agent is None:
@@ -477,6 +717,34 @@ def tools_register():
 
     for skill in register_tools(SKILLS):
         click.echo(f"{skill['id']}: {skill['name']} ({skill['skill_type']})")
+    echo_next("forge tools calls")
+
+
+@tools_group.command("calls")
+@click.option("--agent", "agent_id", default=None, help="Only this agent's calls.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1),
+              help="How many, newest first.")
+@JSON_OPTION
+def tools_calls(agent_id, limit, as_json):
+    """The audit trail: the newest tool calls, who made them, how they ended, how long."""
+    # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
+    from runner.registry import audit
+
+    rows = audit.list_calls(agent_id=agent_id, limit=limit)
+    if as_json:
+        echo_json(rows)
+        return
+
+    def status(row):
+        return "ok" if row["success"] else f"error {row['error_code'] or ''}".rstrip()
+
+    echo_table(("when (UTC)", "agent", "tool", "status", "duration"),
+               [(_when(r["created_at"]), r["agent_id"] or "", r["tool"] or r["skill_id"] or "",
+                 status(r), "" if r["duration_ms"] is None else f"{r['duration_ms']} ms")
+                for r in rows],
+               empty="no tool calls recorded" + (f" for agent {agent_id}" if agent_id else ""))
+    failed = next((r for r in rows if not r["success"] and r["agent_id"]), None)
+    echo_next(f"forge jobs list --agent {failed['agent_id']}" if failed else "forge jobs list")
 
 
 # --- agents ---------------------------------------------------------------------------------
@@ -497,6 +765,7 @@ def agents_add(name):
     click.echo(f"agent {issued['agent_id']}: token {issued['token_id']}")
     click.echo(issued["token"])
     click.echo("This token is shown only once: the registry keeps only its sha256 hash.")
+    echo_next(f"forge ledger grant {issued['agent_id']} 10", "forge mcp --http 8000")
 
 
 @agents_group.command("revoke")
@@ -509,6 +778,7 @@ def agents_revoke(name, token_id):
 
     n = agents.revoke(name, token_id)
     click.echo(f"revoked {n} token{'' if n == 1 else 's'} of agent {name}")
+    echo_next("forge agents list")
 
 
 @agents_group.command("list")
@@ -522,19 +792,12 @@ def agents_list(as_json):
     if as_json:
         echo_json(rows)
         return
-    # lazy: rich (~40 ms) stays out of `forge --help`
-    from rich.console import Console
-    from rich.table import Table
-
-    def when(stamp):
-        return stamp.strftime("%Y-%m-%d %H:%M") if stamp else ""
-
-    table = Table("token", "agent", "state", "created (UTC)", "last used (UTC)")
-    for row in rows:
-        table.add_row(row["token_id"], row["agent_id"],
-                      "revoked" if row["revoked_at"] else "active",
-                      when(row["created_at"]), when(row["last_used_at"]))
-    Console().print(table)
+    echo_table(("token", "agent", "state", "created (UTC)", "last used (UTC)"),
+               [(r["token_id"], r["agent_id"], "revoked" if r["revoked_at"] else "active",
+                 _when(r["created_at"]), _when(r["last_used_at"])) for r in rows],
+               empty="no agent tokens yet")
+    echo_next("forge agents add NAME" if not rows else
+              f"forge tools calls --agent {rows[0]['agent_id']}")
 
 
 # --- web ------------------------------------------------------------------------------------
@@ -544,8 +807,8 @@ def agents_list(as_json):
               help="Address to listen on. The pages have no login: keep it on loopback.")
 @click.option("--port", default=8765, show_default=True, type=int)
 @click.option("--db-url", default=None,
-              help="Registry to serve (default: FORGE_DB_URL or outputs/forge.db); dry runs "
-                   "use it too.")
+              help="Registry to serve (default: FORGE_DB_URL, else the forge home's forge.db); "
+                   "dry runs use it too.")
 @click.option("--show-balances", is_flag=True, envvar="FORGE_SERVE_SHOW_BALANCES",
               show_envvar=True,
               help="Show the named agent's balance on the dry-run page (it has no login: off "
@@ -557,8 +820,10 @@ def serve(host, port, db_url, show_balances):
     # lazy: uvicorn, Starlette and the registry (~400 ms) stay out of `forge --help`
     import uvicorn
 
+    from runner.registry import db as dbmod
     from runner.web.app import create_app
 
+    dbmod.get_engine(db_url)  # no registry: refuse now, not on every page
     if db_url:  # the dry run composes the operator's config, whose registry is FORGE_DB_URL
         os.environ["FORGE_DB_URL"] = db_url
     app = create_app(db_url, hosts=tuple(dict.fromkeys(["127.0.0.1", "localhost", host])),

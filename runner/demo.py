@@ -87,7 +87,7 @@ PILOTS = {
 }
 WALL_TIME_CAP_MIN = {"full": 60, "smoke": 10}
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never wrap an id or a command mid-word
 
 
 def register_datasets() -> None:
@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{', '.join(PILOTS)}")
         return 2
     start = time.perf_counter()
-    console.print(f"[bold]forge-runner pilot[/]: registry {settings.db_url()}")
     rows = []
-    try:
+    try:  # no forge home (settings.NoForgeHome) is one line too
+        console.print(f"[bold]forge-runner pilot[/]: registry {settings.db_url()}")
         console.print(f"registry schema at revision {db.upgrade()}")
         register_tools(SKILLS)
         register_datasets()

@@ -161,6 +161,11 @@ class Busy(ForgeError):
     reason = "busy"
 
 
+class NoForgeHome(ForgeError):
+    """No FORGE_HOME and no forge.toml here or above (runner/settings.py): nothing is guessed."""
+    reason = "no_forge_home"
+
+
 class StoreHalfMigrated(ForgeError):
     """A store (the MLflow tracking store, or the registry) has tables but its migration
     record is missing or behind: a migration was interrupted. Nothing runs on it until the

