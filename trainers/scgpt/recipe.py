@@ -42,6 +42,7 @@ def train(m: Manifest, state: dict) -> dict:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage())
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+    from pytorch_lightning.plugins.environments import LightningEnvironment
 
     from trainers import scoring
     from trainers.data.load import load, split_cells
@@ -114,6 +115,10 @@ def train(m: Manifest, state: dict) -> dict:
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=world,
         strategy=strategy(world, device), use_distributed_sampler=False, precision=precision,
+        # The job starts its own ranks (runtime.strategy), never under srun: the jail's
+        # cleared environment holds no SLURM variables. Named here, Lightning does not probe
+        # for SLURM, which on a host with `srun` on PATH printed its srun hint on every job.
+        plugins=[LightningEnvironment()],
         max_epochs=t.max_epochs, logger=logger, callbacks=callbacks,
         enable_progress_bar=tty, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.grad_clip,
