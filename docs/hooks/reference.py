@@ -138,6 +138,14 @@ def describe(family: str, path: str) -> str:
     return text
 
 
+def _prose(text: str) -> str:
+    """A docstring or a fix as one table cell: one line, and `<pad>` outside code shown as
+    text rather than taken for HTML."""
+    parts = " ".join(text.split()).split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;").replace(">", "&gt;")
+                    for i, p in enumerate(parts))
+
+
 def _rows(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(cell.replace("\n", " ") for cell in row) + " |" for row in rows]
@@ -283,7 +291,7 @@ def reason_codes_markdown(root: Path = ROOT) -> str:
            "Each is a `runner.errors.ForgeError`: `reason`, `field`, `fix` and a message.", ""]
     out += _rows(("reason", "error", "base", "module", "what it means"),
                  [(f"`{inherited(name)}`", f"`{name}`", f"`{base}`" if base else "",
-                   f"`{module}`", " ".join(doc.split()))
+                   f"`{module}`", _prose(doc))
                   for name, base, _, doc, module in classes])
 
     raised: dict[str, dict[str, set[str]]] = {}
@@ -307,6 +315,19 @@ def reason_codes_markdown(root: Path = ROOT) -> str:
                  [(f"`{reason}`", ", ".join(f"`{e}`" for e in sorted(v["errors"])),
                    ", ".join(f"`{w}`" for w in sorted(v["where"])))
                   for reason, v in sorted(raised.items())])
+
+    handback = root / "runner" / "jobs" / "handback.py"
+    fixes = next((ast.literal_eval(node.value) for node in trees.get(handback, ast.Module()).body
+                  if isinstance(node, ast.Assign) and len(node.targets) == 1
+                  and getattr(node.targets[0], "id", None) == "FIXES"), {})
+    if fixes:
+        out += ["", "## How a job ended", "",
+                "The reason of a `TrainingFailed` or `EvaluationFailed` when the sandbox "
+                "stopped the job or the trainer exited with a code of its own "
+                "(`trainers/manifest.py`), and the fix it carries (`runner/jobs/handback.py`).",
+                ""]
+        out += _rows(("reason", "fix"),
+                     [(f"`{reason}`", _prose(fix)) for reason, fix in fixes.items()])
     return "\n".join(out) + "\n"
 
 
