@@ -72,6 +72,13 @@ def echo_table(header: tuple[str, ...], rows: list[tuple], empty: str) -> None:
         click.echo(line)
 
 
+def _money(value) -> str:
+    """`{"amount": "1.20", "currency": "credits"}` (an API result's money) as `1.20 credits`."""
+    if isinstance(value, dict):
+        return f"{value.get('amount')} {value.get('currency', '')}".rstrip()
+    return "-" if value is None else str(value)
+
+
 def _when(stamp) -> str:
     return stamp.strftime("%Y-%m-%d %H:%M") if stamp else ""
 
@@ -300,11 +307,10 @@ def gate_cmd(candidate_id, agent_id, gate_name, dry_run, justification, allow_di
         echo_json(result)
         return
     if dry_run:
-        est = result["estimate"]
         click.echo(f"{candidate_id}: {'would' if result['would_launch'] else 'would NOT'} "
                    f"launch gate {gate_name!r}, against "
                    f"{', '.join(f'{r} {a}' for r, a in result['comparators'].items()) or '-'}; "
-                   f"estimate {est['amount']} {est['currency']} (balance {result['balance']})")
+                   f"estimate {_money(result['estimate'])}, balance {_money(result['balance'])}")
         for reason in result["reasons"]:
             click.echo(f"  {reason['reason']}: {reason['message']}"
                        + (f" (fix: {reason['fix']})" if reason.get("fix") else ""))
@@ -537,27 +543,6 @@ def ledger_check(as_json):
 @main.group("jobs")
 def jobs_group() -> None:
     """Asynchronous training jobs (submitit: local, or SLURM with FORGE_JOBS_EXECUTOR=slurm)."""
-
-
-@jobs_group.command("submit")
-@click.argument("parent_artifact_id")
-@click.argument("dataset_artifact_id")
-@click.argument("overrides", nargs=-1)
-@click.option("--agent", "agent_id", required=True, help="The agent that pays.")
-@click.option("--cap", "wall_time_cap_min", type=int, default=120, show_default=True,
-              help="Wall-time cap in minutes (the estimate is priced on it).")
-@click.option("--device", default=None, help="auto, cpu, h100, h200, ...")
-@click.option("--allow-dirty", is_flag=True, help="Run the working tree's uncommitted code.")
-def jobs_submit(parent_artifact_id, dataset_artifact_id, overrides, agent_id,
-                wall_time_cap_min, device, allow_dirty):
-    """Debit and queue a fine-tune of PARENT on DATASET; OVERRIDES are training.<key>=<value>
-    or training=<option>. Prints the job at once."""
-    # lazy: runner.api and the registry (~350 ms) stay out of `forge --help`
-    from runner.api import submit_training
-
-    echo_json(submit_training(parent_artifact_id, dataset_artifact_id, agent_id=agent_id,
-                              wall_time_cap_min=wall_time_cap_min, device=device,
-                              overrides=list(overrides), allow_dirty=allow_dirty))
 
 
 @jobs_group.command("status")
@@ -831,6 +816,11 @@ def serve(host, port, db_url, show_balances):
     click.echo(f"forge serve: http://{f'[{host}]' if ':' in host else host}:{port}/")
     uvicorn.run(app, host=host, port=port)
 
+
+from runner.cli_train import jobs_submit, train_cmd  # noqa: E402
+
+jobs_group.add_command(jobs_submit)
+main.add_command(train_cmd)
 
 if __name__ == "__main__":
     sys.exit(main())
