@@ -31,7 +31,12 @@ def train(m: Manifest, state: dict) -> dict:
     import warnings
     # (the sync_dist advice: val/test values are equal on every rank, see lightning.py)
     for noise in (".*LeafSpec.*", ".*does not have many workers.*",
-                  ".*when logging on epoch level in distributed setting.*"):
+                  ".*when logging on epoch level in distributed setting.*",
+                  # The job starts its own ranks (runtime.strategy), never under srun, and the
+                  # jail's environment holds no SLURM variables; Lightning probes for SLURM
+                  # on every fit (its checkpoint connector too, whatever cluster environment
+                  # the Trainer is given) and, with `srun` on PATH, advised using it.
+                  ".*`srun` command is available on your system but is not used.*"):
         warnings.filterwarnings("ignore", message=noise)
     import logging
 
@@ -42,7 +47,6 @@ def train(m: Manifest, state: dict) -> dict:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage())
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
-    from pytorch_lightning.plugins.environments import LightningEnvironment
 
     from trainers import scoring
     from trainers.data.load import load, split_cells
@@ -115,10 +119,6 @@ def train(m: Manifest, state: dict) -> dict:
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=world,
         strategy=strategy(world, device), use_distributed_sampler=False, precision=precision,
-        # The job starts its own ranks (runtime.strategy), never under srun: the jail's
-        # cleared environment holds no SLURM variables. Named here, Lightning does not probe
-        # for SLURM, which on a host with `srun` on PATH printed its srun hint on every job.
-        plugins=[LightningEnvironment()],
         max_epochs=t.max_epochs, logger=logger, callbacks=callbacks,
         enable_progress_bar=tty, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.grad_clip,
