@@ -55,22 +55,41 @@ def main() -> None:
     sys.exit(run(sys.argv[1:]))
 
 
-def run(argv: list[str]) -> int:
-    """Run forge-train with `argv`; returns the exit code."""
+def run(argv: list[str], *, show=None, verbose: bool = False) -> int:
+    """Run forge-train with `argv`; returns the exit code. `show(result)` prints a job's
+    result (default: as JSON); `verbose`: a dry run's reply in full (`forge train` passes
+    both)."""
     try:
-        argv, gate = _take_gate(argv)
+        argv, gate = _take_gate(_agent_flag(argv))
         if argv and all(not a.startswith("-") for a in argv):
             overrides = caller.cli_overrides(argv)
             cfg = compose.compose_config(overrides)
             if cfg.dry_run:
-                return execute(cfg, under_hydra=False).code
+                return execute(cfg, under_hydra=False, show=show, verbose=verbose).code
             flags, multirun = [], False
         else:
             flags, multirun, given = _hydra_flags(argv)
             overrides = caller.cli_overrides(given, multirun=multirun)
     except ForgeError as exc:
         return _fail(exc)
-    return _run_hydra(flags, overrides, multirun, gate)
+    return _run_hydra(flags, overrides, multirun, gate, show=show, verbose=verbose)
+
+
+def _agent_flag(argv: list[str]) -> list[str]:
+    """`--agent A` (or `--agent=A`), forge's spelling, as forge-train's plain key agent_id=A."""
+    out, rest = [], iter(argv)
+    for arg in rest:
+        if arg == "--agent":
+            value = next(rest, None)
+            if value is None:
+                raise InvalidOverride("--agent needs a value", field="agent_id",
+                                      problem="syntax", fix="write --agent AGENT or agent_id=AGENT")
+            out.append(f"agent_id={value}")
+        elif arg.startswith("--agent="):
+            out.append(f"agent_id={arg.removeprefix('--agent=')}")
+        else:
+            out.append(arg)
+    return out
 
 
 def _take_gate(argv: list[str]) -> tuple[list[str], str | None]:
@@ -111,7 +130,8 @@ def _hydra_flags(argv: list[str]) -> tuple[list[str], bool, list[str]]:
     return flags, bool(args.multirun), list(args.overrides or [])
 
 
-def execute(cfg, *, under_hydra: bool = True, gate: str | None = None) -> Outcome:
+def execute(cfg, *, under_hydra: bool = True, gate: str | None = None, show=None,
+            verbose: bool = False) -> Outcome:
     """The task: call train_model_version with the composed config and print its result.
 
     Inside a sweep (`-m`) the job nests its MLflow run under the sweep's parent run and
@@ -127,7 +147,7 @@ def execute(cfg, *, under_hydra: bool = True, gate: str | None = None) -> Outcom
             dry_run=cfg.dry_run, allow_dirty=cfg.allow_dirty, devices=cfg.devices,
             device=cfg.device, config=cfg,
             mlflow_parent_run_id=job["parent_run_id"] if job else None,
-            code_commit=job["code_commit"] if job else None)
+            code_commit=job["code_commit"] if job else None, verbose=verbose)
     except ForgeError as exc:
         if job:
             _record(job, cfg, error=exc)
@@ -144,6 +164,8 @@ def execute(cfg, *, under_hydra: bool = True, gate: str | None = None) -> Outcom
     metric = None
     if job:
         metric = _record(job, cfg, result=result).get("metric")  # the sweep summary shows it
+    elif show is not None:
+        show(jsonable(result))
     else:
         sys.stdout.write(json.dumps(jsonable(result), indent=2) + "\n")
         sys.stdout.flush()
@@ -197,7 +219,7 @@ def _fail(exc) -> int:
 
 
 def _run_hydra(flags: list[str], overrides: list[str], multirun: bool,
-               gate: str | None = None) -> int:
+               gate: str | None = None, show=None, verbose: bool = False) -> int:
     """The @hydra.main app over `overrides`, which cli_overrides() has checked."""
     import hydra
 
@@ -214,7 +236,7 @@ def _run_hydra(flags: list[str], overrides: list[str], multirun: bool,
     @hydra.main(config_path=str(options.config_dir()), config_name=compose.CONFIG_NAME,
                 version_base="1.3")
     def task(cfg) -> float:
-        outcome = execute(cfg, gate=gate)
+        outcome = execute(cfg, gate=gate, show=show, verbose=verbose)
         codes.append(outcome.code)
         # Sweepers that optimise (Optuna) read the job's target metric from here.
         return float("nan") if outcome.metric is None else outcome.metric

@@ -201,10 +201,11 @@ def kind_of(spec: dict) -> str:
         types[0] if len(types) == 1 else "", "object")
 
 
-def click_params(model: type[Arguments], skip: tuple[str, ...] = ()) -> list:
+def click_params(model: type[Arguments], skip: tuple[str, ...] = (),
+                 require: bool = True) -> list:
     """One click option per scalar property of the call's input_schema not in `skip`:
     `--name-with-dashes` (and the model's extra flags), typed and bounded as declared, its
-    description as help."""
+    description as help; a required argument is a required option unless not `require`."""
     import click  # lazy: the API never needs click
 
     out = []
@@ -222,7 +223,7 @@ def click_params(model: type[Arguments], skip: tuple[str, ...] = ()) -> list:
                  else click.STRING)
         out.append(click.Option(names, type=ptype, default=default,
                                 show_default=default is not None,
-                                required=model.model_fields[name].is_required(),
+                                required=require and model.model_fields[name].is_required(),
                                 help=help_text))
     return out
 

@@ -6,6 +6,7 @@ the same allowlist as JSON Schema for the skill's input_schema.
 
 from __future__ import annotations
 
+import difflib
 import re
 import typing
 from dataclasses import dataclass
@@ -149,7 +150,8 @@ def _caller_key_error(key: str, line: str, *, cli: bool,
         name = key[len(CALLER_SUBTREE) + 1:]
         return None if name in training_keys() else refuse(
             "unknown_key", f"{key}: no such training setting",
-            f"valid keys here: {', '.join(sorted(training_keys()))}")
+            did_you_mean(name, training_keys(), prefix=f"{CALLER_SUBTREE}.")
+            + f"valid keys here: {', '.join(sorted(training_keys()))}")
     if key in ARGUMENT_KEYS or key in CLI_KEYS:
         if cli:
             return None
@@ -166,7 +168,20 @@ def _caller_key_error(key: str, line: str, *, cli: bool,
     if root in OPERATOR_GROUPS or root in schema_keys(""):
         return refuse("operator_only", f"{key} is an operator setting; callers cannot set it",
                       f"drop it (the operator sets it in conf/ or conf/local/); {CALLER_FIX}")
-    return refuse("unknown_key", f"{key}: no such key", f"check the spelling; {CALLER_FIX}")
+    return refuse("unknown_key", f"{key}: no such key",
+                  did_you_mean(key, _caller_words(cli)) + f"check the spelling; {CALLER_FIX}")
+
+
+def did_you_mean(word: Any, choices, prefix: str = "") -> str:
+    """'did you mean <closest>? ' when one of `choices` is close to `word` (difflib), else ''."""
+    close = difflib.get_close_matches(str(word)[:200], list(choices), n=1)
+    return f"did you mean {prefix}{close[0]}? " if close else ""
+
+
+def _caller_words(cli: bool) -> list[str]:
+    """The plain keys a caller may write, for 'did you mean'."""
+    words = [*CHOICE_GROUPS, *(f"{CALLER_SUBTREE}.{k}" for k in training_keys())]
+    return words + ([*ARGUMENT_KEYS, *CLI_KEYS] if cli else [])
 
 
 def _nesting(text: str) -> int:
@@ -263,7 +278,8 @@ def check_caller_dict(data: Any, source: str = "training_config") -> None:
                     raise InvalidOverride(
                         f"{path}.{name}: no such training setting", field=f"{path}.{name}",
                         problem="unknown_key",
-                        fix=f"valid keys here: {', '.join(sorted(training_keys()))}")
+                        fix=did_you_mean(name, training_keys())
+                        + f"valid keys here: {', '.join(sorted(training_keys()))}")
                 if isinstance(setting, (dict, list, tuple)):
                     raise InvalidOverride(f"{path}.{name} must be a single value",
                                           field=f"{path}.{name}", problem="type",
@@ -282,7 +298,8 @@ def check_caller_dict(data: Any, source: str = "training_config") -> None:
             raise InvalidOverride(f"{path} is an operator setting; callers cannot set it",
                                   field=path, problem="operator_only", fix=CALLER_FIX)
         raise InvalidOverride(f"{path}: no such key", field=path, problem="unknown_key",
-                              fix=f"check the spelling; {CALLER_FIX}")
+                              fix=did_you_mean(key, (CALLER_SUBTREE, *training_keys()))
+                              + f"check the spelling; {CALLER_FIX}")
 
 
 def caller_schema() -> dict:
