@@ -228,7 +228,7 @@ def test_a_scvi_job_gets_the_jail_of_an_scgpt_job(sqlite_registry, committed_cod
     _register_base(_scvi_parent_files(tmp_path / "scvi"))
     plans = {}
     for family, parent in (("scvi", SCVI_BASE), ("scgpt", BASE_ID)):
-        dry = _finetune(parent, dry_run=True)
+        dry = _finetune(parent, dry_run=True, verbose=True)
         assert dry["would_launch"], dry["reasons"]
         assert dry["config"]["parent"]["family"] == family
         plans[family] = dry["sandbox"]

@@ -246,7 +246,7 @@ def test_forge_jobs_cli_submits_lists_follows_and_cancels(sqlite_registry, tmp_p
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLEEPING_TRAINER)))
     cli = CliRunner()
     out = cli.invoke(main, ["jobs", "submit", BASE_ID, DATASET_ID, "training.lr=0.001",
-                            "--agent", AGENT, "--cap", "5"])
+                            "--agent", AGENT, "--cap", "5", "--json"])
     assert out.exit_code == 0, out.output
     job = json_.loads(out.stdout)
     assert job["status"] in ("queued", "running") and job["engine"] == "local"

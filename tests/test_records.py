@@ -180,8 +180,8 @@ def test_auto_is_priced_as_the_device_the_job_gets(registry, committed_code, tmp
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
     result = train_model_version(BASE_ID, DATASET_ID, {"lr": 1e-4}, AGENT, 60, dry_run=True)
     assert result["estimate"]["device"] == "cpu"  # this host has no GPU
-    assert result["estimate"]["price_per_hour"] == Decimal("0.25")
-    assert result["estimate"]["amount"] == Decimal("0.25")
+    assert Decimal(result["estimate"]["price_per_hour"]) == Decimal("0.25")
+    assert Decimal(result["estimate"]["amount"]) == Decimal("0.25")
 
 
 def test_gpu_names_map_to_price_rows():
@@ -225,7 +225,7 @@ def test_fresh_clone_with_nothing_set_would_launch(committed_code, base_checkpoi
         db.upgrade()
         seed_registry(base_checkpoint)
         result = train_model_version(BASE_ID, DATASET_ID, {"max_epochs": 1}, AGENT,
-                                     dry_run=True)
+                                     dry_run=True, verbose=True)
     finally:
         db._engine.cache_clear()
     assert result["would_launch"], result["reasons"]
@@ -278,7 +278,10 @@ def test_an_unexpected_host_error_mid_launch_is_typed_and_settled(registry, tmp_
 
 
 def test_a_relative_artifact_root_is_the_cwds(tmp_path, monkeypatch):
-    """FORGE_HOME unset: the tracking config names ./outputs/mlartifacts."""
+    """FORGE_HOME unset, a forge.toml here (home = "outputs"): the tracking config names
+    ./outputs/mlartifacts."""
+    monkeypatch.delenv("FORGE_HOME", raising=False)
+    (tmp_path / "forge.toml").write_text('home = "outputs"\n')
     monkeypatch.chdir(tmp_path)
     client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = tracking.experiment_id(client, "rel", Path("outputs/mlartifacts"))

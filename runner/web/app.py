@@ -172,12 +172,20 @@ def create_app(db_url: str | None = None, *, hosts: tuple[str, ...] = LOOPBACK_H
         return read(request, "benchmark.html", lambda c: pages.benchmark(bench_id, c))
 
     def tools(request: Request) -> Response:
-        return read(request, "tools.html",
-                    lambda c: {"skills": pages.skills(c), "values": {}})
+        return read(request, "tools.html", lambda c: {
+            "skills": pages.skills(c), "values": {}, "form": pages.tools_form(c)})
+
+    def tools_form() -> dict:
+        """The dry-run form again, offering the registry's ids (typed ones if it is away)."""
+        try:
+            with db.transaction(url=url) as conn:
+                return pages.tools_form(conn)
+        except Exception:  # noqa: BLE001 - the form works without the ids to pick from
+            return pages.tools_form(None)
 
     async def dry_run(request: Request) -> Response:
         if request.method == "POST":
-            async with request.form(max_files=0, max_fields=len(pages.DRY_RUN_FIELDS)) as form:
+            async with request.form(max_files=0, max_fields=len(pages.form_fields())) as form:
                 fields = list(form.multi_items())
         else:
             fields = list(request.query_params.multi_items())
@@ -195,8 +203,10 @@ def create_app(db_url: str | None = None, *, hosts: tuple[str, ...] = LOOPBACK_H
         except ForgeError as exc:  # malformed input: its reason, field and fix
             status = 503 if isinstance(exc, db.DatabaseError) else 400
             return render(request, "dry_run.html",
-                          {"error": exc.to_dict(), "values": values}, status)
-        return render(request, "dry_run.html", {"result": result, "values": values})
+                          {"error": exc.to_dict(), "values": values,
+                           "form": await run_in_threadpool(tools_form)}, status)
+        return render(request, "dry_run.html", {"result": result, "values": values,
+                                                "form": await run_in_threadpool(tools_form)})
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return render(request, "error.html",

@@ -253,8 +253,33 @@ def skills(conn) -> list[dict]:
     return audit.list_skills(conn=conn)
 
 
-DRY_RUN_FIELDS = ("parent_artifact_id", "dataset_artifact_id", "agent_id", "overrides",
-                  "wall_time_cap_min", "vram_cap_gb")
+# The form's fields are train_model_version's declaration (runner/api/train.py TrainArgs),
+# less what the page sets itself (a dry run, not verbose) and a sweep's own arguments.
+FORM_SKIP = ("dry_run", "verbose", "mlflow_parent_run_id", "code_commit")
+# Fields that name a registered artifact: the form offers the registry's ids.
+ID_FIELDS = {"parent_artifact_id": "model", "dataset_artifact_id": "dataset"}
+
+
+def form_fields() -> list[dict]:
+    """The dry-run form's fields, derived from the call's declaration (runner.api.declare)."""
+    from runner.api import declare  # lazy: the API composes Hydra configs, ~1 s cold
+    from runner.api.train import TrainArgs
+
+    return declare.form_fields(TrainArgs, skip=FORM_SKIP)
+
+
+def tools_form(conn) -> dict:
+    """The form: its fields, the id fields with the registry's artifacts to pick from (none
+    when `conn` is None: the registry is away, and the ids are typed)."""
+    fields = []
+    for field in form_fields():
+        kind = ID_FIELDS.get(field["name"])
+        options = [] if kind is None or conn is None else [
+            {"id": a["id"], "label": f"{a['title']} (v{a['version_number']}, "
+                                     f"{a['lifecycle_state']})"}
+            for a in catalog.list_artifacts(kind, conn=conn)]
+        fields.append({**field, "options": options})
+    return {"fields": fields}
 
 
 WEB_CALLER = "web"  # the page's own name in tool_calls: with no login, it speaks for no agent
@@ -269,20 +294,33 @@ def dry_run(form: dict[str, str], *, show_balances: bool = False) -> dict:
     agent's account is left out: its balance, and the reasons that tell of it."""
     from runner.api import train_model_version  # lazy: composes Hydra configs, ~1 s cold
 
-    unknown = sorted(set(form) - set(DRY_RUN_FIELDS))
+    fields = form_fields()
+    names = [f["name"] for f in fields]
+    unknown = sorted(set(form) - set(names))
     if unknown:
         raise InvalidInput(f"unknown fields: {', '.join(unknown)}", field=unknown[0],
-                           fix=f"use only {', '.join(DRY_RUN_FIELDS)}")
-    overrides = [line.strip() for line in (form.get("overrides") or "").splitlines()
-                 if line.strip()]
+                           fix=f"use only {', '.join(names)}")
+    arguments = {}
+    for field in fields:  # a field left empty is the declaration's default (conf/'s)
+        value = _field_value(form, field)
+        if value is not None or field["required"]:
+            arguments[field["name"]] = value
     with tools.audited_as(WEB_CALLER):
-        result = train_model_version(
-            form.get("parent_artifact_id") or None, form.get("dataset_artifact_id") or None,
-            None, form.get("agent_id") or None,
-            wall_time_cap_min=_count(form, "wall_time_cap_min", 120),
-            vram_cap_gb=_count(form, "vram_cap_gb", 24), dry_run=True,
-            overrides=overrides or None)
+        result = train_model_version(**arguments, dry_run=True)
     return result if show_balances else _without_account(result)
+
+
+def _field_value(form: dict[str, str], field: dict) -> Any:
+    """A form field's text as the call's argument: an integer, a flag, lines, a string or
+    None when left empty (what does not parse is passed as typed, for the call to refuse)."""
+    text = (form.get(field["name"]) or "").strip()
+    if field["kind"] == "list":
+        return [line.strip() for line in text.splitlines() if line.strip()] or None
+    if field["kind"] == "bool":
+        return text.lower() in ("on", "true", "1", "yes") if text else None
+    if not text:
+        return None
+    return _count(form, field["name"], None) if field["kind"] == "int" else text
 
 
 def _without_account(result: dict) -> dict:
