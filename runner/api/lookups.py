@@ -7,22 +7,29 @@ from __future__ import annotations
 
 import dataclasses
 
-from runner.api.train import ID
+from pydantic import Field
+
+from runner.api import declare
 from runner.config import caller, compose
 from runner.config.options import group_options, option_for_artifact
 from runner.config.schema import TrainingConf
+from runner.errors import InvalidArtifactId
 from runner.registry import catalog, promotion
+from runner.registry.ids import ARTIFACT_ID
 from runner.tools import Skill, jsonable, log_tool_call
 from trainers import family as families
 
-_NO_INPUT = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
-             "additionalProperties": False, "properties": {}}
+
+class NoArgs(declare.Arguments):
+    """describe_options takes nothing."""
 
 
-def _artifact_input(description: str) -> dict:
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
-            "required": ["artifact_id"], "additionalProperties": False,
-            "properties": {"artifact_id": {**ID, "description": description}}}
+class ArtifactArgs(declare.Arguments):
+    """lineage's and model_show's argument: a model artifact."""
+
+    positional = ("artifact_id",)
+    errors = {"artifact_id": InvalidArtifactId}
+    artifact_id: str = Field(pattern=ARTIFACT_ID.pattern, description="a model artifact id")
 
 
 OPTIONS_SKILL = Skill(
@@ -33,24 +40,25 @@ OPTIONS_SKILL = Skill(
                  "values, each family's keys and defaults per task, and the "
                  "caps with the operator's limits and prices."),
     skill_type="discovery", code_path="runner.api:describe_options",
-    input_schema=_NO_INPUT, example_input={})
+    input_schema=declare.input_schema(NoArgs), example_input={})
 LINEAGE_SKILL = Skill(
     "Lineage",
     description="A model version's ancestors (root first) and its children.",
     skill_type="discovery", code_path="runner.api:lineage",
-    input_schema=_artifact_input("a model artifact id"),
+    input_schema=declare.input_schema(ArtifactArgs),
     example_input={"artifact_id": "model-scgpt-cbmc-base"})
 MODEL_SKILL = Skill(
     "Model Show",
     description=("A model version: its artifact and model_versions rows (metrics, code "
                  "commit, training params, MLflow ids), its links and its gate evaluations."),
     skill_type="discovery", code_path="runner.api:model_show",
-    input_schema=_artifact_input("a model artifact id"),
+    input_schema=declare.input_schema(ArtifactArgs),
     example_input={"artifact_id": "model-scgpt-cbmc-base"})
 
 
 @log_tool_call(OPTIONS_SKILL)
-def describe_options() -> dict:
+@declare.declared(NoArgs)
+def describe_options(args: NoArgs) -> dict:
     """{artifacts, groups, training_keys, training_defaults, arguments, devices}."""
     base = compose.compose_resolved([], None, writable=False)[1]  # the operator's defaults
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingConf)}
@@ -107,8 +115,10 @@ def _artifact_summary(row: dict, group: str) -> dict:
 
 
 @log_tool_call(LINEAGE_SKILL)
-def lineage(artifact_id: str) -> dict:
+@declare.declared(ArtifactArgs)
+def lineage(args: ArtifactArgs) -> dict:
     """{artifact_id, ancestors: [root, ..., itself], children: [...]}."""
+    artifact_id = args.artifact_id
     chain = catalog.lineage(artifact_id)
     children = [_artifact_summary(a, "parent") for a in catalog.list_artifacts("model")
                 if a["parent_version_id"] == artifact_id]
@@ -116,8 +126,10 @@ def lineage(artifact_id: str) -> dict:
 
 
 @log_tool_call(MODEL_SKILL)
-def model_show(artifact_id: str) -> dict:
+@declare.declared(ArtifactArgs)
+def model_show(args: ArtifactArgs) -> dict:
     """The model version with its links and gate evaluations (what `forge models show` prints)."""
+    artifact_id = args.artifact_id
     model = catalog.get_model_version(artifact_id)
     model["links"] = catalog.links(artifact_id)
     model["evaluations"] = promotion.recorded(artifact_id)

@@ -23,7 +23,7 @@ from runner.api import declare
 from runner.config.caller import caller_schema
 from runner.config.schema import schema_keys
 from runner.config.validate import INT_MAX
-from runner.errors import CapOutOfPolicy, InvalidArtifactId, InvalidInput, InvalidOverride
+from runner.errors import CapOutOfPolicy, InvalidArtifactId, InvalidOverride
 from runner.jobs.launch import launch
 from runner.jobs.plan import MLFLOW_RUN_ID, TrainRequest, prepare
 from runner.registry.ids import AGENT_ID as AGENT_PATTERN
@@ -35,11 +35,9 @@ SKILL_NAME = "Train Model Version"
 
 # --- the arguments, declared once -----------------------------------------------------------------
 
-ID = {"type": "string", "pattern": ARTIFACT_ID.pattern}
-AGENT_HELP = "the agent that pays; over MCP, the caller's own (may be omitted)"
 # The paying agent. Over MCP the caller's token (or the stdio server's --agent) decides it:
 # left out, it is filled in; a different one is refused as `forbidden`.
-AGENT_ID = {"type": "string", "pattern": AGENT_PATTERN.pattern, "description": AGENT_HELP}
+AGENT_HELP = "the agent that pays; over MCP, the caller's own (may be omitted)"
 Count = Annotated[int, Field(ge=1, le=INT_MAX)]
 # What a caller may put in training_config and overrides: runner.config.caller's tables (the
 # ones train_model_version and forge-train enforce) as JSON Schema, never a copy. Checked by
@@ -146,13 +144,6 @@ def request(args: declare.Arguments, **extra) -> TrainRequest:
         training_config=nest_training_config(args.training_config), overrides=args.overrides,
         wall_time_cap_min=args.wall_time_cap_min, vram_cap_gb=args.vram_cap_gb,
         allow_dirty=args.allow_dirty, devices=args.devices, device=args.device, **extra)
-
-
-def no_extra_arguments(kw: dict) -> None:
-    """A call's **kw must be empty: an unknown argument is refused, never ignored."""
-    if kw:
-        raise InvalidInput(f"unknown arguments: {', '.join(sorted(kw))}",
-                           field=min(kw), fix="see the skill's input_schema")
 
 
 # --- the caller's dict ----------------------------------------------------------------------------
