@@ -23,9 +23,12 @@ import urllib.request
 import anyio
 import jsonschema
 import pytest
-from helpers import AGENT, BASE_ID, DATASET_ID, TINY
+from helpers import AGENT, BASE_ID, DATASET_ID, TINY, stand_in_candidate
+from test_gate import PERFECT_CANDIDATE, _stand_in_repo
 from test_mcp import Transport, call, session
 
+from runner import mcp_server, tools
+from runner.api import evaluate_candidate
 from runner.registry import ledger
 
 READ_ONLY = {"describe_options", "lineage", "model_show", "job_status", "job_log"}
@@ -70,6 +73,20 @@ def test_tools_carry_annotations_and_output_schemas(stdio):
         validator = jsonschema.Draft202012Validator(tools[name].output_schema)
         assert validator.is_valid(result), name
         assert not validator.is_valid({"unrelated": 1}), name
+
+
+def test_the_gates_results_match_its_output_schema(sqlite_registry, tmp_path, monkeypatch):
+    """evaluate_candidate's dry run and decision (a stand-in eval job in the real jail) fit
+    the schema tools/list gives (the MCP tests above check the other tools' results)."""
+    monkeypatch.setenv("FORGE_CODE_REPO", str(_stand_in_repo(tmp_path, PERFECT_CANDIDATE)))
+    validator = jsonschema.Draft202012Validator(mcp_server.OUTPUT_SCHEMAS["evaluate_candidate"])
+    cand = stand_in_candidate(BASE_ID, "model-standin-schema")
+    for dry_run in (True, False):
+        result = tools.jsonable(evaluate_candidate(cand, AGENT, dry_run=dry_run,
+                                                   allow_dirty=True))
+        errors = [e.message for e in validator.iter_errors(result)]
+        assert errors == [], (dry_run, errors)
+    assert result["decision"] == "promoted"
 
 
 @pytest.mark.parametrize("arguments, message, field", [
