@@ -668,18 +668,21 @@ def mcp_cmd(agent, port, host, blocking_per_agent, sessions_per_agent, session_i
     from runner import mcp_server
     from runner.registry import db as dbmod
 
-    dbmod.get_engine()  # no registry: refuse now, not on every call
     lanes = mcp_server.Lanes(blocking_per_agent=blocking_per_agent)
     if port is None:
         if agent is None:
             raise click.UsageError("stdio needs --agent NAME (the agent every call runs as)")
         from runner.registry import ledger
 
-        mcp_server.run_stdio(ledger.check_agent_id(agent), lanes)
+        agent = ledger.check_agent_id(agent)
+        dbmod.get_engine()  # no registry: refuse now, not on every call
+        mcp_server.run_stdio(agent, lanes)
         return
     if agent is not None:
         raise click.UsageError("over HTTP each request's bearer token names the agent; "
                                "drop --agent")
+    if host in mcp_server.LOOPBACK:  # (another host: run_http's refusal comes first)
+        dbmod.get_engine()  # no registry: refuse now, not on every call
     click.echo(f"forge mcp: streamable HTTP at http://{host}:{port}/mcp (bearer tokens)",
                err=True)
     mcp_server.run_http(host, port, lanes=lanes, sessions=mcp_server.SessionLimits(
