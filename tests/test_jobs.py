@@ -258,6 +258,10 @@ def test_forge_jobs_cli_submits_lists_follows_and_cancels(sqlite_registry, tmp_p
         time.sleep(0.3)
     status = json_.loads(cli.invoke(main, ["jobs", "status", job["job_id"], "--json"]).output)
     assert status["status"] == "running" and "progress" in status
+    human = cli.invoke(main, ["jobs", "status", job["job_id"]]).output.splitlines()
+    assert human[0].startswith(f"{job['job_id']} ({AGENT}): running; debited ")
+    assert human[-1] == f"next: forge jobs log {job['job_id']}   or   " \
+                        f"forge jobs status {job['job_id']}"
     cancelled = json_.loads(cli.invoke(main, ["jobs", "cancel", job["job_id"], "--json"]).output)
     assert cancelled["status"] == "cancelled"
     assert "cancelled" in cli.invoke(main, ["jobs", "list"]).output
