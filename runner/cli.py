@@ -100,7 +100,7 @@ def init_cmd(directory, home_name, as_json):
     from pathlib import Path
 
     # lazy: the registry (~350 ms) stays out of `forge --help`
-    from runner.errors import Conflict
+    from runner.errors import Conflict, InvalidInput
     from runner.registry import db as dbmod
 
     folder = Path(directory).resolve()
@@ -108,12 +108,13 @@ def init_cmd(directory, home_name, as_json):
     if marker.exists():
         raise Conflict(f"{marker} already exists", field="directory",
                        fix=f"use that home (cd {folder}), or pick another directory")
-    folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"# A forge home (forge init): its registry, runs and MLflow store.\n"
-                      f"home = {json.dumps(home_name)}\n")
-    home = settings.home_from_file(marker)
+    if not home_name.strip():
+        raise InvalidInput("--home is empty", field="home", fix="--home outputs")
+    home = (folder / home_name).resolve()
     url = os.environ.get("FORGE_DB_URL") or settings.sqlite_url(home)
-    revision = dbmod.upgrade(url)
+    revision = dbmod.upgrade(url)  # first: a failed init leaves no forge.toml to refuse a retry
+    marker.write_text(f"# A forge home (forge init): its registry, runs and MLflow store.\n"
+                      f"home = {json.dumps(home_name)}\n")  # a JSON string is a TOML string
     if as_json:
         echo_json({"forge_toml": str(marker), "home": str(home),
                    "registry": dbmod.shown(url), "revision": revision})
@@ -122,7 +123,9 @@ def init_cmd(directory, home_name, as_json):
     if os.environ.get("FORGE_HOME"):
         click.echo(f"note: FORGE_HOME is set ({os.environ['FORGE_HOME']}): it wins over "
                    "forge.toml until you unset it")
-    echo_next(f"cd {folder} && forge datasets list")
+    import shlex
+
+    echo_next(f"cd {shlex.quote(str(folder))} && forge datasets list")
 
 
 # --- registry -------------------------------------------------------------------------------
