@@ -65,8 +65,9 @@ def test_runs_models_and_versions_are_described_with_links_to_the_parent(
         artifact_id="fam-child", version_number=2, family=family, task="finetune_celltype",
         dataset_id="dataset-geo-GSE100866", parent=parent, tracking_uri=scratch_tracking_uri,
         metric="test_macro_f1", value=0.8125, test_cells=862)
-    version_route = f"#/models/{family}/versions/{parent['mlflow_version']}"
-    run_route = f"#/experiments/{parent['experiment_id']}/runs/{run_id}"
+    ml = "?workflowType=machine_learning"  # the UI's training workflow, not GenAI's
+    version_route = f"#/models/{family}/versions/{parent['mlflow_version']}{ml}"
+    run_route = f"#/experiments/{parent['experiment_id']}/runs/{run_id}{ml}"
     assert text == (f"**fam-child** (registry v2): a `{family}` model, task `finetune_celltype`, "
                     f"fine-tuned from [fam-parent v1]({version_route}) (its [training run]"
                     f"({run_route})), on dataset `dataset-geo-GSE100866`. Host-measured "

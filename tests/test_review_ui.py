@@ -240,6 +240,50 @@ def test_run_page_shows_the_dataset_input_and_the_logged_model(demo, browse):
     assert f"forge.gate_decision : {demo.decision['decision']}" in page.text
 
 
+def test_experiment_opens_on_its_training_runs(demo, browse):
+    """The experiment's page as forge links it: its runs table with the demo's run, not the
+    GenAI overview. The experiment carries mlflow.experimentKind=custom_model_development,
+    which MLflow 3.17's UI no longer reads for this (its workflow switch does, GenAI by
+    default), so forge's UI routes name the training workflow (tracking.UI_WORKFLOW)."""
+    from runner.jobs import tracking
+
+    candidate = demo.trained["artifact_id"]
+    page = browse(tracking.experiment_route(demo.experiment_id).removeprefix("#"),
+                  ready=candidate)
+    assert "Run Name" in page.text and "Traces 0" not in page.text, page.text[:2000]
+    assert any(href.startswith(f"#{demo.run_route}") and text == candidate
+               for href, text in page.links), page.links
+    client = tracking.client(demo.tracking_uri)
+    assert client.get_experiment(demo.experiment_id).tags["mlflow.experimentKind"] == \
+        "custom_model_development"
+
+
+def test_run_and_version_descriptions_say_what_it_is_and_link_the_parent(demo, browse):
+    from runner.jobs import tracking
+
+    candidate, parent = demo.trained["artifact_id"], demo.trained["parent_artifact_id"]
+    name, version = demo.model_version
+    head = f"{candidate} (registry v{demo.trained['version_number']}): a "
+    # the version's description: what it is, and links to the parent's version and run
+    page = browse(f"/models/{name}/versions/{version}", ready="forge.artifact_id")
+    assert head in page.text and f"on dataset {DATASET_ID}" in page.text, page.text
+    assert "Host-measured test_macro_f1: " in page.text
+    links = {text: href for href, text in page.links}
+    ml = re.escape(tracking.UI_WORKFLOW)
+    parent_version = links.get(f"{parent} v{demo.trained['version_number'] - 1}", "")
+    assert re.fullmatch(rf"#/models/{name}/versions/\d+{ml}", parent_version), page.links
+    parent_run = links.get("training run", "")
+    assert re.fullmatch(rf"#/experiments/\d+/runs/\w+{ml}", parent_run), page.links
+    # they lead to the parent: its version, its run (opened in the training workflow)
+    base = browse(parent_version.removeprefix("#"), ready="forge.artifact_id")
+    assert f"{parent} (registry v1): a " in base.text and "trained from scratch" in base.text
+    run = browse(parent_run.removeprefix("#"), ready="Description")
+    assert f"{parent} (registry v1): a " in run.text, run.text[:2000]
+    # the candidate's run note: the same paragraph above the run's details
+    run = browse(demo.run_route, ready="Logged models (1)")
+    assert head in run.text and "Host-measured test_macro_f1: " in run.text
+
+
 def test_model_version_page_shows_the_decision(demo, browse):
     name, version = demo.model_version
     page = browse(f"/models/{name}/versions/{version}", ready="forge.artifact_id")

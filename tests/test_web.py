@@ -204,6 +204,8 @@ def test_detail_page_shows_lineage_metrics_cost_code_and_citation(web, versions)
     # MLflow: the operator's UI, the run and the registered version
     assert re.search(r'href="http://127\.0\.0\.1:5000/#/experiments/7/runs/\w+"', html)
     assert 'href="http://127.0.0.1:5000/#/models/scgpt/versions/2"' in html
+    # the experiment, opened on its training runs (MLflow's UI defaults to its GenAI pages)
+    assert 'href="http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"' in html
     assert f'src="/artifacts/{versions["v3"]}/confusion_matrix.png"' in html
 
 
@@ -495,6 +497,43 @@ def test_the_demo_in_a_browser(chromium, demo, served, tmp_path):
     assert "would_launch: yes" in dry, dry
     assert f"cost {trained['cost']['estimated']} credits" in dry, dry  # same cap, same price
     assert "balance" in dry and "None: it would launch" in dry
+
+
+@pytest.mark.slow
+def test_the_demo_index_and_datasets_in_a_browser(chromium, demo, smoke_demo, served,
+                                                  tmp_path):
+    """The index shows every version of the demo, its rejected ones with their metrics, and
+    sorting by the metric (a link in the header, no script) reorders it; /datasets lists the
+    demo's dataset with the versions trained on it."""
+    decided = {p["candidate_artifact_id"]: p for p in smoke_demo.printed if "decision" in p}
+    rejected = [i for i, p in decided.items() if p["decision"] == "rejected"]
+    assert rejected, f"the smoke demo rejected nothing: {decided}"
+    trained = {p["artifact_id"]: p for p in smoke_demo.printed if "gpu_allocation_id" in p}
+
+    def rows(query: str = "") -> list[str]:
+        dom = _chromium(chromium, tmp_path / "profile", "--dump-dom", f"{served}/{query}")
+        return _index_rows(dom)
+
+    shown = {row.split()[0]: row for row in rows()}
+    for artifact_id in rejected:
+        metrics = trained[artifact_id]["eval_metrics"]
+        assert f" rejected {DATASET_ID} {metrics['test_macro_f1']:.4f} test_macro_f1 " in \
+            shown[artifact_id], shown[artifact_id]
+    ranked = [r.split()[0] for r in rows("?sort=metric&order=desc")]
+    low_first = [r.split()[0] for r in rows("?sort=metric&order=asc")]
+    scored = [i for i in ranked if i in trained and
+              trained[i]["eval_metrics"].get("test_macro_f1") is not None]
+    values = [trained[i]["eval_metrics"]["test_macro_f1"] for i in scored]
+    assert len(values) >= 2 and values == sorted(values, reverse=True), (scored, values)
+    assert [i for i in low_first if i in scored] == scored[::-1]
+    assert ranked != low_first
+
+    dom = _chromium(chromium, tmp_path / "profile", "--dump-dom", f"{served}/datasets")
+    (row,) = [_visible(r) for r in re.findall(r'<tr class="dataset">(.*?)</tr>', dom, re.DOTALL)
+              if DATASET_ID in r]
+    assert row.startswith(f"{DATASET_ID} ") and "GSE100866" in row and "8,617 500" in row
+    for artifact_id in rejected:
+        assert artifact_id in row
 
 
 def test_a_foreign_host_header_is_refused(web, versions):

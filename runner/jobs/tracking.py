@@ -135,6 +135,15 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
 # model training (the UI reads this tag; MLflow's own client never sets it for us).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
+# MLflow 3.17's UI no longer reads that tag to pick an experiment's first page: a switch
+# (GenAI | Model training) kept in the URL or in the browser decides, GenAI by default. Every
+# UI route forge writes names the training workflow, so it opens on runs, not on traces.
+UI_WORKFLOW = "?workflowType=machine_learning"
+
+
+def experiment_route(exp_id: str) -> str:
+    """The experiment's page in the MLflow UI (relative: `#/...`), on its training runs."""
+    return f"#/experiments/{quote(str(exp_id), safe='')}{UI_WORKFLOW}"
 
 
 def experiment_id(mlflow_client, name: str, artifact_root: Path) -> str:
@@ -168,8 +177,9 @@ def experiment_id(mlflow_client, name: str, artifact_root: Path) -> str:
 def ui_routes(model: dict | None, tracking_uri: str) -> dict[str, str]:
     """The MLflow UI's routes of a registry version (catalog.get_model_version) tracked in the
     store `tracking_uri`: `version` (#/models/NAME/versions/N) and `run`
-    (#/experiments/E/runs/R), relative to the UI, so a description links them in whichever
-    server shows it. Empty for a version tracked in another store, or in none."""
+    (#/experiments/E/runs/R), each with UI_WORKFLOW, relative to the UI, so a description
+    links them in whichever server shows it. Empty for a version tracked in another store, or
+    in none."""
     if model is None:
         return {}
     recorded = (model.get("metadata") or {}).get("mlflow") or {}
@@ -180,11 +190,12 @@ def ui_routes(model: dict | None, tracking_uri: str) -> dict[str, str]:
     name, _, number = (version.get("mlflow_model_uri") or "").removeprefix(
         "models:/").partition("/")
     if name and number:
-        routes["version"] = f"#/models/{quote(name, safe='')}/versions/{quote(number, safe='')}"
+        routes["version"] = f"#/models/{quote(name, safe='')}/versions/" \
+                            f"{quote(number, safe='')}{UI_WORKFLOW}"
     run_id, exp_id = version.get("mlflow_run_id"), recorded.get("experiment_id")
     if run_id and exp_id is not None:
         routes["run"] = f"#/experiments/{quote(str(exp_id), safe='')}/runs/" \
-                        f"{quote(run_id, safe='')}"
+                        f"{quote(run_id, safe='')}{UI_WORKFLOW}"
     return routes
 
 

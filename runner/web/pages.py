@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit
 from runner import tools
 from runner.errors import InvalidInput
 from runner.jobs.hook import improvement
+from runner.jobs.tracking import experiment_route  # mlflow itself is imported lazily there
 from runner.registry import audit, catalog, ledger, promotion
 from runner.registry import benchmarks as registry_benchmarks
 from trainers.manifest import PRIMARY_METRIC
@@ -188,10 +189,12 @@ def mlflow_links(version: dict, meta: dict, tracking: dict) -> dict:
         "models:/").partition("/")
     links = {"tracking_uri": recorded, "same_store": here, "run_id": run_id,
              "model_uri": version.get("mlflow_model_uri"), "run": None, "model_version": None,
+             "experiment": None, "experiment_id": experiment_id,
              "confusion_matrix": here and bool(run_id) and meta.get("task") == "finetune_celltype"}
     if here and ui and run_id and experiment_id is not None:
         links["run"] = tracking["mlflow_url"].format(experiment_id=segment(experiment_id),
                                                      run_id=segment(run_id))
+        links["experiment"] = f"{ui.rstrip('/')}/{experiment_route(experiment_id)}"
     if here and ui and name and number:
         links["model_version"] = f"{ui.rstrip('/')}/#/models/{segment(name)}/versions/" \
                                  f"{segment(number)}"
