@@ -44,6 +44,14 @@ def stdio(sqlite_registry, committed_code, monkeypatch):
     return Transport("stdio")
 
 
+@pytest.fixture(params=["stdio", "http"])
+def either(request, sqlite_registry, committed_code, monkeypatch):
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    made = Transport(request.param)
+    yield made
+    made.close()
+
+
 def test_tools_carry_annotations_and_output_schemas(stdio):
     async def go():
         async with session(stdio) as client:
@@ -147,14 +155,14 @@ def test_the_401_advertises_no_oauth_metadata_that_is_not_there(sqlite_registry)
 
 
 @pytest.mark.slow
-def test_a_synchronous_train_reports_progress_and_its_job_log_is_quiet(stdio):
+def test_a_synchronous_train_reports_progress_and_its_job_log_is_quiet(either):
     progress: list[tuple[float, float | None, str | None]] = []
 
     async def on_progress(value: float, total: float | None, message: str | None) -> None:
         progress.append((value, total, message))
 
     async def go():
-        async with session(stdio) as client:
+        async with session(either) as client:
             result = await client.call_tool("train_model_version",
                                             {**TRAIN, "overrides": TINY},
                                             progress_callback=on_progress)
