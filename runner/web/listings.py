@@ -20,14 +20,15 @@ from runner.jobs.hook import improvement
 from runner.registry import catalog, ledger, promotion
 from trainers.manifest import PRIMARY_METRIC
 
-# column -> what a row is sorted by; None values always sort last
+# column -> what a row is sorted by; None values always sort last. Metrics sort within their
+# name: a macro-F1 is never ranked against a masked MSE.
 SORT_KEYS = {
     "id": lambda r: r["id"],
     "family": lambda r: r["family"],
     "version": lambda r: r["version_number"],
     "state": lambda r: r["state"],
     "dataset": lambda r: r["dataset"],
-    "metric": lambda r: r["metric_value"],
+    "metric": lambda r: None if r["metric_value"] is None else (r["metric"], r["metric_value"]),
     "delta": lambda r: r["delta"],
     "cost": lambda r: r["cost"],
     "date": lambda r: r["created_at"],
