@@ -21,6 +21,15 @@
   one agent hold every other agent's token check.)
 - Sessions over HTTP: at most `sessions_per_agent` open per agent (one more answers 503),
   and a session with no request in flight for `session_idle_s` is closed by the SDK.
+- What tools/list says besides the schemas: annotations (read-only lookups; the calls that
+  spend credits say so in their title, description and hints), and each tool's output
+  schema (its result's top-level keys and types; the result is its structured content).
+- A schema error names the key and the rule ("training_config.lrr: unknown key (did you
+  mean lr?)"), not jsonschema's "not valid under any of the given schemas".
+- A blocking call whose request carries a progressToken gets notifications/progress every
+  few seconds while it runs: the seconds the host has seen it run, out of its cap.
+- Over HTTP, a 401 advertises no OAuth metadata: forge's tokens come from `forge agents
+  issue`, and there is no authorization server to discover.
 """
 
 from __future__ import annotations
@@ -87,11 +96,12 @@ def tool_title(name: str, skill: tools.Skill) -> str:
 
 
 def tool_description(name: str, skill: tools.Skill) -> str:
-    if name in SPENDS_CREDITS:
-        return ("SPENDS CREDITS: debits the agent's balance by the estimate before it runs "
-                "(unused time is refunded); dry_run=true, where offered, spends nothing. "
-                + skill.description)
-    return skill.description
+    if name not in SPENDS_CREDITS:
+        return skill.description
+    free = ("dry_run=true spends nothing" if "dry_run" in TOOLS[name][2].get("properties", {})
+            else "train_model_version(dry_run=true) estimates without spending")
+    return (f"SPENDS CREDITS: debits the agent's balance by the estimate before the job runs "
+            f"(the unused time is refunded); {free}. {skill.description}")
 
 
 def _t(*names: str) -> dict:
