@@ -183,3 +183,27 @@ def test_a_synchronous_train_reports_progress_and_its_job_log_is_quiet(either):
     if shutil.which("srun") is None:
         pytest.skip("no `srun` on PATH here: Lightning would not print its hint anyway")
     assert not [line for line in lines if SRUN_HINT in line]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"training_config": {"training": {"lr": 1e-4}, "lr": 1e-4}},
+     "training_config matches none of its allowed forms: training_config.lr: not allowed in "
+     "this form; training_config.training: not allowed in this form"),
+    ({"training_config": 5}, "training_config: 5 is not of type null or object"),
+    ({"overrides": ["pricing.price_per_hour=0"]},
+     "overrides[0]: 'pricing.price_per_hour=0' is not of the allowed form"),
+    ({"parent_artifact_id": None}, "parent_artifact_id: None is not of type string"),
+])
+def test_each_schema_rule_is_said_plainly(arguments, message):
+    """The forms a value may take (training_config: null, nested or flat) and long patterns
+    (overrides) still come back as the key and what is wrong with it."""
+    schema = mcp_server.TOOLS["train_model_version"][2]
+    problem = mcp_server._schema_problem(schema, {"parent_artifact_id": BASE_ID,
+                                                  "dataset_artifact_id": DATASET_ID,
+                                                  **arguments})
+    assert problem.reason == "schema_violation" and problem.message == message
+    missing = mcp_server._schema_problem(schema, {"dataset_artifact_id": DATASET_ID})
+    assert (missing.field, missing.message) == (
+        "parent_artifact_id", "parent_artifact_id: missing, and it is required")
+    assert mcp_server._schema_problem(schema, {"parent_artifact_id": BASE_ID,
+                                               "dataset_artifact_id": DATASET_ID}) is None
