@@ -8,7 +8,7 @@ boundary and validated before anything runs. Import the module you need by name:
   `option_for_artifact()`, the installed Hydra launchers.
 - `overrides`: override strings: Hydra's `OverridesParser` (`parse_overrides()`), group
   options, sweeps and interpolation refused, and the error text shared by the modules here.
-- `caller`: what a caller may set (README: What a caller may set): the allowlist tables and
+- `caller`: what a caller may set (docs/guides/configuration.md): the allowlist tables and
   caps, `check_caller_overrides()`, `check_caller_dict()`, `cli_overrides()`, the lines the
   host writes for a call (`call_lines()`, `artifact_lines()`), `caller_schema()`.
 - `validate`: `validate_config()`: the host's own ranges and the trainer's manifest parser.
