@@ -87,6 +87,19 @@ def test_a_training_key_without_a_description_fails_the_reference(reference, mon
         reference.training_keys_markdown()
 
 
+def test_an_architecture_key_without_a_description_fails_the_reference(reference, monkeypatch):
+    scvi = families.get("scvi")
+    extended = dataclasses.make_dataclass(
+        "ModelSpec", [("n_heads", int, dataclasses.field(default=None))],
+        bases=(scvi.architecture,))
+    grown = dataclasses.replace(scvi, architecture=extended)
+    monkeypatch.setattr(families, "all_families",
+                        lambda: [grown if f.name == "scvi" else f
+                                 for f in [families.get(n) for n in families.FAMILIES]])
+    with pytest.raises(reference.MissingDescription, match=r"model\.n_heads of family scvi"):
+        reference.training_keys_markdown()
+
+
 def test_cli_reference_holds_every_command(reference):
     from runner.cli import main
 
