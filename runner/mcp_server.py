@@ -287,12 +287,20 @@ async def _reporting_progress(ctx, cap_s: float | None, work):
     async with anyio.create_task_group() as group:
         async def beat() -> None:
             start = time.monotonic()
-            while True:
+            while True:  # progress must grow: past the cap it goes on, with no total
                 elapsed = round(time.monotonic() - start, 1)
-                cap = f" of at most {cap_s:.0f} s (wall_time_cap_min)" if cap_s else ""
-                await ctx.session.report_progress(
-                    elapsed if cap_s is None else min(elapsed, cap_s), cap_s,
-                    f"running for {elapsed:.0f} s{cap}")
+                if cap_s is None:
+                    total, note = None, ""
+                elif elapsed <= cap_s:
+                    total, note = cap_s, f" of at most {cap_s:.0f} s (wall_time_cap_min)"
+                else:
+                    total, note = None, f", past its cap of {cap_s:.0f} s: stopping, settling"
+                try:
+                    await ctx.session.report_progress(elapsed, total,
+                                                      f"running for {elapsed:.0f} s{note}")
+                except Exception:  # noqa: BLE001 - a courtesy: never the call's failure
+                    log.warning("progress notification failed; sending no more", exc_info=True)
+                    return
                 await anyio.sleep(PROGRESS_EVERY_S)
 
         group.start_soon(beat)
