@@ -166,8 +166,10 @@ def _summary(result: dict, again: list[str], agent: str | None) -> None:
         click.echo("next: " + (shlex.join(again) if result["would_launch"]
                                else "fix the reasons above, then dry-run again"))
         return
+    from trainers.manifest import PRIMARY_METRIC  # plain data: the task's primary metric
+
     metrics = result.get("eval_metrics") or {}
-    primary = next((k for k in metrics if k.startswith("test_")), None)
+    primary = next((m for m in PRIMARY_METRIC.values() if m in metrics), None)
     cost = result.get("cost") or {}
     click.echo(f"version {result['artifact_id']} v{result.get('version_number')} "
                f"({result.get('lifecycle_state')})"

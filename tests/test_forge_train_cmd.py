@@ -113,3 +113,28 @@ def test_forge_train_without_an_agent_refuses_clearly(args):
     out = forge("train", "--parent", PARENT, "--dataset", DATASET, *args)
     assert out.exit_code == train_app.EXIT_INVALID, out.output
     assert "agent_id" in out.output
+
+
+@pytest.mark.slow  # ~30 s on 2 shared cores: two linear jobs in the jail (the root, then ours)
+def test_a_real_run_prints_the_version_its_metric_its_cost_and_next(db_url, committed_code,
+                                                                    monkeypatch):
+    from test_family_seam import AGENT, DATASET, train_root
+
+    from runner.jobs.datasets import builtin_citation
+    from runner.registry import ledger
+
+    monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
+    catalog.register_dataset(DATASET, "CBMC CITE-seq", builtin_citation("cbmc"))
+    ledger.grant(AGENT, "10")
+    root = train_root("model-linear-cli", "linear_cbmc_base")
+    out = forge("train", "--parent", root["id"], "--dataset", DATASET, "--agent", AGENT,
+                "--cap", "5", "--vram-cap-gb", "1")
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()  # the job's own lines ([sandbox] ...), then the summary
+    first, last = next(line for line in lines if line.startswith("version ")), lines[-1]
+    version = first.split()[1]
+    assert first.startswith(f"version {version} v2 (candidate), test_macro_f1 0.9")
+    assert "cost " in first and "credits" in first
+    assert last == f"next: forge gate {version} --agent {AGENT}   or   forge models show " \
+                   f"{version}"
+    assert catalog.get_model_version(version)["parent_version_id"] == root["id"]

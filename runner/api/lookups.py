@@ -10,6 +10,7 @@ import dataclasses
 from pydantic import Field
 
 from runner.api import declare
+from runner.api.train import TrainArgs
 from runner.config import caller, compose
 from runner.config.options import group_options, option_for_artifact
 from runner.config.schema import TrainingConf
@@ -78,7 +79,7 @@ def describe_options(args: NoArgs) -> dict:
     for option in group_options("training"):
         resolved = compose.compose_resolved([f"training={option}"], None, writable=False)[1]
         per_option[option] = resolved["training"]
-    policy, pricing = base["policy"], base["pricing"]
+    pricing = base["pricing"]
     return jsonable({
         "artifacts": {
             "models": [_artifact_summary(a, "parent") for a in catalog.list_artifacts("model")],
@@ -88,22 +89,33 @@ def describe_options(args: NoArgs) -> dict:
         "training_keys": keys,
         "families": by_family,
         "training_defaults": per_option,
-        "arguments": {
-            "wall_time_cap_min": {"type": "integer", "minimum": 1,
-                                  "maximum": policy["max_wall_time_cap_min"],
-                                  "default": base["wall_time_cap_min"]},
-            "vram_cap_gb": {"type": "integer", "minimum": 1, "maximum": policy["max_vram_gb"],
-                            "default": base["vram_cap_gb"]},
-            "devices": {"type": "integer", "minimum": 1, "maximum": policy["max_devices"],
-                        "default": base["devices"]},
-            "device": {"type": "string", "enum": ["auto", *sorted(pricing["per_device"])],
-                       "default": base["device"]}},
+        "arguments": _arguments(base),
         "pricing": {"currency": pricing["currency"], "price_per_hour": pricing["price_per_hour"],
                     "per_device": pricing["per_device"],
                     "estimate": "price_per_hour x wall_time_cap_min / 60 x devices, debited "
                                 "before launch; the seconds not used are refunded"},
         "operator_only": list(caller.OPERATOR_GROUPS),
     })
+
+
+def _arguments(base: dict) -> dict:
+    """The caps and the device as train_model_version declares them (TrainArgs), with what
+    the operator's conf/ adds: the policy's limits, the devices priced, the defaults."""
+    declared = declare.input_schema(TrainArgs)["properties"]
+    policy, per_device = base["policy"], base["pricing"]["per_device"]
+    limits = {"wall_time_cap_min": policy["max_wall_time_cap_min"],
+              "vram_cap_gb": policy["max_vram_gb"], "devices": policy["max_devices"]}
+    out = {}
+    for name in ("wall_time_cap_min", "vram_cap_gb", "devices", "device"):
+        spec = {**declared[name], "default": base[name]}
+        spec["type"] = "string" if name == "device" else "integer"  # conf/ fills a None
+        spec.pop("pattern", None)
+        if name in limits:
+            spec["maximum"] = limits[name]
+        else:
+            spec["enum"] = ["auto", *sorted(per_device)]
+        out[name] = spec
+    return out
 
 
 def _artifact_summary(row: dict, group: str) -> dict:
