@@ -207,3 +207,26 @@ def test_each_schema_rule_is_said_plainly(arguments, message):
         "parent_artifact_id", "parent_artifact_id: missing, and it is required")
     assert mcp_server._schema_problem(schema, {"parent_artifact_id": BASE_ID,
                                                "dataset_artifact_id": DATASET_ID}) is None
+
+
+def test_progress_keeps_growing_past_the_cap(monkeypatch):
+    """Each notification's progress is larger than the last, also once the call outlives
+    its cap (the job's stop and settlement), where the total is dropped."""
+    sent: list[tuple[float, float | None, str]] = []
+
+    class Session:  # what the SDK's request context offers the server: report_progress
+        async def report_progress(self, progress, total=None, message=None):
+            sent.append((progress, total, message))
+
+    class Context:
+        session = Session()
+
+    async def work():
+        await anyio.sleep(1.1)
+        return "done"
+
+    monkeypatch.setattr(mcp_server, "PROGRESS_EVERY_S", 0.2)
+    assert anyio.run(mcp_server._reporting_progress, Context(), 0.5, work) == "done"
+    values = [progress for progress, _total, _message in sent]
+    assert len(sent) >= 4 and values == sorted(set(values))
+    assert sent[0][1] == 0.5 and sent[-1][1] is None and "past its cap" in sent[-1][2]
