@@ -90,6 +90,8 @@ def test_the_operators_defaults_come_from_conf(tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CONFIG_DIR", str(conf))
     result = dry()  # no cap given: the operator's
     assert result["config"]["wall_time_cap_min"] == 30 and result["estimate"]["hours"] == "0.50"
+    (conf / "train.yaml").write_text(text.replace("wall_time_cap_min: 120", ""))
+    assert declare.conf_default("wall_time_cap_min") == 120  # not in conf/: the schema's
 
 
 # --- errors at the edges --------------------------------------------------------------------------

@@ -14,6 +14,7 @@ arguments (submit_training is train_model_version less the dry run's and the swe
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from runner import settings
+from runner.config.schema import TrainConfig
 from runner.errors import ForgeError, InvalidInput
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -50,13 +52,16 @@ class Arguments(BaseModel):
 
 @lru_cache(maxsize=8)
 def _conf_defaults(conf: str, _stamp: tuple) -> dict:
+    """The root's plain values: the config schema's, then conf/train.yaml's, then the
+    machine's conf/local/default.yaml (`# @package _global_`), as composition merges them."""
+    out = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+           if f.default is not dataclasses.MISSING}
     root = Path(conf)
-    cfg = OmegaConf.load(root / "train.yaml")
-    local = root / "local" / "default.yaml"  # `# @package _global_`: the machine's own
-    if local.is_file():
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(local))
-    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items()
-            if not isinstance(v, (dict, list))}
+    for path in (root / "train.yaml", root / "local" / "default.yaml"):
+        if path.is_file():
+            data = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+            out.update({k: v for k, v in data.items() if not isinstance(v, (dict, list))})
+    return out
 
 
 def conf_default(name: str) -> Any:
