@@ -420,7 +420,9 @@ def datasets_list(as_json):
     echo_table(("id", "title", "source", "rows", "license", "sha256"), table,
                empty="no datasets registered yet")
     if rows:
-        echo_next(f"forge train --parent MODEL_ID --dataset {rows[0]['id']} --agent AGENT "
+        models = catalog.list_model_versions()  # newest first: a parent to name
+        parent = models[0]["id"] if models else "MODEL_ID"
+        echo_next(f"forge train --parent {parent} --dataset {rows[0]['id']} --agent AGENT "
                   "--dry-run", "forge models list")
     else:
         echo_next("forge datasets register ID file:///path/cells.h5ad --title T --license L",
