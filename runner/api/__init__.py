@@ -1,5 +1,6 @@
-"""The calls agents and researchers make, each declared as a skill (its input schema, an
-example) and audited in `tool_calls`:
+"""The calls agents and researchers make, each declared once as a pydantic model of its
+arguments (declare.py derives the skill's input schema, the Python signature and its checks,
+forge's click options and the /tools form from it), and audited in `tool_calls`:
 
 - `train_model_version` (train.py): fine-tune a parent on a dataset, blocking, or a dry run.
 - `submit_training`, `job_status`, `job_log`, `cancel_job` (jobs.py): the same, asynchronous.
