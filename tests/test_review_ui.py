@@ -8,6 +8,9 @@ candidate, the gate's decision); `mlflow server` serves that store; Chromium ren
   "Datasets", the logged model under "Logged models", the registered version, the decision tag;
 - the model version page: the decision in the description, the `champion` alias when
   promoted (none when rejected), the registry's version number as a tag;
+- the experiment, opened by forge's route: its training runs, not the GenAI overview;
+- the run's note and the version's description: what the version is, with links to the
+  parent's version and run;
 - the run's artifacts tab opened on the gate report: the report's folder in the tree, the
   report's JSON in the preview, and each figure previewed as an image.
 """

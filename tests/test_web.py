@@ -6,9 +6,10 @@ them (`hook.register_model_version`, with a real reserved allocation), a gate de
 written by `promotion.record_decision`; the detail page, the index, escaping, 404s, the
 tool playground's dry run and the security headers.
 
-One slow test renders the real smoke demo's store, served by `forge serve` as a subprocess,
+Two slow tests render the real smoke demo's store, served by `forge serve` as a subprocess,
 in headless Chromium: the candidate's detail page (and its screenshot), /tools, and a dry run
-loaded as a GET.
+loaded as a GET; the index (its rejected versions with their metrics, sorted by the metric)
+and /datasets.
 """
 
 from __future__ import annotations
