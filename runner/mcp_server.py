@@ -77,17 +77,18 @@ TOOLS = {call.__name__: (call, call.skill, tool_schema(call.skill)) for call in 
 # request key), so they are idempotent.
 SPENDS_CREDITS = frozenset({"train_model_version", "submit_training", "evaluate_candidate"})
 READ_ONLY = frozenset({"describe_options", "lineage", "model_show", "job_status", "job_log"})
+IDEMPOTENT = SPENDS_CREDITS | {"cancel_job"}  # cancelling a settled job returns its state
 
 
 def tool_annotations(name: str, skill: tools.Skill) -> types.ToolAnnotations:
-    """The MCP hints: read-only lookups; credit-spending (destructive, idempotent) calls;
-    cancel_job stops a job (destructive, idempotent: a settled job stays settled). Every
-    tool acts on this server's registry alone (openWorldHint false)."""
+    """The MCP hints: read-only lookups; the rest (credit-spending calls, cancel_job, which
+    stops a job) destructive, idempotent where a retry changes nothing more. Every tool
+    acts on this server's registry alone (openWorldHint false)."""
     if name in READ_ONLY:
         return types.ToolAnnotations(title=skill.name, read_only_hint=True,
                                      open_world_hint=False)
     return types.ToolAnnotations(title=tool_title(name, skill), read_only_hint=False,
-                                 destructive_hint=True, idempotent_hint=True,
+                                 destructive_hint=True, idempotent_hint=name in IDEMPOTENT,
                                  open_world_hint=False)
 
 
@@ -184,7 +185,7 @@ def mcp_tool(name: str) -> types.Tool:
     _call, skill, schema = TOOLS[name]
     return types.Tool(name=name, title=tool_title(name, skill),
                       description=tool_description(name, skill), input_schema=schema,
-                      output_schema=OUTPUT_SCHEMAS[name],
+                      output_schema=OUTPUT_SCHEMAS.get(name),
                       annotations=tool_annotations(name, skill))
 
 
