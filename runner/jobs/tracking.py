@@ -155,8 +155,12 @@ def experiment_id(mlflow_client, name: str, artifact_root: Path) -> str:
     existing = mlflow_client.get_experiment_by_name(name)
     if existing is not None:
         if EXPERIMENT_KIND_TAG not in existing.tags:
-            mlflow_client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG,
-                                             EXPERIMENT_KIND)
+            try:
+                mlflow_client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG,
+                                                 EXPERIMENT_KIND)
+            except Exception as exc:  # noqa: BLE001 - how the UI opens it: never worth a job
+                print(f"warning: could not mark experiment {name!r} as model training: "
+                      f"{type(exc).__name__}: {exc}"[:300], file=sys.stderr)
         return existing.experiment_id
     kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
     try:
