@@ -167,3 +167,18 @@ def test_tables_are_never_wrapped_in_a_pipe(sqlite_url):
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert long_id in out.stdout.splitlines()[1]  # whole, on its row
+
+
+def test_the_demos_messages_never_wrap_a_command(monkeypatch):
+    """The demo's console (stderr, piped in CI and by `... | cat`) keeps a long command and
+    an error's fix on one line each, whatever the terminal's width."""
+    from runner import demo
+
+    monkeypatch.setattr(demo.console, "width", 40)
+    command = "  .venv/bin/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db " \
+              "--workers 1 --port 5000   # then open http://127.0.0.1:5000/#/experiments/1"
+    with demo.console.capture() as captured:
+        demo.console.print(f"done. Browse runs:\n{command}")
+        demo.console.print("[red]error[/]: NoForgeHome: " + "x" * 80)
+    assert captured.get().splitlines() == ["done. Browse runs:", command,
+                                           "error: NoForgeHome: " + "x" * 80]
