@@ -203,3 +203,20 @@ def test_forge_errors_stay_typed(tmp_path, monkeypatch, no_forge_env):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ForgeError):
         db.get_engine()
+
+
+def test_the_config_puts_runs_and_tracking_in_the_found_home_from_any_folder(
+        tmp_path, monkeypatch, no_forge_env):
+    """conf/ names the home through `${forge_home:}` (runner.settings), not `./outputs` of the
+    working directory: forge-train and the Python API from a subfolder of a home (or a home
+    whose forge.toml names another folder) write where `forge` reads."""
+    from runner.config import compose
+
+    (tmp_path / "forge.toml").write_text('home = "data/forge"\n')
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "deep" / "er")
+    cfg = compose.compose_config([])
+    home = tmp_path / "data" / "forge"
+    assert cfg.tracking.tracking_uri == f"sqlite:///{home}/mlflow.db"
+    assert cfg.tracking.artifact_root == f"{home}/mlartifacts"
+    assert _tree(tmp_path / "deep") == ["er"]  # nothing written where it ran

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, OmegaConf
 
+from runner import settings
 from trainers import family as families  # each family's settings, declared once
 from trainers import manifest as contract  # the manifest's own fields
 
@@ -60,6 +61,9 @@ def _family_default(key: str, *, _root_) -> Any:
 
 
 OmegaConf.register_new_resolver("forge_family", _family_default, replace=True)
+# `${forge_home:}`: the home runner.settings finds (FORGE_HOME, else the nearest forge.toml), so
+# the runs, the MLflow store and the registry land in the same home from any working directory.
+OmegaConf.register_new_resolver("forge_home", lambda: str(settings.forge_home()), replace=True)
 
 
 def _union(name: str, part: str, head: list) -> type:
