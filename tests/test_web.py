@@ -204,9 +204,11 @@ def test_detail_page_shows_lineage_metrics_cost_code_and_citation(web, versions)
     assert f'href="{citation["url"]}"' in html
     # MLflow: the operator's UI, the run and the registered version
     assert re.search(r'href="http://127\.0\.0\.1:5000/#/experiments/7/runs/\w+"', html)
-    assert 'href="http://127.0.0.1:5000/#/models/scgpt/versions/2"' in html
-    # the experiment, opened on its training runs (MLflow's UI defaults to its GenAI pages)
-    assert 'href="http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"' in html
+    # in the UI's training workflow (MLflow's UI defaults to its GenAI pages): the version,
+    # and the experiment opened on its training runs
+    ml = "?workflowType=machine_learning"
+    assert f'href="http://127.0.0.1:5000/#/models/scgpt/versions/2{ml}"' in html
+    assert f'href="http://127.0.0.1:5000/#/experiments/7{ml}"' in html
     assert f'src="/artifacts/{versions["v3"]}/confusion_matrix.png"' in html
 
 

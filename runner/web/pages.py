@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit
 from runner import tools
 from runner.errors import InvalidInput
 from runner.jobs.hook import improvement
-from runner.jobs.tracking import experiment_route  # mlflow itself is imported lazily there
+from runner.jobs.tracking import UI_WORKFLOW, experiment_route  # mlflow: imported lazily there
 from runner.registry import audit, catalog, ledger, promotion
 from runner.registry import benchmarks as registry_benchmarks
 from trainers.manifest import PRIMARY_METRIC
@@ -197,7 +197,7 @@ def mlflow_links(version: dict, meta: dict, tracking: dict) -> dict:
         links["experiment"] = f"{ui.rstrip('/')}/{experiment_route(experiment_id)}"
     if here and ui and name and number:
         links["model_version"] = f"{ui.rstrip('/')}/#/models/{segment(name)}/versions/" \
-                                 f"{segment(number)}"
+                                 f"{segment(number)}{UI_WORKFLOW}"
     return links
 
 
