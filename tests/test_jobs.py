@@ -250,6 +250,10 @@ def test_forge_jobs_cli_submits_lists_follows_and_cancels(sqlite_registry, tmp_p
     assert out.exit_code == 0, out.output
     job = json_.loads(out.stdout)
     assert job["status"] in ("queued", "running") and job["engine"] == "local"
+    again = cli.invoke(main, ["jobs", "submit", BASE_ID, DATASET_ID, "training.lr=0.001",
+                              "--agent", AGENT, "--cap", "5"])  # for people; the same job
+    assert again.exit_code == 0 and again.output.startswith(f"job {job['job_id']}: ")
+    assert f"next: forge jobs status {job['job_id']}" in again.output
     listed = cli.invoke(main, ["jobs", "list", "--json"])
     assert [row["id"] for row in json_.loads(listed.stdout)] == [job["job_id"]]
     deadline = time.monotonic() + 120
