@@ -69,17 +69,21 @@ def test_every_training_key_of_every_family_has_a_described_row(reference):
     assert "none \\| balanced \\| sqrt" in page  # choices, escaped inside the table
 
 
+def _grow(monkeypatch, name: str, part: str, key: str, kind: type, default) -> None:
+    """Family `name` declares one more `part` ("training" or "architecture") key."""
+    fam = families.get(name)
+    extended = dataclasses.make_dataclass(
+        "Grown", [(key, kind, dataclasses.field(default=default))], bases=(getattr(fam, part),))
+    grown = dataclasses.replace(fam, **{part: extended})
+    monkeypatch.setattr(families, "all_families",
+                        lambda: [grown if f.name == name else f
+                                 for f in [families.get(n) for n in families.FAMILIES]])
+
+
 def test_a_training_key_without_a_description_fails_the_reference(reference, monkeypatch):
     """A family that declares a new training key and no description for it: the generator
     refuses, naming the key (so `mkdocs build` fails until it is described)."""
-    linear = families.get("linear")
-    extended = dataclasses.make_dataclass(
-        "TrainingSpec", [("momentum", float, dataclasses.field(default=0.9))],
-        bases=(linear.training,))
-    grown = dataclasses.replace(linear, training=extended)
-    monkeypatch.setattr(families, "all_families",
-                        lambda: [grown if f.name == "linear" else f
-                                 for f in [families.get(n) for n in families.FAMILIES]])
+    _grow(monkeypatch, "linear", "training", "momentum", float, 0.9)
     with pytest.raises(reference.MissingDescription, match=r"training\.momentum of family linear"):
         reference.training_keys_markdown()
     monkeypatch.setitem(reference.DESCRIPTIONS["linear"], "training.momentum", "Momentum.")
@@ -88,14 +92,7 @@ def test_a_training_key_without_a_description_fails_the_reference(reference, mon
 
 
 def test_an_architecture_key_without_a_description_fails_the_reference(reference, monkeypatch):
-    scvi = families.get("scvi")
-    extended = dataclasses.make_dataclass(
-        "ModelSpec", [("n_heads", int, dataclasses.field(default=None))],
-        bases=(scvi.architecture,))
-    grown = dataclasses.replace(scvi, architecture=extended)
-    monkeypatch.setattr(families, "all_families",
-                        lambda: [grown if f.name == "scvi" else f
-                                 for f in [families.get(n) for n in families.FAMILIES]])
+    _grow(monkeypatch, "scvi", "architecture", "n_heads", int, None)
     with pytest.raises(reference.MissingDescription, match=r"model\.n_heads of family scvi"):
         reference.training_keys_markdown()
 
