@@ -242,11 +242,13 @@ def test_forge_benchmarks_show_and_list_print_plain_lines(board):
                         "not", "compared", "-"]  # no gate of s3 met the baseline
     assert table[4] == ["3", "scgpt", board["s2"], "v2", "0.7000", "-0.2200", "95%", "CI",
                         "[-0.2300,", "-0.2100]", "rejected"]  # s3 met its parent
-    assert len(lines) == 7
+    assert lines[7] == f"next: forge models show {board['s3']}"  # the best version
+    assert len(lines) == 8
 
     listed = _forge("benchmarks", "list")
     assert listed.returncode == 0, listed.stderr
-    header, row = listed.stdout.splitlines()
+    header, row, next_line = listed.stdout.splitlines()
+    assert next_line == f"next: forge benchmarks show {BENCH}"
     assert header.split() == ["benchmark", "dataset", "task", "metric", "versions", "best"]
     assert row.split() == [BENCH, DATASET_ID, "finetune_celltype", "test_macro_f1", "3",
                            board["s3"], "(0.9200)"]
