@@ -43,10 +43,10 @@ def test_the_plan_carries_the_rows_it_read_and_launch_reads_them_no_more(
     reads = []  # reads on their own; registration checks its links inside its transaction
     real = catalog.get_artifact
 
-    def counting(artifact_id, *, conn=None):
+    def counting(artifact_id, *, conn=None, **kw):
         if conn is None:
             reads.append(artifact_id)
-        return real(artifact_id, conn=conn)
+        return real(artifact_id, conn=conn, **kw)
 
     monkeypatch.setattr(catalog, "get_artifact", counting)
     result = launch_mod.launch(plan)
