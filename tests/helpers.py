@@ -433,3 +433,15 @@ def serving(app):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def http_status(request) -> int:
+    """The HTTP status a URL or urllib Request answers, error statuses included."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code

@@ -24,7 +24,15 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers import AGENT, BASE_ID, DATASET_ID, SLEEPING_TRAINER, TINY, fake_code_repo
+from helpers import (
+    AGENT,
+    BASE_ID,
+    DATASET_ID,
+    SLEEPING_TRAINER,
+    TINY,
+    fake_code_repo,
+    http_status,
+)
 
 from runner.registry import agents, catalog, db, ledger, recovery, schema
 
@@ -274,12 +282,8 @@ def _post(url: str, token: str | None) -> int:
                "Accept": "application/json, text/event-stream"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=body.encode(), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    return http_status(urllib.request.Request(url, data=body.encode(), headers=headers,
+                                              method="POST"))
 
 
 def test_http_refuses_a_missing_wrong_or_revoked_token(sqlite_registry):

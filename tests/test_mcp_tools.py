@@ -23,7 +23,7 @@ import urllib.request
 import anyio
 import jsonschema
 import pytest
-from helpers import AGENT, BASE_ID, DATASET_ID, TINY, stand_in_candidate
+from helpers import AGENT, BASE_ID, DATASET_ID, TINY, http_status, stand_in_candidate
 from test_gate import PERFECT_CANDIDATE, _stand_in_repo
 from test_mcp import Transport, call, session
 
@@ -121,14 +121,6 @@ def test_a_schema_error_names_the_key_and_the_rule(stdio, arguments, message, fi
     assert ledger.balance(AGENT) == 10
 
 
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
 def test_the_401_advertises_no_oauth_metadata_that_is_not_there(sqlite_registry):
     transport = Transport("http")
     try:
@@ -144,12 +136,12 @@ def test_the_401_advertises_no_oauth_metadata_that_is_not_there(sqlite_registry)
         assert challenge.startswith("Bearer")
         # whatever it advertises answers, and so does each authorization server it names
         for url in re.findall(r'resource_metadata="([^"]+)"', challenge):
-            assert _status(url) == 200, url
+            assert http_status(url) == 200, url
             with urllib.request.urlopen(url, timeout=30) as response:
                 metadata = json.load(response)
             for issuer in metadata.get("authorization_servers", []):
                 well_known = issuer.rstrip("/") + "/.well-known/oauth-authorization-server"
-                assert _status(well_known) == 200, well_known
+                assert http_status(well_known) == 200, well_known
     finally:
         transport.close()
 
