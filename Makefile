@@ -1,4 +1,5 @@
-# `make demo` runs the main job, `make test` runs the whole suite, `make lint` checks the
+# `make demo` runs the main job, `make test` runs the whole suite, `make test-fast` the unit
+# tier (no jail, no training, no service: tests/tiers.py), `make lint` runs ruff and checks the
 # import contracts in pyproject.toml (lint-imports).
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export MLFLOW_ALLOW_FILE_STORE := true
 
-.PHONY: demo test lint install
+.PHONY: demo test test-fast lint install
 
 install: $(STAMP)
 
@@ -27,4 +28,5 @@ test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=30
 
 lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports

@@ -114,7 +114,7 @@ def main() -> None:
 
     steps = {"ours": make_step(ours, ours_loss), "scGPT 0.2.4": make_step(theirs, scgpt_loss)}
     times = {name: [] for name in steps}
-    for name, step in steps.items():  # warm-up
+    for step in steps.values():  # warm-up
         step()
     for _ in range(a.steps):
         for name, step in steps.items():

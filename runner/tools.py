@@ -18,12 +18,13 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -172,7 +173,7 @@ def _record(skill: Skill, signature: inspect.Signature, args: tuple, kwargs: dic
         caller = _audited_as.get() or _acting.get() or _agent(params)
         row = dict(id=f"call-{uuid.uuid4().hex}", agent_id=caller,
                    input_params=jsonable(params), success=error is None,
-                   duration_ms=duration_ms, created_at=datetime.now(timezone.utc))
+                   duration_ms=duration_ms, created_at=datetime.now(UTC))
         if error is None:
             row["output_summary"] = summarize(result)
         else:

@@ -65,7 +65,8 @@ class HttpServer:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"forge mcp --http did not start: {self.proc.stdout.read()}")
+                    raise RuntimeError(f"forge mcp --http did not start: "
+                                       f"{self.proc.stdout.read()}") from None
                 time.sleep(0.2)
 
     def stop(self) -> None:
@@ -301,7 +302,7 @@ def test_http_refuses_a_missing_wrong_or_revoked_token(sqlite_registry):
             assert _post(server.url, bad) == 401, bad
         assert agents.revoke(token_id=token_id) == 1
         assert _post(server.url, token) == 401  # revoked
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 - whatever the SDK's client raises on a 401
             anyio.run(list_with, token)
     finally:
         transport.close()

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -63,7 +63,7 @@ HANGING_TRAINER = """
 
 
 def later(delta: timedelta = TOMORROW) -> datetime:
-    return datetime.now(timezone.utc) + delta
+    return datetime.now(UTC) + delta
 
 
 def reserve(key="k1", agent="a1", amount="1.00", **kw):
@@ -176,7 +176,7 @@ def test_cli_check_fails_while_an_allocation_is_overdue_and_reap_clears_it(db_ur
     assert cli("ledger", "check").exit_code == 0
     with db.get_engine(db_url).begin() as conn:
         conn.execute(schema.resource_allocations.update()
-                     .values(expires_at=datetime.now(timezone.utc) - timedelta(minutes=1)))
+                     .values(expires_at=datetime.now(UTC) - timedelta(minutes=1)))
     result = cli("ledger", "check")
     assert result.exit_code == 1 and alloc["id"] in result.output and "overdue" in result.output
     result = cli("ledger", "reap")
@@ -297,7 +297,7 @@ def test_migration_0002_gives_open_allocations_an_expiry(db_url):
     with db.get_engine(db_url).begin() as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "0001")
-    stamp = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    stamp = datetime(2026, 1, 1, tzinfo=UTC)
     with db.get_engine(db_url).begin() as conn:
         for key, status in (("open", "running"), ("closed", "settled")):
             conn.execute(sa.text(

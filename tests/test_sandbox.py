@@ -128,7 +128,8 @@ def test_host_servers_answer_the_host_but_not_the_job(tmp_path):
         "    except Exception as exc:\n"
         "        return f'{type(exc).__name__}: {exc}'\n"
         "a = json.loads(sys.argv[1])\n"
-        "json.dump({'tcp': dial(socket.AF_INET, a['tcp']), 'unix': dial(socket.AF_UNIX, a['unix'])},\n"
+        "json.dump({'tcp': dial(socket.AF_INET, a['tcp']),\n"
+        "           'unix': dial(socket.AF_UNIX, a['unix'])},\n"
         "          open('/job/out/dial.json', 'w'))\n")
     try:
         for kind, server in servers.items():  # the control: each server answers the host

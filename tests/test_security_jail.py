@@ -276,7 +276,7 @@ def test_the_jail_network_is_loopback_only(tmp_path):
     assert report["interfaces"] == ["lo"] and report["if_nameindex"] == "ok: [(1, 'lo')]"
     assert report["routes"] == []  # IPv4: not even a route via lo in the main table
     RTF_REJECT = 0x0200
-    for dest, prefix, *_, flags, iface in report["ipv6_routes"]:
+    for _dest, prefix, *_, flags, iface in report["ipv6_routes"]:
         assert iface == "lo", report["ipv6_routes"]
         if int(prefix, 16) == 0:  # a default route exists only as the kernel's unreachable
             assert int(flags, 16) & RTF_REJECT, report["ipv6_routes"]

@@ -133,7 +133,8 @@ def test_a_foreign_candidate_is_forbidden_and_its_owner_gets_its_own_decision(sq
     assert ledger.balance(OTHER) == balance
 
     shown = subprocess.run([sys.executable, "-m", "runner.cli", "gate", cand, "--agent", OTHER,
-                            "--allow-dirty"], check=False, capture_output=True, text=True, timeout=300,
+                            "--allow-dirty"], check=False, capture_output=True, text=True,
+                           timeout=300,
                            env=dict(os.environ))
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert f"{cand}: REJECTED by gate 'default' (recorded earlier)" in shown.stdout

@@ -34,7 +34,8 @@ from runner.jobs import hook
 from runner.registry import catalog, ledger, recovery
 
 # Pretraining: its metric (masked MSE) is the job's own, so a stand-in trainer stays a blink.
-TINY = ["training=pretrain_mgm", "training.max_epochs=1", "training.batch_size=32", "training.max_seq_len=33",
+TINY = ["training=pretrain_mgm", "training.max_epochs=1", "training.batch_size=32",
+        "training.max_seq_len=33",
         "training.limit_train_batches=4", "training.limit_eval_batches=2"]
 TRAINER = STAND_IN_TRAINER.replace("METRICS", '{"test_mse": 0.5, "test_loss": 0.5}')
 LOCK_TIMEOUT_S = 2

@@ -193,7 +193,7 @@ while not go.exists():
     time.sleep(0.01)
 job = submit_training("%s", "%s", {"seed": 0}, agent, wall_time_cap_min=5, vram_cap_gb=1)
 print(json.dumps({"job_id": job["job_id"]}))
-""" % (BASE_ID, DATASET_ID)
+""" % (BASE_ID, DATASET_ID)  # noqa: UP031 - the braces in it are Python's
 
 
 def test_eight_concurrent_submits_on_a_fresh_home_all_succeed(sqlite_registry, tmp_path,

@@ -122,6 +122,8 @@ def sbatch_scripts() -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.postgres
+@pytest.mark.slurm
+@pytest.mark.sandbox
 def test_a_sweep_through_sbatch_registers_one_candidate_per_task(slurm_env, tracking_store,
                                                                   tmp_path, monkeypatch):
     """On the local store and on the MLflow server a cluster's nodes would share."""
@@ -164,6 +166,8 @@ def test_a_sweep_through_sbatch_registers_one_candidate_per_task(slurm_env, trac
 
 @pytest.mark.slow
 @pytest.mark.postgres
+@pytest.mark.slurm
+@pytest.mark.sandbox
 def test_scancel_settles_the_allocation_as_cancelled_and_kills_the_run(slurm_env, tmp_path,
                                                                        monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLEEPER)))
@@ -201,6 +205,8 @@ def test_scancel_settles_the_allocation_as_cancelled_and_kills_the_run(slurm_env
 
 @pytest.mark.slow
 @pytest.mark.postgres
+@pytest.mark.slurm
+@pytest.mark.sandbox
 def test_a_node_failure_mid_job_is_reaped_on_slurms_word(slurm_env, slurm_cluster, tmp_path,
                                                          monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLEEPER)))
@@ -260,6 +266,8 @@ def _revive(node: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.postgres
+@pytest.mark.slurm
+@pytest.mark.sandbox
 def test_submit_training_runs_on_slurm_and_cancel_job_scancels_it(slurm_env, tmp_path,
                                                                   monkeypatch):
     """The asynchronous jobs of runner.api on the cluster (FORGE_JOBS_EXECUTOR=slurm): a

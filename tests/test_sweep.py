@@ -263,6 +263,7 @@ def test_eight_concurrent_jobs_on_postgresql(pg_registry, tracking_store, tmp_pa
         events = conn.execute(sa.select(sa.func.count()).select_from(schema.events)).scalar_one()
     assert events == 8
     runs = [r for r in mlflow_runs(tracking_store.since_ms)
-            if r.data.tags.get("forge.agent_id") == AGENT and r.data.tags.get("forge.sweep") != "true"]
+            if r.data.tags.get("forge.agent_id") == AGENT
+            and r.data.tags.get("forge.sweep") != "true"]
     assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
     assert sorted(r.info.run_id for r in runs) == sorted(a["mlflow_run_id"] for a in allocs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import UTC
 from decimal import Decimal
 
 import jsonschema
@@ -147,12 +148,12 @@ def test_a_broken_audit_store_does_not_change_the_outcome(tmp_path, monkeypatch,
 
 
 def test_jsonable():
-    from datetime import datetime, timezone
+    from datetime import datetime
     from pathlib import Path
 
     from omegaconf import OmegaConf
 
-    value = {"d": Decimal("1.50"), "t": datetime(2026, 1, 1, tzinfo=timezone.utc),
+    value = {"d": Decimal("1.50"), "t": datetime(2026, 1, 1, tzinfo=UTC),
              "p": Path("/x"), "c": OmegaConf.create({"a": 1}), "s": {1}, "f": float("nan"),
              "o": object()}
     out = tools.jsonable(value)

@@ -167,7 +167,8 @@ def test_parent_mismatch_and_vocab_without_overlap_exit_2(pretrained, cbmc, tmp_
     path.write_text(json.dumps(raw))
     assert main([str(path)]) == EXIT_INVALID
     result = json.loads((tmp_path / "b" / "result.json").read_text())
-    assert result["field"] == "vocab_path" and "none of the dataset's 500 genes" in result["message"]
+    assert result["field"] == "vocab_path"
+    assert "none of the dataset's 500 genes" in result["message"]
 
 
 def test_out_of_memory_is_recognised():

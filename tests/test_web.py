@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -107,7 +107,7 @@ def _register(artifact_id: str, parent_id: str, metrics: dict, *, title: str,
 
     alloc = ledger.reserve(AGENT, "0.5", f"web-{artifact_id}", wall_time_cap_min=60,
                            vram_cap_gb=1, price_per_hour="0.5")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     meta = {"family": "scgpt", "framework": "scgpt", "task": "finetune_celltype",
             "split": SPLIT, "test_cells": SPLIT["counts"]["test"],
             "class_names": list(per_class), "per_class_f1": per_class,
@@ -466,6 +466,9 @@ def _chromium(chromium: str, profile: Path, *args: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_the_demo_in_a_browser(chromium, demo, served, tmp_path):
     trained = demo.trained
     candidate, parent = trained["artifact_id"], trained["parent_artifact_id"]
@@ -503,6 +506,9 @@ def test_the_demo_in_a_browser(chromium, demo, served, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_the_demo_index_and_datasets_in_a_browser(chromium, demo, smoke_demo, served,
                                                   tmp_path):
     """The index shows every version of the demo, its rejected ones with their metrics, and

@@ -26,9 +26,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # Family name -> the module declaring FAMILY. Adding a family is a folder and a line here.
 FAMILIES = {

@@ -18,9 +18,10 @@ import dataclasses
 import difflib
 import functools
 import inspect
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model

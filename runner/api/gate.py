@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from pydantic import Field
 
 from runner.api import declare
@@ -26,7 +24,7 @@ class GateArgs(declare.Arguments):
     gate: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
                       description="a gate of conf/gate/")
     dry_run: bool = Field(False, description="estimate and check; launch nothing")
-    justification: Optional[str] = Field(
+    justification: str | None = Field(
         None, max_length=4000,
         description="why a tradeoff should be promoted (only gates with allow_tradeoff "
                     "accept one)")

@@ -15,7 +15,7 @@ mlflow at import time; the dry run never imports them at all.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 from pydantic import Field, WithJsonSchema
 
@@ -72,13 +72,13 @@ class TrainArgs(declare.Arguments):
                                              "launch nothing")
     overrides: Annotated[Any, WithJsonSchema(_CALLER["overrides"])] = None
     allow_dirty: bool = Field(False, description="run the working tree's uncommitted code")
-    devices: Optional[Count] = Field(None, description="how many devices (default: conf/'s)")
-    device: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+    devices: Count | None = Field(None, description="how many devices (default: conf/'s)")
+    device: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
                                   description="auto, cpu, h100, h200, ...")
-    mlflow_parent_run_id: Optional[str] = Field(
+    mlflow_parent_run_id: str | None = Field(
         None, pattern=f"^{MLFLOW_RUN_ID.pattern}$",
         description="a run of this agent (its sweep's) to nest this job's MLflow run under")
-    code_commit: Optional[str] = Field(
+    code_commit: str | None = Field(
         None, pattern="^[0-9a-f]{7,40}$",
         description="run this commit of the code instead of HEAD (sweeps pin once for all "
                     "their jobs)")

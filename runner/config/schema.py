@@ -14,7 +14,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 
@@ -98,9 +98,9 @@ ParentConf = _union("ParentConf", "architecture",
 @dataclass
 class DatasetConf:
     artifact_id: str = MISSING
-    source: Optional[str] = None
+    source: str | None = None
     format: str = MISSING
-    label_key: Optional[str] = None
+    label_key: str | None = None
 
 
 # training: the manifest's task, seed and num_threads, then every family's training keys. Their
@@ -120,9 +120,9 @@ class SandboxConf:
     grace_s: float = 10.0
     max_processes: int = 512
     tmp_size_gb: float = 4.0
-    max_memory_gb: Optional[float] = 16.0  # cgroup v2 memory.max, else RLIMIT_AS (sandbox.py)
+    max_memory_gb: float | None = 16.0  # cgroup v2 memory.max, else RLIMIT_AS (sandbox.py)
     max_output_gb: float = 20.0  # /job/out quota; over it the job is killed (output_quota)
-    env_allowlist: List[str] = field(default_factory=list)
+    env_allowlist: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -139,7 +139,7 @@ class TrackingConf:
 
 @dataclass
 class RegistryConf:
-    db_url: Optional[str] = None
+    db_url: str | None = None
     blob_threshold_mb: float = 50.0
     min_free_gb: float = 2.0  # free space FORGE_HOME needs before a debit (runner/jobs/launch.py)
     # a dry run hashes a parent's weights up to this size (else names and sizes only); a real
@@ -160,7 +160,7 @@ class RegistryConf:
 class PricingConf:
     currency: str = "credits"
     price_per_hour: float = 0.5
-    per_device: Dict[str, float] = field(default_factory=dict)
+    per_device: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -174,9 +174,9 @@ class PolicyConf:
     # the sum of their memory caps per host (None: this host's physical memory)
     max_jobs_per_agent: int = 2
     max_jobs_per_host: int = 4
-    max_host_memory_gb: Optional[float] = None
+    max_host_memory_gb: float | None = None
     # the lifecycle states a parent may be fine-tuned from (runner/jobs/parents.py)
-    parent_states: List[str] = field(default_factory=lambda: ["active", "candidate"])
+    parent_states: list[str] = field(default_factory=lambda: ["active", "candidate"])
 
 
 @dataclass
@@ -189,7 +189,7 @@ class TrainConfig:
     registry: RegistryConf = field(default_factory=RegistryConf)
     pricing: PricingConf = field(default_factory=PricingConf)
     policy: PolicyConf = field(default_factory=PolicyConf)
-    agent_id: Optional[str] = None
+    agent_id: str | None = None
     dry_run: bool = False
     wall_time_cap_min: int = 120
     vram_cap_gb: int = 24

@@ -101,7 +101,8 @@ def validate_config(cfg: DictConfig, overrides: list[str] | None = None) -> dict
 
 
 # Manifest fields (trainers/manifest.py) and the config keys they come from, where the
-# names differ (runner/config/manifest.py build_manifest); model.* is parent.*, the rest keep theirs.
+# names differ (runner/config/manifest.py build_manifest); model.* is parent.*, the rest keep
+# theirs.
 _MANIFEST_SOURCES = {**{name: f"training.{name}" for name in contract.CONFIG_TRAINING_FIELDS},
                      "dataset.name": "dataset.source",
                      "experiment_name": "tracking.experiment_name"}

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import types
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from runner import settings
@@ -212,7 +212,7 @@ def _progress(alloc: dict, record: dict) -> dict:
     copy of the job's metrics). A tracking store that cannot answer is said, never raised."""
     uri, run_id = record.get("tracking_uri"), alloc.get("mlflow_run_id")
     started = as_utc(alloc["started_at"])
-    elapsed = (datetime.now(timezone.utc) - started).total_seconds() if started else 0.0
+    elapsed = (datetime.now(UTC) - started).total_seconds() if started else 0.0
     out = {"elapsed_s": round(elapsed, 1), "epoch": None, "step": None, "eta_s": None,
            "metrics": {}}
     if not uri or not run_id:

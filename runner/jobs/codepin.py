@@ -91,7 +91,8 @@ def pin_code(repo_path: str | Path | None = None) -> CodePin:
         branch = repo.active_branch.name
     except TypeError:  # detached HEAD
         branch = None
-    return CodePin(sha=sha, repo_url=_origin_url(repo, root), dirty=bool(patch), diff_sha256=diff_sha256,
+    return CodePin(sha=sha, repo_url=_origin_url(repo, root), dirty=bool(patch),
+                   diff_sha256=diff_sha256,
                    branch=branch, repo_path=str(root))
 
 
@@ -113,7 +114,8 @@ def pin_commit(sha: str, repo_path: str | Path | None = None) -> CodePin:
                            reason="unknown_commit",
                            fix="pass a sha that `git log --format=%H` prints in that "
                                "repository, or leave code_commit out to run HEAD") from exc
-    return CodePin(sha=full.strip(), repo_url=_origin_url(repo, root), dirty=False, diff_sha256=None,
+    return CodePin(sha=full.strip(), repo_url=_origin_url(repo, root), dirty=False,
+                   diff_sha256=None,
                    branch=None, repo_path=str(root))
 
 

@@ -26,9 +26,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 _JOB_ID = re.compile(r"\d{1,20}(_\d{1,10})?")
 # SLURM states in which the job's processes may still run (squeue %T, long names).

@@ -8,8 +8,9 @@ import os
 import shutil
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from runner import sandbox, settings
 from runner.config.manifest import ENTRYPOINT
@@ -98,7 +99,7 @@ def sandbox_timing(resolved: dict) -> tuple[float, float]:
     return total - grace, grace
 
 
-def sandbox_job(plan: "Plan", *, output_dir: Path, inputs: dict[str, Path] | None = None,
+def sandbox_job(plan: Plan, *, output_dir: Path, inputs: dict[str, Path] | None = None,
                 log_path: Path | None = None, on_line: Callable[[str], None] | None = None,
                 module: str = ENTRYPOINT, stop: threading.Event | None = None):
     """The one way a plan becomes a sandbox job: the trainer entrypoint (or the eval gate's,

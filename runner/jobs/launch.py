@@ -548,7 +548,8 @@ def result_for(artifact_id: str, *, links: dict[str, str] | None = None) -> dict
 
 def _trainable(cfg: dict) -> dict:
     """The part of the config that decides the model (what goes to MLflow params)."""
-    keys = ("parent", "dataset", "training", "wall_time_cap_min", "vram_cap_gb", "devices", "device")
+    keys = ("parent", "dataset", "training", "wall_time_cap_min", "vram_cap_gb", "devices",
+            "device")
     return {k: cfg[k] for k in keys if k in cfg}
 
 

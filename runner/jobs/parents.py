@@ -75,7 +75,8 @@ def inspect(folder: Path, artifact: str, family: str | None = None
                                 fix=f"a {fam.name} checkpoint folder holds "
                                     f"{', '.join(fam.checkpoint_files)} as plain files") from None
     problems = [CheckpointProblem(f"{artifact}: {p.field} {p.message}", reason=p.reason,
-                                  field=p.field, fix=FIXES.get(p.reason, FIXES["invalid_checkpoint"]))
+                                  field=p.field,
+                                  fix=FIXES.get(p.reason, FIXES["invalid_checkpoint"]))
                 for p in found.problems]
     return found, problems
 
@@ -260,7 +261,8 @@ def _dataset_content(resolved: dict, dataset: dict | None) -> dict | None:
     key = (dataset or {}).get("content_hash") or hashlib.sha256(
         json.dumps([data["source"], data["format"]]).encode()).hexdigest()
     label = data.get("label_key") or ""
-    cache = settings.cache_dir() / "genes" / f"{key[:32]}-{hashlib.sha1(label.encode()).hexdigest()[:8]}.json"
+    digest = hashlib.sha1(label.encode()).hexdigest()[:8]
+    cache = settings.cache_dir() / "genes" / f"{key[:32]}-{digest}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     path = datasets.local_copy(data["source"], settings.cache_dir(),

@@ -5,7 +5,7 @@ module only writes the rows (and reads the skills back: `list_skills`).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import sqlalchemy as sa
 

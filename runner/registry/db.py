@@ -6,10 +6,10 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 import sqlalchemy as sa
 
@@ -79,14 +79,14 @@ def outage(exc: BaseException) -> bool:
 
 def now() -> datetime:
     """The registry's clock: timezone-aware UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(stamp: datetime | None) -> datetime | None:
     """A timestamp read back from the registry, timezone-aware: SQLite hands back UTC
     timestamps without their offset; PostgreSQL with it."""
     if stamp is not None and stamp.tzinfo is None:
-        return stamp.replace(tzinfo=timezone.utc)
+        return stamp.replace(tzinfo=UTC)
     return stamp
 
 

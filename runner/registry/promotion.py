@@ -74,7 +74,8 @@ def record_decision(*, candidate_id: str, champion_id: str | None, decision: str
         cand = catalog.get_model_version(candidate_id, conn=c)  # as of the lock
         if cand["version"]["promotion_state"] != "candidate":
             raise GateRefused(f"{candidate_id!r} was decided meanwhile: "
-                              f"{cand['version']['promotion_state']}", field="candidate_artifact_id",
+                              f"{cand['version']['promotion_state']}",
+                              field="candidate_artifact_id",
                               reason="already_gated", fix="read its recorded decision: gate it "
                               "again with the same gate")
         current = champion(root, conn=c)
@@ -103,7 +104,8 @@ def record_decision(*, candidate_id: str, champion_id: str | None, decision: str
                                f"superseded by {candidate_id}", is_latest=False,
                                superseded_by=candidate_id, promotion_state="superseded")
         else:
-            catalog.set_lifecycle(c, cand, "rejected", stamp, agent_id, notes, promotion_state="rejected",
+            catalog.set_lifecycle(c, cand, "rejected", stamp, agent_id, notes,
+                                  promotion_state="rejected",
                        notes=notes)
         event = PROMOTED_EVENT if decision == "promoted" else REJECTED_EVENT
         # settled first: the improvement row carries what the evaluation cost

@@ -20,9 +20,10 @@ import socket
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -72,7 +73,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._loop, daemon=True,
                                         name=f"heartbeat-{allocation_id}")
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -134,7 +135,7 @@ def overdue(now: datetime | None = None, *, conn=None,
     from a host process gone from this machine, or (given `job_gone`) whose scheduler job is
     over. Each has `overdue` saying which; `reap` settles exactly these, and `check` reports
     them."""
-    at = now or datetime.now(timezone.utc)
+    at = now or datetime.now(UTC)
     with transaction(conn) as c:
         rows = _open_due(c, at)
     return [{**a, "overdue": why} for a in rows if (why := _dead_because(a, at, job_gone))]

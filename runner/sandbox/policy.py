@@ -262,7 +262,8 @@ def _policy(job: SandboxJob, device: str, uid: int | None, fd: Callable[[str], s
                "--"]
     enter: list[str] = []  # the shell moves itself into the job's cgroup, then execs the rest
     if memory == "cgroup2":
-        enter = [_tool("sh") or "/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', f"{cgroup}/cgroup.procs"]
+        enter = [_tool("sh") or "/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"',
+                 f"{cgroup}/cgroup.procs"]
     return {
         "argv": [*enter, *prlimit, "<bwrap>", *args, "--", *command],
         "namespaces": ["net", "pid", "ipc", "uts", "cgroup", "mount"],

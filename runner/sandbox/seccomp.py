@@ -52,6 +52,11 @@ _SYSCALLS = {
 _TESTS = ("==", "in", "&")
 
 
+TESTS = {"==": lambda value, operand: value == operand,
+         "in": lambda value, operand: value in operand,
+         "&": lambda value, operand: bool(value & operand)}
+
+
 def rule_action(name: str, *args: int, rules: dict | None = None) -> str | int:
     """What the table does to syscall `name` called with `args` (missing ones are 0): the
     table's meaning, which the compiled program must agree with."""
@@ -59,8 +64,7 @@ def rule_action(name: str, *args: int, rules: dict | None = None) -> str | int:
     while isinstance(rule, tuple):
         index, test, operand, yes, no = rule
         value = args[index] if index < len(args) else 0
-        holds = {"==": lambda: value == operand, "in": lambda: value in operand,
-                 "&": lambda: bool(value & operand)}[test]()
+        holds = TESTS[test](value, operand)
         rule = yes if holds else no
     return rule
 

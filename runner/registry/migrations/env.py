@@ -1,4 +1,5 @@
-"""Alembic environment: runs on the connection runner.registry.db.upgrade() hands over, or on the URL."""
+"""Alembic environment: runs on the connection runner.registry.db.upgrade() hands over, or on
+the URL."""
 
 import sqlalchemy as sa
 from alembic import context

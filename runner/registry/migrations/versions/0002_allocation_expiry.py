@@ -7,7 +7,7 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-12-05
 """
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 
 import sqlalchemy as sa
 from alembic import op
@@ -39,7 +39,7 @@ def upgrade() -> None:
                              .where(allocations.c.status.in_(('reserved', 'running')))).all()
     for alloc_id, cap_min, created_at in open_rows:
         if created_at.tzinfo is None:  # SQLite keeps UTC without an offset
-            created_at = created_at.replace(tzinfo=timezone.utc)
+            created_at = created_at.replace(tzinfo=UTC)
         expires = created_at + timedelta(seconds=cap_min * 60 + LEGACY_GRACE_S)
         conn.execute(allocations.update().where(allocations.c.id == alloc_id)
                      .values(expires_at=expires))

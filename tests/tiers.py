@@ -1,0 +1,121 @@
+"""The suite's tiers: what a test needs beyond Python, and the check that it says so.
+
+A test that needs one of these carries its marker (registered in pyproject.toml);
+`make test-fast` deselects them all, `make test` runs everything:
+
+- sandbox: it starts bubblewrap;  train: real training in the jail;  postgres: PostgreSQL;
+- slurm: the one-node SLURM cluster;  browser: headless Chromium;
+- mlflow_server: the session's MLflow tracking server (deploy/mlflow/up.sh).
+
+Two checks keep the markers true, so the fast tier stays fast and a missing service never
+hides in it:
+- at collection, a test that asks for a fixture that starts one of these (FIXTURES) without
+  its marker stops the session before anything runs;
+- while a test runs, an audit hook (PEP 578) sees every process the test process starts: a
+  `bwrap` job (of `trainers.entrypoint`: training), `chromium` or SLURM command without
+  the test's marker fails the test. The dry run's probe that bwrap can build the jail
+  (`/usr/bin/true` in it, once per process) is not a job: unit tests need bwrap installed.
+  Processes that a child starts are the child's: such a test (a `forge` subprocess, a
+  background job) is marked by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+NEEDS = ("sandbox", "train", "postgres", "slurm", "browser", "mlflow_server")
+
+# fixture -> what it starts (for any test that asks for it, directly or through others)
+FIXTURES = {
+    "pg_url": {"postgres"},
+    "pg_registry": {"postgres"},
+    "mlflow_server": {"mlflow_server", "postgres"},
+    "chromium": {"browser"},
+    "smoke_demo": {"sandbox", "train", "browser"},
+    "slurm_cluster": {"slurm"},
+}
+
+# program -> what running it means
+PROGRAMS = {"bwrap": "sandbox", "chromium": "browser",
+            **{name: "slurm" for name in ("sbatch", "srun", "squeue", "scontrol", "sinfo",
+                                          "scancel", "sacct")}}
+TRAINING_MODULE = "trainers.entrypoint"
+PROBE = ["--", "/usr/bin/true"]  # runner/sandbox/supervisor.py: bwrap can build the jail
+
+_started: list[tuple[str, str]] = []  # (need, command) seen while the current test runs
+_watching = False
+
+
+def _argv(args) -> list[str]:
+    if isinstance(args, (str, bytes, os.PathLike)):
+        args = [args]
+    return [os.fsdecode(a) for a in (args or [])]
+
+
+def _audit(event: str, args: tuple) -> None:
+    if not _watching or event not in ("subprocess.Popen", "os.posix_spawn", "os.exec"):
+        return
+    executable, argv = (args[0], args[1])
+    argv = _argv(argv)
+    program = os.path.basename(os.fsdecode(executable) if executable else (argv or [""])[0])
+    need = PROGRAMS.get(program)
+    if need is None or argv[-2:] == PROBE:  # the dry run's one probe that the jail can be built
+        return
+    command = " ".join(argv)[:160]
+    _started.append((need, command))
+    if need == "sandbox" and any(TRAINING_MODULE in a for a in argv):
+        _started.append(("train", command))
+
+
+def marked(item: pytest.Item) -> set[str]:
+    return {m.name for m in item.iter_markers() if m.name in NEEDS}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for need in NEEDS:
+        config.addinivalue_line("markers", f"{need}: see tests/tiers.py")
+    if not getattr(sys, "_forge_tiers_hook", False):  # an audit hook cannot be removed: one
+        sys.addaudithook(_audit)
+        sys._forge_tiers_hook = True
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    wrong = []
+    for item in items:
+        needed = set().union(*(FIXTURES.get(f, set()) for f in getattr(item, "fixturenames", ())))
+        if missing := needed - marked(item):
+            wrong.append(f"{item.nodeid}: needs marker(s) {', '.join(sorted(missing))} "
+                         f"(fixtures {', '.join(sorted(set(item.fixturenames) & set(FIXTURES)))})")
+    if wrong:
+        raise pytest.UsageError("tests without the markers of what they start "
+                                "(tests/tiers.py):\n  " + "\n  ".join(wrong))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    global _watching
+    _started.clear()
+    _watching = True
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    outcome = yield
+    if call.when != "teardown":
+        return
+    global _watching
+    _watching = False
+    missing = {}
+    for need, command in _started:
+        if need not in marked(item):
+            missing.setdefault(need, command)
+    _started.clear()
+    report = outcome.get_result()
+    if missing and report.outcome != "failed":
+        report.outcome = "failed"
+        report.longrepr = ("tests/tiers.py: this test started what its markers do not say:\n" +
+                           "\n".join(f"  @pytest.mark.{need}: it ran `{command}`"
+                                     for need, command in sorted(missing.items())))
