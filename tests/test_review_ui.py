@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = "dataset-geo-GSE100866"  # runner.demo trains and gates on CBMC
 BUDGET_MS = 10_000  # Chromium's virtual time for the app to fetch and render; doubled on retry
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.sandbox, pytest.mark.train]
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.sandbox, pytest.mark.train,
+              pytest.mark.xdist_group("smoke_demo")]  # one worker makes the demo (make test)
 
 
 # --- the demo's store ------------------------------------------------------------------------

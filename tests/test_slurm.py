@@ -33,6 +33,7 @@ from runner.jobs import recovery as job_recovery
 from runner.registry import catalog, db, ledger, recovery, schema
 
 REPO = Path(__file__).resolve().parents[1]
+# make test runs the cluster tests on one xdist worker (xdist_group "slurm"): one node, 2 CPUs.
 FORGE_TRAIN = [sys.executable, "-c", "from runner.train_app import main; main()"]
 STAND_IN = STAND_IN_TRAINER.replace(
     "METRICS", '{"test_macro_f1": m["training"]["lr"] * 100, "test_accuracy": 0.5}')
@@ -123,6 +124,7 @@ def sbatch_scripts() -> list[str]:
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")
 @pytest.mark.sandbox
 def test_a_sweep_through_sbatch_registers_one_candidate_per_task(slurm_env, tracking_store,
                                                                   tmp_path, monkeypatch):
@@ -167,6 +169,7 @@ def test_a_sweep_through_sbatch_registers_one_candidate_per_task(slurm_env, trac
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")
 @pytest.mark.sandbox
 def test_scancel_settles_the_allocation_as_cancelled_and_kills_the_run(slurm_env, tmp_path,
                                                                        monkeypatch):
@@ -206,6 +209,7 @@ def test_scancel_settles_the_allocation_as_cancelled_and_kills_the_run(slurm_env
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")
 @pytest.mark.sandbox
 def test_a_node_failure_mid_job_is_reaped_on_slurms_word(slurm_env, slurm_cluster, tmp_path,
                                                          monkeypatch):
@@ -267,6 +271,7 @@ def _revive(node: str) -> None:
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")
 @pytest.mark.sandbox
 def test_submit_training_runs_on_slurm_and_cancel_job_scancels_it(slurm_env, tmp_path,
                                                                   monkeypatch):

@@ -469,6 +469,7 @@ def _chromium(chromium: str, profile: Path, *args: str) -> str:
 @pytest.mark.browser
 @pytest.mark.sandbox
 @pytest.mark.train
+@pytest.mark.xdist_group("smoke_demo")
 def test_the_demo_in_a_browser(chromium, demo, served, tmp_path):
     trained = demo.trained
     candidate, parent = trained["artifact_id"], trained["parent_artifact_id"]
@@ -509,6 +510,7 @@ def test_the_demo_in_a_browser(chromium, demo, served, tmp_path):
 @pytest.mark.browser
 @pytest.mark.sandbox
 @pytest.mark.train
+@pytest.mark.xdist_group("smoke_demo")
 def test_the_demo_index_and_datasets_in_a_browser(chromium, demo, smoke_demo, served,
                                                   tmp_path):
     """The index shows every version of the demo, its rejected ones with their metrics, and

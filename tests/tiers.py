@@ -45,6 +45,8 @@ PROGRAMS = {"bwrap": "sandbox", "chromium": "browser",
 TRAINING_MODULE = "trainers.entrypoint"
 PROBE = ["--", "/usr/bin/true"]  # runner/sandbox/supervisor.py: bwrap can build the jail
 
+TIER_ORDER = ("slurm", "browser", "mlflow_server", "train", "sandbox", "postgres")  # a test's
+#   tier in the summary: the first of its markers here, else "unit"
 _started: list[tuple[str, str]] = []  # (need, command) seen while the current test runs
 _watching = False
 
@@ -119,3 +121,28 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         report.longrepr = ("tests/tiers.py: this test started what its markers do not say:\n" +
                            "\n".join(f"  @pytest.mark.{need}: it ran `{command}`"
                                      for need, command in sorted(missing.items())))
+
+
+# --- the five slowest tests of each tier, at the end of the run -----------------------------
+
+_seconds: dict[str, float] = {}
+_tier: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Every phase of every test (under xdist, as the workers report them)."""
+    _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration
+    _tier[report.nodeid] = next((t for t in TIER_ORDER if t in report.keywords), "unit")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _seconds:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("slowest per tier (setup + call + teardown)")
+    for tier in ("unit", *reversed(TIER_ORDER)):
+        tests = sorted(((s, n) for n, s in _seconds.items() if _tier[n] == tier), reverse=True)
+        if tests:
+            write(f"{tier}: {len(tests)} tests, {sum(s for s, _ in tests):.1f}s")
+            for seconds, nodeid in tests[:5]:
+                write(f"  {seconds:7.2f}s {nodeid}")

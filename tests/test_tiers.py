@@ -1,0 +1,87 @@
+"""The tier check (tests/tiers.py) itself: a pytest session of its own, with the plugin, on
+tests that start the jail or ask for a service's fixture with and without their markers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+
+def run_pytest(folder: Path, source: str, *args: str) -> subprocess.CompletedProcess:
+    (folder / "test_inner.py").write_text(source)
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "tiers", "-p",
+                           "no:cacheprovider", "-q", "--rootdir", str(folder), *args,
+                           str(folder / "test_inner.py")],
+                          cwd=folder, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+JAIL = f"""
+import subprocess
+import pytest
+
+def jail():  # a real bwrap job (not the probe): a shell in a read-only view of the host
+    subprocess.run([{shutil.which("bwrap") or "bwrap"!r}, "--ro-bind", "/", "/", "sh", "-c",
+                    "exit 0"], check=False)
+
+def test_starts_the_jail_unmarked():
+    jail()
+
+@pytest.mark.sandbox
+def test_starts_the_jail_marked():
+    jail()
+
+def test_starts_nothing():
+    assert True
+"""
+
+
+def test_a_test_that_starts_the_jail_without_its_marker_fails(tmp_path):
+    done = run_pytest(tmp_path, JAIL, "-rA")
+    out = done.stdout
+    assert done.returncode == 1, out
+    assert "ERROR test_inner.py::test_starts_the_jail_unmarked" in out, out
+    assert "@pytest.mark.sandbox: it ran `" in out and "bwrap --ro-bind / /" in out, out
+    assert "PASSED test_inner.py::test_starts_the_jail_marked" in out, out
+    assert "PASSED test_inner.py::test_starts_nothing" in out, out
+    assert "3 passed, 1 error" in out, out
+
+
+SERVICE = """
+import pytest
+
+@pytest.fixture
+def pg_url():  # the name of conftest's PostgreSQL fixture
+    return "postgresql://"
+
+def test_asks_for_postgres_unmarked(pg_url):
+    assert pg_url
+
+@pytest.mark.postgres
+def test_asks_for_postgres_marked(pg_url):
+    assert pg_url
+"""
+
+
+def test_a_fixture_of_a_service_without_its_marker_stops_the_collection(tmp_path):
+    done = run_pytest(tmp_path, SERVICE)
+    assert done.returncode == pytest.ExitCode.USAGE_ERROR, done.stdout + done.stderr
+    said = done.stdout + done.stderr
+    assert "test_inner.py::test_asks_for_postgres_unmarked: needs marker(s) postgres" in said
+    assert "test_asks_for_postgres_marked" not in said.split("tests/tiers.py")[-1]
+    assert "passed" not in done.stdout  # nothing ran
+
+
+def test_the_fast_tier_deselects_every_marked_test(tmp_path):
+    done = run_pytest(tmp_path, JAIL, "-m", "not sandbox", "-rA")
+    assert done.returncode == 1, done.stdout  # the unmarked one still runs, and still fails
+    assert "test_starts_the_jail_marked" not in done.stdout.split("short test summary")[-1]
+    assert "2 passed, 1 deselected, 1 error" in done.stdout, done.stdout
