@@ -51,19 +51,29 @@ def classification_metrics(true: np.ndarray, pred: np.ndarray, label_names: list
     return metrics, {name: float(f) for name, f in zip(label_names, per_class)}
 
 
+# Logistic regression fits on one BLAS thread: the same split gives the same model on every
+# host, whatever its cores (and on CBMC one thread is faster: 0.22 s against 0.52 s with two).
+FIT_THREADS = 1
+
+
 def logistic_regression_predict(features: np.ndarray, labels: np.ndarray, train: np.ndarray,
                                 test: np.ndarray, seed: int) -> np.ndarray:
     """scikit-learn LogisticRegression on standardised log1p CP10k features, fitted on `train`,
     predicting `test`. Standardising makes lbfgs converge in a few hundred steps; unscaled, it
     stops at max_iter somewhere that depends on the BLAS thread count (CBMC seed 1: 0.9385
-    with one thread, 0.9362 with two), and the same split would not give the same baseline."""
+    with one thread, 0.9362 with two), and the same split would not give the same baseline.
+    Even converged, lbfgs's path follows BLAS's reductions, which depend on the thread count
+    (CBMC seed 0 on an AMD EPYC: macro-F1 0.9095 with one thread, 0.9110 with two): the fit
+    runs on one (`FIT_THREADS`), in the jail and on the host alike."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
-    clf.fit(features[train], labels[train])
-    return clf.predict(features[test])
+    with threadpool_limits(FIT_THREADS):
+        clf.fit(features[train], labels[train])
+        return clf.predict(features[test])
 
 
 def logistic_regression_baseline(features: np.ndarray, labels: np.ndarray, train: np.ndarray,

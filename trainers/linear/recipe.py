@@ -11,7 +11,6 @@ problem is convex, so the start shortens the fit but does not change where it en
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -37,7 +36,6 @@ def train(m, state: dict) -> dict:
     arch = resolve_model(FAMILY, m.model, parent.architecture if parent else None)
     out, t = Path(m.output_dir), m.training
     state["device"] = "cpu"
-    threads = m.num_threads or len(os.sched_getaffinity(0))
 
     d = m.dataset
     data = load(d.path, d.format, d.label_key, d.gene_key, d.use_raw, name=d.name)
@@ -60,12 +58,12 @@ def train(m, state: dict) -> dict:
     warm = _warm_start(clf, parent, data.genes, names) if parent is not None else None
     print(f"finetune_celltype: {len(split.train)} train / {len(split.val)} val / "
           f"{len(split.test)} test cells, {len(data.genes)} genes, {len(classes)} classes, "
-          f"logistic regression (C={t.C}), {threads} thread(s)"
+          f"logistic regression (C={t.C}), {scoring.FIT_THREADS} BLAS thread"
           f"{', warm start from the parent' if warm and warm['warm_started'] else ''}",
           flush=True)
 
     t0 = time.perf_counter()
-    with threadpool_limits(threads):
+    with threadpool_limits(scoring.FIT_THREADS):  # the fit is the same on every host
         z_train = features[split.train]
         if scaler is not None:
             z_train = scaler.fit_transform(z_train)
