@@ -12,6 +12,7 @@ import os
 import sys
 
 import click
+from pathlib import Path
 
 from runner import settings
 from runner.errors import ForgeError
@@ -245,17 +246,22 @@ def models_show(artifact_id, as_json):
 @click.option("--family", default="scgpt", show_default=True,
               help="The model family whose checkpoint it is (scgpt, scvi, linear): its code "
                    "trains and evaluates it; also the MLflow registered-model name.")
+@click.option("--code", default=None, metavar="REPO@COMMIT:ENTRYPOINT",
+              help="The model's own training code instead of a built-in family: a git "
+                   "repository the operator allows (code.allowed_origins), a commit or ref "
+                   "(recorded as its sha) and the entry point beside its forge-family.yaml.")
 @JSON_OPTION
-def models_register(artifact_id, origin_url, sha256, title, family, as_json):
+def models_register(artifact_id, origin_url, sha256, title, family, code, as_json):
     """Register a checkpoint of a model family (ORIGIN_URL: a file:// folder or archive, an
     http(s):// archive) as a base model, from its own small files (scGPT: args.json and
     vocab.json; scvi: a folder saved by scvi-tools, forge.json when it has one; linear:
-    model.json). Weights are never unpickled on this host."""
+    model.json; an external family: the files its card lists). Weights are never unpickled
+    on this host."""
     # lazy: the registry and the weights store (~300 ms) stay out of `forge --help`
     from runner.jobs import parents
 
     row = parents.register_parent(artifact_id, origin_url, sha256=sha256, title=title,
-                                  family=family)
+                                  family=family, code=code)
     if as_json:
         echo_json(row)
         return
@@ -265,6 +271,29 @@ def models_register(artifact_id, origin_url, sha256, title, family, as_json):
                + (f", vocabulary of {vocab['size']} tokens" if vocab else "")
                + f", sha256 {row['content_hash']}")
     echo_next(f"forge models show {row['id']}")
+
+
+@main.group("trainers")
+def trainers_group() -> None:
+    """Your own training code: a family in a repository of its own."""
+
+
+@trainers_group.command("new")
+@click.argument("name")
+@click.option("--dir", "folder", default=None, type=click.Path(file_okay=False),
+              help="Where to write it (default: ./NAME); must not exist yet.")
+def trainers_new(name, folder):
+    """Write a minimal external family NAME: forge-family.yaml, train.py (a small Lightning
+    module), test_train.py and README.md. Test it with pytest in that folder, commit it,
+    then register a parent with `forge models register ID URL --code REPO@COMMIT:train.py`."""
+    from runner import family_template
+
+    written = family_template.write(name, Path(folder) if folder else Path(name))
+    for path in written:
+        click.echo(str(path))
+    echo_next(f"cd {written[0].parent} && python -m pytest -q",
+              "forge models register ID file:///path/to/checkpoint "
+              f"--code {written[0].parent.resolve()}@main:train.py")
 
 
 @main.command("lineage")

@@ -10,15 +10,18 @@ host to relay into its MLflow run.
 Exit codes: 0 ok, 1 other error, 2 invalid manifest (`field` names the setting; a dataset
 the loader cannot read is `dataset`), 3 non-finite loss, 4 out of memory, 5 a parent
 checkpoint that cannot be used (`field` names its file, e.g. `parent.vocab.json` or
-`parent.args.json.pre_norm`; the parent is checked before any data is read). On failure
-result.json still says why (`status: "failed"`, `reason`: invalid_manifest |
-invalid_checkpoint | nan_loss | oom | error, and `field` where there is one).
+`parent.args.json.pre_norm`; the parent is checked before any data is read), 6 an external
+family (the manifest's `family_code`) requires a package this environment lacks (`field`
+names it; checked before its entry point is imported). On failure result.json still says
+why (`status: "failed"`, `reason`: invalid_manifest | invalid_checkpoint | nan_loss | oom |
+missing_dependency | error, and `field` where there is one).
 With several devices only rank 0 writes result.json (trainers/scgpt/recipe.py says how the
 ranks share the work).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
@@ -27,11 +30,12 @@ from pathlib import Path
 
 from trainers import family
 from trainers.data.load import DatasetError
-from trainers.family import CheckpointError, NonFiniteLoss
+from trainers.family import CheckpointError, MissingDependency, NonFiniteLoss
 from trainers.manifest import (
     EXIT_CHECKPOINT,
     EXIT_ERROR,
     EXIT_INVALID,
+    EXIT_MISSING_DEPENDENCY,
     EXIT_NAN,
     EXIT_OK,
     EXIT_OOM,
@@ -42,8 +46,17 @@ from trainers.runtime import process_rank
 
 
 def train(m, state: dict) -> dict:
-    """The manifest's family trains it (the family's recipe, imported only now)."""
-    return family.get(m.family).load_recipe().train(m, state)
+    """The manifest's family trains it (the family's recipe, imported only now; an external
+    family's entry point once every package its card requires is found)."""
+    fam = family.get(m.family)
+    for name in fam.imports:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise MissingDependency(name)
+    return fam.load_recipe().train(m, state)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -111,6 +124,8 @@ def failure(e: Exception) -> tuple[int, dict, dict]:
         code, reason, extra = EXIT_CHECKPOINT, "invalid_checkpoint", {"field": e.field}
     elif isinstance(e, DatasetError):
         code, reason, extra = EXIT_INVALID, "invalid_manifest", {"field": "dataset"}
+    elif isinstance(e, MissingDependency):
+        code, reason, extra = EXIT_MISSING_DEPENDENCY, "missing_dependency", {"field": e.package}
     elif isinstance(e, NonFiniteLoss):
         code, reason, extra = EXIT_NAN, "nan_loss", {"step": e.step, "stage": e.stage}
     elif _is_oom(e):

@@ -15,7 +15,10 @@ A family is a folder under `trainers/` whose `family.py` declares `FAMILY = Fami
 - its tasks with their primary metric, and its MLflow model code (`mlflow_model`, a path in
   the pinned code).
 
-`get(name)` is the one lookup. The parent's registry record names the family (the operator
+`get(name)` is the one lookup. A family may also come with a model's own pinned repository:
+its card `forge-family.yaml` (plain data, `CARD_SCHEMA`) becomes a Family with `from_card`,
+the same on the host (dry run) and in the jail, and `register_external` makes it known to
+`get` in this process. The parent's registry record names the family (the operator
 or the registry), never a caller string; this module itself imports no family package, so
 that the host (runner/), which may import this module, never does either: a family's
 `family.py` is loaded by name from `FAMILIES`. Plain data: no numpy, no torch.
@@ -24,6 +27,7 @@ that the host (runner/), which may import this module, never does either: a fami
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import re
 from collections.abc import Callable
@@ -55,6 +59,15 @@ class NonFiniteLoss(FloatingPointError):
     def __init__(self, stage: str, step: int, value: float, where: str = ""):
         self.stage, self.step, self.value = stage, step, value
         super().__init__(f"non-finite {stage} loss ({value}{where}) at global step {step}")
+
+
+class MissingDependency(ImportError):
+    """An external family's card requires a package (an import name) the job's environment
+    lacks: the job fails as `missing_dependency`, naming it."""
+
+    def __init__(self, package: str):
+        self.package = package
+        super().__init__(f"the family requires {package!r}, which this environment lacks")
 
 
 @dataclass
@@ -154,6 +167,8 @@ class Family:
     requirements: tuple[str, ...] = ()  # pip packages its MLflow model needs beyond numpy,
     #                                     scipy, scikit-learn, pandas and mlflow
     classifier_task: str | None = "finetune_celltype"  # the task scored per cell
+    entry_path: str | None = None  # external family: its entry point file (else `recipe`)
+    imports: tuple[str, ...] = ()  # external family: import names the jail checks first
 
     def training_keys(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.training))
@@ -167,7 +182,154 @@ class Family:
         return {**base, **self.task_defaults.get(task, {})}
 
     def load_recipe(self):
-        return importlib.import_module(self.recipe)
+        if self.entry_path is None:
+            return importlib.import_module(self.recipe)
+        return _load_entry_point(Path(self.entry_path))
+
+    @classmethod
+    def from_card(cls, card: object, code_dir: str | Path) -> Family:
+        """The family an external repository's card declares (plain data, checked against
+        CARD_SCHEMA; CardError names the key at fault), with its entry point under
+        `code_dir`. Nothing of the repository is imported here."""
+        card = check_card(card)
+        training, ranges, choices = [], dict(SPLIT_RANGES), {}
+        for key, spec in card.get("training", {}).items():
+            tp = _CARD_TYPES[spec["type"]]
+            default = spec["default"]
+            if tp is float and isinstance(default, int):
+                default = float(default)
+            if not _fits(tp, default):
+                raise CardError(f"training.{key}.default", f"must be a {spec['type']}, "
+                                                           f"got {default!r}")
+            bounds = {k: spec[k] for k in _BOUNDS if k in spec}
+            if bounds:
+                ranges[key] = bounds
+            if "choices" in spec:
+                choices[key] = tuple(spec["choices"])
+            training.append((key, tp, field(default=default)))
+        name = card["name"]
+        return cls(
+            name=name, summary=card.get("summary", f"external family {name}"),
+            tasks={task: "test_" + metric.removeprefix("test_")
+                   for task, metric in card["tasks"].items()},
+            architecture=dataclasses.make_dataclass(f"{name}_architecture", []),
+            training=dataclasses.make_dataclass(f"{name}_training", training,
+                                                bases=(SplitSettings,)),
+            inspect=functools.partial(inspect_files, tuple(card["checkpoint_files"])),
+            recipe="", mlflow_model="", checkpoint_files=tuple(card["checkpoint_files"]),
+            framework=card["framework"], ranges=ranges, choices=choices,
+            arch_source=CARD_FILE, entry_path=str(Path(code_dir) / card["entry_point"]),
+            imports=tuple(card.get("requirements", ())))
+
+
+# --- external families: a repository's card ------------------------------------------------------
+
+CARD_FILE = "forge-family.yaml"  # beside the entry point in the repository
+MAX_CARD_BYTES = 64 * 1024
+MAX_CHECKPOINT_FILE_BYTES = 16 * 1024**3
+_CARD_TYPES = {"float": float, "int": int, "str": str, "bool": bool}
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_KEY = r"^[a-z][a-z0-9_]{0,63}$"
+_FILE = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"  # a plain file name: no folder, no leading dot
+CARD_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "required": ["name", "entry_point", "tasks", "checkpoint_files", "framework"],
+    "properties": {
+        "name": {"type": "string", "pattern": NAME.pattern},
+        "summary": {"type": "string", "maxLength": 300},
+        # a module beside the card: train(manifest, state) -> result, predict(...) optional
+        "entry_point": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,99}\.py$"},
+        # the tasks it trains and their primary metric (the host measures it: truth.py)
+        "tasks": {"type": "object", "minProperties": 1, "additionalProperties": False,
+                  "properties": {"finetune_celltype": {"enum": ["macro_f1", "test_macro_f1"]}}},
+        "checkpoint_files": {"type": "array", "minItems": 1, "maxItems": 32, "uniqueItems": True,
+                             "items": {"type": "string", "pattern": _FILE}},
+        "framework": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+        "requirements": {"type": "array", "maxItems": 64, "items": {
+            "type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"}},
+        "training": {"type": "object", "maxProperties": 64,
+                     "propertyNames": {"pattern": _KEY,
+                                       "not": {"enum": ["val_fraction", "test_fraction",
+                                                        "split_seed"]}},
+                     "additionalProperties": {
+                         "type": "object", "additionalProperties": False,
+                         "required": ["type", "default"],
+                         "properties": {
+                             "type": {"enum": list(_CARD_TYPES)},
+                             "default": {"type": ["number", "string", "boolean"]},
+                             "description": {"type": "string", "maxLength": 500},
+                             "choices": {"type": "array", "minItems": 1, "maxItems": 64,
+                                         "items": {"type": "string"}},
+                             **{b: {"type": "number"} for b in _BOUNDS}}}},
+    },
+}
+
+
+class CardError(ValueError):
+    """A card that is not a family: `field` names the key at fault."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{CARD_FILE}: {field}: {message}")
+
+
+def check_card(card: object) -> dict:
+    """The card, checked against CARD_SCHEMA and the built-in names; CardError otherwise."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(CARD_SCHEMA).iter_errors(card),
+                    key=lambda e: list(e.absolute_path))
+    if errors:
+        first = errors[0]
+        where = ".".join(str(p) for p in first.absolute_path) or "<root>"
+        raise CardError(where, first.message[:300])
+    if card["name"] in FAMILIES:
+        raise CardError("name", f"{card['name']!r} is a built-in family's name")
+    return card
+
+
+def _fits(tp: type, value: object) -> bool:
+    if tp is float:
+        return isinstance(value, float) and value == value and abs(value) != float("inf")
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def inspect_files(names: tuple[str, ...], folder: Path) -> Inspection:
+    """An external family's checkpoint, as the host may see it: each named file is there as a
+    regular file (not a link, not a FIFO) under MAX_CHECKPOINT_FILE_BYTES. Nothing is read."""
+    import os
+    import stat
+
+    sizes = {}
+    for name in names:
+        try:
+            info = os.lstat(Path(folder) / name)
+        except OSError:
+            raise CheckpointError(f"{folder} has no {name}", name) from None
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_CHECKPOINT_FILE_BYTES:
+            raise CheckpointError(f"{name} is not a regular file under "
+                                  f"{MAX_CHECKPOINT_FILE_BYTES >> 30} GiB", name)
+        sizes[name] = info.st_size
+    return Inspection(metadata={"files": sizes})
+
+
+def _load_entry_point(path: Path):
+    """An external family's entry point, imported from its file (in the jail only); its folder
+    goes last on sys.path, so its own modules import but never shadow `trainers`."""
+    import importlib.util
+    import sys
+
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.append(folder)
+    spec = importlib.util.spec_from_file_location(f"forge_external_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class UnknownFamily(ValueError):
@@ -177,13 +339,27 @@ class UnknownFamily(ValueError):
 
 
 def get(name: str) -> Family:
-    """The family called `name`, loaded from its folder; UnknownFamily otherwise."""
+    """The family called `name`, loaded from its folder (or made known by
+    register_external); UnknownFamily otherwise."""
+    if isinstance(name, str) and name in _external:
+        return _external[name]
     if not isinstance(name, str) or name not in FAMILIES:
         raise UnknownFamily(name)
     return _load(name)
 
 
 _loaded: dict[str, Family] = {}
+# External families known to this process, by name: the last card read for a name wins (a
+# plan reads its parent's card again from the pinned snapshot before anything uses it).
+_external: dict[str, Family] = {}
+
+
+def register_external(fam: Family) -> Family:
+    """Make an external family (Family.from_card) known to get() in this process."""
+    if fam.name in FAMILIES:
+        raise CardError("name", f"{fam.name!r} is a built-in family's name")
+    _external[fam.name] = fam
+    return fam
 
 
 def _load(name: str) -> Family:

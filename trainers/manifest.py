@@ -35,7 +35,10 @@ trainers/scgpt/settings.py), with the family's pilot values as defaults):
       "model": {"n_layers": 4, "d_model": 64, "n_heads": 2, "d_hid": 128,
                 "dropout": 0.0, "n_bins": 51, "input_emb_style": "category"},
       "training": {"lr": 2e-3, "max_epochs": 15, "batch_size": 64, "val_fraction": 0.1,
-                   "test_fraction": 0.1, "split_seed": 0, ...}
+                   "test_fraction": 0.1, "split_seed": 0, ...},
+      "family_code": null                     # an external family (a model's own pinned
+                                              # repository): {"path": "/job/in/family",
+                                              # "card": {forge-family.yaml as data}}
     }
 
 With a parent checkpoint, the checkpoint decides the architecture: model fields given in the
@@ -81,8 +84,10 @@ PRIMARY_METRIC = {"pretrain_mgm": "test_mse", "pretrain_scvi": "test_elbo",
                   "finetune_celltype": "test_macro_f1"}
 # How trainers.entrypoint exits, and the reason the host records for each failure.
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_NAN, EXIT_OOM, EXIT_CHECKPOINT = 0, 1, 2, 3, 4, 5
+EXIT_MISSING_DEPENDENCY = 6  # an external family needs a package the job's environment lacks
 EXIT_REASONS = {EXIT_INVALID: "invalid_manifest", EXIT_NAN: "nan_loss", EXIT_OOM: "oom",
-                EXIT_CHECKPOINT: "invalid_checkpoint"}
+                EXIT_CHECKPOINT: "invalid_checkpoint",
+                EXIT_MISSING_DEPENDENCY: "missing_dependency"}
 
 
 class ManifestError(ValueError):
@@ -140,6 +145,7 @@ class Manifest:
     family: str = "scgpt"  # trainers/family.py: whose settings model and training are
     model: dict = field(default_factory=dict)  # the family's architecture keys given
     training: Any = None  # an instance of the family's training dataclass
+    family_code: dict | None = None  # external family: {"path": folder, "card": {...}}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -260,7 +266,10 @@ def parse_manifest(raw: dict) -> Manifest:
         raise ManifestError("<root>", f"must be an object, got {_tn(raw)}")
     raw = dict(raw)
     model, training = raw.pop("model", {}), raw.pop("training", {})
+    code = raw.pop("family_code", None)
     m = _build(Manifest, raw, "")
+    if code is not None:
+        m.family_code = _external_family(code, m.family)
     try:
         fam = families.get(m.family)
     except families.UnknownFamily:
@@ -289,6 +298,22 @@ def parse_manifest(raw: dict) -> Manifest:
     if m.metrics_path is None:
         m.metrics_path = str(Path(m.output_dir) / "metrics.jsonl")
     return m
+
+
+def _external_family(code: object, name: str) -> dict:
+    """`family_code`: the card (plain data) of an external family and the folder holding its
+    entry point; the family it declares becomes known to families.get (Family.from_card)."""
+    if not isinstance(code, dict) or set(code) != {"path", "card"}:
+        raise ManifestError("family_code", "must be an object with path and card")
+    need(isinstance(code["path"], str) and code["path"].startswith("/"), "family_code.path",
+         "must be an absolute path")
+    try:
+        fam = families.Family.from_card(code["card"], code["path"])
+    except families.CardError as exc:
+        raise ManifestError(f"family_code.card.{exc.field}", str(exc)) from None
+    need(fam.name == name, "family", f"is {name!r} but the card names {fam.name!r}")
+    families.register_external(fam)
+    return code
 
 
 # ---------------------------------------------------------------- parsing

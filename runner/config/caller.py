@@ -50,7 +50,7 @@ CALLER_SUBTREE = "training"
 # sandbox, tracking, registry, pricing and policy settings, parent.* and dataset.* (the
 # registry artifact describes them), hydra.*, the local group, '+' additions and '~' deletions.
 OPERATOR_GROUPS = ("pricing", "policy", "sandbox", "registry", "tracking", "parent",
-                   "dataset", "hydra", "local")
+                   "dataset", "hydra", "local", "code")
 
 MAX_OVERRIDES = 256
 MAX_OVERRIDE_CHARS = 4096

@@ -9,9 +9,11 @@ from trainers.manifest import CONFIG_TRAINING_FIELDS, MANIFEST_VERSION
 ENTRYPOINT = "trainers.entrypoint"  # the module the sandbox runs on the manifest
 
 
-def build_manifest(cfg: dict, run_name: str, device: str, *, from_parent: bool) -> dict:
+def build_manifest(cfg: dict, run_name: str, device: str, *, from_parent: bool,
+                   family_code: dict | None = None) -> dict:
     """The run manifest (trainers/manifest.py) for a resolved config, in sandbox paths:
-    the parent at /job/in/parent, the dataset at /job/in/dataset, outputs in /job/out."""
+    the parent at /job/in/parent, the dataset at /job/in/dataset, outputs in /job/out, and
+    an external family's `family_code` (runner/jobs/external_code.py) when there is one."""
     data, training, parent = cfg["dataset"], cfg["training"], cfg["parent"]
     family = parent["family"] or "scgpt"
     return {
@@ -30,4 +32,5 @@ def build_manifest(cfg: dict, run_name: str, device: str, *, from_parent: bool) 
                   if k in families.get(family).architecture_keys() and v is not None},
         "training": {k: v for k, v in training.items()
                      if k not in CONFIG_TRAINING_FIELDS and v is not None},
+        **({"family_code": family_code} if family_code is not None else {}),
     }

@@ -180,6 +180,13 @@ class PolicyConf:
 
 
 @dataclass
+class CodeConf:
+    # origins a parent's own training code may come from (runner/jobs/external_code.py): path
+    # or URL prefixes or fnmatch globs; empty: no external code
+    allowed_origins: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     parent: ParentConf = field(default_factory=ParentConf)
     dataset: DatasetConf = field(default_factory=DatasetConf)
@@ -189,6 +196,7 @@ class TrainConfig:
     registry: RegistryConf = field(default_factory=RegistryConf)
     pricing: PricingConf = field(default_factory=PricingConf)
     policy: PolicyConf = field(default_factory=PolicyConf)
+    code: CodeConf = field(default_factory=CodeConf)
     agent_id: str | None = None
     dry_run: bool = False
     wall_time_cap_min: int = 120

@@ -108,12 +108,15 @@ def sandbox_job(plan: Plan, *, output_dir: Path, inputs: dict[str, Path] | None 
     of the operator's `sandbox` settings. The dry run's plan and the launch both build here."""
     resolved, box, gib = plan.resolved, plan.resolved["sandbox"], 1024**3
     code_dir = codepin.snapshot_path(plan.code, settings.cache_dir() / "code")
+    inputs = dict(inputs or {})
+    if plan.external is not None:  # the parent's own code: an input, read-only like the rest
+        inputs.setdefault("family", plan.external.snapshot)
     device = plan.device.sandbox if plan.device is not None else "cpu"
     term_s, grace_s = sandbox_timing(resolved)
     memory = box["max_memory_gb"]
     return sandbox.SandboxJob(
         module=module, args=[f"{sandbox.IN_DIR}/manifest.json"], code_dir=code_dir,
-        inputs=dict(inputs or {}), output_dir=output_dir, log_path=log_path, on_line=on_line,
+        inputs=inputs, output_dir=output_dir, log_path=log_path, on_line=on_line,
         wall_time_cap_s=term_s, grace_s=grace_s, vram_cap_gb=float(resolved["vram_cap_gb"]),
         device=device, devices=plan.devices,
         env={k: os.environ[k] for k in box["env_allowlist"] if k in os.environ},

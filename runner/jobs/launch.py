@@ -195,7 +195,9 @@ class _Job:
         if plan.code.dirty:
             self._keep_diff()
         manifest = build_manifest(cfg, self.artifact_id, plan.device.sandbox,
-                                  from_parent=self.parent is not None)
+                                  from_parent=self.parent is not None,
+                                  family_code=None if plan.external is None
+                                  else plan.external.manifest_entry())
         (self.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
         inputs["manifest.json"] = self.run_dir / "manifest.json"
         out = self.run_dir / "out"
@@ -250,8 +252,7 @@ class _Job:
             metadata=self._metadata(result, stored, exp_id),
             dataset_artifact_id=self.dataset["id"], agent_id=plan.agent_id,
             allocation_id=self.alloc["id"], actual_seconds=self.seconds,
-            code_repo_url=plan.code.repo_url, code_commit_sha=plan.code.sha,
-            code_entrypoint=ENTRYPOINT, training_started_at=started,
+            **self._code_record(), training_started_at=started,
             training_completed_at=launched.ended_at, training_params=_trainable(cfg),
             eval_metrics=result["metrics"], primary_metric=primary,
             content_hash=stored["sha256"], mlflow_run_id=self.run_id,
@@ -280,6 +281,16 @@ class _Job:
         self._after(f"could not mark MLflow run {self.run_id} FINISHED",
                     lambda: tracking.finish(self.mlflow, self.run_id, ok=True, reason="ok"))
         return result_for(self.artifact_id, links=links(cfg["tracking"]))
+
+    def _code_record(self) -> dict:
+        """The code that ran: the parent's own (external family) where it names one, with
+        our runtime's commit in the metadata (runtime_commit_sha); else ours."""
+        ext, code = self.plan.external, self.plan.code
+        if ext is None:
+            return {"code_repo_url": code.repo_url, "code_commit_sha": code.sha,
+                    "code_entrypoint": ENTRYPOINT}
+        return {"code_repo_url": ext.repo_url, "code_commit_sha": ext.sha,
+                "code_entrypoint": ext.entrypoint}
 
     def _register_later(self, record: hook.RunRecord, exc: Exception) -> None:
         """The registry is away or locked: keep the registration as an intent and retry it
@@ -460,6 +471,9 @@ class _Job:
         if "matched" in genes:  # how the dataset met the parent's genes: the host's reading
             meta["genes"] = genes
         meta["code_diff"] = self.code_diff
+        if self.plan.external is not None:  # its children run the same code
+            meta["code"] = self.plan.external.record()
+            meta["runtime_commit_sha"] = self.plan.code.sha
         return {k: v for k, v in meta.items() if v is not None}
 
     # --- the unhappy path ------------------------------------------------------------------

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 from runner import settings
 from runner.errors import ForgeError, InvalidInput, ParentStateRefused, WeightsIntegrityError
-from runner.jobs import datasets, weights
+from runner.jobs import datasets, external_code, weights
 from runner.registry import catalog
 from trainers import family as families
 
@@ -125,13 +125,19 @@ def local_files(parent: dict) -> Path | None:
 
 def register_parent(artifact_id: str, origin_url: str, *, sha256: str | None = None,
                     title: str | None = None, family: str = "scgpt",
-                    created_by: str = "operator") -> dict:
+                    created_by: str = "operator", code: str | None = None) -> dict:
     """Register a checkpoint of `family` (trainers/family.py) as an external base model, from
     its own files: fetch it (checked against `sha256`, the tree hash, when given), read what
     the family's inspect() may read (small JSON files: never a pickle), refuse what its
-    trainer cannot honour, and store what they say in the metadata."""
+    trainer cannot honour, and store what they say in the metadata.
+
+    `code` (`REPO@COMMIT:ENTRYPOINT`): the model's own training code instead of a built-in
+    family (runner/jobs/external_code.py): an origin the operator allows, the commit a ref
+    names now (only the sha is recorded), checked and read like a plan's; the family is the
+    one its card declares, recorded with the code on the version."""
     catalog.validate_artifact_id(artifact_id)
-    fam = _family(family)
+    external = _external_code(code) if code is not None else None
+    fam = external.family if external is not None else _family(family)
     if urlparse(origin_url).scheme not in ("file", "http", "https"):
         raise InvalidInput(f"origin_url {origin_url!r} is not file://, http:// or https://",
                            field="origin_url", fix="point it at the checkpoint folder or "
@@ -160,10 +166,29 @@ def register_parent(artifact_id: str, origin_url: str, *, sha256: str | None = N
                 "architecture": info.architecture, "checkpoint": info.metadata}
     if info.label_names is not None:
         metadata["class_names"] = info.label_names
+    version = None
+    if external is not None:
+        metadata["code"] = external.record()
+        version = {"code_repo_url": external.repo_url, "code_commit_sha": external.sha,
+                   "code_entrypoint": external.entrypoint}
     return catalog.register_model(
         artifact_id=artifact_id, title=title or f"{fam.name} checkpoint {artifact_id}",
         metadata=metadata, created_by=created_by, origin_type="external",
-        origin_url=origin_url, content_hash=tree)
+        origin_url=origin_url, content_hash=tree, version=version)
+
+
+def _external_code(spec: str):
+    """`REPO@COMMIT:ENTRYPOINT` pinned now, against the operator's code.allowed_origins; its
+    family made known to families.get (so inspect() finds it)."""
+    from runner.config.compose import compose_resolved
+
+    repo, commit, entrypoint = external_code.parse_spec(spec)
+    allowed = list(compose_resolved()[1]["code"]["allowed_origins"])
+    origin = external_code.check_origin(repo, allowed)  # before anything is fetched
+    sha = external_code.resolve(origin, commit)
+    pinned = external_code.pin(origin, sha, entrypoint, allowed)
+    families.register_external(pinned.family)
+    return pinned
 
 
 # --- the dry run's look ---------------------------------------------------------------------------

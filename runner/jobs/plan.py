@@ -37,7 +37,7 @@ from runner.errors import (
     NotFound,
     WrongArtifactType,
 )
-from runner.jobs import codepin, devices, engine, parents, tracking, weights
+from runner.jobs import codepin, devices, engine, external_code, parents, tracking, weights
 from runner.jobs.datasets import builtin_holds, known_fetch_failure
 from runner.jobs.job import disk_problem, run_dir, sandbox_job
 from runner.registry import capacity, catalog, db, ledger, money
@@ -49,7 +49,7 @@ MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")  # what MLflow names a run: a uuid4'
 # Keys of the resolved config that do not change what gets trained: left out of the
 # request key, so a retry from another machine or as a dry run maps to the same allocation.
 VOLATILE_KEYS = ("agent_id", "dry_run", "allow_dirty", "fit_budget", "tracking", "registry",
-                 "policy", "pricing", "sandbox")
+                 "policy", "pricing", "sandbox", "code")
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ class Plan:
     sandbox: dict | None = None
     problems: list[ForgeError] = field(default_factory=list)
     checkpoint: dict | None = None  # what the parent's args.json and vocab.json say
+    external: Any = None  # runner.jobs.external_code.ExternalCode: the parent's own code
 
     @property
     def agent_id(self) -> str:
@@ -140,7 +141,7 @@ class Plan:
 
 # A dry run's reply without `verbose`: the operator's config groups (the same for every call)
 # and the sandbox's argv, binds and environment (kilobytes of bwrap flags) are left out.
-OPERATOR_PARTS = ("sandbox", "tracking", "registry", "pricing", "policy")
+OPERATOR_PARTS = ("sandbox", "tracking", "registry", "pricing", "policy", "code")
 SANDBOX_SUMMARY = ("backend", "caps", "inputs_planned", "error")
 
 
@@ -156,13 +157,16 @@ def _brief(checkpoint: dict | None) -> dict | None:
 
 
 def request_key(req: TrainRequest, config: dict, code_sha: str,
-                diff_sha256: str | None = None) -> str:
+                diff_sha256: str | None = None, external_sha: str | None = None) -> str:
     """sha256 over who asks, what from, on what, how (the resolved config minus volatile
-    keys) and which code: the same request reserves and registers once."""
+    keys) and which code (ours, and the parent's own when it names one): the same request
+    reserves and registers once."""
     stable = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
     payload = {"agent": req.agent_id, "parent": req.parent_artifact_id,
                "dataset": req.dataset_artifact_id, "config": stable, "code": code_sha,
                "diff": diff_sha256}
+    if external_sha is not None:
+        payload["external_code"] = external_sha
     if req.from_scratch:
         payload["from_scratch"] = True
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"),
@@ -184,12 +188,24 @@ def prepare(req: TrainRequest) -> Plan:
     limits = (capacity.limits(resolved, on_this_host=engine.current() is None)
               if req.dry_run else None)
     parent, dataset, account = _read_registry(db_url, req, problems, limits)
+    # The parent's own training code (an external family), pinned before anything asks for
+    # its family: a refusal here leaves the family unknown, so the checks that need it wait.
+    external, code_refused = None, False
+    if parent is not None and (named := external_code.of_parent(parent)) is not None:
+        try:
+            external = external_code.pin(named.get("repo_url"), named.get("commit_sha"),
+                                         named.get("entrypoint"),
+                                         list(resolved["code"]["allowed_origins"]))
+            families.register_external(external.family)
+        except ForgeError as exc:
+            problems.append(exc)
+            code_refused = True
     derived = {group: values for group, values in _registry_values(parent, dataset).items()
                if any(resolved[group].get(k) != v for k, v in values.items())}
     if derived:  # the registry disagrees with conf/: it wins (a merge costs a validation)
         cfg, resolved = compose.merge_config(cfg, derived, "registry")
     checkpoint = None
-    if parent is not None:  # its own args.json decides its architecture, before any debit
+    if parent is not None and not code_refused:  # its own files decide its architecture
         if (refused := parents.state_problem(parent, resolved["policy"]["parent_states"])):
             problems.append(refused)
         checkpoint, arch, found = parents.check_parent(parent, resolved, dataset)
@@ -203,8 +219,9 @@ def prepare(req: TrainRequest) -> Plan:
                  else float("inf"))
         checkpoint["weights"], found = weights.check(parent, hash_limit_bytes=limit)
         problems.extend(found)
-    cfg, resolved = _family_defaults(cfg, resolved, req)
-    _check_dataset_content(resolved, dataset, problems)
+    if not code_refused:
+        cfg, resolved = _family_defaults(cfg, resolved, req)
+        _check_dataset_content(resolved, dataset, problems)
 
     device, price, problem = devices.priced(resolved)
     if problem is not None:
@@ -216,7 +233,7 @@ def prepare(req: TrainRequest) -> Plan:
                 estimate=money.estimate(price, resolved["wall_time_cap_min"],
                                          resolved["devices"]),
                 parent=parent, dataset=dataset, device=device, problems=problems,
-                checkpoint=checkpoint)
+                checkpoint=checkpoint, external=external)
     _check_policy(resolved, problems)
     if (disk := disk_problem(resolved)) is not None:  # FORGE_HOME below registry.min_free_gb
         problems.append(disk)
@@ -233,9 +250,12 @@ def prepare(req: TrainRequest) -> Plan:
     except CodePinError as exc:
         problems.append(exc)
         return plan
+    if code_refused:
+        return plan
     if plan.code.dirty and not resolved["allow_dirty"]:
         problems.append(codepin.dirty_error(plan.code))
-    plan.request_key = request_key(req, resolved, plan.code.sha, plan.code.diff_sha256)
+    plan.request_key = request_key(req, resolved, plan.code.sha, plan.code.diff_sha256,
+                                   None if external is None else external.sha)
     plan.sandbox = _sandbox_plan(plan, problems)
     return plan
 
@@ -285,8 +305,10 @@ def _family_defaults(cfg, resolved: dict, req: TrainRequest):
             fix=f"choose one of {', '.join(fam.tasks)}, or a parent of another family")
     fill = {"parent": {k: v for k, v in fam.arch_defaults.items()
                        if resolved["parent"].get(k) is None},
+            # an external family's own keys are not config keys: the manifest's defaults
             "training": {k: v for k, v in fam.defaults(resolved["training"]["task"]).items()
-                         if resolved["training"].get(k) is None and v is not None}}
+                         if k in resolved["training"] and resolved["training"][k] is None
+                         and v is not None}}
     if resolved["parent"]["family"] != name:
         fill["parent"]["family"] = name
     fill = {group: values for group, values in fill.items() if values}
@@ -517,6 +539,7 @@ def _sandbox_plan(plan: Plan, problems: list[ForgeError]) -> dict:
     except ForgeError as exc:
         problems.append(exc)
         return {"error": exc.to_dict()}
-    out["inputs_planned"] = ["manifest.json", "dataset"] + ([] if plan.request.from_scratch
-                                                           else ["parent"])
+    out["inputs_planned"] = ["manifest.json", "dataset"] + (
+        [] if plan.request.from_scratch else ["parent"]) + (
+        [] if plan.external is None else ["family"])
     return out
