@@ -46,10 +46,12 @@ SHA = re.compile(r"^[0-9a-f]{40}$")
 _ENTRY = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}/){0,8}[A-Za-z_][A-Za-z0-9_]{0,99}\.py$")
 REFS = "refs/origin/"  # the origin's heads and tags in the mirror, as of the last fetch
 # Every git command on someone else's repository: no system or global config, no prompt, no
-# hooks, no ext:: transport, no submodules, no fsmonitor.
+# hooks, only the file, https and ssh transports (never ext::), no submodules, no fsmonitor.
 ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_TERMINAL_PROMPT": "0",
-       "GIT_ASKPASS": "/bin/false", "SSH_ASKPASS": "/bin/false", "GIT_PROTOCOL_FROM_USER": "0"}
-CONFIG = ("-c", "core.hooksPath=/dev/null", "-c", "protocol.ext.allow=never",
+       "GIT_ASKPASS": "/bin/false", "SSH_ASKPASS": "/bin/false"}
+CONFIG = ("-c", "core.hooksPath=/dev/null", "-c", "protocol.allow=never",
+          "-c", "protocol.file.allow=always", "-c", "protocol.https.allow=always",
+          "-c", "protocol.ssh.allow=always", "-c", "protocol.ext.allow=never",
           "-c", "core.fsmonitor=false", "-c", "submodule.recurse=false",
           "-c", "fetch.recurseSubmodules=false", "-c", "core.sshCommand=ssh -oBatchMode=yes")
 _locks: dict[str, threading.Lock] = {}
