@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
-from pathlib import Path
 
 from runner import settings
 from runner.errors import ForgeError

@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from runner import settings
-from runner.errors import CodePinError
+from runner.errors import CodePinError, TrainingFailed
 from runner.jobs.archive import extract_tar
 from trainers import family as families
 
@@ -299,6 +299,18 @@ def read_card(path: Path) -> object:
         return yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise refuse(f"is not valid YAML: {str(exc)[:200]}") from None
+
+
+def check_checkpoint(fam: families.Family, folder: Path) -> None:
+    """A finished job's checkpoint (already handed back: regular files and folders only) holds
+    every file its card lists; TrainingFailed invalid_checkpoint names the first it lacks."""
+    try:
+        fam.inspect(folder)
+    except families.CheckpointError as exc:
+        raise TrainingFailed(f"the job's checkpoint is not a {fam.name} checkpoint: {exc}",
+                             reason="invalid_checkpoint", field=f"checkpoint.{exc.field}",
+                             fix=f"the entry point must write {', '.join(fam.checkpoint_files)} "
+                                 "as regular files in output_dir/checkpoint") from None
 
 
 def of_parent(parent: dict) -> dict | None:

@@ -31,6 +31,7 @@ from runner.errors import (
 from runner.jobs import (
     codepin,
     engine,
+    external_code,
     handback,
     hook,
     intents,
@@ -222,6 +223,8 @@ class _Job:
         result = self._measured(result, out)
 
         checkpoint = out / handback.CHECKPOINT_DIR  # never a path result.json names
+        if plan.external is not None:  # its card's files, as regular files
+            external_code.check_checkpoint(plan.external.family, checkpoint)
         stored = weights.store(self.artifact_id, checkpoint,
                                cfg["registry"].get("blob_threshold_mb", 50))
         self.stored = True
