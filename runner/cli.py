@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from runner import settings
-from runner.errors import ForgeError
+from runner.errors import ForgeError, InvalidInput
 
 
 class _Group(click.Group):
@@ -286,14 +286,37 @@ def trainers_new(name, folder):
     """Write a minimal external family NAME: forge-family.yaml, train.py (a small Lightning
     module), test_train.py and README.md. Test it with pytest in that folder, commit it,
     then register a parent with `forge models register ID URL --code REPO@COMMIT:train.py`."""
-    from runner import family_template
-
-    written = family_template.write(name, Path(folder) if folder else Path(name))
+    written = write_family_template(name, Path(folder) if folder else Path(name))
     for path in written:
         click.echo(str(path))
     echo_next(f"cd {written[0].parent} && python -m pytest -q",
               "forge models register ID file:///path/to/checkpoint "
               f"--code {written[0].parent.resolve()}@main:train.py")
+
+
+FAMILY_TEMPLATE = Path(__file__).resolve().parent / "templates" / "family"
+FAMILY_FILES = ("forge-family.yaml", "train.py", "test_train.py", "README.md")
+
+
+def write_family_template(name: str, folder: Path) -> list[Path]:
+    """runner/templates/family/*.tmpl, formatted with the family's `name`, written into
+    `folder` (made here: it must not exist). Nothing of it runs here."""
+    from trainers import family as families
+
+    if not isinstance(name, str) or not families.NAME.match(name) or name in families.FAMILIES:
+        raise InvalidInput(f"{name!r} is not a family name (lowercase letters, digits and _, "
+                           "starting with a letter, at most 32) or is a built-in one",
+                           field="name", fix="e.g. forge trainers new my_mlp")
+    if folder.exists():
+        raise InvalidInput(f"{folder} exists already", field="dir",
+                           fix="name a new folder with --dir")
+    folder.mkdir(parents=True)
+    written = []
+    for file in FAMILY_FILES:
+        path = folder / file
+        path.write_text((FAMILY_TEMPLATE / f"{file}.tmpl").read_text().format(name=name))
+        written.append(path)
+    return written
 
 
 @main.command("lineage")

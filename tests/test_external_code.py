@@ -26,7 +26,8 @@ import pytest
 import sqlalchemy as sa
 from helpers import operator_conf
 
-from runner import api, family_template
+from runner import api
+from runner.cli import write_family_template
 from runner.errors import ForgeError
 from runner.jobs import parents
 from runner.jobs.datasets import builtin_citation
@@ -47,7 +48,7 @@ def git(repo: Path, *args: str) -> str:
 def family_repo(root: Path, name: str = "demo_family", edit=None) -> tuple[Path, str]:
     """`forge trainers new NAME` committed to a scratch repository on branch main."""
     repo = root / "repos" / name
-    family_template.write(name, repo)
+    write_family_template(name, repo)
     if edit is not None:
         edit(repo)
     git(repo, "init", "-q", "-b", "main")
@@ -110,7 +111,7 @@ def test_the_template_passes_its_own_test(tmp_path):
 def test_a_template_name_must_be_a_new_family():
     for name in ("linear", "Demo", "1x", "a" * 40):
         with pytest.raises(ForgeError) as info:
-            family_template.write(name, Path("/nonexistent/never-made"))
+            write_family_template(name, Path("/nonexistent/never-made"))
         assert info.value.field == "name"
 
 
