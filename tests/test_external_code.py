@@ -377,7 +377,7 @@ def test_a_missing_dependency_fails_typed_and_settled(registry, tmp_path):
                                 vram_cap_gb=1)
     err = info.value
     assert err.reason == "missing_dependency" and err.field == "no_such_pkg_xyz", err.to_dict()
-    assert "no_such_pkg_xyz" in err.message
+    assert "no_such_pkg_xyz" in err.message and "operator installs it" in err.fix
     [alloc] = allocations(registry)
     assert alloc["status"] == "failed" and Decimal(alloc["refunded"]) > 0, alloc
 

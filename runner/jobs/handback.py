@@ -39,6 +39,9 @@ FIXES = {"timeout": "raise wall_time_cap_min or shorten training",
                          "operator's quota)",
          "invalid_manifest": "the setting named by `field` is wrong: change it, or drop the "
                              "override that set it",
+         "missing_dependency": "the family's card requires the package named by `field`, "
+                               "which the job's environment lacks: the operator installs it, "
+                               "or the family drops the requirement",
          "invalid_checkpoint": "the parent's checkpoint is unusable (`field` names the file): "
                                "re-register it (forge models register) from a valid scGPT "
                                "folder (args.json, vocab.json with <pad> and <cls>, "
