@@ -402,3 +402,26 @@ def test_a_card_is_data_checked_by_the_same_function_on_both_sides(tmp_path):
         with pytest.raises(families.CardError) as info:
             families.Family.from_card(bad, repo)
         assert info.value.field == field, (field, str(info.value))
+
+
+def test_allowed_origins_match_whole_folders_and_plain_urls(tmp_path):
+    from runner.jobs import external_code
+
+    (tmp_path / "code" / "lab").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    allowed = [str(tmp_path / "code"), "https://git.example.org/lab/", "ssh://git@*/lab/*"]
+    for ok in (tmp_path / "code" / "lab", f"file://{tmp_path}/code/lab",
+               "https://git.example.org/lab/m.git", "ssh://git@host/lab/m.git"):
+        assert external_code.check_origin(str(ok), allowed)
+    for refused, reason in ((tmp_path / "code-evil", "origin_not_allowed"),
+                            (tmp_path / "code" / ".." / "x", "origin_not_allowed"),
+                            (tmp_path / "link", "origin_not_allowed"),  # resolved first
+                            ("https://git.example.org/lab/../evil.git", "invalid_code"),
+                            ("https://git.example.org/laboratory.git", "origin_not_allowed"),
+                            ("code/lab", "invalid_code")):
+        with pytest.raises(ForgeError) as info:
+            external_code.check_origin(str(refused), allowed)
+        assert info.value.reason == reason, (refused, info.value.to_dict())
+    with pytest.raises(ForgeError) as info:
+        external_code.check_origin(str(tmp_path / "code"), [])  # the default: none
+    assert info.value.reason == "origin_not_allowed"

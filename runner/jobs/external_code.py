@@ -77,17 +77,14 @@ class ExternalCode:
                 "entrypoint": self.entrypoint}
 
 
-def _refuse(message: str, reason: str, fix: str, field: str = "code") -> CodePinError:
-    return CodePinError(message, field=field, reason=reason, fix=fix)
-
-
 def parse_spec(spec: str) -> tuple[str, str, str]:
     """`REPO@COMMIT:ENTRYPOINT` -> (repo, commit or ref, entry point path)."""
     found = SPEC.match(spec) if isinstance(spec, str) else None
     if found is None or not _ENTRY.match(found["entry"]):
-        raise _refuse(f"--code {str(spec)[:200]!r} is not REPO@COMMIT:ENTRYPOINT",
-                      "invalid_input", "e.g. /srv/code/mymodel@main:train.py or "
-                      "https://host/lab/model.git@4f1c2e9...:models/mine/train.py")
+        raise CodePinError(f"--code {str(spec)[:200]!r} is not REPO@COMMIT:ENTRYPOINT",
+                           reason="invalid_code", field="code",
+                           fix="e.g. /srv/code/mymodel@main:train.py or "
+                               "https://host/lab/model.git@4f1c2e9...:models/mine/train.py")
     return found["repo"], found["commit"], found["entry"]
 
 
@@ -97,9 +94,14 @@ def normal_origin(repo: str) -> str:
     if parsed.scheme in ("", "file"):
         path = Path(parsed.path if parsed.scheme else repo)
         if not path.is_absolute():
-            raise _refuse(f"repository {repo!r} is a relative path", "invalid_input",
-                          "name the repository by its absolute path or a URL")
+            raise CodePinError(f"repository {repo!r} is a relative path", reason="invalid_code",
+                               field="code",
+                               fix="name the repository by its absolute path or a URL")
         return str(path.resolve())
+    if re.search(r"/\.\.?(/|$)", parsed.path) or re.search(r"[\s\\]", repo):  # prefix tricks
+        raise CodePinError(f"repository URL {repo[:200]!r} has . or .. segments or blanks",
+                           reason="invalid_code", field="code",
+                           fix="name the repository by its plain URL")
     return repo
 
 
@@ -119,9 +121,10 @@ def check_origin(repo: str, allowed: list[str]) -> str:
                 return origin
         elif origin.startswith(entry):  # a URL prefix (end it with / to mean a folder)
             return origin
-    raise _refuse(f"repository {origin!r} is not among this host's code.allowed_origins",
-                  "origin_not_allowed", "the operator allows an origin in conf/ "
-                  "(code.allowed_origins); a caller cannot", field="code.allowed_origins")
+    raise CodePinError(f"repository {origin!r} is not among this host's code.allowed_origins",
+                       reason="origin_not_allowed", field="code.allowed_origins",
+                       fix="the operator allows an origin in conf/ (code.allowed_origins); "
+                           "a caller cannot")
 
 
 def mirror_path(origin: str) -> Path:
@@ -165,9 +168,10 @@ def fetch(origin: str) -> Path:
                  "--no-recurse-submodules", url, f"+refs/heads/*:{REFS}heads/*",
                  f"+refs/tags/*:{REFS}tags/*")
         except git.GitCommandError as exc:
-            raise _refuse(f"could not fetch {origin}: {_stderr(exc)}", "origin_unreachable",
-                          "check that the repository exists and this host can read it") \
-                from exc
+            raise CodePinError(f"could not fetch {origin}: {_stderr(exc)}",
+                               reason="origin_unreachable", field="code",
+                               fix="check that the repository exists and this host can read "
+                                   "it") from exc
     return mirror
 
 
@@ -195,9 +199,9 @@ def resolve(origin: str, commit: str) -> str:
         sha = _commit(mirror, name)
         if sha is not None and _reachable(mirror, sha):
             return sha
-    raise _refuse(f"{commit!r} names no commit of {origin} (its branches and tags as "
-                  "fetched now)", "unknown_commit", "pass a sha, branch or tag of that "
-                  "repository", field="code.commit")
+    raise CodePinError(f"{commit!r} names no commit of {origin} (its branches and tags as "
+                       "fetched now)", reason="unknown_commit", field="code.commit",
+                       fix="pass a sha, branch or tag of that repository")
 
 
 def _reachable(mirror: Path, sha: str) -> bool:
@@ -217,37 +221,40 @@ def pin(origin: str, sha: str, entrypoint: str, allowed: list[str]) -> ExternalC
     module's docstring). Every refusal is a CodePinError naming its reason."""
     origin = check_origin(origin, allowed)
     if not (isinstance(sha, str) and SHA.match(sha)) or not _ENTRY.match(entrypoint or ""):
-        raise _refuse(f"the registered code {sha!r}:{entrypoint!r} is not a full sha and an "
-                      "entry point", "invalid_code_record", "register the parent again with "
-                      "--code REPO@COMMIT:ENTRYPOINT")
+        raise CodePinError(f"the registered code {sha!r}:{entrypoint!r} is not a full sha and "
+                           "an entry point", reason="invalid_code", field="code",
+                           fix="register the parent again with --code REPO@COMMIT:ENTRYPOINT")
     mirror = fetch(origin)
     if _commit(mirror, sha) != sha:
-        raise _refuse(f"commit {sha} is not in {origin}", "unknown_commit",
-                      "register the parent again with a commit of that repository",
-                      field="code.commit")
+        raise CodePinError(f"commit {sha} is not in {origin}", reason="unknown_commit",
+                           field="code.commit",
+                           fix="register the parent again with a commit of that repository")
     if not _reachable(mirror, sha):
-        raise _refuse(f"commit {sha} is no longer reachable from a branch or tag of {origin} "
-                      "(a force-push or rewrite moved them)", "commit_not_in_origin",
-                      "push the commit back to a branch or tag, or register the parent again "
-                      "with the code as it is now", field="code.commit")
+        raise CodePinError(f"commit {sha} is no longer reachable from a branch or tag of "
+                           f"{origin} (a force-push or rewrite moved them)",
+                           reason="commit_not_in_origin", field="code.commit",
+                           fix="push the commit back to a branch or tag, or register the "
+                               "parent again with the code as it is now")
     card_path = str(PurePosixPath(entrypoint).parent / families.CARD_FILE).removeprefix("./")
     for path in (entrypoint, card_path):
         if _tree_entry(mirror, sha, path) not in ("100644", "100755"):
-            raise _refuse(f"commit {sha[:12]} of {origin} has no file {path}",
-                          "missing_entrypoint", f"commit {path} (a regular file, not a link) "
-                          "and register that commit", field="code.entrypoint")
+            raise CodePinError(f"commit {sha[:12]} of {origin} has no file {path}",
+                               reason="missing_entrypoint", field="code.entrypoint",
+                               fix=f"commit {path} (a regular file, not a link) and register "
+                                   "that commit")
     snapshot = _snapshot(mirror, sha)
     card = read_card(snapshot / card_path)
     try:
         fam = families.Family.from_card(card, snapshot / PurePosixPath(entrypoint).parent)
     except families.CardError as exc:
-        raise _refuse(f"{origin}@{sha[:12]}: {exc}", "invalid_card",
-                      "fix forge-family.yaml (docs/guides/own-code.md)",
-                      field=f"code.card.{exc.field}") from None
+        raise CodePinError(f"{origin}@{sha[:12]}: {exc}", reason="invalid_card",
+                           field=f"code.card.{exc.field}",
+                           fix="fix forge-family.yaml (docs/guides/own-code.md)") from None
     if card["entry_point"] != PurePosixPath(entrypoint).name:
-        raise _refuse(f"the card names entry point {card['entry_point']!r}, the parent "
-                      f"{entrypoint!r}", "missing_entrypoint", "register the entry point the "
-                      "card beside it names", field="code.entrypoint")
+        raise CodePinError(f"the card names entry point {card['entry_point']!r}, the parent "
+                           f"{entrypoint!r}", reason="missing_entrypoint",
+                           field="code.entrypoint",
+                           fix="register the entry point the card beside it names")
     return ExternalCode(repo_url=origin, sha=sha, entrypoint=entrypoint, snapshot=snapshot,
                         card=card, family=fam)
 
@@ -283,8 +290,9 @@ def read_card(path: Path) -> object:
     import yaml
 
     def refuse(why: str) -> CodePinError:
-        return _refuse(f"{families.CARD_FILE}: {why}", "invalid_card",
-                       "fix forge-family.yaml (docs/guides/own-code.md)", field="code.card")
+        return CodePinError(f"{families.CARD_FILE}: {why}", reason="invalid_card",
+                            field="code.card",
+                            fix="fix forge-family.yaml (docs/guides/own-code.md)")
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
