@@ -151,6 +151,13 @@ def test_an_external_family_trains_a_candidate(registry, tmp_path):
     [alloc] = allocations(registry)
     assert alloc["status"] == "settled"
 
+    # not yet: the gate predicts with built-in families only; refused before any debit
+    balance = ledger.balance(AGENT)
+    with pytest.raises(ForgeError) as info:
+        api.evaluate_candidate(result["artifact_id"], AGENT, "default")
+    assert info.value.reason == "not_gateable", info.value.to_dict()
+    assert ledger.balance(AGENT) == balance and len(allocations(registry)) == 1
+
 
 # --- refusals before any debit -------------------------------------------------------------
 
@@ -254,7 +261,14 @@ HOOKS = ("post-checkout", "pre-commit", "post-merge", "reference-transaction",
 @pytest.mark.train
 def test_a_repository_config_and_hooks_run_nothing_on_the_host(registry, tmp_path):
     marker = tmp_path / "RAN-ON-HOST"
-    repo, _ = family_repo(tmp_path)
+
+    def on_import(repo: Path) -> None:  # the host never imports it (in the jail: no path)
+        text = (repo / "train.py").read_text()
+        (repo / "train.py").write_text(text.replace("\ndef train(", (
+            f"\ntry:\n    open({str(marker)!r}, 'w').close()\nexcept OSError:\n    pass\n"
+            "\n\ndef train("), 1))
+
+    repo, _ = family_repo(tmp_path, edit=on_import)
     run = f"touch {marker}"
     for hook in HOOKS:
         path = repo / ".git" / "hooks" / hook
@@ -425,3 +439,23 @@ def test_allowed_origins_match_whole_folders_and_plain_urls(tmp_path):
     with pytest.raises(ForgeError) as info:
         external_code.check_origin(str(tmp_path / "code"), [])  # the default: none
     assert info.value.reason == "origin_not_allowed"
+
+
+def test_forge_models_register_code_records_the_sha_a_ref_names(registry, tmp_path):
+    from click.testing import CliRunner
+
+    from runner.cli import main
+
+    repo, sha = family_repo(tmp_path)
+    git(repo, "tag", "v1")
+    out = CliRunner().invoke(main, ["models", "register", PARENT, checkpoint(tmp_path),
+                                    "--code", f"{repo}@v1:train.py", "--json"])
+    assert out.exit_code == 0, out.output
+    row = json.loads(out.output)
+    assert row["metadata"]["family"] == "demo_family"
+    assert row["metadata"]["code"] == {"repo_url": str(repo), "commit_sha": sha,
+                                       "entrypoint": "train.py"}
+    assert row["version"]["code_commit_sha"] == sha
+    bad = CliRunner().invoke(main, ["models", "register", "model-x", checkpoint(tmp_path / "x"),
+                                    "--code", f"{repo}@v1:nope.py"])
+    assert bad.exit_code != 0 and "has no file nope.py" in bad.output, bad.output
