@@ -459,3 +459,20 @@ def test_forge_models_register_code_records_the_sha_a_ref_names(registry, tmp_pa
     bad = CliRunner().invoke(main, ["models", "register", "model-x", checkpoint(tmp_path / "x"),
                                     "--code", f"{repo}@v1:nope.py"])
     assert bad.exit_code != 0 and "has no file nope.py" in bad.output, bad.output
+
+
+def test_the_dry_run_checks_training_keys_by_the_card(registry, tmp_path):
+    repo, _ = family_repo(tmp_path)
+    parents.register_parent(PARENT, checkpoint(tmp_path), code=f"{repo}@main:train.py")
+    messages = []
+    for override, field in (("training.lr=-1.0", "training.lr"),  # exclusiveMinimum: 0
+                            ("training.max_epochs=5000", "training.max_epochs"),  # maximum
+                            ("training.max_seq_len=65", "training.max_seq_len")):  # scGPT's
+        with pytest.raises(ForgeError) as info:
+            api.train_model_version(PARENT, DATASET, None, AGENT, dry_run=True,
+                                    overrides=[override], wall_time_cap_min=10)
+        assert info.value.field == field, info.value.to_dict()
+        messages.append(info.value.message)
+    assert "must be >= 1 and <= 1000, got 5000" in messages[1]  # the card's range
+    assert "is a setting of family scgpt, not of demo_family" in messages[2]
+    assert ledger.balance(AGENT) == Decimal("10") and allocations(registry) == []
