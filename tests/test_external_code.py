@@ -412,6 +412,13 @@ def test_a_card_is_data_checked_by_the_same_function_on_both_sides(tmp_path):
                        ({**card, "requirements": ["os; rm -rf /"]}, "requirements.0"),
                        ({**card, "training": {"lr": {"type": "int", "default": 0.5}}},
                         "training.lr.default"),
+                       ({**card, "training": {"seed": {"type": "int", "default": 1}}},
+                        "training"),
+                       ({**card, "training": {"act": {"type": "str", "default": "relu",
+                                                      "minimum": 0}}}, "training.act"),
+                       ({**card, "training": {"act": {"type": "str", "default": "relu",
+                                                      "choices": ["gelu"]}}},
+                        "training.act.choices"),
                        ({**card, "run": "echo"}, "<root>")):
         with pytest.raises(families.CardError) as info:
             families.Family.from_card(bad, repo)

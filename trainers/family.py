@@ -202,9 +202,14 @@ class Family:
                 raise CardError(f"training.{key}.default", f"must be a {spec['type']}, "
                                                            f"got {default!r}")
             bounds = {k: spec[k] for k in _BOUNDS if k in spec}
+            if bounds and tp not in (int, float):
+                raise CardError(f"training.{key}", "only an int or float key has a range")
             if bounds:
                 ranges[key] = bounds
             if "choices" in spec:
+                if tp is not str or default not in spec["choices"]:
+                    raise CardError(f"training.{key}.choices", "only a str key has choices, "
+                                                               "and they hold its default")
                 choices[key] = tuple(spec["choices"])
             training.append((key, tp, field(default=default)))
         name = card["name"]
@@ -248,9 +253,11 @@ CARD_SCHEMA = {
         "requirements": {"type": "array", "maxItems": 64, "items": {
             "type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"}},
         "training": {"type": "object", "maxProperties": 64,
+                     # not the split keys every family has, nor the manifest's own
                      "propertyNames": {"pattern": _KEY,
                                        "not": {"enum": ["val_fraction", "test_fraction",
-                                                        "split_seed"]}},
+                                                        "split_seed", "task", "seed",
+                                                        "num_threads"]}},
                      "additionalProperties": {
                          "type": "object", "additionalProperties": False,
                          "required": ["type", "default"],
