@@ -377,6 +377,7 @@ def test_an_entry_point_that_tries_to_leave_the_jail_stays_in_it(registry, tmp_p
 
 
 @pytest.mark.sandbox
+@pytest.mark.train  # tests/tiers.py: starting the jail is the training tier
 def test_a_missing_dependency_fails_typed_and_settled(registry, tmp_path):
     def needs(repo: Path) -> None:
         card = repo / "forge-family.yaml"
