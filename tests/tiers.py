@@ -60,10 +60,9 @@ def _argv(args) -> list[str]:
 def _audit(event: str, args: tuple) -> None:
     if not _watching or event not in ("subprocess.Popen", "os.posix_spawn", "os.exec"):
         return
-    executable, argv = (args[0], args[1])
-    argv = _argv(argv)
-    program = os.path.basename(os.fsdecode(executable) if executable else (argv or [""])[0])
-    need = PROGRAMS.get(program)
+    argv = _argv(args[1])
+    # the program itself, or one it execs: the jail is `sh -c ... prlimit ... bwrap ...`
+    need = next((PROGRAMS[p] for p in map(os.path.basename, argv) if p in PROGRAMS), None)
     if need is None or argv[-2:] == PROBE:  # the dry run's one probe that the jail can be built
         return
     command = " ".join(argv)[:160]
