@@ -45,9 +45,11 @@ def git(repo: Path, *args: str) -> str:
                           text=True).stdout.strip()
 
 
-def family_repo(root: Path, name: str = "demo_family", edit=None) -> tuple[Path, str]:
-    """`forge trainers new NAME` committed to a scratch repository on branch main."""
-    repo = root / "repos" / name
+def family_repo(root: Path, name: str = "demo_family", edit=None,
+                folder: str | None = None) -> tuple[Path, str]:
+    """`forge trainers new NAME` committed to a scratch repository (repos/FOLDER, else
+    repos/NAME) on branch main."""
+    repo = root / "repos" / (folder or name)
     write_family_template(name, repo)
     if edit is not None:
         edit(repo)
@@ -157,6 +159,53 @@ def test_an_external_family_trains_a_candidate(registry, tmp_path):
         api.evaluate_candidate(result["artifact_id"], AGENT, "default")
     assert info.value.reason == "not_gateable", info.value.to_dict()
     assert ledger.balance(AGENT) == balance and len(allocations(registry)) == 1
+
+
+# --- one process, many repositories ------------------------------------------------------
+
+def test_two_cards_of_one_name_each_judge_their_own_parent(registry, tmp_path):
+    """Two labs' repositories whose cards are both `demo_family`, with different ranges for
+    max_epochs (<= 1000 and <= 20), planned at the same time in one process (as forge serve
+    does): each request is judged by its own parent's card, never by the card read last."""
+    import threading
+
+    def narrow(repo: Path) -> None:
+        card = repo / "forge-family.yaml"
+        card.write_text(card.read_text().replace("maximum: 1000", "maximum: 20"))
+
+    other = "model-demo-family-other"
+    repo_a, _ = family_repo(tmp_path)
+    repo_b, _ = family_repo(tmp_path, edit=narrow, folder="lab_b")
+    parents.register_parent(PARENT, checkpoint(tmp_path / "a"), code=f"{repo_a}@main:train.py")
+    parents.register_parent(other, checkpoint(tmp_path / "b"), code=f"{repo_b}@main:train.py")
+
+    def verdict(parent: str) -> str:
+        try:
+            dry = api.train_model_version(parent, DATASET, None, AGENT, dry_run=True,
+                                          overrides=["training.max_epochs=50"],
+                                          wall_time_cap_min=10)
+        except ForgeError as exc:
+            return f"{exc.field}: {exc.message}"
+        return "would launch" if dry["would_launch"] else str(dry["reasons"][0])
+
+    verdicts: dict[str, list[str]] = {PARENT: [], other: []}
+    start = threading.Barrier(2)
+
+    def plan_many(parent: str) -> None:
+        start.wait()
+        for _ in range(6):
+            verdicts[parent].append(verdict(parent))
+
+    threads = [threading.Thread(target=plan_many, args=(p,)) for p in verdicts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert verdicts[PARENT] == ["would launch"] * 6, verdicts[PARENT]
+    assert len(verdicts[other]) == 6 and all(
+        v.startswith("training.max_epochs: ") and "<= 20, got 50" in v
+        for v in verdicts[other]), verdicts[other]
+    assert ledger.balance(AGENT) == Decimal("10") and allocations(registry) == []
 
 
 # --- refusals before any debit -------------------------------------------------------------

@@ -17,11 +17,12 @@ A family is a folder under `trainers/` whose `family.py` declares `FAMILY = Fami
 
 `get(name)` is the one lookup. A family may also come with a model's own pinned repository:
 its card `forge-family.yaml` (plain data, `CARD_SCHEMA`) becomes a Family with `from_card`,
-the same on the host (dry run) and in the jail, and `register_external` makes it known to
-`get` in this process. The parent's registry record names the family (the operator
-or the registry), never a caller string; this module itself imports no family package, so
-that the host (runner/), which may import this module, never does either: a family's
-`family.py` is loaded by name from `FAMILIES`. Plain data: no numpy, no torch.
+the same on the host (dry run) and in the jail, and `bind_external` makes it known to `get`
+in the current context only (`external_scope`: one call's plan or launch). The parent's
+registry record names the family (the operator or the registry), never a caller string;
+this module itself imports no family package, so that the host (runner/), which may import
+this module, never does either: a family's `family.py` is loaded by name from `FAMILIES`.
+Plain data: no numpy, no torch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import functools
 import importlib
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,7 +237,7 @@ MAX_CARD_BYTES = 64 * 1024
 MAX_CHECKPOINT_FILE_BYTES = 16 * 1024**3
 _CARD_TYPES = {"float": float, "int": int, "str": str, "bool": bool}
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-_KEY = r"^[a-z][a-z0-9_]{0,63}$"
+CARD_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")  # a card's training key
 _FILE = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"  # a plain file name: no folder, no leading dot
 CARD_SCHEMA = {
     "type": "object", "additionalProperties": False,
@@ -254,7 +257,7 @@ CARD_SCHEMA = {
             "type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"}},
         "training": {"type": "object", "maxProperties": 64,
                      # not the split keys every family has, nor the manifest's own
-                     "propertyNames": {"pattern": _KEY,
+                     "propertyNames": {"pattern": CARD_KEY.pattern,
                                        "not": {"enum": ["val_fraction", "test_fraction",
                                                         "split_seed", "task", "seed",
                                                         "num_threads"]}},
@@ -346,26 +349,44 @@ class UnknownFamily(ValueError):
 
 
 def get(name: str) -> Family:
-    """The family called `name`, loaded from its folder (or made known by
-    register_external); UnknownFamily otherwise."""
-    if isinstance(name, str) and name in _external:
-        return _external[name]
+    """The family called `name`: the external family bound in this context (external_scope)
+    when it has that name, else a built-in one loaded from its folder; UnknownFamily
+    otherwise."""
+    bound = _bound.get()
+    if bound is not None and bound.name == name:
+        return bound
     if not isinstance(name, str) or name not in FAMILIES:
         raise UnknownFamily(name)
     return _load(name)
 
 
 _loaded: dict[str, Family] = {}
-# External families known to this process, by name: the last card read for a name wins (a
-# plan reads its parent's card again from the pinned snapshot before anything uses it).
-_external: dict[str, Family] = {}
+# The external family of the call in progress, by context, never by process: two repositories
+# whose cards share a name, planned at once in one process (forge serve), each see their own.
+_bound: ContextVar[Family | None] = ContextVar("forge_external_family", default=None)
 
 
-def register_external(fam: Family) -> Family:
-    """Make an external family (Family.from_card) known to get() in this process."""
+@contextmanager
+def external_scope(fam: Family | None = None):
+    """A scope (a plan, a launch, a registration) in which `fam`, or what bind_external binds
+    later in it, is the external family get() knows; on leaving, what was before."""
+    token = _bound.set(None if fam is None else _checked(fam))
+    try:
+        yield
+    finally:
+        _bound.reset(token)
+
+
+def bind_external(fam: Family) -> Family:
+    """Make an external family (Family.from_card) the one get() knows in this context: within
+    an external_scope on the host; for the whole job in the jail (one job per process)."""
+    _bound.set(_checked(fam))
+    return fam
+
+
+def _checked(fam: Family) -> Family:
     if fam.name in FAMILIES:
         raise CardError("name", f"{fam.name!r} is a built-in family's name")
-    _external[fam.name] = fam
     return fam
 
 

@@ -302,7 +302,8 @@ def parse_manifest(raw: dict) -> Manifest:
 
 def _external_family(code: object, name: str) -> dict:
     """`family_code`: the card (plain data) of an external family and the folder holding its
-    entry point; the family it declares becomes known to families.get (Family.from_card)."""
+    entry point; the family it declares becomes the one families.get knows for this job
+    (Family.from_card, bind_external)."""
     if not isinstance(code, dict) or set(code) != {"path", "card"}:
         raise ManifestError("family_code", "must be an object with path and card")
     need(isinstance(code["path"], str) and code["path"].startswith("/"), "family_code.path",
@@ -312,7 +313,7 @@ def _external_family(code: object, name: str) -> dict:
     except families.CardError as exc:
         raise ManifestError(f"family_code.card.{exc.field}", str(exc)) from None
     need(fam.name == name, "family", f"is {name!r} but the card names {fam.name!r}")
-    families.register_external(fam)
+    families.bind_external(fam)
     return code
 
 

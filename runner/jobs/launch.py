@@ -80,9 +80,10 @@ def launch(plan: Plan, *, on_line: Callable[[str], None] | None = None,
         alloc = allocation
 
     job = _Job(plan, alloc, on_line)  # names only: nothing here can fail after the debit
+    external = None if plan.external is None else plan.external.family  # the plan's own card
     try:
-        with engine.stop_on_sigterm(job.stop, on_line):  # scancel: cancelled, not killed
-            result = job.run()
+        with engine.stop_on_sigterm(job.stop, on_line), families.external_scope(external):
+            result = job.run()  # scancel: cancelled, not killed
     except BaseException as exc:
         clean_run_dir(job.run_dir)  # first: a full disk gets its space back for the rest
         job.fail(exc)  # settled once, whatever went wrong; then the caller gets a type

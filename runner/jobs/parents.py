@@ -154,7 +154,8 @@ def register_parent(artifact_id: str, origin_url: str, *, sha256: str | None = N
                                 f"{', '.join(missing)}", field=missing[0],
                                 fix=f"register a folder (or archive of one) holding "
                                     f"{', '.join(fam.checkpoint_files)}")
-    info, problems = inspect(folder, artifact_id, fam.name)
+    with families.external_scope(None if external is None else fam):  # its card's reader
+        info, problems = inspect(folder, artifact_id, fam.name)
     if problems:
         raise problems[0]
     cached = settings.cache_dir() / "weights"
@@ -178,17 +179,14 @@ def register_parent(artifact_id: str, origin_url: str, *, sha256: str | None = N
 
 
 def _external_code(spec: str):
-    """`REPO@COMMIT:ENTRYPOINT` pinned now, against the operator's code.allowed_origins; its
-    family made known to families.get (so inspect() finds it)."""
+    """`REPO@COMMIT:ENTRYPOINT` pinned now, against the operator's code.allowed_origins."""
     from runner.config.compose import compose_resolved
 
     repo, commit, entrypoint = external_code.parse_spec(spec)
     allowed = list(compose_resolved()[1]["code"]["allowed_origins"])
     origin = external_code.check_origin(repo, allowed)  # before anything is fetched
     sha = external_code.resolve(origin, commit)
-    pinned = external_code.pin(origin, sha, entrypoint, allowed)
-    families.register_external(pinned.family)
-    return pinned
+    return external_code.pin(origin, sha, entrypoint, allowed)
 
 
 # --- the dry run's look ---------------------------------------------------------------------------
@@ -222,8 +220,11 @@ def check_parent(parent: dict, resolved: dict, dataset: dict | None
                  "architecture": stored}, stored, [])
     family = meta.get("family")
     try:
-        info, problems = _inspect_cached(str(folder), parent["id"], family,
-                                         _stamp(folder, family))
+        if family is None or family in families.FAMILIES:
+            info, problems = _inspect_cached(str(folder), parent["id"], family,
+                                             _stamp(folder, family))
+        else:  # an external family: this call's own card (a name two cards may share), and
+            info, problems = inspect(folder, parent["id"], family)  # lstat only: not cached
     except CheckpointProblem as exc:
         return {"inspected": True, "error": exc.to_dict()}, stored, [exc]
     problems = list(problems)

@@ -174,7 +174,14 @@ def request_key(req: TrainRequest, config: dict, code_sha: str,
 
 
 def prepare(req: TrainRequest) -> Plan:
-    """validate -> compose -> read the registry -> price -> pin code -> the sandbox job."""
+    """validate -> compose -> read the registry -> price -> pin code -> the sandbox job. The
+    parent's own family (an external one) is known by name inside this call only: another
+    call planned at the same time, whose parent's card has the same name, sees its own."""
+    with families.external_scope():
+        return _prepare(req)
+
+
+def _prepare(req: TrainRequest) -> Plan:
     _validate_arguments(req)
     cfg, resolved = _from_config(req) if req.config is not None else _compose(req)
     db_url = resolved["registry"]["db_url"]
@@ -196,7 +203,7 @@ def prepare(req: TrainRequest) -> Plan:
             external = external_code.pin(named.get("repo_url"), named.get("commit_sha"),
                                          named.get("entrypoint"),
                                          list(resolved["code"]["allowed_origins"]))
-            families.register_external(external.family)
+            families.bind_external(external.family)
         except ForgeError as exc:
             problems.append(exc)
             code_refused = True
