@@ -137,8 +137,19 @@ def test_an_external_family_trains_a_candidate(registry, tmp_path):
     assert dry["config"]["training"]["lr"] == 0.01  # a key the card shares with scGPT's
 
     result = api.train_model_version(PARENT, DATASET, None, AGENT, wall_time_cap_min=10,
-                                     vram_cap_gb=1, overrides=["training.lr=0.01"])
+                                     vram_cap_gb=1,
+                                     overrides=["training.lr=0.01", "training.hidden=16"])
     version = catalog.get_model_version(result["artifact_id"])
+    # a key only the card declares reached the job: its manifest and the network it built
+    from runner.jobs import weights
+
+    [alloc] = allocations(registry)
+    manifest = json.loads((Path(os.environ["FORGE_HOME"]) / "runs" / alloc["id"]
+                           / "manifest.json").read_text())
+    assert manifest["training"]["hidden"] == 16 and manifest["training"]["lr"] == 0.01
+    meta = json.loads((weights.weights_dir(result["artifact_id"]) / "meta.json").read_text())
+    assert meta["hidden"] == 16
+    assert version["version"]["training_params_json"]["training"]["hidden"] == 16
     assert version["lifecycle_state"] == "candidate" and version["parent_version_id"] == PARENT
     assert version["version"]["code_repo_url"] == str(repo)
     assert version["version"]["code_commit_sha"] == sha
@@ -532,4 +543,33 @@ def test_the_dry_run_checks_training_keys_by_the_card(registry, tmp_path):
         messages.append(info.value.message)
     assert "must be >= 1 and <= 1000, got 5000" in messages[1]  # the card's range
     assert "is a setting of family scgpt, not of demo_family" in messages[2]
+    assert ledger.balance(AGENT) == Decimal("10") and allocations(registry) == []
+
+
+def test_a_cards_own_training_key_is_settable_and_checked_by_the_card(registry, tmp_path):
+    """`hidden` is no key of a built-in family, only of the template's card (int, 1..4096):
+    a caller sets it like any training key; the card types and bounds it, before any
+    debit, and a key neither the card nor a built-in family declares is refused."""
+    repo, _ = family_repo(tmp_path)
+    parents.register_parent(PARENT, checkpoint(tmp_path), code=f"{repo}@main:train.py")
+    dry = api.train_model_version(PARENT, DATASET, None, AGENT, dry_run=True,
+                                  overrides=["training.hidden=32"], wall_time_cap_min=10)
+    assert dry["would_launch"], dry["reasons"]
+    assert dry["config"]["training"]["hidden"] == 32
+    flat = api.train_model_version(PARENT, DATASET, {"hidden": 8}, AGENT, dry_run=True,
+                                   wall_time_cap_min=10)
+    assert flat["would_launch"] and flat["config"]["training"]["hidden"] == 8
+    assert flat["request_key"] != dry["request_key"]  # another model: another request
+    for overrides, config, field, words in (
+            (["training.hidden=5000"], None, "training.hidden", "must be >= 1 and <= 4096"),
+            (None, {"training": {"hidden": 0}}, "training.hidden", "must be >= 1"),
+            (["training.hidden=wide"], None, "training.hidden", "int"),
+            (["training.hidden=[1,2]"], None, "training.hidden", "single value"),
+            (["training.hiddn=3"], None, "training.hiddn", "did you mean training.hidden"),
+            (["training.Hidden=3"], None, "training.Hidden", "no such training setting")):
+        with pytest.raises(ForgeError) as info:
+            api.train_model_version(PARENT, DATASET, config, AGENT, dry_run=True,
+                                    overrides=overrides, wall_time_cap_min=10)
+        err = info.value
+        assert err.field == field and words in err.message + " " + err.fix, err.to_dict()
     assert ledger.balance(AGENT) == Decimal("10") and allocations(registry) == []

@@ -73,15 +73,17 @@ class CallerLine:
     value: str
 
 
-def check_caller_overrides(overrides: Any, *, cli: bool = False,
-                           multirun: bool = False) -> list[CallerLine]:
+def check_caller_overrides(overrides: Any, *, cli: bool = False, multirun: bool = False,
+                           family_keys: bool = False) -> list[CallerLine]:
     """Refuse, before anything is composed, an override string a caller may not give.
 
     Plain string checks (no Hydra: a dry run served from the compose cache never imports
     it): the caps, interpolation in any spelling, and the key against the tables above.
     Values (types, options, sweeps, glob()) are Hydra's parser's and the schema's to check;
     parse_overrides() does it for every string composed. `cli`: forge-train, where the
-    call's arguments are plain keys; `multirun`: forge-train -m.
+    call's arguments are plain keys; `multirun`: forge-train -m; `family_keys`: a training
+    key no built-in family has may be named (train_model_version: the parent's card may
+    declare it; split_family_keys() holds it aside and the plan checks it by that card).
     """
     check_override_list(overrides)
     lines = list(overrides or ())
@@ -112,7 +114,8 @@ def check_caller_overrides(overrides: Any, *, cli: bool = False,
         what = ("deletes a key" if match["prefix"] == "~" else "adds a key" if match["prefix"]
                 else "moves a config group (@package)" if match["package"] is not None
                 else None)
-        refused = _caller_key_error(key, line, cli=cli, multirun=multirun)
+        refused = None if family_keys and _family_key(key) else _caller_key_error(
+            key, line, cli=cli, multirun=multirun)
         if what:
             raise InvalidOverride(
                 f"{line!r} {what}: only the operator changes the config's shape",
@@ -170,6 +173,41 @@ def _caller_key_error(key: str, line: str, *, cli: bool,
                       f"drop it (the operator sets it in conf/ or conf/local/); {CALLER_FIX}")
     return refuse("unknown_key", f"{key}: no such key",
                   did_you_mean(key, _caller_words(cli)) + f"check the spelling; {CALLER_FIX}")
+
+
+def _family_key(key: str) -> str | None:
+    """K of `training.K` when K is no config key but could be a card's training key."""
+    name = key.removeprefix(CALLER_SUBTREE + ".")
+    if name == key or name in training_keys() or not families.CARD_KEY.match(name):
+        return None
+    return name
+
+
+def split_family_keys(checked: list[CallerLine], training_config: Any
+                      ) -> tuple[list[str], Any, dict[str, tuple[Any, str | None]]]:
+    """(override lines, training_config, family keys): the training keys no built-in family
+    has (an external family's card's own, e.g. `training.hidden=64`) taken out of what is
+    composed, as {key: (value, the override line or None)}. The lines were checked with
+    `family_keys=True`, the dict with check_caller_dict(..., family_keys=True); a value is
+    read with Hydra's override parser, and must be a single value. The plan checks each key
+    by the parent's family (plan.py `_family_defaults`), before any debit."""
+    lines, own = [], {}
+    for c in checked:
+        if (name := _family_key(c.key)) is None:
+            lines.append(c.line)
+            continue
+        value = parse_overrides([c.line])[0].value()
+        if isinstance(value, (dict, list, tuple)):
+            raise InvalidOverride(f"{c.key} must be a single value", override=c.line,
+                                  field=c.key, problem="type",
+                                  fix=f"give {c.key} one number, string or boolean")
+        own[name] = (value, c.line)
+    training = (training_config or {}).get(CALLER_SUBTREE)
+    if isinstance(training, dict) and any(k not in training_keys() for k in training):
+        own.update({k: (v, None) for k, v in training.items() if k not in training_keys()})
+        rest = {k: v for k, v in training.items() if k in training_keys()}
+        training_config = {**training_config, CALLER_SUBTREE: rest}
+    return lines, training_config, own
 
 
 def did_you_mean(word: Any, choices, prefix: str = "") -> str:
@@ -255,10 +293,12 @@ def cli_overrides(overrides: list[str], *, multirun: bool = False) -> list[str]:
     return out
 
 
-def check_caller_dict(data: Any, source: str = "training_config") -> None:
+def check_caller_dict(data: Any, source: str = "training_config", *,
+                      family_keys: bool = False) -> None:
     """Refuse a training_config a caller may not give: over the caps, a key outside
     training.<setting> (the call's arguments are arguments), a value that is not a plain
-    scalar, or an interpolation anywhere in a key or a value."""
+    scalar, or an interpolation anywhere in a key or a value. `family_keys`: as
+    check_caller_overrides'."""
     if data is None:
         return
     _check_training_config(data, source)
@@ -274,7 +314,8 @@ def check_caller_dict(data: Any, source: str = "training_config") -> None:
                     raise InvalidOverride(
                         f"{source}.{name} is an operator setting; callers cannot set it",
                         field=f"{source}.{name}", problem="operator_only", fix=CALLER_FIX)
-                if name not in training_keys():
+                if name not in training_keys() and not (
+                        family_keys and _family_key(f"{CALLER_SUBTREE}.{name}")):
                     raise InvalidOverride(
                         f"{path}.{name}: no such training setting", field=f"{path}.{name}",
                         problem="unknown_key",

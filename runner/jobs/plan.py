@@ -183,7 +183,7 @@ def prepare(req: TrainRequest) -> Plan:
 
 def _prepare(req: TrainRequest) -> Plan:
     _validate_arguments(req)
-    cfg, resolved = _from_config(req) if req.config is not None else _compose(req)
+    cfg, resolved, own = (*_from_config(req), {}) if req.config is not None else _compose(req)
     db_url = resolved["registry"]["db_url"]
     audit_to(db_url)
     if req.mlflow_parent_run_id is not None and not req.dry_run:
@@ -227,7 +227,7 @@ def _prepare(req: TrainRequest) -> Plan:
         checkpoint["weights"], found = weights.check(parent, hash_limit_bytes=limit)
         problems.extend(found)
     if not code_refused:
-        cfg, resolved = _family_defaults(cfg, resolved, req)
+        cfg, resolved = _family_defaults(cfg, resolved, req, own)
         _check_dataset_content(resolved, dataset, problems)
 
     device, price, problem = devices.priced(resolved)
@@ -293,10 +293,12 @@ def _validate_arguments(req: TrainRequest) -> None:
                            fix="pass device='auto' or a key of pricing.per_device")
 
 
-def _family_defaults(cfg, resolved: dict, req: TrainRequest):
+def _family_defaults(cfg, resolved: dict, req: TrainRequest, own: dict | None = None):
     """The parent's family is known now (its registry record, else the conf/ option): its
-    defaults fill what nothing set, so the record says what ran, and the manifest is checked
-    whole (a training key of another family is refused, naming it)."""
+    defaults fill what nothing set, so the record says what ran, the caller's keys that only
+    its card declares (`own`, caller.split_family_keys) join the training settings, and the
+    manifest is checked whole (a training key of another family is refused, naming it; a
+    card's own key is typed and range-checked by the card)."""
     name = resolved["parent"]["family"] or "scgpt"
     try:
         fam = families.get(name)
@@ -321,8 +323,25 @@ def _family_defaults(cfg, resolved: dict, req: TrainRequest):
     fill = {group: values for group, values in fill.items() if values}
     if fill:
         cfg, resolved = compose.merge_config(cfg, fill, "family")
+    if own:  # not config keys: plain data beside the config, which the launch reads
+        resolved = {**resolved, "training": {**resolved["training"],
+                                             **_own_keys(fam, own)}}
     validate.check_family(resolved, list(req.overrides or []), from_parent=not req.from_scratch)
     return cfg, resolved
+
+
+def _own_keys(fam: families.Family, own: dict) -> dict:
+    """The caller's training keys that no config key names, if the parent's family (its
+    card) declares each; InvalidOverride unknown_key naming the first that it does not."""
+    known = fam.training_keys()
+    for name, (_, line) in own.items():
+        if name not in known:
+            raise InvalidOverride(
+                f"training.{name}: no such training setting of family {fam.name}",
+                field=f"training.{name}", override=line, problem="unknown_key",
+                fix=caller.did_you_mean(name, known, prefix="training.")
+                + f"family {fam.name}'s keys: {', '.join(sorted(known))}")
+    return {name: value for name, (value, _) in own.items()}
 
 
 def _check_parent_run(resolved: dict, req: TrainRequest) -> None:
@@ -340,8 +359,10 @@ def _compose(req: TrainRequest):
     a caller may set, then the lines the host writes for the arguments (the parent/dataset
     options whose artifact ids match, the ids, caps and flags), as override strings so the
     composed config is memoised per distinct call."""
-    caller.check_caller_overrides(req.overrides)  # the arguments, operator settings,
-    caller.check_caller_dict(req.training_config)  # interpolation, over-long input
+    checked = caller.check_caller_overrides(req.overrides, family_keys=True)  # the arguments,
+    caller.check_caller_dict(req.training_config, family_keys=True)  # operator settings, ...
+    # a training key no built-in family has: the parent's card may declare it (checked then)
+    overrides, training_config, own = caller.split_family_keys(checked, req.training_config)
     chosen = []
     if req.parent_option is not None:
         if not req.from_scratch or req.parent_option not in group_options("parent"):
@@ -349,12 +370,12 @@ def _compose(req: TrainRequest):
                                "option to train from scratch", field="parent_option",
                                fix=f"use one of {', '.join(group_options('parent'))}")
         chosen = [f"parent={req.parent_option}"]
-    lines = chosen + list(req.overrides or []) + caller.call_lines(
+    lines = chosen + overrides + caller.call_lines(
         req.parent_artifact_id, req.dataset_artifact_id, agent_id=req.agent_id,
         wall_time_cap_min=req.wall_time_cap_min, vram_cap_gb=req.vram_cap_gb,
         dry_run=req.dry_run, allow_dirty=req.allow_dirty, devices=req.devices,
         device=req.device)
-    return compose.compose_resolved(lines, req.training_config, writable=False)
+    return (*compose.compose_resolved(lines, training_config, writable=False), own)
 
 
 def _from_config(req: TrainRequest):
