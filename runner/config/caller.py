@@ -314,8 +314,9 @@ def check_caller_dict(data: Any, source: str = "training_config", *,
                     raise InvalidOverride(
                         f"{source}.{name} is an operator setting; callers cannot set it",
                         field=f"{source}.{name}", problem="operator_only", fix=CALLER_FIX)
-                if name not in training_keys() and not (
-                        family_keys and _family_key(f"{CALLER_SUBTREE}.{name}")):
+                if name not in training_keys() and not (  # a card's key holds one value
+                        family_keys and _family_key(f"{CALLER_SUBTREE}.{name}")
+                        and not isinstance(setting, (dict, list, tuple))):
                     raise InvalidOverride(
                         f"{path}.{name}: no such training setting", field=f"{path}.{name}",
                         problem="unknown_key",
