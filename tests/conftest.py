@@ -78,22 +78,44 @@ def registry_template(tmp_path_factory):
         drop_pg_database(made["postgresql"])
 
 
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory) -> Path:
+    """An empty MLflow store (FORGE_HOME/mlflow.db), created and migrated by MLflow itself once
+    per session: about 2 s of CPU each time, which every test that trains would pay again."""
+    from runner.jobs import tracking
+
+    home = tmp_path_factory.mktemp("mlflow-template")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FORGE_HOME", str(home))
+        tracking.prepare_store(f"sqlite:///{home / 'mlflow.db'}")
+    return home / "mlflow.db"
+
+
+def set_forge_home(tmp_path: Path, monkeypatch, mlflow_store: Path) -> None:
+    """FORGE_HOME for a test, holding a copy of the session's empty MLflow store (a test of a
+    fresh home removes it; the tracking server's tests start without it)."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    shutil.copy(mlflow_store, home / "mlflow.db")
+    monkeypatch.setenv("FORGE_HOME", str(home))
+
+
 @pytest.fixture
-def sqlite_url(registry_template, tmp_path, monkeypatch):
+def sqlite_url(registry_template, mlflow_store_template, tmp_path, monkeypatch):
     """A migrated, empty SQLite registry; FORGE_DB_URL and FORGE_HOME point at it."""
     url = copy_sqlite(registry_template("sqlite"), tmp_path / "forge.db")
     monkeypatch.setenv("FORGE_DB_URL", url)
-    monkeypatch.setenv("FORGE_HOME", str(tmp_path / "home"))
+    set_forge_home(tmp_path, monkeypatch, mlflow_store_template)
     yield url
     forget_engine(url)
 
 
 @pytest.fixture
-def pg_url(registry_template, tmp_path, monkeypatch):
+def pg_url(registry_template, mlflow_store_template, tmp_path, monkeypatch):
     """A migrated, empty PostgreSQL registry; FORGE_DB_URL and FORGE_HOME point at it."""
     url = make_pg_database(template=registry_template("postgresql"))
     monkeypatch.setenv("FORGE_DB_URL", url)
-    monkeypatch.setenv("FORGE_HOME", str(tmp_path / "home"))
+    set_forge_home(tmp_path, monkeypatch, mlflow_store_template)
     yield url
     drop_pg_database(url)
 
@@ -153,6 +175,8 @@ def committed_code(tmp_path_factory) -> Path:
 
 # --- the MLflow tracking server -------------------------------------------------------------
 
+ON_THE_SERVER = [pytest.mark.postgres, pytest.mark.mlflow_server]  # the server's own database
+
 def _unavailable(message: str) -> None:
     """Skip here; fail under CI=true, where PostgreSQL and the server must work (.ci/run)."""
     if os.environ.get("CI") == "true":
@@ -198,7 +222,7 @@ def mlflow_server(tmp_path_factory):
             warnings.warn(f"could not drop {backend.database}: {exc}"[:300], stacklevel=1)
 
 
-@pytest.fixture(params=["local", pytest.param("server", marks=pytest.mark.postgres)])
+@pytest.fixture(params=["local", pytest.param("server", marks=ON_THE_SERVER)])
 def tracking_store(request, tmp_path, monkeypatch) -> TrackingStore:
     """The test runs twice: tracking into the local store under FORGE_HOME (conf/tracking/
     local.yaml, the default), and into the session's MLflow server, which the operator
@@ -208,12 +232,15 @@ def tracking_store(request, tmp_path, monkeypatch) -> TrackingStore:
         return TrackingStore("local", None, since_ms)
     server = request.getfixturevalue("mlflow_server")
     monkeypatch.setenv("FORGE_MLFLOW_PORT", str(server.port))
+    home = os.environ.get("FORGE_HOME")
+    if home:  # no local store at all: the server's tests check that none appears
+        (Path(home) / "mlflow.db").unlink(missing_ok=True)
     store = TrackingStore("server", server, since_ms)
     operator_conf(tmp_path, monkeypatch, store.operator_yaml)
     return store
 
 
-@pytest.fixture(params=["local", pytest.param("server", marks=pytest.mark.postgres)])
+@pytest.fixture(params=["local", pytest.param("server", marks=ON_THE_SERVER)])
 def scratch_tracking_uri(request, tmp_path) -> str:
     """A store for tests of runner/jobs/tracking.py alone: a fresh SQLite store, and the
     session's MLflow server (shared: such a test names its own experiment)."""

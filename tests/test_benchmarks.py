@@ -84,6 +84,7 @@ def _evaluations(candidate: str) -> list[dict]:
     return promotion.recorded(candidate)
 
 
+@pytest.mark.sandbox
 def test_gates_record_the_benchmark_and_the_leaderboard_ranks_every_family(
         registry, tmp_path, monkeypatch):
     a, b = _two_gated(tmp_path, monkeypatch)
@@ -121,6 +122,7 @@ def test_gates_record_the_benchmark_and_the_leaderboard_ranks_every_family(
     assert unknown.value.reason == "not_found"
 
 
+@pytest.mark.sandbox
 def test_benchmark_best_is_the_best_of_any_family_and_the_gate_compares_against_it(
         sqlite_registry, tmp_path, monkeypatch):
     """C (scGPT, child of A) under conf/gate/benchmark.yaml: its parent A, and B (linear, the

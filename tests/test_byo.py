@@ -38,6 +38,8 @@ def tiny_base(folder: Path, name: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BUILTINS))
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_every_builtin_dataset_trains_end_to_end(name, sqlite_url, committed_code, tmp_path,
                                                  monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
@@ -229,6 +231,8 @@ def test_your_own_h5ad_and_checkpoint_through_the_cli(sqlite_url, tmp_path, comm
 # --- done when: scGPT 0.2.4's own checkpoint, fine-tuned on the built-in pbmc68k_reduced -------
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_an_scgpt_0_2_4_checkpoint_fine_tunes_on_pbmc68k_reduced(sqlite_url, committed_code,
                                                                  tmp_path, monkeypatch):
     """A checkpoint written by scGPT's own TransformerModel, with the published args.json keys

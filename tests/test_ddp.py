@@ -97,6 +97,7 @@ sys.exit(main())
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
 def test_a_nan_on_one_rank_stops_both_and_rank_0_reports_it(tmp_path):
     """Rank 1's loss turns NaN: both ranks stop at that step (rank 0 would otherwise wait
     for rank 1's gradients until the launcher kills it), rank 0 writes result.json with
@@ -137,6 +138,8 @@ def test_a_nan_on_one_rank_stops_both_and_rank_0_reports_it(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_two_devices_fine_tune_registers_one_candidate_billed_per_device(
         sqlite_registry, committed_code, monkeypatch, tmp_path):
     """A real tiny fine-tune with devices=2 (gloo over the jail's loopback): one candidate,

@@ -63,6 +63,8 @@ def _mlflow_run(run_id: str):
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_real_finetune_registers_a_linked_candidate(registry, tracking_store, committed_code,
                                                     monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
@@ -164,6 +166,7 @@ NO_TRACKING_CHECK = """
 """
 
 
+@pytest.mark.sandbox
 def test_the_job_gets_no_tracking_uri_and_its_metrics_are_relayed(sqlite_registry, tracking_store,
                                                                    tmp_path, monkeypatch):
     uri = _tracking_uri()
@@ -209,6 +212,7 @@ FAKES = {
 
 
 @pytest.mark.parametrize("case", sorted(FAKES))
+@pytest.mark.sandbox
 def test_failures_settle_once_and_register_nothing(registry, tmp_path, monkeypatch, case):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, FAKES[case])))
     if case == "timeout":
@@ -252,6 +256,7 @@ def test_failures_settle_once_and_register_nothing(registry, tmp_path, monkeypat
     assert failed_call["success"] is False and failed_call["error_code"] == expected[case]
 
 
+@pytest.mark.sandbox
 def test_a_failed_request_can_be_retried_with_its_own_debit(registry, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, FAKES["crash"])))
     for _ in range(2):

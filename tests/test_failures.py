@@ -131,6 +131,8 @@ def test_a_vocabulary_without_eoc_loads_and_saves_a_loadable_checkpoint(base_che
     assert again == stoi
 
 
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_a_parent_whose_vocabulary_does_not_fit_its_weights_fails_typed(
         registry, base_checkpoint, committed_code, tmp_path, monkeypatch):
     """The host reads args.json and vocab.json but not the weights: the trainer finds that
@@ -168,6 +170,7 @@ REFUSES_MAX_SEQ_LEN = f"""
 """
 
 
+@pytest.mark.sandbox
 def test_a_refused_setting_keeps_its_field_and_gets_the_fix(registry, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, REFUSES_MAX_SEQ_LEN)))
     with pytest.raises(TrainingFailed) as err:

@@ -87,6 +87,8 @@ def _cbmc():
 # --- 1 and 2: SCVI base -> scANVI candidate -> gate, and the candidate read back -------------
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_scanvi_candidate_end_to_end(registry, committed_code, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
     base = _train_base()
@@ -179,6 +181,8 @@ def _other_genes_dataset(folder: Path) -> tuple[str, list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_reference_mapping_onto_other_genes(sqlite_registry, scvi_checkpoint, committed_code,
                                             tmp_path, monkeypatch):
     from runner.jobs.job import run_dir
@@ -241,6 +245,8 @@ def test_a_scvi_job_gets_the_jail_of_an_scgpt_job(sqlite_registry, committed_cod
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_a_scanvi_job_is_judged_on_the_hosts_truth(sqlite_registry, scvi_checkpoint, tmp_path,
                                                   monkeypatch):
     """tests/test_security_gate_truth.py's attacks on a scANVI job: the real recipe claims a

@@ -221,6 +221,8 @@ def _test_cells():
 
 
 @pytest.mark.slow  # ~50 s on 2 shared cores: three jobs in the jail (root, candidate, gate)
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_linear_trains_registers_and_is_gated(db_url, committed_code, monkeypatch):
     import mlflow
 

@@ -135,6 +135,8 @@ def test_forge_train_without_an_agent_refuses_clearly(args):
 
 
 @pytest.mark.slow  # ~30 s on 2 shared cores: two linear jobs in the jail (the root, then ours)
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_a_real_run_prints_the_version_its_metric_its_cost_and_next(db_url, committed_code,
                                                                     monkeypatch):
     from test_family_seam import AGENT, DATASET, train_root

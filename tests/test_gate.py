@@ -66,6 +66,8 @@ def _mlflow():
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_a_lineage_is_gated_on_evidence(sqlite_registry, tracking_store, committed_code, tmp_path,
                                         monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
@@ -230,6 +232,7 @@ PERFECT_CANDIDATE = HELD_OUT + """
 """
 
 
+@pytest.mark.sandbox
 def test_missing_predictions_fail_typed_and_settled(sqlite_registry, tmp_path, monkeypatch):
     repo = _stand_in_repo(tmp_path, "import json, sys; m = json.load(open(sys.argv[1])); "
                           "json.dump({'status': 'ok'}, open(m['output_dir'] + '/result.json', "
@@ -260,6 +263,7 @@ def test_a_split_that_does_not_rebuild_is_refused(sqlite_registry, tmp_path, mon
     assert catalog.get_model_version(cand)["version"]["promotion_state"] == "candidate"
 
 
+@pytest.mark.sandbox
 def test_concurrent_promotions_never_make_two_latest(registry, tmp_path, monkeypatch):
     """Two candidates of one parent that both beat it, gated at once: one is promoted, the
     other is refused (champion_changed, settled) and, gated again, is judged against the new
@@ -388,6 +392,7 @@ def _tied_candidate(worse: int) -> str:
     (True, 0, "faster at inference", "promoted"),  # a tie, justified
     (True, 80, "faster at inference", "rejected"),  # a guard broken: no justification helps
 ])
+@pytest.mark.sandbox
 def test_a_tradeoff_is_promoted_only_where_the_gate_allows_it(
         sqlite_registry, tmp_path, monkeypatch, allow, worse, justification, decision):
     monkeypatch.setenv("FORGE_CODE_REPO", str(_stand_in_repo(tmp_path, _tied_candidate(worse))))

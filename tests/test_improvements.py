@@ -201,6 +201,7 @@ def _decision_row(result: dict, candidate: str) -> dict:
     return row
 
 
+@pytest.mark.sandbox
 def test_a_rejected_regression_is_never_payable(registry, tmp_path, monkeypatch):
     _use_eval_job(tmp_path, monkeypatch, "worse", WORSE_CANDIDATE)
     cand = stand_in_candidate(BASE_ID, "model-imp-worse")
@@ -215,6 +216,7 @@ def test_a_rejected_regression_is_never_payable(registry, tmp_path, monkeypatch)
     assert _pending() == []
 
 
+@pytest.mark.sandbox
 def test_only_a_promotion_that_gains_is_payable(registry, tmp_path, monkeypatch):
     """A tie promoted on a recorded tradeoff gains nothing: promoted, not payable. A candidate
     that beats its parent and the champion is payable, by its smallest gain."""

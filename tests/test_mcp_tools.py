@@ -83,6 +83,7 @@ def test_tools_carry_annotations_and_output_schemas(stdio):
         assert not validator.is_valid({"unrelated": 1}), name
 
 
+@pytest.mark.sandbox
 def test_the_gates_results_match_its_output_schema(sqlite_registry, tmp_path, monkeypatch):
     """evaluate_candidate's dry run and decision (a stand-in eval job in the real jail) fit
     the schema tools/list gives (the MCP tests above check the other tools' results)."""

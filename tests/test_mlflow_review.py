@@ -28,6 +28,8 @@ FULL_TEST = [o for o in TINY if not o.startswith("training.limit_eval_batches=")
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_a_version_is_reviewable_and_loadable_in_mlflow(sqlite_registry, committed_code,
                                                          tmp_path, monkeypatch):
     import mlflow
@@ -186,6 +188,7 @@ def test_a_whole_genome_vocabulary_keeps_the_signature_small():
 STAND_IN = STAND_IN_TRAINER.replace("METRICS", '{"test_macro_f1": 0.5, "test_accuracy": 0.6}')
 
 
+@pytest.mark.sandbox
 def test_a_description_that_fails_is_a_warning(sqlite_registry, tmp_path, monkeypatch,
                                                capsys):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
@@ -206,6 +209,7 @@ def test_a_description_that_fails_is_a_warning(sqlite_registry, tmp_path, monkey
     assert model.model_type == "scgpt-checkpoint" and not mv.description
 
 
+@pytest.mark.sandbox
 def test_a_failed_registration_deletes_the_logged_model(sqlite_registry, tmp_path, monkeypatch):
     import sqlalchemy as sa
     from mlflow.exceptions import MlflowException

@@ -31,6 +31,7 @@ def test_a_request_is_frozen(registry):
         req.agent_id = "someone-else"
 
 
+@pytest.mark.sandbox
 def test_the_plan_carries_the_rows_it_read_and_launch_reads_them_no_more(
         registry, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(
@@ -100,6 +101,7 @@ def test_from_scratch_refuses_an_id_that_is_taken(registry):
     assert plan.problems[0].field == "parent_artifact_id"
 
 
+@pytest.mark.sandbox
 def test_from_scratch_is_debited_registered_as_a_root_and_settled(registry, tmp_path,
                                                                   monkeypatch):
     """The demo's base: the same plan -> debit -> sandbox -> registration -> settlement as a

@@ -99,6 +99,7 @@ def test_parallel_candidates_register_without_racing(tmp_path):
 
 @pytest.mark.parametrize("metrics", ['{"test_macro_f1": 1e300, "test_accuracy": 0.5}',
                                      '{"test_macro_f1": 0.5, "test_loss": -1.0}'])
+@pytest.mark.sandbox
 def test_impossible_metrics_fail_typed_and_settle(registry, tmp_path, monkeypatch, metrics):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, trainer(metrics))))
     with pytest.raises(TrainingFailed) as err:
@@ -109,6 +110,7 @@ def test_impossible_metrics_fail_typed_and_settle(registry, tmp_path, monkeypatc
     assert [a["id"] for a in catalog.list_artifacts("model")] == [BASE_ID]
 
 
+@pytest.mark.sandbox
 def test_a_trained_version_records_the_truth(registry, tmp_path, monkeypatch):
     """Own metrics apart from baseline and curves; magnitude against the parent on the same
     split, else null with a reason; base_model_id is the root; the device's price; the diff

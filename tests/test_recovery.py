@@ -266,6 +266,7 @@ def test_a_settlement_is_retried_while_the_database_is_away(db_url, monkeypatch)
     assert recovery.check() == []
 
 
+@pytest.mark.sandbox
 def test_a_launch_reaps_an_allocation_whose_host_process_died(registry, tmp_path,
                                                              monkeypatch):
     """A host that reserved and died: after 3 missed beats, the next launch settles it first
@@ -367,6 +368,7 @@ def _running(host: subprocess.Popen, url: str) -> tuple[dict, Path]:
     return alloc, log
 
 
+@pytest.mark.sandbox
 def test_host_killed_mid_run_is_reaped_and_the_retry_launches_anew(registry, tmp_path,
                                                                     monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, HANGING_TRAINER)))
@@ -462,6 +464,7 @@ def _database_outage(url: str):
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("outage_s", [3.0, None])
+@pytest.mark.sandbox
 def test_database_away_at_registration_keeps_the_job_and_registers_it_once_back(
         pg_registry, tmp_path, monkeypatch, outage_s):
     """The database goes away inside the registration transaction: none of it lands, and the
@@ -573,6 +576,7 @@ FILL_THE_DISK = """
 """
 
 
+@pytest.mark.sandbox
 def test_a_disk_that_fills_mid_run_fails_typed_settles_and_frees_the_space(
         registry, small_home, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, FILL_THE_DISK)))
@@ -595,6 +599,7 @@ def test_a_disk_that_fills_mid_run_fails_typed_settles_and_frees_the_space(
 # --- run folders ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("trainer", ["ok", "crash"])
+@pytest.mark.sandbox
 def test_run_folders_keep_only_the_log_and_manifest(sqlite_registry, tmp_path, monkeypatch,
                                                     trainer):
     body = (STAND_IN_TRAINER.replace("METRICS", OK_METRICS) if trainer == "ok"

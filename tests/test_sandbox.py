@@ -84,6 +84,7 @@ def probe(tmp_path_factory):
     return {"result": result, "report": report, "hidden": hidden, "home_entries": home_entries}
 
 
+@pytest.mark.sandbox
 def test_no_network(probe):
     report = probe["report"]
     for target in ["127.0.0.1:5432", "1.1.1.1:53", "10.0.0.1:80"]:
@@ -94,6 +95,7 @@ def test_no_network(probe):
     assert report["unix_socketpair"] == "ok"  # multiprocessing still works
 
 
+@pytest.mark.sandbox
 def test_host_servers_answer_the_host_but_not_the_job(tmp_path):
     """Real servers on the host, on 127.0.0.1 and on an abstract unix socket (which AF_UNIX,
     allowed for multiprocessing, could reach if the jail shared the host's network namespace),
@@ -153,6 +155,7 @@ def test_host_servers_answer_the_host_but_not_the_job(tmp_path):
     assert [len(server.peers) for server in servers.values()] == [1, 1]
 
 
+@pytest.mark.sandbox
 def test_writes_outside_job_out_fail(probe):
     writes = probe["report"]["write"]
     assert writes.pop("/job/out/inside.txt") == "ok"
@@ -219,6 +222,7 @@ def test_output_is_handed_back_to_the_host_owner(probe):
         assert path.lstat().st_uid == os.getuid(), path
 
 
+@pytest.mark.sandbox
 def test_only_plain_files_leave_the_sandbox(tmp_path):
     lines: list[str] = []
     result = gpu_launch(make_job(tmp_path, "links", lines=lines))
@@ -233,6 +237,7 @@ def test_only_plain_files_leave_the_sandbox(tmp_path):
 # --------------------------------------------------------------------------- caps
 
 
+@pytest.mark.sandbox
 def test_fork_bomb_is_bounded(tmp_path):
     result = gpu_launch(make_job(tmp_path, "forkbomb", "2000", max_processes=64,
                                  wall_time_cap_s=20))
@@ -258,6 +263,7 @@ def _host_pids_with(marker: str) -> dict[int, str]:
     return found
 
 
+@pytest.mark.sandbox
 def test_wall_time_cap_kills_the_whole_tree(tmp_path):
     marker = f"forge-test-{uuid.uuid4().hex}"
     seen: dict[int, str] = {}
@@ -293,6 +299,7 @@ def test_wall_time_cap_kills_the_whole_tree(tmp_path):
     (["kill_self", "11"], 128 + 11, "killed"),
     (["kill_self", "9"], 128 + 9, "oom"),  # SIGKILL not ours: the OOM killer's signature
 ])
+@pytest.mark.sandbox
 def test_exit_reasons(tmp_path, args, code, reason):
     result = gpu_launch(make_job(tmp_path, *args))
     assert (result.exit_code, result.reason) == (code, reason)
@@ -302,6 +309,7 @@ def test_exit_reasons(tmp_path, args, code, reason):
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
 def test_torch_training_job_completes(tmp_path):
     (tmp_path / "manifest.json").write_text('{"seed": 0}')
     lines: list[str] = []
@@ -318,6 +326,7 @@ def test_torch_training_job_completes(tmp_path):
     assert [line for line in lines if line.startswith("step")][-1].startswith("step 19")
 
 
+@pytest.mark.sandbox
 def test_figures_render_without_fontconfig_errors(tmp_path):
     result = gpu_launch(make_job(tmp_path, "plot", wall_time_cap_s=120))
     log = (tmp_path / "job.log").read_text()
@@ -326,6 +335,7 @@ def test_figures_render_without_fontconfig_errors(tmp_path):
     assert "Fontconfig error" not in log
 
 
+@pytest.mark.sandbox
 def test_lines_arrive_live_and_are_logged(tmp_path):
     arrivals: list[tuple[float, str]] = []
     job = make_job(tmp_path, "lines", "3", "0.5")
@@ -342,6 +352,7 @@ def test_lines_arrive_live_and_are_logged(tmp_path):
 
 
 @pytest.mark.skipif(Path("/dev/nvidia0").exists(), reason="this host has a GPU")
+@pytest.mark.sandbox
 def test_cuda_request_without_gpu_runs_on_cpu(tmp_path):
     result = gpu_launch(make_job(tmp_path, "lines", "1", "0", device="cuda:0"))
     assert result.reason == "ok" and result.device == "cpu"

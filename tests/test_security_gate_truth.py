@@ -72,6 +72,7 @@ def forging_repo(tmp_path: Path, mode: str) -> Path:
     return repo
 
 
+@pytest.mark.sandbox
 def test_a_job_that_forges_the_truth_cannot_promote(sqlite_registry, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(forging_repo(tmp_path, "forged_truth")))
     cand = stand_in_candidate(BASE_ID, "model-forged-truth")
@@ -88,6 +89,7 @@ def test_a_job_that_forges_the_truth_cannot_promote(sqlite_registry, tmp_path, m
 
 
 @pytest.mark.parametrize("mode", ["forged_cells", "forged_names"])
+@pytest.mark.sandbox
 def test_a_job_that_forges_the_cells_or_labels_is_refused(sqlite_registry, tmp_path,
                                                          monkeypatch, mode):
     monkeypatch.setenv("FORGE_CODE_REPO", str(forging_repo(tmp_path, mode)))
@@ -162,6 +164,8 @@ def _train() -> dict:
                                vram_cap_gb=1, overrides=TINY, allow_dirty=True)
 
 
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_training_metrics_are_the_hosts(sqlite_registry, tmp_path, monkeypatch):
     """A training job that claims a perfect test score gets the host's measurement of its
     per-cell predictions recorded, not its claim."""
@@ -176,6 +180,8 @@ def test_training_metrics_are_the_hosts(sqlite_registry, tmp_path, monkeypatch):
                       metrics["baseline"]["test_macro_f1"])
 
 
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_a_partial_test_pass_is_refused(sqlite_registry, tmp_path, monkeypatch):
     """Test metrics cover every held-out cell or are not recorded: `partial_test`, settled."""
     monkeypatch.setenv("FORGE_CODE_REPO", str(wrapped_trainer(tmp_path, HALF_TEST)))

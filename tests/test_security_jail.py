@@ -58,6 +58,7 @@ def make_job(tmp_path: Path, *args: str, **kw) -> SandboxJob:
 # --------------------------------------------------------------------------- in the jail
 
 
+@pytest.mark.sandbox
 def test_kernel_keyring_is_denied(tmp_path):
     result = gpu_launch(make_job(tmp_path, "keyring"))
     assert result.reason == "ok", (tmp_path / "job.log").read_text()
@@ -65,6 +66,7 @@ def test_kernel_keyring_is_denied(tmp_path):
     assert report == {"keyctl": "errno 1", "add_key": "errno 1", "request_key": "errno 1"}
 
 
+@pytest.mark.sandbox
 def test_output_over_quota_kills_the_job(tmp_path):
     lines: list[str] = []
     with host_deadline(60):
@@ -76,6 +78,7 @@ def test_output_over_quota_kills_the_job(tmp_path):
     assert any("over its quota" in line for line in lines)
 
 
+@pytest.mark.sandbox
 def test_too_many_entries_in_out_is_over_quota(tmp_path):
     result = gpu_launch(make_job(tmp_path, "forkbomb", "0", max_output_entries=2))
     # forkbomb 0 writes only report.json: within 2 entries, so the run is fine ...
@@ -90,6 +93,7 @@ def test_too_many_entries_in_out_is_over_quota(tmp_path):
 
 
 @pytest.mark.parametrize("hold_s", ["0", "3"])  # exits at once (hand-back) / lingers (watch)
+@pytest.mark.sandbox
 def test_deep_tree_in_out_is_removed_unread(tmp_path, hold_s):
     lines: list[str] = []
     with host_deadline(60):
@@ -100,6 +104,7 @@ def test_deep_tree_in_out_is_removed_unread(tmp_path, hold_s):
     assert any("removed unread" in line for line in lines)
 
 
+@pytest.mark.sandbox
 def test_hand_back_keeps_a_tree_within_the_caps(tmp_path):
     """The walk that rejects deep trees keeps a normal one whole (64 levels is allowed)."""
     result = gpu_launch(make_job(tmp_path, "deep", "63", "0"))
@@ -112,6 +117,7 @@ def _memory_report(tmp_path: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("refused-*"))]
 
 
+@pytest.mark.sandbox
 def test_memory_over_cap_across_processes_is_oom(tmp_path):
     """Three processes of 320 MiB each: every one is under a 512 MiB cap, together they
     are not. Killed from outside (cgroup memory.max, or the supervisor's watch)."""
@@ -124,6 +130,7 @@ def test_memory_over_cap_across_processes_is_oom(tmp_path):
     assert "memory cap" in result.detail
 
 
+@pytest.mark.sandbox
 def test_memory_over_cap_in_one_process_is_refused_or_oom(tmp_path):
     plan = sandbox_plan(make_job(tmp_path, "memory", "1024", "1", "0",
                                  max_memory_bytes=512 * MIB))
@@ -140,6 +147,7 @@ def test_memory_over_cap_in_one_process_is_refused_or_oom(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
 def test_torch_trains_under_the_default_memory_cap(tmp_path):
     (tmp_path / "manifest.json").write_text('{"seed": 0}')
     job = make_job(tmp_path, "train", "5", inputs={"manifest.json": tmp_path / "manifest.json"})
@@ -149,6 +157,7 @@ def test_torch_trains_under_the_default_memory_cap(tmp_path):
     assert result.reason == "ok", (tmp_path / "job.log").read_text()
 
 
+@pytest.mark.sandbox
 def test_escape_sequences_are_escaped_in_lines_and_log(tmp_path):
     lines: list[str] = []
     result = gpu_launch(make_job(tmp_path, "escapes", lines=lines))
@@ -231,6 +240,7 @@ def _host_address() -> str | None:
             return None
 
 
+@pytest.mark.sandbox
 def test_the_jail_network_is_loopback_only(tmp_path):
     """Inet sockets are allowed (a multi-device job's process group talks TCP over loopback),
     so the barrier is the job's own network namespace: its only interface is lo, no route
@@ -521,6 +531,7 @@ def _trainer(result_json: str) -> str:
 GOOD = '{"status": "ok", "metrics": {"test_macro_f1": 0.5, "test_accuracy": 0.6}'
 
 
+@pytest.mark.sandbox
 def test_deeply_nested_result_json_is_malformed(sqlite_registry, tmp_path, monkeypatch):
     body = _trainer(f"'{GOOD}, \"extra\": ' + '[' * 100000 + ']' * 100000 + '}}'")
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, body)))
@@ -531,6 +542,7 @@ def test_deeply_nested_result_json_is_malformed(sqlite_registry, tmp_path, monke
 
 
 @pytest.mark.parametrize("checkpoint", ["[]", '"checkpoint"', '{"dir": 5}'])
+@pytest.mark.sandbox
 def test_checkpoint_of_the_wrong_type_is_malformed(sqlite_registry, tmp_path, monkeypatch,
                                                     checkpoint):
     body = _trainer(f"'{GOOD}, \"checkpoint\": {checkpoint}}}'")
@@ -542,6 +554,7 @@ def test_checkpoint_of_the_wrong_type_is_malformed(sqlite_registry, tmp_path, mo
 
 
 @pytest.mark.parametrize("where", ["relative", "absolute"])
+@pytest.mark.sandbox
 def test_checkpoint_dir_outside_out_is_never_copied(sqlite_registry, tmp_path, monkeypatch,
                                                      where):
     secret = tmp_path / "host-secret"  # a host folder the job names as its checkpoint
@@ -558,6 +571,7 @@ def test_checkpoint_dir_outside_out_is_never_copied(sqlite_registry, tmp_path, m
     assert _home_holds("HOST-SECRET-4a7f") == []
 
 
+@pytest.mark.sandbox
 def test_deep_tree_in_out_fails_typed_on_the_launch_path(sqlite_registry, tmp_path,
                                                          monkeypatch, capfd):
     body = TRAINER_OK + """
@@ -585,6 +599,7 @@ METRIC_LINES = """
 """
 
 
+@pytest.mark.sandbox
 def test_fifo_swapped_into_the_metrics_stream_does_not_hang_the_host(
         sqlite_registry, tmp_path, monkeypatch, capfd):
     body = TRAINER_OK.replace('print("trained", flush=True)', "") + METRIC_LINES + """
@@ -609,6 +624,7 @@ def test_fifo_swapped_into_the_metrics_stream_does_not_hang_the_host(
     assert catalog.get_model_version(result["artifact_id"])["lifecycle_state"] == "candidate"
 
 
+@pytest.mark.sandbox
 def test_metrics_link_to_a_root_only_host_file_is_never_followed(
         sqlite_registry, tmp_path, monkeypatch, capfd):
     # Root-only host files in both metric formats: the stream's JSON lines, and MLflow's
@@ -645,6 +661,7 @@ def test_metrics_link_to_a_root_only_host_file_is_never_followed(
     assert "metrics.jsonl not read" in capfd.readouterr().err
 
 
+@pytest.mark.sandbox
 def test_metric_with_an_invalid_name_is_skipped_and_the_run_registers(
         sqlite_registry, tmp_path, monkeypatch, capfd):
     body = TRAINER_OK + METRIC_LINES + """
@@ -664,6 +681,7 @@ def test_metric_with_an_invalid_name_is_skipped_and_the_run_registers(
     assert catalog.get_model_version(result["artifact_id"])["lifecycle_state"] == "candidate"
 
 
+@pytest.mark.sandbox
 def test_a_host_stop_is_not_overridden_by_the_jobs_claim(sqlite_registry, tmp_path, monkeypatch):
     """A job killed for its output may have written result.json saying something else."""
     body = """
@@ -690,6 +708,7 @@ def test_a_host_stop_is_not_overridden_by_the_jobs_claim(sqlite_registry, tmp_pa
     _fails_typed(sqlite_registry, "output_quota")
 
 
+@pytest.mark.sandbox
 def test_the_jobs_failure_message_reaches_the_caller_escaped(sqlite_registry, tmp_path,
                                                               monkeypatch):
     body = """

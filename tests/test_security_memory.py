@@ -17,6 +17,7 @@ from runner.sandbox import gpu_launch, sandbox_plan
 
 
 @pytest.mark.parametrize("folder", ["/dev/shm", "/tmp"])
+@pytest.mark.sandbox
 def test_tmpfs_plus_process_memory_over_the_cap_is_oom(tmp_path, folder):
     lines: list[str] = []
     job = make_job(tmp_path, "tmpfs", folder, "300", "300", "30", lines=lines,
@@ -31,6 +32,7 @@ def test_tmpfs_plus_process_memory_over_the_cap_is_oom(tmp_path, folder):
     assert not (tmp_path / "out" / "result.json").exists()
 
 
+@pytest.mark.sandbox
 def test_tmpfs_plus_process_memory_within_the_cap_runs(tmp_path):
     job = make_job(tmp_path, "tmpfs", "/dev/shm", "100", "100", "2",
                    max_memory_bytes=512 * MIB)

@@ -187,6 +187,7 @@ def test_a_malformed_parent_run_id_is_refused_even_in_a_dry_run(sqlite_registry,
     assert bad.value.field == "mlflow_parent_run_id"
 
 
+@pytest.mark.sandbox
 def test_a_foreign_parent_run_is_forbidden_before_the_debit(sqlite_registry, tmp_path,
                                                             monkeypatch):
     trainer = STAND_IN_TRAINER.replace("METRICS", '{"test_macro_f1": 0.5, "test_accuracy": 0.6}')

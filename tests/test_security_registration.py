@@ -113,6 +113,8 @@ def _charged(alloc: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_a_registry_locked_at_registration_registers_once_the_lock_goes(locked_registry,
                                                                        monkeypatch):
     """Locked for longer than a statement waits: the host keeps the job and retries, and the
@@ -135,6 +137,8 @@ def test_a_registry_locked_at_registration_registers_once_the_lock_goes(locked_r
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_a_registration_pending_past_the_hosts_retries_is_completed_by_the_reaper(
         locked_registry, tmp_path, monkeypatch):
     """Locked past the host's retry budget: the caller gets registration_pending (typed, with
@@ -166,6 +170,8 @@ def test_a_registration_pending_past_the_hosts_retries_is_completed_by_the_reape
     assert recovery.check() == []
 
 
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_an_intent_whose_weights_changed_settles_failed_charging_what_ran(locked_registry,
                                                                           tmp_path, monkeypatch):
     """The outputs are re-validated before the late registration: weights that no longer hash

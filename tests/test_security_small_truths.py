@@ -128,6 +128,8 @@ def _dirty_training(tmp_path: Path, monkeypatch) -> dict:
                                overrides=["training=pretrain_mgm"])
 
 
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_the_dirty_patch_is_an_artifact_without_host_paths(sqlite_registry, tmp_path,
                                                           monkeypatch):
     result = _dirty_training(tmp_path, monkeypatch)
@@ -151,6 +153,8 @@ def test_the_dirty_patch_is_an_artifact_without_host_paths(sqlite_registry, tmp_
     assert Path(local).read_bytes() == patch
 
 
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_detail_url_is_the_forge_serve_page_and_mlflow_url_the_run(sqlite_registry, tmp_path,
                                                                    monkeypatch):
     monkeypatch.delenv("FORGE_SITE_URL", raising=False)

@@ -88,6 +88,7 @@ def test_untracked_secrets_alone_leave_the_tree_clean(dirty_repo, tmp_path):
                                                                               "train.py"]
 
 
+@pytest.mark.sandbox
 def test_the_jail_of_a_dirty_run_has_no_untracked_secret(dirty_repo, tmp_path):
     """A job on the allow_dirty snapshot walks its code mount and tries the secrets' paths."""
     pin = codepin.pin_code(dirty_repo)

@@ -203,7 +203,7 @@ def test_eight_concurrent_submits_on_a_fresh_home_all_succeed(sqlite_registry, t
     from runner.api import job_status
 
     home = Path(os.environ["FORGE_HOME"])
-    assert not (home / "mlflow.db").exists()  # the tracking store is made by the submits
+    (home / "mlflow.db").unlink()  # the session's seeded store (conftest): the submits make it
     conf = operator_conf(tmp_path, monkeypatch, "policy:\n  max_jobs_per_host: 8\n"
                          "sandbox:\n  max_memory_gb: 1\n")
     code = fake_code_repo(tmp_path, STAND_IN_TRAINER.replace(

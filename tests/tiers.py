@@ -12,9 +12,10 @@ hides in it:
 - at collection, a test that asks for a fixture that starts one of these (FIXTURES) without
   its marker stops the session before anything runs;
 - while a test runs, an audit hook (PEP 578) sees every process the test process starts: a
-  `bwrap` job (of `trainers.entrypoint`: training), `chromium` or SLURM command without
-  the test's marker fails the test. The dry run's probe that bwrap can build the jail
-  (`/usr/bin/true` in it, once per process) is not a job: unit tests need bwrap installed.
+  `bwrap` job, `chromium` or SLURM command without the test's marker fails the test. (`train`
+  is said by hand: a stand-in trainer in the jail is a job, not training.) The dry run's
+  probe that bwrap can build the jail (`/usr/bin/true` in it, once per process) is not a
+  job: unit tests need bwrap installed.
   Processes that a child starts are the child's: such a test (a `forge` subprocess, a
   background job) is marked by hand.
 """
@@ -42,7 +43,6 @@ FIXTURES = {
 PROGRAMS = {"bwrap": "sandbox", "chromium": "browser",
             **{name: "slurm" for name in ("sbatch", "srun", "squeue", "scontrol", "sinfo",
                                           "scancel", "sacct")}}
-TRAINING_MODULE = "trainers.entrypoint"
 PROBE = ["--", "/usr/bin/true"]  # runner/sandbox/supervisor.py: bwrap can build the jail
 
 TIER_ORDER = ("slurm", "browser", "mlflow_server", "train", "sandbox", "postgres")  # a test's
@@ -67,8 +67,6 @@ def _audit(event: str, args: tuple) -> None:
         return
     command = " ".join(argv)[:160]
     _started.append((need, command))
-    if need == "sandbox" and any(TRAINING_MODULE in a for a in argv):
-        _started.append(("train", command))
 
 
 def marked(item: pytest.Item) -> set[str]:
