@@ -342,6 +342,8 @@ def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, timeout=600)
 
 
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_forge_train_chains_the_gate_and_forge_gate_reads_it(sqlite_registry, tmp_path):
     """`forge-train ... gate=default` trains, then gates the new version and prints both;
     `forge gate ID` afterwards prints the recorded decision. An unknown gate fails before

@@ -183,6 +183,7 @@ def test_cancel_a_queued_job_refunds_it_whole(sqlite_registry, tmp_path, monkeyp
     assert recovery.check() == []
 
 
+@pytest.mark.sandbox
 def test_a_killed_engine_job_is_reaped(sqlite_registry, tmp_path, monkeypatch):
     """The engine's process dies (SIGKILL, a reboot): the reaper finds its host gone and
     settles the allocation; nothing stays open."""

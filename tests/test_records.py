@@ -72,6 +72,7 @@ tracking.register_candidate(client, name="scgpt-race", run_id=run_id,
 """
 
 
+@pytest.mark.sandbox
 def test_parallel_candidates_register_without_racing(tmp_path):
     """Eight sweep jobs, eight processes, one MLflow store: every candidate registers."""
     import sys

@@ -412,6 +412,7 @@ def test_host_killed_mid_run_is_reaped_and_the_retry_launches_anew(registry, tmp
     assert recovery.check() == []
 
 
+@pytest.mark.sandbox
 def test_sigterm_to_the_host_cancels_the_job_settles_and_kills_the_run(sqlite_registry,
                                                                      tmp_path, monkeypatch):
     """What scancel does to a SLURM task (tests/test_slurm.py), without a scheduler: the

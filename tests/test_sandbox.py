@@ -167,6 +167,7 @@ def test_writes_outside_job_out_fail(probe):
     assert not (JOBS / "escape.txt").exists()
 
 
+@pytest.mark.sandbox
 def test_host_files_are_invisible(probe):
     visible = probe["report"]["visible"]
     assert visible.pop("/job/in/manifest.json") is True

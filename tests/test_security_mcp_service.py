@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 
 import anyio
+import pytest
 from helpers import BASE_ID, DATASET_ID, fake_code_repo, operator_conf
 from test_mcp import HttpServer, Transport, audit_rows, session
 
@@ -44,6 +45,7 @@ def running(agent: str) -> int:
     return sum(a["status"] == "running" for a in ledger.list_allocations(agent_id=agent))
 
 
+@pytest.mark.slow
 def test_one_agents_flood_of_blocking_calls_does_not_slow_another_agent(sqlite_registry,
                                                                          tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLOW_TRAINER)))

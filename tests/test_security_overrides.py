@@ -406,6 +406,7 @@ def _quoted(value: str) -> str:
 @given(SPELLINGS)
 @example(f"\\\\${{{SECRET}}}")
 @example(f"$\\{{{SECRET}}}")
+@pytest.mark.slow
 def test_an_override_value_is_refused_or_reaches_the_config_literally(value):
     line = f"dataset.label_key={_quoted(value)}"
     try:

@@ -67,6 +67,7 @@ def _env(home: Path) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_eight_first_uses_at_once_on_a_fresh_home_all_succeed(tmp_path):
     home = tmp_path / "home"
     go = tmp_path / "go"
@@ -196,6 +197,8 @@ print(json.dumps({"job_id": job["job_id"]}))
 """ % (BASE_ID, DATASET_ID)  # noqa: UP031 - the braces in it are Python's
 
 
+@pytest.mark.slow
+@pytest.mark.sandbox
 def test_eight_concurrent_submits_on_a_fresh_home_all_succeed(sqlite_registry, tmp_path,
                                                               monkeypatch):
     from helpers import operator_conf, race
