@@ -27,7 +27,7 @@ demo: $(STAMP)
 # The suite in parallel (pytest-xdist): a test mostly waits on its jobs, servers and git, so
 # more workers than cores pays (benchmarks/README.md: the measured medians). --dist loadgroup
 # keeps each xdist_group on one worker: the smoke demo's browser tests, the SLURM cluster's.
-WORKERS ?= 4
+WORKERS ?= 3
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=30 -n $(WORKERS) --dist loadgroup
 
