@@ -9,6 +9,8 @@
   `archive_too_large`, `unsafe_archive`, `disk_full` (ENOSPC). The caller removes `dest`.
 - `extract_tar()`: `git archive` output of the pinned code (runner/jobs/codepin.py), with
   tarfile's "data" filter where this Python has it.
+- `build_dir()`: a folder built whole in a temporary folder beside it, then renamed into
+  place, so that concurrent launches never see half of one (the code snapshots).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from __future__ import annotations
 import errno
 import lzma
 import os
+import shutil
 import stat
 import tarfile
+import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -223,3 +228,24 @@ def extract_tar(tar: tarfile.TarFile, dest: str | Path) -> None:
                                 "directory inside the archive's folder")
         member.mode &= 0o755  # no setuid/setgid/sticky, nothing group/world-writable
     tar.extractall(dest, members=members)
+
+
+def build_dir(dest: Path, fill: Callable[[Path], None]) -> Path:
+    """`dest`, filled by `fill(folder)` in a temporary folder beside it and renamed into
+    place; kept as it is when it is there already (another launch built it first)."""
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name[:12]}-", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; the sandbox's unprivileged uid must read it
+    try:
+        fill(tmp)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another launch put the same folder in place first
+            if not dest.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest

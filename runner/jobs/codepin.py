@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import shutil
 import tarfile
-import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from runner import settings
 from runner.errors import CodePinError
-from runner.jobs.archive import extract_tar
+from runner.jobs.archive import build_dir, extract_tar
 
 _repos: dict[str, object] = {}
 _SHA = re.compile(r"^[0-9a-f]{7,40}$")
@@ -159,33 +157,20 @@ def snapshot(pin: CodePin, root: str | Path) -> Path:
     are now, never an untracked one. Cached under `root` by sha (+ diff digest); built in a
     temporary directory and renamed into place, so concurrent launches never see half a copy.
     """
-    dest = snapshot_path(pin, root)
-    name, root = dest.name, dest.parent
-    if dest.is_dir():
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
     repo = _repo(Path(pin.repo_path))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name[:12]}-", dir=root))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; the sandbox's unprivileged uid must read it
-    try:
+
+    def fill(folder: Path) -> None:
         if not pin.dirty:
             data = repo.git.archive(pin.sha, format="tar", stdout_as_string=False)
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                extract_tar(tar, tmp)
-        else:
-            listed = repo.git.ls_files("-z", "--cached")  # tracked only: see the docstring
-            for rel in filter(None, listed.split("\0")):
-                src = Path(pin.repo_path) / rel
-                if src.is_file() and not src.is_symlink():
-                    target = tmp / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(src, target)
-        try:
-            os.replace(tmp, dest)
-        except OSError:  # another launch put the same snapshot in place first
-            if not dest.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+                extract_tar(tar, folder)
+            return
+        listed = repo.git.ls_files("-z", "--cached")  # tracked only: see the docstring
+        for rel in filter(None, listed.split("\0")):
+            src = Path(pin.repo_path) / rel
+            if src.is_file() and not src.is_symlink():
+                target = folder / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, target)
+
+    return build_dir(snapshot_path(pin, root), fill)

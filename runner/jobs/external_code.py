@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 
 from runner import settings
 from runner.errors import CodePinError, TrainingFailed
-from runner.jobs.archive import extract_tar
+from runner.jobs.archive import build_dir, extract_tar
 from trainers import family as families
 
 JOB_PATH = "/job/in/family"  # where the snapshot is bound in the jail (read-only)
@@ -262,26 +262,12 @@ def pin(origin: str, sha: str, entrypoint: str, allowed: list[str]) -> ExternalC
 def _snapshot(mirror: Path, sha: str) -> Path:
     """The commit's files: `git archive` from the mirror into a temporary folder, renamed
     into place (as codepin.snapshot), cached by sha."""
-    root = settings.cache_dir() / "external-code"
-    dest = root / sha
-    if dest.is_dir():
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=root))
-    tmp.chmod(0o755)  # the sandbox's unprivileged uid must read it
-    try:
+    def fill(folder: Path) -> None:
         data = _git(mirror, "archive", "--format=tar", sha, binary=True)
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            extract_tar(tar, tmp)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not dest.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+            extract_tar(tar, folder)
+
+    return build_dir(settings.cache_dir() / "external-code" / sha, fill)
 
 
 def read_card(path: Path) -> object:
