@@ -33,7 +33,8 @@ from runner.jobs import recovery as job_recovery
 from runner.registry import catalog, db, ledger, recovery, schema
 
 REPO = Path(__file__).resolve().parents[1]
-# make test runs the cluster tests on one xdist worker (xdist_group "slurm"): one node, 2 CPUs.
+# make test runs the cluster tests after the xdist workers, on their own (one node, 2 CPUs);
+# under a plain `pytest -n N` they keep to one worker (xdist_group "slurm").
 FORGE_TRAIN = [sys.executable, "-c", "from runner.train_app import main; main()"]
 STAND_IN = STAND_IN_TRAINER.replace(
     "METRICS", '{"test_macro_f1": m["training"]["lr"] * 100, "test_accuracy": 0.5}')
