@@ -196,6 +196,7 @@ def test_environment_is_an_allowlist(probe):
         "FORGE_DEVICE", "CUDA_VISIBLE_DEVICES", "PROBE_BIG_WRITE"}
 
 
+@pytest.mark.sandbox
 def test_job_is_not_root_and_has_no_capabilities(probe):
     report = probe["report"]
     assert report["uid"] != 0 and report["euid"] != 0
@@ -209,6 +210,7 @@ def test_job_is_not_root_and_has_no_capabilities(probe):
     assert report["pid"] < 10  # its own pid namespace
 
 
+@pytest.mark.sandbox
 def test_limits_apply(probe):
     rlimits = probe["report"]["rlimits"]
     assert rlimits["CORE"] == [0, 0]
@@ -217,6 +219,7 @@ def test_limits_apply(probe):
     assert "File too large" in probe["report"]["big_write"]
 
 
+@pytest.mark.sandbox
 def test_output_is_handed_back_to_the_host_owner(probe):
     result = probe["result"]
     out = Path(result.log_path).parent / "out"
