@@ -9,10 +9,15 @@ interval ends. Target: well under a second per comparison at 10,000 cells on 2 C
 gate's host side must not cost more than its sandbox job).
 
     .venv/bin/python benchmarks/gate_bootstrap.py [N]
+    .venv/bin/python benchmarks/gate_bootstrap.py --smoke    # 862 cells, one run: seconds
+
+Exits 1 when an interval strays from scipy's by more than 0.02 at either end (the same
+data and resamples: only the resampling draws differ).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -36,9 +41,13 @@ def _macro_f1(true, pred, axis=-1):
     return np.mean(f1, axis=0)
 
 
-def main(n: int = 7) -> None:
+TOLERANCE = 0.02  # CI ends, ours vs scipy's, beyond the resampling noise at 862 cells
+
+
+def main(n: int = 7, sizes: tuple[int, ...] = (862, 10_000, 100_000)) -> int:
     print(f"paired bootstrap, macro-F1, {RESAMPLES} resamples, {K} classes; {n} runs each")
-    for cells in (862, 10_000, 100_000):
+    ok = True
+    for cells in sizes:
         rng = np.random.default_rng(cells)
         true = rng.integers(0, K, cells)
         a = np.where(rng.random(cells) < 0.90, true, rng.integers(0, K, cells))
@@ -60,10 +69,18 @@ def main(n: int = 7) -> None:
                                   random_state=np.random.default_rng(0))
             scipy_s = time.perf_counter() - t0
             low, high = ref.confidence_interval
+            apart = max(abs(ours.low - low), abs(ours.high - high))
+            ok &= bool(apart <= TOLERANCE)
             line += (f" | scipy {scipy_s * 1000:8.1f} ms, ratio {scipy_s / med:5.1f}x; CI ends "
-                     f"differ by {abs(ours.low - low):.4f} / {abs(ours.high - high):.4f}")
+                     f"differ by {abs(ours.low - low):.4f} / {abs(ours.high - high):.4f}"
+                     f"{'' if apart <= TOLERANCE else f' (MORE THAN {TOLERANCE})'}")
         print(line, flush=True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 7)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="?", type=int, default=7, help="timed runs per size")
+    ap.add_argument("--smoke", action="store_true", help="862 cells, one run: seconds")
+    a = ap.parse_args()
+    sys.exit(main(1, (862,)) if a.smoke else main(a.runs))

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py                 # from the repo root, on a CUDA machine
     python benchmarks/gpu_check.py --batch 16 --compile
+    python benchmarks/gpu_check.py --smoke         # a tiny config, seconds: CUDA if any, else CPU
 
 Config: scGPT's whole-human model (12 layers, d_model 512, 8 heads, d_hid 512, vocab
 60,697, seq 1,200), trained as the trainer does on a GPU: bf16 autocast, AdamW, masked
@@ -12,7 +13,9 @@ network). Two cases: full sequences (no padding mask: SDPA may pick FlashAttenti
 MFU = achieved model FLOPs / peak dense bf16 FLOPs; model FLOPs per token are
 6 x (non-embedding parameters) + 12 x layers x seq x d_model (attention scores and
 values, forward + backward). Peak: H100/H200 SXM 989 TFLOPS, H100 PCIe 756, A100 312,
-L40S 362; override with --peak-tflops. Without CUDA it says so and exits 0.
+L40S 362; override with --peak-tflops. Without CUDA it says so and exits 0; `--smoke` then
+runs the tiny config on CPU (the whole script but the CUDA calls) and says it skipped them.
+Exits 1 on an out-of-memory case or a non-finite loss.
 """
 
 from __future__ import annotations
@@ -42,12 +45,18 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--peak-tflops", type=float, default=None)
-    ap.add_argument("--cpu-smoke", action="store_true",
-                    help="exercise this script on CPU with a tiny config (no figures)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny config for seconds (no figures): on CUDA if there is one, "
+                         "else on CPU")
+    ap.add_argument("--cpu-smoke", action="store_true", help="--smoke, on CPU even with CUDA")
     a = ap.parse_args()
 
     import torch
-    if a.cpu_smoke:
+    if a.smoke and not a.cpu_smoke and not torch.cuda.is_available():
+        print("gpu_check --smoke: no CUDA device visible; running the tiny config on CPU "
+              "(skipped: CUDA kernels, peak memory, MFU)")
+        a.cpu_smoke = True
+    if a.smoke or a.cpu_smoke:
         a.batch, a.seq, a.layers, a.d_model, a.heads, a.d_hid, a.vocab = 2, 64, 2, 64, 4, 64, 500
         a.steps, a.warmup = 2, 1
     elif not torch.cuda.is_available():
@@ -133,6 +142,7 @@ def main() -> int:
         tps = tokens / med
         mfu = tps * flops_per_token / (peak * 1e12) if peak else float("nan")
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        ok &= bool(torch.isfinite(loss))
         print(f"{label:>15}: {med * 1000:7.1f} ms/step  {tps:10.0f} tokens/s  "
               f"{a.batch / med:7.1f} cells/s  MFU {mfu:6.1%}  peak memory {mem:.2f} GiB  "
               f"(loss {float(loss):.2f}, finite {bool(torch.isfinite(loss))})")

@@ -4,6 +4,7 @@ Registers a chain of 2,000 versions (each the child of the last) and 2,000 sibli
 of one base), then times the recursive lineage walk from depth 1,000.
 
     python benchmarks/registry.py [--pg-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres]
+    python benchmarks/registry.py --smoke     # 20 versions, the walk from depth 10: seconds
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ META = {"family": "bench", "framework": "scgpt"}
 N = 2000
 
 
-def bench(url: str) -> dict:
+def bench(url: str, n: int = N) -> dict:
     os.environ["FORGE_DB_URL"] = url  # the catalog writes to the configured registry
     db.upgrade(url)
     engine = db.get_engine(url)
@@ -33,28 +34,31 @@ def bench(url: str) -> dict:
     t0 = time.perf_counter()
     parent = base["id"]
     chain = [parent]
-    for _ in range(N):
+    for _ in range(n):
         parent = catalog.register_model(title="v", metadata=META, created_by="bench",
                                         parent_artifact_id=parent, origin_type="external",
                                         origin_url="file:///v")["id"]
         chain.append(parent)
-    chain_rate = N / (time.perf_counter() - t0)
+    chain_rate = n / (time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    for _ in range(N):
+    for _ in range(n):
         catalog.register_model(title="s", metadata=META, created_by="bench",
                                parent_artifact_id=base["id"], origin_type="external",
                                origin_url="file:///s")
-    sibling_rate = N / (time.perf_counter() - t0)
+    sibling_rate = n / (time.perf_counter() - t0)
 
-    leaf = chain[1000]  # 1,000 generations below the base
+    depth = n // 2  # 1,000 generations below the base
+    leaf = chain[depth]
     with engine.connect() as conn:
         times = []
-        for _ in range(21):
+        for _ in range(21 if n == N else 1):
             t0 = time.perf_counter()
             rows = catalog.lineage(leaf, conn=conn)
             times.append(time.perf_counter() - t0)
-        assert len(rows) == 1001 and rows[0]["id"] == base["id"]
+    if len(rows) != depth + 1 or rows[0]["id"] != base["id"]:
+        raise SystemExit(f"lineage walk from depth {depth} returned {len(rows)} rows, "
+                         f"the first {rows[0]['id'] if rows else None}, not the base")
     return {"chain_per_s": chain_rate, "siblings_per_s": sibling_rate,
             "lineage_ms": statistics.median(times) * 1000}
 
@@ -62,22 +66,26 @@ def bench(url: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--smoke", action="store_true",
+                        help="20 versions, the lineage walk from depth 10: seconds")
     args = parser.parse_args()
+    n = 20 if args.smoke else N
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        results["sqlite"] = bench(f"sqlite:///{tmp}/bench.db")
+        results["sqlite"] = bench(f"sqlite:///{tmp}/bench.db", n)
     name = f"forge_bench_{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(args.pg_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     try:
         url = sa.engine.make_url(args.pg_url).set(database=name).render_as_string(False)
-        results["postgresql"] = bench(url)
+        results["postgresql"] = bench(url, n)
     finally:
         db._engine.cache_clear()
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    print(f"{'backend':<11} {'chain reg/s':>12} {'sibling reg/s':>14} {'lineage@1000 ms':>16}")
+    print(f"{'backend':<11} {'chain reg/s':>12} {'sibling reg/s':>14} "
+          f"{f'lineage@{n // 2} ms':>16}")
     for backend, r in results.items():
         print(f"{backend:<11} {r['chain_per_s']:>12.0f} {r['siblings_per_s']:>14.0f} "
               f"{r['lineage_ms']:>16.1f}")

@@ -15,6 +15,7 @@ median of several steps is reported in cells/second, and the ratio.
     python benchmarks/trainer_throughput.py                       # 4 layers, d 128, seq 257
     python benchmarks/trainer_throughput.py --dropout 0 --precision bf16-mixed
     python benchmarks/trainer_throughput.py --d-model 64 --heads 2 --d-hid 128 --style category
+    python benchmarks/trainer_throughput.py --smoke   # 1 layer, d 32, 8 x 33 tokens: seconds
 
 scGPT's model.py is fetched from the scgpt==0.2.4 wheel (pip download, sha256-checked,
 cached under $FORGE_CACHE_DIR or $FORGE_HOME/cache).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import statistics
 import sys
@@ -35,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scgpt_reference import scgpt_transformer_model
 
 from runner.jobs.datasets import fetch
 from trainers.data.load import load
@@ -43,8 +44,20 @@ from trainers.scgpt.lightning import FINETUNE, PRETRAIN, ScGPTModule
 from trainers.scgpt.model import ScGPT, ScGPTConfig
 from trainers.scgpt.tokenize import GeneVocab, Tokenizer
 
+REPO = Path(__file__).resolve().parents[1]
 
-def main() -> None:
+
+def scgpt_reference():
+    """tests/scgpt_reference.py, loaded from its file: the reference lives with the tests
+    (training never needs it), and tests/ is not a package to import from."""
+    spec = importlib.util.spec_from_file_location("scgpt_reference",
+                                                  REPO / "tests" / "scgpt_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=128)
@@ -58,7 +71,11 @@ def main() -> None:
     ap.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     ap.add_argument("--steps", type=int, default=7, help="timed steps per model")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--smoke", action="store_true",
+                    help="1 layer, d_model 32, batch 8 x 33 tokens, 1 step: checks the script")
     a = ap.parse_args()
+    if a.smoke:
+        a.layers, a.d_model, a.heads, a.d_hid, a.seq, a.batch, a.steps = 1, 32, 2, 64, 33, 8, 1
 
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)  # as the trainer does; helps both models
@@ -80,9 +97,9 @@ def main() -> None:
                              d_hid=a.d_hid, n_layers=a.layers, n_cls=n_cls, dropout=a.dropout,
                              pad_token_id=vocab.pad_id, input_emb_style=a.style,
                              pad_value=pad_value, mask_value=mask_value, do_mvc=pretrain))
-    theirs = scgpt_transformer_model(vocab.stoi, a.d_model, a.heads, a.d_hid, a.layers, n_cls,
-                                     dropout=a.dropout, input_emb_style=a.style,
-                                     pad_value=pad_value, do_mvc=pretrain)
+    theirs = scgpt_reference().scgpt_transformer_model(
+        vocab.stoi, a.d_model, a.heads, a.d_hid, a.layers, n_cls, dropout=a.dropout,
+        input_emb_style=a.style, pad_value=pad_value, do_mvc=pretrain)
     module = ScGPTModule(ours, PRETRAIN if pretrain else FINETUNE, lr=1e-4, n_cls=n_cls)
     batch = {**b, "labels": labels}
     masked = b["mlm_mask"]
@@ -98,6 +115,8 @@ def main() -> None:
         return (F.mse_loss(out["mlm_output"].float()[masked], target)
                 + F.mse_loss(out["mvc_output"].float()[masked], target))
 
+    losses = []
+
     def make_step(model, loss_fn):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         model.train()
@@ -110,6 +129,7 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            losses.append(loss.detach())
         return step
 
     steps = {"ours": make_step(ours, ours_loss), "scGPT 0.2.4": make_step(theirs, scgpt_loss)}
@@ -135,7 +155,11 @@ def main() -> None:
         print(f"{name:>12}: {med * 1000:8.1f} ms/step  {rate[name]:8.1f} cells/s  "
               f"(min {min(ts) * 1000:.1f}, max {max(ts) * 1000:.1f} ms)")
     print(f"ratio ours / scGPT: {rate['ours'] / rate['scGPT 0.2.4']:.2f}x")
+    finite = bool(torch.isfinite(torch.stack(losses)).all())
+    if not finite:
+        print("a loss was not finite")
+    return 0 if finite else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
