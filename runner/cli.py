@@ -160,26 +160,41 @@ def models() -> None:
 
 
 @models.command("list")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True,
+              help="Versions per page.")
+@click.option("--page", type=click.IntRange(1), default=1, show_default=True,
+              help="Which page, 1 the newest.")
 @JSON_OPTION
-def models_list(as_json):
-    """Every model version, newest first (candidates and rejected ones included): family,
-    version, state, training dataset, primary metric, created."""
+def models_list(limit, page, as_json):
+    """Model versions, newest first, one page at a time (candidates and rejected ones
+    included): family, version, state, training dataset, primary metric, created."""
     # lazy: the registry's SQLAlchemy (~150 ms) stays out of `forge --help`
     from runner.registry import catalog
 
-    rows = catalog.list_model_versions()
+    rows = catalog.list_model_versions(limit=limit, offset=(page - 1) * limit)
     if as_json:
         echo_json(rows)
         return
+    total = catalog.count_artifacts("model")
+    pages = max(1, -(-total // limit))
     echo_table(("id", "family", "v", "state", "dataset", "primary metric", "created (UTC)"),
                [(r["id"], (r["metadata"] or {}).get("family", ""), r["version_number"],
                  _state(r), r["training_dataset_artifact_id"] or "", _primary(r),
                  _when(r["created_at"])) for r in rows],
-               empty="no models registered yet")
-    if rows:
+               empty=f"no page {page}: {total} versions make {pages} page(s) of {limit}"
+               if total else "no models registered yet")
+    if total > limit:
+        click.echo(f"page {page} of {pages} ({total} versions, {limit} a page)")
+    if page < pages:
+        echo_next(f"forge models list --page {page + 1}" +
+                  (f" --limit {limit}" if limit != 50 else ""),
+                  f"forge models show {rows[0]['id']}" if rows else "forge models list")
+    elif rows:
         echo_next(f"forge models show {rows[0]['id']}")
-    else:
+    elif not total:
         echo_next("forge models register ID URL --family scgpt", "make demo")
+    else:
+        echo_next("forge models list")
 
 
 def _state(row: dict) -> str:
@@ -472,7 +487,7 @@ def datasets_list(as_json):
     echo_table(("id", "title", "source", "rows", "license", "sha256"), table,
                empty="no datasets registered yet")
     if rows:
-        models = catalog.list_model_versions()  # newest first: a parent to name
+        models = catalog.list_model_versions(limit=1)  # the newest: a parent to name
         parent = models[0]["id"] if models else "MODEL_ID"
         echo_next(f"forge train --parent {parent} --dataset {rows[0]['id']} --agent AGENT "
                   "--dry-run", "forge models list")

@@ -49,7 +49,7 @@ def test_upgrade_creates_every_table_and_is_idempotent(db_url):
     names = set(sa.inspect(engine).get_table_names())
     assert {t.name for t in schema.ALL_TABLES} <= names
     before = {t: sa.inspect(engine).get_columns(t) for t in sorted(names)}
-    assert db.upgrade(db_url) == "0008"  # 0008: benchmarks (benchmark_id index, baseline_value)
+    assert db.upgrade(db_url) == "0009"  # 0009: the registry-scale indices
     after = {t: sa.inspect(db.get_engine(db_url)).get_columns(t) for t in sorted(names)}
     assert [c["name"] for t in before for c in before[t]] == \
         [c["name"] for t in after for c in after[t]]
@@ -299,7 +299,7 @@ def test_cli(db_url):
                                    parent_artifact_id="model-base", **OUTSIDE)
     runner = CliRunner()
     result = runner.invoke(forge, ["db", "upgrade"])
-    assert result.exit_code == 0 and "0008" in result.output
+    assert result.exit_code == 0 and "0009" in result.output
     result = runner.invoke(forge, ["models", "show", child["id"], "--json"])
     assert result.exit_code == 0 and '"version_number": 2' in result.output
     result = runner.invoke(forge, ["lineage", child["id"]])

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from runner.errors import Conflict, InvalidArtifactId, NotFound, SchemaViolation, WrongArtifactType
 from runner.registry import improvements
-from runner.registry.db import now, transaction
+from runner.registry.db import now, rows_where_in, transaction
 from runner.registry.db import row as _row
 from runner.registry.ids import ARTIFACT_ID, SHA256
 from runner.registry.schema import (
@@ -29,6 +29,7 @@ from runner.registry.schema import (
     artifacts,
     events,
     model_versions,
+    resource_allocations,
 )
 
 TRAINED_EVENT = improvements.TRAINED
@@ -143,17 +144,128 @@ def list_artifacts(artifact_type: str, *, conn=None) -> list[dict]:
             .order_by(artifacts.c.created_at, artifacts.c.id)).mappings()]
 
 
-def list_model_versions(*, conn=None) -> list[dict]:
-    """Every model artifact, newest first (rejected and candidate versions included), each
-    with its model_versions row merged under `version` (None for one without)."""
+def list_model_versions(*, limit: int | None = None, offset: int = 0, conn=None) -> list[dict]:
+    """Model artifacts, newest first (rejected and candidate versions included), each with its
+    model_versions row's promotion state, dataset, metrics and trainer merged in (None for one
+    without). `limit`, `offset`: one page of them, read through ix_artifacts_type_created_at
+    (migration 0009); no limit reads them all."""
     query = (sa.select(artifacts, model_versions.c.promotion_state,
                        model_versions.c.training_dataset_artifact_id,
                        model_versions.c.eval_metrics_json, model_versions.c.trained_by)
              .outerjoin(model_versions, model_versions.c.artifact_id == artifacts.c.id)
              .where(artifacts.c.artifact_type == "model")
-             .order_by(artifacts.c.created_at.desc(), artifacts.c.id))
+             .order_by(artifacts.c.created_at.desc(), artifacts.c.id)
+             .limit(limit).offset(offset or None))
     with transaction(conn) as c:
         return [dict(r) for r in c.execute(query).mappings()]
+
+
+# The keys a page of model versions can be sorted by in the database (the web index's): each
+# its SQL expression; text in code-point order (COLLATE "C" on PostgreSQL), as Python sorts.
+MODEL_SORTS = ("id", "family", "version", "state", "dataset", "cost", "date")
+_TEXT_SORTS = ("id", "family", "state", "dataset")
+
+
+def _sort_key(sort: str, dialect: str):
+    a, mv, alloc = artifacts.c, model_versions.c, resource_allocations.c
+    key = {"id": a.id, "family": a.metadata["family"].as_string(), "version": a.version_number,
+           "state": a.lifecycle_state, "date": a.created_at,
+           "dataset": sa.func.coalesce(mv.training_dataset_artifact_id,
+                                       mv.eval_dataset_artifact_id),
+           "cost": sa.func.coalesce(alloc.actual_cost, alloc.debited)}[sort]
+    return sa.collate(key, "C") if dialect == "postgresql" and sort in _TEXT_SORTS else key
+
+
+def model_page(sort: str, order: str, *, limit: int, offset: int = 0, conn=None) -> list[dict]:
+    """One page of model artifacts sorted by `sort` (one of MODEL_SORTS: family is
+    metadata.family, dataset the training else the evaluation dataset, cost the allocation's
+    actual cost else its debit) in `order` ('asc' or 'desc'), ties by id in the same order.
+    Rows without a value come last, oldest first. The newest first reads
+    ix_artifacts_type_created_at (migration 0009)."""
+    a = artifacts.c
+    direction = sa.desc if order == "desc" else sa.asc
+    with transaction(conn) as c:
+        key = _sort_key(sort, c.dialect.name)
+        ordering = [direction(key), direction(a.id)]
+        if sort in ("family", "dataset", "cost"):  # nullable
+            ordering = [key.is_(None), direction(key),
+                        direction(sa.case((key.is_(None), None), else_=a.id)),
+                        a.created_at, a.id]
+        query = (sa.select(artifacts)
+                 .outerjoin(model_versions, model_versions.c.artifact_id == a.id)
+                 .outerjoin(resource_allocations,
+                            resource_allocations.c.id == model_versions.c.gpu_allocation_id)
+                 .where(a.artifact_type == "model").order_by(*ordering)
+                 .limit(limit).offset(offset or None))
+        return [dict(r) for r in c.execute(query).mappings()]
+
+
+def models_by_id(ids, *, conn=None) -> dict[str, dict]:
+    """id -> the artifact row with its model_versions row under `version` (None for one
+    without), for those of `ids` that exist; a bounded IN list at a time."""
+    with transaction(conn) as c:
+        arts = {r["id"]: r for r in rows_where_in(c, sa.select(artifacts), artifacts.c.id, ids)}
+        mvs = {r["artifact_id"]: r for r in rows_where_in(
+            c, sa.select(model_versions), model_versions.c.artifact_id, arts)}
+    return {i: {**art, "version": mvs.get(i)} for i, art in arts.items()}
+
+
+def _root():
+    """A model's lineage root: its base model, else itself."""
+    return sa.func.coalesce(model_versions.c.base_model_id, artifacts.c.id)
+
+
+def lineages(*, conn=None) -> list[dict]:
+    """Every lineage of models: its root (artifact row), how many versions it has and its
+    newest version's created_at (one grouped read over the base_model_id index)."""
+    root = _root().label("root")
+    query = (sa.select(root, sa.func.count().label("count"),
+                       sa.func.max(artifacts.c.created_at).label("newest"))
+             .select_from(artifacts)
+             .outerjoin(model_versions, model_versions.c.artifact_id == artifacts.c.id)
+             .where(artifacts.c.artifact_type == "model").group_by(root))
+    with transaction(conn) as c:
+        groups = [dict(r) for r in c.execute(query).mappings()]
+        roots = models_by_id([g["root"] for g in groups], conn=c)
+    return [{**g, "root": roots[g["root"]]} for g in groups if g["root"] in roots]
+
+
+def newest_in(root_ids, *, conn=None) -> dict | None:
+    """The newest model (by created_at, then version number) of the lineages of `root_ids`."""
+    query = (sa.select(artifacts)
+             .outerjoin(model_versions, model_versions.c.artifact_id == artifacts.c.id)
+             .where(artifacts.c.artifact_type == "model", _root().in_(list(root_ids)))
+             .order_by(artifacts.c.created_at.desc(), artifacts.c.version_number.desc())
+             .limit(1))
+    with transaction(conn) as c:
+        return _row(c.execute(query))
+
+
+def in_state(state: str, *, conn=None) -> list[dict]:
+    """The models in lifecycle `state` (ix_artifacts_type_lifecycle_state), oldest first, each
+    with its lineage root under `root`."""
+    query = (sa.select(artifacts, _root().label("root"))
+             .outerjoin(model_versions, model_versions.c.artifact_id == artifacts.c.id)
+             .where(artifacts.c.artifact_type == "model", artifacts.c.lifecycle_state == state)
+             .order_by(artifacts.c.created_at, artifacts.c.id))
+    with transaction(conn) as c:
+        return [dict(r) for r in c.execute(query).mappings()]
+
+
+def children(artifact_id: str, *, conn=None) -> list[dict]:
+    """The models whose parent is `artifact_id`, oldest first (the parent_version_id index)."""
+    with transaction(conn) as c:
+        return [dict(r) for r in c.execute(
+            sa.select(artifacts).where(artifacts.c.parent_version_id == artifact_id,
+                                       artifacts.c.artifact_type == "model")
+            .order_by(artifacts.c.created_at, artifacts.c.id)).mappings()]
+
+
+def count_artifacts(artifact_type: str, *, conn=None) -> int:
+    """How many artifacts of `artifact_type` there are (an index-only count)."""
+    with transaction(conn) as c:
+        return c.execute(sa.select(sa.func.count()).select_from(artifacts)
+                         .where(artifacts.c.artifact_type == artifact_type)).scalar_one()
 
 
 def _require_type(row: dict, expected: str, field: str) -> None:

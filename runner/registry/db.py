@@ -96,6 +96,15 @@ def row(result) -> dict | None:
     return dict(first) if first else None
 
 
+def rows_where_in(conn, query, column, keys, size: int = 500) -> Iterator[dict]:
+    """The rows of `query` whose `column` is one of `keys`, as dicts, `size` keys a query (a
+    bounded IN list on both backends)."""
+    keys = sorted(k for k in keys if k is not None)
+    for i in range(0, len(keys), size):
+        yield from (dict(r) for r in conn.execute(query.where(column.in_(keys[i:i + size])))
+                    .mappings())
+
+
 @functools.lru_cache(maxsize=16)
 def _engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):

@@ -41,7 +41,7 @@ from runner.errors import (
     UnknownAgent,
 )
 from runner.registry import capacity
-from runner.registry.db import now, transaction
+from runner.registry.db import now, rows_where_in, transaction
 from runner.registry.db import row as _row
 from runner.registry.ids import AGENT_ID
 from runner.registry.money import _check_count, _seconds, charge, to_amount, to_price
@@ -171,6 +171,13 @@ def get_allocation(allocation_id: str, *, conn=None) -> dict:
     if row is None:
         raise NotFound(f"allocation {allocation_id!r} does not exist", field="allocation_id")
     return row
+
+
+def allocations_by_id(allocation_ids, *, conn=None) -> dict[str, dict]:
+    """id -> allocation row, for those of `allocation_ids` that exist, in one read."""
+    with transaction(conn) as c:
+        return {r["id"]: r for r in rows_where_in(c, sa.select(resource_allocations),
+                                                  resource_allocations.c.id, allocation_ids)}
 
 
 def list_allocations(*, agent_id: str | None = None, status: str | None = None,

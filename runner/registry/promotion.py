@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from runner.errors import GateRefused
 from runner.registry import catalog, improvements, ledger
-from runner.registry.db import now, transaction
+from runner.registry.db import now, rows_where_in, transaction
 from runner.registry.schema import (
     artifacts,
     evaluations,
@@ -49,12 +49,38 @@ def champion(root_id: str, *, conn=None) -> dict | None:
     return dict(rows[0]) if rows else None
 
 
+def champions(*, conn=None) -> dict[str, dict]:
+    """lineage root -> its champion (champion()'s, for every lineage in one read of the
+    latest models: ix_artifacts_type_is_latest)."""
+    root = sa.func.coalesce(model_versions.c.base_model_id, artifacts.c.id).label("root")
+    out: dict[str, dict] = {}
+    with transaction(conn) as c:
+        for r in c.execute(sa.select(artifacts, root)
+                           .outerjoin(model_versions,
+                                      model_versions.c.artifact_id == artifacts.c.id)
+                           .where(artifacts.c.is_latest.is_(True),
+                                  artifacts.c.artifact_type == "model")
+                           .order_by(artifacts.c.created_at.desc())).mappings():
+            out.setdefault(r["root"], {k: v for k, v in r.items() if k != "root"})
+    return out
+
+
 def recorded(candidate_id: str, *, conn=None) -> list[dict]:
     """The evaluations rows of a gated candidate (empty: never gated)."""
     with transaction(conn) as c:
         return [dict(r) for r in c.execute(
             sa.select(evaluations).where(evaluations.c.candidate_artifact_id == candidate_id)
             .order_by(evaluations.c.created_at, evaluations.c.id)).mappings()]
+
+
+def recorded_for(candidate_ids, *, conn=None) -> dict[str, list[dict]]:
+    """candidate id -> its evaluations rows (recorded's), for many candidates in one read."""
+    out: dict[str, list[dict]] = {}
+    query = sa.select(evaluations).order_by(evaluations.c.created_at, evaluations.c.id)
+    with transaction(conn) as c:
+        for r in rows_where_in(c, query, evaluations.c.candidate_artifact_id, candidate_ids):
+            out.setdefault(r["candidate_artifact_id"], []).append(r)
+    return out
 
 
 def record_decision(*, candidate_id: str, champion_id: str | None, decision: str,

@@ -89,6 +89,10 @@ artifacts = sa.Table(
     sa.CheckConstraint(f"lifecycle_state IN {LIFECYCLE_STATES}", name="lifecycle_state"),
     sa.CheckConstraint("origin_type IN ('internal', 'external')", name="origin_type"),
     sa.CheckConstraint("version_number >= 1", name="version_number"),
+    # migration 0009: a page of the newest versions, and every lineage's champion, by index
+    sa.Index("ix_artifacts_type_created_at", "artifact_type", "created_at"),
+    sa.Index("ix_artifacts_type_is_latest", "artifact_type", "is_latest"),
+    sa.Index("ix_artifacts_type_lifecycle_state", "artifact_type", "lifecycle_state"),
 )
 
 artifact_links = sa.Table(
@@ -150,7 +154,8 @@ model_versions = sa.Table(
     sa.Column("is_external", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("external_source_url", sa.Text),
     sa.Column("external_source_version", sa.Text),
-    sa.Column("base_model_id", sa.Text, sa.ForeignKey("artifacts.id")),
+    # the lineage's root; indexed (0009): the gate's champion lookup reads its members
+    sa.Column("base_model_id", sa.Text, sa.ForeignKey("artifacts.id"), index=True),
     sa.Column("code_repo_url", sa.Text),
     sa.Column("code_commit_sha", sa.Text),
     sa.Column("code_entrypoint", sa.Text),

@@ -135,14 +135,19 @@ def create_app(db_url: str | None = None, *, hosts: tuple[str, ...] = LOOPBACK_H
 
     # Sync endpoints: Starlette runs them in its thread pool (the registry calls block).
     def index(request: Request) -> Response:
-        try:  # caller input: only the whitelisted keys and orders
+        try:  # caller input: only the whitelisted keys and orders, a page number
             sort, order = listings.sort_request(request.query_params.get("sort"),
                                                 request.query_params.get("order"))
+            page = listings.page_request(request.query_params.get("page"))
         except ForgeError as exc:
             return failed(request, exc, 400)
-        return read(request, "index.html", lambda c: {
-            "rows": listings.version_rows(c, sort, order), "sort": sort, "order": order,
-            "families": pages.families(c)})
+
+        def build(c) -> dict:
+            rows, total = listings.version_rows(c, sort, order, page)
+            return {"rows": rows, "sort": sort, "order": order, "page": page, "total": total,
+                    "pages": max(1, -(-total // listings.PER_PAGE)),
+                    "families": pages.families(c)}
+        return read(request, "index.html", build)
 
     def datasets(request: Request) -> Response:
         return read(request, "datasets.html", lambda c: {"datasets": listings.datasets(c)})

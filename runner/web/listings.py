@@ -58,8 +58,9 @@ def _number(value: Any) -> bool:
         math.isfinite(value)
 
 
-def _families(models: list[dict]) -> dict[str, str]:
-    """id -> family: its metadata's, else the nearest ancestor's (pages.families' rule)."""
+def _families(models: list[dict], conn) -> dict[str, str]:
+    """id -> family: its metadata's, else the nearest ancestor's (pages.families' rule); an
+    ancestor outside `models` is read from the registry."""
     by_id = {m["id"]: m for m in models}
     out: dict[str, str] = {}
     for model in models:
@@ -70,20 +71,62 @@ def _families(models: list[dict]) -> dict[str, str]:
             if family:
                 out[model["id"]] = family
                 break
-            current = by_id.get(current["parent_version_id"])
+            parent = current["parent_version_id"]
+            if parent and parent not in by_id:
+                by_id.update(catalog.models_by_id({parent}, conn=conn))
+            current = by_id.get(parent)
         out.setdefault(model["id"], "(no family)")
     return out
 
 
-def version_rows(conn, sort: str = DEFAULT_SORT, order: str = DEFAULT_ORDER) -> list[dict]:
-    """Every model version: id, family, version, state (rejected included), dataset, the
-    primary metric (name, value), its delta against the comparator that decided it (the
-    gate's first comparison on that metric: parent, champion or baseline; an ungated version:
-    its parent where comparable, else the logistic-regression baseline on its split), its
-    training cost and date. `sort`, `order`: from sort_request()."""
-    models = catalog.list_artifacts("model", conn=conn)
-    families = _families(models)
-    versions = {m["id"]: catalog.get_model_version(m["id"], conn=conn) for m in models}
+PER_PAGE = 50  # versions on one page of the index
+
+
+def page_request(page: str | None) -> int:
+    """The page number of a query (1 the first), checked: caller input."""
+    if page in (None, ""):
+        return 1
+    if not page.isdigit() or not 1 <= int(page) <= 10**6:
+        raise InvalidInput(f"page {page[:40]!r} is not a page number", field="page",
+                           fix="page=1 for the first page, 2 for the next, ...")
+    return int(page)
+
+
+def version_rows(conn, sort: str = DEFAULT_SORT, order: str = DEFAULT_ORDER, page: int = 1,
+                 per_page: int = PER_PAGE) -> tuple[list[dict], int]:
+    """One page of model versions and how many there are in all: id, family, version, state
+    (rejected included), dataset, the primary metric (name, value), its delta against the
+    comparator that decided it (the gate's first comparison on that metric: parent, champion
+    or baseline; an ungated version: its parent where comparable, else the
+    logistic-regression baseline on its split), its training cost and date. Rows without a
+    value of the sort key come last. `sort`, `order`: from sort_request().
+
+    The database sorts and pages every key it holds (ix_artifacts_type_created_at serves the
+    default, the newest first), so a page reads `per_page` versions; the metric and the delta
+    are computed per version, so sorting by them reads every version."""
+    total = catalog.count_artifacts("model", conn=conn)
+    if sort not in catalog.MODEL_SORTS:
+        models = catalog.list_artifacts("model", conn=conn)
+        rows = _rows(models, conn)
+        present = [r for r in rows if SORT_KEYS[sort](r) is not None]
+        absent = [r for r in rows if SORT_KEYS[sort](r) is None]
+        present.sort(key=lambda r: (SORT_KEYS[sort](r), r["id"]), reverse=order == "desc")
+        return (present + absent)[(page - 1) * per_page:page * per_page], total
+    models = catalog.model_page(sort, order, limit=per_page, offset=(page - 1) * per_page,
+                                conn=conn)
+    return _rows(models, conn), total
+
+
+def _rows(models: list[dict], conn) -> list[dict]:
+    """The index's rows of `models`, in their order: their versions, parents, gate
+    comparisons and allocations read in one query each."""
+    ids = [m["id"] for m in models]
+    parent_ids = {m["parent_version_id"] for m in models if m["parent_version_id"]}
+    versions = catalog.models_by_id(set(ids) | parent_ids, conn=conn)
+    recorded = promotion.recorded_for(ids, conn=conn)
+    allocs = ledger.allocations_by_id({(v["version"] or {}).get("gpu_allocation_id")
+                                       for v in versions.values()} - {None}, conn=conn)
+    families = _families(list(versions.values()), conn)
     rows = []
     for model in models:
         full = versions[model["id"]]
@@ -95,9 +138,9 @@ def version_rows(conn, sort: str = DEFAULT_SORT, order: str = DEFAULT_ORDER) -> 
         value = value if _number(value) else None
         dataset = version.get("training_dataset_artifact_id") or \
             version.get("eval_dataset_artifact_id")
-        delta, against = _delta(model["id"], primary, value, full, versions, metrics,
-                                dataset, conn)
-        cost = _cost(version.get("gpu_allocation_id"), conn)
+        delta, against = _delta(primary, value, full, versions, metrics, dataset,
+                                recorded.get(model["id"], []))
+        cost = _cost(allocs.get(version.get("gpu_allocation_id")))
         rows.append({
             "id": model["id"], "family": families[model["id"]],
             "version_number": model["version_number"], "state": model["lifecycle_state"],
@@ -105,18 +148,16 @@ def version_rows(conn, sort: str = DEFAULT_SORT, order: str = DEFAULT_ORDER) -> 
             "metric_value": value, "delta": delta, "against": against,
             "cost": cost[0] if cost else None, "currency": cost[1] if cost else None,
             "created_at": model["created_at"]})
-    present = [r for r in rows if SORT_KEYS[sort](r) is not None]
-    absent = [r for r in rows if SORT_KEYS[sort](r) is None]
-    present.sort(key=lambda r: (SORT_KEYS[sort](r), r["id"]), reverse=order == "desc")
-    return present + absent
+    return rows
 
 
-def _delta(artifact_id: str, metric: str | None, value: float | None, model: dict,
-           versions: dict, metrics: dict, dataset: str | None, conn) -> tuple:
-    """(delta, what it is against) for the index; (None, None) when there is nothing."""
+def _delta(metric: str | None, value: float | None, model: dict, versions: dict,
+           metrics: dict, dataset: str | None, recorded: list[dict]) -> tuple:
+    """(delta, what it is against) for the index; (None, None) when there is nothing.
+    `recorded`: the version's evaluations rows (promotion.recorded)."""
     if value is None:
         return None, None
-    for row in promotion.recorded(artifact_id, conn=conn):  # the gate's own comparisons
+    for row in recorded:  # the gate's own comparisons
         if row["metric"] == metric and _number(row["delta"]):
             return row["delta"], f"{row['comparator_role']} (gate)"
     parent = versions.get(model["parent_version_id"])
@@ -129,11 +170,10 @@ def _delta(artifact_id: str, metric: str | None, value: float | None, model: dic
     return None, None
 
 
-def _cost(allocation_id: str | None, conn) -> tuple[Decimal, str] | None:
+def _cost(alloc: dict | None) -> tuple[Decimal, str] | None:
     """What the training cost: the settled actual cost, else what is debited so far."""
-    if not allocation_id:
+    if not alloc:
         return None
-    alloc = ledger.get_allocation(allocation_id, conn=conn)
     amount = alloc.get("actual_cost")
     if amount is None:
         amount = alloc.get("debited")

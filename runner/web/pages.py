@@ -54,33 +54,34 @@ def _number(value: Any) -> bool:
 
 # --- / : the model families ------------------------------------------------------------------
 
+CANDIDATES_SHOWN = 20  # per family on the index; the rest are counted
+
+
 def families(conn) -> list[dict]:
-    """Per family (metadata.family, else the nearest ancestor's): its latest version, the
-    champion of each of its lineages (promotion.champion) and its candidates."""
-    models = catalog.list_artifacts("model", conn=conn)
-    by_id = {m["id"]: m for m in models}
-
-    def ancestors(model: dict):
-        seen = set()
-        while model is not None and model["id"] not in seen:  # the registry has no cycles
-            seen.add(model["id"])
-            yield model
-            model = by_id.get(model["parent_version_id"])
-
+    """Per family (its lineage root's metadata.family: a trained version inherits its
+    parent's family), its latest version, the champion of each of its lineages
+    (promotion.champion) and its candidates (the first CANDIDATES_SHOWN, and how many). Read
+    per lineage and through indices, never per version."""
     groups: dict[str, list[dict]] = {}
-    for model in models:
-        family = next((a["metadata"]["family"] for a in ancestors(model)
-                       if (a.get("metadata") or {}).get("family")), "(no family)")
-        groups.setdefault(family, []).append(model)
+    for lineage in catalog.lineages(conn=conn):
+        family = (lineage["root"].get("metadata") or {}).get("family") or "(no family)"
+        groups.setdefault(family, []).append(lineage)
+    champions = promotion.champions(conn=conn)
+    candidates: dict[str, list[dict]] = {}
+    for model in catalog.in_state("candidate", conn=conn):
+        candidates.setdefault(model["root"], []).append(model)
     out = []
-    for name, members in sorted(groups.items()):
-        roots = dict.fromkeys(list(ancestors(m))[-1]["id"] for m in members)
-        champions = [c for root in roots if (c := promotion.champion(root, conn=conn))]
+    for name, lineages in sorted(groups.items()):
+        lineages.sort(key=lambda lin: (lin["root"]["created_at"], lin["root"]["id"]))
+        roots = [lin["root"]["id"] for lin in lineages]
+        waiting = [m for root in roots for m in candidates.get(root, [])]
+        waiting.sort(key=lambda m: (m["created_at"], m["id"]))
         out.append({
-            "name": name, "count": len(members),
-            "latest": max(members, key=lambda m: (m["created_at"], m["version_number"])),
-            "champions": champions,
-            "candidates": [m for m in members if m["lifecycle_state"] == "candidate"]})
+            "name": name, "count": sum(lin["count"] for lin in lineages),
+            "latest": catalog.newest_in(roots, conn=conn),
+            "champions": [champions[r] for r in roots if r in champions],
+            "candidates": waiting[:CANDIDATES_SHOWN], "more_candidates":
+                max(0, len(waiting) - CANDIDATES_SHOWN)})
     return out
 
 
@@ -106,8 +107,7 @@ def artifact(artifact_id: str, conn, tracking: dict) -> dict:
     page.update(
         version=version, parent=parent,
         lineage=catalog.lineage(artifact_id, conn=conn),
-        children=[m for m in catalog.list_artifacts("model", conn=conn)
-                  if m["parent_version_id"] == artifact_id],
+        children=catalog.children(artifact_id, conn=conn),
         metrics=metric_rows(model, parent, dataset_id),
         training=(version.get("eval_metrics_json") or {}).get("training") or {},
         per_class=per_class_rows(meta),
