@@ -13,6 +13,12 @@ callback adds what a sweep needs around the jobs:
 - a summary table at the end (job, overrides, status, target metric, cost, artifact id),
   read from the `forge_job.json` each job leaves in its own directory.
 
+Through a SLURM launcher (forge_slurm, or a cluster's file over it) the sweep also checks,
+before any job, that the partition's nodes can run the array at all (an `Unschedulable`
+refusal, in the dry run too), and watches the array with runner.jobs.slurm_watch: a task
+that ends without a result (cancelled while pending, lost with its node, pending forever) is
+`cancelled` or `lost` in the summary, and the sweep returns.
+
 Re-running a sweep skips completed jobs (same request key: the earlier result comes back)
 and retries failed ones.
 """
@@ -30,9 +36,10 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from runner.config import launchers
 from runner.config.compose import CONFIG_NAME
-from runner.errors import BudgetExceeded, CodePinError, InvalidOverride
-from runner.jobs import codepin, devices, tracking
+from runner.errors import BudgetExceeded, CodePinError, ForgeError, InvalidOverride
+from runner.jobs import codepin, devices, slurm_watch, tracking
 from runner.registry import ledger, money
 
 SWEEP_FILE = "forge_sweep.json"
@@ -47,6 +54,7 @@ class SweepRefused(BaseException):
         super().__init__(str(error))
         self.error = error
 JOB_FILE = "forge_job.json"
+GONE_DIR = ".slurm"  # <sweep dir>/.slurm/<job>/forge_job.json: tasks SLURM ended unfinished
 
 
 def expand_jobs(config) -> list[list[str]]:
@@ -112,6 +120,7 @@ class SweepCallback(Callback):
         self.fit_budget = False  # the sweep's `fit_budget` key, read when it starts
         self.summary_file = summary_file
         self.parent_run_id: str | None = None
+        self._watcher = None  # submitit's, while the sweep's own watches a SLURM array
 
     # --- before any job -------------------------------------------------------------------
 
@@ -128,6 +137,11 @@ class SweepCallback(Callback):
             jobs = expand_jobs(config)
         estimates = [job_estimate(job) for job in jobs]
         check_scheduler_time(config, estimates)
+        if launchers.is_slurm(config.hydra.launcher):
+            try:  # the dry run too: nothing would ever run it
+                launchers.check_schedulable(config.hydra.launcher)
+            except ForgeError as exc:
+                raise SweepRefused(exc) from exc
         total = sum((e.amount for e in estimates), Decimal(0))
         currency = estimates[0].currency if estimates else "credits"
         agent = config.agent_id
@@ -149,10 +163,20 @@ class SweepCallback(Callback):
             "parent_run_id": self.parent_run_id, "code_commit": code_commit, "jobs": jobs,
             "total_estimate": str(total), "currency": currency, "fit_budget": self.fit_budget},
             indent=2))
+        if launchers.is_slurm(config.hydra.launcher):
+            def gone(job: int | None, overrides: list[str], status: str, why: str) -> None:
+                num = -1 if job is None else job
+                write_job_outcome(sweep_dir / GONE_DIR / str(num), {
+                    "job": num, "overrides": overrides, "status": status, "error": why,
+                    "reason": status})
+
+            self._watcher = slurm_watch.install(config.hydra.launcher.submitit_folder, gone)
 
     # --- after every job ------------------------------------------------------------------
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
+        if self._watcher is not None:
+            slurm_watch.restore(self._watcher)
         sweep_dir = Path(config.hydra.sweep.dir)
         outcomes = collect(sweep_dir)
         print_summary(outcomes, dry_run=bool(config.dry_run))
@@ -201,10 +225,12 @@ def write_job_outcome(job_dir: str | Path, outcome: dict) -> None:
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    outcomes = []
-    for path in sweep_dir.rglob(JOB_FILE):
-        outcomes.append(json.loads(path.read_text()))
-    return sorted(outcomes, key=lambda o: int(o.get("job", 0)))
+    """Every job's outcome; a job's own record wins over the watcher's (GONE_DIR) for it."""
+    outcomes: dict[int, dict] = {}
+    for path in sorted(sweep_dir.rglob(JOB_FILE), key=lambda p: GONE_DIR not in p.parts):
+        outcome = json.loads(path.read_text())
+        outcomes[int(outcome.get("job", 0))] = outcome
+    return [outcomes[job] for job in sorted(outcomes)]
 
 
 def print_summary(outcomes: list[dict], dry_run: bool) -> None:

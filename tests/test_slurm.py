@@ -237,12 +237,14 @@ def test_a_node_failure_mid_job_is_reaped_on_slurms_word(slurm_env, slurm_cluste
                  not in engine.SLURM_LIVE, timeout=60)
         time.sleep(3.5)  # three missed heartbeats
 
+        # The reaper settles it, here or in the sweep's own watch of its array (whichever
+        # comes first: exactly once either way).
         reaped = job_recovery.reap()
     finally:
         _stop(sweep)
         _revive(node)
-    assert [a["id"] for a in reaped] == [alloc["id"]]
-    (closed,) = reaped
+    assert [a["id"] for a in reaped] in ([alloc["id"]], [])
+    closed = ledger.get_allocation(alloc["id"])
     assert closed["status"] == "failed"
     assert f"SLURM job {alloc['engine_job_id']} is NODE_FAIL" in closed["failure_reason"]
     assert closed["refunded"] == closed["debited"] - closed["actual_cost"]
@@ -335,3 +337,233 @@ def test_a_sweep_whose_caps_outlive_the_arrays_time_is_refused_before_any_job(sq
     assert "InvalidOverride" in proc.stderr and "--time) of 15 min" in proc.stderr, proc.stderr
     assert count_rows(sqlite_registry) == before
     assert not sbatch_scripts()  # nothing was submitted
+
+
+# --- engines fail loudly (issue 31) -------------------------------------------------------------
+
+def our_slurm_jobs() -> list[str]:
+    """The SLURM jobs this test's sweeps submitted (submitit's folders under FORGE_HOME)."""
+    home = Path(os.environ["FORGE_HOME"])
+    return sorted({p.name.split("_")[0] for p in home.rglob(".submitit/*")
+                   if p.is_dir() and (JOB_ID.fullmatch(p.name) or p.name.isdigit())})
+
+
+def cancel_ours() -> None:
+    """Only what this test submitted: another run may share the cluster."""
+    for job_id in our_slurm_jobs():
+        subprocess.run(["scancel", job_id], check=False)
+
+
+def sweep_summary() -> list[dict]:
+    import json
+
+    (path,) = Path(os.environ["FORGE_HOME"]).rglob("summary.json")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")
+def test_a_sweep_asking_more_cpus_than_the_node_has_is_refused_before_any_debit(
+        slurm_cluster, sqlite_registry, tmp_path, monkeypatch):
+    """On the old code the array was submitted and stayed PENDING (PartitionConfig) while
+    the sweep waited: the run below timed out."""
+    from helpers import count_rows
+
+    monkeypatch.setenv("FORGE_SLURM_CPUS_PER_TASK", "64")
+    monkeypatch.setenv("FORGE_SLURM_MEM_GB", "1")
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
+    before = count_rows(sqlite_registry)
+    cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    try:
+        for dry in ("true", "false"):
+            proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", "allow_dirty=true",
+                               f"parent_artifact_id={BASE_ID}", f"dry_run={dry}",
+                               "hydra/launcher=forge_slurm", timeout=90)
+            assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+            assert "Unschedulable" in proc.stderr and "asks 64 CPUs" in proc.stderr, proc.stderr
+            assert f"has {cpus} ({slurm_cluster}: {cpus} CPUs" in proc.stderr, proc.stderr
+            assert f"fix: FORGE_SLURM_CPUS_PER_TASK={cpus}" in proc.stderr, proc.stderr
+    finally:
+        cancel_ours()
+    assert count_rows(sqlite_registry) == before  # no debit, no audit of a job
+    assert not sbatch_scripts() and not our_slurm_jobs()  # nothing was submitted
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")
+def test_a_pending_array_cancelled_with_scancel_ends_the_sweep_within_a_minute(
+        slurm_env, tmp_path, monkeypatch):
+    """Without accounting, submitit waited for result files that tasks cancelled before they
+    started never write: on the old code the sweep was still waiting a minute later."""
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
+    # The node is held (every CPU), so the sweep's array can only pend.
+    blocker = subprocess.run(["sbatch", "--parsable", "-c", str(_cpus()), "--mem=100M",
+                              "-o", "/dev/null", "--wrap", "sleep 300"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    sweep = subprocess.Popen(
+        [*FORGE_TRAIN, "-m", "sweep=tiny_grid", f"agent_id={AGENT}", "allow_dirty=true",
+         f"parent_artifact_id={BASE_ID}", "hydra/launcher=forge_slurm"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        (array,) = wait_for("the array to be submitted", our_slurm_jobs, timeout=120)
+        states = wait_for("its tasks to pend", lambda: (s := _states(array)) and s, timeout=30)
+        assert set(states.values()) == {"PENDING"}, states
+        time.sleep(3)  # the sweep is waiting on them
+        subprocess.run(["scancel", array], check=True)
+        cancelled_at = time.monotonic()
+        out, _ = sweep.communicate(timeout=60)
+        took = time.monotonic() - cancelled_at
+    finally:
+        subprocess.run(["scancel", blocker], check=False)
+        _stop_ours(sweep)
+    assert sweep.returncode == 0, out[-3000:]
+    assert took < 60, took
+    summary = sweep_summary()
+    assert [o["status"] for o in summary] == ["cancelled"] * 4, summary
+    assert [o["job"] for o in summary] == [0, 1, 2, 3]
+    assert all("never started" in o["error"] and array in o["error"] for o in summary)
+    assert "cancelled" in out and "sweep summary" in out, out[-3000:]
+    assert out.count("Bypassing sacct error") <= 1, out[-3000:]
+    assert not [a for a in allocations(slurm_env) if a["status"] in ("reserved", "running")]
+    assert ledger.balance(AGENT) == Decimal(10)  # nothing ran, nothing charged
+    assert recovery.check() == []
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")
+@pytest.mark.sandbox
+def test_forge_slurm_with_no_forge_slurm_variables_runs_the_tiny_sweep(
+        slurm_cluster, pg_registry, tmp_path, monkeypatch):
+    """deploy/slurm/up.sh writes its node's task size where the launcher reads it; on the old
+    code the launcher asked 8 CPUs and 64 GB, and the array pended forever."""
+    import yaml
+
+    from runner.config.launchers import TASK_FILE
+
+    for name in [n for n in os.environ if n.startswith("FORGE_SLURM_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
+    try:
+        proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", "allow_dirty=true",
+                           f"parent_artifact_id={BASE_ID}", "hydra/launcher=forge_slurm",
+                           timeout=300)
+    finally:
+        cancel_ours()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [o["status"] for o in sweep_summary()] == ["ok"] * 4
+    allocs = allocations(pg_registry)
+    assert len(allocs) == 4 and {a["status"] for a in allocs} == {"settled"}
+    task = yaml.safe_load(TASK_FILE.read_text())
+    (script,) = sbatch_scripts()
+    assert f"#SBATCH --cpus-per-task={task['cpus_per_task']}" in script, script
+    assert f"#SBATCH --mem={task['mem_gb']}GB" in script, script
+    assert recovery.check() == []
+
+
+def _pending_task(overrides, job_dir_key, job_num, job_id, singleton_state):
+    """What the launcher submits, in shape: a task that never gets to run."""
+    return job_num
+
+
+@pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")
+def test_a_task_pending_for_a_reason_that_cannot_clear_is_cancelled_and_reported(
+        slurm_cluster, tmp_path):
+    """PartitionConfig (more CPUs than any node has, past the sweep's own check) for longer
+    than the operator's limit: cancelled, closed with a NaN result, recorded as cancelled."""
+    import math
+
+    import submitit
+
+    from runner.jobs import slurm_watch
+
+    folder = str(tmp_path / ".submitit" / "%j")
+    gone = []
+    watcher = slurm_watch.ArrayWatcher(folder, lambda *rec: gone.append(rec), delay_s=2,
+                                       limit_s=3)
+    previous = submitit.SlurmExecutor.job_class.watcher
+    submitit.SlurmExecutor.job_class.watcher = watcher
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        executor.update_parameters(timeout_min=5, cpus_per_task=_cpus() + 1, mem_gb=1)
+        jobs = executor.map_array(_pending_task, [["a=1"], ["a=2"]], ["k", "k"], [0, 1],
+                                  ["x", "y"], [{}, {}])
+        started = time.monotonic()
+        results = [job.results()[0] for job in jobs]
+        took = time.monotonic() - started
+    finally:
+        submitit.SlurmExecutor.job_class.watcher = previous
+        for job in locals().get("jobs", []):
+            subprocess.run(["scancel", job.job_id], check=False)
+    assert took < 60, took
+    assert all(math.isnan(r.return_value) for r in results)
+    assert sorted((g[:3] for g in gone), key=str) == [(0, ["a=1"], "cancelled"), (1, ["a=2"], "cancelled")]
+    assert all("PartitionConfig, which cannot clear" in g[3] for g in gone), gone
+    # (a pending task cancelled on its own leaves the array's record: squeue may forget it)
+    assert not {engine.slurm_state(job.job_id) for job in jobs} & engine.SLURM_LIVE
+
+
+def test_an_array_is_checked_against_the_partitions_nodes():
+    from runner.config.launchers import Node, Unschedulable, check_schedulable
+
+    cluster = [Node("a", "cpu", True, 2, 22000, 0, None), Node("g", "gpu", False, 16, 256000,
+                                                                 4, 60)]
+    check_schedulable({"cpus_per_task": 2, "mem_gb": 20}, cluster)
+    check_schedulable({"cpus_per_task": 8, "mem_gb": 64, "gpus_per_node": 4, "partition": "gpu",
+                       "timeout_min": 60}, cluster)
+    for launcher, field, fix in [
+            ({"cpus_per_task": 8, "mem_gb": 64}, "cpus_per_task", "FORGE_SLURM_CPUS_PER_TASK=2"),
+            ({"cpus_per_task": 1, "mem_gb": 64}, "mem_gb", "FORGE_SLURM_MEM_GB=21"),
+            ({"gpus_per_node": 1}, "gpus_per_node", "device=cpu"),
+            ({"partition": "big"}, "partition", "FORGE_SLURM_PARTITION=cpu"),
+            ({"partition": "gpu", "timeout_min": 70}, "timeout_min", "fits 60"),
+            ({"nodes": 2}, "nodes", "nodes: 1")]:
+        with pytest.raises(Unschedulable) as refused:
+            check_schedulable(launcher, cluster)
+        assert refused.value.reason == "unschedulable"
+        assert refused.value.field == f"hydra.launcher.{field}", refused.value
+        assert fix in refused.value.fix, refused.value.fix
+
+
+def test_bypassing_sacct_error_is_said_once():
+    import logging
+
+    from runner.jobs import slurm_watch
+
+    slurm_watch.quiet_sacct()
+    slurm_watch.quiet_sacct()
+    log = logging.getLogger("submitit")
+    said = []
+    handler = logging.Handler()
+    handler.emit = said.append
+    log.addHandler(handler)
+    try:
+        for call in range(1, 5):
+            log.warning(f"Call #{call} - Bypassing sacct error ..., status may be inaccurate.")
+        log.warning("something else")
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage()[:7] for r in said] == ["Call #1", "somethi"]
+
+
+def _cpus() -> int:
+    return int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True,
+                              check=True).stdout.split()[0])
+
+
+def _states(array: str) -> dict[str, str]:
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-r", "-j", array, "-o", "%i %T"],
+                         capture_output=True, text=True, check=False).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def _stop_ours(sweep: subprocess.Popen) -> None:
+    if sweep.poll() is None:
+        sweep.kill()
+    sweep.communicate(timeout=60)
+    cancel_ours()

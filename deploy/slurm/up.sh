@@ -10,6 +10,12 @@
 #
 # Settings (environment): FORGE_SLURM_CPUS (default: nproc), FORGE_SLURM_MEM_MB (default:
 # total memory less 2 GiB), FORGE_SLURM_KILL_WAIT (SIGTERM -> SIGKILL on scancel, default 30 s).
+#
+# Once the node is up (fresh or found up), the task size that fits it is written to
+# /etc/forge/slurm-task.yaml (FORGE_SLURM_TASK_FILE): one CPU a task and the node's memory
+# shared by its CPUs, so that `hydra/launcher=forge_slurm` with nothing else set runs here.
+# The launcher reads it where FORGE_SLURM_CPUS_PER_TASK / FORGE_SLURM_MEM_GB are unset; a
+# cluster's own launcher file (conf/hydra/launcher/) decides on a real cluster.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
@@ -24,9 +30,25 @@ say() { echo "slurm: $*" >&2; }
 
 node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -n1; }
 
+# The task size that fits the node as slurmctld sees it (sinfo: CPUs, memory in MB).
+write_task_file() {
+  local file=${FORGE_SLURM_TASK_FILE:-/etc/forge/slurm-task.yaml} cpus mem_mb
+  read -r cpus mem_mb < <(sinfo -h -N -n "$NODE" -o "%c %m" | head -n1)
+  install -d -m 0755 "$(dirname "$file")"
+  cat > "$file.tmp" <<TASK
+# Written by deploy/slurm/up.sh for node $NODE ($cpus CPUs, $mem_mb MB): one task a CPU.
+# forge_slurm's defaults where FORGE_SLURM_CPUS_PER_TASK / FORGE_SLURM_MEM_GB are unset.
+cpus_per_task: 1
+mem_gb: $(( mem_mb / cpus / 1024 > 0 ? mem_mb / cpus / 1024 : 1 ))
+TASK
+  mv "$file.tmp" "$file"
+  say "task size for forge_slurm: 1 CPU, $(( mem_mb / cpus / 1024 > 0 ? mem_mb / cpus / 1024 : 1 )) GB ($file)"
+}
+
 if [[ -z "${FORGE_SLURM_RESTART:-}" ]] && command -v sinfo >/dev/null \
     && [[ "$(node_state)" =~ ^(idle|mixed|allocated)$ ]]; then
   say "already up: node $NODE $(node_state)"
+  write_task_file
   exit 0
 fi
 
@@ -95,6 +117,7 @@ for _ in $(seq 60); do
   state=$(node_state || true)
   if [[ "$state" =~ ^(idle|mixed|allocated)$ ]]; then
     say "up: node $NODE $state"
+    write_task_file
     exit 0
   fi
   if [[ "$state" =~ ^(down|drain|drained|unknown)\*?$ ]]; then
