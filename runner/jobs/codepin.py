@@ -23,11 +23,12 @@ from pathlib import Path
 
 from runner import settings
 from runner.errors import CodePinError
-from runner.jobs.archive import build_dir, extract_tar
+from runner.jobs.archive import build_dir, compile_tree, extract_tar
 
 _repos: dict[str, object] = {}
 _SHA = re.compile(r"^[0-9a-f]{7,40}$")
 _lock = threading.Lock()
+JAIL_PACKAGE = "trainers"  # what the jail imports from the snapshot (trainers.entrypoint)
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,17 @@ def snapshot(pin: CodePin, root: str | Path) -> Path:
     Clean pin: `git archive` of the commit. Dirty pin (allow_dirty): the tracked files as they
     are now, never an untracked one. Cached under `root` by sha (+ diff digest); built in a
     temporary directory and renamed into place, so concurrent launches never see half a copy.
+    The package the jail runs (`trainers/`) is compiled to bytecode there, once per snapshot
+    (archive.compile_tree), so that no job compiles it again.
     """
     repo = _repo(Path(pin.repo_path))
 
     def fill(folder: Path) -> None:
+        copy(folder)
+        if (folder / JAIL_PACKAGE).is_dir():
+            compile_tree(folder / JAIL_PACKAGE)
+
+    def copy(folder: Path) -> None:
         if not pin.dirty:
             data = repo.git.archive(pin.sha, format="tar", stdout_as_string=False)
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:

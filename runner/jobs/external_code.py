@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 
 from runner import settings
 from runner.errors import CodePinError, TrainingFailed
-from runner.jobs.archive import build_dir, extract_tar
+from runner.jobs.archive import build_dir, compile_tree, extract_tar
 from trainers import family as families
 
 JOB_PATH = "/job/in/family"  # where the snapshot is bound in the jail (read-only)
@@ -260,12 +260,14 @@ def pin(origin: str, sha: str, entrypoint: str, allowed: list[str]) -> ExternalC
 
 
 def _snapshot(mirror: Path, sha: str) -> Path:
-    """The commit's files: `git archive` from the mirror into a temporary folder, renamed
+    """The commit's files: `git archive` from the mirror into a temporary folder, compiled
+    to bytecode (archive.compile_tree: parsing only, none of it runs on the host), renamed
     into place (as codepin.snapshot), cached by sha."""
     def fill(folder: Path) -> None:
         data = _git(mirror, "archive", "--format=tar", sha, binary=True)
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             extract_tar(tar, folder)
+        compile_tree(folder)
 
     return build_dir(settings.cache_dir() / "external-code" / sha, fill)
 
