@@ -197,7 +197,7 @@ def test_migration_0005_adds_agent_tokens(db_url):
         command.downgrade(cfg, "0004")
     assert "agent_tokens" not in sa.inspect(db.get_engine(db_url)).get_table_names()
     assert db.current_revision(db_url) == "0004"
-    assert db.upgrade(db_url) == "0008"
+    assert db.upgrade(db_url) == "0009"
     inspector = sa.inspect(db.get_engine(db_url))
     assert [c["name"] for c in inspector.get_columns("agent_tokens")] == [
         "id", "agent_id", "token_hash", "created_at", "revoked_at", "last_used_at"]

@@ -306,7 +306,7 @@ def test_migration_0002_gives_open_allocations_an_expiry(db_url):
                 " wall_time_cap_min, vram_cap_gb, price_per_hour, currency, estimated_cost,"
                 " debited, request_key, created_at) VALUES (:id, 'a1', 'gpu', 1, :status, 60,"
                 " 24, 0, 'credits', 0, 0, :id, :at)"), dict(id=key, status=status, at=stamp))
-    assert db.upgrade(db_url) == "0008"
+    assert db.upgrade(db_url) == "0009"
     rows = {a["id"]: a for a in alloc_rows(db_url)}
     assert {a["purpose"] for a in rows.values()} == {"training"}  # 0003's default
     assert db.as_utc(rows["open"]["expires_at"]) == stamp + timedelta(minutes=60, seconds=610)

@@ -31,7 +31,7 @@ from runner.errors import ForgeError
 from runner.registry import ledger
 from runner.registry.db import as_utc, now, transaction
 from runner.registry.ledger import ALLOCATION, DEBIT, FINAL_STATES, GRANT, OPEN_STATES, REFUND
-from runner.registry.schema import resource_allocations, token_accounts, token_ledger
+from runner.registry.schema import Money, resource_allocations, token_accounts, token_ledger
 
 HEARTBEAT_S = 30.0  # how often the host refreshes heartbeat_at (FORGE_HEARTBEAT_S overrides)
 MISSED_BEATS = 3  # a heartbeat older than this many beats is stale
@@ -264,21 +264,16 @@ def check(conn=None, *, now: datetime | None = None) -> list[str]:
             if not acct.startswith("system:") and acct not in known:
                 problems.append(f"ledger names account {acct!r} ({direction}) with no row")
 
-        per_alloc: dict[tuple[str, str], tuple[Decimal, int]] = {}
-        for ref, reason, total, n in c.execute(
-                sa.select(token_ledger.c.reference_id, token_ledger.c.reason,
-                          sa.func.sum(token_ledger.c.amount), sa.func.count())
-                .where(token_ledger.c.reference_type == ALLOCATION)
-                .group_by(token_ledger.c.reference_id, token_ledger.c.reason)):
-            per_alloc[(ref, reason)] = (total, n)
-        allocs = {r["id"]: dict(r) for r in c.execute(sa.select(resource_allocations)).mappings()}
+        # Per allocation, in the database: only the allocations that break a rule (and the
+        # ledger references to none) come back, not every allocation and its ledger rows.
+        suspects, unknown = _allocation_suspects(c)
         dead = overdue(now, conn=c)
-    for ref, _reason in per_alloc:
-        if ref not in allocs:
-            problems.append(f"ledger rows reference unknown allocation {ref}")
-    for alloc_id, a in allocs.items():
-        debit, n_debits = per_alloc.get((alloc_id, DEBIT), (zero, 0))
-        refund, n_refunds = per_alloc.get((alloc_id, REFUND), (zero, 0))
+    for ref in unknown:
+        problems.append(f"ledger rows reference unknown allocation {ref}")
+    for a in suspects:
+        alloc_id = a["id"]
+        debit, n_debits = a["debit_sum"] or zero, a["n_debits"] or 0
+        refund, n_refunds = a["refund_sum"] or zero, a["n_refunds"] or 0
         if debit != a["debited"] or n_debits > 1:
             problems.append(f"allocation {alloc_id}: debited {a['debited']} but ledger has "
                             f"{n_debits} debit rows totalling {debit}")
@@ -299,3 +294,40 @@ def check(conn=None, *, now: datetime | None = None) -> list[str]:
                         "run `forge ledger reap`")
     return problems
 
+
+def _allocation_suspects(conn) -> tuple[list[dict], list[str]]:
+    """The allocations whose ledger rows may not agree with them, each with its debit and
+    refund sums and counts (`check` words the problems), and the allocation ids that ledger
+    rows reference but no allocation has. One grouped pass over the ledger joined to the
+    allocations: the rules of `check` as a WHERE clause, so the agreeing ones stay in the
+    database."""
+    led, alloc = token_ledger.c, resource_allocations.c
+
+    def of(reason: str):
+        amount = sa.case((led.reason == reason, led.amount))
+        return (sa.type_coerce(sa.func.sum(amount), Money()),
+                sa.func.count(sa.case((led.reason == reason, 1))))
+
+    (debit_sum, n_debits), (refund_sum, n_refunds) = of(DEBIT), of(REFUND)
+    per = (sa.select(led.reference_id.label("ref"), debit_sum.label("debit_sum"),
+                     n_debits.label("n_debits"), refund_sum.label("refund_sum"),
+                     n_refunds.label("n_refunds"))
+           .where(led.reference_type == ALLOCATION).group_by(led.reference_id).subquery())
+    debit = sa.func.coalesce(per.c.debit_sum, 0)
+    refund = sa.func.coalesce(per.c.refund_sum, 0)
+    final = alloc.status.in_(FINAL_STATES)
+    broken = sa.or_(
+        debit != alloc.debited, per.c.n_debits > 1,
+        sa.and_(final, sa.or_(alloc.actual_cost.is_(None), alloc.refunded.is_(None),
+                              alloc.actual_cost + alloc.refunded != alloc.debited,
+                              refund != alloc.refunded, per.c.n_refunds > 1)),
+        sa.and_(~final, sa.or_(per.c.n_refunds > 0, alloc.actual_cost.is_not(None))))
+    suspects = [dict(r) for r in conn.execute(
+        sa.select(resource_allocations, per.c.debit_sum, per.c.n_debits, per.c.refund_sum,
+                  per.c.n_refunds)
+        .select_from(resource_allocations.outerjoin(per, per.c.ref == alloc.id))
+        .where(broken).order_by(alloc.created_at, alloc.id)).mappings()]
+    unknown = list(conn.execute(
+        sa.select(per.c.ref).where(~sa.exists().where(alloc.id == per.c.ref))
+        .order_by(per.c.ref)).scalars())
+    return suspects, unknown

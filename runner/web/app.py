@@ -143,9 +143,10 @@ def create_app(db_url: str | None = None, *, hosts: tuple[str, ...] = LOOPBACK_H
             return failed(request, exc, 400)
 
         def build(c) -> dict:
-            rows, total = listings.version_rows(c, sort, order, page)
+            per_page = listings.PER_PAGE
+            rows, total = listings.version_rows(c, sort, order, page, per_page)
             return {"rows": rows, "sort": sort, "order": order, "page": page, "total": total,
-                    "pages": max(1, -(-total // listings.PER_PAGE)),
+                    "pages": max(1, -(-total // per_page)),
                     "families": pages.families(c)}
         return read(request, "index.html", build)
 
