@@ -1,11 +1,29 @@
-"""Where and how a job computes: the device it gets, the precision "auto" means, and for a
-multi-device job its rank and Lightning strategy. Shared by the trainer, the eval gate's job
-and the MLflow model."""
+"""Where and how a job computes: the device it gets, the precision "auto" means, for a
+multi-device job its rank and Lightning strategy, and the phases of its start that the job
+log states (`phase`). Shared by the trainer, the eval gate's job and the MLflow model."""
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
+
+PHASES = ("jail_ready", "imports_done", "data_ready", "first_step")
+
+
+def phase(name: str, state: dict) -> None:
+    """Mark phase `name` of the job's start: recorded once in `state["phases"]` (wall-clock
+    Unix seconds; the jail shares the host's clock, so the host can subtract its launch time)
+    and stated in the job log as `phase <name> <unix time> (+<s since jail_ready>)`."""
+    phases = state.setdefault("phases", {})
+    if name in phases:
+        return
+    now = time.time()
+    phases[name] = round(now, 4)
+    if process_rank() == 0:
+        since = max(0.0, now - phases.get("jail_ready", now))
+        print(f"phase {name} {now:.3f} (+{since:.3f} s)", file=sys.stdout, flush=True)
 
 # The process group's rendezvous. The jail has a network namespace of its own holding only
 # lo, so no other job shares this address and a fixed port never collides.

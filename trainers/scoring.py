@@ -3,7 +3,8 @@ the logistic-regression baseline refitted on a split's train cells.
 
 numpy and scikit-learn only (never torch): the host measures every recorded test metric and
 the gate's comparisons with these, from a job's per-cell predictions and its own truth
-(runner/jobs/truth.py); the trainer uses them for the claims it prints.
+(runner/jobs/truth.py); the trainer uses them for the claims it prints. scikit-learn is
+imported where it is used: a job pays for it when it scores, not before its first step.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score
 
 BASELINE_MODEL = ("sklearn StandardScaler + LogisticRegression(max_iter=1000), log1p CP10k "
                   "features")
@@ -43,6 +43,8 @@ def as_dataset_codes(head_index: np.ndarray, head_names: list[str],
 def classification_metrics(true: np.ndarray, pred: np.ndarray, label_names: list[str],
                            prefix: str) -> tuple[dict[str, float], dict[str, float]]:
     """Accuracy and macro-F1 under `prefix`, plus per-class F1 keyed by label name."""
+    from sklearn.metrics import accuracy_score, f1_score
+
     labels = np.arange(len(label_names))
     per_class = f1_score(true, pred, labels=labels, average=None, zero_division=0)
     metrics = {f"{prefix}accuracy": float(accuracy_score(true, pred)),

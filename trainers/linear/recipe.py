@@ -23,15 +23,10 @@ from trainers.linear import checkpoint
 from trainers.linear.family import FAMILY
 from trainers.manifest import ManifestError, resolve_model, sha256_file
 from trainers.metrics_stream import append_metrics
+from trainers.runtime import phase
 
 
 def train(m, state: dict) -> dict:
-    import sklearn
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import log_loss
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-
     parent = _load_parent(m.parent.checkpoint_dir) if m.parent is not None else None
     arch = resolve_model(FAMILY, m.model, parent.architecture if parent else None)
     out, t = Path(m.output_dir), m.training
@@ -46,23 +41,35 @@ def train(m, state: dict) -> dict:
     state["split"] = split.summary()
     state["genes"] = {"in_vocab": len(data.genes), "dropped": 0, "vocab_size": len(data.genes)}
     state["metrics_path"] = m.metrics_path
-
-    features = baseline_features(data)  # the baseline's own features, every cell
     y = data.labels
     classes = np.unique(y[split.train])  # dataset codes, in the order of the model's rows
+    names = [data.label_names[c] for c in classes]
+    phase("data_ready", state)
+    print(f"finetune_celltype: {len(split.train)} train / {len(split.val)} val / "
+          f"{len(split.test)} test cells, {len(data.genes)} genes, {len(classes)} classes, "
+          f"logistic regression (C={t.C}), {scoring.FIT_THREADS} BLAS thread", flush=True)
+
+    # scikit-learn after the data: its import (scipy.stats, pandas) is the job's slowest part
+    # before the fit, and a dataset that cannot be used is refused without paying for it
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    phase("imports_done", state)
+    features = baseline_features(data)  # the baseline's own features, every cell
     scaler = StandardScaler() if arch["standardize"] else None
     clf = LogisticRegression(C=t.C, max_iter=t.max_iter, tol=t.tol, random_state=m.seed,
                              class_weight=None if t.class_weight == "none" else t.class_weight,
                              warm_start=parent is not None)
-    names = [data.label_names[c] for c in classes]
     warm = _warm_start(clf, parent, data.genes, names) if parent is not None else None
-    print(f"finetune_celltype: {len(split.train)} train / {len(split.val)} val / "
-          f"{len(split.test)} test cells, {len(data.genes)} genes, {len(classes)} classes, "
-          f"logistic regression (C={t.C}), {scoring.FIT_THREADS} BLAS thread"
-          f"{', warm start from the parent' if warm and warm['warm_started'] else ''}",
-          flush=True)
+    if warm and warm["warm_started"]:
+        print(f"warm start from the parent: {warm['classes_matched']} of {warm['classes']} "
+              "classes", flush=True)
 
     t0 = time.perf_counter()
+    phase("first_step", state)  # lbfgs's fit is the one step
     with threadpool_limits(scoring.FIT_THREADS):  # the fit is the same on every host
         z_train = features[split.train]
         if scaler is not None:

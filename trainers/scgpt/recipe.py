@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from trainers.manifest import Manifest, ManifestError, sha256_file
-from trainers.runtime import choose_device, choose_precision, process_rank, strategy
+from trainers.runtime import choose_device, choose_precision, phase, process_rank, strategy
 
 
 def train(m: Manifest, state: dict) -> dict:
@@ -63,6 +63,7 @@ def train(m: Manifest, state: dict) -> dict:
     from trainers.scgpt.model import save_checkpoint
     from trainers.scgpt.prepare import checkpoint_args, prepare
 
+    phase("imports_done", state)
     if m.parent is not None:  # a parent we cannot use fails here, typed, before any data is read
         check_parent(m.parent.checkpoint_dir)
     out, t, finetune = Path(m.output_dir), m.training, m.task == FINETUNE
@@ -83,6 +84,7 @@ def train(m: Manifest, state: dict) -> dict:
     split_seed = m.seed if t.split_seed is None else t.split_seed
     split = split_cells(data.n_cells, data.labels, t.val_fraction, t.test_fraction, split_seed)
     state["split"] = split.summary()
+    phase("data_ready", state)
 
     # model, vocabulary, tokenizer
     prep = prepare(m, data, len(data.label_names) if finetune else None)
@@ -110,7 +112,11 @@ def train(m: Manifest, state: dict) -> dict:
     ckpt_dir = out / ".lightning_checkpoints"
     best = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode=mode, save_top_k=1,
                            save_weights_only=True, filename="best")
-    callbacks = [history, best]
+    class FirstStep(pl.Callback):  # the job log's first_step phase
+        def on_train_batch_start(self, *args) -> None:
+            phase("first_step", state)
+
+    callbacks = [history, best, FirstStep()]
     if t.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor, patience=t.early_stopping_patience, mode=mode))
     tty = sys.stdout.isatty()

@@ -70,8 +70,9 @@ def train(m, state: dict) -> dict:
     from trainers import scoring
     from trainers.data.load import load, split_cells
     from trainers.manifest import ManifestError, resolve_model, sha256_file
-    from trainers.runtime import choose_device
+    from trainers.runtime import choose_device, phase
 
+    phase("imports_done", state)
     out, t, finetune = Path(m.output_dir), m.training, m.task == "finetune_celltype"
     device = choose_device(m, state)
     torch.set_num_threads(m.num_threads or max(1, len(os.sched_getaffinity(0))))
@@ -93,6 +94,7 @@ def train(m, state: dict) -> dict:
     split = split_cells(data.n_cells, data.labels, t.val_fraction, t.test_fraction, split_seed)
     state["split"] = split.summary()
     state["metrics_path"] = m.metrics_path
+    phase("data_ready", state)
 
     adata = counts_anndata(data.X, data.genes)
     genes = {"in_vocab": len(adata.var_names), "dropped": 0, "vocab_size": len(adata.var_names)}
@@ -155,7 +157,7 @@ def train(m, state: dict) -> dict:
         else "elbo_validation", check_val_every_n_epoch=1,
         limit_train_batches=t.limit_train_batches or 1.0,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=False,
-        callbacks=[stream])
+        callbacks=[stream, first_step(state)])
     if finetune:
         kwargs["n_samples_per_label"] = t.n_samples_per_label
     t0 = time.perf_counter()
@@ -317,6 +319,19 @@ def epoch_history(history: dict) -> list[dict]:
         for epoch, value in zip(frame.index, frame.iloc[:, 0]):
             epochs.setdefault(int(epoch), {"epoch": int(epoch) + 1})[name] = float(value)
     return [epochs[e] for e in sorted(epochs)]
+
+
+def first_step(state: dict):
+    """A Lightning callback that states the job's first_step phase (trainers/runtime.py)."""
+    from lightning.pytorch.callbacks import Callback
+
+    from trainers.runtime import phase
+
+    class FirstStep(Callback):
+        def on_train_batch_start(self, *args) -> None:
+            phase("first_step", state)
+
+    return FirstStep()
 
 
 def metrics_stream(path):
