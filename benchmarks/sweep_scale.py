@@ -219,13 +219,18 @@ def scancel_sweep(home: Path) -> None:
         subprocess.run(["scancel", *sorted(ids)], check=False)
 
 
-def run_sweep(launcher: str, n_jobs: int, home: Path, url: str, timeout: float) -> dict:
+def run_sweep(launcher: str, n_jobs: int, home: Path, url: str, timeout: float,
+              tree: Path | None = None, label: str | None = None) -> dict:
+    """One sweep through `launcher`; with `tree`, that checkout's code runs it (first on
+    PYTHONPATH, and the code the jobs pin)."""
     args = ["-m", "sweep=tiny_grid", f"agent_id={AGENT}", "allow_dirty=true",
             f"parent_artifact_id={BASE_ID}", *grid(n_jobs)]
     if launcher != "basic":
         args.append(f"hydra/launcher={launcher}")
     env = {**os.environ, "FORGE_HOME": str(home), "FORGE_DB_URL": url, "COLUMNS": "200",
            "FORGE_SLURM_CPUS_PER_TASK": "1", "FORGE_SLURM_MEM_GB": "2"}
+    if tree is not None:
+        env.update(PYTHONPATH=str(tree), FORGE_CODE_REPO=str(tree))
     log = home / "forge-train.log"
     say(f"{launcher}: forge-train {' '.join(args)}")
     with open(log, "w") as out:
@@ -259,7 +264,7 @@ def run_sweep(launcher: str, n_jobs: int, home: Path, url: str, timeout: float) 
         raise RuntimeError(f"{launcher}: forge-train exited {rc} with {len(settled)}/{n_jobs} "
                            f"jobs settled ({sorted({a['status'] for a in allocs})}); "
                            f"log {log}:\n{tail}")
-    return measure(launcher, n_jobs, wall, settled, home)
+    return measure(label or launcher, n_jobs, wall, settled, home)
 
 
 def read_result(client, run_id: str, dest: Path) -> dict:
@@ -325,8 +330,12 @@ RATIOS = [("wall_s", "W / basic"), ("jobs_per_min", "jobs/min / basic"),
           ("job_wall_median_s", "job wall / basic")]
 
 
+IN_JOB_TARGET_S = 2.0  # issue 30: per-job overhead outside fit
+COMPARE = "basic@compare"
+
+
 def table(results: dict[str, list[dict]], n_jobs: int) -> None:
-    names = [n for n in LAUNCHERS if results.get(n)]
+    names = [n for n in results if results.get(n)]
     med = {n: {k: statistics.median(r[k] for r in results[n]) for k, _ in ROWS} for n in names}
     width = max(len(label) for _, label in ROWS + RATIOS) + 2
     print(f"\n{n_jobs} jobs per sweep; medians over "
@@ -339,9 +348,19 @@ def table(results: dict[str, list[dict]], n_jobs: int) -> None:
             base = med["basic"][key]
             print(label.ljust(width) + "".join(
                 (f"{med[n][key] / base:16.2f}" if base else "n/a".rjust(16)) for n in names))
+    if "basic" in med and COMPARE in med:
+        this, other = med["basic"], med[COMPARE]
+        print(f"this tree / {COMPARE}: in-job overhead "
+              f"{this['in_job_ovh_mean_s'] / other['in_job_ovh_mean_s']:.2f}, job wall "
+              f"{this['job_wall_median_s'] / other['job_wall_median_s']:.2f}, "
+              f"W {this['wall_s'] / other['wall_s']:.2f}")
+    for n in names:
+        ovh = med[n]["in_job_ovh_mean_s"]
+        print(f"{n}: per-job overhead outside fit {ovh:.2f} s, target <= {IN_JOB_TARGET_S} s "
+              f"{'ok' if ovh <= IN_JOB_TARGET_S else 'MISSED'}")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=16, help="jobs per sweep (lr x seed)")
     parser.add_argument("--repeats", type=int, default=1, help="sweeps per launcher")
@@ -350,7 +369,13 @@ def main() -> None:
                         help="a PostgreSQL server's maintenance database (CREATE DATABASE)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per sweep")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
+    parser.add_argument("--compare", type=Path,
+                        help="another checkout: its basic sweep runs after each of this one's")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a 2-job basic sweep: checks that the benchmark works (minutes)")
     args = parser.parse_args()
+    if args.smoke:
+        args.jobs, args.repeats, args.launchers, args.compare = 2, 1, "basic", None
     launchers = [n.strip() for n in args.launchers.split(",") if n.strip()]
     unknown = sorted(set(launchers) - set(LAUNCHERS))
     if unknown or args.jobs < 1 or args.repeats < 1:
@@ -360,13 +385,16 @@ def main() -> None:
         print(f"forge_slurm skipped: {why}")
         launchers.remove("forge_slurm")
     if not launchers:
-        return
+        return 0
 
     root = Path(tempfile.mkdtemp(prefix="forge-sweep-scale-"))
     os.environ.update(FORGE_HOME=str(root / "setup"), FORGE_CACHE_DIR=str(root / "cache"),
                       MLFLOW_DISABLE_TELEMETRY="true")
     pg = Postgres(args.pg_url)
     results: dict[str, list[dict]] = {n: [] for n in launchers}
+    if args.compare is not None:
+        results[COMPARE] = []
+    failed = False
     try:
         shared = prepare(root, pg)
         say(f"{args.jobs} jobs ({' '.join(grid(args.jobs))}), launchers {launchers}, "
@@ -380,8 +408,20 @@ def main() -> None:
                     results[launcher].append(run_sweep(launcher, args.jobs, home, url,
                                                        args.timeout))
                 except (RuntimeError, TimeoutError) as exc:
+                    failed = True
                     say(str(exc))
                     print(f"{launcher:>15}: FAILED (repeat {rep}): {str(exc).splitlines()[0]}")
+            if args.compare is not None:  # interleaved: after this tree's sweeps of the repeat
+                home = root / f"compare-{rep}"
+                url = pg.url(pg.create("forge_bench_compare", template=shared["template"]))
+                seed_run(home, url, shared)
+                try:
+                    results[COMPARE].append(run_sweep("basic", args.jobs, home, url,
+                                                      args.timeout, args.compare, COMPARE))
+                except (RuntimeError, TimeoutError) as exc:
+                    failed = True
+                    say(str(exc))
+                    print(f"{COMPARE:>15}: FAILED (repeat {rep}): {str(exc).splitlines()[0]}")
         table(results, args.jobs)
     finally:
         pg.drop_all()
@@ -389,7 +429,8 @@ def main() -> None:
             say(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
