@@ -443,8 +443,6 @@ def test_forge_slurm_with_no_forge_slurm_variables_runs_the_tiny_sweep(
     code the launcher asked 8 CPUs and 64 GB, and the array pended forever."""
     import yaml
 
-    from runner.config.launchers import TASK_FILE
-
     for name in [n for n in os.environ if n.startswith("FORGE_SLURM_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
@@ -458,6 +456,8 @@ def test_forge_slurm_with_no_forge_slurm_variables_runs_the_tiny_sweep(
     assert [o["status"] for o in sweep_summary()] == ["ok"] * 4
     allocs = allocations(pg_registry)
     assert len(allocs) == 4 and {a["status"] for a in allocs} == {"settled"}
+    from runner.config.launchers import TASK_FILE
+
     task = yaml.safe_load(TASK_FILE.read_text())
     (script,) = sbatch_scripts()
     assert f"#SBATCH --cpus-per-task={task['cpus_per_task']}" in script, script
