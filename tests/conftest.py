@@ -37,7 +37,7 @@ from helpers import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-pytest_plugins = ["tiers"]  # the markers of what a test needs, and their check
+pytest_plugins = ["tiers", "worker_cpus"]  # markers and their check; a CPU per xdist worker
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

@@ -85,3 +85,31 @@ def test_the_fast_tier_deselects_every_marked_test(tmp_path):
     assert done.returncode == 1, done.stdout  # the unmarked one still runs, and still fails
     assert "test_starts_the_jail_marked" not in done.stdout.split("short test summary")[-1]
     assert "2 passed, 1 deselected, 1 error" in done.stdout, done.stdout
+
+
+PINNED = """
+import os
+import subprocess
+import sys
+
+def test_a_worker_and_what_it_starts_run_on_one_cpu():
+    child = subprocess.run([sys.executable, "-c", "import os; print(len(os.sched_getaffinity(0)))"],
+                           capture_output=True, text=True, check=True)
+    assert (len(os.sched_getaffinity(0)), child.stdout.strip()) == (1, "1")
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+
+def test_a_second_one():
+    assert len(os.sched_getaffinity(0)) == 1
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs to show")
+def test_each_xdist_worker_and_its_jobs_get_one_cpu(tmp_path):
+    """tests/worker_cpus.py: jobs a worker starts inherit its one CPU (their trainers size
+    their thread pools from it); a sequential run keeps every CPU."""
+    pinned = run_pytest(tmp_path, PINNED, "-p", "worker_cpus", "-n", "2")
+    assert pinned.returncode == 0, pinned.stdout[-3000:]
+    assert "2 passed" in pinned.stdout, pinned.stdout[-3000:]
+    sequential = run_pytest(tmp_path, PINNED, "-p", "worker_cpus")
+    assert sequential.returncode == 1 and "2 failed" in sequential.stdout, sequential.stdout
