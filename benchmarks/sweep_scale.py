@@ -173,7 +173,7 @@ def seed_run(home: Path, url: str, shared: dict) -> None:
     catalog.register_dataset(DATASET_ID, "CBMC CITE-seq", builtin_citation("cbmc"))
     catalog.register_model(
         artifact_id=BASE_ID, title="tiny scGPT base (sweep_scale)", created_by="bench",
-        metadata={"family": "scgpt-bench", "framework": "scgpt", "task": "external",
+        metadata={"family": "scgpt", "framework": "scgpt", "task": "external",
                   "architecture": ARCH},
         origin_type="external", origin_url=shared["base"].as_uri(),
         content_hash=weights.tree_hash(weights.file_hashes(shared["base"])))

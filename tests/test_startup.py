@@ -85,9 +85,9 @@ def test_an_invalid_manifest_still_states_jail_ready(tmp_path):
     assert done.returncode == 2, done.stderr
     assert re.search(r"^phase jail_ready \d+\.\d{3} \(\+0\.000 s\)$", done.stdout, re.M), \
         done.stdout
-    # refused before numpy: the manifest is checked with nothing heavy loaded
     assert json.loads((tmp_path / "out" / "result.json").read_text())["reason"] == \
         "invalid_manifest"
+    assert "error: " in done.stderr  # the fast exit (no teardown) flushed what it printed
 
 
 @pytest.mark.sandbox
@@ -147,3 +147,30 @@ def test_the_dry_run_benchmark_smoke():
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "cold CLI dry run" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
+def test_the_sandbox_overhead_benchmark_smoke():
+    done = subprocess.run([sys.executable, "benchmarks/sandbox_overhead.py", "--smoke"],
+                          cwd=REPO, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "launch -> first data line" in done.stdout and "launch -> jail_ready" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.sandbox
+@pytest.mark.train
+def test_the_sweep_scale_benchmark_smoke():
+    url = os.environ.get("FORGE_TEST_PG_URL")
+    if not url:
+        pytest.skip("no PostgreSQL: set FORGE_TEST_PG_URL")
+    done = subprocess.run([sys.executable, "benchmarks/sweep_scale.py", "--smoke",
+                           "--pg-url", url], cwd=REPO,
+                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "per-job overhead outside fit" in done.stdout
