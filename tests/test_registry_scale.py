@@ -148,3 +148,27 @@ def test_ledger_check_names_what_the_books_get_wrong(db_url):
            "6.000000" in problems
     assert "ledger rows reference unknown allocation alloc-nowhere" in problems
     assert not any(good["id"] in p for p in problems)
+
+
+def test_the_index_families_are_read_per_lineage(db_url, monkeypatch):
+    """Each family: its count, its newest version, each lineage's champion (oldest lineage
+    first) and its candidates, the first CANDIDATES_SHOWN of them and how many more."""
+    from runner.web import pages
+
+    ids = _models(4)  # bases; scgpt: 1, 3 (odd), Linear: 0, 2
+    children = [catalog.register_model(
+        title="c", metadata={"family": "scgpt", "framework": "x"}, created_by="t",
+        parent_artifact_id=ids[1], origin_type="external", origin_url="file:///c")["id"]
+        for _ in range(3)]
+    monkeypatch.setattr(pages, "CANDIDATES_SHOWN", 2)
+    with db.transaction() as conn:
+        by_name = {f["name"]: f for f in pages.families(conn)}
+    assert set(by_name) == {"scgpt", "Linear"}
+    scgpt, linear = by_name["scgpt"], by_name["Linear"]
+    assert (scgpt["count"], linear["count"]) == (5, 2)
+    assert scgpt["latest"]["id"] == children[-1] and linear["latest"]["id"] == ids[2]
+    assert [c["id"] for c in scgpt["champions"]] == [ids[1], ids[3]]
+    assert [c["id"] for c in scgpt["candidates"]] == children[:2]
+    assert scgpt["more_candidates"] == 1 and linear["candidates"] == []
+    page = TestClient(create_app(db_url), base_url="http://127.0.0.1").get("/").text
+    assert "and 1 more" in page

@@ -210,46 +210,62 @@ def models_by_id(ids, *, conn=None) -> dict[str, dict]:
     return {i: {**art, "version": mvs.get(i)} for i, art in arts.items()}
 
 
-def _root():
-    """A model's lineage root: its base model, else itself."""
-    return sa.func.coalesce(model_versions.c.base_model_id, artifacts.c.id)
+# What a link to a model shows (the web's model_link): lists of many models read only these.
+BRIEF = (artifacts.c.id, artifacts.c.title, artifacts.c.version_number,
+         artifacts.c.lifecycle_state, artifacts.c.created_at)
+
+
+def _family():
+    return artifacts.c.metadata["family"].as_string().label("family")
+
+
+def newest_by_family(families, *, conn=None, batch: int = 200) -> dict[str, dict]:
+    """family (metadata.family) -> its newest model (by created_at, then version number; its
+    BRIEF columns), for each of `families`: the newest models read a batch at a time down
+    ix_artifacts_type_created_at until every family has one (a family of old versions only
+    reads further)."""
+    wanted, out = set(families), {}
+    offset = 0
+    with transaction(conn) as c:
+        while wanted - set(out):
+            page = c.execute(sa.select(*BRIEF, _family())
+                             .where(artifacts.c.artifact_type == "model")
+                             .order_by(artifacts.c.created_at.desc(),
+                                       artifacts.c.version_number.desc())
+                             .limit(batch).offset(offset)).mappings().all()
+            if not page:
+                break
+            for model in page:
+                if model["family"] in wanted:
+                    out.setdefault(model["family"], dict(model))
+            offset += batch
+            batch = min(batch * 4, 20_000)
+    return out
 
 
 def lineages(*, conn=None) -> list[dict]:
-    """Every lineage of models: its root (artifact row), how many versions it has and its
-    newest version's created_at (one grouped read over the base_model_id index)."""
-    root = _root().label("root")
-    query = (sa.select(root, sa.func.count().label("count"),
-                       sa.func.max(artifacts.c.created_at).label("newest"))
-             .select_from(artifacts)
-             .outerjoin(model_versions, model_versions.c.artifact_id == artifacts.c.id)
-             .where(artifacts.c.artifact_type == "model").group_by(root))
+    """Every lineage of models, oldest first: its root (a model without a parent: its BRIEF
+    columns and metadata.family under `family`) and how many versions it has (the roots read
+    on the parent_version_id index, the members counted on the base_model_id index)."""
+    mv = model_versions.c
     with transaction(conn) as c:
-        groups = [dict(r) for r in c.execute(query).mappings()]
-        roots = models_by_id([g["root"] for g in groups], conn=c)
-    return [{**g, "root": roots[g["root"]]} for g in groups if g["root"] in roots]
-
-
-def newest_in(root_ids, *, conn=None) -> dict | None:
-    """The newest model (by created_at, then version number) of the lineages of `root_ids`."""
-    query = (sa.select(artifacts)
-             .outerjoin(model_versions, model_versions.c.artifact_id == artifacts.c.id)
-             .where(artifacts.c.artifact_type == "model", _root().in_(list(root_ids)))
-             .order_by(artifacts.c.created_at.desc(), artifacts.c.version_number.desc())
-             .limit(1))
-    with transaction(conn) as c:
-        return _row(c.execute(query))
+        roots = c.execute(sa.select(*BRIEF, _family()).where(
+            artifacts.c.artifact_type == "model", artifacts.c.parent_version_id.is_(None))
+            .order_by(artifacts.c.created_at, artifacts.c.id)).mappings().all()
+        members = dict(c.execute(sa.select(mv.base_model_id, sa.func.count())
+                                 .where(mv.base_model_id.is_not(None))
+                                 .group_by(mv.base_model_id)).all())
+    return [{"root": dict(r), "count": 1 + members.get(r["id"], 0)} for r in roots]
 
 
 def in_state(state: str, *, conn=None) -> list[dict]:
-    """The models in lifecycle `state` (ix_artifacts_type_lifecycle_state), oldest first, each
-    with its lineage root under `root`."""
-    query = (sa.select(artifacts, _root().label("root"))
-             .outerjoin(model_versions, model_versions.c.artifact_id == artifacts.c.id)
-             .where(artifacts.c.artifact_type == "model", artifacts.c.lifecycle_state == state)
-             .order_by(artifacts.c.created_at, artifacts.c.id))
+    """The models in lifecycle `state` (ix_artifacts_type_lifecycle_state), oldest first: their
+    BRIEF columns and their metadata.family under `family`."""
     with transaction(conn) as c:
-        return [dict(r) for r in c.execute(query).mappings()]
+        return [dict(r) for r in c.execute(
+            sa.select(*BRIEF, _family()).where(artifacts.c.artifact_type == "model",
+                                               artifacts.c.lifecycle_state == state)
+            .order_by(artifacts.c.created_at, artifacts.c.id)).mappings()]
 
 
 def children(artifact_id: str, *, conn=None) -> list[dict]:

@@ -50,18 +50,20 @@ def champion(root_id: str, *, conn=None) -> dict | None:
 
 
 def champions(*, conn=None) -> dict[str, dict]:
-    """lineage root -> its champion (champion()'s, for every lineage in one read of the
-    latest models: ix_artifacts_type_is_latest)."""
-    root = sa.func.coalesce(model_versions.c.base_model_id, artifacts.c.id).label("root")
+    """lineage root -> its champion (champion()'s, its catalog.BRIEF columns), for every
+    lineage in one read of the latest models (ix_artifacts_type_is_latest; each one's root
+    looked up by primary key)."""
+    base = (sa.select(model_versions.c.base_model_id)
+            .where(model_versions.c.artifact_id == artifacts.c.id).scalar_subquery())
     out: dict[str, dict] = {}
     with transaction(conn) as c:
-        for r in c.execute(sa.select(artifacts, root)
-                           .outerjoin(model_versions,
-                                      model_versions.c.artifact_id == artifacts.c.id)
+        for r in c.execute(sa.select(*catalog.BRIEF, sa.func.coalesce(base, artifacts.c.id)
+                                     .label("root"))
                            .where(artifacts.c.is_latest.is_(True),
                                   artifacts.c.artifact_type == "model")
                            .order_by(artifacts.c.created_at.desc())).mappings():
-            out.setdefault(r["root"], {k: v for k, v in r.items() if k != "root"})
+            model = dict(r)
+            out.setdefault(model.pop("root"), model)
     return out
 
 

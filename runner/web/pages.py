@@ -58,30 +58,30 @@ CANDIDATES_SHOWN = 20  # per family on the index; the rest are counted
 
 
 def families(conn) -> list[dict]:
-    """Per family (its lineage root's metadata.family: a trained version inherits its
-    parent's family), its latest version, the champion of each of its lineages
-    (promotion.champion) and its candidates (the first CANDIDATES_SHOWN, and how many). Read
-    per lineage and through indices, never per version."""
+    """Per family (metadata.family, which a trained version inherits from its parent), how
+    many versions it has, its latest version, the champion of each of its lineages
+    (promotion.champion; oldest lineage first) and its candidates (the first
+    CANDIDATES_SHOWN, oldest first, and how many more). Read per lineage and through indices,
+    never per version."""
     groups: dict[str, list[dict]] = {}
     for lineage in catalog.lineages(conn=conn):
-        family = (lineage["root"].get("metadata") or {}).get("family") or "(no family)"
+        family = lineage["root"]["family"] or "(no family)"
         groups.setdefault(family, []).append(lineage)
+    latest = catalog.newest_by_family(groups, conn=conn)
     champions = promotion.champions(conn=conn)
     candidates: dict[str, list[dict]] = {}
     for model in catalog.in_state("candidate", conn=conn):
-        candidates.setdefault(model["root"], []).append(model)
+        candidates.setdefault(model["family"] or "(no family)", []).append(model)
     out = []
     for name, lineages in sorted(groups.items()):
-        lineages.sort(key=lambda lin: (lin["root"]["created_at"], lin["root"]["id"]))
-        roots = [lin["root"]["id"] for lin in lineages]
-        waiting = [m for root in roots for m in candidates.get(root, [])]
-        waiting.sort(key=lambda m: (m["created_at"], m["id"]))
+        waiting = candidates.get(name, [])
         out.append({
             "name": name, "count": sum(lin["count"] for lin in lineages),
-            "latest": catalog.newest_in(roots, conn=conn),
-            "champions": [champions[r] for r in roots if r in champions],
-            "candidates": waiting[:CANDIDATES_SHOWN], "more_candidates":
-                max(0, len(waiting) - CANDIDATES_SHOWN)})
+            "latest": latest.get(name),
+            "champions": [champions[lin["root"]["id"]] for lin in lineages
+                          if lin["root"]["id"] in champions],
+            "candidates": waiting[:CANDIDATES_SHOWN],
+            "more_candidates": max(0, len(waiting) - CANDIDATES_SHOWN)})
     return out
 
 
