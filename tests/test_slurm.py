@@ -143,8 +143,10 @@ def test_a_sweep_through_sbatch_registers_one_candidate_per_task(slurm_env, trac
     ids = [a["engine_job_id"] for a in allocs]
     assert all(JOB_ID.fullmatch(i) for i in ids) and len(set(ids)) == 4, ids
     assert len({i.split("_")[0] for i in ids}) == 1  # one job array, four tasks
-    for job_id in ids:  # SLURM ran them, and says they completed
-        assert engine.slurm_state(job_id) == "COMPLETED"
+    for job_id in ids:  # SLURM ran them, and says they completed (once each task's process
+        # has exited: the sweep returns on the results they wrote just before)
+        wait_for(f"SLURM to complete {job_id}",
+                 lambda job_id=job_id: engine.slurm_state(job_id) == "COMPLETED", timeout=60)
     client = mlflow_client()
     by_alloc = {r.data.tags["forge.allocation_id"]: r for r in job_runs(client)
                 if r.info.start_time >= tracking_store.since_ms}
@@ -502,7 +504,8 @@ def test_a_task_pending_for_a_reason_that_cannot_clear_is_cancelled_and_reported
             subprocess.run(["scancel", job.job_id], check=False)
     assert took < 60, took
     assert all(math.isnan(r.return_value) for r in results)
-    assert sorted((g[:3] for g in gone), key=str) == [(0, ["a=1"], "cancelled"), (1, ["a=2"], "cancelled")]
+    assert sorted((g[:3] for g in gone), key=str) == [(0, ["a=1"], "cancelled"),
+                                                      (1, ["a=2"], "cancelled")]
     assert all("PartitionConfig, which cannot clear" in g[3] for g in gone), gone
     # (a pending task cancelled on its own leaves the array's record: squeue may forget it)
     assert not {engine.slurm_state(job.job_id) for job in jobs} & engine.SLURM_LIVE
