@@ -65,21 +65,23 @@ class ScGPTModule(pl.LightningModule):
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """One batch -> (loss, extras); the training step minus logging."""
+        if self.task != PRETRAIN:  # the classifier reads the <cls> embedding alone
+            cell = self.model.encode(batch["genes"], batch["values"], batch["pad_mask"],
+                                     cls_only=True)
+            logits = self.model.cls_decoder(cell).float()
+            loss = F.cross_entropy(logits, batch["labels"], weight=self.class_weights)
+            return loss, {"pred": logits.argmax(-1), "labels": batch["labels"]}
         h = self.model.encode(batch["genes"], batch["values"], batch["pad_mask"])
-        if self.task == PRETRAIN:
-            mask = batch["mlm_mask"]
-            target = batch["target"][mask]
-            pred = self.model.decoder(h[mask]).float()  # decode the masked positions only
-            parts = {"mse": F.mse_loss(pred, target)}
-            if self.model.mvc_decoder is not None:
-                rows = mask.nonzero()[:, 0]  # the cell each masked position belongs to
-                cell = h[:, 0, :][rows]
-                mvc = self.model.mvc_decoder(cell, self.model.encoder(batch["genes"][mask]))
-                parts["mvc_mse"] = F.mse_loss(mvc.float(), target)
-            return sum(parts.values()), {"n": int(mask.sum()), "parts": parts}
-        logits = self.model.cls_decoder(h[:, 0, :]).float()  # <cls> embedding
-        loss = F.cross_entropy(logits, batch["labels"], weight=self.class_weights)
-        return loss, {"pred": logits.argmax(-1), "labels": batch["labels"]}
+        mask = batch["mlm_mask"]
+        target = batch["target"][mask]
+        pred = self.model.decoder(h[mask]).float()  # decode the masked positions only
+        parts = {"mse": F.mse_loss(pred, target)}
+        if self.model.mvc_decoder is not None:
+            rows = mask.nonzero()[:, 0]  # the cell each masked position belongs to
+            cell = h[:, 0, :][rows]
+            mvc = self.model.mvc_decoder(cell, self.model.encoder(batch["genes"][mask]))
+            parts["mvc_mse"] = F.mse_loss(mvc.float(), target)
+        return sum(parts.values()), {"n": int(mask.sum()), "parts": parts}
 
     def _check(self, loss: torch.Tensor, stage: str) -> None:
         finite = bool(torch.isfinite(loss))

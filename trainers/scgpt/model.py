@@ -147,9 +147,18 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None, first_only: bool = False) -> Tensor:
+        """(B, T, C) -> (B, T, C); with `first_only` (B, 1, C): position 0 attends to every
+        position, and no other position's query is computed."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).unbind(2)
+        nh, hs = self.n_heads, C // self.n_heads
+        if first_only:  # the query of position 0, keys and values of all: rows [q; k; v]
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, :1], w[:C], b[:C]).view(B, 1, 1, nh, hs)
+            k, v = F.linear(x, w[C:], b[C:]).view(B, T, 2, nh, hs).unbind(2)
+            q, T = q[:, :, 0], 1
+        else:
+            q, k, v = self.qkv(x).view(B, T, 3, nh, hs).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         # No dropout on the attention weights (scGPT's nn.MultiheadAttention has it): the
         # fused SDPA kernels on CPU refuse dropout and the fallback is 2-3x slower.
@@ -176,8 +185,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.drop = Dropout(dropout)
 
-    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
-        x = self.norm1(x + self.drop(self.attn(x, keep)))
+    def forward(self, x: Tensor, keep: Tensor | None, first_only: bool = False) -> Tensor:
+        """(B, T, C) -> (B, T, C), or (B, 1, C) for position 0 alone with `first_only`."""
+        a = self.attn(x, keep, first_only)
+        x = self.norm1((x[:, :1] if first_only else x) + self.drop(a))
         ff = self.ff_out(self.drop(F.relu(self.ff_in(x))))
         return self.norm2(x + self.drop(ff))
 
@@ -256,15 +267,23 @@ class ScGPT(nn.Module):
         # scGPT's init_weights(): only the gene embedding is re-initialised.
         nn.init.uniform_(self.encoder.embedding.weight, -0.1, 0.1)
 
-    def encode(self, genes: Tensor, values: Tensor, pad_mask: Tensor) -> Tensor:
-        """genes, values, pad_mask (True = padding): (B, T) -> hidden states (B, T, C)."""
+    def encode(self, genes: Tensor, values: Tensor, pad_mask: Tensor,
+               cls_only: bool = False) -> Tensor:
+        """genes, values, pad_mask (True = padding): (B, T) -> hidden states (B, T, C).
+
+        `cls_only`: just the `<cls>` output (B, C), the cell embedding the classifier reads.
+        The same values (to float rounding), for less work: the last layer computes only
+        position 0 (its query, attention row, feed-forward), since no other position's
+        output is read (on the fine-tuning config about a fifth of a training step).
+        """
         x = self.encoder(genes) + self.value_encoder(values)
         # SDPA takes a boolean "may attend" mask; without padding we pass none, which
         # lets the fused kernels run unmasked.
         keep = None if not pad_mask.any() else ~pad_mask[:, None, None, :]
-        for block in self.blocks:
-            x = block(x, keep)
-        return x
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, keep, first_only=cls_only and i == last)
+        return x[:, 0] if cls_only else x
 
     def forward(self, genes: Tensor, values: Tensor, pad_mask: Tensor,
                 cls: bool = False, mvc: bool = False) -> dict[str, Tensor]:
