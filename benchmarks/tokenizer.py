@@ -41,7 +41,8 @@ def main(n: int = 20, lengths: tuple[int, ...] = (129, 257, 513)) -> int:
         rng = np.random.default_rng(0)
         first = tok(X, rng, 0.4)
         shapes = {k: tuple(v.shape) for k, v in first.items()}
-        if shapes["genes"] != (BATCH, max_seq_len) or shapes["values"] != shapes["genes"]:
+        B, T = shapes["genes"]  # T: <cls> + the most genes a cell expresses, capped
+        if B != BATCH or not 1 < T <= max_seq_len or len(set(shapes.values())) != 1:
             print(f"max_seq_len {max_seq_len}: wrong batch shapes {shapes}")
             ok = False
         times = []
