@@ -242,9 +242,14 @@ def test_a_node_failure_mid_job_is_reaped_on_slurms_word(slurm_env, slurm_cluste
         # The reaper settles it, here or in the sweep's own watch of its array (whichever
         # comes first: exactly once either way).
         reaped = job_recovery.reap()
+        # The sweep sees its task gone with no result and returns, the task `lost`.
+        out, _ = sweep.communicate(timeout=120)
     finally:
         _stop(sweep)
         _revive(node)
+    assert sweep.returncode == 0, out[-3000:]
+    (lost,) = sweep_summary()
+    assert lost["status"] == "lost" and "NODE_FAIL" in lost["error"], lost
     assert [a["id"] for a in reaped] in ([alloc["id"]], [])
     closed = ledger.get_allocation(alloc["id"])
     assert closed["status"] == "failed"
