@@ -115,6 +115,11 @@ def check_scheduler_time(config, estimates: list[JobEstimate]) -> None:
                 "min, or run the longer jobs as a sweep of their own"))
 
 
+# Each sweep's outcomes, as this process ended them: forge-train's exit code reads them (a
+# SLURM array's jobs return their codes on their nodes, and a task gone without a result
+# returns none).
+ENDED: list[list[dict]] = []
+
 class SweepCallback(Callback):
     def __init__(self, summary_file: str = "summary.json") -> None:
         self.fit_budget = False  # the sweep's `fit_budget` key, read when it starts
@@ -180,6 +185,7 @@ class SweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         outcomes = collect(sweep_dir)
         print_summary(outcomes, dry_run=bool(config.dry_run))
+        ENDED.append(outcomes)
         (sweep_dir / self.summary_file).write_text(json.dumps(outcomes, indent=2, default=str))
         if self.parent_run_id:
             client = tracking.client(config.tracking.tracking_uri)

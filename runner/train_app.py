@@ -42,6 +42,10 @@ from runner.tools import jsonable
 from trainers.manifest import PRIMARY_METRIC
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_WOULD_NOT_LAUNCH = 0, 1, 2, 3
+# a sweep job's status -> forge-train's exit code (the worst job's wins): as a job that
+# failed or would not launch ends, and 1 for a task that ended without a result
+SWEEP_EXIT = {"failed": EXIT_INVALID, "would not launch": EXIT_WOULD_NOT_LAUNCH,
+              "cancelled": EXIT_ERROR, "lost": EXIT_ERROR}
 
 
 class Outcome(NamedTuple):
@@ -223,7 +227,8 @@ def _run_hydra(flags: list[str], overrides: list[str], multirun: bool,
     """The @hydra.main app over `overrides`, which cli_overrides() has checked."""
     import hydra
 
-    from runner.sweep import SweepRefused  # lazy: sweep imports Hydra (as this function does)
+    from runner import sweep  # lazy: sweep imports Hydra (as this function does)
+    from runner.sweep import SweepRefused
 
     try:
         parsed = parse_overrides(overrides, allow_sweeps=multirun)
@@ -241,6 +246,7 @@ def _run_hydra(flags: list[str], overrides: list[str], multirun: bool,
         # Sweepers that optimise (Optuna) read the job's target metric from here.
         return float("nan") if outcome.metric is None else outcome.metric
 
+    ended = len(sweep.ENDED)
     with _argv([*flags, *overrides]), _env("HYDRA_FULL_ERROR", "1"):
         try:
             task()
@@ -252,6 +258,8 @@ def _run_hydra(flags: list[str], overrides: list[str], multirun: bool,
             if not _is_composition_error(exc):
                 raise
             return _fail(compose.explain(exc, parsed))
+    for outcomes in sweep.ENDED[ended:]:  # a SLURM sweep's jobs, as its summary says
+        codes.extend(SWEEP_EXIT.get(o["status"], EXIT_OK) for o in outcomes)
     return max(codes, default=EXIT_OK)
 
 
