@@ -11,6 +11,7 @@ two ways, interleaved, N times each:
 and prints the medians, their ratio (target <= 1.10) and the overhead in seconds (target <= 3).
 
     python benchmarks/overhead.py [--repeats 3] [--batches 40]
+    python benchmarks/overhead.py --smoke     # one run of 2 batches each way: does it work
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, default=40, help="training batches per run")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one run of 2 batches each way: checks that the benchmark works")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.batches = 1, 2
 
     home = Path(tempfile.mkdtemp(prefix="forge-overhead-"))
     os.environ.update(FORGE_HOME=str(home), FORGE_DB_URL=f"sqlite:///{home}/forge.db",
@@ -64,13 +69,15 @@ def main() -> None:
     catalog.register_dataset("dataset-geo-GSE100866", "CBMC", builtin_citation("cbmc"))
     catalog.register_model(
         artifact_id="model-bench-base", title="bench base", created_by="bench",
-        metadata={"family": "scgpt-bench", "framework": "scgpt", "architecture": ARCH},
+        metadata={"family": "scgpt", "framework": "scgpt", "architecture": ARCH},
         origin_type="external", origin_url=base.as_uri(),
         content_hash=weights.tree_hash(weights.file_hashes(base)))
     ledger.grant("bench", "100")
     training = {"max_epochs": 1, "batch_size": 32, "max_seq_len": 129,
                 "limit_train_batches": args.batches, "limit_eval_batches": 8,
                 "log_every_n_steps": 10}
+    if args.smoke:  # seconds, not minutes: the whole test split is still scored
+        training.update(max_seq_len=33, limit_eval_batches=1)
     dataset = str(fetch("cbmc", cache=home / "cache"))
 
     def direct(seed: int) -> float:

@@ -1,13 +1,12 @@
 """A job's start (issue 30): the snapshot carries the bytecode of the package the jail runs,
 compiled once on the host, which the jail uses without compiling anything or writing there;
 the job log states the start's phases; a linear job never imports torch or Lightning; the
-entrypoint imports no numpy, scipy or framework before it is ready; and the startup
-benchmarks' smoke modes run."""
+entrypoint imports no numpy, scipy or framework before it is ready. (The startup
+benchmarks' smoke modes run in CI: benchmarks/smoke.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -138,39 +137,3 @@ def test_a_linear_job_states_its_phases_uses_the_bytecode_and_never_imports_torc
                or "/trainers/__pycache__/entrypoint." in p for p in loaded), loaded
     assert [p for p in loaded if p.endswith(".py")] == []
     assert _tree(snapshot) == before  # and the jail wrote nothing there
-
-
-@pytest.mark.slow
-def test_the_dry_run_benchmark_smoke():
-    done = subprocess.run([sys.executable, "benchmarks/dry_run.py", "--smoke"], cwd=REPO,
-                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "cold CLI dry run" in done.stdout
-
-
-@pytest.mark.slow
-@pytest.mark.sandbox
-@pytest.mark.train
-def test_the_sandbox_overhead_benchmark_smoke():
-    done = subprocess.run([sys.executable, "benchmarks/sandbox_overhead.py", "--smoke"],
-                          cwd=REPO, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "launch -> first data line" in done.stdout and "launch -> jail_ready" in done.stdout
-
-
-@pytest.mark.slow
-@pytest.mark.postgres
-@pytest.mark.sandbox
-@pytest.mark.train
-def test_the_sweep_scale_benchmark_smoke():
-    url = os.environ.get("FORGE_TEST_PG_URL")
-    if not url:
-        pytest.skip("no PostgreSQL: set FORGE_TEST_PG_URL")
-    done = subprocess.run([sys.executable, "benchmarks/sweep_scale.py", "--smoke",
-                           "--pg-url", url], cwd=REPO,
-                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "per-job overhead outside fit" in done.stdout
