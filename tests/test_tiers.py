@@ -14,9 +14,10 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 
 
-def run_pytest(folder: Path, source: str, *args: str) -> subprocess.CompletedProcess:
+def run_pytest(folder: Path, source: str, *args: str,
+               env: dict | None = None) -> subprocess.CompletedProcess:
     (folder / "test_inner.py").write_text(source)
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(TESTS)}
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "tiers", "-p",
                            "no:cacheprovider", "-q", "--rootdir", str(folder), *args,
                            str(folder / "test_inner.py")],
@@ -91,25 +92,29 @@ PINNED = """
 import os
 import subprocess
 import sys
+import pytest
 
-def test_a_worker_and_what_it_starts_run_on_one_cpu():
+@pytest.mark.train
+def test_a_training_test_and_what_it_starts_run_on_one_cpu():
     child = subprocess.run([sys.executable, "-c", "import os; print(len(os.sched_getaffinity(0)))"],
                            capture_output=True, text=True, check=True)
     assert (len(os.sched_getaffinity(0)), child.stdout.strip()) == (1, "1")
     assert os.environ["OMP_NUM_THREADS"] == "1"
 
-def test_a_second_one():
-    assert len(os.sched_getaffinity(0)) == 1
+def test_a_unit_test_keeps_every_cpu():
+    assert len(os.sched_getaffinity(0)) > 1 and "OMP_NUM_THREADS" not in os.environ
 """
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs to show")
 def test_each_xdist_worker_and_its_jobs_get_one_cpu(tmp_path):
-    """tests/worker_cpus.py: jobs a worker starts inherit its one CPU (their trainers size
-    their thread pools from it); a sequential run keeps every CPU."""
-    pinned = run_pytest(tmp_path, PINNED, "-p", "worker_cpus", "-n", "2")
+    """tests/worker_cpus.py: while a training test runs on a worker, the jobs it starts
+    inherit one CPU (their trainers size their thread pools from it); other tests, and a
+    sequential run, keep every CPU."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    pinned = run_pytest(tmp_path, PINNED, "-p", "worker_cpus", "-n", "2", env=env)
     assert pinned.returncode == 0, pinned.stdout[-3000:]
     assert "2 passed" in pinned.stdout, pinned.stdout[-3000:]
-    sequential = run_pytest(tmp_path, PINNED, "-p", "worker_cpus")
-    assert sequential.returncode == 1 and "2 failed" in sequential.stdout, sequential.stdout
+    sequential = run_pytest(tmp_path, PINNED, "-p", "worker_cpus", env=env)
+    assert "1 failed, 1 passed" in sequential.stdout, sequential.stdout[-3000:]
