@@ -187,3 +187,11 @@ class ParentStateRefused(ForgeError):
     `state` names it."""
 
     reason = "parent_state"
+
+
+class Unschedulable(ForgeError):
+    """A SLURM array asks for what no node of its partition has (CPUs, memory, GPUs, nodes,
+    time) or names a partition that does not exist: it would pend forever. Refused before any
+    job is submitted or debited (runner/config/launchers.py)."""
+
+    reason = "unschedulable"

@@ -25,18 +25,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from runner.errors import ForgeError
+from runner.errors import Unschedulable
 
 # Written by deploy/slurm/up.sh (cpus_per_task, mem_gb: one task per CPU of its node).
 TASK_FILE = Path(os.environ.get("FORGE_SLURM_TASK_FILE", "/etc/forge/slurm-task.yaml"))
-
-
-class Unschedulable(ForgeError):
-    """A SLURM array asks for what no node of its partition has (CPUs, memory, GPUs, nodes,
-    time) or names a partition that does not exist: it would pend forever. Refused before any
-    job is submitted or debited."""
-
-    reason = "unschedulable"
 
 
 def register_resolvers() -> None:
