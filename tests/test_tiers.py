@@ -112,7 +112,10 @@ def test_each_xdist_worker_and_its_jobs_get_one_cpu(tmp_path):
     """tests/worker_cpus.py: while a training test runs on a worker, the jobs it starts
     inherit one CPU (their trainers size their thread pools from it); other tests, and a
     sequential run, keep every CPU."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    # this test may itself run on a pinned worker: its sessions start from every CPU, unpinned
+    os.sched_setaffinity(0, range(os.cpu_count()))  # (the plugin restores the worker's after)
+    env = {k: v for k, v in os.environ.items()
+           if not k.endswith("_NUM_THREADS") and not k.startswith("PYTEST_XDIST")}
     pinned = run_pytest(tmp_path, PINNED, "-p", "worker_cpus", "-n", "2", env=env)
     assert pinned.returncode == 0, pinned.stdout[-3000:]
     assert "2 passed" in pinned.stdout, pinned.stdout[-3000:]

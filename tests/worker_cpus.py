@@ -1,6 +1,8 @@
 """One CPU per pytest-xdist worker while it trains.
 
-While a test that trains or starts the jail runs on an xdist worker, the worker, and every
+While a test that trains, starts the jail or is slow runs on an xdist worker (its fixtures'
+setup included: the in-process scvi fits of tests/test_family_scvi.py are slow, unmarked
+train), the worker, and every
 process it starts (jobs in the jail, the trainers they run), is pinned to one of the
 machine's CPUs, round robin. The trainers size their thread pools from the CPUs they may use
 (`os.sched_getaffinity`), so on a 2-core machine three workers no longer run three jobs of
@@ -16,7 +18,7 @@ import os
 
 import pytest
 
-PINNED_TIERS = ("train", "sandbox")
+PINNED_TIERS = ("train", "sandbox", "slow")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
