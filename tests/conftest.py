@@ -37,7 +37,8 @@ from helpers import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-pytest_plugins = ["tiers", "worker_cpus"]  # markers and their check; a CPU per xdist worker
+pytest_plugins = ["tiers", "worker_cpus", "capture_guard"]  # markers and their check; a CPU
+#   per xdist worker; pytest's capture files stay open
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

@@ -121,3 +121,37 @@ def test_each_xdist_worker_and_its_jobs_get_one_cpu(tmp_path):
     assert "2 passed" in pinned.stdout, pinned.stdout[-3000:]
     sequential = run_pytest(tmp_path, PINNED, "-p", "worker_cpus", env=env)
     assert "1 failed, 1 passed" in sequential.stdout, sequential.stdout[-3000:]
+
+
+CLOSES_A_CAPTURE_FILE = """
+import io
+import sys
+
+def closes_the_buffer():
+    io.TextIOWrapper(sys.stderr.buffer)  # garbage at once: closing it closes what it wraps
+
+def test_closes_stderr_by_a_wrapper():
+    closes_the_buffer()
+
+def test_closes_stdout():
+    sys.stdout.close()
+
+def test_runs_after():
+    print("still captured")
+"""
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "1"]], ids=["sequential", "xdist"])
+def test_a_test_that_closes_a_capture_file_leaves_the_session_working(tmp_path, workers):
+    """tests/capture_guard.py: pytest's capture files refuse to close; each attempt is a
+    warning naming the code that tried, and the tests after it run (without the guard the
+    first close fails every later test of the worker, or ends a sequential session)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    guarded = run_pytest(tmp_path, CLOSES_A_CAPTURE_FILE, "-p", "capture_guard", *workers,
+                         "-W", "default", env=env)
+    assert guarded.returncode == 0, guarded.stdout[-3000:]
+    assert "3 passed" in guarded.stdout and "error" not in guarded.stdout, guarded.stdout[-3000:]
+    for culprit in ("in closes_the_buffer", "sys.stdout.close()"):  # each attempt, named
+        assert culprit in guarded.stdout, guarded.stdout[-3000:]
+    unguarded = run_pytest(tmp_path, CLOSES_A_CAPTURE_FILE, *workers, env=env)
+    assert unguarded.returncode != 0  # what the guard is for
