@@ -155,3 +155,31 @@ def test_a_test_that_closes_a_capture_file_leaves_the_session_working(tmp_path, 
         assert culprit in guarded.stdout, guarded.stdout[-3000:]
     unguarded = run_pytest(tmp_path, CLOSES_A_CAPTURE_FILE, *workers, env=env)
     assert unguarded.returncode != 0  # what the guard is for
+
+
+GROUPED = """
+import os
+import pytest
+
+pytestmark = pytest.mark.xdist_group("one")
+
+@pytest.mark.parametrize("i", range(4))
+def test_grouped(i):
+    print("worker", os.environ["PYTEST_XDIST_WORKER"])
+
+@pytest.mark.parametrize("i", range(4))
+def test_grouped_too(i):
+    pass
+"""
+
+
+def test_loadgroup_keeps_a_group_on_one_worker(tmp_path):
+    """`make test` runs `--dist loadgroup` so that the smoke demo's browser tests share the one
+    worker that makes the demo (a session fixture: made once per worker that asks). pytest 9.2
+    dropped the group from the node ids xdist sends (pytest-xdist#1386): each test went to any
+    worker, and three workers made the demo, 111 s each. pyproject.toml pins pytest below 9.2."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    done = run_pytest(tmp_path, GROUPED, "-n", "3", "--dist", "loadgroup", "-vv", env=env)
+    assert done.returncode == 0, done.stdout[-3000:]
+    workers = {line.split()[0] for line in done.stdout.splitlines() if "PASSED" in line}
+    assert len(workers) == 1 and done.stdout.count("@one") >= 8, done.stdout[-3000:]
