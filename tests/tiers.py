@@ -120,7 +120,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
                                      for need, command in sorted(missing.items())))
 
 
-# --- the five slowest tests of each tier, at the end of the run -----------------------------
+# --- the five slowest tests of each tier and the ten slowest files, at the end of the run -----
 
 _seconds: dict[str, float] = {}
 _tier: dict[str, str] = {}
@@ -143,3 +143,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
             write(f"{tier}: {len(tests)} tests, {sum(s for s, _ in tests):.1f}s")
             for seconds, nodeid in tests[:5]:
                 write(f"  {seconds:7.2f}s {nodeid}")
+    files: dict[str, float] = {}
+    for nodeid, seconds in _seconds.items():
+        name = nodeid.partition("::")[0]
+        files[name] = files.get(name, 0.0) + seconds
+    write(f"the ten slowest files, of {sum(files.values()):.0f}s in all:")
+    for name, seconds in sorted(files.items(), key=lambda kv: -kv[1])[:10]:
+        write(f"  {seconds:7.1f}s {name}")
