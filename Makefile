@@ -6,6 +6,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export MLFLOW_ALLOW_FILE_STORE := true
+# Bytecode is cached even where the environment says not to write it: otherwise every pytest
+# worker compiles and assertion-rewrites every test module again (about 3 s of CPU each).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test test-fast lint install
 

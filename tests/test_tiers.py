@@ -141,6 +141,7 @@ def test_runs_after():
 """
 
 
+@pytest.mark.slow  # pytest sessions of its own, on xdist workers too
 @pytest.mark.parametrize("workers", [[], ["-n", "1"]], ids=["sequential", "xdist"])
 def test_a_test_that_closes_a_capture_file_leaves_the_session_working(tmp_path, workers):
     """tests/capture_guard.py: pytest's capture files refuse to close; each attempt is a
@@ -173,6 +174,7 @@ def test_grouped_too(i):
 """
 
 
+@pytest.mark.slow  # a pytest session on three xdist workers
 def test_loadgroup_keeps_a_group_on_one_worker(tmp_path):
     """`make test` runs `--dist loadgroup` so that the smoke demo's browser tests share the one
     worker that makes the demo (a session fixture: made once per worker that asks). pytest 9.2
