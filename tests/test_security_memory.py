@@ -25,9 +25,10 @@ def test_tmpfs_plus_process_memory_over_the_cap_is_oom(tmp_path, folder):
     with host_deadline(60):
         result = gpu_launch(job)
     log = (tmp_path / "job.log").read_text()
-    assert any("holds 300 MiB" in line for line in lines), log  # each part fit on its own
-    assert result.reason == "oom", log
-    assert result.wall_seconds < 20, log  # stopped, not left to run out its 30 s
+    said = f"{result.reason}: {result.detail}\nlines: {lines}\njob.log: {log}"
+    assert any(f"{folder} holds 300 MiB" in line for line in lines), said  # the tmpfs part fit
+    assert result.reason == "oom", said
+    assert result.wall_seconds < 20, said  # stopped, not left to run out its 30 s
     assert "memory cap" in result.detail
     assert not (tmp_path / "out" / "result.json").exists()
 

@@ -230,8 +230,11 @@ def tmpfs(folder: str, tmpfs_mib: str, mib: str, hold_s: str) -> None:
     `mib` MiB of process memory too, for `hold_s` seconds."""
     with open(os.path.join(folder, "held.bin"), "wb") as f:
         f.writelines(b"\1" * (16 * 1024**2) for _ in range(int(tmpfs_mib) // 16))
+    # said before the process memory: a cap the two exceed together may stop the job while
+    # the bytearray is still being filled (under load, before any later line)
+    print(f"{folder} holds {tmpfs_mib} MiB", flush=True)
     held = bytearray(b"\1") * (int(mib) * 1024**2)  # touched, not just reserved
-    print(f"{folder} holds {tmpfs_mib} MiB, the process {len(held) >> 20} MiB", flush=True)
+    print(f"the process holds {len(held) >> 20} MiB too", flush=True)
     time.sleep(float(hold_s))
     _write("result.json", {"held": True})
 
