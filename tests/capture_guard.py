@@ -7,6 +7,11 @@ later test of that worker at setup with "ValueError: I/O operation on closed fil
 run reported 1 failure and 1,341 such errors, all from one xdist worker. The files now
 refuse to close; each attempt is reported as a warning carrying the stack that tried, on the
 test it happened in, and the session goes on.
+
+The closer seen so far: absl-py's logging handler (imported with scvi-tools) keeps the
+`sys.stderr` of its import, pytest's capture file; the first `import submitit` in a worker
+runs `logging.config.dictConfig`, which closes every handler, and absl's closes that stream
+when `sys.stderr` is by then another object (a CliRunner's or capsys's stream).
 """
 
 from __future__ import annotations
