@@ -25,6 +25,11 @@ def run_pytest(folder: Path, source: str, *args: str,
                           check=False)
 
 
+def session_env() -> dict:
+    """This process's environment for a pytest session of its own: not an xdist worker's."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+
+
 JAIL = f"""
 import subprocess
 import pytest
@@ -114,8 +119,7 @@ def test_each_xdist_worker_and_its_jobs_get_one_cpu(tmp_path):
     sequential run, keep every CPU."""
     # this test may itself run on a pinned worker: its sessions start from every CPU, unpinned
     os.sched_setaffinity(0, range(os.cpu_count()))  # (the plugin restores the worker's after)
-    env = {k: v for k, v in os.environ.items()
-           if not k.endswith("_NUM_THREADS") and not k.startswith("PYTEST_XDIST")}
+    env = {k: v for k, v in session_env().items() if not k.endswith("_NUM_THREADS")}
     pinned = run_pytest(tmp_path, PINNED, "-p", "worker_cpus", "-n", "2", env=env)
     assert pinned.returncode == 0, pinned.stdout[-3000:]
     assert "2 passed" in pinned.stdout, pinned.stdout[-3000:]
@@ -147,7 +151,7 @@ def test_a_test_that_closes_a_capture_file_leaves_the_session_working(tmp_path, 
     """tests/capture_guard.py: pytest's capture files refuse to close; each attempt is a
     warning naming the code that tried, and the tests after it run (without the guard the
     first close fails every later test of the worker, or ends a sequential session)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env = session_env()
     guarded = run_pytest(tmp_path, CLOSES_A_CAPTURE_FILE, "-p", "capture_guard", *workers,
                          "-W", "default", env=env)
     assert guarded.returncode == 0, guarded.stdout[-3000:]
@@ -180,7 +184,7 @@ def test_loadgroup_keeps_a_group_on_one_worker(tmp_path):
     worker that makes the demo (a session fixture: made once per worker that asks). pytest 9.2
     dropped the group from the node ids xdist sends (pytest-xdist#1386): each test went to any
     worker, and three workers made the demo, 111 s each. pyproject.toml pins pytest below 9.2."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env = session_env()
     done = run_pytest(tmp_path, GROUPED, "-n", "3", "--dist", "loadgroup", "-vv", env=env)
     assert done.returncode == 0, done.stdout[-3000:]
     workers = {line.split()[0] for line in done.stdout.splitlines() if "PASSED" in line}

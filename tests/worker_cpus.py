@@ -2,14 +2,13 @@
 
 While a test that trains, starts the jail or is slow runs on an xdist worker (its fixtures'
 setup included: the in-process scvi fits of tests/test_family_scvi.py are slow, unmarked
-train), the worker, and every
-process it starts (jobs in the jail, the trainers they run), is pinned to one of the
-machine's CPUs, round robin. The trainers size their thread pools from the CPUs they may use
-(`os.sched_getaffinity`), so on a 2-core machine three workers no longer run three jobs of
-two threads each plus the host's own threads on two cores: oversubscribed OpenMP pools spin
-against each other (an in-process scvi fit took 341 s beside two workers, 24 s alone).
-Other tests keep every CPU, and sequential runs are left as they are.
-FORGE_TEST_PIN_CPUS=0 turns it off.
+train), the worker and every process it starts (jobs in the jail, the trainers they run)
+are pinned to one of the machine's CPUs, round robin. The trainers size their thread pools
+from the CPUs they may use (`os.sched_getaffinity`), so on a 2-core machine three workers no
+longer run three jobs of two threads each plus the host's own threads on two cores:
+oversubscribed OpenMP pools spin against each other (an in-process scvi fit took 341 s
+beside two workers, 24 s alone). Other tests keep every CPU, and sequential runs are left
+as they are. FORGE_TEST_PIN_CPUS=0 turns it off.
 """
 
 from __future__ import annotations
