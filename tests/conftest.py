@@ -168,9 +168,12 @@ def pg_registry(pg_url, base_checkpoint):
 def committed_code(tmp_path_factory) -> Path:
     """A clone of this repository at HEAD: jobs pin and run exactly the committed code, and
     edits to the working tree during a test session cannot change their request keys."""
-    repo = Path(__file__).resolve().parents[1]
+    return _committed_clone(tmp_path_factory)
+
+
+def _committed_clone(tmp_path_factory) -> Path:
     clone = tmp_path_factory.mktemp("code") / "forge-runner"
-    subprocess.run(["git", "clone", "-q", "--local", str(repo), str(clone)], check=True)
+    subprocess.run(["git", "clone", "-q", "--local", str(REPO), str(clone)], check=True)
     return clone
 
 
@@ -270,11 +273,23 @@ class SmokeDemo:
     printed: list  # the JSON objects it printed (the training result, the gate's decision)
 
 
+# Where .ci/run's `make demo DEMO=smoke` (the README's main command, on the fresh clone with
+# nothing set) left its FORGE_HOME, with what it printed in SMOKE_DEMO_OUT: the browser tests
+# read that demo rather than make the same one again (about 2 minutes of CPU).
+SMOKE_DEMO_OUT = "demo-smoke.out"
+
+
 @pytest.fixture(scope="session")
-def smoke_demo(chromium, committed_code, tmp_path_factory) -> SmokeDemo:
+def smoke_demo(chromium, tmp_path_factory) -> SmokeDemo:
     """`python -m runner.demo smoke` in a fresh FORGE_HOME on the committed code (the demo
-    refuses a dirty tree), with the embedded defaults. (`chromium` first: without a browser,
-    skip before paying for the demo.)"""
+    refuses a dirty tree), with the embedded defaults; or, where FORGE_TEST_SMOKE_DEMO names
+    the home of one that command made on this repository's HEAD (.ci/run), that one.
+    (`chromium` first: without a browser, skip before paying for the demo.)"""
+    made = os.environ.get("FORGE_TEST_SMOKE_DEMO")
+    if made:
+        home = Path(made)
+        return SmokeDemo(home, REPO, _json_objects((home / SMOKE_DEMO_OUT).read_text()))
+    committed_code = _committed_clone(tmp_path_factory)
     home = tmp_path_factory.mktemp("forge-home")
     env = {k: v for k, v in os.environ.items() if k not in ("FORGE_DB_URL", "FORGE_CONFIG_DIR")}
     env.update(FORGE_HOME=str(home), FORGE_CODE_REPO=str(committed_code),

@@ -59,14 +59,14 @@ def test_from_scratch_is_the_baseline(trained, cbmc):
                                                    split.train, split.test, seed=0)
     assert written["pred"]["candidate"] == baseline.tolist()
     m = result["metrics"]
-    assert m["test_macro_f1"] == m["baseline_test_macro_f1"]
-    assert round(m["test_macro_f1"], 3) == 0.909 and m["converged"] == 1.0
+    assert round(m["test_macro_f1"], 3) == 0.909 and m["converged"] == 1.0  # the baseline's
     assert state["split"] == split.summary() and state["device"] == "cpu"
     assert result["test_cells"] == len(split.test) == 862
     assert result["checkpoint"]["files"] == {
         "model.json": sha256_file(out / "checkpoint" / "model.json")}
     streamed = {json.loads(line)["key"] for line in (out / "metrics.jsonl").open()}
-    assert {"val_macro_f1", "test_macro_f1", "baseline_test_macro_f1", "test_f1/CD8 T"} <= streamed
+    assert {"val_macro_f1", "test_macro_f1", "test_f1/CD8 T"} <= streamed
+    assert not [k for k in streamed if k.startswith("baseline_")]  # the host's to measure
 
 
 def test_reload_predicts_the_same_labels(trained, cbmc):

@@ -100,9 +100,11 @@ def test_finetune_from_parent_standalone(pretrained, cbmc, tmp_path):
     assert result["status"] == "ok" and result["reason"] == "ok"
     m = result["metrics"]
     for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "test_accuracy",
-                "test_macro_f1", "baseline_test_accuracy", "baseline_test_macro_f1"):
+                "test_macro_f1"):
         assert math.isfinite(m[key]), key
-    assert m["baseline_test_accuracy"] > 0.9  # the logistic regression on the same split
+    # the logistic-regression baseline is the host's alone (runner/jobs/truth.py): no job
+    # spends its time refitting it
+    assert not [k for k in m if k.startswith("baseline_")] and "baseline" not in result
     assert len(result["per_class_f1"]) == 13 and "CD14+ Mono" in result["per_class_f1"]
     assert result["genes"] == {"in_vocab": 500, "dropped": 0, "vocab_size": 503}
     assert result["split"]["counts"] == {"train": 6893, "val": 862, "test": 862}
@@ -116,7 +118,7 @@ def test_finetune_from_parent_standalone(pretrained, cbmc, tmp_path):
     assert model.config.n_cls == 13 and model.config.d_model == 32 and len(vocab) == 503
     assert args["label_names"][1] == "CD14+ Mono" and rep.missing == []
     assert len(_mlflow_metric_lines(result, "val_macro_f1")) == 2
-    assert len(_mlflow_metric_lines(result, "baseline_test_accuracy")) == 1
+    assert len(_mlflow_metric_lines(result, "epochs_trained")) == 1  # the final line
     from runner.jobs.tracking import valid_metric_name  # every point is one the host relays
     stream = [json.loads(x) for x in Path(result["metrics_path"]).read_text().splitlines()]
     assert all(valid_metric_name(p["key"]) and math.isfinite(p["value"]) for p in stream)

@@ -45,8 +45,11 @@ def test_cls_only_encode_equals_the_full_encode_at_position_0_values_and_gradien
         g_fast, g_full = _grads(model, fast, weights), _grads(model, full[:, 0], weights)
         # the gradients reach every parameter the full path's do, and no others
         assert len(g_fast) == len(g_full)
+        # fp32 noise only: the two paths reduce in other orders, and the kernels' blocking
+        # (so the last bits) depends on the CPU (1.2e-6 apart on one AMD EPYC); a missing or
+        # extra term would be off by the gradient's own size (about 1e-2 here)
         for a, b_ in zip(g_fast, g_full, strict=True):
-            torch.testing.assert_close(a, b_, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-4)
 
 
 def test_cls_only_encode_under_bf16_autocast_is_close_to_the_full_one():

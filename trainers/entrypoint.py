@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     phase("jail_ready", state)
     out_dir = _raw_output_dir(argv[0])
     base = {"status": "failed", "task": None, "device": None, "metrics": {},
-            "per_class_f1": {}, "baseline": {}, "split": {}, "artifacts": [],
+            "per_class_f1": {}, "split": {}, "artifacts": [],
             "checkpoint": None, "metrics_path": None, "genes": None}
     try:
         m = load_manifest(argv[0])

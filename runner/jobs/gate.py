@@ -222,7 +222,8 @@ def _held_out(cand: dict, plan: Plan, manifest: dict) -> truth.HeldOut:
     return truth.rebuild(dataset_input(plan.dataset, plan.resolved["dataset"]["source"]),
                          plan.resolved["dataset"], seed=manifest["seed"],
                          split_seed=split["seed"], val_fraction=split["val_fraction"],
-                         test_fraction=split["test_fraction"], test_sha256=split["test_sha256"])
+                         test_fraction=split["test_fraction"], test_sha256=split["test_sha256"],
+                         content_hash=plan.dataset.get("content_hash"))
 
 
 def _request_key(cand: dict, gate: str, rules: GateConf, comparators: dict[str, dict],

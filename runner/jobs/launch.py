@@ -393,7 +393,8 @@ class _Job:
             return result
         held = truth.rebuild(self.dataset_path, self.cfg["dataset"], seed=t["seed"],
                              split_seed=t.get("split_seed"), val_fraction=t["val_fraction"],
-                             test_fraction=t["test_fraction"])
+                             test_fraction=t["test_fraction"],
+                             content_hash=self.dataset.get("content_hash"))
         measured = truth.measure(out, held)
         claims = result.get("metrics") or {}
         for key, value in measured["metrics"].items():

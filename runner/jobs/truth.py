@@ -9,17 +9,26 @@ labels, its split, its metrics, its baseline) changes what counts as correct.
 
 `rebuild` gives the `HeldOut` truth; `read_predictions` reads a job's predictions.json
 (trainers/scoring.py write_predictions) against it; `measure` scores one model's predictions
-as the recorded test metrics. numpy, scipy and scikit-learn, loaded on first use (a dry run
-never gets here).
+as the recorded test metrics. numpy and scipy, loaded on first use (a dry run never gets
+here); scikit-learn only to fit the baseline.
+
+The baseline is fitted once per (dataset content, its reading, split, seed, fitting code) and
+its predictions kept in the host's cache (FORGE_CACHE_DIR/baselines, never bound into a jail):
+a sweep's jobs on one split, and a gate after them, share one fit. A cached file that does
+not read back as the held-out cells' codes is refitted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from runner import settings
 from runner.errors import EvaluationFailed, GateRefused, TrainingFailed
 from runner.jobs.handback import NotPlainFile, nesting_depth, read_job_file
 
@@ -28,6 +37,7 @@ if TYPE_CHECKING:
 
 MAX_PREDICTIONS_BYTES = 256 * 1024**2
 BASELINE = "baseline"  # the host's logistic-regression baseline, as a model name and a role
+BASELINE_CACHE = "baselines"  # under the cache dir: <key>.npy, the baseline's test codes
 
 
 @dataclass(frozen=True)
@@ -52,15 +62,16 @@ class Predictions:
 
 
 def rebuild(path: Path, dataset: dict, *, seed: int, split_seed: int | None,
-            val_fraction: float, test_fraction: float,
-            test_sha256: str | None = None) -> HeldOut:
+            val_fraction: float, test_fraction: float, test_sha256: str | None = None,
+            content_hash: str | None = None) -> HeldOut:
     """The held-out truth of `dataset` (its conf: format, label_key, gene_key, use_raw, source)
     read from `path` (what the job's loader reads, job.dataset_input). With `test_sha256`, the
-    rebuilt test cells must hash to it (GateRefused `split_mismatch` otherwise)."""
+    rebuilt test cells must hash to it (GateRefused `split_mismatch` otherwise).
+    `content_hash`: the registered dataset's sha256, which `path` was checked against; with
+    it the baseline's fit is cached."""
     import numpy as np
 
-    from trainers.data.load import DatasetError, baseline_features, load, split_cells
-    from trainers.scoring import logistic_regression_predict
+    from trainers.data.load import DatasetError, load, split_cells
 
     try:
         data = load(str(path), dataset["format"], dataset.get("label_key"),
@@ -84,10 +95,70 @@ def rebuild(path: Path, dataset: dict, *, seed: int, split_seed: int | None,
             f"{test_sha256[:12]}...", reason="split_mismatch", field="candidate_artifact_id",
             fix="the dataset or the split code changed since it was trained; retrain it, "
                 "then gate it")
-    baseline = logistic_regression_predict(baseline_features(data), data.labels, split.train,
-                                           split.test, seed)
+    key = None if content_hash is None else _baseline_key(content_hash, dataset, summary, seed)
+    baseline = _cached_baseline(key, len(split.test), len(data.label_names))
+    if baseline is None:
+        from trainers.data.load import baseline_features
+        from trainers.scoring import logistic_regression_predict
+
+        baseline = np.asarray(logistic_regression_predict(
+            baseline_features(data), data.labels, split.train, split.test, seed), dtype=np.int64)
+        _keep_baseline(key, baseline)
     return HeldOut(split.test, data.labels[split.test], list(data.label_names), summary,
-                   np.asarray(baseline, dtype=np.int64), seed)
+                   baseline, seed)
+
+
+def _baseline_key(content_hash: str, dataset: dict, split: dict, seed: int) -> str:
+    """What the baseline's predictions depend on: the data, how it is read, the split's train
+    and test cells, the fit's seed, and the code and libraries that read, featurise and fit."""
+    import trainers.data.load
+    import trainers.scoring
+
+    code = hashlib.sha256()
+    for module in (trainers.data.load, trainers.scoring):
+        code.update(Path(module.__file__).read_bytes())
+    versions = {name: metadata.version(name) for name in ("numpy", "scipy", "scikit-learn")}
+    doc = {"content": content_hash, "seed": seed, "code": code.hexdigest(),
+           "versions": versions, "train": split["sha256"]["train"],
+           "test": split["sha256"]["test"],
+           "reading": {k: dataset.get(k) for k in ("format", "label_key", "gene_key",
+                                                   "use_raw")}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cached_baseline(key: str | None, n_cells: int, n_classes: int):
+    """The kept predictions under `key`, if they read back as `n_cells` codes in range."""
+    import numpy as np
+
+    if key is None:
+        return None
+    try:
+        codes = np.load(settings.cache_dir() / BASELINE_CACHE / f"{key}.npy",
+                        allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if codes.dtype != np.int64 or codes.shape != (n_cells,) or (
+            n_cells and (codes.min() < 0 or codes.max() >= n_classes)):
+        return None
+    return codes
+
+
+def _keep_baseline(key: str | None, codes) -> None:
+    """Write the predictions under `key`, atomically; a cache that cannot be written is no
+    cache (the next job fits again)."""
+    import numpy as np
+
+    if key is None:
+        return
+    folder = settings.cache_dir() / BASELINE_CACHE
+    part = folder / f"{key}.{os.getpid()}.part"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(part, "wb") as f:
+            np.save(f, codes, allow_pickle=False)
+        os.replace(part, folder / f"{key}.npy")
+    except OSError:
+        part.unlink(missing_ok=True)
 
 
 def read_predictions(out: Path, held: HeldOut, error=EvaluationFailed) -> Predictions:

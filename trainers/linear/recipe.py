@@ -1,5 +1,5 @@
 """The linear family's recipe, run in the jail: data -> split -> fit -> val -> test ->
-baseline -> checkpoint (trainers/linear/checkpoint.py). scikit-learn and numpy only.
+predictions -> checkpoint (trainers/linear/checkpoint.py). scikit-learn and numpy only.
 
 From scratch the defaults fit exactly the host's baseline (trainers/scoring.py), so the
 version's test predictions are the baseline's. With a parent linear checkpoint, lbfgs starts
@@ -103,7 +103,7 @@ def train(m, state: dict) -> dict:
     test_s = time.perf_counter() - t0
     claims = scoring.test_claims(out, data, split, pred, m.seed,
                                  note=f" ({int(metrics['n_iter'])} lbfgs iterations)")
-    per_class, base = claims["per_class_f1"], claims["baseline"]
+    per_class = claims["per_class_f1"]
     metrics.update(claims["metrics"])
     bad = [k for k, v in metrics.items() if not np.isfinite(v)]
     if bad:
@@ -130,11 +130,11 @@ def train(m, state: dict) -> dict:
         "checkpoint": {"dir": "checkpoint", "files": {path.name: sha256_file(path)}},
         "model": {"n_params": int(clf.coef_.size + clf.intercept_.size),
                   "config": {**arch, **training, "classes": len(names)}},
-        "per_class_f1": per_class, "baseline": base, "artifacts": [],
+        "per_class_f1": per_class, "artifacts": [],
         "test_cells": len(split.test),
         "parent": None if parent is None else {"checkpoint_dir": m.parent.checkpoint_dir,
                                                "warm_start": warm},
-        "timings": {"train_s": train_s, "test_s": test_s, "baseline_s": base["seconds"]},
+        "timings": {"train_s": train_s, "test_s": test_s},
     }
 
 

@@ -1,5 +1,5 @@
 """The scGPT family's recipe, run inside the jail (trainers/family.py `recipe`): `train()`
-(data -> model -> fit -> test -> baseline -> figures -> checkpoint in scGPT layout) and
+(data -> model -> fit -> test -> predictions -> figures -> checkpoint in scGPT layout) and
 `predict()` (the gate's per-cell labels). Heavy imports (torch, lightning) happen inside the
 functions, after the manifest has been validated.
 
@@ -9,7 +9,7 @@ same manifest; each trains on its share of the training cells. Validation and te
 sharded: every rank evaluates the whole split, so the test metrics are the full test set's
 (DistributedSampler would pad and duplicate cells; `use_distributed_sampler` is off, and
 CellBatches is not a DataLoader it could wrap anyway). After the test every rank meets at a
-barrier, then rank 0 alone goes on: the baseline, figures, checkpoint, final metrics and
+barrier, then rank 0 alone goes on: the predictions, figures, checkpoint, final metrics and
 result.json; the other ranks write nothing to output_dir (Lightning's own checkpoints of
 the best epoch are rank 0's too). CPU threads are split between the ranks.
 """
@@ -27,7 +27,7 @@ from trainers.runtime import choose_device, choose_precision, phase, process_ran
 
 
 def train(m: Manifest, state: dict) -> dict:
-    """The recipe: data -> model -> fit -> test -> baseline -> figures -> checkpoint."""
+    """The recipe: data -> model -> fit -> test -> predictions -> figures -> checkpoint."""
     import warnings
     # (the sync_dist advice: val/test values are equal on every rank, see lightning.py)
     for noise in (".*LeafSpec.*", ".*does not have many workers.*",
@@ -158,15 +158,14 @@ def train(m: Manifest, state: dict) -> dict:
         scores = [h.get(monitor, np.nan) for h in history.epochs]
         metrics["best_epoch"] = float(1 + (np.nanargmax(scores) if mode == "max"
                                            else np.nanargmin(scores)))
-    result = {"per_class_f1": {}, "baseline": {}, "artifacts": []}
+    result = {"per_class_f1": {}, "artifacts": []}
     if finetune:
         pred, true = module.test_outputs["pred"], module.test_outputs["true"]
         result["test_cells"] = len(true)  # every rank tests the whole split, in its order
         # The host scores these against its own truth (runner/jobs/truth.py); the metrics
         # below are this job's claims, for its log.
         claims = scoring.test_claims(out, data, split, pred, m.seed)
-        result["per_class_f1"], result["baseline"] = claims["per_class_f1"], claims["baseline"]
-        metrics.update(claims["baseline"]["metrics"])  # test_*: the test loop's own
+        result["per_class_f1"] = claims["per_class_f1"]  # test_* metrics: the test loop's own
         evaluate.plot_confusion_matrix(true, pred, data.label_names, out / "confusion_matrix.png",
                                        f"{d.name or 'dataset'} test set, fine-tuned model")
         result["artifacts"].append("confusion_matrix.png")
@@ -195,8 +194,7 @@ def train(m: Manifest, state: dict) -> dict:
         model={"n_params": prep.model.num_params(),
                "config": {k: v for k, v in vars(prep.model.config).items()}},
         parent=prep.parent, precision=precision,
-        timings={"train_s": train_s, "test_s": test_s,
-                 "baseline_s": result["baseline"].get("seconds", 0.0)})
+        timings={"train_s": train_s, "test_s": test_s})
     return result
 
 

@@ -173,13 +173,13 @@ def train(m, state: dict) -> dict:
     t0 = time.perf_counter()
     metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"}
     metrics["epochs_trained"] = float(len(history))
-    result = {"per_class_f1": {}, "baseline": {}, "artifacts": [], "test_cells": len(split.test)}
+    result = {"per_class_f1": {}, "artifacts": [], "test_cells": len(split.test)}
     if finetune:
         head, head_names = predict_with(model, adata, split.test)
         pred = scoring.as_dataset_codes(head, head_names, data.label_names)
         test_s = time.perf_counter() - t0
         claims = scoring.test_claims(out, data, split, pred, m.seed)
-        result["per_class_f1"], result["baseline"] = claims["per_class_f1"], claims["baseline"]
+        result["per_class_f1"] = claims["per_class_f1"]
         metrics.update(claims["metrics"])
     else:
         metrics["test_elbo"] = float(model.get_elbo(indices=split.test,
@@ -209,7 +209,6 @@ def train(m, state: dict) -> dict:
         parent={"model_class": parent_doc["model_class"], "mapping": mapping}
         if parent_doc else None,
         timings={"train_s": train_s, "test_s": test_s,
-                 "baseline_s": result["baseline"].get("seconds", 0.0),
                  "cells_per_s": len(history) * len(split.train) / max(train_s, 1e-9)})
     return result
 
