@@ -18,11 +18,13 @@ checkpoint are shared. The code is this checkout (allow_dirty=true; FORGE_CODE_R
 
 For each run it reads the registry's allocations (created_at = reserve, started_at,
 settled_at, actual_seconds = the sandbox's wall) and each job's result.json back from its
-MLflow run (timings: train_s, test_s, baseline_s, total_s), and prints:
+MLflow run (timings: train_s, test_s, total_s; baseline_s from jobs that still refitted the
+logistic-regression baseline themselves), and prints:
 
   W              the sweep's wall time, forge-train started to exited; jobs/min = N / W
-  fit            the trainer's own work: Lightning fit + test + the logistic-regression
-                 baseline (train_s + test_s + baseline_s); sum over the jobs
+  fit            the trainer's own work: Lightning fit + test (train_s + test_s, and an
+                 older job's baseline_s); sum over the jobs. The host's baseline fit (one
+                 per split, kept in the cache) is in-job overhead
   job wall       settled_at - created_at, median over the jobs
   in-job ovh     (settled_at - created_at) - fit, mean over the jobs: the debit, code pin,
                  MLflow run, sandbox start, the trainer's imports and data loading,
@@ -169,6 +171,9 @@ def seed_run(home: Path, url: str, shared: dict) -> None:
 
     home.mkdir(parents=True)
     shutil.copy(shared["mlflow_db"], home / "mlflow.db")
+    # every sweep fits its baselines itself (runner/jobs/truth.py keeps each fit in the cache):
+    # a later sweep on the same splits would not, which is not the cost being compared
+    shutil.rmtree(Path(os.environ["FORGE_CACHE_DIR"]) / "baselines", ignore_errors=True)
     os.environ.update(FORGE_HOME=str(home), FORGE_DB_URL=url)
     catalog.register_dataset(DATASET_ID, "CBMC CITE-seq", builtin_citation("cbmc"))
     catalog.register_model(
