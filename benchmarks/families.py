@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from runner.jobs import datasets
+from runner.jobs import datasets, truth
 from trainers import family
 from trainers.manifest import parse_manifest
 
@@ -54,16 +54,23 @@ def run(name: str, dataset: str, out: Path, smoke: bool) -> dict:
         return {"family": name, "status": f"failed: {type(e).__name__}: {e}"}
     fit_s = result["timings"]["train_s"]
     metrics = result["metrics"]
+    # the test F1 and the baseline's as the host records them: its own split, labels and
+    # baseline against the job's per-cell predictions (runner/jobs/truth.py)
+    t = m.training
+    held = truth.rebuild(Path(dataset), {"format": "cbmc_mat"}, seed=m.seed,
+                         split_seed=getattr(t, "split_seed", None),
+                         val_fraction=t.val_fraction, test_fraction=t.test_fraction)
+    measured = truth.measure(out, held)["metrics"]
     status = "ok"
-    if name == "linear" and metrics["test_macro_f1"] != metrics.get("baseline_test_macro_f1"):
+    if name == "linear" and measured["test_macro_f1"] != measured["baseline_test_macro_f1"]:
         status = "differs from the baseline: the linear family is the baseline's own model"
     return {"family": name, "status": status, "fit_s": fit_s,
             "cells_per_s": state["split"]["counts"]["train"]
             * (metrics.get("epochs_trained") or 1) / fit_s,
             "epochs": metrics.get("epochs_trained"),
             "total_s": time.perf_counter() - t0,
-            "test_macro_f1": metrics["test_macro_f1"],
-            "baseline_macro_f1": metrics.get("baseline_test_macro_f1")}
+            "test_macro_f1": measured["test_macro_f1"],
+            "baseline_macro_f1": measured["baseline_test_macro_f1"]}
 
 
 def table(rows: list[dict]) -> str:
