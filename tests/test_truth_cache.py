@@ -72,12 +72,13 @@ def test_without_the_datasets_hash_nothing_is_kept(tiny, tmp_path):
     assert kept(tmp_path) == []
 
 
-@pytest.mark.parametrize("damage", ["garbage", "short", "out_of_range", "floats", "pickle"])
+@pytest.mark.parametrize("damage", ["empty", "garbage", "short", "out_of_range", "floats",
+                                    "pickle"])
 def test_a_damaged_cache_file_is_refitted(tiny, tmp_path, damage):
     fresh = rebuild(tiny).baseline
     (path,) = kept(tmp_path)
-    if damage == "garbage":
-        path.write_bytes(b"not numpy")
+    if damage in ("empty", "garbage"):
+        path.write_bytes(b"" if damage == "empty" else b"not numpy")
     else:
         value = {"short": fresh[:-1], "out_of_range": fresh + 3,
                  "floats": fresh.astype(float), "pickle": np.array([{"x": 1}], dtype=object)}

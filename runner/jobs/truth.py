@@ -135,7 +135,7 @@ def _cached_baseline(key: str | None, n_cells: int, n_classes: int):
     try:
         codes = np.load(settings.cache_dir() / BASELINE_CACHE / f"{key}.npy",
                         allow_pickle=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # missing, or not a plain .npy array
         return None
     if codes.dtype != np.int64 or codes.shape != (n_cells,) or (
             n_cells and (codes.min() < 0 or codes.max() >= n_classes)):
