@@ -134,12 +134,12 @@ def test_baseline_is_the_same_whatever_the_thread_count():
     script = (
         "from runner.jobs.datasets import fetch\n"
         "from trainers.data.load import load, split_cells, baseline_features\n"
-        "from trainers.scoring import logistic_regression_baseline\n"
+        "from trainers.scoring import classification_metrics, logistic_regression_predict\n"
         "d = load(fetch('cbmc'), 'cbmc_mat')\n"
         "s = split_cells(d.n_cells, d.labels, 0.1, 0.1, 1)\n"
-        "r = logistic_regression_baseline(baseline_features(d), d.labels, s.train, s.test,\n"
-        "                                 d.label_names, 1)\n"
-        "print(repr(r['metrics']))\n")
+        "p = logistic_regression_predict(baseline_features(d), d.labels, s.train, s.test, 1)\n"
+        "print(repr(classification_metrics(d.labels[s.test], p, d.label_names,\n"
+        "                                  'baseline_test_')[0]))\n")
     out = []
     for threads in ("1", "2"):
         env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}

@@ -88,16 +88,6 @@ def logistic_regression_predict(features: np.ndarray, labels: np.ndarray, train:
         return clf.predict(features[test])
 
 
-def logistic_regression_baseline(features: np.ndarray, labels: np.ndarray, train: np.ndarray,
-                                 test: np.ndarray, label_names: list[str], seed: int) -> dict:
-    """The baseline's test metrics, on the same split as the model."""
-    pred = logistic_regression_predict(features, labels, train, test, seed)
-    metrics, per_class = classification_metrics(labels[test], pred, label_names,
-                                                "baseline_test_")
-    return {"model": BASELINE_MODEL,
-            "metrics": metrics, "per_class_f1": per_class}
-
-
 def test_claims(out: Path, data, split, pred: np.ndarray, seed: int,
                 note: str = "") -> dict:
     """A fine-tune's hand-back for its held-out cells, the same for every family: writes
