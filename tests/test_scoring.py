@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from trainers import scoring
 from trainers.scoring import PREDICTIONS, classification_metrics
@@ -34,6 +34,20 @@ def test_metrics_are_sklearns_to_the_last_float(seed):
     assert list(per_class.values()) == list(f1_score(true, pred, labels=labels, average=None,
                                                      zero_division=0))
     assert list(per_class) == NAMES
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_figures_confusion_matrix_is_sklearns(seed):
+    """The scGPT job's figure counts without scikit-learn (trainers/scgpt/evaluate.py): the
+    same matrix, a predicted code outside the labels left out as sklearn leaves it."""
+    from trainers.scgpt.evaluate import confusion_matrix as counted
+
+    rng = np.random.default_rng(seed)
+    k = len(NAMES)
+    true = rng.integers(0, k - 1, 400)
+    pred = np.where(rng.random(400) < 0.6, true, rng.integers(-1, k + 1, 400))
+    expected = confusion_matrix(true, pred, labels=np.arange(k))
+    assert counted(true, pred, k).tolist() == expected.tolist()
 
 
 def test_a_class_neither_true_nor_predicted_scores_zero():

@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import confusion_matrix
+
+
+def confusion_matrix(true: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
+    """Counts of (true, predicted) codes in [0, n) (sklearn's confusion_matrix with
+    labels=range(n): a pair with a code outside it is left out)."""
+    true, pred = np.asarray(true, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    inside = (true >= 0) & (true < n) & (pred >= 0) & (pred < n)
+    return np.bincount(true[inside] * n + pred[inside], minlength=n * n).reshape(n, n)
 
 
 def plot_confusion_matrix(true: np.ndarray, pred: np.ndarray, label_names: list[str],
@@ -14,9 +21,9 @@ def plot_confusion_matrix(true: np.ndarray, pred: np.ndarray, label_names: list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cm = confusion_matrix(true, pred, labels=np.arange(len(label_names)))
-    frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     n = len(label_names)
+    cm = confusion_matrix(true, pred, n)
+    frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
     im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), label_names, rotation=60, ha="right", fontsize=8)

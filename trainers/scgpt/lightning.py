@@ -26,9 +26,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score
 
-from trainers import family
+from trainers import family, scoring
 from trainers.scgpt.model import ScGPT
 
 PRETRAIN, FINETUNE = "pretrain_mgm", "finetune_celltype"
@@ -135,11 +134,9 @@ class ScGPTModule(pl.LightningModule):
             return
         pred = torch.cat([r[2] for r in rows]).cpu().numpy()
         true = torch.cat([r[3] for r in rows]).cpu().numpy()
-        self.log_dict({f"{stage}_loss": loss,
-                       f"{stage}_accuracy": float(accuracy_score(true, pred)),
-                       f"{stage}_macro_f1": float(f1_score(true, pred, average="macro",
-                                                           labels=np.arange(self.n_cls),
-                                                           zero_division=0))})
+        scores, _ = scoring.classification_metrics(true, pred, list(range(self.n_cls)),
+                                                   f"{stage}_")
+        self.log_dict({f"{stage}_loss": loss, **scores})
         if stage == "test":
             self.test_outputs = {"pred": pred, "true": true}
 
