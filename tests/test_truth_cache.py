@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -104,3 +105,41 @@ def test_a_host_process_that_finds_the_fit_imports_no_sklearn(tiny, tmp_path):
                           env=env, check=True)
     codes, imported = json.loads(done.stdout.splitlines()[-1])
     assert imported == [] and codes == rebuild(tiny).baseline.tolist()
+
+
+CONCURRENT = """
+import json, sys, time
+from pathlib import Path
+import trainers.scoring
+from runner.jobs import truth
+
+fit = trainers.scoring.logistic_regression_predict
+def counted(*args, **kwargs):
+    with open(sys.argv[2], "a") as f:
+        f.write("fit\\n")
+    time.sleep(1.0)  # a fit long enough for the others to miss the cache beside it
+    return fit(*args, **kwargs)
+trainers.scoring.logistic_regression_predict = counted
+go = Path(sys.argv[3])
+while not go.exists():
+    time.sleep(0.01)
+h = truth.rebuild(Path(sys.argv[1]), %r, seed=0, content_hash="a" * 64, **%r)
+print(json.dumps(h.baseline.tolist()))
+""" % (DATASET, SPLIT)  # noqa: UP031 - the braces in it are Python's
+
+
+def test_concurrent_jobs_on_one_split_fit_the_baseline_once(tiny, tmp_path):
+    """A parallel sweep's jobs end together on an empty cache: one fits, the others wait for
+    its fit and read it (each would fit the same model otherwise)."""
+    fits, go = tmp_path / "fits.log", tmp_path / "go"
+    env = {**os.environ, "FORGE_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(tiny), str(fits), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(4)]
+    time.sleep(3.0)  # every interpreter up and waiting (a late one finds the fit kept anyway)
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    codes = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(codes) == 1
+    assert fits.read_text().count("fit") == 1

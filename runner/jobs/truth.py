@@ -14,15 +14,18 @@ here); scikit-learn only to fit the baseline.
 
 The baseline is fitted once per (dataset content, its reading, split, seed, fitting code) and
 its predictions kept in the host's cache (FORGE_CACHE_DIR/baselines, never bound into a jail):
-a sweep's jobs on one split, and a gate after them, share one fit. A cached file that does
-not read back as the held-out cells' codes is refitted.
+a sweep's jobs on one split, and a gate after them, share one fit (jobs that end together
+take the key's file lock: one fits, the others read its fit). A cached file that does not
+read back as the held-out cells' codes is refitted.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -96,14 +99,19 @@ def rebuild(path: Path, dataset: dict, *, seed: int, split_seed: int | None,
             fix="the dataset or the split code changed since it was trained; retrain it, "
                 "then gate it")
     key = None if content_hash is None else _baseline_key(content_hash, dataset, summary, seed)
-    baseline = _cached_baseline(key, len(split.test), len(data.label_names))
+    n_cells, n_classes = len(split.test), len(data.label_names)
+    baseline = _cached_baseline(key, n_cells, n_classes)
     if baseline is None:
-        from trainers.data.load import baseline_features
-        from trainers.scoring import logistic_regression_predict
+        with _fitting(key):  # a parallel sweep's jobs end together: one fits, the rest read it
+            baseline = _cached_baseline(key, n_cells, n_classes)
+            if baseline is None:
+                from trainers.data.load import baseline_features
+                from trainers.scoring import logistic_regression_predict
 
-        baseline = np.asarray(logistic_regression_predict(
-            baseline_features(data), data.labels, split.train, split.test, seed), dtype=np.int64)
-        _keep_baseline(key, baseline)
+                baseline = np.asarray(logistic_regression_predict(
+                    baseline_features(data), data.labels, split.train, split.test, seed),
+                    dtype=np.int64)
+                _keep_baseline(key, baseline)
     return HeldOut(split.test, data.labels[split.test], list(data.label_names), summary,
                    baseline, seed)
 
@@ -141,6 +149,26 @@ def _cached_baseline(key: str | None, n_cells: int, n_classes: int):
             n_cells and (codes.min() < 0 or codes.max() >= n_classes)):
         return None
     return codes
+
+
+@contextmanager
+def _fitting(key: str | None):
+    """Hold the cache key's lock (FORGE_CACHE_DIR/baselines/<key>.lock) while fitting: other
+    host processes that missed the same key wait for the fit, then read it. Released when the
+    holder closes the file or dies; a cache that cannot be locked is no cache (fit anyway)."""
+    if key is None:
+        yield
+        return
+    folder = settings.cache_dir() / BASELINE_CACHE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / f"{key}.lock", "a")  # noqa: SIM115 - held across the fit
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _keep_baseline(key: str | None, codes) -> None:
