@@ -108,7 +108,7 @@ def test_a_host_process_that_finds_the_fit_imports_no_sklearn(tiny, tmp_path):
 
 
 CONCURRENT = """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 import trainers.scoring
 from runner.jobs import truth
@@ -117,10 +117,11 @@ fit = trainers.scoring.logistic_regression_predict
 def counted(*args, **kwargs):
     with open(sys.argv[2], "a") as f:
         f.write("fit\\n")
-    time.sleep(1.0)  # a fit long enough for the others to miss the cache beside it
+    time.sleep(0.5)  # a fit long enough for the others to miss the cache beside it
     return fit(*args, **kwargs)
 trainers.scoring.logistic_regression_predict = counted
 go = Path(sys.argv[3])
+Path(f"{go}.ready.{os.getpid()}").touch()
 while not go.exists():
     time.sleep(0.01)
 h = truth.rebuild(Path(sys.argv[1]), %r, seed=0, content_hash="a" * 64, **%r)
@@ -136,7 +137,9 @@ def test_concurrent_jobs_on_one_split_fit_the_baseline_once(tiny, tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(tiny), str(fits), str(go)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(4)]
-    time.sleep(3.0)  # every interpreter up and waiting (a late one finds the fit kept anyway)
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("go.ready.*"))) < len(procs) and time.monotonic() < deadline:
+        time.sleep(0.05)  # every interpreter up and waiting at the go-file
     go.touch()
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
