@@ -4,16 +4,17 @@ Default: runs the same short job (a module that imports numpy and writes a JSON 
 times directly and N times through gpu_launch(), interleaved, and prints the medians.
 Target: the sandbox adds <= 100 ms.
 
---startup: a linear-family fine-tune on the real CBMC cells through gpu_launch() from the
-code snapshot (runner/jobs/codepin.py; built before the clock starts, as once per commit),
-timed from the launch to the job log's first data line (`finetune_celltype: N train / ...`,
-printed once the data is loaded and split) and to the job's end. Target: launch to first data
-line <= 1.5 s. With --compare TREE, the same job with TREE's code (its snapshot, its
-entrypoint; e.g. `git worktree add /tmp/wt_before HEAD~3`) runs interleaved, each run in a
-fresh host process, and the ratios are printed.
+--startup: a linear-family fine-tune on the real CBMC cells (--family scgpt: the tiny scGPT
+fine-tune of tests/test_trainer_entrypoint.py, one epoch of 4 batches, from scratch) through
+gpu_launch() from the code snapshot (runner/jobs/codepin.py; built before the clock starts,
+as once per commit), timed from the launch to the job log's first data line
+(`finetune_celltype: N train / ...`, printed once the data is loaded and split) and to the
+job's end. Target: launch to first data line <= 1.5 s. With --compare TREE, the same job
+with TREE's code (its snapshot, its entrypoint; e.g. `git worktree add /tmp/wt_before
+HEAD~3`) runs interleaved, each run in a fresh host process, and the ratios are printed.
 
     .venv/bin/python benchmarks/sandbox_overhead.py [N]
-    .venv/bin/python benchmarks/sandbox_overhead.py --startup [N] [--compare TREE]
+    .venv/bin/python benchmarks/sandbox_overhead.py --startup [N] [--compare TREE] [--family F]
     .venv/bin/python benchmarks/sandbox_overhead.py --smoke      # seconds; exit 1 if broken
 """
 
@@ -48,14 +49,19 @@ STARTUP_WORKER = r"""
 import json, sys, time
 from pathlib import Path
 tree, cache, cbmc, tmp = (Path(a) for a in sys.argv[1:5])
+family = sys.argv[5]
 from runner.jobs import codepin
 from runner.sandbox import SandboxJob, gpu_launch
 snap = codepin.snapshot(codepin.pin_code(tree), cache)
 manifest = tmp / "manifest.json"
-manifest.write_text(json.dumps({
-    "family": "linear", "task": "finetune_celltype", "seed": 0, "output_dir": "/job/out",
-    "metrics_path": "/job/out/metrics.jsonl",
-    "dataset": {"name": "cbmc", "path": "/job/in/dataset", "format": "cbmc_mat"}}))
+doc = {"family": family, "task": "finetune_celltype", "seed": 0, "output_dir": "/job/out",
+       "metrics_path": "/job/out/metrics.jsonl", "device": "cpu",
+       "dataset": {"name": "cbmc", "path": "/job/in/dataset", "format": "cbmc_mat"}}
+if family == "scgpt":  # tests/test_trainer_entrypoint.py's tiny model, one short epoch
+    doc["model"] = {"n_layers": 2, "d_model": 32, "n_heads": 4, "d_hid": 64}
+    doc["training"] = {"max_epochs": 1, "batch_size": 32, "max_seq_len": 33, "precision": "32",
+                       "limit_train_batches": 4, "limit_eval_batches": 2, "lr": 1e-3}
+manifest.write_text(json.dumps(doc))
 seen = {}
 t0 = time.perf_counter()
 def on_line(line):
@@ -72,22 +78,22 @@ print(json.dumps(seen))
 """
 
 
-def startup_run(tree: Path, cache: Path, cbmc: Path) -> dict:
-    """One timed linear job of `tree`'s code (its snapshot cached under `cache`)."""
+def startup_run(tree: Path, cache: Path, cbmc: Path, family: str = "linear") -> dict:
+    """One timed job of `family` from `tree`'s code (its snapshot cached under `cache`)."""
     with tempfile.TemporaryDirectory(prefix="forge-startup-") as tmp:
         env = {**os.environ, "PYTHONPATH": str(tree)}
         done = subprocess.run([sys.executable, "-c", STARTUP_WORKER, str(tree), str(cache),
-                               str(cbmc), tmp], env=env, capture_output=True, text=True,
+                               str(cbmc), tmp, family], env=env, capture_output=True, text=True,
                               timeout=600, check=False)
     if done.returncode != 0 or not done.stdout.strip():
         raise SystemExit(f"the startup job of {tree} failed: {done.stderr[-3000:]}")
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     if seen["exit"] != 0 or "data_line_s" not in seen:
-        raise SystemExit(f"the linear job of {tree} did not finish well: {seen}")
+        raise SystemExit(f"the {family} job of {tree} did not finish well: {seen}")
     return seen
 
 
-def startup(n: int, compare: Path | None) -> bool:
+def startup(n: int, compare: Path | None, family: str = "linear") -> bool:
     from runner.jobs import datasets
 
     cbmc = datasets.loader_input("cbmc", datasets.fetch("cbmc"))
@@ -95,12 +101,13 @@ def startup(n: int, compare: Path | None) -> bool:
     times: dict[str, list[dict]] = {name: [] for name in trees}
     with tempfile.TemporaryDirectory(prefix="forge-startup-cache-") as caches:
         for name, tree in trees.items():  # the snapshot, once per commit: not timed
-            startup_run(tree, Path(caches) / name.split()[0], cbmc)
+            startup_run(tree, Path(caches) / name.split()[0], cbmc, family)
         for _ in range(n):
             for name, tree in trees.items():
-                times[name].append(startup_run(tree, Path(caches) / name.split()[0], cbmc))
+                times[name].append(startup_run(tree, Path(caches) / name.split()[0], cbmc,
+                                               family))
     medians = {}
-    print(f"linear fine-tune on CBMC in the jail, {n} runs each, interleaved")
+    print(f"{family} fine-tune on CBMC in the jail, {n} runs each, interleaved")
     for name, runs in times.items():
         first = statistics.median(r["data_line_s"] for r in runs)
         end = statistics.median(r["end_s"] for r in runs)
@@ -175,7 +182,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def cli() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("n", nargs="?", type=int, default=None, help="runs of each (7; 5)")
-    parser.add_argument("--startup", action="store_true", help="the linear job's start")
+    parser.add_argument("--startup", action="store_true", help="a fine-tune's start")
+    parser.add_argument("--family", choices=("linear", "scgpt"), default="linear",
+                        help="--startup: the linear job, or the tiny scGPT one")
     parser.add_argument("--compare", type=Path, help="another tree's code, interleaved")
     parser.add_argument("--smoke", action="store_true",
                         help="one run of each part: checks that the benchmark works")
@@ -185,7 +194,7 @@ def cli() -> int:
         startup(1, None)  # its target is not the smoke's: the machine may be loaded
         return 0
     if args.startup:
-        startup(args.n or 5, args.compare)
+        startup(args.n or 5, args.compare, args.family)
         return 0
     main(args.n or 7)
     return 0
