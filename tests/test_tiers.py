@@ -127,6 +127,29 @@ def test_each_xdist_worker_and_its_jobs_get_one_cpu(tmp_path):
     assert "1 failed, 1 passed" in sequential.stdout, sequential.stdout[-3000:]
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs to show")
+def test_pinned_workers_take_the_cpus_no_other_worker_holds(monkeypatch):
+    """Two workers that pin at once get two CPUs, whatever their numbers: with three workers
+    on two CPUs, gw0 and gw2 both took CPU 0 by number, and CPU 1 idled beside them (the
+    eight-job sweep tests ran 3.5x their time alone)."""
+    import uuid
+
+    import worker_cpus
+
+    monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", uuid.uuid4().hex)
+    monkeypatch.setenv("FORGE_TEST_PIN_CPUS", "1")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    with worker_cpus.claim() as first:
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw2")
+        with worker_cpus.claim() as second:
+            assert first != second and {first, second} <= os.sched_getaffinity(0)
+        with worker_cpus.claim() as again:  # CPU 1 is free again: gw2 takes it, not gw0's
+            assert again == second
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    with worker_cpus.claim() as sequential:  # a run without workers pins nothing
+        assert sequential is None
+
+
 CLOSES_A_CAPTURE_FILE = """
 import io
 import sys
