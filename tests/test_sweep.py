@@ -245,6 +245,10 @@ def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tracking_store, t
 
 @pytest.mark.postgres
 @pytest.mark.slow
+# The local store only: eight processes tracking into the server at once is what
+# test_submitit_local_runs_jobs_in_parallel[server] proves with four (every run, upload and
+# model version checked there); a twin of this one added 59 CPU-s and checked less.
+@pytest.mark.parametrize("tracking_store", ["local"], indirect=True)
 def test_eight_concurrent_jobs_on_postgresql(pg_registry, tracking_store, tmp_path, monkeypatch):
     operator_conf(tmp_path, monkeypatch, tracking_store.operator_yaml + PARALLEL)
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
