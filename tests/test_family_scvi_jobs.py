@@ -1,8 +1,10 @@
 """The scvi family through the real job path: plan -> debit -> jail -> register -> gate.
 
 1-2. An SCVI base trained from scratch (as the demo trains it), a scANVI candidate fine-tuned
-     from it with train_model_version() and gated, on SQLite and PostgreSQL; the candidate's
-     stored weights read back by scvi-tools itself and its registered MLflow model served.
+     from it with train_model_version() and gated; the candidate's stored weights read back by
+     scvi-tools itself and its registered MLflow model served. On SQLite: what lands in the
+     registry is the family seam's, the same for every family, and the seam's tests run it
+     on PostgreSQL too (tests/test_family_seam.py, tests/test_end_to_end.py).
 3.   An SCVI base (trained once in-process, registered from its folder) mapped onto a dataset
      with other genes (scArches): the dry run's overlap, recorded with the version.
 4.   The jail of a scvi job is an scGPT job's; a scANVI job that boasts a perfect score, or
@@ -89,7 +91,7 @@ def _cbmc():
 @pytest.mark.slow
 @pytest.mark.sandbox
 @pytest.mark.train
-def test_scanvi_candidate_end_to_end(registry, committed_code, monkeypatch):
+def test_scanvi_candidate_end_to_end(sqlite_registry, committed_code, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
     base = _train_base()
     assert base["metadata"]["family"] == "scvi" and base["parent_version_id"] is None

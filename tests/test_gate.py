@@ -156,6 +156,14 @@ def test_a_lineage_is_gated_on_evidence(sqlite_registry, tracking_store, committ
     assert float(np.mean(predicted.to_numpy() == truth)) == pytest.approx(
         v3["eval_metrics"]["test_accuracy"], abs=0.005)
 
+    if tracking_store.server:
+        # What the server adds is checked: every run, report, tag, alias and the champion's
+        # load went through it. The rest (a recorded decision, v4 and v5) is the gate's own
+        # logic, the same whatever the store: the local twin checks it (2 jobs and 2 gates).
+        name, version = v2["mlflow"]["registered_model"], v2["mlflow"]["version"]
+        assert client.get_model_version(name, version).tags["forge.gate_decision"] == "rejected"
+        return
+
     # The same gate again: the recorded decision, nothing debited, nothing written but the
     # tool call. Under other rules: refused.
     before = count_rows(sqlite_registry)
