@@ -4,7 +4,7 @@ While a test that trains, starts the jail or is slow runs on an xdist worker (it
 setup included: the in-process scvi fits of tests/test_family_scvi.py are slow, unmarked
 train), the worker and every process it starts (jobs in the jail, the trainers they run)
 are pinned to one of the machine's CPUs: one that no other worker holds, where there is
-one (three workers on two CPUs pinned gw0 and gw2 both to CPU 0 by number, and CPU 1 idled
+one (three workers on two CPUs pinned gw0 and gw2 both to CPU 0 by number, and CPU 1 could idle
 beside them; a worker holds its CPU by a lock file of the run's). The trainers size their
 thread pools from the CPUs they may use (`os.sched_getaffinity`), so on a 2-core machine
 three workers no longer run three jobs of two threads each plus the host's own threads on
@@ -19,7 +19,7 @@ import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,16 +43,15 @@ def claim() -> Iterator[int | None]:
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID", "run")  # the same on every worker of a run
     folder = Path(tempfile.gettempdir()) / f"forge-test-cpus-{run}"
     folder.mkdir(exist_ok=True)
-    with ExitStack() as held:
-        for cpu in order:
-            lock = held.enter_context(open(folder / f"cpu{cpu}.lock", "a"))
+    for cpu in order:
+        with open(folder / f"cpu{cpu}.lock", "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when closed
             except BlockingIOError:
                 continue
             yield cpu
             return
-        yield order[0]
+    yield order[0]
 
 
 @pytest.hookimpl(wrapper=True)
