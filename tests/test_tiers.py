@@ -98,6 +98,9 @@ import os
 import subprocess
 import sys
 import pytest
+import torch
+
+torch.set_num_threads(2)  # the pool a worker made before it pinned (an earlier in-process fit)
 
 @pytest.mark.train
 def test_a_training_test_and_what_it_starts_run_on_one_cpu():
@@ -105,6 +108,10 @@ def test_a_training_test_and_what_it_starts_run_on_one_cpu():
                            capture_output=True, text=True, check=True)
     assert (len(os.sched_getaffinity(0)), child.stdout.strip()) == (1, "1")
     assert os.environ["OMP_NUM_THREADS"] == "1"
+
+@pytest.mark.train
+def test_an_in_process_fit_runs_one_torch_thread():
+    assert torch.get_num_threads() == 1  # two spun on the other CPU at every barrier
 
 def test_a_unit_test_keeps_every_cpu():
     assert len(os.sched_getaffinity(0)) > 1 and "OMP_NUM_THREADS" not in os.environ
@@ -115,16 +122,16 @@ def test_a_unit_test_keeps_every_cpu():
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs to show")
 def test_each_xdist_worker_and_its_jobs_get_one_cpu(tmp_path):
     """tests/worker_cpus.py: while a training test runs on a worker, the jobs it starts
-    inherit one CPU (their trainers size their thread pools from it); other tests, and a
-    sequential run, keep every CPU."""
+    inherit one CPU (their trainers size their thread pools from it), and torch in the worker
+    itself runs one thread; other tests, and a sequential run, keep every CPU."""
     # this test may itself run on a pinned worker: its sessions start from every CPU, unpinned
     os.sched_setaffinity(0, range(os.cpu_count()))  # (the plugin restores the worker's after)
     env = {k: v for k, v in session_env().items() if not k.endswith("_NUM_THREADS")}
     pinned = run_pytest(tmp_path, PINNED, "-p", "worker_cpus", "-n", "2", env=env)
     assert pinned.returncode == 0, pinned.stdout[-3000:]
-    assert "2 passed" in pinned.stdout, pinned.stdout[-3000:]
+    assert "3 passed" in pinned.stdout, pinned.stdout[-3000:]
     sequential = run_pytest(tmp_path, PINNED, "-p", "worker_cpus", env=env)
-    assert "1 failed, 1 passed" in sequential.stdout, sequential.stdout[-3000:]
+    assert "2 failed, 1 passed" in sequential.stdout, sequential.stdout[-3000:]
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs to show")

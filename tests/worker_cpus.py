@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,12 +67,20 @@ def pytest_runtest_protocol(item, nextitem):
 
 def _pinned(cpu: int):
     cpus, env = os.sched_getaffinity(0), {n: os.environ.get(n) for n in THREAD_VARS}
-    os.sched_setaffinity(0, {cpu})
+    os.sched_setaffinity(0, {cpu})  # this thread and those it starts, not the ones running
     os.environ.update(dict.fromkeys(THREAD_VARS, "1"))  # libraries that count cores
+    # torch in this process (an in-process fit) keeps the pool it made while unpinned: its
+    # threads were not pinned with this one and spin on the other CPU at every barrier.
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    if torch:
+        torch.set_num_threads(1)
     try:
         return (yield)
     finally:
         os.sched_setaffinity(0, cpus)
+        if torch:
+            torch.set_num_threads(threads)
         for name, value in env.items():
             if value is None:
                 os.environ.pop(name, None)
