@@ -14,12 +14,19 @@ unexport PYTHONDONTWRITEBYTECODE
 
 install: $(STAMP)
 
-# torch goes in first and pinned: pip then takes the CPU wheel on disk instead of a CUDA build.
+# uv installs what pip would (the same versions, measured) in 28 s instead of about 85, byte-
+# code compiled as pip does it (a jail's read-only venv cannot cache it). torch goes in first
+# and pinned, from the wheels pip is configured to find on disk (the CPU build) instead of a
+# CUDA build; uv reads no pip.conf, so those folders are passed on.
+UV         := $(VENV)/bin/uv
+FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell python3 -m pip config get global.find-links 2>/dev/null))
+UV_INSTALL := $(UV) pip install -q --compile-bytecode --python $(PY) \
+              $(foreach folder,$(FIND_LINKS),--find-links $(folder))
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --upgrade pip uv
+	$(UV_INSTALL) torch==2.13.0
+	$(UV_INSTALL) -e '.[dev]'
 	touch $@
 
 # DEMO=smoke: the same steps sized to a minute or two (CI runs it on a fresh clone).
