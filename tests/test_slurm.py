@@ -128,17 +128,32 @@ def sbatch_scripts() -> list[str]:
 @pytest.mark.slurm
 @pytest.mark.xdist_group("slurm")
 @pytest.mark.sandbox
+# On the MLflow server a cluster's nodes would share. The same array on the local store is
+# test_forge_slurm_with_no_forge_slurm_variables_runs_the_tiny_sweep, which checks it alike
+# (a twin here ran the same four tasks again: about 50 s of the SLURM tier).
+@pytest.mark.parametrize("tracking_store", ["server"], indirect=True)
 def test_a_sweep_through_sbatch_registers_one_candidate_per_task(slurm_env, tracking_store,
                                                                   tmp_path, monkeypatch):
-    """On the local store and on the MLflow server a cluster's nodes would share."""
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
     proc = forge_train("-m", "sweep=tiny_grid", f"agent_id={AGENT}", "allow_dirty=true",
                        f"parent_artifact_id={BASE_ID}", "hydra/launcher=forge_slurm")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_one_array_of_four_candidates(slurm_env, tracking_store)
 
+    # The caps as sbatch options: --time is the cap (5 min, tiny_grid) + the registry's
+    # expiry margin (10 min); a CPU job asks for no GPU; the operator's task size.
+    (script,) = sbatch_scripts()
+    assert "#SBATCH --time=15" in script and "gpus" not in script, script
+    assert "#SBATCH --cpus-per-task=1" in script and "#SBATCH --mem=1GB" in script, script
+    assert "#SBATCH --array=0-3" in script, script
+
+
+def assert_one_array_of_four_candidates(url: str, tracking_store) -> None:
+    """The tiny sweep ran as one SLURM array of four tasks, each a settled allocation with
+    its candidate and its finished MLflow run (uploaded to the server, when it is one)."""
     made = [m for m in catalog.list_artifacts("model") if m["id"] != BASE_ID]
     assert len(made) == 4 and {m["parent_version_id"] for m in made} == {BASE_ID}
-    allocs = allocations(slurm_env)
+    allocs = allocations(url)
     assert len(allocs) == 4 and {a["status"] for a in allocs} == {"settled"}
     assert {a["engine"] for a in allocs} == {"slurm"}
     ids = [a["engine_job_id"] for a in allocs]
@@ -161,13 +176,6 @@ def test_a_sweep_through_sbatch_registers_one_candidate_per_task(slurm_env, trac
                              files=("result.json", "job.log"))
     assert ledger.balance(AGENT) == Decimal(10) - sum(a["actual_cost"] for a in allocs)
     assert recovery.check() == []
-
-    # The caps as sbatch options: --time is the cap (5 min, tiny_grid) + the registry's
-    # expiry margin (10 min); a CPU job asks for no GPU; the operator's task size.
-    (script,) = sbatch_scripts()
-    assert "#SBATCH --time=15" in script and "gpus" not in script, script
-    assert "#SBATCH --cpus-per-task=1" in script and "#SBATCH --mem=1GB" in script, script
-    assert "#SBATCH --array=0-3" in script, script
 
 
 @pytest.mark.slow
@@ -445,10 +453,12 @@ def test_a_pending_array_cancelled_with_scancel_ends_the_sweep_within_a_minute(
 @pytest.mark.slurm
 @pytest.mark.xdist_group("slurm")
 @pytest.mark.sandbox
+@pytest.mark.parametrize("tracking_store", ["local"], indirect=True)
 def test_forge_slurm_with_no_forge_slurm_variables_runs_the_tiny_sweep(
-        slurm_cluster, pg_registry, tmp_path, monkeypatch):
+        slurm_cluster, pg_registry, tracking_store, tmp_path, monkeypatch):
     """deploy/slurm/up.sh writes its node's task size where the launcher reads it; on the old
-    code the launcher asked 8 CPUs and 64 GB, and the array pended forever."""
+    code the launcher asked 8 CPUs and 64 GB, and the array pended forever. The array, its
+    candidates and runs on the local store are checked as on the server's (above)."""
     import yaml
 
     for name in [n for n in os.environ if n.startswith("FORGE_SLURM_")]:
@@ -462,15 +472,13 @@ def test_forge_slurm_with_no_forge_slurm_variables_runs_the_tiny_sweep(
         cancel_ours()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [o["status"] for o in sweep_summary()] == ["ok"] * 4
-    allocs = allocations(pg_registry)
-    assert len(allocs) == 4 and {a["status"] for a in allocs} == {"settled"}
+    assert_one_array_of_four_candidates(pg_registry, tracking_store)
     from runner.config.launchers import TASK_FILE
 
     task = yaml.safe_load(TASK_FILE.read_text())
     (script,) = sbatch_scripts()
     assert f"#SBATCH --cpus-per-task={task['cpus_per_task']}" in script, script
     assert f"#SBATCH --mem={task['mem_gb']}GB" in script, script
-    assert recovery.check() == []
 
 
 def _pending_task(overrides, job_dir_key, job_num, job_id, singleton_state):
