@@ -19,8 +19,8 @@ install: $(STAMP)
 # and pinned, from the wheels pip is configured to find on disk (the CPU build) instead of a
 # CUDA build; uv reads no pip.conf, so those folders are passed on.
 UV         := $(VENV)/bin/uv
-FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell python3 -m pip config get global.find-links 2>/dev/null))
-UV_INSTALL := $(UV) pip install -q --compile-bytecode --python $(PY) \
+FIND_LINKS  = $(or $(PIP_FIND_LINKS),$(shell python3 -m pip config get global.find-links 2>/dev/null))
+UV_INSTALL  = $(UV) pip install -q --compile-bytecode --python $(PY) \
               $(foreach folder,$(FIND_LINKS),--find-links $(folder))
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
