@@ -326,6 +326,8 @@ def centroid_code_repo(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_a_family_added_by_its_folder_trains_and_is_gated(sqlite_url, tmp_path, monkeypatch):
 
     code = centroid_code_repo(tmp_path)

@@ -75,6 +75,8 @@ def _cmdline_has(proc: Path, marker: bytes) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_submit_returns_at_once_and_the_job_registers_a_candidate(registry, committed_code,
                                                                   monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
@@ -149,6 +151,7 @@ def _running_slow_job(tmp_path, monkeypatch) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
 def test_cancel_a_running_job_charges_what_ran_and_kills_the_run(registry, tmp_path,
                                                                  monkeypatch):
     job = _running_slow_job(tmp_path, monkeypatch)
@@ -236,6 +239,7 @@ def test_another_agents_job_is_forbidden_and_audited_as_the_caller(sqlite_regist
     assert recovery.check() == []
 
 
+@pytest.mark.sandbox
 def test_forge_jobs_cli_submits_lists_follows_and_cancels(sqlite_registry, tmp_path,
                                                            monkeypatch):
     import json as json_

@@ -194,6 +194,8 @@ def test_tools_are_listed_with_the_skills_schemas_and_a_dry_run_estimates(transp
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_submit_poll_to_success_and_read_the_lineage(transport, committed_code, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
 
@@ -221,6 +223,7 @@ def test_submit_poll_to_success_and_read_the_lineage(transport, committed_code, 
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
 def test_submit_and_cancel_refunds_in_the_ledger(transport, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLEEPING_TRAINER)))
 

@@ -148,6 +148,8 @@ def test_the_401_advertises_no_oauth_metadata_that_is_not_there(sqlite_registry)
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_a_synchronous_train_reports_progress_and_its_job_log_is_quiet(either):
     progress: list[tuple[float, float | None, str | None]] = []
 

@@ -61,6 +61,7 @@ def wait_working(job_id: str, timeout: float = 120.0) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
 def test_seven_submits_from_one_agent_run_at_most_the_limit(sqlite_registry, tmp_path,
                                                             monkeypatch):
     """The default limit is 2 jobs per agent: of 7 submits, 2 run, 5 are refused typed and
@@ -113,6 +114,7 @@ def test_seven_submits_from_one_agent_run_at_most_the_limit(sqlite_registry, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
 def test_the_local_engine_runs_at_most_the_hosts_job_slots(sqlite_registry, tmp_path,
                                                            monkeypatch):
     """Another agent's submit waits for no slot it cannot have: with one job slot on this

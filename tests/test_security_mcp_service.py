@@ -46,6 +46,7 @@ def running(agent: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
 def test_one_agents_flood_of_blocking_calls_does_not_slow_another_agent(sqlite_registry,
                                                                          tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, SLOW_TRAINER)))

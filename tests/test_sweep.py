@@ -99,6 +99,8 @@ def test_budget_gate_refuses_a_sweep_that_does_not_fit(sqlite_registry):
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
+@pytest.mark.train
 def test_grid_sweep_registers_four_linked_candidates(sqlite_registry, committed_code,
                                                      monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(committed_code))
@@ -123,6 +125,7 @@ def test_grid_sweep_registers_four_linked_candidates(sqlite_registry, committed_
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
 def test_fit_budget_runs_what_fits_and_records_the_rest(sqlite_registry, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
     ledger.grant("half-agent", "0.2")  # a 5-minute job (0.041667) fits, a 60-minute one (0.50) not
@@ -165,6 +168,7 @@ class CommitEachJob(Callback):
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
 def test_a_sweep_runs_the_commit_pinned_at_its_start(sqlite_registry, tmp_path, monkeypatch):
     import git
 
@@ -211,6 +215,7 @@ def test_a_cap_past_submitit_locals_timeout_is_refused_before_any_job(sqlite_reg
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
 def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tracking_store, tmp_path,
                                               monkeypatch):
     operator_conf(tmp_path, monkeypatch, tracking_store.operator_yaml + PARALLEL)
@@ -249,6 +254,7 @@ def test_submitit_local_runs_jobs_in_parallel(sqlite_registry, tracking_store, t
 # test_submitit_local_runs_jobs_in_parallel[server] proves with four (every run, upload and
 # model version checked there); a twin of this one added 59 CPU-s and checked less.
 @pytest.mark.parametrize("tracking_store", ["local"], indirect=True)
+@pytest.mark.sandbox
 def test_eight_concurrent_jobs_on_postgresql(pg_registry, tracking_store, tmp_path, monkeypatch):
     operator_conf(tmp_path, monkeypatch, tracking_store.operator_yaml + PARALLEL)
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))

@@ -61,6 +61,59 @@ def test_a_test_that_starts_the_jail_without_its_marker_fails(tmp_path):
     assert "3 passed, 1 error" in out, out
 
 
+CHILD_JOB = """
+import os, subprocess, sys
+import pytest
+
+# What a job that a child process ran (forge-train, a background job host) leaves behind:
+# its log in its run folder, beside the manifest the host wrote (runner/jobs/launch.py). The
+# child starts bwrap, not this test.
+CHILD = ("import os, pathlib; run = pathlib.Path(os.environ['FORGE_HOME'], 'runs', 'alloc-1'); "
+         "run.mkdir(parents=True); (run / 'job.log').write_text('phase jail_ready'); "
+         "(run / 'manifest.json').write_text('{\\"output_dir\\": \\"/job/out\\"}')")
+
+def child_job(home):
+    subprocess.run([sys.executable, "-c", CHILD], env={**os.environ, "FORGE_HOME": str(home)},
+                   check=True)
+
+def test_a_child_runs_a_job_in_tmp_path_unmarked(tmp_path):
+    child_job(tmp_path / "home")
+
+def test_a_child_runs_a_job_in_the_tests_home_unmarked(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("elsewhere")
+    monkeypatch.setenv("FORGE_HOME", str(home))
+    child_job(home)
+
+@pytest.mark.sandbox
+def test_a_child_runs_a_job_marked(tmp_path):
+    child_job(tmp_path / "home")
+
+def test_a_child_runs_nothing(tmp_path):
+    (tmp_path / "job.log").write_text("not a run folder's")
+
+def test_a_run_folder_made_by_hand(tmp_path):  # a recovery test's: no manifest of the host's
+    run = tmp_path / "home" / "runs" / "alloc-2"
+    run.mkdir(parents=True)
+    for name in ("job.log", "manifest.json"):
+        (run / name).write_text(name)
+"""
+
+
+def test_a_test_whose_child_ran_a_job_without_its_marker_fails(tmp_path):
+    """On the old tests/tiers.py such a test passed unmarked: only the test process's own
+    children were seen."""
+    done = run_pytest(tmp_path, CHILD_JOB, "-rA", env=session_env())
+    out = done.stdout
+    assert done.returncode == 1, out
+    for name in ("in_tmp_path", "in_the_tests_home"):
+        assert f"ERROR test_inner.py::test_a_child_runs_a_job_{name}_unmarked" in out, out
+    assert "@pytest.mark.sandbox: it ran `a job, in a child process (its log " in out, out
+    assert "PASSED test_inner.py::test_a_child_runs_a_job_marked" in out, out
+    assert "PASSED test_inner.py::test_a_child_runs_nothing" in out, out
+    assert "PASSED test_inner.py::test_a_run_folder_made_by_hand" in out, out
+    assert "5 passed, 2 errors" in out, out
+
+
 SERVICE = """
 import pytest
 

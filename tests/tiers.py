@@ -17,13 +17,18 @@ hides in it:
   probe that bwrap can build the jail (`/usr/bin/true` in it, once per process) is not a
   job: unit tests need bwrap installed.
   Processes that a child starts are the child's: such a test (a `forge` subprocess, a
-  background job) is marked by hand.
+  background job) is marked by hand, and a job it ran is found by what every job leaves: its
+  log beside the manifest the host wrote, in a run folder (`runs/<allocation>/`), under
+  FORGE_HOME or the test's tmp_path.
+  A test that left one without `sandbox` fails as if it had started bwrap itself.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +53,7 @@ PROBE = ["--", "/usr/bin/true"]  # runner/sandbox/supervisor.py: bwrap can build
 TIER_ORDER = ("slurm", "browser", "mlflow_server", "train", "sandbox", "postgres")  # a test's
 #   tier in the summary: the first of its markers here, else "unit"
 _started: list[tuple[str, str]] = []  # (need, command) seen while the current test runs
+_SESSION_HOME = os.environ.get("FORGE_HOME")  # the environment's own, before any test set one
 _watching = False
 
 
@@ -98,6 +104,30 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     global _watching
     _started.clear()
     _watching = True
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """After the test body: the logs of jobs that the test's children ran (see above)."""
+    yield
+    if "sandbox" in marked(item):
+        return
+    home = os.environ.get("FORGE_HOME")  # one the test set: not the developer's own home
+    logs = [*Path(home).glob("runs/*/job.log")] if home and home != _SESSION_HOME else []
+    if tmp_path := getattr(item, "funcargs", {}).get("tmp_path"):
+        logs += (p for p in Path(tmp_path).rglob("job.log") if p.parent.parent.name == "runs")
+    if log := next((p for p in logs if _launched(p.parent)), None):
+        _started.append(("sandbox", f"a job, in a child process (its log {log})"))
+
+
+def _launched(run: Path) -> bool:
+    """A run folder the host made for a job: beside the log, the manifest it wrote for the
+    jail (a JSON object naming the job's output folder), not a test's stand-in files."""
+    try:
+        manifest = json.loads((run / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "output_dir" in manifest
 
 
 @pytest.hookimpl(hookwrapper=True)
