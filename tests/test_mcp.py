@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -53,10 +54,12 @@ class HttpServer:
     def __init__(self):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/mcp"
+        # Its output goes to a file, never to a pipe nobody reads while it runs: a server whose
+        # log outgrew the pipe's buffer would block in its next write, calls and all.
+        self.log = tempfile.NamedTemporaryFile(prefix="forge-mcp-", suffix=".log")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "runner.cli", "mcp", "--http", str(self.port)],
-            cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True)
+            cwd=REPO, env=dict(os.environ), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -66,8 +69,12 @@ class HttpServer:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"forge mcp --http did not start: "
-                                       f"{self.proc.stdout.read()}") from None
+                                       f"{self.output()}") from None
                 time.sleep(0.2)
+
+    def output(self) -> str:
+        """What the server wrote to stdout and stderr so far."""
+        return Path(self.log.name).read_text(errors="replace")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -77,6 +84,7 @@ class HttpServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
 
 
 class Transport:

@@ -95,6 +95,7 @@ def test_one_agents_flood_of_blocking_calls_does_not_slow_another_agent(sqlite_r
 
     try:
         b_took, still_running = anyio.run(go)
+        server_log = transport.server.output()
     finally:
         transport.close()
     print("B's initialize + describe_options during A's flood: "
@@ -106,7 +107,9 @@ def test_one_agents_flood_of_blocking_calls_does_not_slow_another_agent(sqlite_r
     assert busy[0]["field"] == "name" and busy[0]["running"] == PER_AGENT
     assert "submit_training" in busy[0]["fix"] and "job_status" in busy[0]["fix"]
     admitted = [out for failed, out in results if out.get("reason") != "busy"]
-    assert [out["error"] for out in admitted] == ["TrainingFailed"] * PER_AGENT, admitted
+    assert [out.get("error") for out in admitted] == ["TrainingFailed"] * PER_AGENT, (
+        admitted, [(x["status"], x.get("notes")) for x in ledger.list_allocations()],
+        server_log[-3000:])
     assert len(ledger.list_allocations(agent_id="agent-a")) == PER_AGENT
     refusals = [r for r in audit_rows(sqlite_registry, "agent-a") if r["error_code"] == "busy"]
     assert len(refusals) == FLOOD - PER_AGENT
