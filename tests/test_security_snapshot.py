@@ -114,3 +114,36 @@ def test_the_checkout_ignores_the_usual_secret_files(name):
     out = subprocess.run(["git", "check-ignore", "-q", "--no-index", name],
                          cwd=settings.CHECKOUT, check=False)
     assert out.returncode == 0, f"{name} is not in .gitignore"
+
+
+# --- one process, many callers: the MCP server pins code in many threads at once --------------
+
+def test_threads_pinning_one_repository_at_once_all_get_its_commit(tmp_path, monkeypatch):
+    """A GitPython Repo is not thread-safe: its persistent `git cat-file` process answers
+    whichever thread reads first. Shared unguarded by the server's threads, one agent's dry
+    run could take another's answer and leave that call blocked on the pipe for good (seen:
+    an MCP train call hung until its client gave up)."""
+    import threading
+    import time
+
+    root = scratch_code_repo(tmp_path, monkeypatch)
+    expected = git.Repo(root).head.commit.hexsha
+    got: list[str] = []
+    failures: list[BaseException] = []
+
+    def pin_many() -> None:
+        try:
+            for _ in range(150):
+                got.append(codepin.pin_code(root).sha)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=pin_many, daemon=True) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60  # about 2 s when nothing blocks
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = sum(thread.is_alive() for thread in threads)
+    assert hung == 0 and not failures, f"{hung} threads blocked; failures: {failures[:3]}"
+    assert got == [expected] * 8 * 150

@@ -18,6 +18,8 @@ import re
 import shutil
 import tarfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from runner import settings
 from runner.errors import CodePinError
 from runner.jobs.archive import build_dir, compile_tree, extract_tar
 
-_repos: dict[str, object] = {}
+_repos: dict[str, tuple[object, threading.Lock]] = {}
 _SHA = re.compile(r"^[0-9a-f]{7,40}$")
 _lock = threading.Lock()
 JAIL_PACKAGE = "trainers"  # what the jail imports from the snapshot (trainers.entrypoint)
@@ -48,31 +50,41 @@ def default_repo_path() -> Path:
     return settings.code_repo()
 
 
-def _repo(path: Path):
-    """The GitPython Repo for `path`, cached per process (opening one reads config files)."""
+@contextmanager
+def _repo(path: Path) -> Iterator:
+    """The GitPython Repo for `path`, cached per process (opening one reads config files),
+    held by one thread at a time: a Repo is not thread-safe (its persistent `git cat-file`
+    process answers whichever thread reads first, and the other waits on the pipe for
+    good), and the MCP server plans its callers' jobs in many threads."""
     import git
 
     key = str(path.resolve())
     with _lock:
-        repo = _repos.get(key)
-        if repo is None:
+        entry = _repos.get(key)
+        if entry is None:
             try:
-                repo = git.Repo(key, search_parent_directories=True)
+                entry = (git.Repo(key, search_parent_directories=True), threading.Lock())
             except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
                 raise CodePinError(
                     f"{key} is not inside a git repository", field="repo_path",
                     reason="not_a_git_repo",
                     fix="run from a git checkout of the training code (git init && git commit), "
                         "or set FORGE_CODE_REPO") from exc
-            _repos[key] = repo
-        return repo
+            _repos[key] = entry
+    repo, in_use = entry
+    with in_use:
+        yield repo
 
 
 def pin_code(repo_path: str | Path | None = None) -> CodePin:
     """HEAD sha, origin URL (or repo path), branch, dirty flag and a digest of the changes."""
+    with _repo(Path(repo_path) if repo_path is not None else default_repo_path()) as repo:
+        return _pin_head(repo)
+
+
+def _pin_head(repo) -> CodePin:
     import git
 
-    repo = _repo(Path(repo_path) if repo_path is not None else default_repo_path())
     root = repo.working_tree_dir or repo.git_dir
     try:
         sha = repo.head.commit.hexsha
@@ -104,18 +116,17 @@ def pin_commit(sha: str, repo_path: str | Path | None = None) -> CodePin:
                            f"got {sha!r}", field="code_commit", reason="bad_commit",
                            fix="pass a sha that `git log --format=%H` prints, or leave "
                                "code_commit out to run HEAD")
-    repo = _repo(Path(repo_path) if repo_path is not None else default_repo_path())
-    root = repo.working_tree_dir or repo.git_dir
-    try:  # rev-parse --verify checks the object exists and is a commit (repo.commit does not)
-        full = repo.git.rev_parse("--verify", "--quiet", f"{sha}^{{commit}}")
-    except git.GitCommandError as exc:
-        raise CodePinError(f"commit {sha} is not in {root}", field="code_commit",
-                           reason="unknown_commit",
-                           fix="pass a sha that `git log --format=%H` prints in that "
-                               "repository, or leave code_commit out to run HEAD") from exc
-    return CodePin(sha=full.strip(), repo_url=_origin_url(repo, root), dirty=False,
-                   diff_sha256=None,
-                   branch=None, repo_path=str(root))
+    with _repo(Path(repo_path) if repo_path is not None else default_repo_path()) as repo:
+        root = repo.working_tree_dir or repo.git_dir
+        try:  # rev-parse --verify: the object exists and is a commit (repo.commit does not)
+            full = repo.git.rev_parse("--verify", "--quiet", f"{sha}^{{commit}}")
+        except git.GitCommandError as exc:
+            raise CodePinError(f"commit {sha} is not in {root}", field="code_commit",
+                               reason="unknown_commit",
+                               fix="pass a sha that `git log --format=%H` prints in that "
+                                   "repository, or leave code_commit out to run HEAD") from exc
+        return CodePin(sha=full.strip(), repo_url=_origin_url(repo, root), dirty=False,
+                       diff_sha256=None, branch=None, repo_path=str(root))
 
 
 def _origin_url(repo, root) -> str:
@@ -142,7 +153,8 @@ def _tracked_diff(repo) -> bytes:
 def diff_patch(pin: CodePin) -> bytes:
     """What a dirty tree runs on top of its pinned commit, as one `git apply`-able patch:
     the changes to tracked files. Its sha256 is `pin.diff_sha256` while the tree is as pinned."""
-    return _tracked_diff(_repo(Path(pin.repo_path)))
+    with _repo(Path(pin.repo_path)) as repo:
+        return _tracked_diff(repo)
 
 
 def snapshot_path(pin: CodePin, root: str | Path) -> Path:
@@ -160,7 +172,6 @@ def snapshot(pin: CodePin, root: str | Path) -> Path:
     The package the jail runs (`trainers/`) is compiled to bytecode there, once per snapshot
     (archive.compile_tree), so that no job compiles it again.
     """
-    repo = _repo(Path(pin.repo_path))
 
     def fill(folder: Path) -> None:
         copy(folder)
@@ -168,12 +179,15 @@ def snapshot(pin: CodePin, root: str | Path) -> Path:
             compile_tree(folder / JAIL_PACKAGE)
 
     def copy(folder: Path) -> None:
+        with _repo(Path(pin.repo_path)) as repo:
+            if not pin.dirty:
+                data = repo.git.archive(pin.sha, format="tar", stdout_as_string=False)
+            else:
+                listed = repo.git.ls_files("-z", "--cached")  # tracked only: see the docstring
         if not pin.dirty:
-            data = repo.git.archive(pin.sha, format="tar", stdout_as_string=False)
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 extract_tar(tar, folder)
             return
-        listed = repo.git.ls_files("-z", "--cached")  # tracked only: see the docstring
         for rel in filter(None, listed.split("\0")):
             src = Path(pin.repo_path) / rel
             if src.is_file() and not src.is_symlink():
