@@ -178,16 +178,15 @@ def snapshot(pin: CodePin, root: str | Path) -> Path:
         if (folder / JAIL_PACKAGE).is_dir():
             compile_tree(folder / JAIL_PACKAGE)
 
-    def copy(folder: Path) -> None:
-        with _repo(Path(pin.repo_path)) as repo:
-            if not pin.dirty:
-                data = repo.git.archive(pin.sha, format="tar", stdout_as_string=False)
-            else:
-                listed = repo.git.ls_files("-z", "--cached")  # tracked only: see the docstring
+    def copy(folder: Path) -> None:  # git under the Repo's lock; the files written after
         if not pin.dirty:
+            with _repo(Path(pin.repo_path)) as repo:
+                data = repo.git.archive(pin.sha, format="tar", stdout_as_string=False)
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 extract_tar(tar, folder)
             return
+        with _repo(Path(pin.repo_path)) as repo:
+            listed = repo.git.ls_files("-z", "--cached")  # tracked only: see the docstring
         for rel in filter(None, listed.split("\0")):
             src = Path(pin.repo_path) / rel
             if src.is_file() and not src.is_symlink():
