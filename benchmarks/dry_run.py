@@ -3,6 +3,10 @@
     python benchmarks/dry_run.py [--cold 5] [--warm 20] [--compare TREE]
     python benchmarks/dry_run.py --smoke      # seconds: one of each; exit 1 if broken
 
+Besides the same request again and again, it times requests that each set a new value
+(`training.lr=...`, as an agent probing settings or a sweep's jobs do): a cold process each, and
+warm calls in one process (in a child process per tree, so that --compare compares them too).
+
 --compare TREE: the cold runs alternate with the same command run with TREE first on
 PYTHONPATH (another checkout's runner/ and trainers/, e.g. `git worktree add /tmp/wt_before
 HEAD~3`), on the same registry, and the ratio of the medians is printed.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -68,13 +73,19 @@ def forge_train_cmd() -> list[str]:
 COLD_TARGET_S = 0.35
 
 
-def cold_once(tree: Path | None = None) -> float:
+def new_value() -> list[str]:
+    """An override no earlier request has set (in any process: they share the disk cache)."""
+    return [f"training.lr={random.uniform(1e-5, 1e-3):.15f}"]
+
+
+def cold_once(tree: Path | None = None, extra: list[str] = ()) -> float:
     """One cold `forge-train ... dry_run=true` process (with `tree` first on PYTHONPATH)."""
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
     start = time.perf_counter()
-    out = subprocess.run(forge_train_cmd() + ARGS, capture_output=True, text=True, env=env)
+    out = subprocess.run(forge_train_cmd() + ARGS + list(extra), capture_output=True, text=True,
+                         env=env)
     elapsed = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"forge-train failed ({out.returncode}): {out.stderr[-3000:]}"
@@ -82,22 +93,24 @@ def cold_once(tree: Path | None = None) -> float:
     return elapsed
 
 
-def cold(n: int, compare: Path | None = None) -> tuple[list[float], list[float]]:
+def cold(n: int, compare: Path | None = None, *, new_values: bool = False
+         ) -> tuple[list[float], list[float]]:
     """n cold runs of this tree and, interleaved, of `compare`'s."""
     mine, theirs = [], []
     for _ in range(n):
-        mine.append(cold_once())
+        mine.append(cold_once(extra=new_value() if new_values else ()))
         if compare is not None:
-            theirs.append(cold_once(compare))
+            theirs.append(cold_once(compare, new_value() if new_values else ()))
     return mine, theirs
 
 
-def warm(n: int, allow_dirty: bool = False) -> list[float]:
+def warm(n: int, allow_dirty: bool = False, new_values: bool = False) -> list[float]:
     from runner.api import train_model_version
 
     def call():
         result = train_model_version(PARENT, DATASET, agent_id="bench", dry_run=True,
-                                     allow_dirty=allow_dirty)
+                                     allow_dirty=allow_dirty,
+                                     overrides=new_value() if new_values else None)
         assert result["would_launch"], result["reasons"]
 
     call()  # first call: imports, Hydra init, engine, git repo
@@ -109,6 +122,17 @@ def warm(n: int, allow_dirty: bool = False) -> list[float]:
     return times
 
 
+def warm_new_values(n: int, tree: Path | None = None) -> float:
+    """Median of n warm calls with a new value each, in a child process running `tree`'s code
+    (this one's without it), on this run's registry."""
+    env = dict(os.environ, **({"PYTHONPATH": str(tree)} if tree is not None else {}))
+    out = subprocess.run([sys.executable, __file__, "--warm-new-values-child", str(n)],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"warm calls failed ({out.returncode}): {out.stderr[-3000:]}")
+    return float(out.stdout.split()[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cold", type=int, default=5, help="cold CLI runs (default 5)")
@@ -116,7 +140,11 @@ def main() -> int:
     parser.add_argument("--compare", type=Path, help="another tree's code, interleaved")
     parser.add_argument("--smoke", action="store_true",
                         help="one cold run and one warm call: checks the benchmark works")
+    parser.add_argument("--warm-new-values-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.warm_new_values_child:  # warm_new_values()'s child, on the parent's registry
+        print(statistics.median(warm(args.warm_new_values_child, new_values=True)))
+        return 0
     if args.smoke:
         args.cold, args.warm, args.compare = 1, 1, None
     home = Path(tempfile.mkdtemp(prefix="forge-bench-"))
@@ -126,6 +154,12 @@ def main() -> int:
         if args.compare is not None:
             cold_once(args.compare)
         cold_times, compare_times = cold(args.cold, args.compare)
+        cold_new, compare_new = cold(args.cold, args.compare, new_values=True)
+        warm_new, compare_warm_new = [], []  # medians of child processes, interleaved
+        for _ in range(3 if args.compare is not None else 1):
+            warm_new.append(warm_new_values(args.warm))
+            if args.compare is not None:
+                compare_warm_new.append(warm_new_values(args.warm, args.compare))
         warm_times = warm(args.warm)
         os.environ["FORGE_CODE_REPO"] = str(REPO)
         dirty_times = warm(args.warm, allow_dirty=True)
@@ -140,6 +174,17 @@ def main() -> int:
         print(f"  compare ({args.compare}), interleaved: median {other:.3f} s "
               f"[{', '.join(f'{t:.3f}' for t in compare_times)}]  ratio this/compare "
               f"{c / other:.2f}")
+    new = statistics.median(cold_new)
+    print(f"cold CLI dry run, a new training.lr each: median {new:.3f} s "
+          f"[{', '.join(f'{t:.3f}' for t in cold_new)}]"
+          + (f"  compare: median {statistics.median(compare_new):.3f} s, ratio this/compare "
+             f"{new / statistics.median(compare_new):.2f}" if compare_new else ""))
+    new, theirs = statistics.median(warm_new), compare_warm_new and statistics.median(
+        compare_warm_new)
+    print(f"warm dry run, a new training.lr each ({args.warm} calls a process, "
+          f"{len(warm_new)} processes): median {new * 1000:.1f} ms"
+          + (f"  compare: median {theirs * 1000:.1f} ms, ratio this/compare {new / theirs:.2f}"
+             if theirs else ""))
     print(f"warm in-process dry run ({args.warm} calls): median {w * 1000:.1f} ms "
           f"[min {min(warm_times) * 1000:.1f}, max {max(warm_times) * 1000:.1f}]  "
           f"target <= 30 ms  {'ok' if w <= 0.030 else 'MISSED'}")

@@ -254,6 +254,70 @@ def test_random_training_configs_compose_or_raise_invalid_override(data):
     validate.validate_config(cfg)
 
 
+# --- files composed once per choice of them: Hydra's config and errors all the same -------------
+
+GROUP_CHOICES = ["training=pretrain_mgm", "dataset=pbmc68k_reduced", "parent=scvi_cbmc_base",
+                 "tracking=server", "training=nope", "+sweep=tiny_grid"]
+
+
+def _outcome(compose_parsed, overrides):
+    """What composing `overrides` gives: the config (values, their types, node classes, struct
+    mode) or the error a caller would read."""
+    from runner.config.overrides import parse_overrides
+
+    try:
+        cfg = compose_parsed(compose.config_dir(), parse_overrides(overrides))
+    except InvalidOverride as err:
+        return ("refused", err.to_dict())
+    nodes = []
+
+    def walk(node, path):
+        nodes.append((path, type(node).__name__, OmegaConf.is_struct(node)))
+        if OmegaConf.is_dict(node) or OmegaConf.is_list(node):
+            for key in (node.keys() if OmegaConf.is_dict(node) else range(len(node))):
+                walk(node._get_node(key), f"{path}.{key}")
+
+    walk(cfg, "")
+    return ("composed", repr(OmegaConf.to_container(cfg, resolve=False)), nodes)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(PREFIX, st.sampled_from(KEYS), VALUES), min_size=1, max_size=3),
+       st.lists(st.sampled_from(GROUP_CHOICES), max_size=2))
+def test_values_applied_to_kept_files_compose_what_hydra_composes_whole(items, choices):
+    overrides = [f"{p}{k}={v}" if p != "~" else f"~{k}" for p, k, v in items]
+    overrides = [*choices[:1], *overrides, *choices[1:]]  # group overrides anywhere in the list
+
+    def whole(conf, parsed):
+        return compose._compose_uncached(conf, [o.input_line for o in parsed], parsed)
+
+    try:
+        expected = _outcome(whole, overrides)
+    except InvalidOverride:  # the parser refuses it: neither path composes anything
+        return
+    assert _outcome(compose._compose_parsed, overrides) == expected
+
+
+def test_calls_differing_only_in_values_compose_the_files_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path))  # nothing kept from other tests
+    monkeypatch.setattr(compose, "_cache", compose.OrderedDict())
+    whole = []
+    original = compose._compose_uncached
+    monkeypatch.setattr(compose, "_compose_uncached",
+                        lambda *args: whole.append(args[1]) or original(*args))
+    for lr in ("1e-3", "2e-3", "3e-3"):
+        cfg = compose_config(["training=pretrain_mgm", f"training.lr={lr}",
+                              "wall_time_cap_min=7"])
+        assert cfg.training.lr == float(lr) and cfg.wall_time_cap_min == 7
+        assert cfg.training.task == "pretrain_mgm"
+    assert whole == [["training=pretrain_mgm"]]  # the files once, for their choice alone
+    refused = invalid(["training=pretrain_mgm", "training.lr=fast"])
+    assert refused.field == "training.lr" and refused.to_dict()["problem"] == "type"
+    assert whole == [["training=pretrain_mgm"]]  # refused by the same Hydra function
+    assert "Multiple values for sweep" in invalid(["+sweep=tiny_grid", "training.lr=1e-3"]).message
+    assert whole[-1] == ["+sweep=tiny_grid", "training.lr=1e-3"]  # a bad choice: the whole way
+
+
 # --- one composition path: the CLI resolves to what the API composes ------------------------------
 
 CLI_OVERRIDES = ["parent=scgpt_cbmc_base", "dataset=pbmc68k_reduced", "training=pretrain_mgm",
