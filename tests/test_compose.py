@@ -281,7 +281,7 @@ def _outcome(compose_parsed, overrides):
     return ("composed", repr(OmegaConf.to_container(cfg, resolve=False)), nodes)
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(PREFIX, st.sampled_from(KEYS), VALUES), min_size=1, max_size=3),
        st.lists(st.sampled_from(GROUP_CHOICES), max_size=2))
 def test_values_applied_to_kept_files_compose_what_hydra_composes_whole(items, choices):

@@ -201,6 +201,8 @@ def _compose_parsed(conf: Path, parsed: list) -> DictConfig:
     groups = _config_groups(conf)
     values = [o for o in parsed if _is_value_override(o, groups)]
     if values:
+        # Hydra's own step, private API: hydra-core is pinned (pyproject.toml), and the test
+        # of this path compares it with the whole composition
         from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
         choices = [o.input_line for o in parsed if not _is_value_override(o, groups)]
