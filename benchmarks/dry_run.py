@@ -179,8 +179,8 @@ def main() -> int:
           f"[{', '.join(f'{t:.3f}' for t in cold_new)}]"
           + (f"  compare: median {statistics.median(compare_new):.3f} s, ratio this/compare "
              f"{new / statistics.median(compare_new):.2f}" if compare_new else ""))
-    new, theirs = statistics.median(warm_new), compare_warm_new and statistics.median(
-        compare_warm_new)
+    new = statistics.median(warm_new)
+    theirs = statistics.median(compare_warm_new) if compare_warm_new else None
     print(f"warm dry run, a new training.lr each ({args.warm} calls a process, "
           f"{len(warm_new)} processes): median {new * 1000:.1f} ms"
           + (f"  compare: median {theirs * 1000:.1f} ms, ratio this/compare {new / theirs:.2f}"

@@ -41,7 +41,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runner import settings
 from runner.config.caller import _caller_path, _check_training_config
-from runner.config.options import _stamp, config_dir
+from runner.config.options import _stamp, config_dir, config_groups
 from runner.config.overrides import (
     QUOTING_FIX,
     _first_line,
@@ -120,7 +120,8 @@ def _composed(overrides: Any, writable: bool = True) -> DictConfig:
         if cached is None:
             cached = _load_composed(key)
         if cached is None:
-            cached = _compose_parsed(conf, parse_overrides(overrides))
+            cached = _compose_parsed(conf, parse_overrides(overrides),
+                                     config_groups(str(conf), key[1]))
             _store_composed(key, cached)
         OmegaConf.set_readonly(cached, True)  # shared: nobody may change the cached copy
         _cache[key] = cached
@@ -187,36 +188,35 @@ def _store_composed(key: tuple, cfg: DictConfig) -> None:
         pass
 
 
-def _compose_parsed(conf: Path, parsed: list) -> DictConfig:
+def _compose_parsed(conf: Path, parsed: list, groups: frozenset[str]) -> DictConfig:
     """What Hydra composes for `parsed`, composing config files only for a new choice of them.
 
-    Hydra builds the defaults list from the overrides that name config groups, composes those
-    files, then applies the other overrides, the values, to the result
+    Hydra builds the defaults list from the overrides that name config groups (`groups`),
+    composes those files, then applies the other overrides, the values, to the result
     (`ConfigLoaderImpl._apply_overrides_to_config`). Here the files' composition is kept like
     any other (`_composed` of the group overrides alone) and the values are applied, by that
     same Hydra function, to a copy: calls that differ only in values (a sweep's jobs, an
     agent's probes) compose the files once (a call 15 ms instead of 98 ms, measured).
     A choice of files that fails goes the whole way through Hydra, so that its error is the
     one Hydra's whole composition gives."""
-    groups = _config_groups(conf)
-    values = [o for o in parsed if _is_value_override(o, groups)]
-    if values:
-        # Hydra's own step, private API: hydra-core is pinned (pyproject.toml), and the test
-        # of this path compares it with the whole composition
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    values, choices = [], []
+    for override in parsed:
+        (values if _is_value_override(override, groups) else choices).append(override)
+    if not values:
+        return _compose_uncached(conf, choices)
+    try:
+        cfg = _composed([o.input_line for o in choices])
+    except InvalidOverride:  # a choice Hydra refuses: its whole composition says how
+        return _compose_uncached(conf, parsed)
+    # Hydra's own step, private API: hydra-core is pinned (pyproject.toml), and the test of
+    # this path compares it with the whole composition
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
-        choices = [o.input_line for o in parsed if not _is_value_override(o, groups)]
-        try:
-            cfg = _composed(choices)
-        except InvalidOverride:
-            cfg = None  # a choice Hydra refuses: its whole composition says how, as always
-        if cfg is not None:
-            try:
-                ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
-            except Exception as exc:  # what Hydra's composition raises here, explained alike
-                raise explain(exc, parsed) from exc
-            return cfg
-    return _compose_uncached(conf, [o.input_line for o in parsed], parsed)
+    try:
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+    except Exception as exc:  # what Hydra's composition raises here, explained alike
+        raise explain(exc, parsed) from exc
+    return cfg
 
 
 def _is_value_override(override, groups: frozenset[str]) -> bool:
@@ -228,18 +228,8 @@ def _is_value_override(override, groups: frozenset[str]) -> bool:
             and (key not in groups or isinstance(override.value(), dict)))
 
 
-@lru_cache(maxsize=8)
-def _config_groups_at(conf: str, _stamp: tuple) -> frozenset[str]:
-    return frozenset(os.path.relpath(root, conf) for root, _dirs, _files in os.walk(conf)
-                     if root != conf)
-
-
-def _config_groups(conf: Path) -> frozenset[str]:
-    """The config groups of conf/: its folders, as Hydra names them (`hydra/launcher`)."""
-    return _config_groups_at(str(conf), _stamp(conf))
-
-
-def _compose_uncached(conf: Path, lines: list[str], parsed: list) -> DictConfig:
+def _compose_uncached(conf: Path, parsed: list) -> DictConfig:
+    """Hydra's whole composition of conf/ with the parsed overrides (its Compose API)."""
     from hydra import compose, initialize_config_dir
 
     register_schema()
@@ -254,7 +244,7 @@ def _compose_uncached(conf: Path, lines: list[str], parsed: list) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=str(conf), job_name="forge_train",
                                    version_base="1.3"):
-            return compose(config_name=CONFIG_NAME, overrides=lines)
+            return compose(config_name=CONFIG_NAME, overrides=[o.input_line for o in parsed])
     except Exception as exc:  # every composition failure is the caller's to fix
         raise explain(exc, parsed) from exc
     finally:

@@ -37,6 +37,14 @@ def group_options(group: str) -> list[str]:
     return list(_group_options(str(conf), group, _stamp(conf)))
 
 
+@lru_cache(maxsize=8)
+def config_groups(conf: str, stamp: tuple) -> frozenset[str]:
+    """The config groups of conf/ (`stamp`: its `_stamp()`): its folders, as Hydra names them
+    (`hydra/launcher`)."""
+    return frozenset(os.path.relpath(root, conf) for root, _dirs, _files in os.walk(conf)
+                     if root != conf)
+
+
 @lru_cache(maxsize=32)
 def _artifact_options(conf: str, group: str, stamp: tuple) -> dict[str, str]:
     out: dict[str, str] = {}
