@@ -53,7 +53,7 @@ from trainers.runtime import phase, process_rank
 
 # Frameworks whose import a job pays for; the result records which ones it loaded.
 HEAVY = ("torch", "pytorch_lightning", "lightning", "scvi", "sklearn", "pandas", "scipy",
-         "anndata")
+         "scipy.signal", "anndata")
 
 
 def train(m, state: dict) -> dict:

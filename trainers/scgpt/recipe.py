@@ -41,6 +41,9 @@ def train(m: Manifest, state: dict) -> dict:
     import logging
 
     import numpy as np
+
+    from trainers.torchmetrics_import import import_torchmetrics
+    import_torchmetrics()  # before Lightning does: without scipy.signal
     import pytorch_lightning as pl
     import torch
     # Lightning advertises its cloud logger at INFO on every fit; keep the job log to facts.

@@ -41,8 +41,11 @@ HISTORY_NAMES = {"train_loss_epoch": "train_loss", "validation_loss": "val_loss"
 
 def quiet_imports(tmp: str | None = None) -> None:
     """scvi-tools imports numba and matplotlib, which want a writable cache under HOME (the
-    jail's HOME may be read-only), and warns at length about settings we choose on purpose."""
+    jail's HOME may be read-only), and warns at length about settings we choose on purpose;
+    and Lightning, whose torchmetrics is imported first here, without scipy.signal."""
     import warnings
+
+    from trainers.torchmetrics_import import import_torchmetrics
 
     tmp = tmp or tempfile.gettempdir()
     os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tmp, "numba"))
@@ -60,6 +63,7 @@ def quiet_imports(tmp: str | None = None) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage())
+    import_torchmetrics()
 
 
 def train(m, state: dict) -> dict:
