@@ -36,6 +36,12 @@ def manifest(out: Path, parent: Path | None = None, **over) -> dict:
             "parent": None if parent is None else {"checkpoint_dir": str(parent)}, **over}
 
 
+# One worker runs this module under `make test` (--dist loadgroup), so the model below is
+# fitted once, not once per test that uses it (module fixtures are torn down whenever a
+# worker moves on to another module's test).
+pytestmark = pytest.mark.xdist_group("family_linear")
+
+
 @pytest.fixture(scope="module")
 def cbmc():
     data = load(cbmc_path(), "cbmc_mat")

@@ -42,6 +42,12 @@ def _train(m):
     return result, state
 
 
+# One worker runs this module under `make test` (--dist loadgroup), so the models below are
+# trained once: spread over the workers, between other modules' tests, each test that used
+# them trained them again (SCVI four times and scANVI twice in one run: 60 s of setup).
+pytestmark = pytest.mark.xdist_group("family_scvi")
+
+
 @pytest.fixture(scope="module")
 def cbmc():
     from trainers.data.load import load

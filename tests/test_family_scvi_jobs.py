@@ -44,6 +44,12 @@ def _train_base() -> dict:
     return catalog.get_artifact(SCVI_BASE)
 
 
+# One worker runs this module under `make test` (--dist loadgroup), so the SCVI parent below
+# is trained once, not once per test that uses it (module fixtures are torn down whenever a
+# worker moves on to another module's test).
+pytestmark = pytest.mark.xdist_group("family_scvi_jobs")
+
+
 @pytest.fixture(scope="module")
 def scvi_checkpoint(tmp_path_factory) -> Path:
     """An SCVI checkpoint trained once for the tests below by the recipe in-process (the same

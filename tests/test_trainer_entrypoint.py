@@ -32,6 +32,12 @@ def _mlflow_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
+# One worker runs this module under `make test` (--dist loadgroup), so the parent below is
+# pretrained once, not once per test that uses it (module fixtures are torn down whenever a
+# worker moves on to another module's test).
+pytestmark = pytest.mark.xdist_group("trainer_entrypoint")
+
+
 @pytest.fixture(scope="module")
 def cbmc():
     return str(fetch("cbmc"))
