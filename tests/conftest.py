@@ -37,8 +37,9 @@ from helpers import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-pytest_plugins = ["tiers", "worker_cpus", "capture_guard"]  # markers and their check; a CPU
-#   per xdist worker; pytest's capture files stay open
+pytest_plugins = ["tiers", "worker_cpus", "capture_guard", "float_guard"]  # markers and
+#   their check; a CPU per xdist worker; pytest's capture files stay open; denormal floats
+#   back after a test that ran the scGPT recipe in-process
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

@@ -245,6 +245,32 @@ def test_a_test_that_closes_a_capture_file_leaves_the_session_working(tmp_path, 
     assert unguarded.returncode != 0  # what the guard is for
 
 
+FLUSHES_DENORMALS = """
+import torch
+from hypothesis import given, strategies as st
+
+def test_flushes_denormals_as_the_scgpt_recipe_does():
+    torch.set_flush_denormal(True)
+
+@given(st.floats())
+def test_draws_floats_after(x):
+    assert x == x or x != x
+"""
+
+
+@pytest.mark.slow  # pytest sessions of its own, each importing torch
+def test_a_test_that_flushes_denormals_leaves_the_next_drawing_floats(tmp_path):
+    """tests/float_guard.py: a recipe run in a worker turns flushing of denormal floats on for
+    the whole process; the tests after it draw floats as usual (without the guard hypothesis
+    refuses to: FloatingPointError)."""
+    env = session_env()
+    guarded = run_pytest(tmp_path, FLUSHES_DENORMALS, "-p", "float_guard", env=env)
+    assert guarded.returncode == 0 and "2 passed" in guarded.stdout, guarded.stdout[-3000:]
+    unguarded = run_pytest(tmp_path, FLUSHES_DENORMALS, env=env)
+    assert unguarded.returncode != 0 and "FloatingPointError" in unguarded.stdout, \
+        unguarded.stdout[-3000:]
+
+
 GROUPED = """
 import os
 import pytest
