@@ -2,10 +2,11 @@
 
 The scGPT recipe flushes denormal floats to zero for its whole process
 (`torch.set_flush_denormal(True)`: denormal Adam states slow CPU kernels several-fold),
-which is right in the jail, where a job is a process of its own. A test that runs the recipe
-in an xdist worker left the worker flushing them for every later test: hypothesis then
-refuses to draw floats ("we can't represent subnormal floats right now"), and three property
-tests of test_compose failed once the tests that train in-process ran earlier in a run.
+which is right in the jail, where a job is a process of its own. A test that runs the
+entrypoint in an xdist worker (test_trainer_entrypoint's test_same_seed_same_metrics) left the
+worker flushing them for every later test: hypothesis then refuses to draw floats ("we can't
+represent subnormal floats right now"), and three property tests of test_compose failed once
+that module ran first (its xdist group) on their worker.
 After each test's teardown, a worker that has imported torch flushes denormals no more.
 """
 
