@@ -154,6 +154,40 @@ def _half_migrated_store(home: Path) -> Path:
     return store
 
 
+PREPARES = """
+import json, sys
+from runner.jobs import tracking
+tracking.prepare_store(sys.argv[1])
+print(json.dumps("mlflow" in sys.modules))
+"""
+
+
+def test_a_store_opened_whole_once_is_ready_without_importing_mlflow(tmp_path):
+    """A submit checks the MLflow store before its debit. Once a process of this host has
+    opened the store whole, later ones find it ready without importing mlflow (~1.5 s), as
+    long as the MLflow installed and the store's migration record are those of that open."""
+    home = tmp_path / "home"
+    store = home / "mlflow.db"
+
+    def prepare() -> bool:  # whether the process imported mlflow
+        done = subprocess.run([sys.executable, "-c", PREPARES, f"sqlite:///{store}"], cwd=REPO,
+                              env=_env(home), check=True, capture_output=True, text=True)
+        return json.loads(done.stdout.splitlines()[-1])
+
+    assert prepare() is True  # a new store: created and migrated by MLflow, under the lock
+    assert prepare() is False  # opened whole before: ready as it is
+    (note,) = (home / "locks").glob("mlflow-*.opened")
+    seen = json.loads(note.read_text())
+    note.write_text(json.dumps({**seen, "mlflow": "0.0.1"}))  # opened by another MLflow
+    assert prepare() is True and json.loads(note.read_text()) == seen
+    with sqlite3.connect(store) as conn:  # a migration record the open did not see
+        conn.execute("UPDATE alembic_version SET version_num = 'elsewhere'")
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        prepare()
+    assert "store_half_migrated" in failed.value.stderr or "StoreHalfMigrated" in \
+        failed.value.stderr, failed.value.stderr[-2000:]
+
+
 def test_a_half_migrated_tracking_store_is_reported_typed_with_its_fix(tmp_path):
     from runner.jobs import tracking
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -68,22 +69,57 @@ def prepare_store(tracking_uri: str) -> None:
     each process takes a file lock under FORGE_HOME/locks, so one process migrates and the
     others find the store whole. A store that still fails to open under the lock is broken,
     not busy: StoreHalfMigrated (with its fix), else TrackingUnavailable. A tracking server
-    migrates its own store."""
+    migrates its own store.
+
+    A store this host has opened whole before, with the MLflow installed now, and still at
+    the migration it was then (the note beside the lock says which) is ready without
+    importing mlflow: a submit that only checks the store before its debit saves ~1.5 s."""
     if is_server(tracking_uri) or tracking_uri in _READY:
         return
-    from mlflow.tracking import MlflowClient
-
     locks = settings.forge_home() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
-    with open(locks / f"mlflow-{name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        try:  # the tracking store opens in the constructor; the model registry on first use
-            MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri) \
-                .search_registered_models(max_results=1)
-        except Exception as exc:
-            raise _store_problem(tracking_uri, exc) from exc
+    opened = locks / f"mlflow-{name}.opened"
+    if not _opened_as_now(tracking_uri, opened):
+        with open(locks / f"mlflow-{name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            if not _opened_as_now(tracking_uri, opened):  # not by another while we waited
+                _open_whole(tracking_uri)
+                _note_opened(tracking_uri, opened)
     _READY.add(tracking_uri)
+
+
+def _open_whole(tracking_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    try:  # the tracking store opens in the constructor; the model registry on first use
+        MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri) \
+            .search_registered_models(max_results=1)
+    except Exception as exc:
+        raise _store_problem(tracking_uri, exc) from exc
+
+
+def _store_as_now(tracking_uri: str) -> dict:
+    """The installed MLflow's version and the store's migration record: what a store opened
+    whole once must still show to count as ready (MLflow itself opens only a store at its own
+    head revision)."""
+    return {"mlflow": importlib.metadata.version("mlflow"),
+            "revision": db.store_revision(tracking_uri)}
+
+
+def _opened_as_now(tracking_uri: str, note: Path) -> bool:
+    try:
+        seen = json.loads(note.read_text())
+    except (OSError, ValueError):
+        return False
+    now = _store_as_now(tracking_uri)
+    return now["revision"] is not None and seen == now
+
+
+def _note_opened(tracking_uri: str, note: Path) -> None:
+    tmp = note.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_store_as_now(tracking_uri)))
+    tmp.replace(note)
 
 
 # What MLflow (and Alembic under it) says of a store whose migrations stopped half-way.

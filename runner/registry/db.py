@@ -255,6 +255,26 @@ def migration_state(url: str) -> tuple[list[str], str | None]:
         engine.dispose()
 
 
+def store_revision(url: str) -> str | None:
+    """Another store's Alembic revision(s), read without Alembic in one query on a connection
+    of its own: None when it has no migration record or cannot be read. A SQLite file that
+    does not exist is never created."""
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if not path or not Path(path).is_file():
+            return None
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            found = sorted(conn.execute(sa.text("SELECT version_num FROM alembic_version"))
+                           .scalars())
+            return ",".join(found) or None
+    except sa.exc.SQLAlchemyError:
+        return None
+    finally:
+        engine.dispose()
+
+
 def current_revision(url: str | None = None) -> str | None:
     from alembic.runtime.migration import MigrationContext  # lazy: alembic, ~150 ms
 
