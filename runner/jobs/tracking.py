@@ -73,7 +73,8 @@ def prepare_store(tracking_uri: str) -> None:
 
     A store this host has opened whole before, with the MLflow installed now, and still at
     the migration it was then (the note beside the lock says which) is ready without
-    importing mlflow: a submit that only checks the store before its debit saves ~1.5 s."""
+    importing mlflow: a submit, which only checks the store before its debit, saves mlflow's
+    import and the store's open (2.8 s on a 2-core host; benchmarks/README.md)."""
     if is_server(tracking_uri) or tracking_uri in _READY:
         return
     locks = settings.forge_home() / "locks"
