@@ -233,46 +233,50 @@ def _refuse_half_migrated(conn: sa.Connection) -> None:
                 "stopped, or start a new registry (FORGE_DB_URL) and run `forge db upgrade`")
 
 
-def migration_state(url: str) -> tuple[list[str], str | None]:
-    """Another store's tables (Alembic's aside) and its Alembic revision, read on a connection
-    of its own: runner/jobs/tracking.py asks why the MLflow store would not open. ([], None)
-    when it cannot be read; a SQLite file that does not exist is never created."""
-    from alembic.runtime.migration import MigrationContext  # lazy: alembic, ~150 ms
-
+@contextmanager
+def _other_store(url: str) -> Iterator[sa.Connection | None]:
+    """A connection of its own to another store (the MLflow one), disposed after; None for a
+    SQLite file that does not exist, which is never created. SQLAlchemyError is the caller's."""
     if url.startswith("sqlite"):
         path = sa.engine.make_url(url).database
         if not path or not Path(path).is_file():
-            return [], None
+            yield None
+            return
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
+            yield conn
+    finally:
+        engine.dispose()
+
+
+def migration_state(url: str) -> tuple[list[str], str | None]:
+    """Another store's tables (Alembic's aside) and its Alembic revision: runner/jobs/tracking.py
+    asks why the MLflow store would not open. ([], None) when it cannot be read."""
+    from alembic.runtime.migration import MigrationContext  # lazy: alembic, ~150 ms
+
+    try:
+        with _other_store(url) as conn:
+            if conn is None:
+                return [], None
             tables = [t for t in sa.inspect(conn).get_table_names()
                       if not t.startswith("alembic")]
             return tables, MigrationContext.configure(conn).get_current_revision()
     except sa.exc.SQLAlchemyError:
         return [], None
-    finally:
-        engine.dispose()
 
 
 def store_revision(url: str) -> str | None:
-    """Another store's Alembic revision(s), read without Alembic in one query on a connection
-    of its own: None when it has no migration record or cannot be read. A SQLite file that
-    does not exist is never created."""
-    if url.startswith("sqlite"):
-        path = sa.engine.make_url(url).database
-        if not path or not Path(path).is_file():
-            return None
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    """Another store's Alembic revision(s), read without Alembic in one query: None when it
+    has no migration record or cannot be read."""
     try:
-        with engine.connect() as conn:
-            found = sorted(conn.execute(sa.text("SELECT version_num FROM alembic_version"))
-                           .scalars())
-            return ",".join(found) or None
+        with _other_store(url) as conn:
+            if conn is None:
+                return None
+            found = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars()
+            return ",".join(sorted(found)) or None
     except sa.exc.SQLAlchemyError:
         return None
-    finally:
-        engine.dispose()
 
 
 def current_revision(url: str | None = None) -> str | None:
