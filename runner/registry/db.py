@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -121,8 +123,8 @@ def _engine(url: str) -> sa.Engine:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA busy_timeout={int(wait_s * 1000)}")
+            _use_wal(cur, wait_s)
             cur.close()
 
         @sa.event.listens_for(engine, "begin")
@@ -145,6 +147,21 @@ def _engine(url: str) -> sa.Engine:
         dbapi_conn.autocommit = autocommit
 
     return engine
+
+
+def _use_wal(cur, wait_s: float) -> None:
+    """Switch the file to WAL (kept in the file: once is enough). SQLite answers a switch that
+    meets another process's switch of a new file with an immediate "database is locked",
+    bypassing the busy timeout, so it is retried here within that timeout."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")  # an in-memory database stays in memory
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def get_engine(url: str | None = None, *, create: bool = False) -> sa.Engine:
