@@ -355,9 +355,10 @@ def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
 def test_forge_train_chains_the_gate_and_forge_gate_reads_it(sqlite_registry, tmp_path):
     """`forge-train ... gate=default` trains, then gates the new version and prints both;
     `forge gate ID` afterwards prints the recorded decision. An unknown gate fails before
-    the training's debit."""
+    the training's debit. Its stdout is the JSON alone: a library's log line goes to stderr
+    (matplotlib's, as it builds its font cache on a new machine, once landed in stdout)."""
     repo = _stand_in_repo(tmp_path, PERFECT_CANDIDATE, entrypoint=STAND_IN_WITH_SPLIT)
-    env = {"FORGE_CODE_REPO": str(repo)}
+    env = {"FORGE_CODE_REPO": str(repo), "MPLCONFIGDIR": str(tmp_path / "new-matplotlib")}
     train = ["-c", "from runner.train_app import main; main()", f"parent_artifact_id={BASE_ID}",
              f"agent_id={AGENT}", "allow_dirty=true", "wall_time_cap_min=5", "vram_cap_gb=1"]
 
