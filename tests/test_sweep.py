@@ -129,22 +129,24 @@ def test_grid_sweep_registers_four_linked_candidates(sqlite_registry, committed_
 def test_fit_budget_runs_what_fits_and_records_the_rest(sqlite_registry, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_CODE_REPO", str(fake_code_repo(tmp_path, STAND_IN)))
     ledger.grant("half-agent", "0.2")  # a 5-minute job (0.041667) fits, a 60-minute one (0.50) not
+    # tiny_grid's two learning rates, one seed (the command line's value replaces the sweep's):
+    # four jobs, of which the two 5-minute ones fit
     args = ["-m", "sweep=tiny_grid", "agent_id=half-agent", "wall_time_cap_min=5,60",
-            *PARENT_ARGS]
+            "training.seed=0", *PARENT_ARGS]
     refused = forge_train(*args)
     assert refused.returncode == 2 and "BudgetExceeded" in refused.stderr
     proc = forge_train(*args, "fit_budget=true")
     assert proc.returncode == 2  # some jobs failed, and the exit code says so
-    assert proc.stdout.count(" ok ") == 4 and proc.stdout.count("failed") == 4, proc.stdout
+    assert proc.stdout.count(" ok ") == 2 and proc.stdout.count("failed") == 2, proc.stdout
     assert "BudgetExceeded" in proc.stdout  # the failed jobs' reason, in the summary
-    assert len(candidates()) == 4 and len(allocations(sqlite_registry)) == 4
+    assert len(candidates()) == 2 and len(allocations(sqlite_registry)) == 2
     assert recovery.check() == []
 
-    # Re-run with more credits: the four done are skipped, the four that failed run now.
+    # Re-run with more credits: the two done are skipped, the two that failed run now.
     ledger.grant("half-agent", "3")
     again = forge_train(*args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert len(candidates()) == 8 and len(allocations(sqlite_registry)) == 8
+    assert len(candidates()) == 4 and len(allocations(sqlite_registry)) == 4
     assert recovery.check() == []
 
 
