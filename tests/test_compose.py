@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
@@ -284,6 +284,8 @@ def _outcome(compose_parsed, overrides):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(PREFIX, st.sampled_from(KEYS), VALUES), min_size=1, max_size=3),
        st.lists(st.sampled_from(GROUP_CHOICES), max_size=2))
+# found by hypothesis: a refused hydra.* deletion was named as the unknown key's error
+@example(items=[("", "nope", "[]"), ("~", "hydra.job.chdir", "0")], choices=[])
 def test_values_applied_to_kept_files_compose_what_hydra_composes_whole(items, choices):
     overrides = [f"{p}{k}={v}" if p != "~" else f"~{k}" for p, k, v in items]
     overrides = [*choices[:1], *overrides, *choices[1:]]  # group overrides anywhere in the list

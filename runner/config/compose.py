@@ -206,7 +206,10 @@ def _compose_parsed(conf: Path, parsed: list, groups: frozenset[str]) -> DictCon
         return _compose_uncached(conf, choices)
     try:
         cfg = _composed([o.input_line for o in choices])
-    except InvalidOverride:  # a choice Hydra refuses: its whole composition says how
+    except InvalidOverride:
+        cfg = None
+    if cfg is None:  # a choice Hydra refuses: its whole composition says how, outside the
+        # except block, so that this refusal is not in the chain explain() reads of that one
         return _compose_uncached(conf, parsed)
     # Hydra's own step, private API: hydra-core is pinned (pyproject.toml), and the test of
     # this path compares it with the whole composition
