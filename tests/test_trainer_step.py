@@ -5,7 +5,6 @@ position 0 (to float rounding), with padding, in fp32 and under bf16 autocast.""
 import torch
 import torch.nn.functional as F
 
-from trainers.scgpt.lightning import FINETUNE, ScGPTModule
 from trainers.scgpt.model import ScGPT, ScGPTConfig
 
 
@@ -62,6 +61,10 @@ def test_cls_only_encode_under_bf16_autocast_is_close_to_the_full_one():
 
 
 def test_finetune_loss_is_the_classifier_on_the_full_encodes_cls_output():
+    # here, not at the top: Lightning's import (~2.5 s) would be paid by every xdist worker
+    # that collects this file, not only by the one that runs this test
+    from trainers.scgpt.lightning import FINETUNE, ScGPTModule
+
     model = _model()
     module = ScGPTModule(model, FINETUNE, lr=1e-4, n_cls=5)
     b = _batch()
