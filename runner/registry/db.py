@@ -159,7 +159,7 @@ def _use_wal(cur, wait_s: float) -> None:
             cur.execute("PRAGMA journal_mode=WAL")  # an in-memory database stays in memory
             return
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
 
